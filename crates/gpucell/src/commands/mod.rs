@@ -1,0 +1,73 @@
+//! One module per verb. Each exposes its clap arguments and a
+//! `run(&Global, Args) -> anyhow::Result<u8>` returning the process exit code.
+
+use std::path::PathBuf;
+
+pub mod doctor;
+pub mod gpu;
+pub mod guest;
+pub mod host;
+pub mod image;
+pub mod pull;
+pub mod run;
+
+/// Exit code when gpucell itself failed (as opposed to a workload or a check).
+pub const EXIT_GPUCELL_FAILED: u8 = 2;
+
+/// Flags every command takes.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Global {
+    /// Root under which every sysfs, procfs and /etc path of the host is read.
+    #[arg(long, global = true, default_value = "/", env = "GPUCELL_HOST_ROOT")]
+    pub host_root: PathBuf,
+    /// Where gpucell keeps images, guest artifacts and allocation records.
+    #[arg(
+        long,
+        global = true,
+        default_value = "/var/lib/gpucell",
+        env = "GPUCELL_STATE_DIR"
+    )]
+    pub state_dir: PathBuf,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// More log output (-v info, -vv debug, -vvv trace); `RUST_LOG` overrides.
+    #[arg(long, short, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+pub fn init_logging(global: &Global) {
+    use tracing_subscriber::EnvFilter;
+    let default = match global.verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+/// Prints an error and each of its causes once: `error: a: b: c`.
+pub fn print_error_chain(err: &anyhow::Error) {
+    let mut msg = String::from("error: ");
+    let mut first = true;
+    for cause in err.chain() {
+        if !first {
+            msg.push_str(": ");
+        }
+        msg.push_str(&cause.to_string());
+        first = false;
+    }
+    eprintln!("{msg}");
+}
+
+/// Prints a value as pretty JSON on stdout.
+pub fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}

@@ -1,0 +1,42 @@
+//! The host ↔ agent protocol.
+//!
+//! One byte stream (a virtio-serial port or a vsock connection) carries frames:
+//!
+//! ```text
+//! +----------------+-----------+------------------------------+
+//! | length: u32 BE | kind: u8  | payload: length - 1 bytes    |
+//! +----------------+-----------+------------------------------+
+//! ```
+//!
+//! `length` counts the kind byte and the payload. Control messages carry a JSON
+//! payload; stdout/stderr/stdin chunks carry raw bytes. Every length is checked
+//! against a hard limit *before* anything is allocated: the guest may be fully
+//! compromised and the host must stay bounded whatever it sends.
+//!
+//! The first frame each side sends is a `Hello` naming [`PROTOCOL_VERSION`];
+//! a peer with another major version is refused.
+
+mod frame;
+mod message;
+
+pub use frame::{
+    FrameError, FrameReader, FrameWriter, RawFrame, MAX_CONTROL_PAYLOAD, MAX_DATA_PAYLOAD,
+};
+pub use message::{
+    DeviceInfo, DeviceMatch, ExitStatus, FromGuest, FromHost, GuestHello, HostHello, Kind,
+    RootfsSpec, RunSpec,
+};
+
+/// Version of the wire protocol. Bumped on any incompatible change.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Name of the virtio-serial port the agent looks for in the guest
+/// (`/sys/class/virtio-ports/*/name`).
+pub const VIRTIO_SERIAL_PORT_NAME: &str = "org.gpucell.agent.0";
+
+/// vsock port the host listens on when the channel is vsock (the agent connects to CID 2).
+pub const VSOCK_PORT: u32 = 1024;
+
+/// Kernel command line key the host sets to tell the agent which channel to use:
+/// `gpucell.channel=serial` or `gpucell.channel=vsock`.
+pub const CMDLINE_CHANNEL_KEY: &str = "gpucell.channel";

@@ -1,0 +1,439 @@
+//! Typed messages carried in frames.
+
+use serde::{Deserialize, Serialize};
+
+use crate::frame::{FrameError, FrameWriter, RawFrame, MAX_CONTROL_PAYLOAD, MAX_DATA_PAYLOAD};
+
+/// Frame kind byte. Host→guest kinds are below 0x40, guest→host kinds from 0x40.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    HostHello = 0x01,
+    Run = 0x02,
+    Stdin = 0x03,
+    StdinEof = 0x04,
+    Signal = 0x05,
+    Shutdown = 0x06,
+    GuestHello = 0x41,
+    Devices = 0x42,
+    Started = 0x43,
+    Stdout = 0x44,
+    Stderr = 0x45,
+    Exited = 0x46,
+    Error = 0x47,
+    Log = 0x48,
+}
+
+impl Kind {
+    pub fn from_byte(b: u8) -> Option<Kind> {
+        use Kind::*;
+        Some(match b {
+            0x01 => HostHello,
+            0x02 => Run,
+            0x03 => Stdin,
+            0x04 => StdinEof,
+            0x05 => Signal,
+            0x06 => Shutdown,
+            0x41 => GuestHello,
+            0x42 => Devices,
+            0x43 => Started,
+            0x44 => Stdout,
+            0x45 => Stderr,
+            0x46 => Exited,
+            0x47 => Error,
+            0x48 => Log,
+            _ => return None,
+        })
+    }
+
+    /// Largest payload a frame of this kind may carry.
+    pub fn payload_limit(self) -> usize {
+        match self {
+            Kind::Stdin | Kind::Stdout | Kind::Stderr => MAX_DATA_PAYLOAD,
+            Kind::StdinEof | Kind::Shutdown => 0,
+            _ => MAX_CONTROL_PAYLOAD,
+        }
+    }
+
+    pub fn is_from_host(self) -> bool {
+        (self as u8) < 0x40
+    }
+}
+
+/// First message of the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostHello {
+    pub version: u32,
+}
+
+/// First message of the agent, sent as soon as its channel is open.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestHello {
+    pub version: u32,
+    /// `gpucell-agent` version string.
+    pub agent: String,
+    /// Guest kernel release (`uname -r`).
+    pub kernel: String,
+    /// Guest uptime when the agent sent this, in milliseconds: the kernel boot time.
+    pub uptime_ms: u64,
+}
+
+/// The filesystem holding the image's root, as the agent must mount it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootfsSpec {
+    /// Block device in the guest, e.g. `/dev/vda`.
+    pub device: String,
+    /// `erofs` or `ext4`.
+    pub fstype: String,
+}
+
+/// A PCI function the agent must wait for before starting the workload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceMatch {
+    pub vendor: u16,
+    pub device: u16,
+}
+
+/// What to run. The host has already merged the image config with the run's
+/// overrides; the agent resolves `user` and the executable inside the image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunSpec {
+    /// argv; `args[0]` is looked up in the image's `PATH` when it has no `/`.
+    pub args: Vec<String>,
+    /// `KEY=VALUE` entries.
+    pub env: Vec<String>,
+    /// Working directory inside the container root.
+    pub cwd: String,
+    /// `user`, `uid`, `user:group` or `uid:gid`; empty means root.
+    #[serde(default)]
+    pub user: String,
+    pub hostname: String,
+    pub rootfs: RootfsSpec,
+    /// Size limit of the writable tmpfs overlay, in bytes; `None` lets the kernel choose.
+    #[serde(default)]
+    pub overlay_bytes: Option<u64>,
+    /// PCI functions passed through that the workload expects to see.
+    #[serde(default)]
+    pub devices: Vec<DeviceMatch>,
+    /// How long the agent waits for `devices` to appear, in milliseconds.
+    #[serde(default)]
+    pub device_wait_ms: u64,
+}
+
+/// A PCI function as the guest sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    /// Guest BDF, e.g. `0000:01:00.0`.
+    pub bdf: String,
+    pub vendor: u16,
+    pub device: u16,
+    pub class: u32,
+}
+
+/// How the workload ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitStatus {
+    /// Exit code when the process exited.
+    pub code: Option<i32>,
+    /// Signal number when the process was killed by a signal.
+    pub signal: Option<i32>,
+}
+
+impl ExitStatus {
+    /// The shell convention: the exit code, or 128 + the signal number.
+    pub fn shell_code(&self) -> i32 {
+        match (self.code, self.signal) {
+            (Some(c), _) => c,
+            (None, Some(s)) => 128 + s,
+            (None, None) => 255,
+        }
+    }
+}
+
+/// Messages the host sends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FromHost {
+    Hello(HostHello),
+    Run(Box<RunSpec>),
+    Stdin(Vec<u8>),
+    StdinEof,
+    /// Deliver this signal number to the workload.
+    Signal(i32),
+    /// Power the VM off now.
+    Shutdown,
+}
+
+/// Messages the agent sends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FromGuest {
+    Hello(GuestHello),
+    Devices(Vec<DeviceInfo>),
+    /// The workload process started with this pid (in the guest).
+    Started {
+        pid: i32,
+    },
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+    Exited(ExitStatus),
+    /// The agent could not do what was asked (bad image, missing executable...).
+    Error {
+        message: String,
+    },
+    Log {
+        message: String,
+    },
+}
+
+#[derive(Serialize, Deserialize)]
+struct SignalBody {
+    signal: i32,
+}
+#[derive(Serialize, Deserialize)]
+struct StartedBody {
+    pid: i32,
+}
+#[derive(Serialize, Deserialize)]
+struct MessageBody {
+    message: String,
+}
+
+fn json<T: Serialize>(v: &T) -> Vec<u8> {
+    // Serializing these plain structs cannot fail.
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+fn parse<'a, T: Deserialize<'a>>(kind: Kind, payload: &'a [u8]) -> Result<T, FrameError> {
+    serde_json::from_slice(payload).map_err(|source| FrameError::BadPayload { kind, source })
+}
+
+impl FromHost {
+    pub fn encode(&self) -> (Kind, Vec<u8>) {
+        match self {
+            FromHost::Hello(h) => (Kind::HostHello, json(h)),
+            FromHost::Run(r) => (Kind::Run, json(r)),
+            FromHost::Stdin(d) => (Kind::Stdin, d.clone()),
+            FromHost::StdinEof => (Kind::StdinEof, Vec::new()),
+            FromHost::Signal(s) => (Kind::Signal, json(&SignalBody { signal: *s })),
+            FromHost::Shutdown => (Kind::Shutdown, Vec::new()),
+        }
+    }
+
+    pub fn decode(frame: RawFrame) -> Result<Self, FrameError> {
+        let RawFrame { kind, payload } = frame;
+        Ok(match kind {
+            Kind::HostHello => FromHost::Hello(parse(kind, &payload)?),
+            Kind::Run => FromHost::Run(Box::new(parse(kind, &payload)?)),
+            Kind::Stdin => FromHost::Stdin(payload),
+            Kind::StdinEof => FromHost::StdinEof,
+            Kind::Signal => FromHost::Signal(parse::<SignalBody>(kind, &payload)?.signal),
+            Kind::Shutdown => FromHost::Shutdown,
+            other => return Err(FrameError::WrongDirection(other)),
+        })
+    }
+
+    pub fn send<W: std::io::Write>(&self, w: &mut FrameWriter<W>) -> Result<(), FrameError> {
+        let (kind, payload) = self.encode();
+        w.write_frame(kind, &payload)
+    }
+}
+
+impl FromGuest {
+    pub fn encode(&self) -> (Kind, Vec<u8>) {
+        match self {
+            FromGuest::Hello(h) => (Kind::GuestHello, json(h)),
+            FromGuest::Devices(d) => (Kind::Devices, json(d)),
+            FromGuest::Started { pid } => (Kind::Started, json(&StartedBody { pid: *pid })),
+            FromGuest::Stdout(d) => (Kind::Stdout, d.clone()),
+            FromGuest::Stderr(d) => (Kind::Stderr, d.clone()),
+            FromGuest::Exited(s) => (Kind::Exited, json(s)),
+            FromGuest::Error { message } => (
+                Kind::Error,
+                json(&MessageBody {
+                    message: message.clone(),
+                }),
+            ),
+            FromGuest::Log { message } => (
+                Kind::Log,
+                json(&MessageBody {
+                    message: message.clone(),
+                }),
+            ),
+        }
+    }
+
+    pub fn decode(frame: RawFrame) -> Result<Self, FrameError> {
+        let RawFrame { kind, payload } = frame;
+        Ok(match kind {
+            Kind::GuestHello => FromGuest::Hello(parse(kind, &payload)?),
+            Kind::Devices => FromGuest::Devices(parse(kind, &payload)?),
+            Kind::Started => FromGuest::Started {
+                pid: parse::<StartedBody>(kind, &payload)?.pid,
+            },
+            Kind::Stdout => FromGuest::Stdout(payload),
+            Kind::Stderr => FromGuest::Stderr(payload),
+            Kind::Exited => FromGuest::Exited(parse(kind, &payload)?),
+            Kind::Error => FromGuest::Error {
+                message: parse::<MessageBody>(kind, &payload)?.message,
+            },
+            Kind::Log => FromGuest::Log {
+                message: parse::<MessageBody>(kind, &payload)?.message,
+            },
+            other => return Err(FrameError::WrongDirection(other)),
+        })
+    }
+
+    /// Sends this message; stdout/stderr larger than one frame are split.
+    pub fn send<W: std::io::Write>(&self, w: &mut FrameWriter<W>) -> Result<(), FrameError> {
+        match self {
+            FromGuest::Stdout(d) => w.write_data(Kind::Stdout, d),
+            FromGuest::Stderr(d) => w.write_data(Kind::Stderr, d),
+            _ => {
+                let (kind, payload) = self.encode();
+                w.write_frame(kind, &payload)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::FrameReader;
+
+    fn spec() -> RunSpec {
+        RunSpec {
+            args: vec!["/bin/sh".into(), "-c".into(), "echo hi".into()],
+            env: vec!["PATH=/bin".into()],
+            cwd: "/".into(),
+            user: "1000:1000".into(),
+            hostname: "cell".into(),
+            rootfs: RootfsSpec {
+                device: "/dev/vda".into(),
+                fstype: "erofs".into(),
+            },
+            overlay_bytes: Some(64 << 20),
+            devices: vec![DeviceMatch {
+                vendor: 0x1234,
+                device: 0x11e8,
+            }],
+            device_wait_ms: 5000,
+        }
+    }
+
+    #[test]
+    fn host_messages_round_trip() {
+        let msgs = vec![
+            FromHost::Hello(HostHello {
+                version: crate::PROTOCOL_VERSION,
+            }),
+            FromHost::Run(Box::new(spec())),
+            FromHost::Stdin(b"abc".to_vec()),
+            FromHost::StdinEof,
+            FromHost::Signal(15),
+            FromHost::Shutdown,
+        ];
+        let mut buf = Vec::new();
+        let mut w = FrameWriter::new(&mut buf);
+        for m in &msgs {
+            m.send(&mut w).unwrap();
+        }
+        let mut r = FrameReader::new(&buf[..]);
+        for m in &msgs {
+            assert_eq!(&FromHost::decode(r.read_frame().unwrap()).unwrap(), m);
+        }
+        assert!(matches!(r.read_frame(), Err(FrameError::Closed)));
+    }
+
+    #[test]
+    fn guest_messages_round_trip_and_large_output_is_split() {
+        let big = vec![7u8; MAX_DATA_PAYLOAD * 2 + 10];
+        let mut buf = Vec::new();
+        let mut w = FrameWriter::new(&mut buf);
+        FromGuest::Stdout(big.clone()).send(&mut w).unwrap();
+        FromGuest::Exited(ExitStatus {
+            code: None,
+            signal: Some(9),
+        })
+        .send(&mut w)
+        .unwrap();
+        let mut r = FrameReader::new(&buf[..]);
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            match FromGuest::decode(r.read_frame().unwrap()).unwrap() {
+                FromGuest::Stdout(d) => {
+                    assert!(d.len() <= MAX_DATA_PAYLOAD);
+                    got.extend(d)
+                }
+                m => panic!("unexpected {m:?}"),
+            }
+        }
+        assert_eq!(got, big);
+        match FromGuest::decode(r.read_frame().unwrap()).unwrap() {
+            FromGuest::Exited(s) => assert_eq!(s.shell_code(), 137),
+            m => panic!("unexpected {m:?}"),
+        }
+    }
+
+    #[test]
+    fn oversized_length_is_refused_before_allocation() {
+        // Announces 4 GiB of stdout: must fail on the header alone.
+        let mut buf = u32::MAX.to_be_bytes().to_vec();
+        buf.push(Kind::Stdout as u8);
+        let err = FrameReader::new(&buf[..]).read_frame().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                FrameError::TooLarge {
+                    kind: Kind::Stdout,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn garbage_is_refused() {
+        let mut r = FrameReader::new(&[0, 0, 0, 2, 0xee, 0][..]);
+        assert!(matches!(r.read_frame(), Err(FrameError::UnknownKind(0xee))));
+        let mut r = FrameReader::new(&[0, 0, 0, 0, 1][..]);
+        assert!(matches!(r.read_frame(), Err(FrameError::Empty)));
+        let mut r = FrameReader::new(&[0, 0, 0, 9, Kind::Stdout as u8, 1, 2][..]);
+        assert!(matches!(r.read_frame(), Err(FrameError::Truncated)));
+        let mut r = FrameReader::new(&[0, 0][..]);
+        assert!(matches!(r.read_frame(), Err(FrameError::Truncated)));
+        // Valid frame, invalid JSON.
+        let mut r = FrameReader::new(&[0, 0, 0, 3, Kind::Exited as u8, b'{', b'x'][..]);
+        let err = FromGuest::decode(r.read_frame().unwrap()).unwrap_err();
+        assert!(matches!(
+            err,
+            FrameError::BadPayload {
+                kind: Kind::Exited,
+                ..
+            }
+        ));
+        // A guest may not send host kinds.
+        let raw = RawFrame {
+            kind: Kind::Run,
+            payload: b"{}".to_vec(),
+        };
+        assert!(matches!(
+            FromGuest::decode(raw),
+            Err(FrameError::WrongDirection(Kind::Run))
+        ));
+        // Zero-payload kinds refuse a payload.
+        let mut r = FrameReader::new(&[0, 0, 0, 2, Kind::Shutdown as u8, 1][..]);
+        assert!(matches!(r.read_frame(), Err(FrameError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn writer_refuses_oversized_control_payload() {
+        let mut buf = Vec::new();
+        let mut w = FrameWriter::new(&mut buf);
+        let err = w
+            .write_frame(Kind::Log, &vec![b'a'; MAX_CONTROL_PAYLOAD + 1])
+            .unwrap_err();
+        assert!(matches!(err, FrameError::TooLarge { .. }));
+        assert!(buf.is_empty());
+    }
+}
