@@ -1,2 +1,21 @@
-//! The sandbox: guest artifacts, the QEMU launcher and QMP client, and the lifecycle of
-//! one microVM running one workload.
+//! The sandbox: the QEMU launcher and QMP client, the accelerator probe, and the
+//! lifecycle of one microVM running one workload.
+//!
+//! - [`args`]: QEMU command lines from typed structs.
+//! - [`process`]: the QEMU child (own process group, parent-death signal, bounded
+//!   console capture), killed on drop.
+//! - [`qmp`]: a small QMP client with timeouts.
+//! - [`rundir`]: the per-run directory and its cleanup.
+//! - [`channel`]: the host side of the agent protocol, with limits.
+
+pub mod args;
+pub mod channel;
+pub mod console;
+pub mod process;
+pub mod qmp;
+pub mod rundir;
+
+pub use args::{Accel, QemuCommand, ToArgs};
+pub use channel::{
+    event_channel, EventReceiver, EventSender, Limits, SessionError, SessionIo, SessionReport,
+};

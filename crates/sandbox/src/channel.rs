@@ -1,0 +1,474 @@
+//! The host side of the agent protocol: wait for the agent's hello, send the run spec,
+//! relay stdin, stdout, stderr and signals, and collect the exit status.
+//!
+//! The guest is hostile. Frames are size-checked by the protocol crate before any
+//! allocation; here every wait has a deadline, the queue between the reader thread and
+//! the relay is bounded (a flooding guest is throttled, not buffered), message order is
+//! enforced, and agent log messages have a byte budget.
+
+use std::io::{Read, Write};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use gpucell_protocol::{
+    DeviceInfo, ExitStatus, FrameError, FrameReader, FrameWriter, FromGuest, FromHost, GuestHello,
+    HostHello, RunSpec, MAX_DATA_PAYLOAD, PROTOCOL_VERSION,
+};
+
+/// Frames queued between the reader thread and the relay (each at most 256 KiB).
+const QUEUE_DEPTH: usize = 16;
+/// How often the relay checks deadlines and the VM.
+const TICK: Duration = Duration::from_millis(50);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("the guest agent did not say hello within {0:?}: the guest kernel or the agent did not come up")]
+    HelloTimeout(Duration),
+    #[error("the agent did not start the workload within {0:?} of the run request")]
+    StartTimeout(Duration),
+    #[error("the workload did not finish within the --timeout of {0:?}")]
+    Timeout(Duration),
+    #[error("the agent sent a malformed frame")]
+    Protocol(#[source] FrameError),
+    #[error("the agent sent {got} where {expected} was expected")]
+    Unexpected { expected: &'static str, got: String },
+    #[error("the agent speaks protocol version {theirs}, this gpucell speaks {ours}: rebuild the guest with `gpucell guest build`")]
+    Version { ours: u32, theirs: u32 },
+    #[error("the agent closed the channel before the workload exited")]
+    ChannelClosed,
+    #[error("the VM stopped before the workload finished: {0}")]
+    VmGone(String),
+    #[error("the agent could not run the workload: {0}")]
+    Agent(String),
+    #[error("sending to the agent failed")]
+    Send(#[source] FrameError),
+    #[error("interrupted by signal {0}; the workload did not exit within the grace period")]
+    Interrupted(i32),
+}
+
+/// Deadlines and budgets of one session.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// From the start of the session to the agent's hello (kernel boot + agent start).
+    pub hello_timeout: Duration,
+    /// From the run request to `Started` (includes the agent's device wait).
+    pub start_timeout: Duration,
+    /// From the run request to `Exited`; `None` waits for ever.
+    pub run_timeout: Option<Duration>,
+    /// After a forwarded signal, how long the workload has to exit.
+    pub signal_grace: Duration,
+    /// Total bytes of agent log messages shown; the rest are counted and dropped.
+    pub max_log_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            hello_timeout: Duration::from_secs(60),
+            start_timeout: Duration::from_secs(60),
+            run_timeout: None,
+            signal_grace: Duration::from_secs(10),
+            max_log_bytes: 256 * 1024,
+        }
+    }
+}
+
+/// Something that happened, delivered to the relay loop.
+#[derive(Debug)]
+pub enum Event {
+    Guest(FromGuest),
+    ChannelError(FrameError),
+    ChannelClosed,
+    /// A signal gpucell received, to forward to the workload.
+    Signal(i32),
+}
+
+/// Where the relay sends events from outside (signal handlers).
+#[derive(Debug, Clone)]
+pub struct EventSender(SyncSender<Event>);
+
+impl EventSender {
+    /// Queues a signal for forwarding; never blocks (a full queue drops it with a warning).
+    pub fn signal(&self, signal: i32) {
+        if let Err(TrySendError::Full(_)) = self.0.try_send(Event::Signal(signal)) {
+            tracing::warn!(signal, "event queue full, signal dropped");
+        }
+    }
+}
+
+/// The receiving end, consumed by [`relay`].
+#[derive(Debug)]
+pub struct EventReceiver {
+    rx: Receiver<Event>,
+    tx: SyncSender<Event>,
+}
+
+pub fn event_channel() -> (EventSender, EventReceiver) {
+    let (tx, rx) = sync_channel(QUEUE_DEPTH);
+    (EventSender(tx.clone()), EventReceiver { rx, tx })
+}
+
+/// The workload's standard streams on the host.
+pub struct SessionIo {
+    pub stdout: Box<dyn Write + Send>,
+    pub stderr: Box<dyn Write + Send>,
+    /// Forwarded to the workload when set; `None` closes its stdin at once.
+    pub stdin: Option<Box<dyn Read + Send>>,
+}
+
+/// What happened in a session that ended with the workload's exit.
+#[derive(Debug, Clone)]
+pub struct SessionReport {
+    pub status: ExitStatus,
+    pub hello: GuestHello,
+    pub devices: Vec<DeviceInfo>,
+    pub guest_pid: Option<i32>,
+    pub hello_at: Instant,
+    pub run_sent_at: Instant,
+    pub started_at: Option<Instant>,
+    pub exited_at: Instant,
+    pub stdout_bytes: u64,
+    pub stderr_bytes: u64,
+    pub signals_forwarded: Vec<i32>,
+    pub log_bytes_dropped: u64,
+}
+
+type SharedWriter<W> = Arc<Mutex<FrameWriter<W>>>;
+
+fn send<W: Write>(w: &SharedWriter<W>, msg: &FromHost) -> Result<(), SessionError> {
+    let mut guard = match w.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    };
+    msg.send(&mut guard).map_err(SessionError::Send)
+}
+
+fn kind_name(m: &FromGuest) -> String {
+    match m {
+        FromGuest::Hello(_) => "Hello",
+        FromGuest::Devices(_) => "Devices",
+        FromGuest::Started { .. } => "Started",
+        FromGuest::Stdout(_) => "Stdout",
+        FromGuest::Stderr(_) => "Stderr",
+        FromGuest::Exited(_) => "Exited",
+        FromGuest::Error { .. } => "Error",
+        FromGuest::Log { .. } => "Log",
+    }
+    .to_string()
+}
+
+/// Runs one session over `reader`/`writer` (two handles of the same channel).
+///
+/// `vm_gone` is polled every tick and returns why the VM is no longer running, if it
+/// isn't. The reader thread ends when the channel is closed or the receiver is gone;
+/// the caller closes the channel after this returns.
+pub fn relay<R, W>(
+    reader: R,
+    writer: W,
+    spec: &RunSpec,
+    mut io: SessionIo,
+    limits: &Limits,
+    events: EventReceiver,
+    vm_gone: &mut dyn FnMut() -> Option<String>,
+) -> Result<SessionReport, SessionError>
+where
+    R: Read + Send + 'static,
+    W: Write + Send + 'static,
+{
+    let begin = Instant::now();
+    let EventReceiver { rx, tx } = events;
+    spawn_reader(reader, tx);
+    let writer: SharedWriter<W> = Arc::new(Mutex::new(FrameWriter::new(writer)));
+
+    let next = |deadline: Option<Instant>,
+                what: &dyn Fn() -> SessionError,
+                vm_gone: &mut dyn FnMut() -> Option<String>|
+     -> Result<Event, SessionError> {
+        loop {
+            if let Some(d) = deadline {
+                if Instant::now() >= d {
+                    return Err(what());
+                }
+            }
+            match rx.recv_timeout(TICK) {
+                Ok(ev) => return Ok(ev),
+                Err(RecvTimeoutError::Timeout) => {
+                    if let Some(why) = vm_gone() {
+                        return Err(SessionError::VmGone(why));
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => return Ok(Event::ChannelClosed),
+            }
+        }
+    };
+
+    // 1. The agent's hello.
+    let hello_deadline = begin + limits.hello_timeout;
+    let mut pending_signals = Vec::new();
+    let hello = loop {
+        match next(
+            Some(hello_deadline),
+            &|| SessionError::HelloTimeout(limits.hello_timeout),
+            vm_gone,
+        )? {
+            Event::Guest(FromGuest::Hello(h)) => break h,
+            Event::Guest(FromGuest::Log { message }) => {
+                tracing::info!(target: "agent", "{}", truncate(&message, 512));
+            }
+            Event::Guest(other) => {
+                return Err(SessionError::Unexpected {
+                    expected: "Hello",
+                    got: kind_name(&other),
+                })
+            }
+            Event::ChannelError(e) => return Err(SessionError::Protocol(e)),
+            Event::ChannelClosed => return Err(SessionError::ChannelClosed),
+            Event::Signal(s) => pending_signals.push(s),
+        }
+    };
+    let hello_at = Instant::now();
+    if hello.version != PROTOCOL_VERSION {
+        return Err(SessionError::Version {
+            ours: PROTOCOL_VERSION,
+            theirs: hello.version,
+        });
+    }
+    tracing::debug!(agent = %hello.agent, kernel = %hello.kernel, uptime_ms = hello.uptime_ms, "agent hello");
+
+    // 2. Our hello and the run request, then stdin.
+    send(
+        &writer,
+        &FromHost::Hello(HostHello {
+            version: PROTOCOL_VERSION,
+        }),
+    )?;
+    send(&writer, &FromHost::Run(Box::new(spec.clone())))?;
+    let run_sent_at = Instant::now();
+    match io.stdin.take() {
+        Some(stdin) => spawn_stdin(stdin, Arc::clone(&writer)),
+        None => send(&writer, &FromHost::StdinEof)?,
+    }
+
+    // 3. Relay until the workload exits.
+    let start_deadline = run_sent_at + limits.start_timeout;
+    let run_deadline = limits.run_timeout.map(|t| run_sent_at + t);
+    let mut report = SessionReport {
+        status: ExitStatus {
+            code: None,
+            signal: None,
+        },
+        hello,
+        devices: Vec::new(),
+        guest_pid: None,
+        hello_at,
+        run_sent_at,
+        started_at: None,
+        exited_at: run_sent_at,
+        stdout_bytes: 0,
+        stderr_bytes: 0,
+        signals_forwarded: Vec::new(),
+        log_bytes_dropped: 0,
+    };
+    let mut devices_seen = false;
+    let mut log_budget = limits.max_log_bytes;
+    let mut stdout_ok = true;
+    let mut stderr_ok = true;
+    let mut first_signal: Option<(Instant, i32)> = None;
+
+    for s in pending_signals {
+        send(&writer, &FromHost::Signal(s))?;
+        report.signals_forwarded.push(s);
+        first_signal.get_or_insert((Instant::now(), s));
+    }
+
+    loop {
+        // The earliest of the applicable deadlines decides which error fires.
+        let mut deadline: Option<(Instant, SessionError)> = None;
+        let mut consider = |d: Instant, e: SessionError| match &deadline {
+            Some((cur, _)) if *cur <= d => {}
+            _ => deadline = Some((d, e)),
+        };
+        if report.started_at.is_none() {
+            consider(
+                start_deadline,
+                SessionError::StartTimeout(limits.start_timeout),
+            );
+        }
+        if let (Some(d), Some(t)) = (run_deadline, limits.run_timeout) {
+            consider(d, SessionError::Timeout(t));
+        }
+        if let Some((at, sig)) = first_signal {
+            consider(at + limits.signal_grace, SessionError::Interrupted(sig));
+        }
+        let (when, err) = match deadline {
+            Some((w, e)) => (Some(w), Some(e)),
+            None => (None, None),
+        };
+        let err = std::cell::RefCell::new(err);
+        let ev = next(
+            when,
+            &|| {
+                err.borrow_mut()
+                    .take()
+                    .unwrap_or(SessionError::Timeout(Duration::ZERO))
+            },
+            vm_gone,
+        )?;
+        match ev {
+            Event::Guest(FromGuest::Stdout(d)) => {
+                report.stdout_bytes += d.len() as u64;
+                if stdout_ok
+                    && io
+                        .stdout
+                        .write_all(&d)
+                        .and_then(|_| io.stdout.flush())
+                        .is_err()
+                {
+                    tracing::warn!("stdout closed; discarding the rest of the workload's stdout");
+                    stdout_ok = false;
+                }
+            }
+            Event::Guest(FromGuest::Stderr(d)) => {
+                report.stderr_bytes += d.len() as u64;
+                if stderr_ok
+                    && io
+                        .stderr
+                        .write_all(&d)
+                        .and_then(|_| io.stderr.flush())
+                        .is_err()
+                {
+                    stderr_ok = false;
+                }
+            }
+            Event::Guest(FromGuest::Devices(d)) if !devices_seen && report.started_at.is_none() => {
+                devices_seen = true;
+                report.devices = d.into_iter().take(256).collect();
+            }
+            Event::Guest(FromGuest::Started { pid }) if report.started_at.is_none() => {
+                report.started_at = Some(Instant::now());
+                report.guest_pid = Some(pid);
+            }
+            Event::Guest(FromGuest::Exited(status)) if report.started_at.is_some() => {
+                report.status = status;
+                report.exited_at = Instant::now();
+                return Ok(report);
+            }
+            Event::Guest(FromGuest::Error { message }) => {
+                return Err(SessionError::Agent(truncate(&message, 4096)));
+            }
+            Event::Guest(FromGuest::Log { message }) => {
+                if message.len() <= log_budget {
+                    log_budget -= message.len();
+                    tracing::info!(target: "agent", "{}", truncate(&message, 4096));
+                } else {
+                    if report.log_bytes_dropped == 0 {
+                        tracing::warn!(
+                            "agent log budget of {} bytes used up; dropping further agent logs",
+                            limits.max_log_bytes
+                        );
+                    }
+                    report.log_bytes_dropped += message.len() as u64;
+                }
+            }
+            Event::Guest(other) => {
+                return Err(SessionError::Unexpected {
+                    expected: if report.started_at.is_none() {
+                        "Devices, Started or output"
+                    } else {
+                        "output or Exited"
+                    },
+                    got: kind_name(&other),
+                })
+            }
+            Event::ChannelError(e) => return Err(SessionError::Protocol(e)),
+            Event::ChannelClosed => {
+                // The VM may have died: prefer that explanation when it is there.
+                std::thread::sleep(TICK);
+                if let Some(why) = vm_gone() {
+                    return Err(SessionError::VmGone(why));
+                }
+                return Err(SessionError::ChannelClosed);
+            }
+            Event::Signal(s) => {
+                if let Some((_, first)) = first_signal {
+                    if report.signals_forwarded.len() >= 2 {
+                        return Err(SessionError::Interrupted(first));
+                    }
+                }
+                tracing::info!(signal = s, "forwarding signal to the workload");
+                send(&writer, &FromHost::Signal(s))?;
+                report.signals_forwarded.push(s);
+                first_signal.get_or_insert((Instant::now(), s));
+            }
+        }
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &s[..end], s.len())
+}
+
+fn spawn_reader<R: Read + Send + 'static>(reader: R, tx: SyncSender<Event>) {
+    let res = std::thread::Builder::new()
+        .name("agent-reader".into())
+        .spawn(move || {
+            let mut frames = FrameReader::new(reader);
+            loop {
+                let ev = match frames.read_frame() {
+                    Ok(raw) => match FromGuest::decode(raw) {
+                        Ok(msg) => Event::Guest(msg),
+                        Err(e) => Event::ChannelError(e),
+                    },
+                    Err(FrameError::Closed) => Event::ChannelClosed,
+                    Err(e) => Event::ChannelError(e),
+                };
+                let last = !matches!(ev, Event::Guest(_));
+                // Blocks while the queue is full: a flooding guest waits for us.
+                if tx.send(ev).is_err() || last {
+                    return;
+                }
+            }
+        });
+    if let Err(e) = res {
+        tracing::error!(error = %e, "cannot start the agent reader thread");
+    }
+}
+
+fn spawn_stdin<W: Write + Send + 'static>(
+    mut stdin: Box<dyn Read + Send>,
+    writer: SharedWriter<W>,
+) {
+    let res = std::thread::Builder::new()
+        .name("stdin".into())
+        .spawn(move || {
+            let mut buf = vec![0u8; MAX_DATA_PAYLOAD];
+            loop {
+                match stdin.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        if send(&writer, &FromHost::Stdin(buf[..n].to_vec())).is_err() {
+                            tracing::debug!("agent no longer takes stdin");
+                            return;
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading stdin failed; closing the workload's stdin");
+                        break;
+                    }
+                }
+            }
+            let _ = send(&writer, &FromHost::StdinEof);
+        });
+    if let Err(e) = res {
+        tracing::error!(error = %e, "cannot start the stdin thread");
+    }
+}

@@ -1,0 +1,171 @@
+//! The QEMU child process: spawned in its own process group with
+//! `PR_SET_PDEATHSIG=SIGKILL`, stdin from /dev/null, serial console and stderr drained
+//! into bounded captures; killed (whole group) and reaped when the guard drops.
+
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::args::QemuCommand;
+use crate::console::Capture;
+
+/// Serial console bytes kept for error reports.
+pub const CONSOLE_TAIL_BYTES: usize = 64 * 1024;
+/// QEMU stderr bytes kept for error reports.
+pub const STDERR_TAIL_BYTES: usize = 16 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    #[error("cannot start QEMU {binary:?}; install qemu-system-x86 or pass its path")]
+    Spawn {
+        binary: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("waiting for QEMU (pid {pid}) failed")]
+    Wait {
+        pid: u32,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Describes how QEMU ended, for messages.
+pub fn describe_exit(status: &ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exit code {c}"),
+        (None, Some(s)) => format!("signal {s}"),
+        _ => "unknown status".into(),
+    }
+}
+
+/// A running QEMU, killed with its process group on drop.
+#[derive(Debug)]
+pub struct QemuProcess {
+    child: Child,
+    pid: u32,
+    exited: Option<ExitStatus>,
+    console: Capture,
+    stderr: Capture,
+    started: Instant,
+}
+
+impl QemuProcess {
+    /// Starts QEMU. `console_marker` lets a caller wait for a line on the serial console.
+    pub fn spawn(
+        cmd: &QemuCommand,
+        console_marker: Option<&[u8]>,
+    ) -> Result<QemuProcess, ProcessError> {
+        let args = cmd.args();
+        tracing::debug!(binary = %cmd.binary.display(), args = ?args, "starting QEMU");
+        let mut command = Command::new(&cmd.binary);
+        command
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        let parent = std::process::id() as libc::pid_t;
+        // SAFETY: only async-signal-safe calls (prctl, getppid, _exit) run between fork
+        // and exec.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The parent may have died before prctl: then nobody would kill us.
+                if libc::getppid() != parent {
+                    libc::_exit(1);
+                }
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().map_err(|source| ProcessError::Spawn {
+            binary: cmd.binary.clone(),
+            source,
+        })?;
+        let pid = child.id();
+        let (console, _) = match child.stdout.take() {
+            Some(out) => Capture::spawn("console", out, CONSOLE_TAIL_BYTES, console_marker),
+            None => Capture::spawn("console", std::io::empty(), 1, None),
+        };
+        let (stderr, _) = match child.stderr.take() {
+            Some(err) => Capture::spawn("qemu-stderr", err, STDERR_TAIL_BYTES, None),
+            None => Capture::spawn("qemu-stderr", std::io::empty(), 1, None),
+        };
+        Ok(QemuProcess {
+            child,
+            pid,
+            exited: None,
+            console,
+            stderr,
+            started: Instant::now(),
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// The guest's serial console (bounded tail).
+    pub fn console(&self) -> &Capture {
+        &self.console
+    }
+
+    /// QEMU's own stderr (bounded tail).
+    pub fn stderr(&self) -> &Capture {
+        &self.stderr
+    }
+
+    /// Returns the exit status once QEMU has exited.
+    pub fn try_wait(&mut self) -> Result<Option<ExitStatus>, ProcessError> {
+        if self.exited.is_none() {
+            self.exited = self.child.try_wait().map_err(|source| ProcessError::Wait {
+                pid: self.pid,
+                source,
+            })?;
+        }
+        Ok(self.exited)
+    }
+
+    /// Waits up to `timeout` for QEMU to exit by itself.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<ExitStatus>, ProcessError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.try_wait()? {
+                return Ok(Some(s));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Kills QEMU's process group with SIGKILL and reaps QEMU.
+    pub fn kill(&mut self) -> Option<ExitStatus> {
+        if self.exited.is_none() {
+            let _ = kill(Pid::from_raw(-(self.pid as i32)), Signal::SIGKILL);
+            let _ = self.child.kill();
+            match self.child.wait() {
+                Ok(s) => self.exited = Some(s),
+                Err(e) => tracing::warn!(pid = self.pid, error = %e, "could not reap QEMU"),
+            }
+        }
+        self.exited
+    }
+}
+
+impl Drop for QemuProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
