@@ -2,9 +2,13 @@
 //! checks, VFIO binding and boot configuration. Every path is read under a host root
 //! passed in by the caller; nothing here names `/sys` directly.
 
+pub mod arch;
 pub mod bar;
 pub mod bdf;
+pub mod cmdline;
+pub mod gpu;
 pub mod iommu;
+pub mod names;
 pub mod pci;
 pub mod root;
 pub mod sysfs;
