@@ -8,6 +8,7 @@
 //! - [`rundir`]: the per-run directory and its cleanup.
 //! - [`channel`]: the host side of the agent protocol, with limits.
 
+pub mod accel;
 pub mod args;
 pub mod channel;
 pub mod console;

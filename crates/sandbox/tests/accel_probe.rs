@@ -1,0 +1,92 @@
+//! The accelerator probe against the real QEMU and a real guest kernel. Needs
+//! `GPUCELL_TEST_KERNEL` (an uncompressed vmlinux or a bzImage), busybox-static and cpio;
+//! skips with a reason otherwise.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use gpucell_sandbox::accel::{probe, AccelChoice, ProbeInput};
+use gpucell_sandbox::Accel;
+
+fn kernel() -> Option<PathBuf> {
+    match std::env::var_os("GPUCELL_TEST_KERNEL").map(PathBuf::from) {
+        Some(k) if k.is_file() => Some(k),
+        _ => {
+            eprintln!("skipping: set GPUCELL_TEST_KERNEL to a guest kernel (vmlinux) to run the probe test");
+            None
+        }
+    }
+}
+
+fn busybox_initrd(dir: &Path) -> Option<PathBuf> {
+    let out = dir.join("probe.cpio");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/busybox-initrd.sh");
+    match Command::new(&script).arg(&out).status() {
+        Ok(s) if s.success() => Some(out),
+        other => {
+            eprintln!("skipping: could not build a busybox initrd with {script:?} ({other:?}); install busybox-static and cpio");
+            None
+        }
+    }
+}
+
+fn qemu_processes_named(name: &str) -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(name))
+                .unwrap_or(false)
+        })
+        .count()
+}
+
+#[test]
+fn probe_gives_a_verdict_within_its_timeout_caches_it_and_leaves_no_qemu() {
+    let Some(kernel) = kernel() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let Some(initrd) = busybox_initrd(dir.path()) else {
+        return;
+    };
+    let state = dir.path().join("state");
+    let mut input = ProbeInput::new(
+        Path::new("/usr/bin/qemu-system-x86_64"),
+        &kernel,
+        &initrd,
+        Path::new("/"),
+        Some(&state),
+    );
+    input.timeout = Duration::from_secs(8);
+    let start = Instant::now();
+    let first = probe(&input).unwrap();
+    let took = start.elapsed();
+    eprintln!("probe verdict: {first:?} in {took:?}");
+    assert!(
+        took < input.timeout + Duration::from_secs(3),
+        "probe overran: {took:?}"
+    );
+    assert!(!first.cached);
+    if first.kvm_usable {
+        assert_eq!(first.accel, Accel::Kvm);
+        assert!(first.reason.is_empty());
+    } else {
+        assert_eq!(first.accel, Accel::Tcg);
+        assert!(!first.reason.is_empty());
+    }
+    assert_eq!(
+        qemu_processes_named("gpucell-accel-probe"),
+        0,
+        "probe QEMU left running"
+    );
+    let start = Instant::now();
+    let second = probe(&input).unwrap();
+    assert!(second.cached && start.elapsed() < Duration::from_millis(500));
+    assert_eq!(
+        (second.accel, second.kvm_usable),
+        (first.accel, first.kvm_usable)
+    );
+    assert!(state.join("cache/accel-probe.json").is_file());
+    assert_eq!("auto".parse::<AccelChoice>().unwrap(), AccelChoice::Auto);
+}
