@@ -167,7 +167,7 @@ pub fn relay<R, W>(
     reader: R,
     writer: W,
     spec: &RunSpec,
-    mut io: SessionIo,
+    io: SessionIo,
     limits: &Limits,
     events: EventReceiver,
     vm_gone: &mut dyn FnMut() -> Option<String>,
@@ -176,10 +176,32 @@ where
     R: Read + Send + 'static,
     W: Write + Send + 'static,
 {
-    let begin = Instant::now();
     let EventReceiver { rx, tx } = events;
     spawn_reader(reader, tx);
     let writer: SharedWriter<W> = Arc::new(Mutex::new(FrameWriter::new(writer)));
+    let result = relay_inner(&writer, spec, io, limits, rx, vm_gone);
+    // Whatever happened, ask the agent to power off (it does so after Exited anyway).
+    // Best effort: the writer's own timeout bounds this.
+    if !matches!(
+        result,
+        Err(SessionError::VmGone(_)) | Err(SessionError::ChannelClosed)
+    ) {
+        if let Err(e) = send(&writer, &FromHost::Shutdown) {
+            tracing::debug!(error = %e, "could not send Shutdown to the agent");
+        }
+    }
+    result
+}
+
+fn relay_inner<W: Write + Send + 'static>(
+    writer: &SharedWriter<W>,
+    spec: &RunSpec,
+    mut io: SessionIo,
+    limits: &Limits,
+    rx: Receiver<Event>,
+    vm_gone: &mut dyn FnMut() -> Option<String>,
+) -> Result<SessionReport, SessionError> {
+    let begin = Instant::now();
 
     let next = |deadline: Option<Instant>,
                 what: &dyn Fn() -> SessionError,
@@ -243,11 +265,11 @@ where
             version: PROTOCOL_VERSION,
         }),
     )?;
-    send(&writer, &FromHost::Run(Box::new(spec.clone())))?;
+    send(writer, &FromHost::Run(Box::new(spec.clone())))?;
     let run_sent_at = Instant::now();
     match io.stdin.take() {
-        Some(stdin) => spawn_stdin(stdin, Arc::clone(&writer)),
-        None => send(&writer, &FromHost::StdinEof)?,
+        Some(stdin) => spawn_stdin(stdin, Arc::clone(writer)),
+        None => send(writer, &FromHost::StdinEof)?,
     }
 
     // 3. Relay until the workload exits.
@@ -277,7 +299,7 @@ where
     let mut first_signal: Option<(Instant, i32)> = None;
 
     for s in pending_signals {
-        send(&writer, &FromHost::Signal(s))?;
+        send(writer, &FromHost::Signal(s))?;
         report.signals_forwarded.push(s);
         first_signal.get_or_insert((Instant::now(), s));
     }
@@ -397,7 +419,7 @@ where
                     }
                 }
                 tracing::info!(signal = s, "forwarding signal to the workload");
-                send(&writer, &FromHost::Signal(s))?;
+                send(writer, &FromHost::Signal(s))?;
                 report.signals_forwarded.push(s);
                 first_signal.get_or_insert((Instant::now(), s));
             }

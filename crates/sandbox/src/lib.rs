@@ -10,11 +10,15 @@
 
 pub mod accel;
 pub mod args;
+pub mod caps;
 pub mod channel;
 pub mod console;
 pub mod process;
 pub mod qmp;
 pub mod rundir;
+pub mod sandbox;
+pub mod spec;
+pub mod vsock;
 
 pub use args::{Accel, QemuCommand, ToArgs};
 pub use channel::{

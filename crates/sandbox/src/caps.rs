@@ -1,0 +1,148 @@
+//! What the installed QEMU supports (version, seccomp), read once per QEMU binary and
+//! cached in the state dir.
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use serde::{Deserialize, Serialize};
+
+use crate::args::RunAs;
+
+const CACHE_FILE: &str = "cache/qemu-caps.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CapsError {
+    #[error("cannot run {binary:?} -version; install qemu-system-x86 or pass the right path")]
+    Run {
+        binary: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read the version of {binary:?} from {output:?}")]
+    Version { binary: String, output: String },
+}
+
+/// Capabilities of one QEMU binary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QemuCaps {
+    pub major: u32,
+    pub minor: u32,
+    /// `-sandbox` (seccomp) is compiled in.
+    pub seccomp: bool,
+}
+
+impl QemuCaps {
+    /// The flag that drops privileges to `user` on this QEMU (`-run-with` from 9.1).
+    pub fn run_as(&self, user: &str) -> RunAs {
+        if (self.major, self.minor) >= (9, 1) {
+            RunAs::RunWith(user.to_string())
+        } else {
+            RunAs::Runas(user.to_string())
+        }
+    }
+}
+
+/// Parses `QEMU emulator version 7.2.22 (...)`.
+pub fn parse_version(text: &str) -> Option<(u32, u32)> {
+    let rest = text.split("version ").nth(1)?;
+    let mut parts = rest.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+fn run(binary: &Path, arg: &str) -> Result<String, CapsError> {
+    let out = Command::new(binary)
+        .arg(arg)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .map_err(|source| CapsError::Run {
+            binary: binary.display().to_string(),
+            source,
+        })?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Reads the capabilities, from the cache when the binary did not change.
+pub fn detect(binary: &Path, state_dir: Option<&Path>) -> Result<QemuCaps, CapsError> {
+    let key = fs::metadata(binary)
+        .map(|m| format!("{}:{}:{}:{}", binary.display(), m.len(), m.mtime(), m.ino()))
+        .unwrap_or_default();
+    let cache = state_dir.map(|s| s.join(CACHE_FILE));
+    if let Some(path) = &cache {
+        if let Ok(text) = fs::read_to_string(path) {
+            if let Ok((k, caps)) = serde_json::from_str::<(String, QemuCaps)>(&text) {
+                if k == key && !key.is_empty() {
+                    return Ok(caps);
+                }
+            }
+        }
+    }
+    let version = run(binary, "-version")?;
+    let (major, minor) = parse_version(&version).ok_or_else(|| CapsError::Version {
+        binary: binary.display().to_string(),
+        output: version.chars().take(200).collect(),
+    })?;
+    let help = run(binary, "-help")?;
+    let caps = QemuCaps {
+        major,
+        minor,
+        seccomp: help.lines().any(|l| l.starts_with("-sandbox")),
+    };
+    if let Some(path) = &cache {
+        let write = || -> std::io::Result<()> {
+            if let Some(d) = path.parent() {
+                fs::create_dir_all(d)?;
+            }
+            let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+            fs::write(&tmp, serde_json::to_vec(&(key, &caps)).unwrap_or_default())?;
+            fs::rename(&tmp, path)
+        };
+        if let Err(e) = write() {
+            tracing::debug!(error = %e, "could not cache QEMU capabilities");
+        }
+    }
+    Ok(caps)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_and_run_as_flag() {
+        let v = parse_version("QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)\n");
+        assert_eq!(v, Some((7, 2)));
+        assert_eq!(parse_version("QEMU emulator version 10.0.2"), Some((10, 0)));
+        assert_eq!(parse_version("nonsense"), None);
+        let old = QemuCaps {
+            major: 7,
+            minor: 2,
+            seccomp: true,
+        };
+        assert_eq!(old.run_as("nobody"), RunAs::Runas("nobody".into()));
+        let new = QemuCaps {
+            major: 9,
+            minor: 1,
+            seccomp: true,
+        };
+        assert_eq!(new.run_as("nobody"), RunAs::RunWith("nobody".into()));
+    }
+
+    #[test]
+    fn detects_the_installed_qemu() {
+        let bin = Path::new("/usr/bin/qemu-system-x86_64");
+        if !bin.exists() {
+            eprintln!("skipping: {} is not installed", bin.display());
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let caps = detect(bin, Some(dir.path())).unwrap();
+        assert!(caps.major >= 5, "{caps:?}");
+        assert!(dir.path().join(CACHE_FILE).is_file());
+        assert_eq!(detect(bin, Some(dir.path())).unwrap(), caps);
+    }
+}

@@ -1,0 +1,117 @@
+//! The vsock channel: the host listens on [`gpucell_protocol::VSOCK_PORT`] and the
+//! agent connects from its guest CID. Used where the host has `/dev/vhost-vsock`.
+//!
+//! One listener per port per host: a second concurrent run cannot bind and falls back
+//! to virtio-serial (the caller decides).
+
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::socket::{
+    accept, bind, getpeername, listen, socket, AddressFamily, Backlog, SockFlag, SockType,
+    VsockAddr,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VsockError {
+    #[error("cannot listen on vsock port {port}")]
+    Listen {
+        port: u32,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("waiting for the agent's vsock connection failed")]
+    Accept(#[source] nix::Error),
+    #[error("the agent did not connect over vsock within {0:?}")]
+    Timeout(Duration),
+}
+
+/// A listening vsock socket.
+#[derive(Debug)]
+pub struct VsockListener {
+    fd: OwnedFd,
+    port: u32,
+}
+
+impl VsockListener {
+    pub fn bind(port: u32) -> Result<Self, VsockError> {
+        let err = |source| VsockError::Listen { port, source };
+        let fd = socket(
+            AddressFamily::Vsock,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )
+        .map_err(err)?;
+        bind(fd.as_raw_fd(), &VsockAddr::new(libc::VMADDR_CID_ANY, port)).map_err(err)?;
+        listen(&fd, Backlog::new(4).map_err(err)?).map_err(err)?;
+        Ok(VsockListener { fd, port })
+    }
+
+    pub fn port(&self) -> u32 {
+        self.port
+    }
+
+    /// Accepts the connection from `guest_cid`, refusing others, until `deadline`.
+    /// `alive` is polled between waits; returning false stops the wait.
+    pub fn accept_from(
+        &self,
+        guest_cid: u32,
+        deadline: Instant,
+        alive: &mut dyn FnMut() -> bool,
+    ) -> Result<File, VsockError> {
+        let start = Instant::now();
+        loop {
+            let now = Instant::now();
+            if now >= deadline || !alive() {
+                return Err(VsockError::Timeout(start.elapsed()));
+            }
+            let wait = (deadline - now).min(Duration::from_millis(100));
+            let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
+            let ms = PollTimeout::try_from(wait.as_millis() as i32).unwrap_or(PollTimeout::ZERO);
+            match poll(&mut fds, ms) {
+                Ok(0) | Err(nix::Error::EINTR) => continue,
+                Ok(_) => {}
+                Err(e) => return Err(VsockError::Accept(e)),
+            }
+            let raw = match accept(self.fd.as_raw_fd()) {
+                Ok(fd) => fd,
+                Err(nix::Error::EAGAIN) | Err(nix::Error::EINTR) => continue,
+                Err(e) => return Err(VsockError::Accept(e)),
+            };
+            // SAFETY: accept returned a new descriptor that nothing else owns.
+            let conn = unsafe { OwnedFd::from_raw_fd(raw) };
+            match getpeername::<VsockAddr>(conn.as_raw_fd()) {
+                Ok(peer) if peer.cid() == guest_cid => {
+                    // Back to blocking mode for the relay's reader thread.
+                    let flags = nix::fcntl::fcntl(conn.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)
+                        .map_err(VsockError::Accept)?;
+                    let mut flags = nix::fcntl::OFlag::from_bits_truncate(flags);
+                    flags.remove(nix::fcntl::OFlag::O_NONBLOCK);
+                    nix::fcntl::fcntl(conn.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(flags))
+                        .map_err(VsockError::Accept)?;
+                    return Ok(File::from(conn));
+                }
+                Ok(peer) => {
+                    tracing::warn!(
+                        cid = peer.cid(),
+                        expected = guest_cid,
+                        "refused a vsock connection from another guest"
+                    );
+                }
+                Err(e) => tracing::warn!(error = %e, "vsock peer without an address"),
+            }
+        }
+    }
+}
+
+/// A guest CID for a new VM: random in the range the kernel allows (3 and up).
+pub fn random_cid() -> u32 {
+    let mut b = [0u8; 4];
+    if let Ok(mut f) = File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut b);
+    }
+    3 + (u32::from_le_bytes(b) % 0x7fff_0000)
+}
