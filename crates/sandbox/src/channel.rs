@@ -43,7 +43,7 @@ pub enum SessionError {
     Agent(String),
     #[error("sending to the agent failed")]
     Send(#[source] FrameError),
-    #[error("interrupted by signal {0}; the workload did not exit within the grace period")]
+    #[error("interrupted by signal {0} before the workload started or exited")]
     Interrupted(i32),
 }
 
@@ -227,7 +227,6 @@ fn relay_inner<W: Write + Send + 'static>(
 
     // 1. The agent's hello.
     let hello_deadline = begin + limits.hello_timeout;
-    let mut pending_signals = Vec::new();
     let hello = loop {
         match next(
             Some(hello_deadline),
@@ -246,7 +245,8 @@ fn relay_inner<W: Write + Send + 'static>(
             }
             Event::ChannelError(e) => return Err(SessionError::Protocol(e)),
             Event::ChannelClosed => return Err(SessionError::ChannelClosed),
-            Event::Signal(s) => pending_signals.push(s),
+            // Nothing runs yet: a signal during boot cancels the run.
+            Event::Signal(s) => return Err(SessionError::Interrupted(s)),
         }
     };
     let hello_at = Instant::now();
@@ -297,12 +297,6 @@ fn relay_inner<W: Write + Send + 'static>(
     let mut stdout_ok = true;
     let mut stderr_ok = true;
     let mut first_signal: Option<(Instant, i32)> = None;
-
-    for s in pending_signals {
-        send(writer, &FromHost::Signal(s))?;
-        report.signals_forwarded.push(s);
-        first_signal.get_or_insert((Instant::now(), s));
-    }
 
     loop {
         // The earliest of the applicable deadlines decides which error fires.

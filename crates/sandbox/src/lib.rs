@@ -7,6 +7,9 @@
 //! - [`qmp`]: a small QMP client with timeouts.
 //! - [`rundir`]: the per-run directory and its cleanup.
 //! - [`channel`]: the host side of the agent protocol, with limits.
+//! - [`accel`]: KVM/TCG selection by probe boot, cached.
+//! - [`spec`]: docker's rules from image config and flags to the agent's run request.
+//! - [`sandbox`]: the whole lifecycle of one VM.
 
 pub mod accel;
 pub mod args;
@@ -17,10 +20,16 @@ pub mod process;
 pub mod qmp;
 pub mod rundir;
 pub mod sandbox;
+pub mod signals;
 pub mod spec;
 pub mod vsock;
 
+pub use accel::{probe, AccelChoice, ProbeInput, ProbeResult, Selection};
 pub use args::{Accel, QemuCommand, ToArgs};
 pub use channel::{
     event_channel, EventReceiver, EventSender, Limits, SessionError, SessionIo, SessionReport,
 };
+pub use sandbox::{
+    ChannelChoice, RunAsPolicy, RunError, RunOutcome, Sandbox, SandboxError, Timings, VmConfig,
+};
+pub use signals::SignalForwarder;

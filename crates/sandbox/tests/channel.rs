@@ -182,6 +182,8 @@ fn happy_path_relays_output_and_exit_code() {
             code: Some(3),
             signal: None,
         }));
+        // The host asks the agent to power off once the workload is done.
+        assert!(matches!(g.recv(), FromHost::Shutdown));
     });
     h.join().unwrap();
     let report = run.result.unwrap();
@@ -520,4 +522,18 @@ fn log_floods_are_capped_and_a_dead_vm_is_noticed() {
     let err = r.unwrap_err();
     assert!(err.to_string().contains("signal 9"), "{err}");
     assert!(start.elapsed() < Duration::from_secs(1));
+}
+
+#[test]
+fn a_signal_during_boot_cancels_the_run() {
+    let (run, _h) = run_with(quick(), None, &[(Duration::from_millis(100), 2)], |g| {
+        std::thread::sleep(Duration::from_secs(3));
+        drop(g);
+    });
+    assert!(
+        matches!(run.result, Err(SessionError::Interrupted(2))),
+        "{:?}",
+        run.result.err()
+    );
+    assert!(run.elapsed < Duration::from_secs(1));
 }
