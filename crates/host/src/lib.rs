@@ -17,3 +17,5 @@ pub mod testing;
 
 pub use bdf::Bdf;
 pub use root::HostRoot;
+pub mod bind;
+pub mod bootcfg;
