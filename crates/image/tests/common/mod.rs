@@ -78,8 +78,9 @@ pub fn erofs_mode(image: &Path, nid: u64) -> u32 {
     let sb = &data[1024..1024 + 128];
     let blkszbits = sb[0x0c];
     let meta_blkaddr = u32::from_le_bytes(sb[0x28..0x2c].try_into().expect("4 bytes"));
+    // i_format (2 bytes), i_xattr_icount (2), then i_mode (2).
     let off = ((meta_blkaddr as u64) << blkszbits) as usize + nid as usize * 32;
-    u32::from(u16::from_le_bytes([data[off + 2], data[off + 3]]))
+    u32::from(u16::from_le_bytes([data[off + 4], data[off + 5]]))
 }
 
 /// Extracts an erofs image with fsck.erofs (ownership and permissions kept when root).
