@@ -7,6 +7,7 @@ pub mod bar;
 pub mod bdf;
 pub mod cmdline;
 pub mod gpu;
+pub mod gpu_view;
 pub mod iommu;
 pub mod names;
 pub mod pci;

@@ -369,7 +369,7 @@ struct OptionalReader<'a> {
 
 impl OptionalReader<'_> {
     fn warn(&mut self, err: SysfsError) {
-        tracing::warn!("{err}");
+        tracing::debug!("{err}");
         self.warnings.push(crate::sysfs::error_chain(&err));
     }
 
@@ -426,7 +426,7 @@ impl PciScan {
             match PciFunction::read(root, bdf) {
                 Ok(f) => scan.functions.push(f),
                 Err(e) => {
-                    tracing::warn!("{}", crate::sysfs::error_chain(&e));
+                    tracing::debug!("{}", crate::sysfs::error_chain(&e));
                     scan.problems.push(e);
                 }
             }

@@ -1,8 +1,175 @@
+//! `gpucell gpu list`: one row per NVIDIA GPU with its passthrough state.
+
+use anyhow::Context;
+use gpucell_host::gpu::GpuInventory;
+use gpucell_host::gpu_view::{GpuList, GpuRow};
+use gpucell_host::HostRoot;
+
 use crate::commands::Global;
 
 #[derive(clap::Args, Debug)]
 pub struct ListArgs {}
 
-pub fn run(_global: &Global, _args: ListArgs) -> anyhow::Result<u8> {
-    anyhow::bail!("`gpucell gpu list` is not built yet")
+pub fn run(global: &Global, _args: ListArgs) -> anyhow::Result<u8> {
+    let root = HostRoot::new(&global.host_root);
+    let inventory = GpuInventory::read(&root)
+        .with_context(|| format!("cannot list GPUs under {}", global.host_root.display()))?;
+    let list = GpuList::from(&inventory);
+    if global.json {
+        write_stdout(&(serde_json::to_string_pretty(&list)? + "\n"))?;
+    } else {
+        write_stdout(&render_text(&list))?;
+        for w in &list.warnings {
+            eprintln!("warning: {w}");
+        }
+    }
+    if let Some(value) = &list.acs_override {
+        eprintln!(
+            "warning: the kernel command line has pcie_acs_override={value}: IOMMU groups are \
+             split without real isolation, so a passed-through GPU may reach other devices. \
+             Remove it on hosts that run untrusted workloads."
+        );
+    }
+    Ok(0)
+}
+
+/// Writes to stdout; a closed pipe (`gpucell gpu list | head`) is not an error.
+pub(crate) fn write_stdout(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(e).context("cannot write to stdout")
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The product name inside `[...]` of a PCI ID name (`GH100 [H200 SXM 141GB]`), else all of it.
+fn short_name(name: &str) -> &str {
+    match (name.find('['), name.rfind(']')) {
+        (Some(a), Some(b)) if a < b => &name[a + 1..b],
+        _ => name,
+    }
+}
+
+fn dash<T: ToString>(v: Option<T>) -> String {
+    v.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
+}
+
+fn row_cells(g: &GpuRow) -> Vec<String> {
+    let companions = if g.companions.is_empty() {
+        "-".to_string()
+    } else {
+        g.companions
+            .iter()
+            .map(|c| format!("{}({})", c.bdf.rsplit(':').next().unwrap_or(&c.bdf), c.kind))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let driver = match (g.driver.as_deref(), g.driver_state) {
+        (Some(d), _) => d.to_string(),
+        (None, "unknown") => "unknown".to_string(),
+        (None, _) => "none".to_string(),
+    };
+    let reset = match &g.reset_methods {
+        Some(m) if !m.is_empty() => m.join(","),
+        _ => "none".to_string(),
+    };
+    vec![
+        g.bdf.clone(),
+        short_name(&g.name).to_string(),
+        g.id.clone(),
+        dash(g.architecture.as_deref()),
+        dash(g.largest_bar.as_ref().map(|b| b.human.clone())),
+        dash(g.iommu_group),
+        companions,
+        driver,
+        dash(g.numa_node),
+        reset,
+        g.passthrough.state.to_string(),
+    ]
+}
+
+/// The text table and, under it, one line per GPU that is not ready saying why.
+pub fn render_text(list: &GpuList) -> String {
+    if list.gpus.is_empty() {
+        return "no NVIDIA GPUs found\n".to_string();
+    }
+    let header: Vec<String> = [
+        "BDF",
+        "NAME",
+        "ID",
+        "ARCH",
+        "BAR",
+        "GROUP",
+        "COMPANIONS",
+        "DRIVER",
+        "NUMA",
+        "RESET",
+        "STATE",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut rows = vec![header];
+    rows.extend(list.gpus.iter().map(row_cells));
+    let cols = rows[0].len();
+    let widths: Vec<usize> = (0..cols)
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in &rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    let mut notes = Vec::new();
+    for g in &list.gpus {
+        let who = |fs: &[gpucell_host::gpu_view::MemberRow]| {
+            fs.iter()
+                .map(|m| {
+                    format!(
+                        "{} ({})",
+                        m.bdf,
+                        m.driver.as_deref().unwrap_or(m.driver_state)
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match g.passthrough.state {
+            "needs-bind" => notes.push(format!(
+                "{}: bind to vfio-pci first: {} (gpucell gpu bind {})",
+                g.bdf,
+                who(&g.passthrough.functions),
+                g.bdf
+            )),
+            "group-not-viable" => notes.push(format!(
+                "{}: IOMMU group {} also holds devices bound to other drivers: {}; move the GPU \
+                 to another slot or unbind them",
+                g.bdf,
+                dash(g.iommu_group),
+                who(&g.passthrough.functions)
+            )),
+            "no-iommu" => notes.push(format!(
+                "{}: no IOMMU group; turn the IOMMU on (intel_iommu=on or amd_iommu=on, and \
+                 VT-d/AMD-Vi in firmware); see `gpucell doctor`",
+                g.bdf
+            )),
+            _ => {}
+        }
+    }
+    if !notes.is_empty() {
+        out.push('\n');
+        for n in notes {
+            out.push_str(&n);
+            out.push('\n');
+        }
+    }
+    out
 }
