@@ -1,0 +1,131 @@
+# Helpers for scenarios running inside the nested test host (L1). Sourced by
+# /init and by every scenario (busybox sh). A scenario reports each check with
+# pass/fail/skip; run.sh on the outer host collects them.
+#
+# Results channel: the second serial port (/dev/ttyS1), which the outer QEMU
+# writes to a file of its own, so kernel messages on the console cannot mix
+# into result lines. Every line is also echoed on the console for the log.
+# Line format:  NESTED-RESULT name=<scenario>/<check> ok=1|0|skip detail=<text>
+
+NESTED_CHANNEL=/dev/ttyS1
+[ -c "$NESTED_CHANNEL" ] || NESTED_CHANNEL=/dev/console
+NESTED_RESULTS=/run/nested-results
+NESTED_EDU_ID=0x1234:0x11e8
+
+uptime_s() { cut -d' ' -f1 /proc/uptime; }
+
+# Value of a key=value argument on the kernel command line.
+cmdline_arg() {
+    tr ' ' '\n' </proc/cmdline | sed -n "s/^$1=//p" | tail -1
+}
+
+emit() {
+    echo "$*" >"$NESTED_CHANNEL"
+    [ "$NESTED_CHANNEL" = /dev/console ] || echo "$*" >/dev/console
+}
+
+# result CHECK OK DETAIL...: OK is 1, 0 or skip. One line, at most 400 bytes of detail.
+result() {
+    _name=$1 _ok=$2
+    shift 2
+    _detail=$(printf '%s' "$*" | tr '\n\r\t' '   ' | cut -c1-400)
+    echo "${SCENARIO:-unknown}/$_name $_ok" >>"$NESTED_RESULTS"
+    emit "NESTED-RESULT name=${SCENARIO:-unknown}/$_name ok=$_ok detail=$_detail"
+}
+pass() { result "$1" 1 "$(shift; echo "$*")"; }
+fail() { result "$1" 0 "$(shift; echo "$*")"; }
+skip() { result "$1" skip "$(shift; echo "$*")"; }
+
+# Number of results a scenario has reported so far.
+result_count() {
+    [ -f "$NESTED_RESULTS" ] || { echo 0; return; }
+    grep -c "^$1/" "$NESTED_RESULTS"
+}
+
+# Prints a labelled file to the console (the L1 log), at most $3 lines.
+show() {
+    [ -s "$2" ] || return 0
+    head -n "${3:-40}" "$2" | sed "s|^|  $1: |" >/dev/console
+}
+
+# gc OUT ARGS...: runs `gpucell ARGS` (60 s limit), stdout in OUT.out, stderr
+# in OUT.err, exit status in OUT.rc; returns the exit status.
+gc() {
+    _out=$1
+    shift
+    echo "L1: \$ gpucell $*" >/dev/console
+    timeout -s KILL 60 gpucell "$@" >"$_out.out" 2>"$_out.err"
+    _rc=$?
+    echo "$_rc" >"$_out.rc"
+    show stdout "$_out.out"
+    show stderr "$_out.err"
+    echo "L1:   exit status $_rc" >/dev/console
+    return "$_rc"
+}
+
+# True if the last gc call for OUT failed because the command is not built yet.
+gc_not_built() {
+    [ "$(cat "$1.rc")" != 0 ] && grep -q 'is not built yet' "$1.err"
+}
+
+# gc_stub ARGS...: true if `gpucell ARGS` (without operands) is still a
+# placeholder that says it is not built yet. Such placeholders take no
+# operands, so calling them with a BDF fails on argument parsing instead.
+gc_stub() {
+    timeout -s KILL 60 gpucell "$@" 2>&1 | grep -q 'is not built yet'
+}
+
+# One-line summary of a gc result for a detail field.
+gc_summary() {
+    echo "exit $(cat "$1.rc"): $(head -c 200 "$1.err" | tr '\n' ' ')"
+}
+
+# PCI functions with vendor:device $1 (default: QEMU edu), one BDF per line.
+pci_by_id() {
+    for _d in /sys/bus/pci/devices/*; do
+        [ "$(cat "$_d/vendor"):$(cat "$_d/device")" = "${1:-$NESTED_EDU_ID}" ] && basename "$_d"
+    done
+}
+
+pci_driver() {
+    if [ -L "/sys/bus/pci/devices/$1/driver" ]; then
+        basename "$(readlink "/sys/bus/pci/devices/$1/driver")"
+    else
+        echo none
+    fi
+}
+
+iommu_group() {
+    basename "$(readlink "/sys/bus/pci/devices/$1/iommu_group" 2>/dev/null)" 2>/dev/null
+}
+
+# Binds a function to vfio-pci the way gpucell does on a real host:
+# driver_override, unbind from the current driver, drivers_probe.
+sysfs_bind_vfio() {
+    _dev=/sys/bus/pci/devices/$1
+    echo vfio-pci >"$_dev/driver_override" || return 1
+    [ -L "$_dev/driver" ] && { echo "$1" >"$_dev/driver/unbind" || return 1; }
+    echo "$1" >/sys/bus/pci/drivers_probe
+}
+
+# Undoes sysfs_bind_vfio: unbind, clear driver_override, reprobe.
+sysfs_unbind_vfio() {
+    _dev=/sys/bus/pci/devices/$1
+    [ -L "$_dev/driver" ] && { echo "$1" >"$_dev/driver/unbind" || return 1; }
+    echo >"$_dev/driver_override" || return 1
+    echo "$1" >/sys/bus/pci/drivers_probe
+}
+
+# run_l2_edu BDF ACCEL OUT: boots an L2 QEMU with BDF passed through by
+# vfio-pci on a PCIe root port; its init reads the edu registers and prints
+#   L2-EDU ident=0x... inverse=0x... fact5=0x...
+# L2's serial output goes to OUT. Returns QEMU's exit status (124/137: timeout).
+run_l2_edu() {
+    timeout -s KILL "${L2_TIMEOUT:-120}" qemu-system-x86_64 \
+        -M q35 -accel "$2" -m 256M -smp 1 \
+        -nodefaults -display none -monitor none -serial "file:$3" -no-reboot \
+        -kernel /nested/l2/kernel -initrd /nested/l2/edu-initramfs.cpio \
+        -append "console=ttyS0 quiet panic=-1" \
+        -device pcie-root-port,id=rp0,bus=pcie.0,chassis=1 \
+        -device "vfio-pci,host=$1,bus=rp0" >"$3.qemu" 2>&1
+}
