@@ -435,8 +435,13 @@ impl Unpacker {
                 .map_err(ctx.io("create the fifo"))?;
                 self.chown_at(ctx, dirfd, Some(name), e)?;
                 // mknod applied the umask; chown cleared nothing a fifo keeps.
-                rustix::fs::chmodat(dirfd, os(name), Mode::from_raw_mode(e.mode), AtFlags::empty())
-                    .map_err(ctx.io("set the fifo mode"))?;
+                rustix::fs::chmodat(
+                    dirfd,
+                    os(name),
+                    Mode::from_raw_mode(e.mode),
+                    AtFlags::empty(),
+                )
+                .map_err(ctx.io("set the fifo mode"))?;
             }
             Kind::CharDevice | Kind::BlockDevice => {
                 created.remove(&joined);

@@ -102,20 +102,37 @@ fn erofs_image_matches_layers() {
     let out = dir.path().join("extracted");
     common::erofs_extract(img, &out);
     let read = |p: &str| fs::read(out.join(p)).ok();
-    assert_eq!(read("etc/passwd").unwrap(), b"root:x:0:0::/root:/bin/bash\n");
+    assert_eq!(
+        read("etc/passwd").unwrap(),
+        b"root:x:0:0::/root:/bin/bash\n"
+    );
     assert_eq!(read("opt/replaced").unwrap(), b"now a file");
     assert_eq!(read("opt/old/new.txt").unwrap(), b"new");
     assert_eq!(read("bin/tool").unwrap(), b"#!/bin/sh\necho tool\n");
     // Whiteouts and the opaque directory.
     assert!(st("/gone.txt").is_none(), "whited-out file survived");
-    assert!(st("/opt/old/a").is_none() && st("/opt/old/b").is_none(), "opaque dir kept lower files");
+    assert!(
+        st("/opt/old/a").is_none() && st("/opt/old/b").is_none(),
+        "opaque dir kept lower files"
+    );
     assert!(st("/bin/tool-link").is_none());
     assert!(st("/opt/old/.wh..wh..opq").is_none() && st("/.wh.gone.txt").is_none());
     // Devices are dropped; fifos kept.
     assert!(st("/dev/null").is_none());
-    assert!(st("/run/fifo").unwrap().kind.to_lowercase().contains("fifo"), "{:?}", st("/run/fifo"));
+    assert!(
+        st("/run/fifo")
+            .unwrap()
+            .kind
+            .to_lowercase()
+            .contains("fifo"),
+        "{:?}",
+        st("/run/fifo")
+    );
     // Symlink target.
-    assert_eq!(fs::read_link(out.join("lib")).unwrap(), Path::new("usr/lib"));
+    assert_eq!(
+        fs::read_link(out.join("lib")).unwrap(),
+        Path::new("usr/lib")
+    );
     // Hard link: one inode, two names.
     let tool = st("/bin/tool").unwrap();
     let again = st("/usr/lib/tool-again").unwrap();
@@ -162,7 +179,9 @@ fn xattrs_reach_the_erofs_image() {
         .write_layout(&layout, "x")
         .unwrap();
     let store = Store::open(&dir.path().join("state")).unwrap();
-    let img = store.get_or_fetch(&format!("oci:{}:x", layout.display())).unwrap();
+    let img = store
+        .get_or_fetch(&format!("oci:{}:x", layout.display()))
+        .unwrap();
     let disk = store.guest_disk(&img).unwrap();
     let f = common::erofs_stat(&disk.path, "/f").unwrap();
     let g = common::erofs_stat(&disk.path, "/g").unwrap();
@@ -174,7 +193,10 @@ fn xattrs_reach_the_erofs_image() {
     assert!(f.xattr_size > 0);
     assert_eq!(g.xattr_size, 0);
     let raw = fs::read(&disk.path).unwrap();
-    assert!(raw.windows(5).any(|w| w == b"value"), "xattr value not in the image");
+    assert!(
+        raw.windows(5).any(|w| w == b"value"),
+        "xattr value not in the image"
+    );
 }
 
 #[test]
@@ -190,7 +212,10 @@ fn ext4_image_matches_layers() {
     assert_eq!(cat("/etc/passwd"), "root:x:0:0::/root:/bin/bash\n");
     assert_eq!(cat("/opt/replaced"), "now a file");
     let ls_old = common::debugfs(img, "ls -l /opt/old");
-    assert!(ls_old.contains("new.txt") && !ls_old.contains(" a ") && !ls_old.contains(" b\n"), "{ls_old}");
+    assert!(
+        ls_old.contains("new.txt") && !ls_old.contains(" a ") && !ls_old.contains(" b\n"),
+        "{ls_old}"
+    );
     let root = common::debugfs(img, "ls -l /");
     assert!(!root.contains("gone.txt"), "{root}");
     let tool = common::debugfs(img, "stat /bin/tool");
@@ -200,7 +225,13 @@ fn ext4_image_matches_layers() {
     assert!(link.contains("Fast link dest: \"usr/lib\""), "{link}");
     if common::is_root() {
         let secret = common::debugfs(img, "stat /home/u/secret");
-        assert!(secret.contains("User:  1000") && secret.contains("Group:  1001"), "{secret}");
+        assert!(
+            secret.contains("User:  1000") && secret.contains("Group:  1001"),
+            "{secret}"
+        );
     }
-    assert!(common::debugfs(img, "stat /dev/null").is_empty() || !common::debugfs(img, "ls /dev").contains("null"));
+    assert!(
+        common::debugfs(img, "stat /dev/null").is_empty()
+            || !common::debugfs(img, "ls /dev").contains("null")
+    );
 }

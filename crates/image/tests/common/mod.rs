@@ -58,7 +58,11 @@ pub fn erofs_stat(image: &Path, path: &str) -> Option<ErofsInode> {
     let access = field("Access:")?;
     let perm = u32::from_str_radix(access.split('/').next()?, 8).ok()?;
     let size_line = text.lines().find(|l| l.starts_with("Size:"))?;
-    let kind = size_line.split_whitespace().skip(5).collect::<Vec<_>>().join(" ");
+    let kind = size_line
+        .split_whitespace()
+        .skip(5)
+        .collect::<Vec<_>>()
+        .join(" ");
     Some(ErofsInode {
         nid: field("NID:")?.parse().ok()?,
         links: field("Links:")?.parse().ok()?,
@@ -90,7 +94,11 @@ pub fn erofs_extract(image: &Path, into: &Path) {
         .arg(image)
         .status()
         .expect("run fsck.erofs");
-    assert!(st.success(), "fsck.erofs --extract failed on {}", image.display());
+    assert!(
+        st.success(),
+        "fsck.erofs --extract failed on {}",
+        image.display()
+    );
 }
 
 /// `debugfs -R CMD IMAGE` stdout.
