@@ -83,6 +83,32 @@ impl Default for StoreOptions {
     }
 }
 
+impl StoreOptions {
+    /// Defaults, overridden by `GPUCELL_IMAGE_FS` (`erofs`/`ext4`),
+    /// `GPUCELL_MAX_UNPACKED_BYTES` and `GPUCELL_MAX_IMAGE_ENTRIES` when set and valid
+    /// (an invalid value is ignored with a warning).
+    pub fn from_env() -> StoreOptions {
+        let mut o = StoreOptions::default();
+        if let Ok(v) = std::env::var("GPUCELL_IMAGE_FS") {
+            match FsType::parse(&v) {
+                Some(f) => o.fs_type = f,
+                None => warn!(value = %v, "GPUCELL_IMAGE_FS must be erofs or ext4; ignored"),
+            }
+        }
+        let num = |key: &str, into: &mut u64| {
+            if let Ok(v) = std::env::var(key) {
+                match v.parse::<u64>() {
+                    Ok(n) if n > 0 => *into = n,
+                    _ => warn!(value = %v, key, "not a positive integer; ignored"),
+                }
+            }
+        };
+        num("GPUCELL_MAX_UNPACKED_BYTES", &mut o.limits.max_bytes);
+        num("GPUCELL_MAX_IMAGE_ENTRIES", &mut o.limits.max_entries);
+        o
+    }
+}
+
 /// An image in the store.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Image {
@@ -153,12 +179,20 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (creating) the store under `<state_dir>/images`.
+    /// Opens (creating) the store under `<state_dir>/images`, with
+    /// [`StoreOptions::from_env`].
     pub fn open(state_dir: &Path) -> Result<Store, Error> {
-        Store::open_with(state_dir, StoreOptions::default())
+        Store::open_with(state_dir, StoreOptions::from_env())
+    }
+
+    pub fn options(&self) -> &StoreOptions {
+        &self.options
     }
 
     pub fn open_with(state_dir: &Path, options: StoreOptions) -> Result<Store, Error> {
+        // Absolute, so that disk paths handed to QEMU do not depend on the cwd.
+        let state_dir = std::path::absolute(state_dir)
+            .map_err(io_err(state_dir, "resolve the state directory"))?;
         let root = state_dir.join("images");
         for sub in ["blobs/sha256", "images", "disks", "locks", "tmp"] {
             let p = root.join(sub);
