@@ -48,7 +48,9 @@ pub struct Bar {
 /// BARs (lines 0-5). Lines after the sixth are ignored.
 pub fn parse_resource(path: &Path, text: &str) -> Result<Vec<Bar>, SysfsError> {
     let mut bars = Vec::new();
-    for (index, line) in text.lines().take(BAR_COUNT).enumerate() {
+    // Trailing blank lines carry no BAR; blank lines in between would shift indices
+    // and are rejected below.
+    for (index, line) in text.trim_end().lines().take(BAR_COUNT).enumerate() {
         let fields: Vec<&str> = line.split_whitespace().collect();
         let [start, end, flags] = fields.as_slice() else {
             return Err(SysfsError::garbled(
@@ -165,6 +167,9 @@ mod tests {
             assert!(err.to_string().contains("/x/resource"), "{bad:?}: {err}");
         }
         assert!(parse_resource(Path::new("r"), "").unwrap().is_empty());
+        let trailing = "0x1000 0x1fff 0x200\n\n";
+        assert_eq!(parse_resource(Path::new("r"), trailing).unwrap().len(), 1);
+        assert!(parse_resource(Path::new("r"), "\n0x1000 0x1fff 0x200\n").is_err());
     }
 
     #[test]

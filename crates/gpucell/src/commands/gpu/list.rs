@@ -63,7 +63,15 @@ fn row_cells(g: &GpuRow) -> Vec<String> {
     } else {
         g.companions
             .iter()
-            .map(|c| format!("{}({})", c.bdf.rsplit(':').next().unwrap_or(&c.bdf), c.kind))
+            .map(|c| {
+                format!(
+                    "{}({})",
+                    c.bdf
+                        .split_once(':')
+                        .map_or(c.bdf.as_str(), |(_, rest)| rest),
+                    c.kind
+                )
+            })
             .collect::<Vec<_>>()
             .join(",")
     };
