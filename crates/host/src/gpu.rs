@@ -124,6 +124,7 @@ pub struct GpuInventory {
 
 impl GpuInventory {
     /// Reads the host's PCI functions and IOMMU groups and classifies every NVIDIA GPU.
+    #[tracing::instrument(skip_all, fields(root = %root.path().display()))]
     pub fn read(root: &HostRoot) -> Result<Self, GpuError> {
         let scan = PciScan::read(root).map_err(GpuError::Scan)?;
         let mut warnings: Vec<String> = scan.problems.iter().map(|e| error_chain(e)).collect();
@@ -191,6 +192,11 @@ impl GpuInventory {
                 function: f.clone(),
             });
         }
+        tracing::debug!(
+            gpus = gpus.len(),
+            warnings = warnings.len(),
+            "GPU inventory read"
+        );
         Ok(Self {
             gpus,
             iommu_groups_present,

@@ -347,3 +347,23 @@ fn h200_capture_is_not_ready() {
         .iter()
         .all(|c| c["status"].is_string() && c["id"].is_string()));
 }
+
+#[test]
+fn nvswitches_are_pointed_out() {
+    let host = FakeHost::bare_metal_intel().unwrap();
+    host.add(
+        &FakeFunction::h100("0000:1b:00.0")
+            .driver("vfio-pci")
+            .iommu_group(3),
+    )
+    .unwrap();
+    let r = doctor::run(&host.root(), &input()).unwrap();
+    assert!(r.check("nvswitch").is_none());
+    // H100 NVSwitch (10de:22a3), class 0x068000.
+    host.add(&FakeFunction::new("0000:05:00.0", 0x10de, 0x22a3, 0x068000).iommu_group(9))
+        .unwrap();
+    let r = doctor::run(&host.root(), &input()).unwrap();
+    let c = r.check("nvswitch").unwrap();
+    assert_eq!(c.status, Status::Warn);
+    assert!(c.detail.contains("0000:05:00.0"));
+}

@@ -8,6 +8,9 @@ use crate::root::HostRoot;
 use super::cpu::CpuInfo;
 use super::Check;
 
+/// PCI class "bridge, other": what NVSwitches report.
+const CLASS_OTHER_BRIDGE: u16 = 0x0680;
+
 /// Host drivers that must not hold a GPU meant for passthrough.
 const HOST_GPU_DRIVERS: [&str; 2] = ["nvidia", "nouveau"];
 
@@ -43,7 +46,31 @@ pub(super) fn checks(root: &HostRoot, cpu: &CpuInfo, inv: &GpuInventory) -> Vec<
         out.push(reset(g));
     }
     out.push(mmio_window(cpu, &inv.gpus));
+    if let Some(c) = nvswitch(inv) {
+        out.push(c);
+    }
     out
+}
+
+/// NVSwitches (NVIDIA bridges of class 0x0680 on HGX boards) link the GPUs; a VM holding
+/// GPUs without their switches gets no NVLink between them.
+fn nvswitch(inv: &GpuInventory) -> Option<Check> {
+    let switches: Vec<String> = inv
+        .scan
+        .functions
+        .iter()
+        .filter(|f| f.vendor == crate::pci::VENDOR_NVIDIA && f.class_code() == CLASS_OTHER_BRIDGE)
+        .map(|f| f.bdf.to_string())
+        .collect();
+    if switches.is_empty() {
+        return None;
+    }
+    Some(Check::warn(
+        "nvswitch",
+        "NVSwitch",
+        format!("{} NVSwitch(es): {}", switches.len(), switches.join(", ")),
+        "pass the NVSwitches into the VM with their GPUs, or run Fabric Manager in shared mode on the host; otherwise GPUs in a VM have no NVLink between them",
+    ))
 }
 
 fn members(ms: &[GroupMember]) -> String {

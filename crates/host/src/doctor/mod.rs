@@ -160,6 +160,7 @@ impl DoctorReport {
 }
 
 /// Runs every check against `root`.
+#[tracing::instrument(skip_all, fields(root = %root.path().display()))]
 pub fn run(root: &HostRoot, input: &DoctorInput) -> Result<DoctorReport, DoctorError> {
     if !root.path().is_dir() {
         return Err(DoctorError::NoRoot {
