@@ -116,41 +116,8 @@ fi
 l1_s=$(elapsed "$t_qemu")
 
 # Results, one per line, then the summary.
-tr -d '\r' <"$results" >"$results.clean"
-awk -v strict="$NESTED_STRICT" -v qrc="$qrc" -v timeout="$NESTED_TIMEOUT" -v console="$console" \
-    -v boot="$boot_s" -v l1="$l1_s" -v build="$build_s" -v total="$(elapsed "$t_start")" '
-    function field(line, key,    i) {
-        i = index(line, " " key "=")
-        if (i == 0) return ""
-        line = substr(line, i + length(key) + 2)
-        if (key == "detail") return line
-        sub(/ .*/, "", line)
-        return line
-    }
-    /^NESTED-BOOT / { booted = field($0, "uptime") }
-    /^NESTED-SCENARIO / { name = field($0, "name"); start[name] = field($0, "uptime"); order[++n] = name }
-    /^NESTED-DONE / { done = field($0, "uptime") }
-    /^NESTED-RESULT / {
-        name = field($0, "name"); ok = field($0, "ok"); detail = field($0, "detail")
-        if (ok == "1") { tag = "PASS"; passed++ }
-        else if (ok == "skip") { tag = "SKIP"; skipped++ }
-        else { tag = "FAIL"; failed++ }
-        printf "%-4s %-32s %s\n", tag, name, detail
-    }
-    END {
-        if (qrc == "timeout") { printf "FAIL %-32s %s\n", "harness/timeout", "L1 still running after " timeout "s; killed (see " console ")"; failed++ }
-        else if (qrc != 0) { printf "FAIL %-32s %s\n", "harness/qemu", "QEMU exited with status " qrc " (see " console ")"; failed++ }
-        if (booted == "") { printf "FAIL %-32s %s\n", "harness/boot", "L1 never reached its init (see " console ")"; failed++ }
-        else if (done == "" && qrc != "timeout") { printf "FAIL %-32s %s\n", "harness/done", "L1 stopped before finishing the scenarios (see " console ")"; failed++ }
-        timing = sprintf("build %ss, L1 boot %ss (host wall), L1 run %ss, total %ss", build, boot, l1, total)
-        if (booted != "") timing = timing sprintf("; L1 clock: init at %ss", booted)
-        for (i = 1; i <= n; i++) {
-            end = (i < n) ? start[order[i + 1]] : done
-            if (end != "") timing = timing sprintf(", %s %.1fs", order[i], end - start[order[i]])
-        }
-        printf "timing: %s\n", timing
-        printf "%d passed, %d failed, %d skipped\n", passed, failed, skipped
-        bad = failed > 0 || passed == 0 || (strict == 1 && skipped > 0)
-        exit bad ? 1 : 0
-    }' "$results.clean" | tee "$run_dir/summary.txt"
+"$NESTED_SRC/summarize.sh" --results "$results" --qemu-status "$qrc" --timeout "$NESTED_TIMEOUT" \
+    --console "$console" --strict "$NESTED_STRICT" \
+    --timing "build ${build_s}s, L1 boot ${boot_s}s (host wall), L1 run ${l1_s}s, total $(elapsed "$t_start")s" |
+    tee "$run_dir/summary.txt"
 exit "${PIPESTATUS[0]}"

@@ -27,7 +27,7 @@ if gc_stub gpu bind; then
 elif gc /tmp/bind gpu bind "$bdf"; then
     how=gpucell
 else
-    fail bind "gpucell gpu bind $bdf: $(gc_summary /tmp/bind); binding through sysfs instead"
+    fail gpucell-bind "gpucell gpu bind $bdf: $(gc_summary /tmp/bind); binding through sysfs instead"
     sysfs_bind_vfio "$bdf"
 fi
 drv=$(pci_driver "$bdf")
