@@ -1,5 +1,107 @@
 //! gpucell-agent: PID 1 of a gpucell guest.
+//!
+//! Boot: mount /proc, answer a probe, load modules, leave the initramfs for a tmpfs root,
+//! mount /sys and /dev, bring `lo` up, open the channel to the host. Then one run: hello,
+//! run spec, devices, the workload in its own namespaces on an overlay of the image,
+//! streamed output, exit status, power off. Every failure is reported to the host when the
+//! channel is open, logged on the console always, and ends in power-off: PID 1 must never
+//! exit or panic (that would be a kernel panic).
+
+mod boot;
+mod channel;
+mod cmdline;
+mod container;
+mod devices;
+mod rootpath;
+mod session;
+mod users;
+
+use std::io::Write;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use cmdline::Cmdline;
+
+fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .without_time()
+        .with_target(false)
+        .with_max_level(tracing::Level::INFO)
+        .init();
+}
 
 fn main() {
-    eprintln!("gpucell-agent {}", env!("CARGO_PKG_VERSION"));
+    if nix::unistd::getpid().as_raw() != 1 {
+        eprintln!(
+            "gpucell-agent {}: this is the init of a gpucell guest and runs only as PID 1 \
+             (built into the init image by `gpucell guest build`)",
+            env!("CARGO_PKG_VERSION")
+        );
+        std::process::exit(2);
+    }
+    init_logging();
+    std::panic::set_hook(Box::new(|info| {
+        let _ = writeln!(std::io::stderr(), "gpucell-agent: internal error: {info}");
+    }));
+    match catch_unwind(AssertUnwindSafe(run)) {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!("{}", chain(&*e)),
+        Err(_) => tracing::error!("the agent panicked; powering off"),
+    }
+    boot::power_off()
+}
+
+/// `a: b: c` from an error and its sources.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+type AnyError = Box<dyn std::error::Error>;
+
+fn run() -> Result<(), AnyError> {
+    boot::mount_pseudo()?;
+    let cmdline = Cmdline::parse(&boot::read_cmdline()?)?;
+    if cmdline.probe {
+        println!("{}", cmdline::PROBE_OK);
+        let _ = std::io::stdout().flush();
+        return Ok(());
+    }
+    // A module that fails to load is logged; what needs it fails later, with a message.
+    if let Err(e) = boot::load_modules() {
+        tracing::error!("{}", chain(&e));
+    }
+    let _ = nix::mount::umount2("/proc", nix::mount::MntFlags::MNT_DETACH);
+    let _ = nix::mount::umount2("/sys", nix::mount::MntFlags::MNT_DETACH);
+    let _ = nix::mount::umount2("/dev", nix::mount::MntFlags::MNT_DETACH);
+    boot::switch_to_tmpfs()?;
+    boot::mount_pseudo()?;
+    if let Err(e) = boot::loopback_up() {
+        tracing::warn!("{}", chain(&e));
+    }
+    let sigfd = session::sigchld_fd()?;
+    let channel = channel::open(cmdline.channel)?;
+    let mut s = session::Session::new(channel)?;
+    let spec = match s.handshake(session::kernel_release(), session::uptime_ms()) {
+        Ok(spec) => spec,
+        Err(session::SessionError::Shutdown) => return Ok(()),
+        Err(e) => {
+            s.report(&chain(&e));
+            return Err(e.into());
+        }
+    };
+    match s.run(&spec, &sigfd) {
+        Ok(()) | Err(session::SessionError::Shutdown) => Ok(()),
+        Err(e) => {
+            s.report(&chain(&e));
+            Err(e.into())
+        }
+    }
 }

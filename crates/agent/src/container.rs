@@ -1,0 +1,305 @@
+//! The workload's container: the image mounted read-only under a writable overlay, and a
+//! process in its own mount, pid and uts namespaces, `pivot_root`ed into that overlay.
+
+use std::ffi::CString;
+use std::fs;
+use std::io::Read;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use gpucell_protocol::RunSpec;
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sched::CloneFlags;
+use nix::sys::signal::{self, SigHandler, SigSet, SigmaskHow, Signal};
+use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+use nix::unistd::{self, Gid, Pid, Uid};
+
+use crate::rootpath::{self, RootPathError};
+use crate::users::{self, Ids, UserError};
+
+const IMAGE_DIR: &str = "/mnt/image";
+const RW_DIR: &str = "/mnt/rw";
+const ROOT_DIR: &str = "/mnt/root";
+/// How long the image's block device may take to appear.
+const DEVICE_WAIT: Duration = Duration::from_secs(5);
+/// Largest /etc/passwd or /etc/group read from the image.
+const MAX_ID_FILE: u64 = 4 << 20;
+/// Bounds on what a spec may ask for.
+const MAX_ARGS: usize = 4096;
+const MAX_ENV: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerError {
+    #[error("root filesystem type `{0}` is not supported (expected erofs or ext4)")]
+    FsType(String),
+    #[error("root filesystem device `{0}` is not a /dev/vd* block device")]
+    BadDevice(String),
+    #[error("root filesystem device {0} did not appear within {1:?}")]
+    NoDevice(String, Duration),
+    #[error("mounting {what} on {target} failed")]
+    Mount {
+        what: String,
+        target: String,
+        #[source]
+        source: Errno,
+    },
+    #[error(transparent)]
+    User(#[from] UserError),
+    #[error(transparent)]
+    Exec(#[from] RootPathError),
+    #[error("the run spec's {0} contains a NUL byte")]
+    Nul(&'static str),
+    #[error("the run spec has {0} {1}, over the limit of {2}")]
+    TooMany(usize, &'static str, usize),
+    #[error("working directory `{0}` must be an absolute path")]
+    Cwd(String),
+    #[error("{0} failed")]
+    Sys(&'static str, #[source] Errno),
+    #[error("starting the workload failed: {0}")]
+    Child(String),
+}
+
+fn mnt(src: &str, target: &Path, fstype: &str, flags: MsFlags, data: Option<&str>) -> Result<(), ContainerError> {
+    let _ = fs::create_dir_all(target);
+    mount(Some(src), target, Some(fstype), flags, data).map_err(|source| ContainerError::Mount {
+        what: format!("{fstype} ({src})"),
+        target: target.display().to_string(),
+        source,
+    })
+}
+
+/// Mounts the image read-only and a tmpfs-backed overlay over it; returns the merged root.
+pub fn mount_rootfs(spec: &RunSpec) -> Result<PathBuf, ContainerError> {
+    let fstype = spec.rootfs.fstype.as_str();
+    if fstype != "erofs" && fstype != "ext4" {
+        return Err(ContainerError::FsType(fstype.chars().take(32).collect()));
+    }
+    let dev = spec.rootfs.device.as_str();
+    let valid_dev = dev
+        .strip_prefix("/dev/vd")
+        .is_some_and(|r| !r.is_empty() && r.len() < 8 && r.bytes().all(|b| b.is_ascii_alphanumeric()));
+    if !valid_dev {
+        return Err(ContainerError::BadDevice(dev.chars().take(64).collect()));
+    }
+    let deadline = Instant::now() + DEVICE_WAIT;
+    while !Path::new(dev).exists() {
+        if Instant::now() >= deadline {
+            return Err(ContainerError::NoDevice(dev.to_owned(), DEVICE_WAIT));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    mnt(dev, Path::new(IMAGE_DIR), fstype, MsFlags::MS_RDONLY, None)?;
+    let size = spec.overlay_bytes.map(|b| format!("size={b},mode=0755")).unwrap_or_else(|| "mode=0755".into());
+    mnt("tmpfs", Path::new(RW_DIR), "tmpfs", MsFlags::empty(), Some(&size))?;
+    for d in ["upper", "work"] {
+        fs::create_dir_all(Path::new(RW_DIR).join(d)).map_err(|e| ContainerError::Mount {
+            what: "overlay upper dir".into(),
+            target: RW_DIR.into(),
+            source: Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+        })?;
+    }
+    let opts = format!("lowerdir={IMAGE_DIR},upperdir={RW_DIR}/upper,workdir={RW_DIR}/work");
+    mnt("overlay", Path::new(ROOT_DIR), "overlay", MsFlags::empty(), Some(&opts))?;
+    Ok(PathBuf::from(ROOT_DIR))
+}
+
+/// Everything the child needs, computed before it is cloned.
+pub struct Prepared {
+    root: CString,
+    exe: CString,
+    argv: Vec<CString>,
+    envp: Vec<CString>,
+    cwd: CString,
+    hostname: String,
+    ids: Ids,
+}
+
+fn read_id_file(root: &Path, name: &str) -> Option<String> {
+    let p = rootpath::resolve(root, "/", name).ok()?;
+    let mut s = String::new();
+    fs::File::open(p).ok()?.take(MAX_ID_FILE).read_to_string(&mut s).ok()?;
+    Some(s)
+}
+
+fn cstr(s: &str, what: &'static str) -> Result<CString, ContainerError> {
+    CString::new(s).map_err(|_| ContainerError::Nul(what))
+}
+
+/// Resolves the user and the executable inside the mounted root and builds the
+/// exec arguments. `PATH` and `HOME` get defaults when the environment lacks them.
+pub fn prepare(root: &Path, spec: &RunSpec) -> Result<Prepared, ContainerError> {
+    if spec.args.len() > MAX_ARGS {
+        return Err(ContainerError::TooMany(spec.args.len(), "args", MAX_ARGS));
+    }
+    if spec.env.len() > MAX_ENV {
+        return Err(ContainerError::TooMany(spec.env.len(), "environment entries", MAX_ENV));
+    }
+    let cwd = if spec.cwd.is_empty() { "/" } else { spec.cwd.as_str() };
+    if !cwd.starts_with('/') {
+        return Err(ContainerError::Cwd(cwd.chars().take(256).collect()));
+    }
+    let ids = users::resolve(
+        &spec.user,
+        read_id_file(root, "/etc/passwd").as_deref(),
+        read_id_file(root, "/etc/group").as_deref(),
+    )?;
+    let arg0 = spec.args.first().ok_or(RootPathError::Empty)?;
+    let exe = rootpath::find_executable(root, cwd, arg0, rootpath::path_of(&spec.env))?;
+    let mut env = spec.env.clone();
+    if !env.iter().any(|e| e.starts_with("PATH=")) {
+        env.push(format!("PATH={}", rootpath::DEFAULT_PATH));
+    }
+    if !env.iter().any(|e| e.starts_with("HOME=")) {
+        env.push(format!("HOME={}", ids.home.as_deref().unwrap_or("/")));
+    }
+    if !spec.hostname.is_empty() && !env.iter().any(|e| e.starts_with("HOSTNAME=")) {
+        env.push(format!("HOSTNAME={}", spec.hostname));
+    }
+    Ok(Prepared {
+        root: cstr(&root.display().to_string(), "root")?,
+        exe: cstr(&exe, "executable")?,
+        argv: spec.args.iter().map(|a| cstr(a, "args")).collect::<Result<_, _>>()?,
+        envp: env.iter().map(|e| cstr(e, "env")).collect::<Result<_, _>>()?,
+        cwd: cstr(cwd, "cwd")?,
+        hostname: spec.hostname.chars().take(64).collect(),
+        ids,
+    })
+}
+
+/// The parent's ends of the workload's stdio.
+pub struct Stdio {
+    pub stdin: OwnedFd,
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd), ContainerError> {
+    unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| ContainerError::Sys("pipe2", e))
+}
+
+/// Starts the workload in new mount, pid and uts namespaces. Returns its pid (in the
+/// agent's namespace) and its stdio; the child reports a setup failure through a pipe
+/// that closes on a successful exec.
+pub fn spawn(p: &Prepared) -> Result<(Pid, Stdio), ContainerError> {
+    let (in_r, in_w) = pipe()?;
+    let (out_r, out_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    let (rep_r, rep_w) = pipe()?;
+    let mut stack = vec![0u8; 1 << 20];
+    let flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWUTS;
+    let child = {
+        let (in_r, out_w, err_w, rep_w) = (&in_r, &out_w, &err_w, &rep_w);
+        Box::new(move || -> isize {
+            let fds = [in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()];
+            if let Err(msg) = child_main(p, fds) {
+                let _ = unistd::write(rep_w, msg.as_bytes());
+            }
+            127
+        })
+    };
+    // SAFETY: the agent is single-threaded, so the child (a copy of this process, no
+    // CLONE_VM) sees consistent heap and locks; the closure only borrows data that lives
+    // until after clone returns in the parent.
+    let pid = unsafe { nix::sched::clone(child, &mut stack, flags, Some(libc::SIGCHLD)) }
+        .map_err(|e| ContainerError::Sys("clone of the workload", e))?;
+    drop((in_r, out_w, err_w, rep_w));
+    let mut report = String::new();
+    let _ = fs::File::from(rep_r).take(4096).read_to_string(&mut report);
+    if !report.is_empty() {
+        let _ = nix::sys::wait::waitpid(pid, None);
+        return Err(ContainerError::Child(report));
+    }
+    for fd in [&in_w, &out_r, &err_r] {
+        set_nonblocking(fd);
+    }
+    Ok((
+        pid,
+        Stdio {
+            stdin: in_w,
+            stdout: out_r,
+            stderr: err_r,
+        },
+    ))
+}
+
+fn set_nonblocking(fd: &OwnedFd) {
+    use nix::fcntl::{fcntl, FcntlArg};
+    if let Ok(flags) = fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL) {
+        let _ = fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK));
+    }
+}
+
+/// Runs in the cloned child; returns only on failure, with a message for the host.
+fn child_main(p: &Prepared, fds: [i32; 3]) -> Result<(), String> {
+    fn sys(what: &str) -> impl Fn(Errno) -> String + '_ {
+        move |e| format!("{what}: {e}")
+    }
+    unistd::setsid().map_err(sys("setsid"))?;
+    for (i, fd) in fds.iter().enumerate() {
+        unistd::dup2(*fd, i as i32).map_err(sys("dup2 of the workload's stdio"))?;
+    }
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
+        .map_err(sys("making mounts private"))?;
+    let root = Path::new(std::ffi::OsStr::new(p.root.to_str().unwrap_or(ROOT_DIR)));
+    let m = |src: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>| {
+        let t = root.join(target);
+        let _ = fs::create_dir_all(&t);
+        mount(Some(src), &t, Some(fstype), flags, data).map_err(|e| format!("mounting {fstype} on /{target} in the container: {e}"))
+    };
+    let safe = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    m("proc", "proc", "proc", safe, None)?;
+    m("sysfs", "sys", "sysfs", safe | MsFlags::MS_RDONLY, None)?;
+    m("tmpfs", "tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;
+    m("tmpfs", "dev", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("mode=0755,size=65536k"))?;
+    populate_dev(&root.join("dev"))?;
+    m("devpts", "dev/pts", "devpts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("newinstance,ptmxmode=0666,mode=0620"))?;
+    m("tmpfs", "dev/shm", "tmpfs", safe, Some("mode=1777"))?;
+
+    unistd::chdir(root).map_err(sys("chdir to the container root"))?;
+    unistd::pivot_root(".", ".").map_err(sys("pivot_root into the container root"))?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(sys("detaching the old root"))?;
+    unistd::chdir("/").map_err(sys("chdir /"))?;
+    if !p.hostname.is_empty() {
+        unistd::sethostname(&p.hostname).map_err(sys("sethostname"))?;
+    }
+    let groups: Vec<Gid> = p.ids.groups.iter().map(|g| Gid::from_raw(*g)).collect();
+    unistd::setgroups(&groups).map_err(sys("setgroups"))?;
+    unistd::setgid(Gid::from_raw(p.ids.gid)).map_err(sys("setgid"))?;
+    unistd::setuid(Uid::from_raw(p.ids.uid)).map_err(sys("setuid"))?;
+    unistd::chdir(p.cwd.as_c_str())
+        .map_err(|e| format!("working directory `{}` of the image: {e}", p.cwd.to_string_lossy()))?;
+    // The agent blocks SIGCHLD and Rust ignores SIGPIPE: the workload starts clean.
+    let _ = signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+    // SAFETY: resetting a disposition to the default has no handler to race with.
+    unsafe {
+        let _ = signal::signal(Signal::SIGPIPE, SigHandler::SigDfl);
+    }
+    let e = unistd::execve(&p.exe, &p.argv, &p.envp).unwrap_err();
+    Err(format!("executing `{}` in the image: {e}", p.exe.to_string_lossy()))
+}
+
+/// A minimal /dev: the usual character devices and the standard symlinks.
+fn populate_dev(dev: &Path) -> Result<(), String> {
+    let nodes: [(&str, u64, u64); 6] =
+        [("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9), ("tty", 5, 0)];
+    for (name, major, minor) in nodes {
+        let path = dev.join(name);
+        mknod(&path, SFlag::S_IFCHR, Mode::from_bits_truncate(0o666), makedev(major, minor))
+            .map_err(|e| format!("mknod /dev/{name} in the container: {e}"))?;
+        // mknod is subject to the umask.
+        let _ = nix::sys::stat::fchmodat(None, &path, Mode::from_bits_truncate(0o666), nix::sys::stat::FchmodatFlags::FollowSymlink);
+    }
+    for (name, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+        ("ptmx", "pts/ptmx"),
+    ] {
+        std::os::unix::fs::symlink(target, dev.join(name)).map_err(|e| format!("symlink /dev/{name}: {e}"))?;
+    }
+    Ok(())
+}
