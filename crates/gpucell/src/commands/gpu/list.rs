@@ -137,6 +137,7 @@ pub fn render_text(list: &GpuList) -> String {
         out.push('\n');
     }
     let mut notes = Vec::new();
+    let mut no_iommu = Vec::new();
     for g in &list.gpus {
         let who = |fs: &[gpucell_host::gpu_view::MemberRow]| {
             fs.iter()
@@ -164,13 +165,16 @@ pub fn render_text(list: &GpuList) -> String {
                 dash(g.iommu_group),
                 who(&g.passthrough.functions)
             )),
-            "no-iommu" => notes.push(format!(
-                "{}: no IOMMU group; turn the IOMMU on (intel_iommu=on or amd_iommu=on, and \
-                 VT-d/AMD-Vi in firmware); see `gpucell doctor`",
-                g.bdf
-            )),
+            "no-iommu" => no_iommu.push(g.bdf.as_str()),
             _ => {}
         }
+    }
+    if !no_iommu.is_empty() {
+        notes.push(format!(
+            "{}: no IOMMU group; turn the IOMMU on (intel_iommu=on or amd_iommu=on, and \
+             VT-d/AMD-Vi in firmware); see `gpucell doctor`",
+            no_iommu.join(", ")
+        ));
     }
     if !notes.is_empty() {
         out.push('\n');
