@@ -367,3 +367,34 @@ fn nvswitches_are_pointed_out() {
     assert_eq!(c.status, Status::Warn);
     assert!(c.detail.contains("0000:05:00.0"));
 }
+
+#[test]
+fn amd_host_with_iommu_and_remapping_passes() {
+    let host = FakeHost::new().unwrap();
+    host.cpuinfo("AuthenticAMD", "fpu svm lm", 2, 48).unwrap();
+    host.cmdline("root=/dev/nvme0n1p2 amd_iommu=on iommu=pt")
+        .unwrap();
+    host.amd_iommu_unit("ivhd0").unwrap();
+    for m in ["vfio", "vfio_pci", "iommufd"] {
+        host.module(m).unwrap();
+    }
+    host.dev_node("kvm").unwrap();
+    host.dev_node("vfio/vfio").unwrap();
+    host.add(
+        &FakeFunction::h100("0000:41:00.0")
+            .driver("vfio-pci")
+            .iommu_group(40),
+    )
+    .unwrap();
+    // No IR-* chips yet: the unit can remap, so only a warning.
+    let r = doctor::run(&host.root(), &input()).unwrap();
+    assert_eq!(status(&r, "iommu"), Status::Pass);
+    assert_eq!(status(&r, "vfio"), Status::Pass, "{:?}", r.check("vfio"));
+    assert_eq!(status(&r, "interrupt-remapping"), Status::Warn);
+    host.write("proc/interrupts", " 40: 7 IR-PCI-MSI 1048576-edge ahci\n")
+        .unwrap();
+    let r = doctor::run(&host.root(), &input()).unwrap();
+    assert_eq!(status(&r, "interrupt-remapping"), Status::Pass);
+    assert_eq!(status(&r, "hugepages"), Status::Warn);
+    assert!(r.ready, "{:#?}", r.checks);
+}
