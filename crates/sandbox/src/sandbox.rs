@@ -110,6 +110,8 @@ pub enum SandboxError {
     Vsock(#[from] crate::vsock::VsockError),
     #[error(transparent)]
     Session(#[from] SessionError),
+    #[error("run id {0:?} is not 16 hex digits")]
+    BadRunId(String),
 }
 
 fn qemu_said(stderr: &str) -> String {
@@ -217,6 +219,7 @@ fn user_exists(host_root: &Path, name: &str) -> bool {
 /// One sandbox about to run.
 pub struct Sandbox {
     config: VmConfig,
+    id: String,
     tx: EventSender,
     rx: EventReceiver,
 }
@@ -227,9 +230,24 @@ enum Stream {
 }
 
 impl Sandbox {
-    pub fn new(config: VmConfig) -> Self {
+    /// A sandbox with a fresh random run id.
+    pub fn new(config: VmConfig) -> Result<Self, SandboxError> {
+        Self::with_id(config, new_run_id()?)
+    }
+
+    /// A sandbox with a run id from [`new_run_id`] (the caller needed it earlier, e.g.
+    /// as the default hostname).
+    pub fn with_id(config: VmConfig, id: String) -> Result<Self, SandboxError> {
+        if id.len() != 16 || !id.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(SandboxError::BadRunId(id));
+        }
         let (tx, rx) = crate::channel::event_channel();
-        Sandbox { config, tx, rx }
+        Ok(Sandbox { config, id, tx, rx })
+    }
+
+    /// The run id (16 hex digits): names the run directory and the QEMU process.
+    pub fn id(&self) -> &str {
+        &self.id
     }
 
     /// A handle for forwarding signals to the workload while [`Sandbox::run`] runs.
@@ -242,7 +260,7 @@ impl Sandbox {
     pub fn run(self, spec: &RunSpec, io: SessionIo) -> Result<RunOutcome, RunError> {
         let t0 = Instant::now();
         let cfg = &self.config;
-        let id = new_run_id().map_err(RunError::bare)?;
+        let id = self.id.clone();
         let dir = RunDir::create(&cfg.state_dir, &id).map_err(RunError::bare)?;
         let qmp_path = dir.socket("qmp.sock").map_err(RunError::bare)?;
         let agent_path = dir.socket("agent.sock").map_err(RunError::bare)?;
