@@ -1,11 +1,10 @@
 //! `gpu bind` / `gpu unbind` write sequences on fake host trees, with a simulated kernel
 //! that moves `driver` links the way the real one does.
+#![allow(clippy::unwrap_used)]
 
 use std::path::Path;
 
-use gpucell_host::bind::{
-    self, record, Action, BindError, SimulatedKernel, Targets,
-};
+use gpucell_host::bind::{self, record, Action, BindError, SimulatedKernel, Targets};
 use gpucell_host::pci::{Driver, PciFunction};
 use gpucell_host::testing::{FakeFunction, FakeHost};
 use gpucell_host::{Bdf, HostRoot};
@@ -22,10 +21,22 @@ fn bdf(s: &str) -> Bdf {
 /// nvidia and the audio on snd_hda_intel; vfio-pci loaded.
 fn host() -> FakeHost {
     let host = FakeHost::bare_metal_intel().unwrap();
-    host.add(&FakeFunction::root_port(BRIDGE).iommu_group(12)).unwrap();
-    host.add(&FakeFunction::rtx4090(GPU).behind(BRIDGE).driver("nvidia").iommu_group(12)).unwrap();
-    host.add(&FakeFunction::rtx4090_audio(AUDIO).behind(BRIDGE).driver("snd_hda_intel").iommu_group(12))
+    host.add(&FakeFunction::root_port(BRIDGE).iommu_group(12))
         .unwrap();
+    host.add(
+        &FakeFunction::rtx4090(GPU)
+            .behind(BRIDGE)
+            .driver("nvidia")
+            .iommu_group(12),
+    )
+    .unwrap();
+    host.add(
+        &FakeFunction::rtx4090_audio(AUDIO)
+            .behind(BRIDGE)
+            .driver("snd_hda_intel")
+            .iommu_group(12),
+    )
+    .unwrap();
     host.mkdir("sys/bus/pci/drivers/vfio-pci").unwrap();
     host
 }
@@ -51,10 +62,16 @@ fn one(b: &str) -> Targets {
 
 fn expected_bind_writes() -> Vec<(String, String)> {
     vec![
-        w("sys/bus/pci/devices/0000:01:00.0/driver_override", "vfio-pci"),
+        w(
+            "sys/bus/pci/devices/0000:01:00.0/driver_override",
+            "vfio-pci",
+        ),
         w("sys/bus/pci/devices/0000:01:00.0/driver/unbind", GPU),
         w("sys/bus/pci/drivers_probe", GPU),
-        w("sys/bus/pci/devices/0000:01:00.1/driver_override", "vfio-pci"),
+        w(
+            "sys/bus/pci/devices/0000:01:00.1/driver_override",
+            "vfio-pci",
+        ),
         w("sys/bus/pci/devices/0000:01:00.1/driver/unbind", AUDIO),
         w("sys/bus/pci/drivers_probe", AUDIO),
     ]
@@ -95,7 +112,10 @@ fn already_on_vfio_pci_means_no_writes() {
     let plan = bind::plan_bind(&root, &one(GPU)).unwrap();
     bind::execute_bind(&root, state.path(), &plan, &mut kernel(&host)).unwrap();
     let again = bind::plan_bind(&root, &Targets::All).unwrap();
-    assert!(again.groups[0].endpoints.iter().all(|e| e.action == Action::AlreadyBound));
+    assert!(again.groups[0]
+        .endpoints
+        .iter()
+        .all(|e| e.action == Action::AlreadyBound));
     let mut k = kernel(&host);
     let outcome = bind::execute_bind(&root, state.path(), &again, &mut k).unwrap();
     assert!(k.writes.is_empty());
@@ -108,7 +128,12 @@ fn already_on_vfio_pci_means_no_writes() {
 #[test]
 fn on_vfio_pci_without_override_only_sets_the_override() {
     let host = FakeHost::bare_metal_intel().unwrap();
-    host.add(&FakeFunction::h100("0000:41:00.0").driver("vfio-pci").iommu_group(3)).unwrap();
+    host.add(
+        &FakeFunction::h100("0000:41:00.0")
+            .driver("vfio-pci")
+            .iommu_group(3),
+    )
+    .unwrap();
     let root = host.root();
     let plan = bind::plan_bind(&root, &one("0000:41:00.0")).unwrap();
     let writes: Vec<_> = plan.writes().map(|w| w.value.clone()).collect();
@@ -119,15 +144,31 @@ fn on_vfio_pci_without_override_only_sets_the_override() {
 #[test]
 fn unrelated_group_member_is_bound_too_but_not_when_in_use() {
     let host = host();
-    host.add(&FakeFunction::nvme("0000:01:00.2").behind(BRIDGE).driver("nvme").iommu_group(12)).unwrap();
+    host.add(
+        &FakeFunction::nvme("0000:01:00.2")
+            .behind(BRIDGE)
+            .driver("nvme")
+            .iommu_group(12),
+    )
+    .unwrap();
     let root = host.root();
     let plan = bind::plan_bind(&root, &one(GPU)).unwrap();
     assert!(plan.refusals.is_empty());
-    let nvme = plan.groups[0].endpoints.iter().find(|e| e.bdf == bdf("0000:01:00.2")).unwrap();
+    let nvme = plan.groups[0]
+        .endpoints
+        .iter()
+        .find(|e| e.bdf == bdf("0000:01:00.2"))
+        .unwrap();
     let rel: Vec<String> = nvme
         .writes
         .iter()
-        .map(|w| w.path.strip_prefix(host.path()).unwrap().display().to_string())
+        .map(|w| {
+            w.path
+                .strip_prefix(host.path())
+                .unwrap()
+                .display()
+                .to_string()
+        })
         .collect();
     assert_eq!(
         rel,
@@ -144,7 +185,10 @@ fn unrelated_group_member_is_bound_too_but_not_when_in_use() {
     let plan = bind::plan_bind(&root, &one(GPU)).unwrap();
     assert_eq!(plan.refusals.len(), 1);
     let msg = plan.refusals[0].to_string();
-    assert!(msg.contains("0000:01:00.2") && msg.contains("nvme0n1"), "{msg}");
+    assert!(
+        msg.contains("0000:01:00.2") && msg.contains("nvme0n1"),
+        "{msg}"
+    );
     let state = tempfile::tempdir().unwrap();
     let mut k = kernel(&host);
     let err = bind::execute_bind(&root, state.path(), &plan, &mut k).unwrap_err();
@@ -155,11 +199,20 @@ fn unrelated_group_member_is_bound_too_but_not_when_in_use() {
 
     // A network interface that is up is a holder too.
     std::fs::remove_dir_all(host.join(&format!("{dir}/nvme"))).unwrap();
-    host.write(&format!("{dir}/net/enp1s0f2/operstate"), "up\n").unwrap();
+    host.write(&format!("{dir}/net/enp1s0f2/operstate"), "up\n")
+        .unwrap();
     let plan = bind::plan_bind(&root, &one(GPU)).unwrap();
-    assert!(plan.refusals[0].to_string().contains("enp1s0f2"), "{:?}", plan.refusals);
-    host.write(&format!("{dir}/net/enp1s0f2/operstate"), "down\n").unwrap();
-    assert!(bind::plan_bind(&root, &one(GPU)).unwrap().refusals.is_empty());
+    assert!(
+        plan.refusals[0].to_string().contains("enp1s0f2"),
+        "{:?}",
+        plan.refusals
+    );
+    host.write(&format!("{dir}/net/enp1s0f2/operstate"), "down\n")
+        .unwrap();
+    assert!(bind::plan_bind(&root, &one(GPU))
+        .unwrap()
+        .refusals
+        .is_empty());
 }
 
 #[test]
@@ -167,17 +220,38 @@ fn displays_are_refused_naming_them() {
     let host = host();
     let root = host.root();
     let dir = host.function_rel_dir(bdf(GPU));
-    host.write(&format!("{dir}/drm/card0/card0-HDMI-A-1/status"), "connected\n").unwrap();
-    host.write(&format!("{dir}/drm/card0/card0-DP-1/status"), "disconnected\n").unwrap();
+    host.write(
+        &format!("{dir}/drm/card0/card0-HDMI-A-1/status"),
+        "connected\n",
+    )
+    .unwrap();
+    host.write(
+        &format!("{dir}/drm/card0/card0-DP-1/status"),
+        "disconnected\n",
+    )
+    .unwrap();
     let plan = bind::plan_bind(&root, &one(GPU)).unwrap();
     let msgs: Vec<String> = plan.refusals.iter().map(ToString::to_string).collect();
     assert_eq!(msgs.len(), 1, "{msgs:?}");
-    assert!(msgs[0].contains("card0-HDMI-A-1") && msgs[0].contains(GPU), "{msgs:?}");
+    assert!(
+        msgs[0].contains("card0-HDMI-A-1") && msgs[0].contains(GPU),
+        "{msgs:?}"
+    );
 
-    host.write(&format!("{dir}/drm/card0/card0-HDMI-A-1/status"), "disconnected\n").unwrap();
+    host.write(
+        &format!("{dir}/drm/card0/card0-HDMI-A-1/status"),
+        "disconnected\n",
+    )
+    .unwrap();
     host.write(&format!("{dir}/boot_vga"), "1\n").unwrap();
     let plan = bind::plan_bind(&root, &Targets::All).unwrap();
-    assert!(plan.refusals.iter().any(|h| h.to_string().contains("boot_vga")), "{:?}", plan.refusals);
+    assert!(
+        plan.refusals
+            .iter()
+            .any(|h| h.to_string().contains("boot_vga")),
+        "{:?}",
+        plan.refusals
+    );
     let state = tempfile::tempdir().unwrap();
     let mut k = kernel(&host);
     assert!(bind::execute_bind(&root, state.path(), &plan, &mut k).is_err());
@@ -204,7 +278,9 @@ fn processes_with_the_gpu_open_are_named() {
     let plan = bind::plan_bind(&root, &one(GPU)).unwrap();
     let msgs: Vec<String> = plan.refusals.iter().map(ToString::to_string).collect();
     assert_eq!(msgs.len(), 1, "{msgs:?}");
-    assert!(msgs[0].contains("4242") && msgs[0].contains("python3") && msgs[0].contains("/dev/nvidia3"));
+    assert!(
+        msgs[0].contains("4242") && msgs[0].contains("python3") && msgs[0].contains("/dev/nvidia3")
+    );
 }
 
 #[test]
@@ -212,14 +288,22 @@ fn nvidia_module_users_refuse_when_procfs_says_nothing() {
     let host = host();
     let root = host.root();
     host.write("sys/module/nvidia/refcnt", "3\n").unwrap();
-    host.mkdir("sys/module/nvidia/holders/nvidia_modeset").unwrap();
+    host.mkdir("sys/module/nvidia/holders/nvidia_modeset")
+        .unwrap();
     host.mkdir("sys/module/nvidia/holders/nvidia_uvm").unwrap();
     let plan = bind::plan_bind(&root, &one(GPU)).unwrap();
     assert_eq!(plan.refusals.len(), 1);
-    assert!(plan.refusals[0].to_string().contains("1 user"), "{}", plan.refusals[0]);
+    assert!(
+        plan.refusals[0].to_string().contains("1 user"),
+        "{}",
+        plan.refusals[0]
+    );
     // Only dependent modules: not in use.
     host.write("sys/module/nvidia/refcnt", "2\n").unwrap();
-    assert!(bind::plan_bind(&root, &one(GPU)).unwrap().refusals.is_empty());
+    assert!(bind::plan_bind(&root, &one(GPU))
+        .unwrap()
+        .refusals
+        .is_empty());
 }
 
 #[test]
@@ -258,8 +342,13 @@ fn unbind_restores_the_recorded_drivers() {
 #[test]
 fn unbind_without_record_clears_override_and_reprobes() {
     let host = FakeHost::bare_metal_intel().unwrap();
-    host.add(&FakeFunction::h100("0000:41:00.0").driver("vfio-pci").driver_override("vfio-pci").iommu_group(3))
-        .unwrap();
+    host.add(
+        &FakeFunction::h100("0000:41:00.0")
+            .driver("vfio-pci")
+            .driver_override("vfio-pci")
+            .iommu_group(3),
+    )
+    .unwrap();
     host.mkdir("sys/bus/pci/drivers/nvidia").unwrap();
     let root = host.root();
     let state = tempfile::tempdir().unwrap();
@@ -270,11 +359,17 @@ fn unbind_without_record_clears_override_and_reprobes() {
         k.relative_writes(),
         [
             w("sys/bus/pci/devices/0000:41:00.0/driver_override", ""),
-            w("sys/bus/pci/devices/0000:41:00.0/driver/unbind", "0000:41:00.0"),
+            w(
+                "sys/bus/pci/devices/0000:41:00.0/driver/unbind",
+                "0000:41:00.0"
+            ),
             w("sys/bus/pci/drivers_probe", "0000:41:00.0"),
         ]
     );
-    assert_eq!(driver(&root, "0000:41:00.0"), Driver::Bound("nvidia".into()));
+    assert_eq!(
+        driver(&root, "0000:41:00.0"),
+        Driver::Bound("nvidia".into())
+    );
 }
 
 #[test]
@@ -304,7 +399,10 @@ fn planning_alone_writes_nothing() {
     assert_eq!(snapshot(host.path()), before);
     assert_eq!(
         plan.writes().next().unwrap().to_string(),
-        format!("echo vfio-pci > {}/sys/bus/pci/devices/{GPU}/driver_override", host.path().display())
+        format!(
+            "echo vfio-pci > {}/sys/bus/pci/devices/{GPU}/driver_override",
+            host.path().display()
+        )
     );
 }
 
@@ -337,22 +435,40 @@ fn bad_targets_give_clear_errors() {
     let host = host();
     let root = host.root();
     let err = bind::plan_bind(&root, &one("0000:09:00.0")).unwrap_err();
-    assert!(err.to_string().contains("no PCI function 0000:09:00.0"), "{err}");
+    assert!(
+        err.to_string().contains("no PCI function 0000:09:00.0"),
+        "{err}"
+    );
     let err = bind::plan_bind(&root, &one(BRIDGE)).unwrap_err();
-    assert!(matches!(err, BindError::Bridge { .. }) && err.to_string().contains(BRIDGE), "{err}");
+    assert!(
+        matches!(err, BindError::Bridge { .. }) && err.to_string().contains(BRIDGE),
+        "{err}"
+    );
     assert!("0000:01:00".parse::<Bdf>().is_err());
 
     let no_iommu = FakeHost::new().unwrap();
-    no_iommu.add(&FakeFunction::rtx4090(GPU).driver("nvidia")).unwrap();
+    no_iommu
+        .add(&FakeFunction::rtx4090(GPU).driver("nvidia"))
+        .unwrap();
     let err = bind::plan_bind(&no_iommu.root(), &one(GPU)).unwrap_err();
-    assert!(matches!(err, BindError::NoGroup { .. }) && err.to_string().contains("IOMMU is off"), "{err}");
+    assert!(
+        matches!(err, BindError::NoGroup { .. }) && err.to_string().contains("IOMMU is off"),
+        "{err}"
+    );
 
     let empty = FakeHost::bare_metal_intel().unwrap();
-    assert!(matches!(bind::plan_bind(&empty.root(), &Targets::All), Err(BindError::NoGpus { .. })));
+    assert!(matches!(
+        bind::plan_bind(&empty.root(), &Targets::All),
+        Err(BindError::NoGpus { .. })
+    ));
 
     std::fs::remove_dir(host.join("sys/bus/pci/drivers/vfio-pci")).unwrap();
     let err = bind::plan_bind(&root, &one(GPU)).unwrap_err();
-    assert!(matches!(err, BindError::VfioNotLoaded { .. }) && err.to_string().contains("modprobe vfio-pci"), "{err}");
+    assert!(
+        matches!(err, BindError::VfioNotLoaded { .. })
+            && err.to_string().contains("modprobe vfio-pci"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -364,7 +480,10 @@ fn a_failed_write_stops_and_leaves_a_record_to_undo_with() {
     let failing = host.join("sys/bus/pci/drivers_probe");
     let mut k = kernel(&host).fail_on(failing.clone());
     let err = bind::execute_bind(&root, state.path(), &plan, &mut k).unwrap_err();
-    assert!(err.to_string().contains(&failing.display().to_string()), "{err}");
+    assert!(
+        err.to_string().contains(&failing.display().to_string()),
+        "{err}"
+    );
     assert_eq!(k.writes.len(), 3, "stopped at the first failure");
     assert_eq!(driver(&root, GPU), Driver::Unbound);
     // The record lets unbind put the GPU back on nvidia.
@@ -381,7 +500,11 @@ fn missing_vfio_node_is_a_warning() {
     let plan = bind::plan_bind(&root, &one(GPU)).unwrap();
     let mut k = SimulatedKernel::new(root.clone());
     let outcome = bind::execute_bind(&root, state.path(), &plan, &mut k).unwrap();
-    assert!(outcome.warnings.iter().any(|w| w.contains("dev/vfio/12")), "{:?}", outcome.warnings);
+    assert!(
+        outcome.warnings.iter().any(|w| w.contains("dev/vfio/12")),
+        "{:?}",
+        outcome.warnings
+    );
 }
 
 #[test]
@@ -392,8 +515,14 @@ fn damaged_records_are_refused() {
     let plan = bind::plan_bind(&root, &one(GPU)).unwrap();
     bind::execute_bind(&root, state.path(), &plan, &mut kernel(&host)).unwrap();
     let path = record::records_dir(state.path()).join(format!("{GPU}.json"));
-    let text = std::fs::read_to_string(&path).unwrap().replace("\"nvidia\"", "\"../../x\"");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("\"nvidia\"", "\"../../x\"");
     std::fs::write(&path, text).unwrap();
     let err = bind::plan_unbind(&root, state.path(), &one(GPU)).unwrap_err();
-    assert!(err.to_string().contains("damaged") && err.to_string().contains(&path.display().to_string()), "{err}");
+    assert!(
+        err.to_string().contains("damaged")
+            && err.to_string().contains(&path.display().to_string()),
+        "{err}"
+    );
 }

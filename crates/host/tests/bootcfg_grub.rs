@@ -1,4 +1,5 @@
 //! The merge of IOMMU parameters into /etc/default/grub.
+#![allow(clippy::unwrap_used)]
 
 use std::path::Path;
 
@@ -6,11 +7,19 @@ use gpucell_host::bootcfg::grub::{merge, GrubError};
 use gpucell_host::bootcfg::{kernel_params, CpuVendor};
 
 fn intel(text: &str) -> Result<String, GrubError> {
-    merge(Path::new("/etc/default/grub"), text, &kernel_params(CpuVendor::Intel))
+    merge(
+        Path::new("/etc/default/grub"),
+        text,
+        &kernel_params(CpuVendor::Intel),
+    )
 }
 
 fn amd(text: &str) -> Result<String, GrubError> {
-    merge(Path::new("/etc/default/grub"), text, &kernel_params(CpuVendor::Amd))
+    merge(
+        Path::new("/etc/default/grub"),
+        text,
+        &kernel_params(CpuVendor::Amd),
+    )
 }
 
 const DEBIAN: &str = "# If you change this file, run 'update-grub' afterwards to update
@@ -41,7 +50,10 @@ fn double_quoted_default_gets_both_params_and_nothing_else_changes() {
 #[test]
 fn amd_gets_amd_iommu() {
     let out = amd("GRUB_CMDLINE_LINUX_DEFAULT=\"quiet\"\n").unwrap();
-    assert_eq!(out, "GRUB_CMDLINE_LINUX_DEFAULT=\"quiet amd_iommu=on iommu=pt\"\n");
+    assert_eq!(
+        out,
+        "GRUB_CMDLINE_LINUX_DEFAULT=\"quiet amd_iommu=on iommu=pt\"\n"
+    );
 }
 
 #[test]
@@ -70,7 +82,8 @@ fn existing_params_are_not_duplicated() {
     let text = "GRUB_CMDLINE_LINUX_DEFAULT=\"quiet intel_iommu=on iommu=pt\"\n";
     assert_eq!(intel(text).unwrap(), text);
     // Present in GRUB_CMDLINE_LINUX already: not added to the default variable.
-    let text = "GRUB_CMDLINE_LINUX_DEFAULT=\"quiet\"\nGRUB_CMDLINE_LINUX=\"intel_iommu=on iommu=pt\"\n";
+    let text =
+        "GRUB_CMDLINE_LINUX_DEFAULT=\"quiet\"\nGRUB_CMDLINE_LINUX=\"intel_iommu=on iommu=pt\"\n";
     assert_eq!(intel(text).unwrap(), text);
     // Dash spelling and extra options count as present.
     let text = "GRUB_CMDLINE_LINUX_DEFAULT=\"intel-iommu=on,sm_on iommu=pt\"\n";
@@ -79,9 +92,16 @@ fn existing_params_are_not_duplicated() {
 
 #[test]
 fn duplicates_of_managed_params_are_collapsed() {
-    let out = intel("GRUB_CMDLINE_LINUX_DEFAULT=\"iommu=pt quiet iommu=pt intel_iommu=on intel_iommu=on\"\n").unwrap();
-    assert_eq!(out, "GRUB_CMDLINE_LINUX_DEFAULT=\"iommu=pt quiet intel_iommu=on\"\n");
-    let out = intel("GRUB_CMDLINE_LINUX=\"iommu=pt\"\nGRUB_CMDLINE_LINUX_DEFAULT=\"iommu=pt\"\n").unwrap();
+    let out = intel(
+        "GRUB_CMDLINE_LINUX_DEFAULT=\"iommu=pt quiet iommu=pt intel_iommu=on intel_iommu=on\"\n",
+    )
+    .unwrap();
+    assert_eq!(
+        out,
+        "GRUB_CMDLINE_LINUX_DEFAULT=\"iommu=pt quiet intel_iommu=on\"\n"
+    );
+    let out = intel("GRUB_CMDLINE_LINUX=\"iommu=pt\"\nGRUB_CMDLINE_LINUX_DEFAULT=\"iommu=pt\"\n")
+        .unwrap();
     assert_eq!(
         out,
         "GRUB_CMDLINE_LINUX=\"iommu=pt\"\nGRUB_CMDLINE_LINUX_DEFAULT=\"intel_iommu=on\"\n"
@@ -142,7 +162,10 @@ fn crlf_line_endings_survive() {
 #[test]
 fn shell_it_cannot_rewrite_is_refused_with_the_line() {
     for (text, line) in [
-        ("GRUB_TIMEOUT=5\nGRUB_CMDLINE_LINUX_DEFAULT=\"quiet\n splash\"\n", 2),
+        (
+            "GRUB_TIMEOUT=5\nGRUB_CMDLINE_LINUX_DEFAULT=\"quiet\n splash\"\n",
+            2,
+        ),
         ("GRUB_CMDLINE_LINUX_DEFAULT=\"$(cat /etc/cmdline)\"\n", 1),
         ("GRUB_CMDLINE_LINUX_DEFAULT=\"a \\\"b\\\"\"\n", 1),
         ("GRUB_CMDLINE_LINUX_DEFAULT=\"a\"'b'\n", 1),
@@ -150,15 +173,24 @@ fn shell_it_cannot_rewrite_is_refused_with_the_line() {
         ("GRUB_CMDLINE_LINUX=\"a\"#x\n", 1),
     ] {
         match intel(text) {
-            Err(GrubError::Uneditable { line: l, ref wanted, .. }) => {
+            Err(GrubError::Uneditable {
+                line: l,
+                ref wanted,
+                ..
+            }) => {
                 assert_eq!(l, line, "{text:?}");
                 assert_eq!(wanted, "intel_iommu=on iommu=pt");
             }
             other => panic!("{text:?} gave {other:?}"),
         }
     }
-    let msg = intel("GRUB_CMDLINE_LINUX_DEFAULT=\"$(x)\"\n").unwrap_err().to_string();
-    assert!(msg.contains("/etc/default/grub:1") && msg.contains("by hand"), "{msg}");
+    let msg = intel("GRUB_CMDLINE_LINUX_DEFAULT=\"$(x)\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("/etc/default/grub:1") && msg.contains("by hand"),
+        "{msg}"
+    );
 }
 
 #[test]

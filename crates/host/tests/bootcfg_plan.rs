@@ -1,5 +1,6 @@
 //! `host plan` rendering (golden files under tests/golden/, regenerated with
 //! `GPUCELL_UPDATE_GOLDEN=1`) and `host apply` on a temporary target root.
+#![allow(clippy::unwrap_used)]
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -26,10 +27,17 @@ fn bdf(s: &str) -> Bdf {
 /// its audio function in group 12 on nvidia/snd_hda_intel, an H100 alone in group 13.
 fn host() -> FakeHost {
     let host = FakeHost::bare_metal_intel().unwrap();
-    host.cmdline("BOOT_IMAGE=/vmlinuz root=/dev/sda1 ro quiet").unwrap();
-    host.add(&FakeFunction::root_port("0000:00:01.0").iommu_group(12)).unwrap();
-    host.add(&FakeFunction::rtx4090("0000:01:00.0").behind("0000:00:01.0").driver("nvidia").iommu_group(12))
+    host.cmdline("BOOT_IMAGE=/vmlinuz root=/dev/sda1 ro quiet")
         .unwrap();
+    host.add(&FakeFunction::root_port("0000:00:01.0").iommu_group(12))
+        .unwrap();
+    host.add(
+        &FakeFunction::rtx4090("0000:01:00.0")
+            .behind("0000:00:01.0")
+            .driver("nvidia")
+            .iommu_group(12),
+    )
+    .unwrap();
     host.add(
         &FakeFunction::rtx4090_audio("0000:01:00.1")
             .behind("0000:00:01.0")
@@ -37,9 +45,18 @@ fn host() -> FakeHost {
             .iommu_group(12),
     )
     .unwrap();
-    host.add(&FakeFunction::h100("0000:41:00.0").driver("nvidia").iommu_group(13)).unwrap();
+    host.add(
+        &FakeFunction::h100("0000:41:00.0")
+            .driver("nvidia")
+            .iommu_group(13),
+    )
+    .unwrap();
     host.write("etc/default/grub", DEBIAN_GRUB).unwrap();
-    std::fs::set_permissions(host.join("etc/default/grub"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::set_permissions(
+        host.join("etc/default/grub"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
     host
 }
 
@@ -55,9 +72,17 @@ fn check_golden(name: &str, actual: &str) {
         return;
     }
     let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!("{}: {e}; run with GPUCELL_UPDATE_GOLDEN=1 to create it", path.display())
+        panic!(
+            "{}: {e}; run with GPUCELL_UPDATE_GOLDEN=1 to create it",
+            path.display()
+        )
     });
-    assert_eq!(actual, expected, "{} differs; GPUCELL_UPDATE_GOLDEN=1 regenerates it", path.display());
+    assert_eq!(
+        actual,
+        expected,
+        "{} differs; GPUCELL_UPDATE_GOLDEN=1 regenerates it",
+        path.display()
+    );
 }
 
 fn request(selection: Selection, mode: BindingMode) -> PlanRequest {
@@ -65,7 +90,9 @@ fn request(selection: Selection, mode: BindingMode) -> PlanRequest {
 }
 
 fn file_name(p: &Path) -> String {
-    p.to_string_lossy().trim_start_matches('/').replace('/', "_")
+    p.to_string_lossy()
+        .trim_start_matches('/')
+        .replace('/', "_")
 }
 
 /// Every rendered file and diff of a plan, and its JSON with the temporary root hidden.
@@ -84,7 +111,11 @@ fn check_plan_golden(case: &str, host: &FakeHost, req: &PlanRequest) {
 #[test]
 fn golden_all_gpus_udev_mode() {
     let host = host();
-    check_plan_golden("all-udev", &host, &request(Selection::All, BindingMode::Udev));
+    check_plan_golden(
+        "all-udev",
+        &host,
+        &request(Selection::All, BindingMode::Udev),
+    );
 }
 
 #[test]
@@ -120,10 +151,16 @@ fn plan_contents_are_what_the_issue_asks_for() {
     assert!(modprobe.contains("softdep nvidia pre: vfio-pci\nsoftdep nouveau pre: vfio-pci\nsoftdep snd_hda_intel pre: vfio-pci\n"));
     assert!(!modprobe.contains("options vfio-pci ids"));
     assert_eq!(
-        get("/etc/modules-load.d/gpucell-vfio.conf").content.lines().filter(|l| !l.starts_with('#')).collect::<Vec<_>>(),
+        get("/etc/modules-load.d/gpucell-vfio.conf")
+            .content
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .collect::<Vec<_>>(),
         ["vfio", "vfio_iommu_type1", "vfio_pci"]
     );
-    assert!(get("/etc/default/grub").content.contains("GRUB_CMDLINE_LINUX_DEFAULT=\"quiet intel_iommu=on iommu=pt\""));
+    assert!(get("/etc/default/grub")
+        .content
+        .contains("GRUB_CMDLINE_LINUX_DEFAULT=\"quiet intel_iommu=on iommu=pt\""));
     let steps: Vec<&str> = plan.steps.iter().map(|s| s.command.as_str()).collect();
     assert_eq!(steps, ["update-grub", "update-initramfs -u", "reboot"]);
 }
@@ -136,13 +173,25 @@ fn amd_host_and_ids_mode() {
     let plan = bootcfg::plan(
         &root,
         &root,
-        &request(Selection::Gpus(vec![bdf("0000:01:00.0"), bdf("0000:41:00.0")]), BindingMode::Ids),
+        &request(
+            Selection::Gpus(vec![bdf("0000:01:00.0"), bdf("0000:41:00.0")]),
+            BindingMode::Ids,
+        ),
     )
     .unwrap();
     assert_eq!(plan.kernel_params, ["amd_iommu=on", "iommu=pt"]);
-    let modprobe = plan.files.iter().find(|f| f.path.ends_with("modprobe.d/gpucell-vfio.conf")).unwrap();
-    assert!(modprobe.content.contains("options vfio-pci ids=10de:22ba,10de:2330,10de:2684\n"));
-    assert!(!plan.files.iter().any(|f| f.path.ends_with("80-gpucell-vfio.rules")));
+    let modprobe = plan
+        .files
+        .iter()
+        .find(|f| f.path.ends_with("modprobe.d/gpucell-vfio.conf"))
+        .unwrap();
+    assert!(modprobe
+        .content
+        .contains("options vfio-pci ids=10de:22ba,10de:2330,10de:2684\n"));
+    assert!(!plan
+        .files
+        .iter()
+        .any(|f| f.path.ends_with("80-gpucell-vfio.rules")));
 }
 
 #[test]
@@ -155,45 +204,86 @@ fn refusals_and_bad_input() {
         "1\n",
     )
     .unwrap();
-    let err = bootcfg::plan(&root, &root, &request(Selection::Gpus(vec![bdf("0000:01:00.0")]), BindingMode::Udev))
-        .unwrap_err();
+    let err = bootcfg::plan(
+        &root,
+        &root,
+        &request(
+            Selection::Gpus(vec![bdf("0000:01:00.0")]),
+            BindingMode::Udev,
+        ),
+    )
+    .unwrap_err();
     assert!(matches!(err, BootCfgError::Display { .. }), "{err}");
     assert!(err.to_string().contains("boot_vga"), "{err}");
     let plan = bootcfg::plan(&root, &root, &request(Selection::All, BindingMode::Udev)).unwrap();
     assert_eq!(plan.devices.len(), 1);
     assert_eq!(plan.devices[0].gpu, bdf("0000:41:00.0"));
-    assert!(plan.warnings.iter().any(|w| w.contains("skipped 0000:01:00.0")), "{:?}", plan.warnings);
+    assert!(
+        plan.warnings
+            .iter()
+            .any(|w| w.contains("skipped 0000:01:00.0")),
+        "{:?}",
+        plan.warnings
+    );
 
-    let err = bootcfg::plan(&root, &root, &request(Selection::Gpus(vec![bdf("0000:00:01.0")]), BindingMode::Udev))
-        .unwrap_err();
+    let err = bootcfg::plan(
+        &root,
+        &root,
+        &request(
+            Selection::Gpus(vec![bdf("0000:00:01.0")]),
+            BindingMode::Udev,
+        ),
+    )
+    .unwrap_err();
     assert!(matches!(err, BootCfgError::Bridge { .. }), "{err}");
-    let err = bootcfg::plan(&root, &root, &request(Selection::Gpus(vec![bdf("0000:09:00.0")]), BindingMode::Udev))
-        .unwrap_err();
+    let err = bootcfg::plan(
+        &root,
+        &root,
+        &request(
+            Selection::Gpus(vec![bdf("0000:09:00.0")]),
+            BindingMode::Udev,
+        ),
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("0000:09:00.0"), "{err}");
     assert!(matches!(
         bootcfg::plan(&root, &root, &request(Selection::None, BindingMode::Ids)),
         Err(BootCfgError::IdsWithoutGpus)
     ));
     host.cpuinfo("CentaurHauls", "", 1, 40).unwrap();
-    let err = bootcfg::plan(&root, &root, &request(Selection::None, BindingMode::Udev)).unwrap_err();
+    let err =
+        bootcfg::plan(&root, &root, &request(Selection::None, BindingMode::Udev)).unwrap_err();
     assert!(err.to_string().contains("CentaurHauls"), "{err}");
 }
 
 #[test]
 fn without_iommu_groups_the_slot_is_used() {
     let host = FakeHost::bare_metal_intel().unwrap();
-    host.add(&FakeFunction::rtx4090("0000:01:00.0").driver("nvidia")).unwrap();
-    host.add(&FakeFunction::rtx4090_audio("0000:01:00.1").driver("snd_hda_intel")).unwrap();
-    host.add(&FakeFunction::rtx4090("0000:02:00.0").driver("nvidia")).unwrap();
-    let root = host.root();
-    let plan = bootcfg::plan(&root, &root, &request(Selection::Gpus(vec![bdf("0000:01:00.0")]), BindingMode::Udev))
+    host.add(&FakeFunction::rtx4090("0000:01:00.0").driver("nvidia"))
         .unwrap();
+    host.add(&FakeFunction::rtx4090_audio("0000:01:00.1").driver("snd_hda_intel"))
+        .unwrap();
+    host.add(&FakeFunction::rtx4090("0000:02:00.0").driver("nvidia"))
+        .unwrap();
+    let root = host.root();
+    let plan = bootcfg::plan(
+        &root,
+        &root,
+        &request(
+            Selection::Gpus(vec![bdf("0000:01:00.0")]),
+            BindingMode::Udev,
+        ),
+    )
+    .unwrap();
     let eps: Vec<Bdf> = plan.devices[0].endpoints.iter().map(|e| e.bdf).collect();
     assert_eq!(eps, [bdf("0000:01:00.0"), bdf("0000:01:00.1")]);
     assert!(plan.warnings.iter().any(|w| w.contains("no IOMMU group")));
     // No /etc/default/grub: nothing to merge, a warning says what to add by hand.
     assert!(!plan.files.iter().any(|f| f.path.ends_with("grub")));
-    assert!(plan.warnings.iter().any(|w| w.contains("intel_iommu=on iommu=pt")));
+    assert!(plan
+        .warnings
+        .iter()
+        .any(|w| w.contains("intel_iommu=on iommu=pt")));
 }
 
 fn mode(p: &Path) -> u32 {
@@ -215,8 +305,14 @@ fn apply_twice_on_a_separate_target_root() {
     assert!(plan.changes());
     let report = bootcfg::apply(&plan).unwrap();
     assert_eq!(report.written.len(), 4);
-    assert_eq!(report.backups, [target_dir.path().join("etc/default/grub.gpucell-bak")]);
-    assert_eq!(std::fs::read_to_string(&report.backups[0]).unwrap(), DEBIAN_GRUB);
+    assert_eq!(
+        report.backups,
+        [target_dir.path().join("etc/default/grub.gpucell-bak")]
+    );
+    assert_eq!(
+        std::fs::read_to_string(&report.backups[0]).unwrap(),
+        DEBIAN_GRUB
+    );
     assert_eq!(mode(&grub), 0o600, "an existing file keeps its mode");
     assert_eq!(mode(&report.backups[0]), 0o600);
     for rel in [
@@ -234,13 +330,28 @@ fn apply_twice_on_a_separate_target_root() {
 
     let again = bootcfg::plan(&host.root(), &target, &req).unwrap();
     assert!(!again.changes());
-    assert!(again.files.iter().all(|f| f.action == FileAction::Unchanged && f.diff.is_empty()));
+    assert!(again
+        .files
+        .iter()
+        .all(|f| f.action == FileAction::Unchanged && f.diff.is_empty()));
     // Only the reboot remains: the fake host runs without the parameters.
-    assert_eq!(again.steps.iter().map(|s| s.command.as_str()).collect::<Vec<_>>(), ["reboot"]);
+    assert_eq!(
+        again
+            .steps
+            .iter()
+            .map(|s| s.command.as_str())
+            .collect::<Vec<_>>(),
+        ["reboot"]
+    );
     let report = bootcfg::apply(&again).unwrap();
     assert!(report.written.is_empty() && report.backups.is_empty());
     // No temporary files were left behind.
-    for dir in ["etc/default", "etc/modprobe.d", "etc/modules-load.d", "etc/udev/rules.d"] {
+    for dir in [
+        "etc/default",
+        "etc/modprobe.d",
+        "etc/modules-load.d",
+        "etc/udev/rules.d",
+    ] {
         for e in std::fs::read_dir(target_dir.path().join(dir)).unwrap() {
             let name = e.unwrap().file_name().into_string().unwrap();
             assert!(!name.contains("gpucell-tmp"), "{dir}/{name}");
@@ -253,7 +364,11 @@ fn apply_refuses_a_file_changed_since_planning() {
     let host = host();
     let root = host.root();
     let plan = bootcfg::plan(&root, &root, &request(Selection::None, BindingMode::Udev)).unwrap();
-    host.write("etc/default/grub", "GRUB_CMDLINE_LINUX_DEFAULT=\"splash\"\n").unwrap();
+    host.write(
+        "etc/default/grub",
+        "GRUB_CMDLINE_LINUX_DEFAULT=\"splash\"\n",
+    )
+    .unwrap();
     let err = bootcfg::apply(&plan).unwrap_err();
     assert!(matches!(err, BootCfgError::Changed { .. }), "{err}");
     assert_eq!(
@@ -273,7 +388,10 @@ fn grub_dropins_that_override_are_reported() {
     let root = host.root();
     let plan = bootcfg::plan(&root, &root, &request(Selection::None, BindingMode::Udev)).unwrap();
     assert!(
-        plan.warnings.iter().any(|w| w.contains("50-cloudimg-settings.cfg") && w.contains(bootcfg::grub::VAR_DEFAULT)),
+        plan.warnings
+            .iter()
+            .any(|w| w.contains("50-cloudimg-settings.cfg")
+                && w.contains(bootcfg::grub::VAR_DEFAULT)),
         "{:?}",
         plan.warnings
     );

@@ -2,7 +2,9 @@
 
 use std::path::PathBuf;
 
-use gpucell_host::bootcfg::{self, ApplyReport, BindingMode, BootPlan, FileAction, PlanRequest, Selection};
+use gpucell_host::bootcfg::{
+    self, ApplyReport, BindingMode, BootPlan, FileAction, PlanRequest, Selection,
+};
 use gpucell_host::{Bdf, HostRoot};
 
 use super::{print_json, Global};
@@ -18,7 +20,12 @@ pub enum HostCommand {
 #[derive(clap::Args, Debug)]
 pub struct SelectArgs {
     /// GPUs to hand to vfio-pci at boot, with the rest of their IOMMU groups.
-    #[arg(long, value_name = "BDF,...", value_delimiter = ',', conflicts_with = "all")]
+    #[arg(
+        long,
+        value_name = "BDF,...",
+        value_delimiter = ',',
+        conflicts_with = "all"
+    )]
     pub gpus: Vec<Bdf>,
     /// Every NVIDIA GPU (a GPU driving a display is skipped with a warning).
     #[arg(long)]
@@ -34,7 +41,11 @@ pub struct SelectArgs {
 
 fn plan(global: &Global, args: &SelectArgs) -> anyhow::Result<BootPlan> {
     let host = HostRoot::new(&global.host_root);
-    let target = HostRoot::new(args.target_root.clone().unwrap_or_else(|| global.host_root.clone()));
+    let target = HostRoot::new(
+        args.target_root
+            .clone()
+            .unwrap_or_else(|| global.host_root.clone()),
+    );
     let selection = if args.all {
         Selection::All
     } else if args.gpus.is_empty() {
@@ -42,8 +53,16 @@ fn plan(global: &Global, args: &SelectArgs) -> anyhow::Result<BootPlan> {
     } else {
         Selection::Gpus(args.gpus.clone())
     };
-    let mode = if args.ids_mode { BindingMode::Ids } else { BindingMode::Udev };
-    Ok(bootcfg::plan(&host, &target, &PlanRequest { selection, mode })?)
+    let mode = if args.ids_mode {
+        BindingMode::Ids
+    } else {
+        BindingMode::Udev
+    };
+    Ok(bootcfg::plan(
+        &host,
+        &target,
+        &PlanRequest { selection, mode },
+    )?)
 }
 
 fn print_steps(plan: &BootPlan) {

@@ -41,7 +41,11 @@ pub enum Hold {
     /// A DRM connector reports a connected monitor.
     ConnectedDisplay { connector: String },
     /// A process has one of the function's device files open.
-    OpenFile { pid: u32, command: String, file: String },
+    OpenFile {
+        pid: u32,
+        command: String,
+        file: String,
+    },
     /// The bound kernel module has users that are not other modules.
     ModuleUsers { module: String, users: u64 },
     /// A network interface of the function is up.
@@ -97,7 +101,10 @@ pub fn display_holds(root: &HostRoot, bdf: Bdf, warnings: &mut Vec<String>) -> V
         Ok(_) => {}
         Err(e) => warnings.push(sysfs::error_chain(&e)),
     }
-    for card in drm_nodes(&dir, warnings).into_iter().filter(|n| n.starts_with("card")) {
+    for card in drm_nodes(&dir, warnings)
+        .into_iter()
+        .filter(|n| n.starts_with("card"))
+    {
         let card_dir = dir.join("drm").join(&card);
         let entries = match sysfs::list_dir_opt(&card_dir) {
             Ok(e) => e,
@@ -158,7 +165,9 @@ pub struct OpenFiles {
 }
 
 fn interesting(target: &str) -> bool {
-    target.starts_with("/dev/nvidia") || target.starts_with("/dev/dri/") || target.starts_with("/dev/vfio/")
+    target.starts_with("/dev/nvidia")
+        || target.starts_with("/dev/dri/")
+        || target.starts_with("/dev/vfio/")
 }
 
 impl OpenFiles {
@@ -184,8 +193,12 @@ impl OpenFiles {
             };
             let mut command: Option<String> = None;
             for fd in fds.take(MAX_FDS_PER_PROCESS).flatten() {
-                let Ok(target) = std::fs::read_link(fd.path()) else { continue };
-                let Some(target) = target.to_str() else { continue };
+                let Ok(target) = std::fs::read_link(fd.path()) else {
+                    continue;
+                };
+                let Some(target) = target.to_str() else {
+                    continue;
+                };
                 if !interesting(target) {
                     continue;
                 }
@@ -238,7 +251,9 @@ fn block_devices(dir: &Path) -> Vec<String> {
         if visited > MAX_WALK || depth > 6 {
             continue;
         }
-        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
         let in_block = d.file_name().is_some_and(|n| n == "block");
         for e in entries.flatten().take(MAX_WALK) {
             let Ok(kind) = e.file_type() else { continue };
@@ -266,7 +281,12 @@ fn block_devices(dir: &Path) -> Vec<String> {
 }
 
 /// Everything that holds `f` on the host. Problems reading are returned as warnings.
-pub fn holds(root: &HostRoot, f: &PciFunction, open: &OpenFiles, warnings: &mut Vec<String>) -> Vec<Holder> {
+pub fn holds(
+    root: &HostRoot,
+    f: &PciFunction,
+    open: &OpenFiles,
+    warnings: &mut Vec<String>,
+) -> Vec<Holder> {
     let bdf = f.bdf;
     let dir = root.pci_device(&bdf);
     let mut out = display_holds(root, bdf, warnings);
@@ -318,7 +338,9 @@ pub fn holds(root: &HostRoot, f: &PciFunction, open: &OpenFiles, warnings: &mut 
     if let Ok(ifaces) = sysfs::list_dir_opt(&dir.join("net")) {
         for iface in ifaces {
             let Some(name) = iface.to_str() else { continue };
-            if let Ok(Some(state)) = sysfs::read_text_opt(&dir.join("net").join(name).join("operstate")) {
+            if let Ok(Some(state)) =
+                sysfs::read_text_opt(&dir.join("net").join(name).join("operstate"))
+            {
                 if state == "up" {
                     out.push(Holder {
                         bdf,

@@ -163,7 +163,12 @@ fn checked_driver_name(bdf: Bdf, name: &str) -> Result<String, BindError> {
 }
 
 /// The functions `targets` names, each with its IOMMU group; grouped, sorted, deduplicated.
-fn resolve(root: &HostRoot, scan: &PciScan, targets: &Targets, extra: &[Bdf]) -> Result<Vec<(u32, Vec<Bdf>)>, BindError> {
+fn resolve(
+    root: &HostRoot,
+    scan: &PciScan,
+    targets: &Targets,
+    extra: &[Bdf],
+) -> Result<Vec<(u32, Vec<Bdf>)>, BindError> {
     let mut wanted: Vec<Bdf> = match targets {
         Targets::All => {
             let mut v: Vec<Bdf> = scan.nvidia_gpus().map(|f| f.bdf).collect();
@@ -200,9 +205,13 @@ fn resolve(root: &HostRoot, scan: &PciScan, targets: &Targets, extra: &[Bdf]) ->
 
 /// Members of `group` split into endpoints and bridges, read fresh from sysfs.
 /// `of` names the requested function in errors.
-fn members(root: &HostRoot, group: u32, of: Bdf) -> Result<(Vec<PciFunction>, Vec<Bdf>), BindError> {
-    let bdfs = iommu::group_members(root, group)
-        .map_err(|source| BindError::Group { bdf: of, source })?;
+fn members(
+    root: &HostRoot,
+    group: u32,
+    of: Bdf,
+) -> Result<(Vec<PciFunction>, Vec<Bdf>), BindError> {
+    let bdfs =
+        iommu::group_members(root, group).map_err(|source| BindError::Group { bdf: of, source })?;
     let mut endpoints = Vec::new();
     let mut bridges = Vec::new();
     for bdf in bdfs {
@@ -248,7 +257,12 @@ pub fn plan_bind(root: &HostRoot, targets: &Targets) -> Result<BindPlan, BindErr
     Ok(plan)
 }
 
-fn plan_bind_endpoint(root: &HostRoot, f: &PciFunction, open: &OpenFiles, plan: &mut BindPlan) -> Result<EndpointPlan, BindError> {
+fn plan_bind_endpoint(
+    root: &HostRoot,
+    f: &PciFunction,
+    open: &OpenFiles,
+    plan: &mut BindPlan,
+) -> Result<EndpointPlan, BindError> {
     let bdf = f.bdf;
     let dev = root.pci_device(&bdf);
     let mut ep = EndpointPlan {
@@ -270,7 +284,11 @@ fn plan_bind_endpoint(root: &HostRoot, f: &PciFunction, open: &OpenFiles, plan: 
             if f.driver_override.as_deref() != Some(VFIO_PCI) {
                 ep.action = Action::Bind;
                 ep.writes.push(write(dev.join("driver_override"), VFIO_PCI));
-                ep.record = Some(BindRecord::new(bdf, Some(VFIO_PCI.into()), previous_override));
+                ep.record = Some(BindRecord::new(
+                    bdf,
+                    Some(VFIO_PCI.into()),
+                    previous_override,
+                ));
             }
         }
         d if d.is_vfio() => {}
@@ -284,7 +302,8 @@ fn plan_bind_endpoint(root: &HostRoot, f: &PciFunction, open: &OpenFiles, plan: 
             ep.action = Action::Bind;
             ep.writes.push(write(dev.join("driver_override"), VFIO_PCI));
             if previous.is_some() {
-                ep.writes.push(write(dev.join("driver/unbind"), bdf.to_string()));
+                ep.writes
+                    .push(write(dev.join("driver/unbind"), bdf.to_string()));
             }
             ep.writes
                 .push(write(root.sys("bus/pci/drivers_probe"), bdf.to_string()));
@@ -297,7 +316,12 @@ fn plan_bind_endpoint(root: &HostRoot, f: &PciFunction, open: &OpenFiles, plan: 
 /// Performs a bind plan: records, then writes, then checks each changed function is on
 /// vfio-pci and its `/dev/vfio/<group>` exists (a warning when not). Refuses a plan with
 /// refusals. A failed write stops at once; the records already saved let `unbind` undo.
-pub fn execute_bind(root: &HostRoot, state_dir: &Path, plan: &BindPlan, writer: &mut dyn SysfsWriter) -> Result<Outcome, BindError> {
+pub fn execute_bind(
+    root: &HostRoot,
+    state_dir: &Path,
+    plan: &BindPlan,
+    writer: &mut dyn SysfsWriter,
+) -> Result<Outcome, BindError> {
     if !plan.refusals.is_empty() {
         return Err(BindError::Refused {
             holders: plan.refusals.clone(),
@@ -340,11 +364,13 @@ pub fn execute_bind(root: &HostRoot, state_dir: &Path, plan: &BindPlan, writer: 
 fn perform(writer: &mut dyn SysfsWriter, writes: &[SysfsWrite]) -> Result<(), BindError> {
     for w in writes {
         tracing::debug!("{w}");
-        writer.write(&w.path, &w.value).map_err(|source| BindError::Write {
-            path: w.path.clone(),
-            value: w.value.clone(),
-            source,
-        })?;
+        writer
+            .write(&w.path, &w.value)
+            .map_err(|source| BindError::Write {
+                path: w.path.clone(),
+                value: w.value.clone(),
+                source,
+            })?;
     }
     Ok(())
 }
@@ -352,7 +378,11 @@ fn perform(writer: &mut dyn SysfsWriter, writes: &[SysfsWrite]) -> Result<(), Bi
 /// Plans returning `targets` and the rest of their groups from vfio-pci to the drivers
 /// recorded at bind time (or, without a record, to whatever the kernel probes).
 /// Refuses while a process (a VM) has the group's `/dev/vfio/<group>` open.
-pub fn plan_unbind(root: &HostRoot, state_dir: &Path, targets: &Targets) -> Result<BindPlan, BindError> {
+pub fn plan_unbind(
+    root: &HostRoot,
+    state_dir: &Path,
+    targets: &Targets,
+) -> Result<BindPlan, BindError> {
     let scan = PciScan::read(root)?;
     let open = OpenFiles::scan(root);
     let recorded = record::recorded(state_dir)?;
@@ -394,7 +424,12 @@ pub fn plan_unbind(root: &HostRoot, state_dir: &Path, targets: &Targets) -> Resu
     Ok(plan)
 }
 
-fn plan_unbind_endpoint(root: &HostRoot, state_dir: &Path, f: &PciFunction, warnings: &mut Vec<String>) -> Result<EndpointPlan, BindError> {
+fn plan_unbind_endpoint(
+    root: &HostRoot,
+    state_dir: &Path,
+    f: &PciFunction,
+    warnings: &mut Vec<String>,
+) -> Result<EndpointPlan, BindError> {
     let bdf = f.bdf;
     let dev = root.pci_device(&bdf);
     let rec = record::load(state_dir, bdf)?;
@@ -421,12 +456,16 @@ fn plan_unbind_endpoint(root: &HostRoot, state_dir: &Path, f: &PciFunction, warn
         previous_override.unwrap_or_default(),
     ));
     let previous_driver = rec.as_ref().map(|r| r.previous_driver.clone());
-    if previous_driver.as_ref().is_some_and(|d| d.as_deref() == f.driver.name()) {
+    if previous_driver
+        .as_ref()
+        .is_some_and(|d| d.as_deref() == f.driver.name())
+    {
         // It was on vfio-pci before bind: only the override changed.
         return Ok(ep);
     }
     if on_vfio {
-        ep.writes.push(write(dev.join("driver/unbind"), bdf.to_string()));
+        ep.writes
+            .push(write(dev.join("driver/unbind"), bdf.to_string()));
     }
     match previous_driver {
         // Unbound before: stays unbound.
@@ -452,7 +491,12 @@ fn plan_unbind_endpoint(root: &HostRoot, state_dir: &Path, f: &PciFunction, warn
 /// Performs an unbind plan, then removes the records of the functions it restored (and
 /// stale records of functions that were no longer on vfio-pci). Warns when a function
 /// did not end up on its recorded driver.
-pub fn execute_unbind(root: &HostRoot, state_dir: &Path, plan: &BindPlan, writer: &mut dyn SysfsWriter) -> Result<Outcome, BindError> {
+pub fn execute_unbind(
+    root: &HostRoot,
+    state_dir: &Path,
+    plan: &BindPlan,
+    writer: &mut dyn SysfsWriter,
+) -> Result<Outcome, BindError> {
     if !plan.refusals.is_empty() {
         return Err(BindError::Refused {
             holders: plan.refusals.clone(),

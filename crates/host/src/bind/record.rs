@@ -51,7 +51,11 @@ pub struct BindRecord {
 }
 
 impl BindRecord {
-    pub fn new(bdf: Bdf, previous_driver: Option<String>, previous_override: Option<String>) -> Self {
+    pub fn new(
+        bdf: Bdf,
+        previous_driver: Option<String>,
+        previous_override: Option<String>,
+    ) -> Self {
         Self {
             version: RECORD_VERSION,
             bdf,
@@ -112,14 +116,23 @@ pub fn load(state_dir: &Path, bdf: Bdf) -> Result<Option<BindRecord>, RecordErro
     }
     let record: BindRecord = serde_json::from_str(&text).map_err(|e| damaged(e.to_string()))?;
     if record.version != RECORD_VERSION {
-        return Err(damaged(format!("version {} is not {RECORD_VERSION}", record.version)));
+        return Err(damaged(format!(
+            "version {} is not {RECORD_VERSION}",
+            record.version
+        )));
     }
     if record.bdf != bdf {
         return Err(damaged(format!("it is about {}", record.bdf)));
     }
-    for name in [&record.previous_driver, &record.previous_override].into_iter().flatten() {
+    for name in [&record.previous_driver, &record.previous_override]
+        .into_iter()
+        .flatten()
+    {
         if !valid_driver_name(name) {
-            return Err(damaged(format!("`{}` is not a driver name", sysfs::printable(name))));
+            return Err(damaged(format!(
+                "`{}` is not a driver name",
+                sysfs::printable(name)
+            )));
         }
     }
     Ok(Some(record))
@@ -138,7 +151,8 @@ pub fn remove(state_dir: &Path, bdf: Bdf) -> Result<(), RecordError> {
 /// Functions that have a record.
 pub fn recorded(state_dir: &Path) -> Result<Vec<Bdf>, RecordError> {
     let dir = records_dir(state_dir);
-    let names = sysfs::list_dir_opt(&dir).map_err(|source| RecordError::Read { path: dir, source })?;
+    let names =
+        sysfs::list_dir_opt(&dir).map_err(|source| RecordError::Read { path: dir, source })?;
     Ok(names
         .iter()
         .filter_map(|n| n.to_str()?.strip_suffix(".json")?.parse().ok())

@@ -145,7 +145,11 @@ impl SimulatedKernel {
         let link = dir.join("driver");
         if let Ok(target) = std::fs::read_link(&link) {
             if let Some(name) = target.file_name() {
-                let _ = std::fs::remove_file(self.root.pci_driver(&name.to_string_lossy()).join(bdf.to_string()));
+                let _ = std::fs::remove_file(
+                    self.root
+                        .pci_driver(&name.to_string_lossy())
+                        .join(bdf.to_string()),
+                );
             }
             std::fs::remove_file(link)?;
         }
@@ -167,7 +171,10 @@ impl SysfsWriter for SimulatedKernel {
             value: value.to_owned(),
         });
         if self.fail.as_deref() == Some(path) {
-            return Err(io::Error::new(io::ErrorKind::PermissionDenied, "simulated failure"));
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "simulated failure",
+            ));
         }
         let devices = self.root.pci_devices_dir();
         let drivers = self.root.sys("bus/pci/drivers");
@@ -191,17 +198,26 @@ impl SysfsWriter for SimulatedKernel {
             return Ok(());
         }
         if let Ok(rest) = path.strip_prefix(&devices) {
-            let parts: Vec<_> = rest.iter().map(|p| p.to_string_lossy().into_owned()).collect();
+            let parts: Vec<_> = rest
+                .iter()
+                .map(|p| p.to_string_lossy().into_owned())
+                .collect();
             let bdf = Self::parse_bdf(parts.first().ok_or_else(not_found)?)?;
             return match parts.get(1..).unwrap_or_default() {
                 [attr] if attr == "driver_override" => {
                     let v = value.trim();
                     let stored = if v.is_empty() { "(null)" } else { v };
-                    std::fs::write(self.device_dir(bdf)?.join("driver_override"), format!("{stored}\n"))
+                    std::fs::write(
+                        self.device_dir(bdf)?.join("driver_override"),
+                        format!("{stored}\n"),
+                    )
                 }
                 [d, op] if d == "driver" && op == "unbind" => {
                     if Self::parse_bdf(value)? != bdf {
-                        return Err(io::Error::new(io::ErrorKind::InvalidInput, "unbind names another device"));
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidInput,
+                            "unbind names another device",
+                        ));
                     }
                     if std::fs::symlink_metadata(self.device_dir(bdf)?.join("driver")).is_err() {
                         return Err(not_found());
@@ -212,7 +228,10 @@ impl SysfsWriter for SimulatedKernel {
             };
         }
         if let Ok(rest) = path.strip_prefix(&drivers) {
-            let parts: Vec<_> = rest.iter().map(|p| p.to_string_lossy().into_owned()).collect();
+            let parts: Vec<_> = rest
+                .iter()
+                .map(|p| p.to_string_lossy().into_owned())
+                .collect();
             let bdf = Self::parse_bdf(value)?;
             return match parts.as_slice() {
                 [d, op] if op == "bind" => {

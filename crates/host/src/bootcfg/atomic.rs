@@ -33,7 +33,10 @@ pub fn write_atomic(path: &Path, content: &[u8], new_mode: u32) -> io::Result<()
             ))
         }
         Ok(m) if !m.is_file() => {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "is not a regular file"))
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "is not a regular file",
+            ))
         }
         Ok(m) => Some(m),
         Err(e) if e.kind() == io::ErrorKind::NotFound => None,
@@ -76,6 +79,7 @@ pub fn write_atomic(path: &Path, content: &[u8], new_mode: u32) -> io::Result<()
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

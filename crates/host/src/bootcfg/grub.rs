@@ -86,7 +86,10 @@ impl Assignment {
 }
 
 /// Parses `line` when it assigns one of the two variables. `Ok(None)` for every other line.
-fn parse_assignment(line: &str, number: usize) -> Result<Option<Assignment>, (&'static str, &'static str)> {
+fn parse_assignment(
+    line: &str,
+    number: usize,
+) -> Result<Option<Assignment>, (&'static str, &'static str)> {
     let body = line.trim_end_matches(['\n', '\r']);
     let trimmed = body.trim_start();
     let mut prefix = body[..body.len() - trimmed.len()].to_owned();
@@ -113,7 +116,11 @@ fn parse_assignment(line: &str, number: usize) -> Result<Option<Assignment>, (&'
                 return fail("opens a quote that is not closed on the same line");
             };
             let inner = &value[1..1 + end];
-            let quote = if q == '"' { Quote::Double } else { Quote::Single };
+            let quote = if q == '"' {
+                Quote::Double
+            } else {
+                Quote::Single
+            };
             (quote, inner, &value[end + 2..])
         }
         _ => {
@@ -131,7 +138,9 @@ fn parse_assignment(line: &str, number: usize) -> Result<Option<Assignment>, (&'
         return fail("mixes quoting or shell syntax");
     }
     let after_ws = after.trim_start();
-    if !(after_ws.is_empty() || after_ws.starts_with('#')) || (after_ws.starts_with('#') && after_ws.len() == after.len()) {
+    if !(after_ws.is_empty() || after_ws.starts_with('#'))
+        || (after_ws.starts_with('#') && after_ws.len() == after.len())
+    {
         return fail("is followed by more shell text on the same line");
     }
     let tokens: Vec<String> = inner.split_whitespace().map(str::to_owned).collect();
@@ -148,7 +157,10 @@ fn parse_assignment(line: &str, number: usize) -> Result<Option<Assignment>, (&'
 
 /// Key of a `key=value` token with `-` read as `_`, as the kernel compares names.
 fn key_of(token: &str) -> String {
-    token.split_once('=').map_or(token, |(k, _)| k).replace('-', "_")
+    token
+        .split_once('=')
+        .map_or(token, |(k, _)| k)
+        .replace('-', "_")
 }
 
 fn options_of(token: &str) -> Vec<&str> {
@@ -188,7 +200,11 @@ fn remove_conflicts(tokens: &mut Vec<String>, p: &Param) {
 /// Returns the new content of a grub defaults file with `params` merged, or the same text
 /// when nothing needs to change. `file` only names the file in errors.
 pub fn merge(file: &Path, text: &str, params: &[Param]) -> Result<String, GrubError> {
-    let wanted = params.iter().map(Param::token).collect::<Vec<_>>().join(" ");
+    let wanted = params
+        .iter()
+        .map(Param::token)
+        .collect::<Vec<_>>()
+        .join(" ");
     let lines: Vec<&str> = text.split_inclusive('\n').collect();
     let mut assignments = Vec::new();
     for (i, line) in lines.iter().enumerate() {
@@ -224,7 +240,10 @@ pub fn merge(file: &Path, text: &str, params: &[Param]) -> Result<String, GrubEr
             Some(i) => &mut assignments[i].tokens,
             None => &mut appended,
         };
-        match tokens.iter_mut().find(|t| key_of(t) == p.key && t.contains('=')) {
+        match tokens
+            .iter_mut()
+            .find(|t| key_of(t) == p.key && t.contains('='))
+        {
             Some(t) => {
                 t.push(',');
                 t.push_str(p.option);

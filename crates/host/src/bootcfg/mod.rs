@@ -7,8 +7,12 @@
 //! modifies. Planning twice on an applied tree yields no change.
 
 pub mod atomic;
+mod files;
 pub mod grub;
 pub mod render;
+
+pub use files::apply;
+use files::{file_change, read_current};
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -19,7 +23,9 @@ use serde::Serialize;
 use crate::bdf::Bdf;
 use crate::bind::holders;
 use crate::iommu;
-use crate::pci::{PciError, PciFunction, PciScan, CLASS_HDA, CLASS_SERIAL_BUS_OTHER, CLASS_USB, VENDOR_NVIDIA};
+use crate::pci::{
+    PciError, PciFunction, PciScan, CLASS_HDA, CLASS_SERIAL_BUS_OTHER, CLASS_USB, VENDOR_NVIDIA,
+};
 use crate::root::HostRoot;
 use crate::sysfs::{self, SysfsError};
 use render::RuleDevice;
@@ -246,14 +252,20 @@ pub fn kernel_params(vendor: CpuVendor) -> [grub::Param; 2] {
 
 /// The endpoints bound with `f`: its IOMMU group without bridges, or, with the IOMMU
 /// off, the functions of its slot.
-fn endpoints<'a>(root: &HostRoot, scan: &'a PciScan, f: &'a PciFunction) -> Result<Vec<&'a PciFunction>, BootCfgError> {
+fn endpoints<'a>(
+    root: &HostRoot,
+    scan: &'a PciScan,
+    f: &'a PciFunction,
+) -> Result<Vec<&'a PciFunction>, BootCfgError> {
     let mut out: Vec<&PciFunction> = match f.iommu_group {
         Some(group) => {
             let members = iommu::group_members(root, group)
                 .map_err(|source| BootCfgError::Group { bdf: f.bdf, source })?;
             members.iter().filter_map(|b| scan.get(*b)).collect()
         }
-        None => std::iter::once(f).chain(scan.slot_siblings(f.bdf)).collect(),
+        None => std::iter::once(f)
+            .chain(scan.slot_siblings(f.bdf))
+            .collect(),
     };
     out.retain(|e| !e.is_bridge());
     if !out.iter().any(|e| e.bdf == f.bdf) {
@@ -272,56 +284,13 @@ fn companion_driver(f: &PciFunction) -> Option<&'static str> {
     }
 }
 
-fn read_current(path: &Path) -> Result<Option<String>, BootCfgError> {
-    match sysfs::read_raw(path) {
-        Ok(t) => Ok(Some(t)),
-        Err(e) if e.is_not_found() => Ok(None),
-        Err(source) => Err(BootCfgError::Read {
-            path: path.to_owned(),
-            source,
-        }),
-    }
-}
-
-fn file_change(target: &HostRoot, rel: &str, new: String) -> Result<FileChange, BootCfgError> {
-    let target_path = target.etc(rel);
-    let shown = Path::new("/etc").join(rel);
-    let old = read_current(&target_path)?;
-    let mode = std::fs::metadata(&target_path)
-        .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777)
-        .unwrap_or(NEW_FILE_MODE);
-    let (action, diff) = match &old {
-        Some(o) if *o == new => (FileAction::Unchanged, String::new()),
-        Some(o) => (FileAction::Modify, unified_diff(o, &new, &shown, &shown)),
-        None => (FileAction::Create, unified_diff("", &new, Path::new("/dev/null"), &shown)),
-    };
-    Ok(FileChange {
-        path: shown,
-        target_path,
-        action,
-        mode,
-        diff,
-        content: new,
-        old,
-    })
-}
-
-fn unified_diff(old: &str, new: &str, from: &Path, to: &Path) -> String {
-    let from = if from == Path::new("/dev/null") {
-        "/dev/null".to_owned()
-    } else {
-        format!("a{}", from.display())
-    };
-    similar::TextDiff::from_lines(old, new)
-        .unified_diff()
-        .context_radius(3)
-        .header(&from, &format!("b{}", to.display()))
-        .to_string()
-}
-
 /// Computes the boot configuration for `request`, reading the host under `host` and
 /// the current files under `target` (usually the same root).
-pub fn plan(host: &HostRoot, target: &HostRoot, request: &PlanRequest) -> Result<BootPlan, BootCfgError> {
+pub fn plan(
+    host: &HostRoot,
+    target: &HostRoot,
+    request: &PlanRequest,
+) -> Result<BootPlan, BootCfgError> {
     let vendor = cpu_vendor(host)?;
     let params = kernel_params(vendor);
     let mut warnings = Vec::new();
@@ -421,24 +390,36 @@ pub fn plan(host: &HostRoot, target: &HostRoot, request: &PlanRequest) -> Result
             let new = grub::merge(Path::new("/etc/default/grub"), &text, &params)?;
             files.push(file_change(target, render::GRUB_PATH, new)?);
         }
-        None => warnings.push(format!(
+        None => {
+            warnings.push(format!(
             "{} does not exist: add `{}` to the kernel command line of your boot loader by hand",
             grub_path.display(),
             params.iter().map(grub::Param::token).collect::<Vec<_>>().join(" ")
-        )),
+        ))
+        }
     }
     grub_dropin_warnings(target, &mut warnings);
-    files.push(file_change(target, render::MODULES_LOAD_PATH, render::modules_load())?);
+    files.push(file_change(
+        target,
+        render::MODULES_LOAD_PATH,
+        render::modules_load(),
+    )?);
     let ids: BTreeSet<(u16, u16)> = match request.mode {
         BindingMode::Ids => rule_devices.iter().map(|d| (d.vendor, d.device)).collect(),
         BindingMode::Udev => BTreeSet::new(),
     };
-    files.push(file_change(target, render::MODPROBE_PATH, render::modprobe(&companions, &ids))?);
+    files.push(file_change(
+        target,
+        render::MODPROBE_PATH,
+        render::modprobe(&companions, &ids),
+    )?);
     match (request.mode, &request.selection) {
         (BindingMode::Udev, Selection::None) => {}
-        (BindingMode::Udev, _) => {
-            files.push(file_change(target, render::UDEV_RULES_PATH, render::udev_rules(&rule_devices))?)
-        }
+        (BindingMode::Udev, _) => files.push(file_change(
+            target,
+            render::UDEV_RULES_PATH,
+            render::udev_rules(&rule_devices),
+        )?),
         (BindingMode::Ids, _) => {
             if target.etc(render::UDEV_RULES_PATH).exists() {
                 warnings.push(format!(
@@ -467,10 +448,12 @@ pub fn plan(host: &HostRoot, target: &HostRoot, request: &PlanRequest) -> Result
 /// override what it sets (Debian and Ubuntu cloud images ship one).
 fn grub_dropin_warnings(target: &HostRoot, warnings: &mut Vec<String>) {
     let dir = target.etc("default/grub.d");
-    let Ok(names) = sysfs::list_dir_opt(&dir) else { return };
+    let Ok(names) = sysfs::list_dir_opt(&dir) else {
+        return;
+    };
     for name in names {
         let path = dir.join(&name);
-        if path.extension().map_or(true, |e| e != "cfg") {
+        if !matches!(path.extension(), Some(e) if e == "cfg") {
             continue;
         }
         if let Ok(text) = sysfs::read_raw(&path) {
@@ -497,13 +480,17 @@ fn steps(host: &HostRoot, files: &[FileChange], params: &[grub::Param]) -> Vec<S
             why: "writes the new kernel command line into /boot/grub/grub.cfg".into(),
         });
     }
-    if [render::MODULES_LOAD_PATH, render::MODPROBE_PATH, render::UDEV_RULES_PATH]
-        .iter()
-        .any(|r| changed(r))
+    if [
+        render::MODULES_LOAD_PATH,
+        render::MODPROBE_PATH,
+        render::UDEV_RULES_PATH,
+    ]
+    .iter()
+    .any(|r| changed(r))
     {
         steps.push(Step {
             command: "update-initramfs -u".into(),
-            why: "the initramfs carries modprobe.d and udev rules, and may load nvidia or nouveau".into(),
+            why: "the initramfs carries modprobe.d and may load nvidia or nouveau".into(),
         });
     }
     let running = sysfs::read_text(&host.proc("cmdline")).ok();
@@ -523,55 +510,17 @@ fn steps(host: &HostRoot, files: &[FileChange], params: &[grub::Param]) -> Vec<S
     if !steps.is_empty() {
         steps.push(Step {
             command: "reboot".into(),
-            why: "the kernel command line, modules and boot-time binding take effect at boot".into(),
+            why: "the kernel command line, modules and boot-time binding take effect at boot"
+                .into(),
         });
     } else if !missing.is_empty() {
         steps.push(Step {
             command: "reboot".into(),
-            why: format!("the running kernel was started without {}", missing.join(" ")),
+            why: format!(
+                "the running kernel was started without {}",
+                missing.join(" ")
+            ),
         });
     }
     steps
-}
-
-/// Writes every changed file of `plan`: a `.gpucell-bak` copy of a modified file's
-/// current content first (kept if one exists already, so it holds the content from
-/// before gpucell's first change), then the new content atomically. Refuses a file
-/// that changed since it was planned.
-pub fn apply(plan: &BootPlan) -> Result<ApplyReport, BootCfgError> {
-    let mut report = ApplyReport::default();
-    for f in plan.files.iter().filter(|f| f.action != FileAction::Unchanged) {
-        let path = &f.target_path;
-        if read_current(path)? != f.old {
-            return Err(BootCfgError::Changed { path: path.clone() });
-        }
-        let write_err = |source| BootCfgError::Write {
-            path: path.clone(),
-            source,
-        };
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(|source| BootCfgError::Write {
-                path: parent.to_owned(),
-                source,
-            })?;
-        }
-        if let Some(old) = &f.old {
-            let mut backup = path.clone().into_os_string();
-            backup.push(BACKUP_SUFFIX);
-            let backup = PathBuf::from(backup);
-            if std::fs::symlink_metadata(&backup).is_err() {
-                atomic::write_atomic(&backup, old.as_bytes(), f.mode).map_err(|source| {
-                    BootCfgError::Write {
-                        path: backup.clone(),
-                        source,
-                    }
-                })?;
-                report.backups.push(backup);
-            }
-        }
-        atomic::write_atomic(path, f.content.as_bytes(), f.mode).map_err(write_err)?;
-        tracing::info!(path = %path.display(), "wrote");
-        report.written.push(path.clone());
-    }
-    Ok(report)
 }

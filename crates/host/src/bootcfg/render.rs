@@ -51,7 +51,10 @@ pub fn modprobe(companions: &BTreeSet<&'static str>, ids: &BTreeSet<(u16, u16)>)
         out.push_str(
             "# Claims EVERY device with these ids, not only the selected ones (--ids-mode).\n",
         );
-        let list: Vec<String> = ids.iter().map(|(v, d)| format!("{v:04x}:{d:04x}")).collect();
+        let list: Vec<String> = ids
+            .iter()
+            .map(|(v, d)| format!("{v:04x}:{d:04x}"))
+            .collect();
         out.push_str(&format!("options vfio-pci ids={}\n", list.join(",")));
     }
     out
@@ -68,7 +71,10 @@ pub fn udev_rules(devices: &[RuleDevice]) -> String {
         } else {
             format!("same IOMMU group as {}", d.gpu)
         };
-        out.push_str(&format!("# {} {:04x}:{:04x} ({role})\n", d.bdf, d.vendor, d.device));
+        out.push_str(&format!(
+            "# {} {:04x}:{:04x} ({role})\n",
+            d.bdf, d.vendor, d.device
+        ));
         out.push_str(&format!(
             "ACTION==\"add\", SUBSYSTEM==\"pci\", KERNEL==\"{}\", ATTR{{driver_override}}=\"vfio-pci\"\n",
             d.bdf

@@ -14,7 +14,11 @@ const EXIT_REFUSED: u8 = 1;
 #[derive(clap::Args, Debug)]
 pub struct BindArgs {
     /// PCI addresses of the GPUs; each brings every other endpoint of its IOMMU group.
-    #[arg(value_name = "BDF", required_unless_present = "all", conflicts_with = "all")]
+    #[arg(
+        value_name = "BDF",
+        required_unless_present = "all",
+        conflicts_with = "all"
+    )]
     pub devices: Vec<Bdf>,
     /// Every NVIDIA GPU of the host.
     #[arg(long)]
@@ -27,7 +31,11 @@ pub struct BindArgs {
 #[derive(clap::Args, Debug)]
 pub struct UnbindArgs {
     /// PCI addresses of the GPUs; each brings every other endpoint of its IOMMU group.
-    #[arg(value_name = "BDF", required_unless_present = "all", conflicts_with = "all")]
+    #[arg(
+        value_name = "BDF",
+        required_unless_present = "all",
+        conflicts_with = "all"
+    )]
     pub devices: Vec<Bdf>,
     /// Every NVIDIA GPU, and every function gpucell has a binding record of.
     #[arg(long)]
