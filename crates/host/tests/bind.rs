@@ -526,3 +526,68 @@ fn damaged_records_are_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn sata_disks_below_a_group_member_are_holders() {
+    let host = host();
+    host.add(
+        &FakeFunction::new("0000:01:00.3", 0x8086, 0x7ae2, 0x010601)
+            .behind(BRIDGE)
+            .driver("ahci")
+            .iommu_group(12),
+    )
+    .unwrap();
+    let dir = host.function_rel_dir(bdf("0000:01:00.3"));
+    host.mkdir(&format!(
+        "{dir}/ata1/host0/target0:0:0/0:0:0:0/block/sda/sda1"
+    ))
+    .unwrap();
+    let plan = bind::plan_bind(&host.root(), &one(GPU)).unwrap();
+    let msgs: Vec<String> = plan.refusals.iter().map(ToString::to_string).collect();
+    assert_eq!(msgs.len(), 1, "{msgs:?}");
+    assert!(
+        msgs[0].contains("0000:01:00.3") && msgs[0].contains("block device sda"),
+        "{msgs:?}"
+    );
+}
+
+#[test]
+fn two_functions_of_one_group_make_one_group_plan() {
+    let host = host();
+    let plan = bind::plan_bind(
+        &host.root(),
+        &Targets::Devices(vec![bdf(AUDIO), bdf(GPU), bdf(GPU)]),
+    )
+    .unwrap();
+    assert_eq!(plan.groups.len(), 1);
+    assert_eq!(plan.groups[0].requested, [bdf(GPU), bdf(AUDIO)]);
+    assert_eq!(plan.writes().count(), 6);
+}
+
+#[test]
+fn unbind_to_a_driver_no_longer_loaded_reprobes_with_a_warning() {
+    let host = host();
+    let root = host.root();
+    let state = tempfile::tempdir().unwrap();
+    let plan = bind::plan_bind(&root, &one(GPU)).unwrap();
+    bind::execute_bind(&root, state.path(), &plan, &mut kernel(&host)).unwrap();
+    std::fs::remove_dir_all(host.join("sys/bus/pci/drivers/snd_hda_intel")).unwrap();
+    let plan = bind::plan_unbind(&root, state.path(), &one(GPU)).unwrap();
+    assert!(
+        plan.warnings
+            .iter()
+            .any(|w| w.contains("snd_hda_intel") && w.contains("not loaded")),
+        "{:?}",
+        plan.warnings
+    );
+    let audio = plan.groups[0]
+        .endpoints
+        .iter()
+        .find(|e| e.bdf == bdf(AUDIO))
+        .unwrap();
+    let last = audio.writes.last().unwrap();
+    assert!(
+        last.path.ends_with("sys/bus/pci/drivers_probe") && last.value == AUDIO,
+        "{last}"
+    );
+}
