@@ -591,3 +591,11 @@ fn unbind_to_a_driver_no_longer_loaded_reprobes_with_a_warning() {
         "{last}"
     );
 }
+
+#[test]
+fn unbind_all_with_nothing_bound_is_a_no_op() {
+    let host = FakeHost::bare_metal_intel().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let plan = bind::plan_unbind(&host.root(), state.path(), &Targets::All).unwrap();
+    assert!(plan.groups.is_empty() && plan.refusals.is_empty());
+}

@@ -261,13 +261,7 @@ fn block_devices(dir: &Path) -> Vec<String> {
                 continue;
             }
             let name = e.file_name().to_string_lossy().into_owned();
-            let nvme_ns = name.starts_with("nvme")
-                && name[4..].split_once('n').is_some_and(|(c, n)| {
-                    !c.is_empty()
-                        && !n.is_empty()
-                        && c.bytes().all(|b| b.is_ascii_digit())
-                        && n.bytes().all(|b| b.is_ascii_digit())
-                });
+            let nvme_ns = is_nvme_namespace(&name);
             if in_block || nvme_ns {
                 out.push(sysfs::printable(&name));
             } else {
@@ -278,6 +272,22 @@ fn block_devices(dir: &Path) -> Vec<String> {
     out.sort();
     out.dedup();
     out
+}
+
+/// `nvme0n1`, or `nvme0c0n1` with native multipath.
+fn is_nvme_namespace(name: &str) -> bool {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let Some(rest) = name.strip_prefix("nvme") else {
+        return false;
+    };
+    let Some((ctrl, ns)) = rest.split_once('n') else {
+        return false;
+    };
+    let ctrl_ok = match ctrl.split_once('c') {
+        Some((a, b)) => digits(a) && digits(b),
+        None => digits(ctrl),
+    };
+    ctrl_ok && digits(ns)
 }
 
 /// Everything that holds `f` on the host. Problems reading are returned as warnings.
@@ -359,4 +369,28 @@ pub fn holds(
         });
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_nvme_namespace;
+
+    #[test]
+    fn nvme_namespace_names() {
+        for good in ["nvme0n1", "nvme12n3", "nvme0c0n1", "nvme1c12n2"] {
+            assert!(is_nvme_namespace(good), "{good}");
+        }
+        for bad in [
+            "nvme0",
+            "nvme",
+            "nvmen1",
+            "nvme0n",
+            "nvme0c0",
+            "nvme0cn1",
+            "nvme-subsys0",
+            "power",
+        ] {
+            assert!(!is_nvme_namespace(bad), "{bad}");
+        }
+    }
 }

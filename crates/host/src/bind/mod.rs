@@ -391,7 +391,12 @@ pub fn plan_unbind(
         refusals: Vec::new(),
         warnings: Vec::new(),
     };
-    for (group, requested) in resolve(root, &scan, targets, &recorded)? {
+    let groups = match resolve(root, &scan, targets, &recorded) {
+        // `unbind --all` with no GPU and no record: nothing to do.
+        Err(BindError::NoGpus { .. }) => Vec::new(),
+        other => other?,
+    };
+    for (group, requested) in groups {
         let (endpoints, bridges) = members(root, group, requested[0])?;
         let vfio_node = format!("/dev/vfio/{group}");
         let mut planned = Vec::new();
