@@ -146,6 +146,13 @@ fn plan_contents_are_what_the_issue_asks_for() {
             "ACTION==\"add\", SUBSYSTEM==\"pci\", KERNEL==\"{b}\", ATTR{{driver_override}}=\"vfio-pci\""
         )));
     }
+    for b in ["0000:01:00.0", "0000:01:00.1", "0000:41:00.0"] {
+        let rebind = format!(
+            "ACTION==\"add\", SUBSYSTEM==\"pci\", KERNEL==\"{b}\", DRIVER==\"?*\", DRIVER!=\"vfio-pci\", \
+             RUN+=\"/bin/sh -c 'echo {b} > /sys/bus/pci/devices/{b}/driver/unbind; echo {b} > /sys/bus/pci/drivers_probe'\"\n"
+        );
+        assert!(udev.contains(&rebind), "{udev}");
+    }
     assert!(!udev.contains("0000:00:01.0"), "the bridge is not bound");
     let modprobe = &get("/etc/modprobe.d/gpucell-vfio.conf").content;
     assert!(modprobe.contains("softdep nvidia pre: vfio-pci\nsoftdep nouveau pre: vfio-pci\nsoftdep snd_hda_intel pre: vfio-pci\n"));

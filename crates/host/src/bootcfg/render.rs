@@ -63,7 +63,9 @@ pub fn modprobe(companions: &BTreeSet<&'static str>, ids: &BTreeSet<(u16, u16)>)
 pub fn udev_rules(devices: &[RuleDevice]) -> String {
     let mut out = String::from(
         "# Written by `gpucell host apply`: hand these PCI functions to vfio-pci at boot.\n\
-         # A PCI address can change when cards are moved or added: re-run `gpucell host plan`.\n",
+         # A PCI address can change when cards are moved or added: re-run `gpucell host plan`.\n\
+         # The first rule of each function sets driver_override before its driver module loads.\n\
+         # The second one moves it when a driver loaded for another device took it first.\n",
     );
     for d in devices {
         let role = if d.bdf == d.gpu {
@@ -78,6 +80,11 @@ pub fn udev_rules(devices: &[RuleDevice]) -> String {
         out.push_str(&format!(
             "ACTION==\"add\", SUBSYSTEM==\"pci\", KERNEL==\"{}\", ATTR{{driver_override}}=\"vfio-pci\"\n",
             d.bdf
+        ));
+        out.push_str(&format!(
+            "ACTION==\"add\", SUBSYSTEM==\"pci\", KERNEL==\"{bdf}\", DRIVER==\"?*\", DRIVER!=\"vfio-pci\", \
+             RUN+=\"/bin/sh -c 'echo {bdf} > /sys/bus/pci/devices/{bdf}/driver/unbind; echo {bdf} > /sys/bus/pci/drivers_probe'\"\n",
+            bdf = d.bdf
         ));
     }
     out
