@@ -41,7 +41,7 @@ tr -d '\r' <"$results" | awk -v strict="$strict" -v qrc="$qrc" -v timeout="$time
         sub(/ .*/, "", line)
         return line
     }
-    function report(tag, name, detail) { printf "%-4s %-32s %s\n", tag, name, detail }
+    function report(tag, name, detail) { printf "%-4s %-38s %s\n", tag, name, detail }
     /^NESTED-BOOT / { booted = field($0, "uptime") }
     /^NESTED-SCENARIO / { name = field($0, "name"); start[name] = field($0, "uptime"); order[++n] = name }
     /^NESTED-DONE / { done = field($0, "uptime") }

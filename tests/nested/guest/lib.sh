@@ -129,3 +129,10 @@ run_l2_edu() {
         -device pcie-root-port,id=rp0,bus=pcie.0,chassis=1 \
         -device "vfio-pci,host=$1,bus=rp0" >"$3.qemu" 2>&1
 }
+
+# Hook for sandbox scenarios (`gpucell run --device BDF ...` inside L1): true
+# if build.sh found `gpucell guest build` output on the outer host and copied
+# it to /var/lib/gpucell/guest/default (gpucell's default state dir in L1).
+have_guest_artifacts() {
+    [ -f /etc/nested/guest-artifacts ] && [ -d /var/lib/gpucell/guest/default ]
+}
