@@ -599,3 +599,56 @@ fn unbind_all_with_nothing_bound_is_a_no_op() {
     let plan = bind::plan_unbind(&host.root(), state.path(), &Targets::All).unwrap();
     assert!(plan.groups.is_empty() && plan.refusals.is_empty());
 }
+
+#[test]
+fn retrying_a_failed_bind_keeps_the_first_record() {
+    let host = host();
+    let root = host.root();
+    let state = tempfile::tempdir().unwrap();
+    let plan = bind::plan_bind(&root, &one(GPU)).unwrap();
+    let mut failing = kernel(&host).fail_on(host.join("sys/bus/pci/drivers_probe"));
+    assert!(bind::execute_bind(&root, state.path(), &plan, &mut failing).is_err());
+    // The GPU is now unbound with the override set; a retry must not record that.
+    let plan = bind::plan_bind(&root, &one(GPU)).unwrap();
+    bind::execute_bind(&root, state.path(), &plan, &mut kernel(&host)).unwrap();
+    let rec = record::load(state.path(), bdf(GPU)).unwrap().unwrap();
+    assert_eq!(rec.previous_driver.as_deref(), Some("nvidia"));
+    assert_eq!(rec.previous_override, None);
+    let plan = bind::plan_unbind(&root, state.path(), &one(GPU)).unwrap();
+    bind::execute_unbind(&root, state.path(), &plan, &mut kernel(&host)).unwrap();
+    assert_eq!(driver(&root, GPU), Driver::Bound("nvidia".into()));
+}
+
+#[test]
+fn a_vfio_override_left_by_the_boot_rule_is_not_restored() {
+    let host = FakeHost::bare_metal_intel().unwrap();
+    let h100 = "0000:41:00.0";
+    host.add(
+        &FakeFunction::h100(h100)
+            .driver("nvidia")
+            .driver_override("vfio-pci")
+            .iommu_group(3),
+    )
+    .unwrap();
+    host.mkdir("sys/bus/pci/drivers/vfio-pci").unwrap();
+    let root = host.root();
+    let state = tempfile::tempdir().unwrap();
+    let plan = bind::plan_bind(&root, &one(h100)).unwrap();
+    let mut k = SimulatedKernel::new(root.clone());
+    bind::execute_bind(&root, state.path(), &plan, &mut k).unwrap();
+    let rec = record::load(state.path(), bdf(h100)).unwrap().unwrap();
+    assert_eq!(rec.previous_override, None);
+    let plan = bind::plan_unbind(&root, state.path(), &one(h100)).unwrap();
+    bind::execute_unbind(
+        &root,
+        state.path(),
+        &plan,
+        &mut SimulatedKernel::new(root.clone()),
+    )
+    .unwrap();
+    assert_eq!(driver(&root, h100), Driver::Bound("nvidia".into()));
+    assert_eq!(
+        PciFunction::read(&root, bdf(h100)).unwrap().driver_override,
+        None
+    );
+}

@@ -274,9 +274,11 @@ fn plan_bind_endpoint(
         writes: Vec::new(),
         record: None,
     };
-    let previous_override = match &f.driver_override {
+    // An override of vfio-pci (from gpucell's boot rule or an earlier bind) is not a
+    // state to return to: unbind then clears it.
+    let previous_override = match f.driver_override.as_deref() {
+        Some(VFIO_PCI) | None => None,
         Some(o) => Some(checked_driver_name(bdf, o)?),
-        None => None,
     };
     match &f.driver {
         Driver::Unknown => return Err(BindError::UnknownDriver { bdf }),
@@ -313,7 +315,7 @@ fn plan_bind_endpoint(
     Ok(ep)
 }
 
-/// Performs a bind plan: records, then writes, then checks each changed function is on
+/// Performs a bind plan: records (unless one exists), then writes, then checks each changed function is on
 /// vfio-pci and its `/dev/vfio/<group>` exists (a warning when not). Refuses a plan with
 /// refusals. A failed write stops at once; the records already saved let `unbind` undo.
 pub fn execute_bind(
@@ -333,8 +335,12 @@ pub fn execute_bind(
     };
     for g in &plan.groups {
         for ep in g.endpoints.iter().filter(|e| !e.writes.is_empty()) {
+            // A record left by an earlier bind that did not finish holds the state from
+            // before it; keep it.
             if let Some(r) = &ep.record {
-                record::save(state_dir, r)?;
+                if record::load(state_dir, ep.bdf)?.is_none() {
+                    record::save(state_dir, r)?;
+                }
             }
             perform(writer, &ep.writes)?;
             tracing::info!(bdf = %ep.bdf, "bound to vfio-pci");

@@ -57,7 +57,8 @@ impl SysfsWriter for KernelWriter {
 ///
 /// - `…/devices/<bdf>/driver_override`: stores the value (`(null)` when cleared).
 /// - `…/devices/<bdf>/driver/unbind`, `…/drivers/<d>/unbind`: removes the `driver` link.
-/// - `…/drivers/<d>/bind`: links the function to `<d>`.
+/// - `…/drivers/<d>/bind`: links the function to `<d>`; fails with ENODEV when
+///   `driver_override` names another driver, as the kernel's match does.
 /// - `…/drivers_probe`: links the function to its `driver_override` when that driver is
 ///   loaded (`sys/bus/pci/drivers/<d>` exists), otherwise to its native driver (see
 ///   [`SimulatedKernel::native_driver`]), otherwise leaves it unbound.
@@ -237,6 +238,15 @@ impl SysfsWriter for SimulatedKernel {
                 [d, op] if op == "bind" => {
                     if !self.root.pci_driver(d).is_dir() {
                         return Err(not_found());
+                    }
+                    // The kernel matches only the override's driver when one is set.
+                    let over =
+                        crate::sysfs::read_text_opt(&self.device_dir(bdf)?.join("driver_override"))
+                            .ok()
+                            .flatten()
+                            .filter(|v| v != "(null)");
+                    if over.is_some_and(|o| o != *d) {
+                        return Err(io::Error::from_raw_os_error(19)); // ENODEV
                     }
                     self.link_driver(bdf, d)
                 }
