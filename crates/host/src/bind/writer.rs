@@ -39,7 +39,8 @@ pub struct KernelWriter;
 
 impl SysfsWriter for KernelWriter {
     fn write(&mut self, path: &Path, value: &str) -> io::Result<()> {
-        let mut file = OpenOptions::new().write(true).open(path)?;
+        // O_TRUNC as the shell's `>` does; sysfs ignores it, a plain file needs it.
+        let mut file = OpenOptions::new().write(true).truncate(true).open(path)?;
         let bytes = if value.is_empty() { "\n" } else { value };
         let n = file.write(bytes.as_bytes())?;
         if n != bytes.len() {
@@ -255,5 +256,46 @@ impl SysfsWriter for SimulatedKernel {
             };
         }
         Err(not_found())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_writer_writes_once_and_never_creates_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let attr = dir.path().join("driver_override");
+        std::fs::write(&attr, "").unwrap();
+        KernelWriter.write(&attr, "vfio-pci").unwrap();
+        assert_eq!(std::fs::read_to_string(&attr).unwrap(), "vfio-pci");
+        KernelWriter.write(&attr, "").unwrap();
+        assert_eq!(std::fs::read_to_string(&attr).unwrap(), "\n");
+        let missing = dir.path().join("unbind");
+        let err = KernelWriter.write(&missing, "0000:01:00.0").unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        assert!(!missing.exists());
+    }
+
+    #[test]
+    fn writes_print_as_shell_commands() {
+        let w = SysfsWrite {
+            path: PathBuf::from("/sys/bus/pci/drivers_probe"),
+            value: "0000:01:00.0".into(),
+        };
+        assert_eq!(
+            w.to_string(),
+            "echo 0000:01:00.0 > /sys/bus/pci/drivers_probe"
+        );
+        let clear = SysfsWrite {
+            path: PathBuf::from("/sys/bus/pci/devices/0000:01:00.0/driver_override"),
+            value: String::new(),
+        };
+        assert_eq!(
+            clear.to_string(),
+            "echo > /sys/bus/pci/devices/0000:01:00.0/driver_override"
+        );
     }
 }
