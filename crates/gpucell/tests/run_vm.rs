@@ -259,3 +259,26 @@ fn bad_input_fails_with_125_before_booting() {
         stderr(&out)
     );
 }
+
+#[test]
+fn gpucell_killed_outright_takes_qemu_down_and_the_next_run_sweeps_its_dir() {
+    let Some(env) = vm_env() else { return };
+    let (mut child, _out) = start_ready(&env, "echo ready; sleep 1000");
+    let needle = env.state.path().to_string_lossy().to_string();
+    assert_eq!(common::qemu_processes_mentioning(&needle).len(), 1);
+    common::kill("KILL", child.id());
+    let _ = child.wait();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !common::qemu_processes_mentioning(&needle).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        common::qemu_processes_mentioning(&needle).is_empty(),
+        "QEMU outlived a SIGKILLed gpucell"
+    );
+    // The run directory of the killed run is still there; the next run removes it.
+    let run_dir = env.state.path().join("run");
+    assert_eq!(std::fs::read_dir(&run_dir).unwrap().count(), 1);
+    let out = env.run(&[&env.image, "--", "true"]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+}

@@ -26,6 +26,8 @@ pub enum ProcessError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot start the watchdog that kills QEMU if gpucell dies")]
+    Watchdog(#[source] std::io::Error),
     #[error("waiting for QEMU (pid {pid}) failed")]
     Wait {
         pid: u32,
@@ -47,6 +49,7 @@ pub fn describe_exit(status: &ExitStatus) -> String {
 #[derive(Debug)]
 pub struct QemuProcess {
     child: Child,
+    watchdog: Option<Watchdog>,
     pid: u32,
     exited: Option<ExitStatus>,
     console: Capture,
@@ -89,6 +92,19 @@ impl QemuProcess {
             source,
         })?;
         let pid = child.id();
+        // A uid change (-runas) clears the parent-death signal: a watchdog covers it.
+        let watchdog = if cmd.run_as.is_some() {
+            match Watchdog::spawn(pid) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    let _ = kill(Pid::from_raw(-(pid as i32)), Signal::SIGKILL);
+                    let _ = child.wait();
+                    return Err(ProcessError::Watchdog(e));
+                }
+            }
+        } else {
+            None
+        };
         let (console, _) = match child.stdout.take() {
             Some(out) => Capture::spawn("console", out, CONSOLE_TAIL_BYTES, console_marker),
             None => Capture::spawn("console", std::io::empty(), 1, None),
@@ -99,6 +115,7 @@ impl QemuProcess {
         };
         Ok(QemuProcess {
             child,
+            watchdog,
             pid,
             exited: None,
             console,
@@ -152,6 +169,11 @@ impl QemuProcess {
 
     /// Kills QEMU's process group with SIGKILL and reaps QEMU.
     pub fn kill(&mut self) -> Option<ExitStatus> {
+        // First the watchdog, so that it never signals a process group id that a
+        // reaped QEMU left free for reuse.
+        if let Some(w) = self.watchdog.take() {
+            w.disarm();
+        }
         if self.exited.is_none() {
             let _ = kill(Pid::from_raw(-(self.pid as i32)), Signal::SIGKILL);
             let _ = self.child.kill();
@@ -167,5 +189,42 @@ impl QemuProcess {
 impl Drop for QemuProcess {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Kills QEMU's process group when gpucell dies without cleaning up (SIGKILL, crash).
+///
+/// QEMU's parent-death signal is cleared when it switches to an unprivileged user, so a
+/// small `sh` holds the read end of a pipe whose write end only gpucell holds: when
+/// gpucell dies the kernel closes it, `read` returns and the group is killed. On a
+/// normal exit gpucell kills the watchdog first.
+#[derive(Debug)]
+struct Watchdog {
+    child: Child,
+    _pipe: std::os::fd::OwnedFd,
+}
+
+impl Watchdog {
+    fn spawn(qemu_pgid: u32) -> std::io::Result<Watchdog> {
+        let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let child = Command::new("/bin/sh")
+            .arg("-c")
+            .arg("read -r _; kill -KILL \"-$1\" 2>/dev/null")
+            .arg("gpucell-qemu-watchdog")
+            .arg(qemu_pgid.to_string())
+            .stdin(Stdio::from(read_end))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()?;
+        Ok(Watchdog {
+            child,
+            _pipe: write_end,
+        })
+    }
+
+    fn disarm(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
