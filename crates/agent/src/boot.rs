@@ -56,7 +56,13 @@ pub fn mount_pseudo() -> Result<(), BootError> {
     let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mnt("proc", "/proc", "proc", nodev, None)?;
     mnt("sysfs", "/sys", "sysfs", nodev, None)?;
-    mnt("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("mode=0755"))?;
+    mnt(
+        "devtmpfs",
+        "/dev",
+        "devtmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("mode=0755"),
+    )?;
     Ok(())
 }
 
@@ -106,15 +112,23 @@ pub fn load_modules() -> Result<usize, BootError> {
 /// workload gets a real `pivot_root` later. The module files are freed first.
 pub fn switch_to_tmpfs() -> Result<(), BootError> {
     let _ = fs::remove_dir_all(MODULES_DIR);
-    mnt("tmpfs", NEW_ROOT, "tmpfs", MsFlags::MS_NOSUID, Some("mode=0755"))?;
+    mnt(
+        "tmpfs",
+        NEW_ROOT,
+        "tmpfs",
+        MsFlags::MS_NOSUID,
+        Some("mode=0755"),
+    )?;
     for d in ["proc", "sys", "dev", "mnt", "run", "tmp"] {
         let _ = fs::create_dir(Path::new(NEW_ROOT).join(d));
     }
     chdir(NEW_ROOT).map_err(|e| BootError::Sys("chdir to the new root", e))?;
-    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>).map_err(|source| BootError::Mount {
-        what: "tmpfs (move)",
-        target: "/".into(),
-        source,
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>).map_err(|source| {
+        BootError::Mount {
+            what: "tmpfs (move)",
+            target: "/".into(),
+            source,
+        }
     })?;
     chroot(".").map_err(|e| BootError::Sys("chroot into the new root", e))?;
     chdir("/").map_err(|e| BootError::Sys("chdir /", e))?;

@@ -33,7 +33,11 @@ pub enum ChannelError {
 pub fn open(kind: Channel) -> Result<File, ChannelError> {
     let deadline = Instant::now() + CHANNEL_TIMEOUT;
     match kind {
-        Channel::Serial => open_serial(Path::new("/sys/class/virtio-ports"), Path::new("/dev"), deadline),
+        Channel::Serial => open_serial(
+            Path::new("/sys/class/virtio-ports"),
+            Path::new("/dev"),
+            deadline,
+        ),
         Channel::Vsock => open_vsock(deadline),
     }
 }
@@ -48,7 +52,8 @@ pub fn find_port(class_dir: &Path) -> Option<String> {
     ports.sort();
     ports.into_iter().find(|p| {
         let name = fs::read(class_dir.join(p).join("name")).unwrap_or_default();
-        name.len() < 256 && name.strip_suffix(b"\n").unwrap_or(&name) == VIRTIO_SERIAL_PORT_NAME.as_bytes()
+        name.len() < 256
+            && name.strip_suffix(b"\n").unwrap_or(&name) == VIRTIO_SERIAL_PORT_NAME.as_bytes()
     })
 }
 
@@ -76,7 +81,9 @@ fn open_serial(class_dir: &Path, dev: &Path, deadline: Instant) -> Result<File, 
     loop {
         let mut fds = [PollFd::new(file.as_fd(), PollFlags::POLLOUT)];
         let hung_up = match poll(&mut fds, PollTimeout::from(50u16)) {
-            Ok(_) => fds[0].revents().is_some_and(|r| r.contains(PollFlags::POLLHUP)),
+            Ok(_) => fds[0]
+                .revents()
+                .is_some_and(|r| r.contains(PollFlags::POLLHUP)),
             Err(_) => true,
         };
         if !hung_up {
@@ -92,11 +99,18 @@ fn open_serial(class_dir: &Path, dev: &Path, deadline: Instant) -> Result<File, 
 fn open_vsock(deadline: Instant) -> Result<File, ChannelError> {
     let addr = VsockAddr::new(HOST_CID, VSOCK_PORT);
     loop {
-        let attempt = socket(AddressFamily::Vsock, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
-            .and_then(|fd| connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr).map(|_| fd));
+        let attempt = socket(
+            AddressFamily::Vsock,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .and_then(|fd| connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr).map(|_| fd));
         match attempt {
             Ok(fd) => return Ok(File::from(fd)),
-            Err(e) if Instant::now() >= deadline => return Err(ChannelError::Vsock(CHANNEL_TIMEOUT, e)),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(ChannelError::Vsock(CHANNEL_TIMEOUT, e))
+            }
             Err(_) => std::thread::sleep(RETRY),
         }
     }
@@ -109,7 +123,11 @@ mod tests {
     #[test]
     fn port_is_found_by_name() {
         let d = tempfile::tempdir().unwrap();
-        for (port, name) in [("vport0p0", "org.other\n"), ("vport0p1", "org.gpucell.agent.0\n"), ("vport1p1", "x")] {
+        for (port, name) in [
+            ("vport0p0", "org.other\n"),
+            ("vport0p1", "org.gpucell.agent.0\n"),
+            ("vport1p1", "x"),
+        ] {
             fs::create_dir(d.path().join(port)).unwrap();
             fs::write(d.path().join(port).join("name"), name).unwrap();
         }

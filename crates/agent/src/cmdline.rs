@@ -41,7 +41,9 @@ impl Cmdline {
                 out.channel = match value {
                     "serial" => Channel::Serial,
                     "vsock" => Channel::Vsock,
-                    other => return Err(CmdlineError::BadChannel(other.chars().take(64).collect())),
+                    other => {
+                        return Err(CmdlineError::BadChannel(other.chars().take(64).collect()))
+                    }
                 };
             }
         }
@@ -56,11 +58,18 @@ mod tests {
     #[test]
     fn defaults_probe_and_channel() {
         let c = Cmdline::parse("console=ttyS0 panic=-1 quiet\n").unwrap();
-        assert_eq!(c, Cmdline { probe: false, channel: Channel::Serial });
+        assert_eq!(
+            c,
+            Cmdline {
+                probe: false,
+                channel: Channel::Serial
+            }
+        );
         let c = Cmdline::parse("console=ttyS0 gpucell.probe=1 gpucell.channel=vsock").unwrap();
         assert!(c.probe);
         assert_eq!(c.channel, Channel::Vsock);
-        let c = Cmdline::parse("gpucell.probe=0 gpucell.channel=vsock gpucell.channel=serial").unwrap();
+        let c =
+            Cmdline::parse("gpucell.probe=0 gpucell.channel=vsock gpucell.channel=serial").unwrap();
         assert!(!c.probe);
         assert_eq!(c.channel, Channel::Serial);
         // A key that merely starts like ours is not ours.
@@ -69,7 +78,9 @@ mod tests {
 
     #[test]
     fn bad_channel_is_named() {
-        let err = Cmdline::parse("gpucell.channel=pigeon").unwrap_err().to_string();
+        let err = Cmdline::parse("gpucell.channel=pigeon")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("pigeon"), "{err}");
     }
 }

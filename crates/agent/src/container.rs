@@ -62,7 +62,13 @@ pub enum ContainerError {
     Child(String),
 }
 
-fn mnt(src: &str, target: &Path, fstype: &str, flags: MsFlags, data: Option<&str>) -> Result<(), ContainerError> {
+fn mnt(
+    src: &str,
+    target: &Path,
+    fstype: &str,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<(), ContainerError> {
     let _ = fs::create_dir_all(target);
     mount(Some(src), target, Some(fstype), flags, data).map_err(|source| ContainerError::Mount {
         what: format!("{fstype} ({src})"),
@@ -78,9 +84,9 @@ pub fn mount_rootfs(spec: &RunSpec) -> Result<PathBuf, ContainerError> {
         return Err(ContainerError::FsType(fstype.chars().take(32).collect()));
     }
     let dev = spec.rootfs.device.as_str();
-    let valid_dev = dev
-        .strip_prefix("/dev/vd")
-        .is_some_and(|r| !r.is_empty() && r.len() < 8 && r.bytes().all(|b| b.is_ascii_alphanumeric()));
+    let valid_dev = dev.strip_prefix("/dev/vd").is_some_and(|r| {
+        !r.is_empty() && r.len() < 8 && r.bytes().all(|b| b.is_ascii_alphanumeric())
+    });
     if !valid_dev {
         return Err(ContainerError::BadDevice(dev.chars().take(64).collect()));
     }
@@ -92,8 +98,17 @@ pub fn mount_rootfs(spec: &RunSpec) -> Result<PathBuf, ContainerError> {
         std::thread::sleep(Duration::from_millis(10));
     }
     mnt(dev, Path::new(IMAGE_DIR), fstype, MsFlags::MS_RDONLY, None)?;
-    let size = spec.overlay_bytes.map(|b| format!("size={b},mode=0755")).unwrap_or_else(|| "mode=0755".into());
-    mnt("tmpfs", Path::new(RW_DIR), "tmpfs", MsFlags::empty(), Some(&size))?;
+    let size = spec
+        .overlay_bytes
+        .map(|b| format!("size={b},mode=0755"))
+        .unwrap_or_else(|| "mode=0755".into());
+    mnt(
+        "tmpfs",
+        Path::new(RW_DIR),
+        "tmpfs",
+        MsFlags::empty(),
+        Some(&size),
+    )?;
     for d in ["upper", "work"] {
         fs::create_dir_all(Path::new(RW_DIR).join(d)).map_err(|e| ContainerError::Mount {
             what: "overlay upper dir".into(),
@@ -102,7 +117,13 @@ pub fn mount_rootfs(spec: &RunSpec) -> Result<PathBuf, ContainerError> {
         })?;
     }
     let opts = format!("lowerdir={IMAGE_DIR},upperdir={RW_DIR}/upper,workdir={RW_DIR}/work");
-    mnt("overlay", Path::new(ROOT_DIR), "overlay", MsFlags::empty(), Some(&opts))?;
+    mnt(
+        "overlay",
+        Path::new(ROOT_DIR),
+        "overlay",
+        MsFlags::empty(),
+        Some(&opts),
+    )?;
     Ok(PathBuf::from(ROOT_DIR))
 }
 
@@ -120,7 +141,11 @@ pub struct Prepared {
 fn read_id_file(root: &Path, name: &str) -> Option<String> {
     let p = rootpath::resolve(root, "/", name).ok()?;
     let mut s = String::new();
-    fs::File::open(p).ok()?.take(MAX_ID_FILE).read_to_string(&mut s).ok()?;
+    fs::File::open(p)
+        .ok()?
+        .take(MAX_ID_FILE)
+        .read_to_string(&mut s)
+        .ok()?;
     Some(s)
 }
 
@@ -135,9 +160,17 @@ pub fn prepare(root: &Path, spec: &RunSpec) -> Result<Prepared, ContainerError> 
         return Err(ContainerError::TooMany(spec.args.len(), "args", MAX_ARGS));
     }
     if spec.env.len() > MAX_ENV {
-        return Err(ContainerError::TooMany(spec.env.len(), "environment entries", MAX_ENV));
+        return Err(ContainerError::TooMany(
+            spec.env.len(),
+            "environment entries",
+            MAX_ENV,
+        ));
     }
-    let cwd = if spec.cwd.is_empty() { "/" } else { spec.cwd.as_str() };
+    let cwd = if spec.cwd.is_empty() {
+        "/"
+    } else {
+        spec.cwd.as_str()
+    };
     if !cwd.starts_with('/') {
         return Err(ContainerError::Cwd(cwd.chars().take(256).collect()));
     }
@@ -161,8 +194,15 @@ pub fn prepare(root: &Path, spec: &RunSpec) -> Result<Prepared, ContainerError> 
     Ok(Prepared {
         root: cstr(&root.display().to_string(), "root")?,
         exe: cstr(&exe, "executable")?,
-        argv: spec.args.iter().map(|a| cstr(a, "args")).collect::<Result<_, _>>()?,
-        envp: env.iter().map(|e| cstr(e, "env")).collect::<Result<_, _>>()?,
+        argv: spec
+            .args
+            .iter()
+            .map(|a| cstr(a, "args"))
+            .collect::<Result<_, _>>()?,
+        envp: env
+            .iter()
+            .map(|e| cstr(e, "env"))
+            .collect::<Result<_, _>>()?,
         cwd: cstr(cwd, "cwd")?,
         hostname: spec.hostname.chars().take(64).collect(),
         ids,
@@ -228,7 +268,10 @@ pub fn spawn(p: &Prepared) -> Result<(Pid, Stdio), ContainerError> {
 fn set_nonblocking(fd: &OwnedFd) {
     use nix::fcntl::{fcntl, FcntlArg};
     if let Ok(flags) = fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL) {
-        let _ = fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK));
+        let _ = fcntl(
+            fd.as_raw_fd(),
+            FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK),
+        );
     }
 }
 
@@ -241,21 +284,46 @@ fn child_main(p: &Prepared, fds: [i32; 3]) -> Result<(), String> {
     for (i, fd) in fds.iter().enumerate() {
         unistd::dup2(*fd, i as i32).map_err(sys("dup2 of the workload's stdio"))?;
     }
-    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
-        .map_err(sys("making mounts private"))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(sys("making mounts private"))?;
     let root = Path::new(std::ffi::OsStr::new(p.root.to_str().unwrap_or(ROOT_DIR)));
     let m = |src: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>| {
         let t = root.join(target);
         let _ = fs::create_dir_all(&t);
-        mount(Some(src), &t, Some(fstype), flags, data).map_err(|e| format!("mounting {fstype} on /{target} in the container: {e}"))
+        mount(Some(src), &t, Some(fstype), flags, data)
+            .map_err(|e| format!("mounting {fstype} on /{target} in the container: {e}"))
     };
     let safe = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     m("proc", "proc", "proc", safe, None)?;
     m("sysfs", "sys", "sysfs", safe | MsFlags::MS_RDONLY, None)?;
-    m("tmpfs", "tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;
-    m("tmpfs", "dev", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("mode=0755,size=65536k"))?;
+    m(
+        "tmpfs",
+        "tmp",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    )?;
+    m(
+        "tmpfs",
+        "dev",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("mode=0755,size=65536k"),
+    )?;
     populate_dev(&root.join("dev"))?;
-    m("devpts", "dev/pts", "devpts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("newinstance,ptmxmode=0666,mode=0620"))?;
+    m(
+        "devpts",
+        "dev/pts",
+        "devpts",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620"),
+    )?;
     m("tmpfs", "dev/shm", "tmpfs", safe, Some("mode=1777"))?;
 
     unistd::chdir(root).map_err(sys("chdir to the container root"))?;
@@ -269,8 +337,12 @@ fn child_main(p: &Prepared, fds: [i32; 3]) -> Result<(), String> {
     unistd::setgroups(&groups).map_err(sys("setgroups"))?;
     unistd::setgid(Gid::from_raw(p.ids.gid)).map_err(sys("setgid"))?;
     unistd::setuid(Uid::from_raw(p.ids.uid)).map_err(sys("setuid"))?;
-    unistd::chdir(p.cwd.as_c_str())
-        .map_err(|e| format!("working directory `{}` of the image: {e}", p.cwd.to_string_lossy()))?;
+    unistd::chdir(p.cwd.as_c_str()).map_err(|e| {
+        format!(
+            "working directory `{}` of the image: {e}",
+            p.cwd.to_string_lossy()
+        )
+    })?;
     // The agent blocks SIGCHLD and Rust ignores SIGPIPE: the workload starts clean.
     let _ = signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
     // SAFETY: resetting a disposition to the default has no handler to race with.
@@ -278,19 +350,38 @@ fn child_main(p: &Prepared, fds: [i32; 3]) -> Result<(), String> {
         let _ = signal::signal(Signal::SIGPIPE, SigHandler::SigDfl);
     }
     let e = unistd::execve(&p.exe, &p.argv, &p.envp).unwrap_err();
-    Err(format!("executing `{}` in the image: {e}", p.exe.to_string_lossy()))
+    Err(format!(
+        "executing `{}` in the image: {e}",
+        p.exe.to_string_lossy()
+    ))
 }
 
 /// A minimal /dev: the usual character devices and the standard symlinks.
 fn populate_dev(dev: &Path) -> Result<(), String> {
-    let nodes: [(&str, u64, u64); 6] =
-        [("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9), ("tty", 5, 0)];
+    let nodes: [(&str, u64, u64); 6] = [
+        ("null", 1, 3),
+        ("zero", 1, 5),
+        ("full", 1, 7),
+        ("random", 1, 8),
+        ("urandom", 1, 9),
+        ("tty", 5, 0),
+    ];
     for (name, major, minor) in nodes {
         let path = dev.join(name);
-        mknod(&path, SFlag::S_IFCHR, Mode::from_bits_truncate(0o666), makedev(major, minor))
-            .map_err(|e| format!("mknod /dev/{name} in the container: {e}"))?;
+        mknod(
+            &path,
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o666),
+            makedev(major, minor),
+        )
+        .map_err(|e| format!("mknod /dev/{name} in the container: {e}"))?;
         // mknod is subject to the umask.
-        let _ = nix::sys::stat::fchmodat(None, &path, Mode::from_bits_truncate(0o666), nix::sys::stat::FchmodatFlags::FollowSymlink);
+        let _ = nix::sys::stat::fchmodat(
+            None,
+            &path,
+            Mode::from_bits_truncate(0o666),
+            nix::sys::stat::FchmodatFlags::FollowSymlink,
+        );
     }
     for (name, target) in [
         ("fd", "/proc/self/fd"),
@@ -299,7 +390,8 @@ fn populate_dev(dev: &Path) -> Result<(), String> {
         ("stderr", "/proc/self/fd/2"),
         ("ptmx", "pts/ptmx"),
     ] {
-        std::os::unix::fs::symlink(target, dev.join(name)).map_err(|e| format!("symlink /dev/{name}: {e}"))?;
+        std::os::unix::fs::symlink(target, dev.join(name))
+            .map_err(|e| format!("symlink /dev/{name}: {e}"))?;
     }
     Ok(())
 }

@@ -13,7 +13,11 @@ const CLASS_BRIDGE: u32 = 0x06;
 
 fn read_hex(path: &Path) -> Option<u32> {
     let mut s = String::new();
-    fs::File::open(path).ok()?.take(64).read_to_string(&mut s).ok()?;
+    fs::File::open(path)
+        .ok()?
+        .take(64)
+        .read_to_string(&mut s)
+        .ok()?;
     u32::from_str_radix(s.trim().trim_start_matches("0x"), 16).ok()
 }
 
@@ -47,12 +51,19 @@ pub fn scan(devices_dir: &Path) -> Vec<DeviceInfo> {
 pub fn matching(all: &[DeviceInfo], wanted: &[DeviceMatch]) -> (Vec<DeviceInfo>, Vec<DeviceMatch>) {
     let found = all
         .iter()
-        .filter(|d| wanted.iter().any(|w| w.vendor == d.vendor && w.device == d.device))
+        .filter(|d| {
+            wanted
+                .iter()
+                .any(|w| w.vendor == d.vendor && w.device == d.device)
+        })
         .cloned()
         .collect();
     let missing = wanted
         .iter()
-        .filter(|w| !all.iter().any(|d| w.vendor == d.vendor && w.device == d.device))
+        .filter(|w| {
+            !all.iter()
+                .any(|d| w.vendor == d.vendor && w.device == d.device)
+        })
         .cloned()
         .collect();
     (found, missing)
@@ -60,7 +71,11 @@ pub fn matching(all: &[DeviceInfo], wanted: &[DeviceMatch]) -> (Vec<DeviceInfo>,
 
 /// Waits up to `wait` for every wanted id to show up; returns what matched and what is
 /// still missing.
-pub fn wait_for(devices_dir: &Path, wanted: &[DeviceMatch], wait: Duration) -> (Vec<DeviceInfo>, Vec<DeviceMatch>) {
+pub fn wait_for(
+    devices_dir: &Path,
+    wanted: &[DeviceMatch],
+    wait: Duration,
+) -> (Vec<DeviceInfo>, Vec<DeviceMatch>) {
     let deadline = Instant::now() + wait;
     loop {
         let (found, missing) = matching(&scan(devices_dir), wanted);
@@ -97,13 +112,28 @@ mod tests {
         assert_eq!(all.len(), 3);
         assert_eq!(all[0].bdf, "0000:00:02.0");
         let want = [
-            DeviceMatch { vendor: 0x10de, device: 0x2335 },
-            DeviceMatch { vendor: 0x1234, device: 0x11e8 },
+            DeviceMatch {
+                vendor: 0x10de,
+                device: 0x2335,
+            },
+            DeviceMatch {
+                vendor: 0x1234,
+                device: 0x11e8,
+            },
         ];
         let (found, missing) = matching(&all, &want);
-        assert_eq!(found.iter().map(|d| d.bdf.as_str()).collect::<Vec<_>>(), ["0000:01:00.0", "0000:02:00.0"]);
+        assert_eq!(
+            found.iter().map(|d| d.bdf.as_str()).collect::<Vec<_>>(),
+            ["0000:01:00.0", "0000:02:00.0"]
+        );
         assert_eq!(found[0].class, 0x030200);
-        assert_eq!(missing, [DeviceMatch { vendor: 0x1234, device: 0x11e8 }]);
+        assert_eq!(
+            missing,
+            [DeviceMatch {
+                vendor: 0x1234,
+                device: 0x11e8
+            }]
+        );
         let t = Instant::now();
         let (_, missing) = wait_for(r, &want, Duration::from_millis(100));
         assert_eq!(missing.len(), 1);

@@ -57,7 +57,8 @@ pub fn resolve(root: &Path, cwd: &str, path: &str) -> Result<PathBuf, RootPathEr
         if links > MAX_LINKS {
             return Err(RootPathError::Loop(path.to_owned()));
         }
-        let target = std::fs::read_link(&here).map_err(|_| RootPathError::Missing(path.to_owned()))?;
+        let target =
+            std::fs::read_link(&here).map_err(|_| RootPathError::Missing(path.to_owned()))?;
         cur.pop();
         let t = target.as_os_str().as_bytes();
         if t.starts_with(b"/") {
@@ -104,7 +105,12 @@ pub fn path_of(env: &[String]) -> &str {
 
 /// Finds `name` (args[0]) as the container will exec it: looked up in `path_var` when it
 /// has no `/`, else taken relative to `cwd`. Returns the container path.
-pub fn find_executable(root: &Path, cwd: &str, name: &str, path_var: &str) -> Result<String, RootPathError> {
+pub fn find_executable(
+    root: &Path,
+    cwd: &str,
+    name: &str,
+    path_var: &str,
+) -> Result<String, RootPathError> {
     if name.is_empty() {
         return Err(RootPathError::Empty);
     }
@@ -163,12 +169,24 @@ mod tests {
         let d = tree();
         let r = d.path();
         assert_eq!(resolve(r, "/", "/bin/sh").unwrap(), r.join("bin/busybox"));
-        assert_eq!(resolve(r, "/", "/usr/bin/env").unwrap(), r.join("bin/busybox"));
-        assert_eq!(resolve(r, "/", "/etc/hostlink").unwrap(), r.join("etc/passwd"));
+        assert_eq!(
+            resolve(r, "/", "/usr/bin/env").unwrap(),
+            r.join("bin/busybox")
+        );
+        assert_eq!(
+            resolve(r, "/", "/etc/hostlink").unwrap(),
+            r.join("etc/passwd")
+        );
         assert_eq!(resolve(r, "/app", "up/sh").unwrap(), r.join("bin/busybox"));
         assert_eq!(resolve(r, "/", "/../../..").unwrap(), r.to_owned());
-        assert_eq!(resolve(r, "/", "/app/missing/x").unwrap(), r.join("app/missing/x"));
-        assert!(matches!(resolve(r, "/", "/app/loop1"), Err(RootPathError::Loop(_))));
+        assert_eq!(
+            resolve(r, "/", "/app/missing/x").unwrap(),
+            r.join("app/missing/x")
+        );
+        assert!(matches!(
+            resolve(r, "/", "/app/loop1"),
+            Err(RootPathError::Loop(_))
+        ));
     }
 
     #[test]
@@ -176,23 +194,45 @@ mod tests {
         let d = tree();
         let r = d.path();
         let path = "/usr/local/bin:/usr/bin:/bin";
-        assert_eq!(find_executable(r, "/", "python3", path).unwrap(), "/usr/bin/python3");
+        assert_eq!(
+            find_executable(r, "/", "python3", path).unwrap(),
+            "/usr/bin/python3"
+        );
         assert_eq!(find_executable(r, "/", "sh", path).unwrap(), "/bin/sh");
         // The non-executable earlier in PATH is skipped.
         std::fs::write(r.join("bin/notexec"), b"").unwrap();
-        std::fs::set_permissions(r.join("bin/notexec"), std::fs::Permissions::from_mode(0o755)).unwrap();
-        assert_eq!(find_executable(r, "/", "notexec", path).unwrap(), "/bin/notexec");
+        std::fs::set_permissions(
+            r.join("bin/notexec"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        assert_eq!(
+            find_executable(r, "/", "notexec", path).unwrap(),
+            "/bin/notexec"
+        );
         let e = find_executable(r, "/", "foo", "/usr/bin:/bin").unwrap_err();
-        assert_eq!(e.to_string(), "executable `foo` not found in PATH /usr/bin:/bin of the image");
+        assert_eq!(
+            e.to_string(),
+            "executable `foo` not found in PATH /usr/bin:/bin of the image"
+        );
         // With a slash: relative to cwd, no PATH search.
-        assert_eq!(find_executable(r, "/app", "./run.sh", path).unwrap(), "./run.sh");
-        assert!(matches!(find_executable(r, "/", "./run.sh", path), Err(RootPathError::Missing(_))));
+        assert_eq!(
+            find_executable(r, "/app", "./run.sh", path).unwrap(),
+            "./run.sh"
+        );
+        assert!(matches!(
+            find_executable(r, "/", "./run.sh", path),
+            Err(RootPathError::Missing(_))
+        ));
         assert!(matches!(
             find_executable(r, "/", "/usr/local/bin/notexec", path),
             Err(RootPathError::NotExecutable(_))
         ));
         // A directory is not an executable.
-        assert!(matches!(find_executable(r, "/", "/app", path), Err(RootPathError::NotExecutable(_))));
+        assert!(matches!(
+            find_executable(r, "/", "/app", path),
+            Err(RootPathError::NotExecutable(_))
+        ));
         assert_eq!(find_executable(r, "/", "", path), Err(RootPathError::Empty));
     }
 

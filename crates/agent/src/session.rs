@@ -8,8 +8,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use gpucell_protocol::{
-    ExitStatus, FrameError, FrameReader, FrameWriter, FromGuest, FromHost, GuestHello, RunSpec, MAX_DATA_PAYLOAD,
-    PROTOCOL_VERSION,
+    ExitStatus, FrameError, FrameReader, FrameWriter, FromGuest, FromHost, GuestHello, RunSpec,
+    MAX_DATA_PAYLOAD, PROTOCOL_VERSION,
 };
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -113,11 +113,18 @@ impl Session {
     /// Runs the spec to completion and sends `Exited`.
     pub fn run(&mut self, spec: &RunSpec, sigfd: &SignalFd) -> Result<(), SessionError> {
         let wait = Duration::from_millis(spec.device_wait_ms.min(600_000));
-        let (found, missing) = devices::wait_for(Path::new("/sys/bus/pci/devices"), &spec.devices, wait);
+        let (found, missing) =
+            devices::wait_for(Path::new("/sys/bus/pci/devices"), &spec.devices, wait);
         self.send(&FromGuest::Devices(found))?;
         if !missing.is_empty() {
-            let ids: Vec<String> = missing.iter().map(|d| format!("{:04x}:{:04x}", d.vendor, d.device)).collect();
-            return Err(SessionError::MissingDevices(ids.join(", "), spec.device_wait_ms));
+            let ids: Vec<String> = missing
+                .iter()
+                .map(|d| format!("{:04x}:{:04x}", d.vendor, d.device))
+                .collect();
+            return Err(SessionError::MissingDevices(
+                ids.join(", "),
+                spec.device_wait_ms,
+            ));
         }
         let root = container::mount_rootfs(spec)?;
         let prepared = container::prepare(&root, spec)?;
@@ -131,8 +138,17 @@ impl Session {
 
     /// Streams stdio and host messages until the workload has exited and its output is
     /// drained. Reaps every child that reaches PID 1 on the way.
-    fn pump(&mut self, pid: Pid, stdio: Stdio, sigfd: &SignalFd) -> Result<ExitStatus, SessionError> {
-        let Stdio { stdin, stdout, stderr } = stdio;
+    fn pump(
+        &mut self,
+        pid: Pid,
+        stdio: Stdio,
+        sigfd: &SignalFd,
+    ) -> Result<ExitStatus, SessionError> {
+        let Stdio {
+            stdin,
+            stdout,
+            stderr,
+        } = stdio;
         let mut stdin = Some(stdin);
         let mut outs: [Option<OwnedFd>; 2] = [Some(stdout), Some(stderr)];
         let mut pending: VecDeque<u8> = VecDeque::new();
@@ -155,23 +171,46 @@ impl Session {
             let chan = self.reader.get_ref().as_fd();
             let mut fds = Vec::with_capacity(5);
             let read_chan = channel_open && pending.len() < MAX_STDIN_BUFFER;
-            fds.push(PollFd::new(chan, if read_chan { PollFlags::POLLIN } else { PollFlags::empty() }));
+            fds.push(PollFd::new(
+                chan,
+                if read_chan {
+                    PollFlags::POLLIN
+                } else {
+                    PollFlags::empty()
+                },
+            ));
             fds.push(PollFd::new(sigfd.as_fd(), PollFlags::POLLIN));
             for o in outs.iter().flatten() {
                 fds.push(PollFd::new(o.as_fd(), PollFlags::POLLIN));
             }
             let want_out = !pending.is_empty();
             if let Some(i) = stdin.as_ref() {
-                fds.push(PollFd::new(i.as_fd(), if want_out { PollFlags::POLLOUT } else { PollFlags::empty() }));
+                fds.push(PollFd::new(
+                    i.as_fd(),
+                    if want_out {
+                        PollFlags::POLLOUT
+                    } else {
+                        PollFlags::empty()
+                    },
+                ));
             }
-            let timeout = if status.is_some() { PollTimeout::from(100u16) } else { PollTimeout::NONE };
+            let timeout = if status.is_some() {
+                PollTimeout::from(100u16)
+            } else {
+                PollTimeout::NONE
+            };
             match poll(&mut fds, timeout) {
                 Ok(_) | Err(Errno::EINTR) => {}
                 Err(e) => return Err(SessionError::Sys("poll", e)),
             }
-            let rev: Vec<PollFlags> = fds.iter().map(|f| f.revents().unwrap_or(PollFlags::empty())).collect();
+            let rev: Vec<PollFlags> = fds
+                .iter()
+                .map(|f| f.revents().unwrap_or(PollFlags::empty()))
+                .collect();
             drop(fds);
-            let ready = |r: PollFlags| r.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR);
+            let ready = |r: PollFlags| {
+                r.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR)
+            };
 
             // Children first, so an exit is seen even while output keeps coming.
             if ready(rev[1]) {
@@ -195,7 +234,11 @@ impl Session {
                     Ok(0) => *slot = None,
                     Ok(k) => {
                         let data = buf[..k].to_vec();
-                        let msg = if n == 0 { FromGuest::Stdout(data) } else { FromGuest::Stderr(data) };
+                        let msg = if n == 0 {
+                            FromGuest::Stdout(data)
+                        } else {
+                            FromGuest::Stderr(data)
+                        };
                         self.send(&msg)?;
                     }
                     Err(Errno::EAGAIN) | Err(Errno::EINTR) => {}
@@ -243,9 +286,14 @@ impl Session {
                         return Err(SessionError::Shutdown);
                     }
                     Ok(other) => {
-                        tracing::warn!(message = name_of(&other), "unexpected message during the run; ignored");
+                        tracing::warn!(
+                            message = name_of(&other),
+                            "unexpected message during the run; ignored"
+                        );
                     }
-                    Err(FrameError::Closed) | Err(FrameError::Truncated) | Err(FrameError::Io(_)) => {
+                    Err(FrameError::Closed)
+                    | Err(FrameError::Truncated)
+                    | Err(FrameError::Io(_)) => {
                         // The host is gone: nobody is left to report to.
                         let _ = kill(pid, Signal::SIGKILL);
                         return Err(SessionError::Frame(FrameError::Closed));
@@ -266,10 +314,16 @@ fn reap(workload: Pid) -> Option<ExitStatus> {
     loop {
         match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::Exited(p, code)) if p == workload => {
-                found = Some(ExitStatus { code: Some(code), signal: None })
+                found = Some(ExitStatus {
+                    code: Some(code),
+                    signal: None,
+                })
             }
             Ok(WaitStatus::Signaled(p, sig, _)) if p == workload => {
-                found = Some(ExitStatus { code: None, signal: Some(sig as i32) })
+                found = Some(ExitStatus {
+                    code: None,
+                    signal: Some(sig as i32),
+                })
             }
             Ok(WaitStatus::StillAlive) | Err(_) => return found,
             Ok(_) => {}
@@ -281,7 +335,8 @@ fn reap(workload: Pid) -> Option<ExitStatus> {
 pub fn sigchld_fd() -> Result<SignalFd, SessionError> {
     let mut mask = SigSet::empty();
     mask.add(Signal::SIGCHLD);
-    mask.thread_block().map_err(|e| SessionError::Sys("blocking SIGCHLD", e))?;
+    mask.thread_block()
+        .map_err(|e| SessionError::Sys("blocking SIGCHLD", e))?;
     SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
         .map_err(|e| SessionError::Sys("signalfd", e))
 }

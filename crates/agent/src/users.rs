@@ -67,7 +67,9 @@ fn group_entries(text: &str) -> impl Iterator<Item = GroupEntry<'_>> {
 }
 
 fn valid_name(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 256 && !s.contains(|c: char| c == ':' || c.is_whitespace() || c.is_control())
+    !s.is_empty()
+        && s.len() <= 256
+        && !s.contains(|c: char| c == ':' || c.is_whitespace() || c.is_control())
 }
 
 /// Resolves `spec` ("" means root). `passwd`/`group` are the files' contents when the
@@ -135,12 +137,16 @@ mod tests {
 broken line\n\
 app:x:1000:1000:App,,,:/home/app:/bin/sh\n\
 svc:x:999:998::/nonexistent:/usr/sbin/nologin\n";
-    const GROUP: &str = "root:x:0:\nvideo:x:44:app,svc\nrender:x:105:app\napp:x:1000:\nsvc:x:998:\n";
+    const GROUP: &str =
+        "root:x:0:\nvideo:x:44:app,svc\nrender:x:105:app\napp:x:1000:\nsvc:x:998:\n";
 
     #[test]
     fn names_numbers_and_groups() {
         let r = resolve("", Some(PASSWD), Some(GROUP)).unwrap();
-        assert_eq!((r.uid, r.gid, r.groups.clone(), r.home.as_deref()), (0, 0, vec![0], Some("/root")));
+        assert_eq!(
+            (r.uid, r.gid, r.groups.clone(), r.home.as_deref()),
+            (0, 0, vec![0], Some("/root"))
+        );
         let a = resolve("app", Some(PASSWD), Some(GROUP)).unwrap();
         assert_eq!((a.uid, a.gid), (1000, 1000));
         assert_eq!(a.groups, vec![44, 105, 1000]);
@@ -172,12 +178,27 @@ svc:x:999:998::/nonexistent:/usr/sbin/nologin\n";
 
     #[test]
     fn missing_names_are_errors_naming_them() {
-        assert_eq!(resolve("nobody", Some(PASSWD), Some(GROUP)), Err(UserError::NoUser("nobody".into())));
-        assert_eq!(resolve("app:wheel", Some(PASSWD), Some(GROUP)), Err(UserError::NoGroup("wheel".into())));
-        assert_eq!(resolve("app", None, None), Err(UserError::NoUser("app".into())));
+        assert_eq!(
+            resolve("nobody", Some(PASSWD), Some(GROUP)),
+            Err(UserError::NoUser("nobody".into()))
+        );
+        assert_eq!(
+            resolve("app:wheel", Some(PASSWD), Some(GROUP)),
+            Err(UserError::NoGroup("wheel".into()))
+        );
+        assert_eq!(
+            resolve("app", None, None),
+            Err(UserError::NoUser("app".into()))
+        );
         let e = resolve("nobody", None, None).unwrap_err().to_string();
         assert!(e.contains("`nobody`") && e.contains("/etc/passwd"), "{e}");
-        assert!(matches!(resolve("a b", None, None), Err(UserError::BadSpec(_))));
-        assert!(matches!(resolve("a:b:c", None, None), Err(UserError::BadSpec(_))));
+        assert!(matches!(
+            resolve("a b", None, None),
+            Err(UserError::BadSpec(_))
+        ));
+        assert!(matches!(
+            resolve("a:b:c", None, None),
+            Err(UserError::BadSpec(_))
+        ));
     }
 }

@@ -34,11 +34,21 @@ pub fn locate(explicit: Option<&Path>) -> Result<PathBuf, AgentError> {
         return Ok(PathBuf::from(p));
     }
     let mut candidates = Vec::new();
-    if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_owned)) {
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_owned))
+    {
         candidates.push(dir.join("gpucell-agent"));
     }
-    candidates.push(Path::new("target").join(AGENT_TARGET).join("release/gpucell-agent"));
-    candidates.into_iter().find(|c| c.is_file()).ok_or(AgentError::NotFound)
+    candidates.push(
+        Path::new("target")
+            .join(AGENT_TARGET)
+            .join("release/gpucell-agent"),
+    );
+    candidates
+        .into_iter()
+        .find(|c| c.is_file())
+        .ok_or(AgentError::NotFound)
 }
 
 /// Reads the agent and checks it is a static x86-64 executable.
@@ -56,7 +66,10 @@ pub fn check_static(path: &Path, data: &[u8]) -> Result<(), AgentError> {
     if header.e_machine(endian) != elf::EM_X86_64 || (ty != elf::ET_EXEC && ty != elf::ET_DYN) {
         return Err(not_elf());
     }
-    for ph in header.program_headers(endian, data).map_err(|_| not_elf())? {
+    for ph in header
+        .program_headers(endian, data)
+        .map_err(|_| not_elf())?
+    {
         if ph.p_type(endian) == elf::PT_INTERP {
             let interp = ph
                 .data(endian, data)
@@ -81,11 +94,18 @@ mod tests {
         // /bin/sh on Debian is dynamic; busybox-static is static.
         let sh = Path::new("/bin/sh");
         match load(sh) {
-            Err(AgentError::Dynamic { interp, .. }) => assert!(interp.contains("ld-linux"), "{interp}"),
+            Err(AgentError::Dynamic { interp, .. }) => {
+                assert!(interp.contains("ld-linux"), "{interp}")
+            }
             other => panic!("expected a dynamic-binary error, got {other:?}"),
         }
         let busybox = Path::new("/bin/busybox");
-        if busybox.exists() && !std::fs::read(busybox).unwrap().windows(11).any(|w| w == b"ld-linux-x8") {
+        if busybox.exists()
+            && !std::fs::read(busybox)
+                .unwrap()
+                .windows(11)
+                .any(|w| w == b"ld-linux-x8")
+        {
             load(busybox).unwrap();
         } else {
             eprintln!("skipping the static case: no static /bin/busybox (install busybox-static)");
@@ -94,6 +114,9 @@ mod tests {
         let f = d.path().join("script");
         std::fs::write(&f, "#!/bin/sh\n").unwrap();
         assert!(matches!(load(&f), Err(AgentError::NotElf(_))));
-        assert!(matches!(load(&d.path().join("missing")), Err(AgentError::Read(..))));
+        assert!(matches!(
+            load(&d.path().join("missing")),
+            Err(AgentError::Read(..))
+        ));
     }
 }

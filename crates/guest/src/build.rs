@@ -11,7 +11,9 @@ use sha2::{Digest, Sha256};
 use crate::cpio::{Archive, CpioError};
 use crate::deb::{self, DebError, DebFile};
 use crate::flavour::{self, Flavour, FlavourError};
-use crate::manifest::{FileDigest, Manifest, INITRAMFS_FILE, MANIFEST_FILE, MANIFEST_SCHEMA, VMLINUX_FILE};
+use crate::manifest::{
+    FileDigest, Manifest, INITRAMFS_FILE, MANIFEST_FILE, MANIFEST_SCHEMA, VMLINUX_FILE,
+};
 use crate::modules::{self, ModuleFile, ModulesError};
 use crate::vmlinux::{self, VmlinuxError};
 use crate::{agent_bin, agent_bin::AgentError};
@@ -24,7 +26,10 @@ const MAX_MODULE: u64 = 64 << 20;
 
 /// Identity of this builder; part of the cache key.
 pub fn builder_id() -> String {
-    format!("gpucell-guest {} layout {MANIFEST_SCHEMA}", env!("CARGO_PKG_VERSION"))
+    format!(
+        "gpucell-guest {} layout {MANIFEST_SCHEMA}",
+        env!("CARGO_PKG_VERSION")
+    )
 }
 
 /// Options of `gpucell guest build`.
@@ -189,13 +194,18 @@ pub fn build(state_dir: &Path, opts: &BuildOptions) -> Result<crate::GuestArtifa
     let work = tempfile::Builder::new()
         .prefix(".build-")
         .tempdir_in(&guest_dir)
-        .map_err(io(format!("creating a temp dir in {}", guest_dir.display())))?;
+        .map_err(io(format!(
+            "creating a temp dir in {}",
+            guest_dir.display()
+        )))?;
     let manifest = build_into(work.path(), &inputs, &deb)?;
 
     let out = work.path().join("out");
     replace_dir(&out, &final_dir)?;
     tracing::info!(dir = %final_dir.display(), kernel = %manifest.kernel_release, "guest artifacts built");
-    Ok(crate::GuestArtifacts::from_manifest(&final_dir, manifest, false))
+    Ok(crate::GuestArtifacts::from_manifest(
+        &final_dir, manifest, false,
+    ))
 }
 
 fn build_into(work: &Path, inputs: &Inputs, deb: &DebFile) -> Result<Manifest, BuildError> {
@@ -212,7 +222,9 @@ fn build_into(work: &Path, inputs: &Inputs, deb: &DebFile) -> Result<Manifest, B
         .output()
         .map_err(|e| BuildError::Depmod(e.to_string()))?;
     if !depmod.status.success() {
-        return Err(BuildError::Depmod(String::from_utf8_lossy(&depmod.stderr).trim().to_owned()));
+        return Err(BuildError::Depmod(
+            String::from_utf8_lossy(&depmod.stderr).trim().to_owned(),
+        ));
     }
     let read_text = |name: &str| {
         let p = mod_root.join(name);
@@ -239,17 +251,31 @@ fn build_into(work: &Path, inputs: &Inputs, deb: &DebFile) -> Result<Manifest, B
         kernel_package: deb.package.clone(),
         kernel_package_version: deb.version.clone(),
         deb: FileDigest {
-            file: deb.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            file: deb
+                .path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
             sha256: deb.sha256.clone(),
             size: fs::metadata(&deb.path).map(|m| m.len()).unwrap_or(0),
         },
         vmlinux: digest(VMLINUX_FILE, &vmlinux),
         initramfs: digest(INITRAMFS_FILE, &initramfs),
         agent: inputs.agent_digest.clone(),
-        requested_modules: inputs.flavour.modules.iter().map(|s| s.to_string()).collect(),
+        requested_modules: inputs
+            .flavour
+            .modules
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
         modules: resolved.load_order.iter().map(|m| m.name.clone()).collect(),
         builtin_modules: resolved.builtin,
-        extra_packages: inputs.flavour.extra_packages.iter().map(|s| s.to_string()).collect(),
+        extra_packages: inputs
+            .flavour
+            .extra_packages
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
     };
     write_synced(&out.join(VMLINUX_FILE), &vmlinux)?;
     write_synced(&out.join(INITRAMFS_FILE), &initramfs)?;
@@ -274,7 +300,11 @@ fn kernel_release(root: &Path) -> Result<String, BuildError> {
 
 /// The init image: the agent as `/init`, the console node the kernel opens for it, mount
 /// points, and the modules with their load order.
-pub fn init_image(agent: &[u8], mod_root: &Path, order: &[ModuleFile]) -> Result<Vec<u8>, BuildError> {
+pub fn init_image(
+    agent: &[u8],
+    mod_root: &Path,
+    order: &[ModuleFile],
+) -> Result<Vec<u8>, BuildError> {
     let mut a = Archive::new();
     a.file("init", 0o755, agent.to_vec())?;
     a.dir("dev", 0o755)?;
@@ -297,7 +327,10 @@ pub fn init_image(agent: &[u8], mod_root: &Path, order: &[ModuleFile]) -> Result
 
 fn read_module(path: &Path) -> Result<Vec<u8>, BuildError> {
     let shown = path.display().to_string();
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let f = fs::File::open(path).map_err(io(format!("reading {shown}")))?;
     let mut data = Vec::new();
     if name.ends_with(".ko.xz") {
@@ -310,7 +343,9 @@ fn read_module(path: &Path) -> Result<Vec<u8>, BuildError> {
     } else if name.ends_with(".ko.gz") {
         return Err(BuildError::CompressedModule(shown, "gzip"));
     } else {
-        f.take(MAX_MODULE + 1).read_to_end(&mut data).map_err(io(format!("reading {shown}")))?;
+        f.take(MAX_MODULE + 1)
+            .read_to_end(&mut data)
+            .map_err(io(format!("reading {shown}")))?;
     }
     if data.len() as u64 > MAX_MODULE {
         return Err(BuildError::ModuleTooLarge(shown));
@@ -338,7 +373,10 @@ fn replace_dir(new: &Path, dest: &Path) -> Result<(), BuildError> {
         fs::rename(dest, &old).map_err(io(format!("moving {} aside", dest.display())))?;
         if let Err(e) = fs::rename(new, dest) {
             let _ = fs::rename(&old, dest);
-            return Err(BuildError::Io(format!("moving the new build to {}", dest.display()), e));
+            return Err(BuildError::Io(
+                format!("moving the new build to {}", dest.display()),
+                e,
+            ));
         }
         // `aside` drops here, removing the old build.
     } else {

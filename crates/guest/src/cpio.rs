@@ -14,7 +14,9 @@ const MAX_FILE: usize = u32::MAX as usize;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CpioError {
-    #[error("cpio path `{0}` is not a clean relative path (no leading `/`, `.`, `..` or empty parts)")]
+    #[error(
+        "cpio path `{0}` is not a clean relative path (no leading `/`, `.`, `..` or empty parts)"
+    )]
     BadPath(String),
     #[error("cpio entry `{path}` of {len} bytes is over the newc limit of 4 GiB")]
     TooLarge { path: String, len: usize },
@@ -137,8 +139,7 @@ impl Archive {
     pub fn write_to<W: Write>(&self, out: W) -> Result<u64, CpioError> {
         let mut w = CountingWriter { inner: out, n: 0 };
         for (ino, (path, entry)) in self.entries.iter().enumerate() {
-            let (type_bits, nlink, data, rdev): (u32, u32, &[u8], (u32, u32)) = match &entry.kind
-            {
+            let (type_bits, nlink, data, rdev): (u32, u32, &[u8], (u32, u32)) = match &entry.kind {
                 EntryKind::Dir => (0o040000, 2, &[], (0, 0)),
                 EntryKind::File(d) => (0o100000, 1, d, (0, 0)),
                 EntryKind::Symlink(t) => (0o120000, 1, t.as_bytes(), (0, 0)),
@@ -149,7 +150,15 @@ impl Archive {
                 path: path.clone(),
                 len: ino,
             })?;
-            write_header(&mut w, ino, type_bits | entry.perm, nlink, data.len(), rdev, path)?;
+            write_header(
+                &mut w,
+                ino,
+                type_bits | entry.perm,
+                nlink,
+                data.len(),
+                rdev,
+                path,
+            )?;
             w.write_all(data)?;
             pad(&mut w, 4)?;
         }
@@ -300,18 +309,41 @@ mod tests {
             .arg(&archive)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let list = String::from_utf8(out.stdout).unwrap();
-        let plain = Command::new("cpio").args(["-t", "--quiet", "-F"]).arg(&archive).output().unwrap();
+        let plain = Command::new("cpio")
+            .args(["-t", "--quiet", "-F"])
+            .arg(&archive)
+            .output()
+            .unwrap();
         let plain = String::from_utf8(plain.stdout).unwrap();
         let names: Vec<&str> = plain.lines().collect();
         assert_eq!(
             names,
-            ["bin", "dev", "dev/console", "init", "modules", "modules/a.ko", "modules/order", "proc"]
+            [
+                "bin",
+                "dev",
+                "dev/console",
+                "init",
+                "modules",
+                "modules/a.ko",
+                "modules/order",
+                "proc"
+            ]
         );
-        assert!(list.lines().any(|l| l.starts_with("crw-------") && l.contains("dev/console")));
-        assert!(list.lines().any(|l| l.starts_with("lrwxrwxrwx") && l.contains("bin -> init")));
-        assert!(list.lines().any(|l| l.starts_with("dr-xr-xr-x") && l.ends_with("proc")));
+        assert!(list
+            .lines()
+            .any(|l| l.starts_with("crw-------") && l.contains("dev/console")));
+        assert!(list
+            .lines()
+            .any(|l| l.starts_with("lrwxrwxrwx") && l.contains("bin -> init")));
+        assert!(list
+            .lines()
+            .any(|l| l.starts_with("dr-xr-xr-x") && l.ends_with("proc")));
 
         let x = dir.path().join("x");
         std::fs::create_dir(&x).unwrap();
@@ -323,7 +355,11 @@ mod tests {
             .current_dir(&x)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert_eq!(std::fs::read(x.join("init")).unwrap(), b"#!/bin/true\n");
         assert_eq!(std::fs::read(x.join("modules/a.ko")).unwrap(), [1, 2, 3]);
     }
@@ -332,11 +368,20 @@ mod tests {
     fn bad_paths_and_conflicts_are_refused() {
         let mut a = Archive::new();
         for p in ["", "/abs", "a/../b", "./a", "a//b", "a/"] {
-            assert!(matches!(a.file(p, 0o644, vec![]), Err(CpioError::BadPath(_))), "{p}");
+            assert!(
+                matches!(a.file(p, 0o644, vec![]), Err(CpioError::BadPath(_))),
+                "{p}"
+            );
         }
         a.file("f", 0o644, vec![1]).unwrap();
-        assert!(matches!(a.file("f", 0o644, vec![2]), Err(CpioError::Conflict(_))));
-        assert!(matches!(a.file("f/g", 0o644, vec![]), Err(CpioError::ParentNotDir(..))));
+        assert!(matches!(
+            a.file("f", 0o644, vec![2]),
+            Err(CpioError::Conflict(_))
+        ));
+        assert!(matches!(
+            a.file("f/g", 0o644, vec![]),
+            Err(CpioError::ParentNotDir(..))
+        ));
         // Same content twice is fine.
         a.file("f", 0o644, vec![1]).unwrap();
     }

@@ -56,7 +56,9 @@ pub struct DebFile {
 
 fn run(cmd: &mut Command) -> Result<String, DebError> {
     let shown = format!("{cmd:?}").replace('"', "");
-    let out = cmd.output().map_err(|e| DebError::Spawn(shown.clone(), e))?;
+    let out = cmd
+        .output()
+        .map_err(|e| DebError::Spawn(shown.clone(), e))?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         return Err(DebError::Failed {
@@ -70,7 +72,9 @@ fn run(cmd: &mut Command) -> Result<String, DebError> {
 /// The concrete kernel package a metapackage (e.g. `linux-image-amd64`) points at, or the
 /// name itself when it is already concrete (`linux-image-6.1.0-56-amd64`).
 pub fn resolve_kernel_package(name: &str) -> Result<String, DebError> {
-    let text = run(Command::new("apt-cache").args(["depends", "--no-recommends", "--no-suggests"]).arg(name))?;
+    let text = run(Command::new("apt-cache")
+        .args(["depends", "--no-recommends", "--no-suggests"])
+        .arg(name))?;
     if text.trim().is_empty() {
         return Err(DebError::UnknownPackage(name.to_owned()));
     }
@@ -124,7 +128,10 @@ pub fn parse_show(pkg: &str, text: &str) -> Result<PackageInfo, DebError> {
         field: "Size",
     })?;
     let sha256 = field("SHA256")?.to_ascii_lowercase();
-    if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) || file_name.contains("..") {
+    if sha256.len() != 64
+        || !sha256.bytes().all(|b| b.is_ascii_hexdigit())
+        || file_name.contains("..")
+    {
         return Err(DebError::MissingField {
             pkg: pkg.to_owned(),
             field: "SHA256",
@@ -145,7 +152,9 @@ pub fn sha256_file(path: &Path) -> Result<String, DebError> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf).map_err(|e| DebError::Read(path.to_owned(), e))?;
+        let n = f
+            .read(&mut buf)
+            .map_err(|e| DebError::Read(path.to_owned(), e))?;
         if n == 0 {
             break;
         }
@@ -196,15 +205,21 @@ fn deb_file(info: &PackageInfo, path: PathBuf) -> DebFile {
 
 /// A local `.deb` given by the user: its identity comes from its own control file.
 pub fn local(path: &Path) -> Result<DebFile, DebError> {
-    let text = run(Command::new("dpkg-deb").args(["-f"]).arg(path).args(["Package", "Version"]))
-        .map_err(|e| DebError::NotDeb(path.to_owned(), e.to_string()))?;
+    let text = run(Command::new("dpkg-deb")
+        .args(["-f"])
+        .arg(path)
+        .args(["Package", "Version"]))
+    .map_err(|e| DebError::NotDeb(path.to_owned(), e.to_string()))?;
     let info = |f: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(f).and_then(|r| r.strip_prefix(':')))
             .map(|v| v.trim().to_owned())
     };
     let (Some(package), Some(version)) = (info("Package"), info("Version")) else {
-        return Err(DebError::NotDeb(path.to_owned(), "no Package/Version in its control file".into()));
+        return Err(DebError::NotDeb(
+            path.to_owned(),
+            "no Package/Version in its control file".into(),
+        ));
     };
     Ok(DebFile {
         path: path.to_owned(),
@@ -227,7 +242,10 @@ mod tests {
     #[test]
     fn kernel_dependency_is_found() {
         let text = "linux-image-amd64\n  Depends: linux-image-6.1.0-56-amd64\n";
-        assert_eq!(parse_kernel_dependency(text).as_deref(), Some("linux-image-6.1.0-56-amd64"));
+        assert_eq!(
+            parse_kernel_dependency(text).as_deref(),
+            Some("linux-image-6.1.0-56-amd64")
+        );
         assert_eq!(parse_kernel_dependency("x\n  Depends: libc6\n"), None);
         assert!(is_concrete_kernel("linux-image-6.1.0-56-amd64"));
         assert!(!is_concrete_kernel("linux-image-amd64"));
@@ -240,14 +258,29 @@ Version: 6.1.192-2\nFilename: pool/updates/main/l/linux-signed-amd64/linux-image
 Size: 70550672\nSHA256: A86E2049672F52354C4536A089203B6C82639420424D31C91CF31A181FD4D8F1\n\nPackage: other\n";
         let i = parse_show("linux-image-6.1.0-56-amd64", text).unwrap();
         assert_eq!(i.version, "6.1.192-2");
-        assert_eq!(i.file_name, "linux-image-6.1.0-56-amd64_6.1.192-2_amd64.deb");
+        assert_eq!(
+            i.file_name,
+            "linux-image-6.1.0-56-amd64_6.1.192-2_amd64.deb"
+        );
         assert_eq!(i.size, 70550672);
         assert_eq!(&i.sha256[..8], "a86e2049");
-        assert!(matches!(parse_show("x", ""), Err(DebError::UnknownPackage(_))));
+        assert!(matches!(
+            parse_show("x", ""),
+            Err(DebError::UnknownPackage(_))
+        ));
         let bad = text.replace("SHA256: A86E", "SHA256: ZZZZ");
-        assert!(matches!(parse_show("x", &bad), Err(DebError::MissingField { field: "SHA256", .. })));
+        assert!(matches!(
+            parse_show("x", &bad),
+            Err(DebError::MissingField {
+                field: "SHA256",
+                ..
+            })
+        ));
         let no_size = text.replace("Size: 70550672\n", "");
-        assert!(matches!(parse_show("x", &no_size), Err(DebError::MissingField { field: "Size", .. })));
+        assert!(matches!(
+            parse_show("x", &no_size),
+            Err(DebError::MissingField { field: "Size", .. })
+        ));
     }
 
     #[test]

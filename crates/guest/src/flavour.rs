@@ -56,7 +56,11 @@ pub fn find(name: &str) -> Result<&'static Flavour, FlavourError> {
         .find(|f| f.name == name)
         .ok_or_else(|| FlavourError::Unknown {
             name: name.to_owned(),
-            known: FLAVOURS.iter().map(|f| f.name).collect::<Vec<_>>().join(", "),
+            known: FLAVOURS
+                .iter()
+                .map(|f| f.name)
+                .collect::<Vec<_>>()
+                .join(", "),
         })
 }
 
@@ -69,7 +73,10 @@ mod tests {
         let f = find("default").unwrap();
         assert!(f.modules.contains(&"virtio_console"));
         let err = find("nvidia-999").unwrap_err().to_string();
-        assert!(err.contains("nvidia-999") && err.contains("default"), "{err}");
+        assert!(
+            err.contains("nvidia-999") && err.contains("default"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -79,7 +86,9 @@ mod tests {
         names.dedup();
         assert_eq!(names.len(), FLAVOURS.len());
         for n in names {
-            assert!(n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+            assert!(n
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
         }
     }
 }

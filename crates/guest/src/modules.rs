@@ -184,7 +184,13 @@ kernel/arch/x86/crypto/crc32c-intel.ko.xz:
         let t = DepTable::parse(DEP).unwrap();
         let builtin = parse_builtin("kernel/drivers/virtio/virtio_pci.ko\n");
         let r = resolve(
-            &["virtio_pci", "virtio_blk", "virtio-console", "ext4", "vmw_vsock_virtio_transport"],
+            &[
+                "virtio_pci",
+                "virtio_blk",
+                "virtio-console",
+                "ext4",
+                "vmw_vsock_virtio_transport",
+            ],
             &t,
             &builtin,
             "6.1",
@@ -221,11 +227,17 @@ kernel/arch/x86/crypto/crc32c-intel.ko.xz:
 
     #[test]
     fn names_are_canonical() {
-        assert_eq!(canonical_name("kernel/arch/x86/crypto/crc32c-intel.ko.xz"), "crc32c_intel");
+        assert_eq!(
+            canonical_name("kernel/arch/x86/crypto/crc32c-intel.ko.xz"),
+            "crc32c_intel"
+        );
         assert_eq!(canonical_name("a/b/overlay.ko.zst"), "overlay");
         let t = DepTable::parse(DEP).unwrap();
         let r = resolve(&["crc32c-intel"], &t, &BTreeSet::new(), "6.1").unwrap();
-        assert_eq!(r.load_order[0].path, "kernel/arch/x86/crypto/crc32c-intel.ko.xz");
+        assert_eq!(
+            r.load_order[0].path,
+            "kernel/arch/x86/crypto/crc32c-intel.ko.xz"
+        );
     }
 
     #[test]

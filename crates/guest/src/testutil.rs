@@ -15,7 +15,9 @@ pub fn debian_kernel_deb() -> Option<PathBuf> {
         "/tmp/gpucell-test-debs".to_owned(),
     ];
     for d in dirs {
-        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
         let mut found: Vec<PathBuf> = rd
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| {
@@ -53,6 +55,10 @@ pub fn debian_vmlinuz() -> Option<(tempfile::TempDir, PathBuf)> {
         eprintln!("skipping: could not unpack {}", deb.display());
         return None;
     }
-    let found = std::fs::read_dir(dir.path().join("boot")).ok()?.filter_map(|e| e.ok()).next()?.path();
+    let found = std::fs::read_dir(dir.path().join("boot"))
+        .ok()?
+        .filter_map(|e| e.ok())
+        .next()?
+        .path();
     Some((dir, found))
 }

@@ -23,7 +23,9 @@ pub enum VmlinuxError {
     NotBzImage,
     #[error("bzImage boot protocol {0:#06x} is older than 2.08 (no payload fields)")]
     OldProtocol(u16),
-    #[error("bzImage payload (offset {offset:#x}, length {len}) lies outside the {size}-byte file")]
+    #[error(
+        "bzImage payload (offset {offset:#x}, length {len}) lies outside the {size}-byte file"
+    )]
     PayloadOutOfRange { offset: u64, len: u64, size: usize },
     #[error("bzImage payload is not XZ-compressed (starts with {0:02x?}); only XZ kernels are supported")]
     NotXz(Vec<u8>),
@@ -46,7 +48,11 @@ pub fn extract(bzimage: &[u8]) -> Result<Vec<u8>, VmlinuxError> {
     if version < 0x0208 {
         return Err(VmlinuxError::OldProtocol(version));
     }
-    let setup_sects = match bzimage.get(0x1f1).copied().ok_or(VmlinuxError::NotBzImage)? {
+    let setup_sects = match bzimage
+        .get(0x1f1)
+        .copied()
+        .ok_or(VmlinuxError::NotBzImage)?
+    {
         0 => 4,
         n => u64::from(n),
     };
@@ -60,10 +66,15 @@ pub fn extract(bzimage: &[u8]) -> Result<Vec<u8>, VmlinuxError> {
         size: bzimage.len(),
     };
     let payload = bzimage
-        .get(usize::try_from(start).map_err(|_| out_of_range())?..usize::try_from(end).map_err(|_| out_of_range())?)
+        .get(
+            usize::try_from(start).map_err(|_| out_of_range())?
+                ..usize::try_from(end).map_err(|_| out_of_range())?,
+        )
         .ok_or_else(out_of_range)?;
     if !payload.starts_with(XZ_MAGIC) {
-        return Err(VmlinuxError::NotXz(payload.iter().take(6).copied().collect()));
+        return Err(VmlinuxError::NotXz(
+            payload.iter().take(6).copied().collect(),
+        ));
     }
     // One XZ stream; the kernel build appends the uncompressed size after it, which the
     // single-stream decoder leaves unread.
@@ -86,7 +97,9 @@ pub fn check_pvh_elf(data: &[u8]) -> Result<(), VmlinuxError> {
     if header.e_machine(endian) != elf::EM_X86_64 || header.e_type(endian) != elf::ET_EXEC {
         return Err(VmlinuxError::NotElf);
     }
-    let phdrs = header.program_headers(endian, data).map_err(|_| VmlinuxError::NotElf)?;
+    let phdrs = header
+        .program_headers(endian, data)
+        .map_err(|_| VmlinuxError::NotElf)?;
     for ph in phdrs {
         let Ok(Some(mut notes)) = ph.notes(endian, data) else {
             continue;
@@ -115,20 +128,29 @@ mod tests {
     #[test]
     fn garbage_is_refused_without_panicking() {
         assert!(matches!(extract(b""), Err(VmlinuxError::NotBzImage)));
-        assert!(matches!(extract(&[0u8; 4096]), Err(VmlinuxError::NotBzImage)));
+        assert!(matches!(
+            extract(&[0u8; 4096]),
+            Err(VmlinuxError::NotBzImage)
+        ));
         let mut fake = vec![0u8; 4096];
         fake[0x202..0x206].copy_from_slice(b"HdrS");
         fake[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
         fake[0x248..0x24c].copy_from_slice(&0xffff_0000u32.to_le_bytes());
         fake[0x24c..0x250].copy_from_slice(&0xffff_0000u32.to_le_bytes());
-        assert!(matches!(extract(&fake), Err(VmlinuxError::PayloadOutOfRange { .. })));
+        assert!(matches!(
+            extract(&fake),
+            Err(VmlinuxError::PayloadOutOfRange { .. })
+        ));
         fake[0x248..0x24c].copy_from_slice(&0u32.to_le_bytes());
         fake[0x24c..0x250].copy_from_slice(&16u32.to_le_bytes());
         assert!(matches!(extract(&fake), Err(VmlinuxError::NotXz(_))));
         fake[0x1f1] = 1;
         fake[1024..1030].copy_from_slice(XZ_MAGIC);
         assert!(matches!(extract(&fake), Err(VmlinuxError::Decompress(_))));
-        assert!(matches!(check_pvh_elf(b"\x7fELF"), Err(VmlinuxError::NotElf)));
+        assert!(matches!(
+            check_pvh_elf(b"\x7fELF"),
+            Err(VmlinuxError::NotElf)
+        ));
     }
 
     /// Runs on the real Debian kernel when one is cached (by `gpucell guest build` or
@@ -141,7 +163,10 @@ mod tests {
         let bz = std::fs::read(&vmlinuz).unwrap();
         let vmlinux = extract(&bz).unwrap();
         assert_eq!(&vmlinux[..4], b"\x7fELF");
-        assert!(vmlinux.len() > bz.len(), "uncompressed kernel is larger than the bzImage");
+        assert!(
+            vmlinux.len() > bz.len(),
+            "uncompressed kernel is larger than the bzImage"
+        );
         // The same ELF with its notes segment blanked is refused.
         let mut broken = vmlinux.clone();
         let pos = broken.windows(4).position(|w| w == b"Xen\0").unwrap();
@@ -150,6 +175,9 @@ mod tests {
         while let Some(p) = broken.windows(4).position(|w| w == b"Xen\0") {
             broken[p..p + 3].copy_from_slice(b"Nex");
         }
-        assert!(matches!(check_pvh_elf(&broken), Err(VmlinuxError::NoPvhNote)));
+        assert!(matches!(
+            check_pvh_elf(&broken),
+            Err(VmlinuxError::NoPvhNote)
+        ));
     }
 }

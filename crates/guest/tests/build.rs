@@ -10,7 +10,11 @@ fn kernel_deb() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("GPUCELL_TEST_KERNEL_DEB") {
         return Some(PathBuf::from(p));
     }
-    for d in ["/tmp/gpucell-test-debs", "/var/cache/apt/archives", "/var/lib/gpucell/guest/cache/debs"] {
+    for d in [
+        "/tmp/gpucell-test-debs",
+        "/var/cache/apt/archives",
+        "/var/lib/gpucell/guest/cache/debs",
+    ] {
         let mut found: Vec<PathBuf> = std::fs::read_dir(d)
             .into_iter()
             .flatten()
@@ -77,8 +81,20 @@ fn build_is_cached_reproducible_and_complete() {
     let vmlinux = std::fs::read(&first.kernel).unwrap();
     assert_eq!(&vmlinux[..4], b"\x7fELF");
     gpucell_guest::vmlinux::check_pvh_elf(&vmlinux).unwrap();
-    for needed in ["virtio_blk", "virtio_console", "virtio_pci", "erofs", "ext4", "overlay", "vmw_vsock_virtio_transport"] {
-        assert!(m.modules.iter().any(|x| x == needed), "{needed} missing from {:?}", m.modules);
+    for needed in [
+        "virtio_blk",
+        "virtio_console",
+        "virtio_pci",
+        "erofs",
+        "ext4",
+        "overlay",
+        "vmw_vsock_virtio_transport",
+    ] {
+        assert!(
+            m.modules.iter().any(|x| x == needed),
+            "{needed} missing from {:?}",
+            m.modules
+        );
     }
     // Dependencies come before their users.
     let pos = |n: &str| m.modules.iter().position(|x| x == n).unwrap();
@@ -87,22 +103,37 @@ fn build_is_cached_reproducible_and_complete() {
     assert!(pos("vsock") < pos("vmw_vsock_virtio_transport"));
 
     // The init image lists what the manifest says, read back by GNU cpio.
-    let list = Command::new("cpio").args(["-t", "--quiet", "-F"]).arg(&first.initrd).output();
+    let list = Command::new("cpio")
+        .args(["-t", "--quiet", "-F"])
+        .arg(&first.initrd)
+        .output();
     if let Ok(out) = list {
         let names = String::from_utf8(out.stdout).unwrap();
         assert!(names.lines().any(|l| l == "init"));
         assert!(names.lines().any(|l| l == "dev/console"));
         assert!(names.lines().any(|l| l == "modules/order"));
         for module in &m.modules {
-            assert!(names.lines().any(|l| l == format!("modules/{module}.ko")), "{module}");
+            assert!(
+                names.lines().any(|l| l == format!("modules/{module}.ko")),
+                "{module}"
+            );
         }
     }
 
     // Same inputs: nothing is rebuilt, files untouched.
-    let mtime = std::fs::metadata(&first.initrd).unwrap().modified().unwrap();
+    let mtime = std::fs::metadata(&first.initrd)
+        .unwrap()
+        .modified()
+        .unwrap();
     let second = build(state.path(), &opts(&agent, &deb)).unwrap();
     assert!(second.cached);
-    assert_eq!(std::fs::metadata(&second.initrd).unwrap().modified().unwrap(), mtime);
+    assert_eq!(
+        std::fs::metadata(&second.initrd)
+            .unwrap()
+            .modified()
+            .unwrap(),
+        mtime
+    );
     assert_eq!(load(state.path(), DEFAULT_FLAVOUR).unwrap().manifest, *m);
 
     // Forced rebuild into another state dir: byte-identical outputs.
@@ -141,7 +172,12 @@ fn a_dynamic_agent_is_refused() {
     let Some(deb) = kernel_deb() else { return };
     let state = tempfile::tempdir().unwrap();
     let err = build(state.path(), &opts(Path::new("/bin/sh"), &deb)).unwrap_err();
-    let text = format!("{err}: {}", std::error::Error::source(&err).map(|s| s.to_string()).unwrap_or_default());
+    let text = format!(
+        "{err}: {}",
+        std::error::Error::source(&err)
+            .map(|s| s.to_string())
+            .unwrap_or_default()
+    );
     assert!(text.contains("dynamically linked"), "{text}");
     assert!(text.contains("crt-static"), "{text}");
     assert!(!state.path().join("guest").join(DEFAULT_FLAVOUR).exists());

@@ -1,0 +1,444 @@
+//! Boots the real guest (Debian kernel + the agent's init image) under QEMU and talks the
+//! protocol to the agent over a virtio-serial unix socket, with a busybox image on a
+//! virtio-blk disk. Proves the agent end to end. Skips, with the reason, when QEMU, the
+//! kernel package, busybox-static, the mkfs tools or a static agent build are missing.
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use gpucell_protocol::{
+    DeviceMatch, ExitStatus, FrameReader, FrameWriter, FromGuest, FromHost, HostHello, RootfsSpec,
+    RunSpec, PROTOCOL_VERSION,
+};
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn kernel_deb() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("GPUCELL_TEST_KERNEL_DEB") {
+        return Some(PathBuf::from(p));
+    }
+    [
+        "/tmp/gpucell-test-debs",
+        "/var/cache/apt/archives",
+        "/var/lib/gpucell/guest/cache/debs",
+    ]
+    .iter()
+    .flat_map(|d| std::fs::read_dir(d).into_iter().flatten())
+    .filter_map(|e| e.ok().map(|e| e.path()))
+    .filter(|p| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("linux-image-6") && n.ends_with(".deb"))
+    })
+    .max()
+}
+
+/// The static agent: `$GPUCELL_AGENT`, or the `make agent` output under the workspace
+/// target dir (or `$CARGO_TARGET_DIR`).
+fn agent() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("GPUCELL_AGENT") {
+        return Some(PathBuf::from(p));
+    }
+    let ws = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut dirs = vec![ws.join("target")];
+    if let Some(t) = std::env::var_os("CARGO_TARGET_DIR") {
+        dirs.insert(0, PathBuf::from(t));
+    }
+    dirs.into_iter()
+        .map(|d| d.join("x86_64-unknown-linux-gnu/release/gpucell-agent"))
+        .find(|p| p.is_file())
+}
+
+struct Env {
+    kernel: PathBuf,
+    initrd: PathBuf,
+}
+
+fn setup() -> Option<Env> {
+    for tool in ["qemu-system-x86_64", "mkfs.ext4", "mkfs.erofs"] {
+        if !have(tool) {
+            eprintln!("skipping: `{tool}` is not installed (scripts/install-deps.sh)");
+            return None;
+        }
+    }
+    if !Path::new("/bin/busybox").is_file() {
+        eprintln!("skipping: /bin/busybox missing (apt-get install busybox-static)");
+        return None;
+    }
+    let Some(deb) = kernel_deb() else {
+        eprintln!("skipping: no Debian kernel .deb cached (set GPUCELL_TEST_KERNEL_DEB)");
+        return None;
+    };
+    let Some(agent) = agent() else {
+        eprintln!(
+            "skipping: no static agent build; run `RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build \
+             --release -p gpucell-agent --target x86_64-unknown-linux-gnu` or set GPUCELL_AGENT"
+        );
+        return None;
+    };
+    // A persistent state dir under the target dir: later runs reuse the cached build.
+    let state = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("guest-boot-state");
+    let opts = gpucell_guest::BuildOptions {
+        agent: Some(agent),
+        kernel_deb: Some(deb),
+        ..Default::default()
+    };
+    let art = gpucell_guest::build(&state, &opts).unwrap();
+    Some(Env {
+        kernel: art.kernel,
+        initrd: art.initrd,
+    })
+}
+
+/// A busybox image: /bin with applet links, /etc/passwd and /etc/group, /work.
+fn image(dir: &Path, fstype: &str) -> PathBuf {
+    let tree = dir.join("tree");
+    for d in ["bin", "etc", "work", "home/app"] {
+        std::fs::create_dir_all(tree.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", tree.join("bin/busybox")).unwrap();
+    for applet in [
+        "sh", "echo", "cat", "id", "hostname", "ls", "sleep", "mount", "pwd", "touch",
+    ] {
+        std::os::unix::fs::symlink("busybox", tree.join("bin").join(applet)).unwrap();
+    }
+    std::fs::write(
+        tree.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n",
+    )
+    .unwrap();
+    std::fs::write(
+        tree.join("etc/group"),
+        "root:x:0:\nvideo:x:44:app\napp:x:1000:\n",
+    )
+    .unwrap();
+    let img = dir.join(format!("rootfs.{fstype}"));
+    let out = match fstype {
+        "ext4" => Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-d"])
+            .arg(&tree)
+            .arg(&img)
+            .arg("32M")
+            .output()
+            .unwrap(),
+        _ => Command::new("mkfs.erofs")
+            .arg("--quiet")
+            .arg(&img)
+            .arg(&tree)
+            .output()
+            .unwrap(),
+    };
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    img
+}
+
+struct Vm {
+    child: Child,
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What the host saw in one run.
+#[derive(Default, Debug)]
+struct Seen {
+    hello: bool,
+    devices: Option<usize>,
+    started: bool,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    exited: Option<ExitStatus>,
+    error: Option<String>,
+    console: String,
+}
+
+fn boot_and_run(
+    env: &Env,
+    dir: &Path,
+    disk: &Path,
+    fstype: &str,
+    spec: RunSpec,
+    stdin: &[u8],
+) -> Seen {
+    boot_and_run_with(env, dir, disk, fstype, spec, stdin, None)
+}
+
+/// `signal_on_output`: send this signal once the first stdout chunk arrives.
+fn boot_and_run_with(
+    env: &Env,
+    dir: &Path,
+    disk: &Path,
+    fstype: &str,
+    spec: RunSpec,
+    stdin: &[u8],
+    mut signal_on_output: Option<i32>,
+) -> Seen {
+    let sock = dir.join("agent.sock");
+    let console = dir.join("console.log");
+    let child = Command::new("qemu-system-x86_64")
+        .args([
+            "-M",
+            "q35",
+            "-accel",
+            "tcg",
+            "-m",
+            "256M",
+            "-smp",
+            "1",
+            "-nodefaults",
+            "-no-reboot",
+        ])
+        .args(["-display", "none", "-serial"])
+        .arg(format!("file:{}", console.display()))
+        .arg("-kernel")
+        .arg(&env.kernel)
+        .arg("-initrd")
+        .arg(&env.initrd)
+        .args([
+            "-append",
+            "console=ttyS0 panic=-1 quiet gpucell.channel=serial",
+        ])
+        .arg("-chardev")
+        .arg(format!(
+            "socket,id=ch,path={},server=on,wait=off",
+            sock.display()
+        ))
+        .args([
+            "-device",
+            "virtio-serial-pci",
+            "-device",
+            "virtserialport,chardev=ch,name=org.gpucell.agent.0",
+        ])
+        .arg("-drive")
+        .arg(format!(
+            "file={},if=none,id=d0,format=raw,readonly=on",
+            disk.display()
+        ))
+        .args(["-device", "virtio-blk-pci,drive=d0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut vm = Vm { child };
+    let deadline = Instant::now() + BOOT_TIMEOUT;
+    let stream = loop {
+        if let Ok(s) = UnixStream::connect(&sock) {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "QEMU never created {}",
+            sock.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    stream.set_read_timeout(Some(BOOT_TIMEOUT)).unwrap();
+    let mut r = FrameReader::new(stream.try_clone().unwrap());
+    let mut w = FrameWriter::new(stream);
+    let mut seen = Seen::default();
+    let spec = RunSpec {
+        rootfs: RootfsSpec {
+            device: "/dev/vda".into(),
+            fstype: fstype.into(),
+        },
+        ..spec
+    };
+    loop {
+        let Ok(frame) = r.read_frame() else { break };
+        match FromGuest::decode(frame).unwrap() {
+            FromGuest::Hello(h) => {
+                assert_eq!(h.version, PROTOCOL_VERSION);
+                assert!(h.kernel.starts_with("6."), "{}", h.kernel);
+                assert!(h.uptime_ms > 0);
+                seen.hello = true;
+                FromHost::Hello(HostHello {
+                    version: PROTOCOL_VERSION,
+                })
+                .send(&mut w)
+                .unwrap();
+                FromHost::Run(Box::new(spec.clone())).send(&mut w).unwrap();
+            }
+            FromGuest::Devices(d) => seen.devices = Some(d.len()),
+            FromGuest::Started { pid } => {
+                assert!(pid > 1);
+                seen.started = true;
+                if !stdin.is_empty() {
+                    FromHost::Stdin(stdin.to_vec()).send(&mut w).unwrap();
+                }
+                FromHost::StdinEof.send(&mut w).unwrap();
+            }
+            FromGuest::Stdout(d) => {
+                seen.stdout.extend(d);
+                if let Some(sig) = signal_on_output.take() {
+                    FromHost::Signal(sig).send(&mut w).unwrap();
+                }
+            }
+            FromGuest::Stderr(d) => seen.stderr.extend(d),
+            FromGuest::Exited(s) => seen.exited = Some(s),
+            FromGuest::Error { message } => seen.error = Some(message),
+            FromGuest::Log { .. } => {}
+        }
+    }
+    // The agent powers the VM off by itself.
+    let wait_until = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(st) = vm.child.try_wait().unwrap() {
+            assert!(st.success(), "QEMU exited with {st}");
+            break;
+        }
+        assert!(Instant::now() < wait_until, "the guest did not power off");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = std::io::stderr().flush();
+    seen.console = std::fs::read_to_string(&console).unwrap_or_default();
+    seen
+}
+
+fn spec(args: &[&str], user: &str) -> RunSpec {
+    RunSpec {
+        args: args.iter().map(|s| s.to_string()).collect(),
+        env: vec!["PATH=/bin".into(), "GREETING=hi".into()],
+        cwd: "/work".into(),
+        user: user.into(),
+        hostname: "cell".into(),
+        rootfs: RootfsSpec {
+            device: String::new(),
+            fstype: String::new(),
+        },
+        overlay_bytes: Some(16 << 20),
+        devices: vec![],
+        device_wait_ms: 0,
+    }
+}
+
+#[test]
+fn agent_runs_a_workload_on_ext4() {
+    let Some(env) = setup() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let disk = image(dir.path(), "ext4");
+    let script = "echo $GREETING; echo oops >&2; id -u; id -G; hostname; echo pid=$$; pwd; \
+                  read line; echo got=$line; ls /dev; exit 3";
+    let seen = boot_and_run(
+        &env,
+        dir.path(),
+        &disk,
+        "ext4",
+        spec(&["sh", "-c", script], "app"),
+        b"hello\n",
+    );
+    assert!(seen.hello && seen.started, "{seen:?}");
+    assert_eq!(seen.devices, Some(0));
+    assert_eq!(seen.error, None, "console:\n{}", seen.console);
+    let out = String::from_utf8_lossy(&seen.stdout);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        &lines[..7],
+        [
+            "hi",
+            "1000",
+            "1000 44",
+            "cell",
+            "pid=1",
+            "/work",
+            "got=hello"
+        ],
+        "{out}"
+    );
+    for node in ["null", "zero", "urandom", "tty", "pts", "shm"] {
+        assert!(out.contains(node), "/dev lacks {node}: {out}");
+    }
+    assert!(
+        !out.contains("vda"),
+        "the container must not see the guest's disks: {out}"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&seen.stderr).lines().next(),
+        Some("oops")
+    );
+    assert_eq!(
+        seen.exited,
+        Some(ExitStatus {
+            code: Some(3),
+            signal: None
+        }),
+        "{out}"
+    );
+}
+
+#[test]
+fn agent_reports_a_missing_executable_on_erofs() {
+    let Some(env) = setup() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let disk = image(dir.path(), "erofs");
+    let mut s = spec(&["nope"], "");
+    s.devices = vec![DeviceMatch {
+        vendor: 0x1234,
+        device: 0x11e8,
+    }];
+    s.device_wait_ms = 200;
+    let seen = boot_and_run(&env, dir.path(), &disk, "erofs", s, b"");
+    assert!(seen.hello);
+    let err = seen.error.unwrap_or_default();
+    assert!(err.contains("1234:11e8"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let disk = image(dir.path(), "erofs");
+    let seen = boot_and_run(&env, dir.path(), &disk, "erofs", spec(&["nope"], ""), b"");
+    assert_eq!(seen.devices, Some(0));
+    assert!(!seen.started);
+    assert_eq!(
+        seen.error.as_deref(),
+        Some("executable `nope` not found in PATH /bin of the image")
+    );
+}
+
+#[test]
+fn overlay_is_writable_and_host_signals_reach_the_workload() {
+    let Some(env) = setup() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let disk = image(dir.path(), "erofs");
+    let script = "echo written > /etc/new && cat /etc/new && exec sleep 60";
+    let t = Instant::now();
+    let seen = boot_and_run_with(
+        &env,
+        dir.path(),
+        &disk,
+        "erofs",
+        spec(&["/bin/sh", "-c", script], "0:0"),
+        b"",
+        Some(9),
+    );
+    assert_eq!(seen.error, None, "console:\n{}", seen.console);
+    assert_eq!(String::from_utf8_lossy(&seen.stdout), "written\n");
+    assert_eq!(
+        seen.exited,
+        Some(ExitStatus {
+            code: None,
+            signal: Some(9)
+        })
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(60),
+        "the signal did not end the workload"
+    );
+}
