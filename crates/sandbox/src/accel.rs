@@ -276,7 +276,13 @@ pub fn probe_uncached(input: &ProbeInput) -> Result<ProbeResult, AccelError> {
             if qemu.console().marker_seen() {
                 continue;
             }
-            let why = qemu.stderr().tail_lines(2).replace('\n', " / ");
+            let said = qemu.stderr().tail();
+            let why = said
+                .lines()
+                .find(|l| l.contains("error"))
+                .or_else(|| said.lines().rfind(|l| !l.trim().is_empty()))
+                .unwrap_or("")
+                .to_string();
             break ProbeResult::unusable(
                 format!(
                     "the probe VM exited ({}) without booting: {}",
