@@ -279,6 +279,23 @@ fn doctor_exit_codes() {
     let out = gpucell(host.path(), &["doctor"]);
     assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
     assert!(stdout(&out).contains("✓ QEMU"), "{}", stdout(&out));
+    let out = gpucell(host.path(), &["--json", "doctor"]);
+    assert_eq!(out.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(v["ready"], true);
+    let kvm = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "kvm")
+        .unwrap();
+    assert!(
+        kvm["detail"]
+            .as_str()
+            .unwrap()
+            .contains("--host-root is not this machine"),
+        "{kvm}"
+    );
 
     // Doctor itself cannot run.
     let out = gpucell(Path::new("/nonexistent/gpucell-root"), &["doctor"]);

@@ -1,34 +1,71 @@
 //! `gpucell doctor`: gathers what the host crate cannot read under the host root (the
-//! KVM boot probe, QEMU on this machine), runs the checks, prints them.
+//! KVM boot probe from the sandbox crate, QEMU on this machine), runs the checks, prints
+//! them.
 //! Exit 0 ready, 1 not ready, 2 doctor itself failed.
 
 use anyhow::Context;
-use gpucell_host::doctor::{self, DoctorInput, DoctorReport, KvmProbe, Status};
+use gpucell_host::doctor::{self, DoctorInput, DoctorReport, KvmProbe, QemuInfo, Status};
 use gpucell_host::HostRoot;
+
+use gpucell_sandbox::accel::{self, ProbeInput, ACCEL_ENV};
 
 use super::Global;
 
 #[derive(clap::Args, Debug)]
-pub struct DoctorArgs {}
+pub struct DoctorArgs {
+    /// Skip the KVM boot probe (it boots the guest once under KVM, up to 10 s, and caches
+    /// the verdict in the state dir).
+    #[arg(long)]
+    pub no_kvm_probe: bool,
+    /// Guest flavour whose kernel and init image the KVM probe boots.
+    #[arg(long, default_value = gpucell_guest::DEFAULT_FLAVOUR)]
+    pub guest: String,
+}
 
-/// The KVM boot probe result handed to the checks.
-///
-/// Integration point: once the sandbox crate exposes its accelerator probe, replace the
-/// body with a call such as `gpucell_sandbox::accel::probe(...)` mapped onto
-/// [`KvmProbe::Usable`] / [`KvmProbe::Unusable`] (and `NotRun` when the probe is skipped,
-/// e.g. `GPUCELL_ACCEL=tcg` or a host root that is not this machine).
-fn kvm_probe(root: &HostRoot) -> KvmProbe {
+/// The KVM boot probe result handed to the checks: the sandbox crate's accelerator probe
+/// (the same one, and the same cache, `gpucell run` uses), or why it was not run.
+fn kvm_probe(global: &Global, args: &DoctorArgs, root: &HostRoot, qemu: &QemuInfo) -> KvmProbe {
+    if args.no_kvm_probe {
+        return KvmProbe::NotRun("--no-kvm-probe".into());
+    }
     if !root.is_live() {
         return KvmProbe::NotRun("--host-root is not this machine".into());
     }
-    KvmProbe::NotRun("the boot probe is not wired into doctor yet".into())
+    if let Ok(v) = std::env::var(ACCEL_ENV) {
+        if v.trim().eq_ignore_ascii_case("tcg") {
+            return KvmProbe::NotRun(format!("{ACCEL_ENV}=tcg"));
+        }
+    }
+    let QemuInfo::Found { path: qemu, .. } = qemu else {
+        return KvmProbe::NotRun("QEMU not found".into());
+    };
+    let guest = match gpucell_guest::load(&global.state_dir, &args.guest) {
+        Ok(g) => g,
+        Err(e) => return KvmProbe::NotRun(format!("no guest to boot: {e}")),
+    };
+    let input = ProbeInput::new(
+        qemu,
+        &guest.kernel,
+        &guest.initrd,
+        &global.host_root,
+        Some(&global.state_dir),
+    );
+    match accel::probe(&input) {
+        Ok(p) if p.kvm_usable => KvmProbe::Usable,
+        Ok(p) => KvmProbe::Unusable(p.reason),
+        Err(e) => KvmProbe::NotRun(format!(
+            "the probe could not run: {}",
+            gpucell_host::sysfs::error_chain(&e)
+        )),
+    }
 }
 
-pub fn run(global: &Global, _args: DoctorArgs) -> anyhow::Result<u8> {
+pub fn run(global: &Global, args: DoctorArgs) -> anyhow::Result<u8> {
     let root = HostRoot::new(&global.host_root);
+    let qemu = doctor::qemu::find(std::env::var_os("PATH").as_deref());
     let input = DoctorInput {
-        kvm_probe: Some(kvm_probe(&root)),
-        qemu: Some(doctor::qemu::find(std::env::var_os("PATH").as_deref())),
+        kvm_probe: Some(kvm_probe(global, &args, &root, &qemu)),
+        qemu: Some(qemu),
     };
     let report = doctor::run(&root, &input).context("doctor could not inspect the host")?;
     if global.json {

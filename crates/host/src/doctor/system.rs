@@ -32,7 +32,7 @@ pub(super) fn kvm(root: &HostRoot, probe: Option<&KvmProbe>) -> Check {
             ID,
             TITLE,
             format!("{} opens; boot probe not run ({reason})", path.display()),
-            "if guests fail under KVM, set GPUCELL_ACCEL=tcg",
+            "let doctor boot the probe guest (build it with `gpucell guest build`, run doctor on this machine); if guests fail under KVM, set GPUCELL_ACCEL=tcg",
         ),
         None => Check::warn(
             ID,
