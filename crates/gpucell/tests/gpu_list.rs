@@ -302,3 +302,19 @@ fn doctor_exit_codes() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/gpucell-root"));
 }
+
+#[test]
+fn degraded_link_is_pointed_out() {
+    let host = rtx4090_host("vfio-pci", "vfio-pci");
+    let dir = "sys/devices/pci0000:01/0000:01:00.0";
+    write(host.path(), &format!("{dir}/max_link_width"), "16\n");
+    write(host.path(), &format!("{dir}/current_link_width"), "16\n");
+    let text = stdout(&gpucell(host.path(), &["gpu", "list"]));
+    assert!(!text.contains("PCIe link runs at"), "{text}");
+    write(host.path(), &format!("{dir}/current_link_width"), "8\n");
+    let text = stdout(&gpucell(host.path(), &["gpu", "list"]));
+    assert!(
+        text.contains("0000:01:00.0: PCIe link runs at x8 of x16"),
+        "{text}"
+    );
+}

@@ -46,6 +46,8 @@ pub struct GpuRow {
     pub local_cpus: Option<String>,
     pub link_speed: Option<String>,
     pub link_width: Option<u8>,
+    pub link_max_speed: Option<String>,
+    pub link_max_width: Option<u8>,
     /// `null` when the kernel lists none or `reset_method` is unreadable.
     pub reset_methods: Option<Vec<String>>,
     pub passthrough: PassthroughRow,
@@ -152,6 +154,8 @@ impl From<&Gpu> for GpuRow {
             local_cpus: g.function.local_cpus.as_ref().map(|c| c.to_string()),
             link_speed: g.function.link.speed.clone(),
             link_width: g.function.link.width,
+            link_max_speed: g.function.link.max_speed.clone(),
+            link_max_width: g.function.link.max_width,
             reset_methods: g.reset_methods.clone(),
             passthrough: PassthroughRow {
                 state: g.passthrough.name(),

@@ -152,13 +152,24 @@ impl Serialize for CpuList {
     }
 }
 
-/// PCIe link state, from `current_link_speed`/`current_link_width`.
+/// PCIe link state, from `current_link_*` and `max_link_*`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Link {
     /// As the kernel prints it, e.g. `32.0 GT/s PCIe`; `None` when unknown.
     pub speed: Option<String>,
     /// Lane count; `None` when unknown.
     pub width: Option<u8>,
+    /// What the device supports, in the same forms.
+    pub max_speed: Option<String>,
+    pub max_width: Option<u8>,
+}
+
+impl Link {
+    /// True when the link trained narrower than the device supports (e.g. x8 of x16), a
+    /// sign of a bad riser or slot that halves host-to-GPU bandwidth.
+    pub fn is_degraded_width(&self) -> bool {
+        matches!((self.width, self.max_width), (Some(w), Some(m)) if w < m)
+    }
 }
 
 /// One PCI function of the host.
@@ -277,24 +288,10 @@ impl PciFunction {
             }
             list
         });
-        let speed = r
-            .text("current_link_speed")
-            .filter(|s| !s.eq_ignore_ascii_case("unknown"))
-            .map(|s| sysfs::printable(&s));
-        let width = r
-            .text("current_link_width")
-            .and_then(|t| match t.parse::<u8>() {
-                Ok(0) => None,
-                Ok(n) => Some(n),
-                Err(_) => {
-                    r.warn(SysfsError::garbled(
-                        &dir.join("current_link_width"),
-                        &t,
-                        "a lane count",
-                    ));
-                    None
-                }
-            });
+        let speed = r.link_speed("current_link_speed");
+        let width = r.link_width("current_link_width");
+        let max_speed = r.link_speed("max_link_speed");
+        let max_width = r.link_width("max_link_width");
         let reset_methods = r.text("reset_method").map(|t| {
             t.split_whitespace()
                 .take(16)
@@ -329,7 +326,12 @@ impl PciFunction {
             iommu_group,
             numa_node,
             local_cpus,
-            link: Link { speed, width },
+            link: Link {
+                speed,
+                width,
+                max_speed,
+                max_width,
+            },
             reset_methods,
             bars,
             warnings: r.warnings,
@@ -378,6 +380,30 @@ impl OptionalReader<'_> {
             Ok(v) => v,
             Err(e) => {
                 self.warn(e);
+                None
+            }
+        }
+    }
+
+    /// `current_link_speed`-style text; `Unknown` (no link) is `None`.
+    fn link_speed(&mut self, name: &str) -> Option<String> {
+        self.text(name)
+            .filter(|s| !s.eq_ignore_ascii_case("unknown"))
+            .map(|s| sysfs::printable(&s))
+    }
+
+    /// `current_link_width`-style lane count; 0 (no link) is `None`.
+    fn link_width(&mut self, name: &str) -> Option<u8> {
+        let t = self.text(name)?;
+        match t.parse::<u8>() {
+            Ok(0) => None,
+            Ok(n) => Some(n),
+            Err(_) => {
+                self.warn(SysfsError::garbled(
+                    &self.dir.join(name),
+                    &t,
+                    "a lane count",
+                ));
                 None
             }
         }

@@ -46,6 +46,8 @@ pub struct FakeFunction {
     /// Written as-is to `numa_node` (`-1` for none).
     pub numa_node: Option<i32>,
     pub local_cpulist: Option<String>,
+    /// Written to both `current_link_*` and `max_link_*`; overwrite the current ones
+    /// with [`FakeHost::write`] to model a degraded link.
     pub link: Option<(String, u8)>,
     pub reset_method: Option<String>,
     /// `(index, size, flags)` for each implemented BAR; see the `IORESOURCE_*` constants.
@@ -317,6 +319,8 @@ impl FakeHost {
         if let Some((speed, width)) = &f.link {
             attr("current_link_speed", speed.clone())?;
             attr("current_link_width", width.to_string())?;
+            attr("max_link_speed", speed.clone())?;
+            attr("max_link_width", width.to_string())?;
         }
         if let Some(r) = &f.reset_method {
             attr("reset_method", r.clone())?;

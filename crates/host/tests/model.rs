@@ -50,6 +50,9 @@ fn h200_capture_reads_every_function() {
     );
     assert_eq!(g.link.speed.as_deref(), Some("32.0 GT/s PCIe"));
     assert_eq!(g.link.width, Some(16));
+    assert_eq!(g.link.max_speed.as_deref(), Some("32.0 GT/s PCIe"));
+    assert_eq!(g.link.max_width, Some(16));
+    assert!(!g.link.is_degraded_width());
     assert_eq!(g.reset_methods.as_deref(), Some(&["flr".to_string()][..]));
     let bar = g.largest_bar().unwrap();
     assert_eq!(
@@ -127,6 +130,15 @@ fn built_tree_has_kernel_links() {
     assert!(PciFunction::read(&host.root(), bdf("0000:00:01.0"))
         .unwrap()
         .is_bridge());
+
+    host.write(
+        "sys/devices/pci0000:00/0000:00:01.0/0000:01:00.0/current_link_width",
+        "8\n",
+    )
+    .unwrap();
+    let f = PciFunction::read(&host.root(), bdf("0000:01:00.0")).unwrap();
+    assert_eq!((f.link.width, f.link.max_width), (Some(8), Some(16)));
+    assert!(f.link.is_degraded_width());
 
     host.bind(bdf("0000:01:00.0"), "vfio-pci").unwrap();
     assert!(!host

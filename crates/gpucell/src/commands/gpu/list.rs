@@ -168,6 +168,14 @@ pub fn render_text(list: &GpuList) -> String {
             "no-iommu" => no_iommu.push(g.bdf.as_str()),
             _ => {}
         }
+        if let (Some(w), Some(m)) = (g.link_width, g.link_max_width) {
+            if w < m {
+                notes.push(format!(
+                    "{}: PCIe link runs at x{w} of x{m}; reseat the card or check the slot/riser",
+                    g.bdf
+                ));
+            }
+        }
     }
     if !no_iommu.is_empty() {
         notes.push(format!(
