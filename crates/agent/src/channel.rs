@@ -117,6 +117,7 @@ fn open_vsock(deadline: Instant) -> Result<File, ChannelError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

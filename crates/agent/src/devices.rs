@@ -87,6 +87,7 @@ pub fn wait_for(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -129,6 +129,7 @@ pub fn resolve(spec: &str, passwd: Option<&str>, group: Option<&str>) -> Result<
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -86,6 +86,7 @@ pub fn check_static(path: &Path, data: &[u8]) -> Result<(), AgentError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

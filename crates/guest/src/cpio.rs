@@ -249,6 +249,7 @@ impl<W: Write> CountingWriter<W> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use std::process::Command;

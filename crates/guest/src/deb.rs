@@ -236,6 +236,7 @@ pub fn extract(deb: &Path, dest: &Path) -> Result<(), DebError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

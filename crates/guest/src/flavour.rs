@@ -65,6 +65,7 @@ pub fn find(name: &str) -> Result<&'static Flavour, FlavourError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -122,6 +122,7 @@ fn le32(b: &[u8], at: usize) -> Option<u32> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -3,6 +3,8 @@
 //! virtio-blk disk. Proves the agent end to end. Skips, with the reason, when QEMU, the
 //! kernel package, busybox-static, the mkfs tools or a static agent build are missing.
 
+#![allow(clippy::unwrap_used)]
+
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -182,7 +184,13 @@ fn boot_and_run(
     boot_and_run_with(env, dir, disk, fstype, spec, stdin, None)
 }
 
-/// `signal_on_output`: send this signal once the first stdout chunk arrives.
+/// What the host does once the first stdout chunk arrives.
+#[derive(Clone, Copy)]
+enum OnOutput {
+    Signal(i32),
+    Shutdown,
+}
+
 fn boot_and_run_with(
     env: &Env,
     dir: &Path,
@@ -190,7 +198,7 @@ fn boot_and_run_with(
     fstype: &str,
     spec: RunSpec,
     stdin: &[u8],
-    mut signal_on_output: Option<i32>,
+    mut on_output: Option<OnOutput>,
 ) -> Seen {
     let sock = dir.join("agent.sock");
     let console = dir.join("console.log");
@@ -263,8 +271,7 @@ fn boot_and_run_with(
         },
         ..spec
     };
-    loop {
-        let Ok(frame) = r.read_frame() else { break };
+    while let Ok(frame) = r.read_frame() {
         match FromGuest::decode(frame).unwrap() {
             FromGuest::Hello(h) => {
                 assert_eq!(h.version, PROTOCOL_VERSION);
@@ -289,8 +296,10 @@ fn boot_and_run_with(
             }
             FromGuest::Stdout(d) => {
                 seen.stdout.extend(d);
-                if let Some(sig) = signal_on_output.take() {
-                    FromHost::Signal(sig).send(&mut w).unwrap();
+                match on_output.take() {
+                    Some(OnOutput::Signal(sig)) => FromHost::Signal(sig).send(&mut w).unwrap(),
+                    Some(OnOutput::Shutdown) => FromHost::Shutdown.send(&mut w).unwrap(),
+                    None => {}
                 }
             }
             FromGuest::Stderr(d) => seen.stderr.extend(d),
@@ -426,7 +435,7 @@ fn overlay_is_writable_and_host_signals_reach_the_workload() {
         "erofs",
         spec(&["/bin/sh", "-c", script], "0:0"),
         b"",
-        Some(9),
+        Some(OnOutput::Signal(9)),
     );
     assert_eq!(seen.error, None, "console:\n{}", seen.console);
     assert_eq!(String::from_utf8_lossy(&seen.stdout), "written\n");
@@ -440,5 +449,29 @@ fn overlay_is_writable_and_host_signals_reach_the_workload() {
     assert!(
         t.elapsed() < Duration::from_secs(60),
         "the signal did not end the workload"
+    );
+}
+
+#[test]
+fn shutdown_kills_the_workload_and_powers_off() {
+    let Some(env) = setup() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let disk = image(dir.path(), "erofs");
+    let t = Instant::now();
+    let seen = boot_and_run_with(
+        &env,
+        dir.path(),
+        &disk,
+        "erofs",
+        spec(&["sh", "-c", "echo up; exec sleep 60"], ""),
+        b"",
+        Some(OnOutput::Shutdown),
+    );
+    assert_eq!(String::from_utf8_lossy(&seen.stdout), "up\n");
+    assert_eq!(seen.exited, None);
+    assert_eq!(seen.error, None);
+    assert!(
+        t.elapsed() < Duration::from_secs(60),
+        "shutdown did not stop the VM"
     );
 }

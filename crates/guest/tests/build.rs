@@ -1,6 +1,8 @@
 //! Builds real guest artifacts from the Debian kernel package (when one is cached on this
 //! machine) and checks the manifest, the cache and reproducibility.
 
+#![allow(clippy::unwrap_used)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
