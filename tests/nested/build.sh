@@ -19,7 +19,7 @@ NESTED_L2_KERNEL=${NESTED_L2_KERNEL:-vmlinux}
 
 check_tools() {
     local missing=() t
-    for t in "$QEMU" busybox cpio depmod modprobe dpkg-deb apt-get apt-cache xz sha256sum ldd readelf; do
+    for t in "$QEMU" busybox cpio flock depmod modprobe dpkg-deb apt-get apt-cache xz sha256sum ldd readelf; do
         command -v "$t" >/dev/null 2>&1 || missing+=("$t")
     done
     [ -f "$QEMU_MODULE_DIR/accel-tcg-x86_64.so" ] || missing+=("$QEMU_MODULE_DIR/accel-tcg-x86_64.so")
@@ -192,7 +192,8 @@ build_gpucell() {
         mapfile -t guest_files < <(find "$NESTED_GUEST_DIR" -type f | LC_ALL=C sort)
     fi
     key=$(
-        for b in $NESTED_BINS; do files_key "$bindir/$b" $(shared_libs "$bindir/$b"); done
+        # Content, not mtime: cargo relinks binaries whose bytes do not change.
+        for b in $NESTED_BINS; do sha256sum <"$bindir/$b" && files_key $(shared_libs "$bindir/$b"); done
         files_key "${guest_files[@]}"
         echo "$NESTED_BINS $NESTED_GUEST_DIR"
         content_key "$NESTED_SRC/build.sh" "$NESTED_SRC/common.sh"
@@ -263,7 +264,11 @@ build_initramfs() {
         echo "L1_INITRD=$out"
         echo "KERNEL_RELEASE=$(kernel_release)"
     } >"$NESTED_OUT/l1.env.tmp"
-    mv "$NESTED_OUT/l1.env.tmp" "$NESTED_OUT/l1.env"
+    if cmp -s "$NESTED_OUT/l1.env.tmp" "$NESTED_OUT/l1.env"; then
+        rm -f "$NESTED_OUT/l1.env.tmp"
+    else
+        mv "$NESTED_OUT/l1.env.tmp" "$NESTED_OUT/l1.env"
+    fi
 }
 
 # Temporary directories removed on every exit path.
@@ -273,6 +278,9 @@ trap 'rm -rf "${CLEANUP[@]}" "$NESTED_OUT"/parts/*.tmp "$NESTED_OUT"/*.tmp "$NES
 main() {
     check_tools
     mkdir -p "$NESTED_OUT"
+    # One build at a time per output directory (runs may start together).
+    exec 9>"$NESTED_OUT/.build.lock"
+    flock 9
     build_kernel
     build_base
     build_gpucell
