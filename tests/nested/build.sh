@@ -1,4 +1,5 @@
 #!/bin/bash
+# shellcheck disable=SC2086,SC2046 # space-separated lists (modules, libraries, tools) are split on purpose
 # Builds what the nested test host (L1) boots: a Debian kernel and an initramfs
 # holding busybox, the vfio/kvm/vhost modules, QEMU with its libraries and
 # firmware, an L2 kernel, the gpucell binaries and the test scenarios.
@@ -271,9 +272,8 @@ build_initramfs() {
     fi
 }
 
-# Temporary directories removed on every exit path.
+# Temporary directories, removed on every exit path once the lock is held.
 CLEANUP=("$NESTED_OUT/stage")
-trap 'rm -rf "${CLEANUP[@]}" "$NESTED_OUT"/parts/*.tmp "$NESTED_OUT"/*.tmp "$NESTED_OUT"/kernel/vmlinux.tmp' EXIT
 
 main() {
     check_tools
@@ -281,6 +281,7 @@ main() {
     # One build at a time per output directory (runs may start together).
     exec 9>"$NESTED_OUT/.build.lock"
     flock 9
+    trap 'rm -rf "${CLEANUP[@]}" "$NESTED_OUT"/parts/*.tmp "$NESTED_OUT"/*.tmp' EXIT
     build_kernel
     build_base
     build_gpucell

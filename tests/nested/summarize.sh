@@ -9,7 +9,7 @@
 # finished, QEMU failed or timed out, or (strict) anything was skipped.
 set -euo pipefail
 
-results= qrc=0 timeout=- console=console.log strict=0 timing=
+results='' qrc=0 timeout=- console=console.log strict=0 timing=''
 while [ $# -gt 0 ]; do
     case "$1" in
     --results) results=$2 ;;
