@@ -1,17 +1,23 @@
 # `gpucell gpu list/bind/unbind` against the real kernel. The edu functions are
-# not GPUs: `gpu list` must not crash on them and must print valid JSON;
-# `gpu bind`/`unbind` take any PCI function (the device allocator hands out
+# not GPUs, so `gpu list` must list none; `gpu bind`/`unbind` take any PCI function (the device allocator hands out
 # BDFs), so binding an edu function must work and be visible in sysfs.
 
+# gpu list (schema gpucell.gpu-list/v1). L1 has an IOMMU and no GPU: the
+# edu functions (class "unclassified") must not show up as GPUs.
 gc /tmp/list --json gpu list
 if gc_not_built /tmp/list; then
     skip gpu-list "gpucell gpu list is not built yet ($(gc_summary /tmp/list))"
 elif [ "$(cat /tmp/list.rc)" != 0 ]; then
     fail gpu-list "$(gc_summary /tmp/list)"
-elif ! jq -e . /tmp/list.out >/dev/null 2>&1; then
-    fail gpu-list "output is not valid JSON: $(head -c 200 /tmp/list.out)"
+elif ! jq -e '.schema == "gpucell.gpu-list/v1"' /tmp/list.out >/dev/null 2>&1; then
+    fail gpu-list "no gpucell.gpu-list/v1 document: $(head -c 200 /tmp/list.out)"
 else
-    pass gpu-list "valid JSON: $(jq -c '[.. | objects | (.bdf // .address // empty)]' /tmp/list.out 2>&1 | head -c 200)"
+    summary=$(jq -c '{iommu_groups_present, gpus: [.gpus[].bdf], warnings}' /tmp/list.out)
+    if jq -e '.iommu_groups_present == true and (.gpus | length) == 0' /tmp/list.out >/dev/null; then
+        pass gpu-list "$summary"
+    else
+        fail gpu-list "expected IOMMU groups and no GPUs on the nested host: $summary"
+    fi
 fi
 
 bdf=$(pci_by_id | tail -1)
