@@ -77,8 +77,8 @@ fn mnt(
     })
 }
 
-/// Mounts the image read-only and a tmpfs-backed overlay over it; returns the merged root.
-pub fn mount_rootfs(spec: &RunSpec) -> Result<PathBuf, ContainerError> {
+/// The root filesystem must be a virtio disk holding erofs or ext4.
+pub fn check_rootfs(spec: &RunSpec) -> Result<(), ContainerError> {
     let fstype = spec.rootfs.fstype.as_str();
     if fstype != "erofs" && fstype != "ext4" {
         return Err(ContainerError::FsType(fstype.chars().take(32).collect()));
@@ -90,6 +90,13 @@ pub fn mount_rootfs(spec: &RunSpec) -> Result<PathBuf, ContainerError> {
     if !valid_dev {
         return Err(ContainerError::BadDevice(dev.chars().take(64).collect()));
     }
+    Ok(())
+}
+
+/// Mounts the image read-only and a tmpfs-backed overlay over it; returns the merged root.
+pub fn mount_rootfs(spec: &RunSpec) -> Result<PathBuf, ContainerError> {
+    check_rootfs(spec)?;
+    let (dev, fstype) = (spec.rootfs.device.as_str(), spec.rootfs.fstype.as_str());
     let deadline = Instant::now() + DEVICE_WAIT;
     while !Path::new(dev).exists() {
         if Instant::now() >= deadline {
@@ -394,4 +401,101 @@ fn populate_dev(dev: &Path) -> Result<(), String> {
             .map_err(|e| format!("symlink /dev/{name}: {e}"))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use gpucell_protocol::RootfsSpec;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn spec(args: &[&str], user: &str, env: &[&str]) -> RunSpec {
+        RunSpec {
+            args: args.iter().map(|s| s.to_string()).collect(),
+            env: env.iter().map(|s| s.to_string()).collect(),
+            cwd: "/".into(),
+            user: user.into(),
+            hostname: "cell".into(),
+            rootfs: RootfsSpec {
+                device: "/dev/vda".into(),
+                fstype: "erofs".into(),
+            },
+            overlay_bytes: None,
+            devices: vec![],
+            device_wait_ms: 0,
+        }
+    }
+
+    #[test]
+    fn rootfs_device_and_type_are_whitelisted() {
+        let mut s = spec(&["sh"], "", &[]);
+        check_rootfs(&s).unwrap();
+        s.rootfs.fstype = "nfs".into();
+        assert!(matches!(check_rootfs(&s), Err(ContainerError::FsType(t)) if t == "nfs"));
+        s.rootfs.fstype = "ext4".into();
+        for bad in [
+            "/dev/sda",
+            "/dev/vd",
+            "/dev/vda/../mem",
+            "/etc/passwd",
+            "vda",
+        ] {
+            s.rootfs.device = bad.into();
+            assert!(
+                matches!(check_rootfs(&s), Err(ContainerError::BadDevice(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn prepare_resolves_user_executable_and_env_in_the_image() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        fs::create_dir_all(r.join("usr/bin")).unwrap();
+        fs::create_dir_all(r.join("etc")).unwrap();
+        fs::write(r.join("usr/bin/app"), b"").unwrap();
+        fs::set_permissions(r.join("usr/bin/app"), fs::Permissions::from_mode(0o755)).unwrap();
+        fs::write(r.join("etc/passwd"), "svc:x:7:8::/srv:/bin/false\n").unwrap();
+        fs::write(r.join("etc/group"), "gpu:x:44:svc\n").unwrap();
+        let p = prepare(r, &spec(&["app", "--flag"], "svc", &["A=1"])).unwrap();
+        assert_eq!(p.exe.to_str().unwrap(), "/usr/bin/app");
+        assert_eq!(
+            (p.ids.uid, p.ids.gid, p.ids.groups.clone()),
+            (7, 8, vec![8, 44])
+        );
+        let env: Vec<&str> = p.envp.iter().map(|e| e.to_str().unwrap()).collect();
+        assert!(
+            env.contains(&"A=1") && env.contains(&"HOME=/srv") && env.contains(&"HOSTNAME=cell")
+        );
+        assert!(env.iter().any(|e| e.starts_with("PATH=/usr/local/sbin")));
+
+        let err = prepare(r, &spec(&["app"], "nobody", &[]))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("`nobody`"), "{err}");
+        let err = prepare(r, &spec(&["foo"], "", &["PATH=/usr/bin:/bin"]))
+            .err()
+            .unwrap()
+            .to_string();
+        assert_eq!(
+            err,
+            "executable `foo` not found in PATH /usr/bin:/bin of the image"
+        );
+        let err = prepare(r, &spec(&["app\0x"], "", &[])).err().unwrap();
+        assert!(
+            matches!(err, ContainerError::Exec(_) | ContainerError::Nul(_)),
+            "{err}"
+        );
+        let mut rel = spec(&["app"], "", &[]);
+        rel.cwd = "work".into();
+        assert!(matches!(prepare(r, &rel), Err(ContainerError::Cwd(_))));
+        let many = spec(&["app"], "", &vec!["X=1"; MAX_ENV + 1]);
+        assert!(matches!(
+            prepare(r, &many),
+            Err(ContainerError::TooMany(..))
+        ));
+    }
 }

@@ -39,15 +39,26 @@ pub fn locate(explicit: Option<&Path>) -> Result<PathBuf, AgentError> {
         .and_then(|e| e.parent().map(Path::to_owned))
     {
         candidates.push(dir.join("gpucell-agent"));
+        // gpucell in target/release, the static agent in target/<triple>/release.
+        candidates.push(
+            dir.join("..")
+                .join(AGENT_TARGET)
+                .join("release/gpucell-agent"),
+        );
     }
     candidates.push(
         Path::new("target")
             .join(AGENT_TARGET)
             .join("release/gpucell-agent"),
     );
-    candidates
-        .into_iter()
-        .find(|c| c.is_file())
+    // A host-target build next to gpucell is dynamic: prefer any static candidate, and
+    // name the first dynamic one only when there is nothing better.
+    let existing: Vec<PathBuf> = candidates.into_iter().filter(|c| c.is_file()).collect();
+    existing
+        .iter()
+        .find(|c| std::fs::read(c).is_ok_and(|d| check_static(c, &d).is_ok()))
+        .or(existing.first())
+        .cloned()
         .ok_or(AgentError::NotFound)
 }
 
