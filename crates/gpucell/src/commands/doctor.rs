@@ -9,7 +9,7 @@ use gpucell_host::HostRoot;
 
 use gpucell_sandbox::accel::{self, ProbeInput, ACCEL_ENV};
 
-use super::Global;
+use super::{write_stdout, Global};
 
 #[derive(clap::Args, Debug)]
 pub struct DoctorArgs {
@@ -77,17 +77,6 @@ pub fn run(global: &Global, args: DoctorArgs) -> anyhow::Result<u8> {
     Ok(report.exit_code())
 }
 
-/// Writes to stdout; a closed pipe (`gpucell doctor | head`) is not an error.
-fn write_stdout(text: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
-            Err(e).context("cannot write to stdout")
-        }
-        _ => Ok(()),
-    }
-}
 
 fn mark(s: Status) -> &'static str {
     match s {

@@ -5,7 +5,7 @@ use gpucell_host::gpu::GpuInventory;
 use gpucell_host::gpu_view::{GpuList, GpuRow};
 use gpucell_host::HostRoot;
 
-use crate::commands::Global;
+use crate::commands::{write_stdout, Global};
 
 #[derive(clap::Args, Debug)]
 pub struct ListArgs {}
@@ -33,17 +33,6 @@ pub fn run(global: &Global, _args: ListArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-/// Writes to stdout; a closed pipe (`gpucell gpu list | head`) is not an error.
-pub(crate) fn write_stdout(text: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
-            Err(e).context("cannot write to stdout")
-        }
-        _ => Ok(()),
-    }
-}
 
 /// The product name inside `[...]` of a PCI ID name (`GH100 [H200 SXM 141GB]`), else all of it.
 fn short_name(name: &str) -> &str {
