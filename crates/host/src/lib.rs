@@ -6,6 +6,7 @@ pub mod arch;
 pub mod bar;
 pub mod bdf;
 pub mod cmdline;
+pub mod devices;
 pub mod doctor;
 pub mod gpu;
 pub mod gpu_view;
