@@ -75,8 +75,11 @@ fn run() -> Result<(), AnyError> {
         return Ok(());
     }
     // A module that fails to load is logged; what needs it fails later, with a message.
+    // Warnings from before the channel is open, sent to the host as `Log` after hello.
+    let mut early = Vec::new();
     if let Err(e) = boot::load_modules() {
         tracing::error!("{}", chain(&e));
+        early.push(chain(&e));
     }
     let _ = nix::mount::umount2("/proc", nix::mount::MntFlags::MNT_DETACH);
     let _ = nix::mount::umount2("/sys", nix::mount::MntFlags::MNT_DETACH);
@@ -85,6 +88,7 @@ fn run() -> Result<(), AnyError> {
     boot::mount_pseudo()?;
     if let Err(e) = boot::loopback_up() {
         tracing::warn!("{}", chain(&e));
+        early.push(chain(&e));
     }
     let sigfd = session::sigchld_fd()?;
     let channel = channel::open(cmdline.channel)?;
@@ -97,6 +101,9 @@ fn run() -> Result<(), AnyError> {
             return Err(e.into());
         }
     };
+    for message in early {
+        s.send(&gpucell_protocol::FromGuest::Log { message })?;
+    }
     match s.run(&spec, &sigfd) {
         Ok(()) | Err(session::SessionError::Shutdown) => Ok(()),
         Err(e) => {

@@ -215,7 +215,12 @@ fn build_into(work: &Path, inputs: &Inputs, deb: &DebFile) -> Result<Manifest, B
     let release = kernel_release(&root)?;
     let mod_root = root.join("lib/modules").join(&release);
 
-    let depmod = Command::new("depmod")
+    // depmod lives in /usr/sbin, which a non-root PATH may lack.
+    let depmod_bin = ["/usr/sbin/depmod", "/sbin/depmod"]
+        .into_iter()
+        .find(|p| Path::new(p).is_file())
+        .unwrap_or("depmod");
+    let depmod = Command::new(depmod_bin)
         .arg("-b")
         .arg(&root)
         .arg(&release)

@@ -170,6 +170,7 @@ struct Seen {
     stderr: Vec<u8>,
     exited: Option<ExitStatus>,
     error: Option<String>,
+    logs: Vec<String>,
     console: String,
 }
 
@@ -202,6 +203,7 @@ fn boot_and_run_with(
 ) -> Seen {
     let sock = dir.join("agent.sock");
     let console = dir.join("console.log");
+    let started = Instant::now();
     let child = Command::new("qemu-system-x86_64")
         .args([
             "-M",
@@ -277,6 +279,11 @@ fn boot_and_run_with(
                 assert_eq!(h.version, PROTOCOL_VERSION);
                 assert!(h.kernel.starts_with("6."), "{}", h.kernel);
                 assert!(h.uptime_ms > 0);
+                eprintln!(
+                    "agent hello: guest uptime {} ms, {} ms after QEMU was started",
+                    h.uptime_ms,
+                    started.elapsed().as_millis()
+                );
                 seen.hello = true;
                 FromHost::Hello(HostHello {
                     version: PROTOCOL_VERSION,
@@ -305,7 +312,7 @@ fn boot_and_run_with(
             FromGuest::Stderr(d) => seen.stderr.extend(d),
             FromGuest::Exited(s) => seen.exited = Some(s),
             FromGuest::Error { message } => seen.error = Some(message),
-            FromGuest::Log { .. } => {}
+            FromGuest::Log { message } => seen.logs.push(message),
         }
     }
     // The agent powers the VM off by itself.
@@ -358,6 +365,7 @@ fn agent_runs_a_workload_on_ext4() {
     assert!(seen.hello && seen.started, "{seen:?}");
     assert_eq!(seen.devices, Some(0));
     assert_eq!(seen.error, None, "console:\n{}", seen.console);
+    assert!(seen.logs.is_empty(), "boot warnings: {:?}", seen.logs);
     let out = String::from_utf8_lossy(&seen.stdout);
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(
