@@ -32,6 +32,11 @@ fn summarize(results: &str, extra: &[&str]) -> Summary {
     }
 }
 
+/// Asserts that the summary contains `needle`, showing the summary otherwise.
+fn assert_has(stdout: &str, needle: &str) {
+    assert!(stdout.contains(needle), "expected {needle:?} in:\n{stdout}");
+}
+
 const BOOT: &str = "NESTED-BOOT uptime=6.50 kernel=6.1.0-56-amd64\n";
 const DONE: &str = "NESTED-DONE uptime=40.00\n";
 
@@ -45,10 +50,10 @@ fn all_passed_exits_zero_and_counts() {
     );
     let s = summarize(&r, &[]);
     assert_eq!(s.code, Some(0), "{}", s.stdout);
-    assert!(s.stdout.contains("2 passed, 0 failed, 0 skipped"), "{}", s.stdout);
-    assert!(s.stdout.contains("PASS 10-host/iommu"), "{}", s.stdout);
+    assert_has(&s.stdout, "2 passed, 0 failed, 0 skipped");
+    assert_has(&s.stdout, "PASS 10-host/iommu");
     // Scenario durations come from the L1 uptimes of consecutive markers.
-    assert!(s.stdout.contains("10-host 2.5s, 30-edu 30.5s"), "{}", s.stdout);
+    assert_has(&s.stdout, "10-host 2.5s, 30-edu 30.5s");
 }
 
 #[test]
@@ -59,9 +64,9 @@ fn a_failed_check_fails_the_run() {
     );
     let s = summarize(&r, &[]);
     assert_eq!(s.code, Some(1), "{}", s.stdout);
-    assert!(s.stdout.contains("FAIL a/y"), "{}", s.stdout);
-    assert!(s.stdout.contains("driver is none, expected vfio-pci"), "{}", s.stdout);
-    assert!(s.stdout.contains("1 passed, 1 failed, 0 skipped"), "{}", s.stdout);
+    assert_has(&s.stdout, "FAIL a/y");
+    assert_has(&s.stdout, "driver is none, expected vfio-pci");
+    assert_has(&s.stdout, "1 passed, 1 failed, 0 skipped");
 }
 
 #[test]
@@ -69,16 +74,16 @@ fn missing_done_marker_fails() {
     let r = format!("{BOOT}NESTED-RESULT name=a/x ok=1 detail=fine\n");
     let s = summarize(&r, &[]);
     assert_eq!(s.code, Some(1), "{}", s.stdout);
-    assert!(s.stdout.contains("FAIL harness/done"), "{}", s.stdout);
+    assert_has(&s.stdout, "FAIL harness/done");
 }
 
 #[test]
 fn no_boot_and_no_results_fail() {
     let s = summarize("garbage\n", &["--qemu-status", "1"]);
     assert_eq!(s.code, Some(1), "{}", s.stdout);
-    assert!(s.stdout.contains("FAIL harness/qemu"), "{}", s.stdout);
-    assert!(s.stdout.contains("FAIL harness/boot"), "{}", s.stdout);
-    assert!(s.stdout.contains("0 passed, 2 failed"), "{}", s.stdout);
+    assert_has(&s.stdout, "FAIL harness/qemu");
+    assert_has(&s.stdout, "FAIL harness/boot");
+    assert_has(&s.stdout, "0 passed, 2 failed");
 }
 
 #[test]
@@ -86,7 +91,7 @@ fn timeout_is_a_failure_even_with_passes() {
     let r = format!("{BOOT}NESTED-RESULT name=a/x ok=1 detail=fine\n");
     let s = summarize(&r, &["--qemu-status", "timeout", "--timeout", "600"]);
     assert_eq!(s.code, Some(1), "{}", s.stdout);
-    assert!(s.stdout.contains("L1 still running after 600s"), "{}", s.stdout);
+    assert_has(&s.stdout, "L1 still running after 600s");
     assert!(!s.stdout.contains("harness/done"), "{}", s.stdout);
 }
 
@@ -98,7 +103,7 @@ fn skips_pass_unless_strict() {
     );
     let lax = summarize(&r, &[]);
     assert_eq!(lax.code, Some(0), "{}", lax.stdout);
-    assert!(lax.stdout.contains("1 passed, 0 failed, 1 skipped"), "{}", lax.stdout);
+    assert_has(&lax.stdout, "1 passed, 0 failed, 1 skipped");
     let strict = summarize(&r, &["--strict", "1"]);
     assert_eq!(strict.code, Some(1), "{}", strict.stdout);
 }
@@ -120,10 +125,10 @@ fn serial_line_endings_noise_and_tricky_details() {
          NESTED-RESULT name=a/y ok=weird detail=\r\n{DONE}"
     );
     let s = summarize(&r, &[]);
-    assert!(s.stdout.contains("PASS a/x"), "{}", s.stdout);
-    assert!(s.stdout.contains("retried\n"), "{}", s.stdout);
-    assert!(s.stdout.contains("FAIL harness/result"), "{}", s.stdout);
-    assert!(s.stdout.contains("FAIL a/y"), "{}", s.stdout);
+    assert_has(&s.stdout, "PASS a/x");
+    assert_has(&s.stdout, "retried\n");
+    assert_has(&s.stdout, "FAIL harness/result");
+    assert_has(&s.stdout, "FAIL a/y");
     assert_eq!(s.code, Some(1), "{}", s.stdout);
 }
 
@@ -141,7 +146,9 @@ fn unknown_argument_is_a_usage_error() {
 #[test]
 fn nested_host_full_run() {
     if std::env::var_os("GPUCELL_NESTED").is_none() {
-        eprintln!("skipping nested_host_full_run: set GPUCELL_NESTED=1 (boots VMs for a minute or more)");
+        eprintln!(
+            "skipping nested_host_full_run: set GPUCELL_NESTED=1 (boots VMs for a minute or more)"
+        );
         return;
     }
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_gpucell"));
