@@ -10,7 +10,9 @@ CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$REPO_ROOT/target}
 QEMU=${NESTED_QEMU:-/usr/bin/qemu-system-x86_64}
 QEMU_MODULE_DIR=/usr/lib/x86_64-linux-gnu/qemu
 # Kernel modules L1 needs (dependencies are added from modules.dep).
-NESTED_MODULES=${NESTED_MODULES:-"vfio vfio_iommu_type1 vfio-pci kvm_amd vhost_vsock"}
+# kvm_amd and kvm_intel are both shipped; L1's init loads the one its CPU
+# supports (TCG's -cpu max has SVM; NESTED_ACCEL=kvm on an Intel host has VMX).
+NESTED_MODULES=${NESTED_MODULES:-"vfio vfio_iommu_type1 vfio-pci kvm_amd kvm_intel vhost_vsock"}
 # Binaries of the gpucell package copied into L1 (if built).
 NESTED_BINS=${NESTED_BINS:-"gpucell"}
 # Extra host tools copied into L1 with their libraries (scenarios use jq for JSON).

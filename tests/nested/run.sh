@@ -9,7 +9,7 @@
 #
 # Environment: NESTED_TIMEOUT (whole run, s, default 600), NESTED_SCENARIO_TIMEOUT
 # (per scenario, s, default 300), NESTED_EDU_COUNT (default 3), NESTED_MEM,
-# NESTED_SMP, NESTED_STRICT, NESTED_QUIET=1 (console only to the log file);
+# NESTED_SMP, NESTED_STRICT, NESTED_ACCEL (tcg), NESTED_QUIET=1 (console only to the log file);
 # build settings in tests/nested/common.sh.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -21,6 +21,9 @@ NESTED_MEM=${NESTED_MEM:-3G}
 NESTED_SMP=${NESTED_SMP:-2}
 NESTED_STRICT=${NESTED_STRICT:-0}
 NESTED_QUIET=${NESTED_QUIET:-0}
+# tcg on machines whose KVM cannot run a stock kernel (see docs); kvm on a
+# host with working nested virtualization.
+NESTED_ACCEL=${NESTED_ACCEL:-tcg}
 
 now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
@@ -57,7 +60,7 @@ results=$run_dir/results.log
 edu=()
 for _ in $(seq "$NESTED_EDU_COUNT"); do edu+=(-device edu); done
 qemu_args=(
-    -M q35,kernel-irqchip=split -accel tcg -cpu max -smp "$NESTED_SMP" -m "$NESTED_MEM"
+    -M q35,kernel-irqchip=split -accel "$NESTED_ACCEL" -cpu max -smp "$NESTED_SMP" -m "$NESTED_MEM"
     -device intel-iommu,intremap=on,caching-mode=on "${edu[@]}"
     -nodefaults -display none -monitor none -no-reboot
     -chardev stdio,id=con,signal=off -serial chardev:con

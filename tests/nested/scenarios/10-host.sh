@@ -10,20 +10,22 @@ else
     fail iommu "no IOMMU in /sys/class/iommu or no groups in /sys/kernel/iommu_groups ($groups); is intel_iommu=on on the L1 command line?"
 fi
 
+kvm_vendor=kvm_amd
+grep -qw vmx /proc/cpuinfo && kvm_vendor=kvm_intel
 missing=
-for m in vfio vfio_iommu_type1 vfio_pci kvm kvm_amd vhost_vsock; do
+for m in vfio vfio_iommu_type1 vfio_pci kvm $kvm_vendor vhost_vsock; do
     [ -d "/sys/module/$m" ] || missing="$missing $m"
 done
 if [ -z "$missing" ]; then
-    pass modules-loaded "vfio vfio_iommu_type1 vfio_pci kvm kvm_amd vhost_vsock in /sys/module"
+    pass modules-loaded "vfio vfio_iommu_type1 vfio_pci kvm $kvm_vendor vhost_vsock in /sys/module"
 else
     fail modules-loaded "not in /sys/module:$missing"
 fi
 
-if [ -c /dev/kvm ] && grep -qw svm /proc/cpuinfo; then
-    pass dev-kvm "/dev/kvm present, CPU has svm"
+if [ -c /dev/kvm ] && grep -qwE 'svm|vmx' /proc/cpuinfo; then
+    pass dev-kvm "/dev/kvm present, CPU has $(grep -owE 'svm|vmx' /proc/cpuinfo | head -1)"
 else
-    fail dev-kvm "/dev/kvm: $(ls -l /dev/kvm 2>&1); svm flag: $(grep -cw svm /proc/cpuinfo)"
+    fail dev-kvm "/dev/kvm: $(ls -l /dev/kvm 2>&1); svm/vmx flags: $(grep -cwE 'svm|vmx' /proc/cpuinfo)"
 fi
 
 if [ -c /dev/vfio/vfio ] && [ -c /dev/vhost-vsock ]; then
