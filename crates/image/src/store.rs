@@ -176,6 +176,17 @@ pub struct Store {
     root: PathBuf,
     blobs: BlobStore,
     options: StoreOptions,
+    /// Background deletions of unpack trees, joined on drop.
+    cleanups: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        let handles = std::mem::take(self.cleanups.get_mut().unwrap_or_else(|p| p.into_inner()));
+        for h in handles {
+            let _ = h.join();
+        }
+    }
 }
 
 impl Store {
@@ -187,6 +198,15 @@ impl Store {
 
     pub fn options(&self) -> &StoreOptions {
         &self.options
+    }
+
+    /// Waits until unpack trees of disks built by this Store are deleted (dropping the
+    /// Store does the same).
+    pub fn wait_for_cleanup(&self) {
+        let handles = std::mem::take(&mut *self.cleanups.lock().unwrap_or_else(|p| p.into_inner()));
+        for h in handles {
+            let _ = h.join();
+        }
     }
 
     pub fn open_with(state_dir: &Path, options: StoreOptions) -> Result<Store, Error> {
@@ -203,6 +223,7 @@ impl Store {
             root,
             blobs,
             options,
+            cleanups: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -332,10 +353,15 @@ impl Store {
             }
         };
         if let Some(mut image) = self.read_record(&digest)? {
-            self.set_ref(name, &digest)?;
-            image.reference = name.into();
-            debug!(%digest, "already in the store");
-            return Ok(image);
+            if self.blobs.contains(&digest)
+                && image.layers.iter().all(|l| self.blobs.contains(&l.digest))
+            {
+                self.set_ref(name, &digest)?;
+                image.reference = name.into();
+                debug!(%digest, "already in the store");
+                return Ok(image);
+            }
+            warn!(%digest, "stored image is missing blobs; fetching them again");
         }
         let config_digest = manifest::config_digest(&digest, &manifest)?;
         let config_bytes = src.config(&config_digest, manifest.config().size())?;

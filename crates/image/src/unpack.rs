@@ -22,6 +22,8 @@ use crate::tarstream::{Entry, Kind, TarError, TarReader};
 /// Longest entry path accepted, and most components in it.
 pub const MAX_PATH_BYTES: usize = 4096;
 pub const MAX_DEPTH: usize = 256;
+/// Directory fds kept open while unpacking (well under the usual 1024-fd limit).
+const MAX_CACHED_DIRS: usize = 512;
 
 /// Bounds on what unpacking an image may produce.
 #[derive(Debug, Clone, Copy)]
@@ -162,8 +164,9 @@ pub struct Unpacker {
     as_root: bool,
     warned_owner: bool,
     dir_meta: HashMap<Vec<u8>, DirMeta>,
-    /// The last parent directory resolved, by its joined path.
-    cache: Option<(Vec<u8>, OwnedFd)>,
+    /// Directories already resolved, by their joined path. Only removals can make an
+    /// entry stale, and every removal clears the whole cache.
+    cache: HashMap<Vec<u8>, OwnedFd>,
     buf: Vec<u8>,
     /// Device nodes dropped so far.
     pub dropped_devices: u64,
@@ -220,7 +223,7 @@ impl Unpacker {
             as_root: rustix::process::geteuid().is_root(),
             warned_owner: false,
             dir_meta: HashMap::new(),
-            cache: None,
+            cache: HashMap::new(),
             buf: vec![0u8; 256 * 1024],
             dropped_devices: 0,
         })
@@ -553,7 +556,7 @@ impl Unpacker {
             if depth > MAX_DEPTH {
                 return Err(ctx.unsafe_("directory tree too deep to remove"));
             }
-            self.cache = None;
+            self.cache.clear();
             let sub = rustix::fs::openat(
                 dirfd,
                 os(name),
@@ -581,16 +584,35 @@ impl Unpacker {
         create: bool,
         created: &mut HashSet<Vec<u8>>,
     ) -> Result<Option<BorrowedFd<'_>>, UnpackError> {
-        let key = comps.join(&b'/');
         if comps.is_empty() {
             return Ok(Some(self.root.as_fd()));
         }
-        if self.cache.as_ref().is_some_and(|(k, _)| *k == key) {
-            return Ok(self.cache.as_ref().map(|(_, fd)| fd.as_fd()));
+        let key = comps.join(&b'/');
+        if self.cache.contains_key(&key) {
+            return Ok(self.cache.get(&key).map(|fd| fd.as_fd()));
         }
-        let mut cur: Option<OwnedFd> = None;
-        for (i, c) in comps.iter().enumerate() {
-            let at = cur.as_ref().map_or(self.root.as_fd(), |f| f.as_fd());
+        // Start from the deepest ancestor already open.
+        let mut start = 0;
+        for i in (1..comps.len()).rev() {
+            if self.cache.contains_key(&comps[..i].join(&b'/')) {
+                start = i;
+                break;
+            }
+        }
+        if self.cache.len() + comps.len() > MAX_CACHED_DIRS {
+            self.cache.clear();
+            start = 0;
+        }
+        for i in start..comps.len() {
+            let c = comps[i];
+            let at = if i == 0 {
+                self.root.as_fd()
+            } else {
+                match self.cache.get(&comps[..i].join(&b'/')) {
+                    Some(fd) => fd.as_fd(),
+                    None => return Err(ctx.unsafe_("internal: directory cache lost an ancestor")),
+                }
+            };
             let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
             let next = match rustix::fs::openat(at, os(c), flags, Mode::empty()) {
                 Ok(fd) => fd,
@@ -618,10 +640,9 @@ impl Unpacker {
                 }
                 Err(e) => return Err(ctx.io("open a parent directory")(e)),
             };
-            cur = Some(next);
+            self.cache.insert(comps[..=i].join(&b'/'), next);
         }
-        self.cache = cur.map(|fd| (key, fd));
-        Ok(self.cache.as_ref().map(|(_, fd)| fd.as_fd()))
+        Ok(self.cache.get(&key).map(|fd| fd.as_fd()))
     }
 
     fn chown_at(

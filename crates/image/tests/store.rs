@@ -113,6 +113,7 @@ fn guest_disk_is_cached_by_digest() {
         .path
         .to_string_lossy()
         .contains(&img.digest["sha256:".len()..]));
+    store.wait_for_cleanup();
     assert!(tmp_entries(&store).is_empty(), "unpack tree left behind");
 }
 
@@ -246,6 +247,7 @@ fn hostile_layer_fails_guest_disk_with_entry_named_and_no_leftovers() {
         .unwrap()
         .next()
         .is_none());
+    store.wait_for_cleanup();
     assert!(tmp_entries(&store).is_empty());
 }
 
@@ -380,4 +382,17 @@ fn images_made_by_umoci_and_skopeo() {
             Path::new("hostname")
         );
     }
+}
+
+#[test]
+fn missing_blob_is_fetched_again_from_the_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = dir.path().join("layout");
+    let written = simple("a").write_layout(&layout, "v1").unwrap();
+    let store = Store::open(&dir.path().join("state")).unwrap();
+    let name = format!("oci:{}:v1", layout.display());
+    store.get_or_fetch(&name).unwrap();
+    store.blobs().remove(&written.layer_digests[0]).unwrap();
+    store.get_or_fetch(&name).unwrap();
+    assert!(store.blobs().contains(&written.layer_digests[0]));
 }

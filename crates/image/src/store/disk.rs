@@ -51,8 +51,25 @@ impl Store {
         fs::set_permissions(&rootfs, fs::Permissions::from_mode(0o755))
             .map_err(io_err(&rootfs, "chmod the unpack root"))?;
         let result = self.build_disk(&image, &rootfs, tmp.path(), &digest, started);
-        if !rustix::process::geteuid().is_root() {
-            make_removable(&rootfs);
+        // Deleting a big tree takes seconds on some filesystems: a background thread does
+        // it while the caller boots its VM; dropping the Store waits for it.
+        let cleanup = std::thread::Builder::new()
+            .name("gpucell-unpack-cleanup".into())
+            .spawn(move || {
+                if !rustix::process::geteuid().is_root() {
+                    make_removable(&rootfs);
+                }
+                drop(tmp);
+            });
+        match cleanup {
+            Ok(handle) => self
+                .cleanups
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(handle),
+            Err(e) => {
+                warn!(error = %e, "could not start the cleanup thread; the next prune removes the tree")
+            }
         }
         let disk = result?;
         info!(
