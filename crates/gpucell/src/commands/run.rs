@@ -183,6 +183,7 @@ fn run_inner(
 
     // The run request.
     let sandbox_id = gpucell_sandbox::rundir::new_run_id()?;
+    summary["run_id"] = json!(sandbox_id);
     let defaults = ImageDefaults {
         entrypoint: image.config.entrypoint.clone(),
         cmd: image.config.cmd.clone(),
