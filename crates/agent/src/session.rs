@@ -24,9 +24,10 @@ use crate::devices;
 /// Most stdin bytes buffered for a workload that does not read; beyond it the agent stops
 /// reading the channel until the workload catches up.
 const MAX_STDIN_BUFFER: usize = 1 << 20;
-/// How long output is drained after the workload exits (its pipes may be held open by
-/// nothing else, as its pid namespace dies with it).
-const DRAIN: Duration = Duration::from_secs(2);
+/// After the workload exits, output is drained until its pipes reach EOF (its pid
+/// namespace dies with it, so nothing else holds them), or until they stay silent this
+/// long: a guard, not the normal path.
+const DRAIN: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -240,6 +241,9 @@ impl Session {
                             FromGuest::Stderr(data)
                         };
                         self.send(&msg)?;
+                        if status.is_some() {
+                            drain_until = Some(Instant::now() + DRAIN);
+                        }
                     }
                     Err(Errno::EAGAIN) | Err(Errno::EINTR) => {}
                     Err(_) => *slot = None,

@@ -192,7 +192,29 @@ enum OnOutput {
     Shutdown,
 }
 
+/// Which channel the guest talks on.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Chan {
+    Serial,
+    /// vhost-user vsock through `vhost-device-vsock` (the host kernel has no vhost-vsock).
+    Vsock,
+}
+
 fn boot_and_run_with(
+    env: &Env,
+    dir: &Path,
+    disk: &Path,
+    fstype: &str,
+    spec: RunSpec,
+    stdin: &[u8],
+    on_output: Option<OnOutput>,
+) -> Seen {
+    boot_and_run_on(Chan::Serial, env, dir, disk, fstype, spec, stdin, on_output)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn boot_and_run_on(
+    chan: Chan,
     env: &Env,
     dir: &Path,
     disk: &Path,
@@ -203,41 +225,14 @@ fn boot_and_run_with(
 ) -> Seen {
     let sock = dir.join("agent.sock");
     let console = dir.join("console.log");
-    let started = Instant::now();
-    let child = Command::new("qemu-system-x86_64")
-        .args([
-            "-M",
-            "q35",
-            "-accel",
-            "tcg",
-            "-m",
-            "256M",
-            "-smp",
-            "1",
-            "-nodefaults",
-            "-no-reboot",
-        ])
-        .args(["-display", "none", "-serial"])
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu.args(["-M", "q35", "-accel", "tcg", "-m", "256M", "-smp", "1"])
+        .args(["-nodefaults", "-no-reboot", "-display", "none", "-serial"])
         .arg(format!("file:{}", console.display()))
         .arg("-kernel")
         .arg(&env.kernel)
         .arg("-initrd")
         .arg(&env.initrd)
-        .args([
-            "-append",
-            "console=ttyS0 panic=-1 quiet gpucell.channel=serial",
-        ])
-        .arg("-chardev")
-        .arg(format!(
-            "socket,id=ch,path={},server=on,wait=off",
-            sock.display()
-        ))
-        .args([
-            "-device",
-            "virtio-serial-pci",
-            "-device",
-            "virtserialport,chardev=ch,name=org.gpucell.agent.0",
-        ])
         .arg("-drive")
         .arg(format!(
             "file={},if=none,id=d0,format=raw,readonly=on",
@@ -246,19 +241,93 @@ fn boot_and_run_with(
         .args(["-device", "virtio-blk-pci,drive=d0"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut vm = Vm { child };
+        .stderr(std::fs::File::create(dir.join("qemu.stderr")).unwrap());
+    let mut _vhost = None;
+    let mut listener = None;
+    match chan {
+        Chan::Serial => {
+            qemu.args([
+                "-append",
+                "console=ttyS0 panic=-1 quiet gpucell.channel=serial",
+            ])
+            .arg("-chardev")
+            .arg(format!(
+                "socket,id=ch,path={},server=on,wait=off",
+                sock.display()
+            ))
+            .args(["-device", "virtio-serial-pci"])
+            .args([
+                "-device",
+                "virtserialport,chardev=ch,name=org.gpucell.agent.0",
+            ]);
+        }
+        Chan::Vsock => {
+            let vhost_sock = dir.join("vhost.sock");
+            let uds = dir.join("vm.vsock");
+            // Guest connections to host port P arrive on `<uds>_P`.
+            let l = std::os::unix::net::UnixListener::bind(format!(
+                "{}_{}",
+                uds.display(),
+                gpucell_protocol::VSOCK_PORT
+            ))
+            .unwrap();
+            l.set_nonblocking(true).unwrap();
+            listener = Some(l);
+            let child = Command::new(vhost_device_vsock().unwrap())
+                .arg("--vm")
+                .arg(format!(
+                    "guest-cid=3,socket={},uds-path={}",
+                    vhost_sock.display(),
+                    uds.display()
+                ))
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(dir.join("vhost.stderr")).unwrap())
+                .spawn()
+                .unwrap();
+            _vhost = Some(Vm { child });
+            let until = Instant::now() + Duration::from_secs(10);
+            while !vhost_sock.exists() {
+                assert!(
+                    Instant::now() < until,
+                    "vhost-device-vsock did not create its socket"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            qemu.args([
+                "-append",
+                "console=ttyS0 panic=-1 quiet gpucell.channel=vsock",
+            ])
+            .args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on"])
+            .args(["-machine", "memory-backend=mem"])
+            .arg("-chardev")
+            .arg(format!("socket,id=vs,path={}", vhost_sock.display()))
+            .args(["-device", "vhost-user-vsock-pci,chardev=vs"]);
+        }
+    }
+    let started = Instant::now();
+    let mut vm = Vm {
+        child: qemu.spawn().unwrap(),
+    };
     let deadline = Instant::now() + BOOT_TIMEOUT;
     let stream = loop {
-        if let Ok(s) = UnixStream::connect(&sock) {
+        let got = match &listener {
+            None => UnixStream::connect(&sock).ok(),
+            Some(l) => l.accept().ok().map(|(s, _)| s),
+        };
+        if let Some(s) = got {
+            s.set_nonblocking(false).unwrap();
             break s;
+        }
+        if let Some(st) = vm.child.try_wait().unwrap() {
+            panic!(
+                "QEMU exited with {st} before the agent connected; console:\n{}\nqemu: {}",
+                std::fs::read_to_string(&console).unwrap_or_default(),
+                std::fs::read_to_string(dir.join("qemu.stderr")).unwrap_or_default()
+            );
         }
         assert!(
             Instant::now() < deadline,
-            "QEMU never created {}",
-            sock.display()
+            "no connection from the guest within {BOOT_TIMEOUT:?}"
         );
         std::thread::sleep(Duration::from_millis(20));
     };
@@ -481,5 +550,54 @@ fn shutdown_kills_the_workload_and_powers_off() {
     assert!(
         t.elapsed() < Duration::from_secs(60),
         "shutdown did not stop the VM"
+    );
+}
+
+/// `vhost-device-vsock`, from PATH or `$VHOST_DEVICE_VSOCK`.
+fn vhost_device_vsock() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("VHOST_DEVICE_VSOCK") {
+        return Some(PathBuf::from(p));
+    }
+    std::env::var_os("PATH")
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("vhost-device-vsock"))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default()
+        .into_iter()
+        .find(|p| p.is_file())
+}
+
+#[test]
+fn agent_talks_over_vsock() {
+    let Some(env) = setup() else { return };
+    if vhost_device_vsock().is_none() {
+        eprintln!(
+            "skipping: vhost-device-vsock not found (cargo install vhost-device-vsock, or set \
+             VHOST_DEVICE_VSOCK); this host has no vhost-vsock"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = image(dir.path(), "erofs");
+    let seen = boot_and_run_on(
+        Chan::Vsock,
+        &env,
+        dir.path(),
+        &disk,
+        "erofs",
+        spec(&["sh", "-c", "cat; echo done"], ""),
+        b"via vsock\n",
+        None,
+    );
+    assert_eq!(seen.error, None, "console:\n{}", seen.console);
+    assert_eq!(String::from_utf8_lossy(&seen.stdout), "via vsock\ndone\n");
+    assert_eq!(
+        seen.exited,
+        Some(ExitStatus {
+            code: Some(0),
+            signal: None
+        })
     );
 }
