@@ -6,6 +6,7 @@
 //! [`Check`] with a status and, unless it passed, one line saying how to fix it.
 
 mod cpu;
+mod devices;
 mod gpus;
 mod iommu;
 pub mod qemu;
@@ -159,9 +160,20 @@ impl DoctorReport {
     }
 }
 
-/// Runs every check against `root`.
-#[tracing::instrument(skip_all, fields(root = %root.path().display()))]
+/// Runs every check against `root`; quarantined devices are read from the default state
+/// directory under it (`<root>/var/lib/gpucell`).
 pub fn run(root: &HostRoot, input: &DoctorInput) -> Result<DoctorReport, DoctorError> {
+    run_with_state_dir(root, input, &root.path().join("var/lib/gpucell"))
+}
+
+/// Runs every check against `root`, with quarantined devices read from the device
+/// records under `state_dir` (one warning each, see docs/devices.md).
+#[tracing::instrument(skip_all, fields(root = %root.path().display()))]
+pub fn run_with_state_dir(
+    root: &HostRoot,
+    input: &DoctorInput,
+    state_dir: &std::path::Path,
+) -> Result<DoctorReport, DoctorError> {
     if !root.path().is_dir() {
         return Err(DoctorError::NoRoot {
             path: root.path().to_owned(),
@@ -178,6 +190,7 @@ pub fn run(root: &HostRoot, input: &DoctorInput) -> Result<DoctorReport, DoctorE
     if let Some(q) = &input.qemu {
         checks.push(qemu::check(q, root));
     }
+    checks.extend(devices::checks(state_dir));
     let mut summary = Summary::default();
     for c in &checks {
         match c.status {

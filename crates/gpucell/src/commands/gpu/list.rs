@@ -1,6 +1,7 @@
 //! `gpucell gpu list`: one row per NVIDIA GPU with its passthrough state.
 
 use anyhow::Context;
+use gpucell_host::devices::{self, record};
 use gpucell_host::gpu::GpuInventory;
 use gpucell_host::gpu_view::{GpuList, GpuRow};
 use gpucell_host::HostRoot;
@@ -14,11 +15,15 @@ pub fn run(global: &Global, _args: ListArgs) -> anyhow::Result<u8> {
     let root = HostRoot::new(&global.host_root);
     let inventory = GpuInventory::read(&root)
         .with_context(|| format!("cannot list GPUs under {}", global.host_root.display()))?;
-    let list = GpuList::from(&inventory);
+    let mut list = GpuList::from(&inventory);
+    let held = Held::read(&global.state_dir, &mut list.warnings);
+    held.mark(&mut list);
     if global.json {
-        write_stdout(&(serde_json::to_string_pretty(&list)? + "\n"))?;
+        let mut value = serde_json::to_value(&list)?;
+        held.annotate_json(&mut value);
+        write_stdout(&(serde_json::to_string_pretty(&value)? + "\n"))?;
     } else {
-        write_stdout(&render_text(&list))?;
+        write_stdout(&(render_text(&list) + &held.notes()))?;
         for w in &list.warnings {
             eprintln!("warning: {w}");
         }
@@ -33,6 +38,105 @@ pub fn run(global: &Global, _args: ListArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
+/// Functions quarantined or allocated to sandboxes, from the device records in the state
+/// directory (docs/devices.md). Shown as the states `quarantined` and `allocated`, with
+/// the JSON fields `quarantine` and `allocation` on the GPU's row.
+#[derive(Default)]
+struct Held {
+    quarantine: Vec<devices::QuarantineEntry>,
+    allocations: Vec<devices::AllocationEntry>,
+}
+
+impl Held {
+    fn read(state_dir: &std::path::Path, warnings: &mut Vec<String>) -> Self {
+        let mut held = Self::default();
+        match devices::quarantined(state_dir) {
+            Ok(q) => held.quarantine = q,
+            Err(e) => warnings.push(gpucell_host::sysfs::error_chain(&e)),
+        }
+        match devices::allocations(state_dir) {
+            Ok(a) => held.allocations = a,
+            Err(e) => warnings.push(gpucell_host::sysfs::error_chain(&e)),
+        }
+        held
+    }
+
+    fn quarantine_of(&self, bdf: &str) -> Option<&devices::QuarantineEntry> {
+        self.quarantine.iter().find(|q| q.bdf.to_string() == bdf)
+    }
+
+    fn allocation_of(&self, bdf: &str) -> Option<&devices::AllocationEntry> {
+        self.allocations.iter().find(|a| a.bdf.to_string() == bdf)
+    }
+
+    fn mark(&self, list: &mut GpuList) {
+        for g in &mut list.gpus {
+            if self.quarantine_of(&g.bdf).is_some() {
+                g.passthrough.state = "quarantined";
+                g.passthrough.functions.clear();
+            } else if self.allocation_of(&g.bdf).is_some() {
+                g.passthrough.state = "allocated";
+            }
+        }
+    }
+
+    fn annotate_json(&self, value: &mut serde_json::Value) {
+        let Some(gpus) = value.get_mut("gpus").and_then(|g| g.as_array_mut()) else {
+            return;
+        };
+        for g in gpus {
+            let Some(bdf) = g.get("bdf").and_then(|b| b.as_str()).map(str::to_owned) else {
+                continue;
+            };
+            let quarantine = self.quarantine_of(&bdf).map(|q| {
+                serde_json::json!({
+                    "reason": q.reason,
+                    "since": record::format_utc(q.since_unix),
+                    "sandbox": q.sandbox,
+                })
+            });
+            let allocation = self.allocation_of(&bdf).map(|a| {
+                serde_json::json!({
+                    "sandbox": a.sandbox,
+                    "pid": a.owner.pid,
+                    "since": record::format_utc(a.since_unix),
+                })
+            });
+            if let Some(obj) = g.as_object_mut() {
+                obj.insert("quarantine".into(), quarantine.into());
+                obj.insert("allocation".into(), allocation.into());
+            }
+        }
+    }
+
+    /// One line per quarantined or allocated function, for under the table.
+    fn notes(&self) -> String {
+        let mut out = String::new();
+        for q in &self.quarantine {
+            out.push_str(&format!(
+                "{}: quarantined since {}: {}; check it, then `gpucell gpu release {}`\n",
+                q.bdf,
+                record::format_utc(q.since_unix),
+                q.reason,
+                q.bdf
+            ));
+        }
+        for a in &self.allocations {
+            out.push_str(&format!(
+                "{}: allocated to sandbox {} (pid {}) since {}\n",
+                a.bdf,
+                a.sandbox,
+                a.owner.pid,
+                record::format_utc(a.since_unix)
+            ));
+        }
+        if out.is_empty() {
+            out
+        } else {
+            format!("\n{out}")
+        }
+    }
+}
 
 /// The product name inside `[...]` of a PCI ID name (`GH100 [H200 SXM 141GB]`), else all of it.
 fn short_name(name: &str) -> &str {
