@@ -164,7 +164,7 @@ impl Drop for Vm {
 #[derive(Default, Debug)]
 struct Seen {
     hello: bool,
-    devices: Option<usize>,
+    devices: Option<Vec<gpucell_protocol::DeviceInfo>>,
     started: bool,
     stdout: Vec<u8>,
     stderr: Vec<u8>,
@@ -239,6 +239,8 @@ fn boot_and_run_on(
             disk.display()
         ))
         .args(["-device", "virtio-blk-pci,drive=d0"])
+        // QEMU's `edu` test device (1234:11e8) stands in for a passed-through function.
+        .args(["-device", "edu"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join("qemu.stderr")).unwrap());
@@ -361,7 +363,7 @@ fn boot_and_run_on(
                 .unwrap();
                 FromHost::Run(Box::new(spec.clone())).send(&mut w).unwrap();
             }
-            FromGuest::Devices(d) => seen.devices = Some(d.len()),
+            FromGuest::Devices(d) => seen.devices = Some(d),
             FromGuest::Started { pid } => {
                 assert!(pid > 1);
                 seen.started = true;
@@ -432,7 +434,7 @@ fn agent_runs_a_workload_on_ext4() {
         b"hello\n",
     );
     assert!(seen.hello && seen.started, "{seen:?}");
-    assert_eq!(seen.devices, Some(0));
+    assert_eq!(seen.devices, Some(vec![]));
     assert_eq!(seen.error, None, "console:\n{}", seen.console);
     assert!(seen.logs.is_empty(), "boot warnings: {:?}", seen.logs);
     let out = String::from_utf8_lossy(&seen.stdout);
@@ -477,20 +479,33 @@ fn agent_reports_a_missing_executable_on_erofs() {
     let dir = tempfile::tempdir().unwrap();
     let disk = image(dir.path(), "erofs");
     let mut s = spec(&["nope"], "");
-    s.devices = vec![DeviceMatch {
-        vendor: 0x1234,
-        device: 0x11e8,
-    }];
+    s.devices = vec![
+        DeviceMatch {
+            vendor: 0x1234,
+            device: 0x11e8,
+        },
+        DeviceMatch {
+            vendor: 0x10de,
+            device: 0x2335,
+        },
+    ];
     s.device_wait_ms = 200;
     let seen = boot_and_run(&env, dir.path(), &disk, "erofs", s, b"");
     assert!(seen.hello);
     let err = seen.error.unwrap_or_default();
-    assert!(err.contains("1234:11e8"), "{err}");
+    assert!(
+        err.contains("10de:2335") && !err.contains("1234:11e8"),
+        "{err}"
+    );
+    let devices = seen.devices.unwrap();
+    assert_eq!(devices.len(), 1, "{devices:?}");
+    assert_eq!((devices[0].vendor, devices[0].device), (0x1234, 0x11e8));
+    assert!(devices[0].bdf.starts_with("0000:00:"), "{}", devices[0].bdf);
 
     let dir = tempfile::tempdir().unwrap();
     let disk = image(dir.path(), "erofs");
     let seen = boot_and_run(&env, dir.path(), &disk, "erofs", spec(&["nope"], ""), b"");
-    assert_eq!(seen.devices, Some(0));
+    assert_eq!(seen.devices, Some(vec![]));
     assert!(!seen.started);
     assert_eq!(
         seen.error.as_deref(),
