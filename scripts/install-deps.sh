@@ -19,20 +19,27 @@ PACKAGES=(
     hyperfine           # benchmarks
     pciutils
     libc6-dev           # static glibc for the agent
+    binutils            # readelf (nested test host build)
+    jq                  # JSON checks inside the nested test host
 )
 
 missing=()
 for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
-if [ ${#missing[@]} -eq 0 ]; then
+# The guest build resolves Debian's kernel package with apt-cache: the package lists
+# must know it.
+lists_ok=1
+apt-cache show linux-image-amd64 >/dev/null 2>&1 || lists_ok=0
+if [ ${#missing[@]} -eq 0 ] && [ $lists_ok = 1 ]; then
     exit 0
 fi
 if [ "$(id -u)" != 0 ]; then
     echo "install-deps: missing packages ${missing[*]}; run as root (or install them) and retry" >&2
     exit 1
 fi
-echo "install-deps: installing ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
+[ ${#missing[@]} -eq 0 ] && exit 0
+echo "install-deps: installing ${missing[*]}"
 apt-get install -y -qq --no-install-recommends "${missing[@]}"
