@@ -702,3 +702,40 @@ fn bad_requests_and_records_are_clear_errors() {
     assert!(none.devices().is_empty());
     assert!(devices::allocations(state.path()).unwrap().is_empty());
 }
+
+#[test]
+fn allocate_waiting_retries_until_a_device_is_released() {
+    let host = h100_host(&[(0x10, 0)]);
+    let state = tempfile::tempdir().unwrap();
+    let kernel = Kernel::new(&host);
+    let pool = pool(&host, state.path());
+    let held = pool
+        .allocate("first", &req(Some("1"), &[]), kernel.boxed())
+        .unwrap();
+    // Without waiting: refused at once.
+    let t = std::time::Instant::now();
+    let err = pool
+        .allocate_waiting(
+            "second",
+            &req(Some("1"), &[]),
+            kernel.boxed(),
+            std::time::Duration::ZERO,
+        )
+        .unwrap_err();
+    assert!(matches!(err, DevicesError::Unavailable { .. }), "{err}");
+    assert!(t.elapsed() < std::time::Duration::from_secs(2));
+    let releaser = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(400));
+        held.release().unwrap();
+    });
+    let got = pool
+        .allocate_waiting(
+            "second",
+            &req(Some("1"), &[]),
+            kernel.boxed(),
+            std::time::Duration::from_secs(20),
+        )
+        .unwrap();
+    assert_eq!(got.bdfs(), vec![bdf("0000:10:00.0")]);
+    releaser.join().unwrap();
+}

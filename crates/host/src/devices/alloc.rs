@@ -340,6 +340,7 @@ impl DevicePool {
         for a in stale {
             let node = format!("/dev/vfio/{}", a.iommu_group);
             if let Some((pid, cmd)) = open.holders_of(&node).first() {
+                tracing::warn!(bdf = %a.bdf, sandbox = %a.sandbox, pid, command = %cmd, "owner gone but {node} is still open; kept as busy");
                 notes.push(format!(
                     "{}: sandbox {} (pid {}) is gone but {node} is open by pid {pid} ({cmd}); kept as busy",
                     a.bdf, a.sandbox, a.owner.pid
