@@ -486,7 +486,8 @@ fn a_real_exited_process_is_a_dead_owner() {
             .unwrap(),
     );
     let again = pool
-        .allocate("mine", &req(Some("1"), &[]), kernel.boxed())
+        // The crashed sandbox's id can be used again: its record is reconciled first.
+        .allocate("gone", &req(Some("1"), &[]), kernel.boxed())
         .unwrap();
     assert_eq!(again.bdfs(), vec![bdf("0000:10:00.0")]);
     assert_eq!(kernel.log(), vec![reset_write("0000:10:00.0")]);
@@ -738,4 +739,29 @@ fn allocate_waiting_retries_until_a_device_is_released() {
         .unwrap();
     assert_eq!(got.bdfs(), vec![bdf("0000:10:00.0")]);
     releaser.join().unwrap();
+}
+
+#[test]
+fn config_check_reads_real_config_space() {
+    // Read-only: every PCI function of this machine must answer with the ids sysfs shows.
+    let root = HostRoot::new("/");
+    let Ok(scan) = gpucell_host::pci::PciScan::read(&root) else {
+        eprintln!("skipped: no PCI bus in /sys on this machine");
+        return;
+    };
+    if scan.functions.is_empty() {
+        eprintln!("skipped: no PCI function in /sys on this machine");
+        return;
+    }
+    for f in &scan.functions {
+        devices::reset::check_config(&root, f.bdf, (f.vendor, f.device))
+            .unwrap_or_else(|e| panic!("{}: {e}", f.bdf));
+        let wrong = (f.vendor, f.device.wrapping_add(1));
+        let err = devices::reset::check_config(&root, f.bdf, wrong).unwrap_err();
+        assert!(
+            matches!(err, devices::ResetError::IdentityChanged { .. }),
+            "{}: {err}",
+            f.bdf
+        );
+    }
 }

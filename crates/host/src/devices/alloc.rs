@@ -242,12 +242,13 @@ impl DevicePool {
         let _lock = DevicesLock::take(&self.state_dir)?;
         let mut allocations = record::load_allocations(&self.state_dir)?;
         let mut quarantine = record::load_quarantine(&self.state_dir)?;
+        let mut notes = self.reconcile(&mut allocations, &mut quarantine, writer)?;
+        // After reconciling: the id of a sandbox that crashed may be used again.
         if allocations.allocations.iter().any(|a| a.sandbox == sandbox) {
             return Err(DevicesError::SandboxExists {
                 sandbox: sandbox.to_owned(),
             });
         }
-        let mut notes = self.reconcile(&mut allocations, &mut quarantine, writer)?;
         if request.is_empty() {
             return Ok((Vec::new(), notes));
         }
