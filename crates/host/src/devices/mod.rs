@@ -31,6 +31,12 @@
 //!   (reset + check) before reuse, unless a process (an orphaned QEMU) still has the
 //!   group's `/dev/vfio/N` open.
 //! - An empty request allocates nothing (but still reconciles dead owners).
+//! - Owners are looked up in the host root's `/proc`. With a fake `--host-root` (tests),
+//!   pass `.with_process_root(HostRoot::new("/"))` so the real processes are found.
+//! - `--wait DUR`: [`DevicePool::allocate_waiting`] retries every 250 ms until then.
+//! - Functions without a kernel reset method are quarantined after use unless their
+//!   `vendor:device` is in `<state>/devices/policy.toml` (`allow_no_reset`), e.g. QEMU's
+//!   `edu` (`1234:11e8`) in the nested test host: see [`reset`].
 //! - Sysfs writes (binding, reset) go through the writer passed in; tests pass
 //!   [`crate::bind::SimulatedKernel`] or their own.
 //!

@@ -466,6 +466,38 @@ mod tests {
     }
 
     #[test]
+    fn reasons_are_escaped_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(devices_dir(dir.path())).unwrap();
+        let mut q = QuarantineFile {
+            version: VERSION,
+            devices: Vec::new(),
+        };
+        let entry = |reason: String| QuarantineEntry {
+            bdf: "0000:01:00.0".parse().unwrap(),
+            vendor: 0x10de,
+            device: 0x2330,
+            reason,
+            since_unix: 1,
+            sandbox: None,
+        };
+        q.put(entry("a\x1b[31mred\nline".into()));
+        assert_eq!(q.devices[0].reason, "a\\u{1b}[31mred\\nline");
+        q.put(entry("é".repeat(2000)));
+        assert_eq!(q.devices.len(), 1);
+        assert!(q.devices[0].reason.len() <= MAX_REASON + 8);
+        // A hand-edited file is cleaned on load too.
+        let raw = format!(
+            r#"{{"version":1,"devices":[{{"bdf":"0000:01:00.0","vendor":1,"device":2,"reason":"x\u0007{}","since_unix":0,"sandbox":null}}]}}"#,
+            "y".repeat(5000)
+        );
+        std::fs::write(quarantine_path(dir.path()), raw).unwrap();
+        let loaded = load_quarantine(dir.path()).unwrap();
+        assert!(loaded.devices[0].reason.starts_with("x\\u{7}y"));
+        assert!(loaded.devices[0].reason.len() <= MAX_REASON + 8);
+    }
+
+    #[test]
     fn damaged_files_are_refused_naming_them() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(devices_dir(dir.path())).unwrap();
