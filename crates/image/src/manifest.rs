@@ -156,11 +156,8 @@ pub enum Compression {
 
 impl Compression {
     pub fn from_media_type(media_type: &str) -> Option<Compression> {
-        let base = media_type.strip_suffix("+encrypted").unwrap_or(media_type);
-        if base.contains("encrypted") {
-            return None;
-        }
-        match base {
+        // Encrypted layers (`+encrypted`) cannot be unpacked without keys: refused.
+        match media_type {
             "application/vnd.oci.image.layer.v1.tar"
             | "application/vnd.oci.image.layer.nondistributable.v1.tar" => Some(Compression::None),
             "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -301,4 +298,95 @@ pub fn runtime_config(config: &ImageConfiguration) -> ImageConfig {
         out.stop_signal = c.stop_signal().clone();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(c: char) -> String {
+        format!("sha256:{}", c.to_string().repeat(64))
+    }
+
+    /// A Docker manifest list as Docker Hub serves it, with a BuildKit attestation entry.
+    fn docker_list() -> Vec<u8> {
+        serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": DOCKER_LIST,
+            "manifests": [
+                {"mediaType": DOCKER_MANIFEST, "digest": d('a'), "size": 1,
+                 "platform": {"architecture": "arm64", "os": "linux", "variant": "v8"}},
+                {"mediaType": OCI_MANIFEST, "digest": d('e'), "size": 1,
+                 "platform": {"architecture": "unknown", "os": "unknown"},
+                 "annotations": {"vnd.docker.reference.type": "attestation-manifest"}},
+                {"mediaType": DOCKER_MANIFEST, "digest": d('b'), "size": 1,
+                 "platform": {"architecture": "amd64", "os": "linux"}},
+            ]
+        })
+        .to_string()
+        .into_bytes()
+    }
+
+    #[test]
+    fn docker_manifest_list_resolves_to_amd64() {
+        let bytes = docker_list();
+        let digest = Digest::of(&bytes);
+        let Document::Index(index) = parse_document(&digest, &bytes).unwrap() else {
+            panic!("a manifest list parsed as a manifest");
+        };
+        assert_eq!(
+            select_platform(&digest, &index).unwrap().to_string(),
+            d('b')
+        );
+    }
+
+    #[test]
+    fn index_without_amd64_names_its_platforms() {
+        let bytes = serde_json::json!({
+            "schemaVersion": 2, "mediaType": OCI_INDEX,
+            "manifests": [{"mediaType": OCI_MANIFEST, "digest": d('a'), "size": 1,
+                           "platform": {"architecture": "s390x", "os": "linux"}}]
+        })
+        .to_string();
+        let digest = Digest::of(bytes.as_bytes());
+        let Document::Index(index) = parse_document(&digest, bytes.as_bytes()).unwrap() else {
+            panic!("not an index");
+        };
+        let err = select_platform(&digest, &index).unwrap_err().to_string();
+        assert!(err.contains("linux/s390x"), "{err}");
+    }
+
+    #[test]
+    fn docker_v2_manifest_and_foreign_media_types() {
+        let bytes = serde_json::json!({
+            "schemaVersion": 2, "mediaType": DOCKER_MANIFEST,
+            "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "digest": d('c'), "size": 2},
+            "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip", "digest": d('1'), "size": 3}]
+        })
+        .to_string();
+        let digest = Digest::of(bytes.as_bytes());
+        assert!(matches!(
+            parse_document(&digest, bytes.as_bytes()).unwrap(),
+            Document::Manifest(_)
+        ));
+        assert_eq!(
+            Compression::from_media_type("application/vnd.docker.image.rootfs.diff.tar.gzip"),
+            Some(Compression::Gzip)
+        );
+        assert_eq!(
+            Compression::from_media_type("application/vnd.oci.image.layer.v1.tar+zstd"),
+            Some(Compression::Zstd)
+        );
+        assert_eq!(
+            Compression::from_media_type("application/vnd.cncf.helm.chart.content.v1.tar+gzip"),
+            None
+        );
+        assert_eq!(
+            Compression::from_media_type("application/vnd.oci.image.layer.v1.tar+gzip+encrypted"),
+            None
+        );
+        let unknown = br#"{"schemaVersion":2,"mediaType":"application/x-evil"}"#;
+        assert!(parse_document(&Digest::of(unknown), unknown).is_err());
+        assert!(parse_document(&Digest::of(b"not json"), b"not json").is_err());
+    }
 }

@@ -72,6 +72,8 @@ fn io_err(path: &Path, op: &'static str) -> impl FnOnce(io::Error) -> StoreError
 pub struct StoreOptions {
     pub limits: Limits,
     pub fs_type: FsType,
+    /// Where unpack trees go (`None`: /dev/shm when the tree fits, else the store's tmp/).
+    pub unpack_dir: Option<PathBuf>,
 }
 
 impl Default for StoreOptions {
@@ -79,12 +81,13 @@ impl Default for StoreOptions {
         StoreOptions {
             limits: Limits::default(),
             fs_type: FsType::Erofs,
+            unpack_dir: None,
         }
     }
 }
 
 impl StoreOptions {
-    /// Defaults, overridden by `GPUCELL_IMAGE_FS` (`erofs`/`ext4`),
+    /// Defaults, overridden by `GPUCELL_IMAGE_FS` (`erofs`/`ext4`), `GPUCELL_UNPACK_DIR`,
     /// `GPUCELL_MAX_UNPACKED_BYTES` and `GPUCELL_MAX_IMAGE_ENTRIES` when set and valid
     /// (an invalid value is ignored with a warning).
     pub fn from_env() -> StoreOptions {
@@ -103,6 +106,9 @@ impl StoreOptions {
                 }
             }
         };
+        if let Some(dir) = std::env::var_os("GPUCELL_UNPACK_DIR").filter(|d| !d.is_empty()) {
+            o.unpack_dir = Some(PathBuf::from(dir));
+        }
         num("GPUCELL_MAX_UNPACKED_BYTES", &mut o.limits.max_bytes);
         num("GPUCELL_MAX_IMAGE_ENTRIES", &mut o.limits.max_entries);
         o

@@ -22,11 +22,21 @@ fn simple(tag_content: &str) -> ImageBuilder {
         .cmd(&["/bin/hello"])
 }
 
+/// Temporary entries in the store's tmp/ and unpack trees of this store in /dev/shm.
 fn tmp_entries(store: &Store) -> Vec<String> {
-    fs::read_dir(store.root().join("tmp"))
+    let mut v: Vec<String> = fs::read_dir(store.root().join("tmp"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect()
+        .collect();
+    if let Ok(shm) = fs::read_dir("/dev/shm") {
+        let prefix = store.unpack_prefix();
+        v.extend(
+            shm.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&prefix)),
+        );
+    }
+    v
 }
 
 #[test]
@@ -237,7 +247,16 @@ fn hostile_layer_fails_guest_disk_with_entry_named_and_no_leftovers() {
         .layer(LayerBuilder::new().file("../../../../escape", b"x", 0o644))
         .write_layout(&layout, "v1")
         .unwrap();
-    let store = Store::open(&dir.path().join("state")).unwrap();
+    // Unpacking on disk (not in RAM) this time.
+    let state = dir.path().join("state");
+    let store = Store::open_with(
+        &state,
+        gpucell_image::StoreOptions {
+            unpack_dir: Some(state.join("images/tmp")),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let img = store
         .get_or_fetch(&format!("oci:{}:v1", layout.display()))
         .unwrap();

@@ -45,12 +45,18 @@ impl Store {
                 reference: image.digest.clone(),
             })?;
         let started = Instant::now();
-        let tmp = self.tempdir("unpack-")?;
+        let parent = self.unpack_parent(&image);
+        let tmp = tempfile::Builder::new()
+            .prefix(&self.unpack_prefix())
+            .tempdir_in(&parent)
+            .map_err(io_err(&parent, "create the unpack directory"))?;
+        let out_dir = self.tempdir("disk-")?;
         let rootfs = tmp.path().join("rootfs");
         fs::create_dir(&rootfs).map_err(io_err(&rootfs, "create the unpack root"))?;
         fs::set_permissions(&rootfs, fs::Permissions::from_mode(0o755))
             .map_err(io_err(&rootfs, "chmod the unpack root"))?;
-        let result = self.build_disk(&image, &rootfs, tmp.path(), &digest, started);
+        let result = self.build_disk(&image, &rootfs, out_dir.path(), &digest, started);
+        drop(out_dir);
         // Deleting a big tree takes seconds on some filesystems: a background thread does
         // it while the caller boots its VM; dropping the Store waits for it.
         let cleanup = std::thread::Builder::new()
@@ -134,6 +140,41 @@ impl Store {
             fstype: fs_type.as_str().into(),
             size,
         })
+    }
+}
+
+/// Name prefix of unpack trees (in the store's tmp/ or on tmpfs); prune removes stale ones.
+pub(crate) const UNPACK_PREFIX: &str = "gpucell-unpack-";
+/// Where small enough trees are unpacked: RAM, so that the transient tree costs no disk
+/// writes, journal commits or deletes.
+pub(crate) const RAM_DIR: &str = "/dev/shm";
+/// Largest estimated tree put in RAM.
+const MAX_RAM_TREE: u64 = 8 << 30;
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+
+impl Store {
+    /// `gpucell-unpack-<12 hex of this store's path>-`: prune removes only its own trees.
+    pub fn unpack_prefix(&self) -> String {
+        let tag = Digest::of(self.root.as_os_str().as_encoded_bytes());
+        format!("{UNPACK_PREFIX}{}-", &tag.hex()[..12])
+    }
+
+    /// `GPUCELL_UNPACK_DIR` when set; else /dev/shm when it is a tmpfs with room for
+    /// twice the estimated tree (4x the compressed layers); else the store's tmp/.
+    fn unpack_parent(&self, image: &Image) -> std::path::PathBuf {
+        if let Some(dir) = &self.options.unpack_dir {
+            return dir.clone();
+        }
+        let estimate = image.size.saturating_mul(4).saturating_add(64 << 20);
+        let ram = Path::new(RAM_DIR);
+        let fits = rustix::fs::statfs(ram).is_ok_and(|st| st.f_type as i64 == TMPFS_MAGIC)
+            && rustix::fs::statvfs(ram)
+                .is_ok_and(|st| st.f_bavail.saturating_mul(st.f_frsize) / 2 >= estimate);
+        if fits && estimate <= MAX_RAM_TREE {
+            ram.to_owned()
+        } else {
+            self.root.join("tmp")
+        }
     }
 }
 

@@ -97,6 +97,21 @@ impl Store {
             removed.map_err(io_err(&p, "remove a stale temporary entry"))?;
             report.temp_entries += 1;
         }
+        // Unpack trees a killed process left in RAM (no build runs while prune holds the lock).
+        let ram = std::path::Path::new(super::disk::RAM_DIR);
+        let prefix = self.unpack_prefix();
+        if let Ok(entries) = fs::read_dir(ram) {
+            for e in entries.flatten() {
+                let stale = e.file_name().to_string_lossy().starts_with(&prefix)
+                    && e.metadata().is_ok_and(|m| {
+                        use std::os::unix::fs::MetadataExt;
+                        m.is_dir() && m.uid() == rustix::process::geteuid().as_raw()
+                    });
+                if stale && fs::remove_dir_all(e.path()).is_ok() {
+                    report.temp_entries += 1;
+                }
+            }
+        }
         info!(?report, "pruned");
         Ok(report)
     }
