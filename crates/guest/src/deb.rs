@@ -74,7 +74,8 @@ fn run(cmd: &mut Command) -> Result<String, DebError> {
 pub fn resolve_kernel_package(name: &str) -> Result<String, DebError> {
     let text = run(Command::new("apt-cache")
         .args(["depends", "--no-recommends", "--no-suggests"])
-        .arg(name))?;
+        .arg(name))
+    .map_err(|e| unknown_if_not_found(e, name))?;
     if text.trim().is_empty() {
         return Err(DebError::UnknownPackage(name.to_owned()));
     }
@@ -90,6 +91,16 @@ fn is_concrete_kernel(name: &str) -> bool {
         .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
 }
 
+/// apt-cache exits non-zero with "No packages found" for a name it does not know.
+fn unknown_if_not_found(e: DebError, pkg: &str) -> DebError {
+    match e {
+        DebError::Failed { stderr, .. } if stderr.contains("No packages found") => {
+            DebError::UnknownPackage(pkg.to_owned())
+        }
+        other => other,
+    }
+}
+
 /// First `Depends: linux-image-<digit>...` of `apt-cache depends` output.
 pub fn parse_kernel_dependency(text: &str) -> Option<String> {
     text.lines()
@@ -101,7 +112,8 @@ pub fn parse_kernel_dependency(text: &str) -> Option<String> {
 
 /// What the archive says about `pkg` (the candidate version).
 pub fn package_info(pkg: &str) -> Result<PackageInfo, DebError> {
-    let text = run(Command::new("apt-cache").args(["show", "--no-all-versions", pkg]))?;
+    let text = run(Command::new("apt-cache").args(["show", "--no-all-versions", pkg]))
+        .map_err(|e| unknown_if_not_found(e, pkg))?;
     parse_show(pkg, &text)
 }
 
@@ -282,6 +294,22 @@ Size: 70550672\nSHA256: A86E2049672F52354C4536A089203B6C82639420424D31C91CF31A18
             parse_show("x", &no_size),
             Err(DebError::MissingField { field: "Size", .. })
         ));
+    }
+
+    #[test]
+    fn unknown_packages_say_to_update_apt() {
+        if Command::new("apt-cache").arg("--version").output().is_err() {
+            eprintln!("skipping: apt-cache is not installed");
+            return;
+        }
+        let err = package_info("gpucell-no-such-package").unwrap_err();
+        assert!(
+            matches!(err, DebError::UnknownPackage(ref p) if p == "gpucell-no-such-package"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("apt-get update"));
+        let err = resolve_kernel_package("gpucell-no-such-package").unwrap_err();
+        assert!(matches!(err, DebError::UnknownPackage(_)), "{err}");
     }
 
     #[test]
