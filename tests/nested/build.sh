@@ -178,18 +178,78 @@ build_base() {
     log "initramfs: base part $(du -h "$NESTED_OUT/parts/base.cpio" | cut -f1)"
 }
 
-# Part 2: the gpucell binaries (built by cargo) and guest artifacts if present.
+# The gpucell binaries (cargo build --release -p gpucell) and the static agent
+# the guest artifacts need (the same build as `make agent`).
+build_binaries() {
+    [ -z "${NESTED_GPUCELL_BIN_DIR:-}" ] && [ "${NESTED_SKIP_CARGO:-0}" != 1 ] || return 0
+    log "cargo build --release -p gpucell"
+    (cd "$REPO_ROOT" && CARGO_TARGET_DIR=$CARGO_TARGET_DIR cargo build --release -q -p gpucell) ||
+        die "cargo build --release -p gpucell failed; fix the build or set NESTED_GPUCELL_BIN_DIR to a directory with built binaries"
+    [ "$NESTED_BUILD_GUEST" = 1 ] && [ -z "${NESTED_AGENT:-}" ] || return 0
+    log "cargo build --release -p gpucell-agent (static)"
+    (cd "$REPO_ROOT" && CARGO_TARGET_DIR=$CARGO_TARGET_DIR RUSTFLAGS="-C target-feature=+crt-static" \
+        cargo build --release -q -p gpucell-agent --target x86_64-unknown-linux-gnu) ||
+        die "the static gpucell-agent build failed; set NESTED_AGENT to a static agent or NESTED_BUILD_GUEST=0"
+}
+
+# Guest artifacts for sandboxes inside L1: `gpucell guest build` into
+# $NESTED_OUT/state (its own cache makes a second run a no-op).
+build_guest() {
+    local gpucell=$GPUCELL_BIN_DIR/gpucell
+    [ "$NESTED_BUILD_GUEST" = 1 ] || return 0
+    [ -x "$NESTED_AGENT_BIN" ] ||
+        die "$NESTED_AGENT_BIN is missing; build it with make agent, or set NESTED_AGENT or NESTED_BUILD_GUEST=0"
+    "$gpucell" --state-dir "$NESTED_OUT/state" guest build --agent "$NESTED_AGENT_BIN" >"$NESTED_OUT/guest-build.log" 2>&1 ||
+        die "gpucell guest build failed: $(tail -5 "$NESTED_OUT/guest-build.log")"
+}
+
+# edu-probe (static C helper that talks to the edu device through sysfs) and a
+# small OCI image (busybox + edu-probe) for `gpucell run` inside L1.
+build_probe() {
+    local dir=$NESTED_OUT/probe key work root a
+    key=$(
+        content_key "$NESTED_SRC/edu-probe" "$NESTED_SRC/build.sh"
+        files_key "$(command -v busybox)" "$(command -v gcc)" "$(command -v umoci)"
+    )
+    key=$(echo "$key" | sha256sum | cut -d' ' -f1)
+    if up_to_date probe "$key" "$dir/image/index.json"; then return; fi
+    command -v gcc >/dev/null && command -v umoci >/dev/null ||
+        die "gcc and umoci are needed for the test image; apt-get install -y gcc libc6-dev umoci"
+    log "edu-probe and its OCI image"
+    rm -rf "$dir"
+    mkdir -p "$dir"
+    gcc -static -O2 -Wall -Wextra -Werror -o "$dir/edu-probe" "$NESTED_SRC/edu-probe/edu-probe.c" ||
+        die "compiling edu-probe failed (gcc -static needs libc6-dev)"
+    work=$dir/work
+    CLEANUP+=("$work")
+    umoci init --layout "$dir/image"
+    umoci new --image "$dir/image:latest"
+    umoci unpack $([ "$(id -u)" = 0 ] || echo --rootless) --image "$dir/image:latest" "$work" >/dev/null
+    root=$work/rootfs
+    mkdir -p "$root"/{bin,usr/bin,etc,tmp,root,proc,sys,dev}
+    chmod 1777 "$root/tmp"
+    cp "$(command -v busybox)" "$root/bin/busybox"
+    for a in $("$root/bin/busybox" --list); do
+        [ -e "$root/bin/$a" ] || ln -s busybox "$root/bin/$a"
+    done
+    cp "$dir/edu-probe" "$root/usr/bin/edu-probe"
+    echo 'root:x:0:0:root:/root:/bin/sh' >"$root/etc/passwd"
+    echo 'root:x:0:' >"$root/etc/group"
+    umoci repack --image "$dir/image:latest" "$work" >/dev/null
+    umoci config --image "$dir/image:latest" --config.cmd /usr/bin/edu-probe \
+        --config.env PATH=/usr/sbin:/usr/bin:/sbin:/bin --config.workingdir /
+    umoci gc --layout "$dir/image"
+    rm -rf "$work"
+    stamp probe "$key"
+}
+
+# Part 2: the gpucell binaries and the guest artifacts.
 build_gpucell() {
-    local bindir=${NESTED_GPUCELL_BIN_DIR:-$CARGO_TARGET_DIR/release} key stage b guest_files=()
-    if [ -z "${NESTED_GPUCELL_BIN_DIR:-}" ] && [ "${NESTED_SKIP_CARGO:-0}" != 1 ]; then
-        log "cargo build --release -p gpucell"
-        (cd "$REPO_ROOT" && CARGO_TARGET_DIR=$CARGO_TARGET_DIR cargo build --release -q -p gpucell) ||
-            die "cargo build --release -p gpucell failed; fix the build or set NESTED_GPUCELL_BIN_DIR to a directory with built binaries"
-    fi
+    local bindir=$GPUCELL_BIN_DIR key stage b guest_files=()
     for b in $NESTED_BINS; do
         [ -x "$bindir/$b" ] || die "$bindir/$b is missing; build it with cargo build --release -p gpucell"
     done
-    if [ -d "$NESTED_GUEST_DIR" ]; then
+    if [ -n "$NESTED_GUEST_DIR" ] && [ -d "$NESTED_GUEST_DIR" ]; then
         mapfile -t guest_files < <(find "$NESTED_GUEST_DIR" -type f | LC_ALL=C sort)
     fi
     key=$(
@@ -206,8 +266,8 @@ build_gpucell() {
     rm -rf "$stage"
     mkdir -p "$stage/etc/nested"
     for b in $NESTED_BINS; do stage_executable "$stage" "$bindir/$b" "/usr/local/bin/$b"; done
-    # Hook for device-passthrough scenarios: `gpucell guest build` output, so
-    # `gpucell run --device` can boot a sandbox inside L1.
+    # `gpucell guest build` output, so `gpucell run --device` can boot a sandbox
+    # inside L1 (gpucell's default state dir there is /var/lib/gpucell).
     if [ ${#guest_files[@]} -gt 0 ]; then
         mkdir -p "$stage/var/lib/gpucell/guest"
         cp -a "$NESTED_GUEST_DIR" "$stage/var/lib/gpucell/guest/default"
@@ -225,6 +285,7 @@ build_overlay() {
     key=$(
         content_key "$NESTED_SRC/guest" "$NESTED_SRC/scenarios" "$NESTED_SRC/build.sh" "$NESTED_SRC/common.sh"
         files_key "$(command -v busybox)"
+        cat "$NESTED_OUT/stamps/probe"
     )
     key=$(echo "$key" | sha256sum | cut -d' ' -f1)
     if up_to_date overlay "$key" "$NESTED_OUT/parts/overlay.cpio"; then return; fi
@@ -234,11 +295,17 @@ build_overlay() {
     rm -rf "$stage" "$l2"
     stage_busybox "$l2"
     install -m 0755 "$NESTED_SRC/guest/l2-edu-init" "$l2/init"
+    install -m 0755 "$NESTED_OUT/probe/edu-probe" "$l2/bin/edu-probe"
     mkdir -p "$stage/nested/l2" "$stage/nested/scenarios"
     make_cpio "$l2" "$stage/nested/l2/edu-initramfs.cpio"
     install -m 0755 "$NESTED_SRC/guest/l1-init" "$stage/init"
     install -m 0644 "$NESTED_SRC/guest/lib.sh" "$stage/nested/lib.sh"
     install -m 0644 "$NESTED_SRC"/scenarios/*.sh "$stage/nested/scenarios/"
+    # The test image for `gpucell run` (oci:/nested/images/edu-probe:latest) and
+    # edu-probe itself for scenarios that run it in L1.
+    mkdir -p "$stage/nested/images" "$stage/usr/local/bin"
+    cp -a "$NESTED_OUT/probe/image" "$stage/nested/images/edu-probe"
+    install -m 0755 "$NESTED_OUT/probe/edu-probe" "$stage/usr/local/bin/edu-probe"
     make_cpio "$stage" "$NESTED_OUT/parts/overlay.cpio"
     rm -rf "$stage" "$l2"
     stamp overlay "$key"
@@ -284,6 +351,9 @@ main() {
     trap 'rm -rf "${CLEANUP[@]}" "$NESTED_OUT"/parts/*.tmp "$NESTED_OUT"/*.tmp' EXIT
     build_kernel
     build_base
+    build_binaries
+    build_guest
+    build_probe
     build_gpucell
     build_overlay
     build_initramfs

@@ -17,8 +17,21 @@ NESTED_MODULES=${NESTED_MODULES:-"vfio vfio_iommu_type1 vfio-pci kvm_amd kvm_int
 NESTED_BINS=${NESTED_BINS:-"gpucell"}
 # Extra host tools copied into L1 with their libraries (scenarios use jq for JSON).
 NESTED_TOOLS=${NESTED_TOOLS:-"/usr/bin/jq"}
-# Guest artifacts from `gpucell guest build`, copied into L1's state dir if present.
-NESTED_GUEST_DIR=${NESTED_GUEST_DIR:-${GPUCELL_STATE_DIR:-/var/lib/gpucell}/guest/default}
+# Where the gpucell binaries copied into L1 come from.
+GPUCELL_BIN_DIR=${NESTED_GPUCELL_BIN_DIR:-$CARGO_TARGET_DIR/release}
+# Guest artifacts (`gpucell guest build`) for sandboxes inside L1. By default
+# build.sh builds them into $NESTED_OUT/state with the static agent (NESTED_AGENT,
+# else the `make agent` output); NESTED_BUILD_GUEST=0 leaves them out, and
+# NESTED_GUEST_DIR takes an existing build instead.
+if [ -n "${NESTED_GUEST_DIR:-}" ]; then
+    NESTED_BUILD_GUEST=0
+elif [ "${NESTED_BUILD_GUEST:-1}" = 1 ]; then
+    NESTED_BUILD_GUEST=1
+    NESTED_GUEST_DIR=$NESTED_OUT/state/guest/default
+else
+    NESTED_GUEST_DIR=
+fi
+NESTED_AGENT_BIN=${NESTED_AGENT:-$CARGO_TARGET_DIR/x86_64-unknown-linux-gnu/release/gpucell-agent}
 # Initramfs compression: none (fastest boot under TCG, see docs) or gzip (gzip -1).
 NESTED_COMPRESS=${NESTED_COMPRESS:-none}
 

@@ -59,6 +59,14 @@ else
         fail edu-inverse "inverse(0x12345678) = $(val inverse), expected 0xedcba987"
     [ "$(val fact5)" = 0x00000078 ] && pass edu-factorial "factorial(5) = $(val fact5)" ||
         fail edu-factorial "factorial(5) = $(val fact5), expected 0x00000078"
+    # edu-probe (the helper of the sandbox test image) in L2, by mmap of resource0.
+    probe=$(grep '^EDU-PROBE' /tmp/l2.log | head -1 | tr -d '\r')
+    probe_rc=$(sed -n 's/^L2-EDU-PROBE exit=\([0-9]*\).*/\1/p' /tmp/l2.log | head -1)
+    case "$probe" in
+    *" ident=0x010000ed fact5=0x00000078 ok=1"*)
+        [ "$probe_rc" = 0 ] && pass edu-probe "$probe" || fail edu-probe "$probe but exit status ${probe_rc:-missing}" ;;
+    *) fail edu-probe "edu-probe in L2 printed '${probe:-nothing}', exit status ${probe_rc:-missing}" ;;
+    esac
 fi
 
 if [ "$how" = gpucell ] && gc /tmp/unbind gpu unbind "$bdf"; then
