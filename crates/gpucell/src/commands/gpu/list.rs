@@ -286,3 +286,63 @@ pub fn render_text(list: &GpuList) -> String {
     }
     out
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod held_tests {
+    use super::*;
+
+    /// The captured H200 host: GPUs 0000:00:06.0 to 0000:00:09.0.
+    fn h200_list() -> GpuList {
+        let root = HostRoot::new(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../tests/fixtures/hosts/h200x4-vm"),
+        );
+        GpuList::from(&GpuInventory::read(&root).unwrap())
+    }
+
+    #[test]
+    fn quarantined_and_allocated_rows() {
+        let state = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(state.path().join("devices")).unwrap();
+        std::fs::write(
+            state.path().join("devices/quarantine.json"),
+            r#"{"version":1,"devices":[{"bdf":"0000:00:06.0","vendor":4318,"device":9008,"reason":"reset failed","since_unix":0,"sandbox":"a"}]}"#,
+        )
+        .unwrap();
+        std::fs::write(
+            state.path().join("devices/allocations.json"),
+            r#"{"version":1,"allocations":[{"bdf":"0000:00:07.0","vendor":4318,"device":9008,"iommu_group":2,"sandbox":"b","owner":{"pid":7,"start_time":1},"since_unix":0}]}"#,
+        )
+        .unwrap();
+        let mut warnings = Vec::new();
+        let held = Held::read(state.path(), &mut warnings);
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let mut list = h200_list();
+        held.mark(&mut list);
+        let states: Vec<_> = list.gpus.iter().map(|g| g.passthrough.state).collect();
+        assert_eq!(&states[..3], ["quarantined", "allocated", "no-iommu"]);
+        let text = render_text(&list) + &held.notes();
+        assert!(text.contains(
+            "0000:00:06.0: quarantined since 1970-01-01T00:00:00Z: reset failed; check it, then `gpucell gpu release 0000:00:06.0`"
+        ), "{text}");
+        assert!(
+            text.contains("0000:00:07.0: allocated to sandbox b (pid 7)"),
+            "{text}"
+        );
+        let mut value = serde_json::to_value(&list).unwrap();
+        held.annotate_json(&mut value);
+        assert_eq!(value["gpus"][0]["quarantine"]["reason"], "reset failed");
+        assert_eq!(value["gpus"][0]["allocation"], serde_json::Value::Null);
+        assert_eq!(value["gpus"][1]["allocation"]["sandbox"], "b");
+        assert_eq!(value["gpus"][2]["quarantine"], serde_json::Value::Null);
+        // A damaged record is a warning, not a failure of `gpu list`.
+        std::fs::write(state.path().join("devices/quarantine.json"), "{").unwrap();
+        let mut warnings = Vec::new();
+        Held::read(state.path(), &mut warnings);
+        assert!(
+            warnings[0].contains("quarantine.json is damaged"),
+            "{warnings:?}"
+        );
+    }
+}
