@@ -765,3 +765,34 @@ fn config_check_reads_real_config_space() {
         );
     }
 }
+
+#[test]
+fn a_group_the_host_uses_is_not_viable_and_nothing_is_written() {
+    // The GPU is on vfio-pci, but an NVMe disk the host uses shares its group.
+    let host = h100_host(&[(0x10, 0)]);
+    add(
+        &host,
+        FakeFunction::nvme("0000:10:00.1")
+            .driver("nvme")
+            .iommu_group(0x10),
+    );
+    let nvme_dir = host.function_rel_dir(bdf("0000:10:00.1"));
+    host.mkdir(&format!("{nvme_dir}/nvme/nvme0/nvme0n1"))
+        .unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let kernel = Kernel::new(&host);
+    let pool = pool(&host, state.path());
+    for r in [req(Some("1"), &[]), req(Some("0000:10:00.0"), &[])] {
+        let err = pool
+            .allocate("s", &r, kernel.boxed())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("0000:10:00.0 is not viable: its IOMMU group cannot go to vfio-pci")
+                && err.contains("0000:10:00.1"),
+            "{err}"
+        );
+    }
+    assert!(kernel.log().is_empty(), "{:?}", kernel.log());
+    assert!(devices::allocations(state.path()).unwrap().is_empty());
+}
