@@ -48,13 +48,13 @@ show() {
     head -n "${3:-40}" "$2" | sed "s|^|  $1: |" >/dev/console
 }
 
-# gc OUT ARGS...: runs `gpucell ARGS` (60 s limit), stdout in OUT.out, stderr
+# gc OUT ARGS...: runs `gpucell ARGS` (GC_TIMEOUT s limit, default 60), stdout in OUT.out, stderr
 # in OUT.err, exit status in OUT.rc; returns the exit status.
 gc() {
     _out=$1
     shift
     echo "L1: \$ gpucell $*" >/dev/console
-    timeout -s KILL 60 gpucell "$@" >"$_out.out" 2>"$_out.err"
+    timeout -s KILL "${GC_TIMEOUT:-60}" gpucell "$@" >"$_out.out" 2>"$_out.err"
     _rc=$?
     echo "$_rc" >"$_out.rc"
     show stdout "$_out.out"
@@ -135,4 +135,85 @@ run_l2_edu() {
 # it to /var/lib/gpucell/guest/default (gpucell's default state dir in L1).
 have_guest_artifacts() {
     [ -f /etc/nested/guest-artifacts ] && [ -d /var/lib/gpucell/guest/default ]
+}
+
+# --- sandboxes with devices (`gpucell run --device`) ---
+
+# The test image build.sh puts into L1: busybox + /usr/bin/edu-probe.
+EDU_IMAGE=oci:/nested/images/edu-probe:latest
+GPUCELL_STATE=/var/lib/gpucell
+# KVM in L1 is real but slow: the boot probe's limit is too short there, so
+# sandboxes are started with --accel kvm; a guest kernel needs 10-13 s to boot.
+export GPUCELL_ACCEL=kvm
+
+# True if `gpucell run` accepts --device (else prints nothing and fails).
+have_run_device() {
+    gpucell run --help 2>/dev/null | grep -q -- '--device'
+}
+
+# edu_policy on|off: lists edu (1234:11e8) under allow_no_reset in the
+# allocator's policy.toml (on), so a released edu is checked and returned
+# instead of quarantined for lacking a reset method; off removes the file.
+edu_policy() {
+    mkdir -p "$GPUCELL_STATE/devices"
+    if [ "$1" = on ]; then
+        echo 'allow_no_reset = ["1234:11e8"]' >"$GPUCELL_STATE/devices/policy.toml"
+    else
+        rm -f "$GPUCELL_STATE/devices/policy.toml"
+    fi
+}
+
+# Allocation and quarantine records (empty output when the file is missing).
+alloc_bdfs() {
+    [ -f "$GPUCELL_STATE/devices/allocations.json" ] || return 0
+    jq -r '.allocations[].bdf' "$GPUCELL_STATE/devices/allocations.json"
+}
+quarantined_bdfs() {
+    [ -f "$GPUCELL_STATE/devices/quarantine.json" ] || return 0
+    jq -r '.devices[].bdf' "$GPUCELL_STATE/devices/quarantine.json"
+}
+quarantine_reason() {
+    [ -f "$GPUCELL_STATE/devices/quarantine.json" ] || return 0
+    jq -r --arg b "$1" '.devices[] | select(.bdf == $b) | .reason' "$GPUCELL_STATE/devices/quarantine.json"
+}
+
+# PIDs of the processes that hold /dev/vfio/GROUP open (an L2 QEMU).
+vfio_holders() {
+    for _p in /proc/[0-9]*; do
+        ls -l "$_p/fd" 2>/dev/null | grep -q " /dev/vfio/$1\$" && basename "$_p"
+    done
+}
+
+# wait_for SECS CMD...: polls CMD every 0.5 s until it succeeds or SECS pass.
+wait_for() {
+    _until=$(($(date +%s) + $1))
+    shift
+    while ! "$@"; do
+        [ "$(date +%s)" -lt "$_until" ] || return 1
+        sleep 0.5
+    done
+}
+
+# edu_probe_ok FILE: true if FILE holds a right EDU-PROBE line; prints the line.
+edu_probe_ok() {
+    _l=$(grep '^EDU-PROBE' "$1" 2>/dev/null | head -1 | tr -d '\r')
+    echo "${_l:-no EDU-PROBE line}"
+    case "$_l" in *" ident=0x010000ed fact5=0x00000078 ok=1"*) return 0 ;; esac
+    return 1
+}
+
+# Leaves every edu function unbound (as the scenarios expect to find them),
+# whatever a scenario or gpucell left behind.
+edu_reset_all() {
+    for _b in $(pci_by_id); do
+        [ "$(pci_driver "$_b")" = none ] || sysfs_unbind_vfio "$_b" 2>/dev/null
+        echo >"/sys/bus/pci/devices/$_b/driver_override" 2>/dev/null
+    done
+    rm -f "$GPUCELL_STATE/devices/allocations.json" "$GPUCELL_STATE/devices/quarantine.json"
+}
+
+# run_summary OUT: the `gpucell --json run` summary object from OUT.err (the last
+# pretty-printed object there; log lines may come before it).
+run_summary() {
+    awk '/^\{$/ { buf = ""; on = 1 } on { buf = buf $0 "\n" } END { printf "%s", buf }' "$1.err"
 }

@@ -1,0 +1,47 @@
+# gpucell run inside L1 under real KVM: a sandbox without devices first (the
+# guest artifacts, the image store and the agent work in L1), then with an edu
+# function passed by `--device BDF`, where edu-probe in the container maps BAR0
+# and reads the identification and factorial registers. With edu listed under
+# allow_no_reset, the function must come back to the pool after the run: no
+# allocation record, not quarantined, still on vfio-pci.
+
+if ! have_guest_artifacts; then
+    skip sandbox "no guest artifacts in L1 (build.sh ran with NESTED_BUILD_GUEST=0)"
+    exit 0
+fi
+edu_reset_all
+GC_TIMEOUT=180
+
+gc /tmp/run0 --json run --memory 256m "$EDU_IMAGE" -- sh -c 'echo sandbox-up; id -u'
+if [ "$(cat /tmp/run0.rc)" = 0 ] && grep -q '^sandbox-up' /tmp/run0.out; then
+    pass run-plain "gpucell run under KVM in L1: $(run_summary /tmp/run0 | jq -c '{accel: .accel.accel, channel, kernel_boot_ms: .timings_ms.kernel_boot, total_ms: .timings_ms.total}')"
+else
+    fail run-plain "$(gc_summary /tmp/run0)"
+fi
+
+if ! have_run_device; then
+    skip run-device "gpucell run has no --device option yet"
+    exit 0
+fi
+
+edu_policy on
+bdf=$(pci_by_id | head -1)
+grp=$(iommu_group "$bdf")
+gc /tmp/run1 --json run --memory 256m --device "$bdf" "$EDU_IMAGE" -- edu-probe
+probe=$(edu_probe_ok /tmp/run1.out)
+ok=$?
+if [ "$(cat /tmp/run1.rc)" = 0 ] && [ $ok = 0 ]; then
+    pass run-device "--device $bdf: $probe; $(run_summary /tmp/run1 | jq -c '{devices, timings_ms}' | cut -c1-250)"
+else
+    fail run-device "--device $bdf: $probe; $(gc_summary /tmp/run1)"
+fi
+
+left=$(alloc_bdfs)
+quar=$(quarantined_bdfs)
+drv=$(pci_driver "$bdf")
+if [ -z "$left" ] && [ -z "$quar" ] && [ "$drv" = vfio-pci ] && [ -z "$(vfio_holders "$grp")" ]; then
+    pass returned "$bdf back in the pool after the run: no allocation, not quarantined, on vfio-pci, /dev/vfio/$grp closed"
+else
+    fail returned "$bdf after the run: allocated [$left], quarantined [$quar], driver $drv, /dev/vfio/$grp held by [$(vfio_holders "$grp")]"
+fi
+edu_reset_all

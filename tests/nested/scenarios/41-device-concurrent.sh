@@ -1,0 +1,57 @@
+# Two sandboxes at once, each with its own edu function (`--device` names
+# functions; a count of "any free device" exists only for GPUs, `--gpus N`).
+# While both run, both functions are recorded for different sandboxes, and a
+# third run naming a busy function is refused at once, naming the holder
+# (gpucell run does not wait for a device; docs/devices.md).
+
+have_guest_artifacts && have_run_device || {
+    skip concurrent "needs guest artifacts and gpucell run --device"
+    exit 0
+}
+edu_reset_all
+edu_policy on
+a=$(pci_by_id | sed -n 1p)
+b=$(pci_by_id | sed -n 2p)
+[ -n "$b" ] || {
+    fail concurrent "needs two edu functions, found: $(pci_by_id | tr '\n' ' ')"
+    exit 0
+}
+GC_TIMEOUT=240
+work='edu-probe; sleep 15'
+gc /tmp/ca --json run --memory 256m --device "$a" "$EDU_IMAGE" -- sh -c "$work" &
+pa=$!
+gc /tmp/cb --json run --memory 256m --device "$b" "$EDU_IMAGE" -- sh -c "$work" &
+pb=$!
+two_allocated() { [ "$(alloc_bdfs | sort -u | grep -c .)" -ge 2 ]; }
+if wait_for 120 two_allocated; then
+    recs=$(jq -c '[.allocations[] | {bdf, sandbox}]' "$GPUCELL_STATE/devices/allocations.json")
+    sandboxes=$(jq -r '.allocations[].sandbox' "$GPUCELL_STATE/devices/allocations.json" | sort -u | grep -c .)
+    if [ "$sandboxes" -ge 2 ]; then
+        pass both-allocated "two sandboxes hold different functions at once: $recs"
+    else
+        fail both-allocated "both functions recorded for one sandbox: $recs"
+    fi
+    t0=$(date +%s)
+    gc /tmp/cc --json run --memory 256m --device "$a" "$EDU_IMAGE" -- edu-probe
+    rc=$?
+    secs=$(($(date +%s) - t0))
+    if [ "$rc" != 0 ] && grep -q "$a" /tmp/cc.err && grep -qi 'in use\|busy' /tmp/cc.err; then
+        pass third-refused "a third run for busy $a refused in ${secs}s, exit $rc: $(grep -i "in use\|busy" /tmp/cc.err | head -1)"
+    else
+        fail third-refused "a third run for busy $a: $(gc_summary /tmp/cc)"
+    fi
+else
+    fail both-allocated "the two runs never held two functions at once; records: $(alloc_bdfs | tr '\n' ' ')"
+fi
+wait $pa
+wait $pb
+for r in a b; do
+    # Each guest sees exactly one edu function: its own.
+    seen=$(grep -c '^EDU-PROBE' /tmp/c$r.out)
+    probe=$(edu_probe_ok /tmp/c$r.out) && [ "$(cat /tmp/c$r.rc)" = 0 ] && [ "$seen" = 1 ] &&
+        pass "run-$r" "$probe" || fail "run-$r" "$probe ($seen edu functions seen); $(gc_summary /tmp/c$r)"
+done
+[ -z "$(alloc_bdfs)" ] && [ -z "$(quarantined_bdfs)" ] &&
+    pass all-returned "both functions back in the pool after the runs" ||
+    fail all-returned "after the runs: allocated [$(alloc_bdfs | tr '\n' ' ')], quarantined [$(quarantined_bdfs | tr '\n' ' ')]"
+edu_reset_all
