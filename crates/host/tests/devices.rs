@@ -796,3 +796,57 @@ fn a_group_the_host_uses_is_not_viable_and_nothing_is_written() {
     assert!(kernel.log().is_empty(), "{:?}", kernel.log());
     assert!(devices::allocations(state.path()).unwrap().is_empty());
 }
+
+#[test]
+fn release_while_qemu_still_holds_the_group_keeps_the_device() {
+    let host = h100_host(&[(0x10, 0), (0x11, 0)]);
+    let state = tempfile::tempdir().unwrap();
+    let procs = tempfile::tempdir().unwrap();
+    fake_process(procs.path(), 5001, 10);
+    // QEMU (pid 6000) still has group 16 open.
+    let qemu = procs.path().join("proc/6000");
+    std::fs::create_dir_all(qemu.join("fd")).unwrap();
+    std::fs::write(qemu.join("comm"), "qemu-system-x86\n").unwrap();
+    std::os::unix::fs::symlink("/dev/vfio/16", qemu.join("fd/20")).unwrap();
+    let kernel = Kernel::new(&host);
+    let pool =
+        DevicePool::new(host.root(), state.path()).with_process_root(HostRoot::new(procs.path()));
+    let owner = Owner {
+        pid: 5001,
+        start_time: 10,
+    };
+    let a = pool
+        .allocate_as("vm", owner, &req(Some("2"), &[]), kernel.boxed())
+        .unwrap();
+    let report = a.release().unwrap();
+    assert_eq!(report.kept.len(), 1);
+    assert_eq!(report.kept[0].0, bdf("0000:10:00.0"));
+    assert!(report.kept[0].1.contains("pid 6000 (qemu-system-x86)"));
+    // Only the closed group was reset and returned; the other stays allocated.
+    assert_eq!(kernel.log(), vec![reset_write("0000:11:00.0")]);
+    let recs = devices::allocations(state.path()).unwrap();
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0].bdf, bdf("0000:10:00.0"));
+    // The owner exits, then QEMU: the next allocation resets and reuses it.
+    std::fs::remove_dir_all(procs.path().join("proc/5001")).unwrap();
+    fake_process(procs.path(), 5002, 10);
+    let next = Owner {
+        pid: 5002,
+        start_time: 10,
+    };
+    let err = pool
+        .allocate_as("next", next, &req(Some("2"), &[]), kernel.boxed())
+        .unwrap_err();
+    assert!(
+        matches!(err, DevicesError::Unavailable { free: 1, .. }),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&qemu).unwrap();
+    kernel.clear();
+    let got = pool
+        .allocate_as("next", next, &req(Some("2"), &[]), kernel.boxed())
+        .unwrap();
+    assert_eq!(got.bdfs().len(), 2);
+    assert_eq!(kernel.log(), vec![reset_write("0000:10:00.0")]);
+    std::mem::forget(got);
+}

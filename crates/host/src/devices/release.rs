@@ -20,11 +20,16 @@ pub struct ReleaseReport {
     pub returned: Vec<(Bdf, Cleaned)>,
     /// Failed their reset or check: not handed out again until `gpucell gpu release`.
     pub quarantined: Vec<QuarantineEntry>,
+    /// Not touched because another process (a QEMU still running) has the group's
+    /// `/dev/vfio/N` open, with who holds it. Their records stay: once the owner is gone
+    /// and the group is closed, the next allocation (or `gpucell gpu release`) resets them.
+    pub kept: Vec<(Bdf, String)>,
 }
 
 impl Allocation {
     /// Resets and checks each device, then returns it to the pool or quarantines it.
-    /// Call it after the VM has exited (QEMU has closed `/dev/vfio/N`).
+    /// Call it after the VM has exited: a device whose `/dev/vfio/N` another process
+    /// still has open is left alone and stays allocated ([`ReleaseReport::kept`]).
     pub fn release(mut self) -> Result<ReleaseReport, DevicesError> {
         self.release_inner()
     }
@@ -40,7 +45,20 @@ impl Allocation {
             ResetPolicy::default()
         });
         let mut report = ReleaseReport::default();
+        let open = OpenFiles::scan(&pool.proc_root);
+        let me = std::process::id();
         for d in &self.devices {
+            let node = format!("/dev/vfio/{}", d.iommu_group);
+            let holder = open
+                .holders_of(&node)
+                .iter()
+                .find(|(pid, _)| *pid != me && *pid != self.owner.pid);
+            if let Some((pid, cmd)) = holder {
+                let who = format!("{node} is open by pid {pid} ({cmd})");
+                tracing::warn!(bdf = %d.bdf, "not reset: {who}; kept as busy");
+                report.kept.push((d.bdf, who));
+                continue;
+            }
             match reset::reset_and_check(
                 &pool.root,
                 &pool.state_dir,
@@ -74,9 +92,11 @@ impl Allocation {
             record::save_quarantine(&pool.state_dir, &quarantine)?;
         }
         let before = allocations.allocations.len();
-        allocations
-            .allocations
-            .retain(|a| !(a.sandbox == self.sandbox && a.owner == self.owner));
+        allocations.allocations.retain(|a| {
+            !(a.sandbox == self.sandbox
+                && a.owner == self.owner
+                && !report.kept.iter().any(|(b, _)| *b == a.bdf))
+        });
         if allocations.allocations.len() != before {
             record::save_allocations(&pool.state_dir, &allocations)?;
         }
