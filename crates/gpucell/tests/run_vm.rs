@@ -4,6 +4,8 @@
 //! Skips with a printed reason without guest artifacts (GPUCELL_TEST_STATE_DIR), QEMU,
 //! umoci or busybox-static.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};

@@ -169,7 +169,7 @@ fn read_cache(path: &Path, key: &str) -> Option<ProbeResult> {
         return None;
     }
     let entry: CacheEntry = serde_json::from_slice(&fs::read(path).ok()?).ok()?;
-    (entry.key == key).then(|| ProbeResult {
+    (entry.key == key).then_some(ProbeResult {
         cached: true,
         ..entry.result
     })

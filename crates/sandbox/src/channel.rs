@@ -260,7 +260,7 @@ fn relay_inner<W: Write + Send + 'static>(
 
     // 2. Our hello and the run request, then stdin.
     send(
-        &writer,
+        writer,
         &FromHost::Hello(HostHello {
             version: PROTOCOL_VERSION,
         }),

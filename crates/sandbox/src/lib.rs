@@ -11,6 +11,8 @@
 //! - [`spec`]: docker's rules from image config and flags to the agent's run request.
 //! - [`sandbox`]: the whole lifecycle of one VM.
 
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod accel;
 pub mod args;
 pub mod caps;

@@ -126,7 +126,7 @@ fn qemu_said(stderr: &str) -> String {
 /// A failed run: the error and what the guest and QEMU printed last.
 #[derive(Debug)]
 pub struct RunError {
-    pub error: SandboxError,
+    pub error: Box<SandboxError>,
     /// Last lines of the guest's serial console.
     pub console_tail: String,
     /// Last lines of QEMU's stderr.
@@ -141,14 +141,14 @@ impl std::fmt::Display for RunError {
 
 impl std::error::Error for RunError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        std::error::Error::source(&self.error)
+        std::error::Error::source(&*self.error)
     }
 }
 
 impl RunError {
     fn bare(error: impl Into<SandboxError>) -> Self {
         RunError {
-            error: error.into(),
+            error: Box::new(error.into()),
             console_tail: String::new(),
             qemu_stderr: String::new(),
         }
@@ -156,14 +156,17 @@ impl RunError {
 
     /// The signal that interrupted the run, if that is why it failed.
     pub fn interrupted_by(&self) -> Option<i32> {
-        match &self.error {
+        match &*self.error {
             SandboxError::Session(SessionError::Interrupted(s)) => Some(*s),
             _ => None,
         }
     }
 
     pub fn is_timeout(&self) -> bool {
-        matches!(&self.error, SandboxError::Session(SessionError::Timeout(_)))
+        matches!(
+            &*self.error,
+            SandboxError::Session(SessionError::Timeout(_))
+        )
     }
 }
 
@@ -378,7 +381,7 @@ impl Sandbox {
         let t_spawn = Instant::now();
         let mut qemu = QemuProcess::spawn(&cmd, None).map_err(RunError::bare)?;
         let with_logs = |error: SandboxError, qemu: &QemuProcess| RunError {
-            error,
+            error: Box::new(error),
             console_tail: qemu.console().tail_lines(CONSOLE_LINES_ON_ERROR),
             qemu_stderr: qemu.stderr().tail_lines(10),
         };

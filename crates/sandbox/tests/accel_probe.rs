@@ -2,6 +2,8 @@
 //! `GPUCELL_TEST_KERNEL` (an uncompressed vmlinux or a bzImage), busybox-static and cpio;
 //! skips with a reason otherwise.
 
+#![allow(clippy::unwrap_used)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};

@@ -2,6 +2,8 @@
 //! the happy path, stdin and signals, and a guest that is silent, floods, lies or
 //! sends garbage.
 
+#![allow(clippy::unwrap_used)]
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};

@@ -1,6 +1,8 @@
 //! Golden tests of rendered QEMU command lines: `tests/golden/<name>.args`, one
 //! argument per line. Regenerate with `GPUCELL_UPDATE_GOLDEN=1 cargo test -p gpucell-sandbox --test golden`.
 
+#![allow(clippy::unwrap_used)]
+
 use std::path::{Path, PathBuf};
 
 use gpucell_sandbox::args::{

@@ -1,6 +1,8 @@
 //! The launcher and QMP client against a real QEMU started paused (`-S`, no guest).
 //! Skips with a reason when qemu-system-x86_64 is not installed.
 
+#![allow(clippy::unwrap_used)]
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
