@@ -56,6 +56,8 @@ pub enum RecordError {
     },
     #[error("sandbox id `{id}` is not 1-{MAX_SANDBOX_ID} characters of A-Z a-z 0-9 . _ -")]
     SandboxId { id: String },
+    #[error("{} does not exist: procfs is not mounted under the host root (with a fake host root, look owners up in the real /proc)", path.display())]
+    NoSelfStat { path: PathBuf },
     #[error("cannot read the start time of this process from {}", path.display())]
     SelfStat {
         path: PathBuf,
@@ -178,10 +180,7 @@ impl Owner {
         let path = proc_dir.join(pid.to_string()).join("stat");
         match liveness(proc_dir, pid) {
             Ok(Liveness::Alive { start_time }) => Ok(Self { pid, start_time }),
-            Ok(Liveness::Gone) => Err(RecordError::SelfStat {
-                source: SysfsError::Empty { path: path.clone() },
-                path,
-            }),
+            Ok(Liveness::Gone) => Err(RecordError::NoSelfStat { path }),
             Err(source) => Err(RecordError::SelfStat { path, source }),
         }
     }
@@ -448,6 +447,12 @@ mod tests {
         let me = Owner::current(Path::new("/proc")).unwrap();
         assert_eq!(me.pid, std::process::id());
         assert!(me.is_alive(Path::new("/proc")));
+        let fake = tempfile::tempdir().unwrap();
+        let err = Owner::current(fake.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("does not exist") && err.contains("real /proc"),
+            "{err}"
+        );
     }
 
     #[test]
