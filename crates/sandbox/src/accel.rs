@@ -226,6 +226,35 @@ pub fn probe_uncached(input: &ProbeInput) -> Result<ProbeResult, AccelError> {
             0,
         ));
     }
+    let check = probe_boot(input, Accel::Kvm)?;
+    let result = if check.booted {
+        ProbeResult {
+            accel: Accel::Kvm,
+            kvm_usable: true,
+            reason: String::new(),
+            probe_ms: check.ms,
+            cached: false,
+        }
+    } else {
+        ProbeResult::unusable(check.reason, check.ms)
+    };
+    tracing::info!(?result, "accelerator probe");
+    Ok(result)
+}
+
+/// Outcome of one probe boot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootCheck {
+    /// The init printed [`PROBE_MARKER`].
+    pub booted: bool,
+    /// Why not, when it did not.
+    pub reason: String,
+    pub ms: u64,
+}
+
+/// Boots the kernel and initrd of `input` under `accel` with `gpucell.probe=1` and
+/// waits, at most `input.timeout`, for [`PROBE_MARKER`]. QEMU is killed on every path.
+pub fn probe_boot(input: &ProbeInput, accel: Accel) -> Result<BootCheck, AccelError> {
     let mut cmdline = KernelCmdline::new();
     for w in ["console=ttyS0", "panic=-1", "quiet", "gpucell.probe=1"] {
         cmdline.push(w)?;
@@ -236,8 +265,8 @@ pub fn probe_uncached(input: &ProbeInput) -> Result<ProbeResult, AccelError> {
         machine: Machine {
             pci_hole64_size: None,
         },
-        accel: Accel::Kvm,
-        cpu: Cpu::Host,
+        accel,
+        cpu: Cpu::for_accel(accel),
         resources: Resources {
             cpus: 1,
             memory_mib: 256,
@@ -258,17 +287,15 @@ pub fn probe_uncached(input: &ProbeInput) -> Result<ProbeResult, AccelError> {
     let ms = |s: Instant| s.elapsed().as_millis() as u64;
     let result = loop {
         if qemu.console().marker_seen() {
-            break ProbeResult {
-                accel: Accel::Kvm,
-                kvm_usable: true,
+            break BootCheck {
+                booted: true,
                 reason: String::new(),
-                probe_ms: ms(start),
-                cached: false,
+                ms: ms(start),
             };
         }
         let err = qemu.stderr().tail();
         if let Some(line) = err.lines().find(|l| l.contains("KVM internal error")) {
-            break ProbeResult::unusable(format!("QEMU reported \"{}\"", line.trim()), ms(start));
+            break BootCheck::failed(format!("QEMU reported \"{}\"", line.trim()), ms(start));
         }
         if let Some(status) = qemu.try_wait()? {
             // Let the capture threads drain what QEMU said last.
@@ -283,7 +310,7 @@ pub fn probe_uncached(input: &ProbeInput) -> Result<ProbeResult, AccelError> {
                 .or_else(|| said.lines().rfind(|l| !l.trim().is_empty()))
                 .unwrap_or("")
                 .to_string();
-            break ProbeResult::unusable(
+            break BootCheck::failed(
                 format!(
                     "the probe VM exited ({}) without booting: {}",
                     crate::process::describe_exit(&status),
@@ -297,9 +324,9 @@ pub fn probe_uncached(input: &ProbeInput) -> Result<ProbeResult, AccelError> {
             );
         }
         if Instant::now() >= deadline {
-            break ProbeResult::unusable(
+            break BootCheck::failed(
                 format!(
-                    "the guest did not boot under KVM within {:?}",
+                    "the guest did not boot under {accel} within {:?}",
                     input.timeout
                 ),
                 ms(start),
@@ -308,8 +335,17 @@ pub fn probe_uncached(input: &ProbeInput) -> Result<ProbeResult, AccelError> {
         std::thread::sleep(Duration::from_millis(20));
     };
     drop(qemu);
-    tracing::info!(?result, "accelerator probe");
     Ok(result)
+}
+
+impl BootCheck {
+    fn failed(reason: String, ms: u64) -> Self {
+        BootCheck {
+            booted: false,
+            reason,
+            ms,
+        }
+    }
 }
 
 /// The accelerator chosen for a run and how it was chosen.
