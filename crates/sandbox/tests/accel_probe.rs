@@ -12,11 +12,14 @@ use std::time::{Duration, Instant};
 use gpucell_sandbox::accel::{probe, probe_boot, AccelChoice, ProbeInput};
 use gpucell_sandbox::Accel;
 
+/// The tests count probe QEMUs by initrd path, which they may share: one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn kernel() -> Option<PathBuf> {
     match std::env::var_os("GPUCELL_TEST_KERNEL").map(PathBuf::from) {
         Some(k) if k.is_file() => Some(k),
         _ => {
-            eprintln!("skipping: set GPUCELL_TEST_KERNEL to a guest kernel (vmlinux) to run the probe test");
+            eprintln!("skipping: set GPUCELL_TEST_STATE_DIR (built guest) or GPUCELL_TEST_KERNEL (a vmlinux) to run the probe tests");
             None
         }
     }
@@ -53,9 +56,9 @@ fn probe_qemus_with(initrd: &Path) -> usize {
 
 #[test]
 fn probe_gives_a_verdict_within_its_timeout_caches_it_and_leaves_no_qemu() {
-    let Some(kernel) = kernel() else { return };
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    let Some(initrd) = busybox_initrd(dir.path()) else {
+    let Some((kernel, initrd, _)) = guest_or_busybox(dir.path()) else {
         return;
     };
     let state = dir.path().join("state");
@@ -111,6 +114,7 @@ fn guest_or_busybox(dir: &Path) -> Option<(PathBuf, PathBuf, &'static str)> {
 
 #[test]
 fn the_init_answers_the_probe_under_tcg_and_a_short_timeout_kills_the_boot() {
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let Some((kernel, initrd, init)) = guest_or_busybox(dir.path()) else {
         return;
