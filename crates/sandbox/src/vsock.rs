@@ -115,3 +115,40 @@ pub fn random_cid() -> u32 {
     }
     3 + (u32::from_le_bytes(b) % 0x7fff_0000)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_taken_port_is_an_error_and_accept_gives_up_on_time() {
+        let port = 40_000 + (random_cid() % 20_000);
+        let first = match VsockListener::bind(port) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("skipping: this host has no AF_VSOCK: {e}");
+                return;
+            }
+        };
+        assert_eq!(first.port(), port);
+        // What makes a second concurrent run fall back to virtio-serial.
+        assert!(matches!(
+            VsockListener::bind(port),
+            Err(VsockError::Listen { .. })
+        ));
+        let start = Instant::now();
+        let err = first
+            .accept_from(7, Instant::now() + Duration::from_millis(300), &mut || true)
+            .unwrap_err();
+        assert!(matches!(err, VsockError::Timeout(_)), "{err}");
+        assert!(start.elapsed() < Duration::from_secs(2));
+        // A dead VM stops the wait at once.
+        let start = Instant::now();
+        let err = first
+            .accept_from(7, Instant::now() + Duration::from_secs(30), &mut || false)
+            .unwrap_err();
+        assert!(matches!(err, VsockError::Timeout(_)));
+        assert!(start.elapsed() < Duration::from_secs(1));
+        assert!(random_cid() >= 3);
+    }
+}
