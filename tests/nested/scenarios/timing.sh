@@ -1,0 +1,67 @@
+# Timings of sandbox runs inside L1 (not part of the default run; `run.sh
+# timing`): guest memory 256 MiB, 1 GiB and 4 GiB, with and without hugepages,
+# with an edu function passed by --device and without one (the difference in
+# vm_start is what pinning guest memory for VFIO costs). One result per run:
+#   timing/<device>-<memory>-<pages>  detail: memory=.. pages=.. device=.. timings_ms={...}
+# tests/nested/timing-report.sh turns them into a table. Numbers are L1's, a
+# TCG-emulated host: compare them with each other, not with real hardware.
+
+have_guest_artifacts || {
+    skip timing "no guest artifacts in L1"
+    exit 0
+}
+edu_reset_all
+edu_policy on
+bdf=$(pci_by_id | head -1)
+huge_flag=$(gpucell run --help 2>/dev/null | grep -o -- '--huge[a-z-]*' | head -1)
+devices="none"
+have_run_device && devices="none edu" || skip device-runs "gpucell run has no --device option yet: runs without a device only"
+[ -n "$huge_flag" ] || skip hugepage-runs "gpucell run has no hugepage option: hugepages are reserved in L1 but not used by QEMU"
+GC_TIMEOUT=600
+hp_dir=/sys/kernel/mm/hugepages/hugepages-2048kB
+mkdir -p /dev/hugepages
+mount -t hugetlbfs -o pagesize=2M,mode=1777 hugetlbfs /dev/hugepages
+
+# reserve_hugepages MiB: sets the 2 MiB pool to MiB/2 pages plus 32 spare; 0 frees it.
+reserve_hugepages() {
+    want=0
+    [ "$1" = 0 ] || want=$(($1 / 2 + 32))
+    echo "$want" >"$hp_dir/nr_hugepages"
+    [ "$(cat "$hp_dir/nr_hugepages")" -ge "$want" ]
+}
+
+for dev in $devices; do
+    for mem in 256 1024 4096; do
+        for pages in 4k 2m; do
+            name=$dev-${mem}m-$pages
+            extra=
+            if [ "$pages" = 2m ]; then
+                [ -n "$huge_flag" ] || continue
+                if ! reserve_hugepages "$mem"; then
+                    fail "$name" "could not reserve $((mem / 2 + 32)) hugepages: only $(cat "$hp_dir/nr_hugepages") ($(grep MemFree /proc/meminfo))"
+                    reserve_hugepages 0
+                    continue
+                fi
+                extra=$huge_flag
+            fi
+            dev_args=
+            [ "$dev" = none ] || dev_args="--device $bdf"
+            t0=$(uptime_s)
+            # shellcheck disable=SC2086 # optional flags
+            gc "/tmp/t-$name" --json run --memory "${mem}m" $extra $dev_args "$EDU_IMAGE" -- sh -c 'edu-probe; exit 0'
+            rc=$?
+            wall=$(awk -v a="$t0" -v b="$(uptime_s)" 'BEGIN { printf "%.1f", b - a }')
+            [ "$pages" = 4k ] || reserve_hugepages 0
+            timings=$(run_summary "/tmp/t-$name" | jq -c '.timings_ms // {}' 2>/dev/null)
+            probe=ok
+            [ "$dev" = none ] || probe=$(edu_probe_ok "/tmp/t-$name.out" >/dev/null && echo ok || echo bad)
+            if [ "$rc" = 0 ] && [ "$probe" = ok ]; then
+                pass "$name" "memory=${mem}m pages=$pages device=$dev wall_s=$wall timings_ms=$timings"
+            else
+                fail "$name" "memory=${mem}m pages=$pages device=$dev probe=$probe $(gc_summary "/tmp/t-$name")"
+            fi
+            edu_reset_all
+        done
+    done
+done
+umount /dev/hugepages
