@@ -67,7 +67,8 @@ pub fn run(global: &Global, args: DoctorArgs) -> anyhow::Result<u8> {
         kvm_probe: Some(kvm_probe(global, &args, &root, &qemu)),
         qemu: Some(qemu),
     };
-    let report = doctor::run(&root, &input).context("doctor could not inspect the host")?;
+    let report = doctor::run_with_state_dir(&root, &input, &global.state_dir)
+        .context("doctor could not inspect the host")?;
     if global.json {
         let text = serde_json::to_string_pretty(&report)? + "\n";
         write_stdout(&text)?;
