@@ -22,6 +22,8 @@ pub enum ArgsError {
     BadCpus(u32),
     #[error("{0} MiB of memory requested: use at least 64 MiB")]
     BadMemory(u64),
+    #[error("PCI address {0:?} is not a full BDF like 0000:01:00.0")]
+    BadBdf(String),
     #[error("accelerator {0:?} is unknown: use kvm or tcg")]
     UnknownAccel(String),
 }
@@ -312,10 +314,58 @@ impl ToArgs for Chardev {
 /// A guest device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Device {
-    VirtioBlk { drive: String },
-    VirtioSerial { id: String },
-    VirtSerialPort { chardev: String, name: String },
-    VhostVsock { guest_cid: u32 },
+    VirtioBlk {
+        drive: String,
+    },
+    VirtioSerial {
+        id: String,
+    },
+    VirtSerialPort {
+        chardev: String,
+        name: String,
+    },
+    VhostVsock {
+        guest_cid: u32,
+    },
+    /// A PCIe root port, one per passed-through device (`chassis` and `slot` unique).
+    PcieRootPort {
+        id: String,
+        chassis: u8,
+        slot: u8,
+    },
+    /// A host PCI function passed through by VFIO, cold-plugged on root port `bus`.
+    VfioPci {
+        host: String,
+        bus: String,
+    },
+}
+
+impl Device {
+    /// A VFIO device on its own new root port `rpN`; `host` must be a full BDF
+    /// (`0000:01:00.0`).
+    pub fn vfio_on_root_port(n: u8, host: &str) -> Result<[Device; 2], ArgsError> {
+        let ok = host.len() == 12
+            && host.chars().enumerate().all(|(i, c)| match i {
+                4 | 7 => c == ':',
+                10 => c == '.',
+                _ => c.is_ascii_hexdigit(),
+            });
+        if !ok {
+            return Err(ArgsError::BadBdf(host.to_string()));
+        }
+        let id = format!("rp{n}");
+        Ok([
+            Device::PcieRootPort {
+                id: id.clone(),
+                chassis: n.saturating_add(1),
+                slot: n.saturating_add(1),
+            },
+            Device::VfioPci {
+                host: host.to_ascii_lowercase(),
+                bus: id,
+            },
+        ])
+    }
 }
 
 impl ToArgs for Device {
@@ -327,6 +377,10 @@ impl ToArgs for Device {
                 format!("virtserialport,chardev={chardev},name={}", escape_opt(name))
             }
             Device::VhostVsock { guest_cid } => format!("vhost-vsock-pci,guest-cid={guest_cid}"),
+            Device::PcieRootPort { id, chassis, slot } => {
+                format!("pcie-root-port,id={id},chassis={chassis},slot={slot}")
+            }
+            Device::VfioPci { host, bus } => format!("vfio-pci,host={host},bus={bus}"),
         };
         out.extend(["-device".into(), spec]);
     }

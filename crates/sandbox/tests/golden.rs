@@ -102,6 +102,13 @@ fn kvm_with_vsock_channel_and_large_pci_hole() {
     let mut cmd = base(Accel::Kvm, "gpucell.channel=vsock");
     cmd.machine.pci_hole64_size = Some(1 << 40);
     cmd.devices.push(Device::VhostVsock { guest_cid: 1234 });
+    // Two GPUs, each cold-plugged on its own root port.
+    cmd.devices
+        .extend(Device::vfio_on_root_port(0, "0000:17:00.0").unwrap());
+    cmd.devices
+        .extend(Device::vfio_on_root_port(1, "0000:3D:00.0").unwrap());
+    assert!(Device::vfio_on_root_port(2, "17:00.0").is_err());
+    assert!(Device::vfio_on_root_port(2, "0000:17:00.0,x=y").is_err());
     cmd.run_as = Some(RunAs::RunWith("gpucell-qemu".into()));
     check("kvm-vsock", &cmd);
 }
