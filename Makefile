@@ -3,25 +3,53 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all deps build demo test test-unit fmt clippy clean
+TRIPLE      := x86_64-unknown-linux-gnu
+AGENT       := target/$(TRIPLE)/release/gpucell-agent
+GPUCELL     := target/release/gpucell
+STATE_DIR   ?= /var/lib/gpucell
+TEST_STATE  := $(CURDIR)/target/test-state
+
+.PHONY: all deps agent build guest demo test test-unit test-vm test-nested bench fmt clippy clean
 
 all: build
 
 deps:
 	scripts/install-deps.sh
 
-build: deps
-	$(CARGO) build --release --workspace
+# The agent is PID 1 in the guest: a static binary, built for an explicit target so that
+# crt-static applies to it and not to build scripts or proc macros.
+agent:
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release -p gpucell-agent --target $(TRIPLE)
 
-demo: build
-	scripts/demo.sh
+build: deps agent
+	$(CARGO) build --release -p gpucell
 
-test: deps
-	$(CARGO) test --workspace --no-fail-fast 2>&1 | tee target/test.log
-	@! grep -q '^test result: FAILED' target/test.log
+guest: build
+	$(GPUCELL) --state-dir $(STATE_DIR) guest build --agent $(AGENT)
+
+demo: guest
+	GPUCELL=$(GPUCELL) GPUCELL_STATE_DIR=$(STATE_DIR) scripts/demo.sh
+
+# Everything: unit, fixture and CLI tests, the VM tests under TCG, the nested test host.
+test: deps agent
+	mkdir -p target
+	$(CARGO) build -p gpucell
+	target/debug/gpucell --state-dir $(TEST_STATE) guest build --agent $(AGENT)
+	GPUCELL_TEST_STATE_DIR=$(TEST_STATE) $(CARGO) test --workspace --no-fail-fast 2>&1 | tee target/test.log; \
+	  test $${PIPESTATUS[0]} -eq 0
+	NESTED_GPUCELL_BIN_DIR=$(CURDIR)/target/debug $(MAKE) test-nested
 
 test-unit:
 	$(CARGO) test --workspace
+
+# The nested test host (an L1 VM with an emulated IOMMU, edu devices, real KVM and VFIO).
+# It takes gpucell from target/release unless NESTED_GPUCELL_BIN_DIR names other binaries.
+test-nested: agent
+	tests/nested/run.sh
+
+bench: build
+	bench/image/run.sh
+	bench/sandbox/run.sh
 
 fmt:
 	$(CARGO) fmt --all

@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GPUCELL=${GPUCELL:-target/release/gpucell}
-FIXTURE=${FIXTURE:-../shared/fixtures/hosts/h200x4-vm}
+FIXTURE=${FIXTURE:-tests/fixtures/hosts/h200x4-vm}
 
 echo "== gpucell doctor (this machine)"
 "$GPUCELL" doctor || true
