@@ -125,6 +125,10 @@ pub enum Cpu {
     Host,
     /// Every feature the accelerator can emulate (TCG).
     Max,
+    /// The host's CPU with the host's physical address bits (KVM, large PCI holes).
+    HostPhysBits,
+    /// `max` with this many physical address bits (TCG, large PCI holes).
+    MaxPhysBits(u8),
 }
 
 impl Cpu {
@@ -139,10 +143,12 @@ impl Cpu {
 impl ToArgs for Cpu {
     fn to_args(&self, out: &mut Vec<String>) {
         let model = match self {
-            Cpu::Host => "host",
-            Cpu::Max => "max",
+            Cpu::Host => "host".to_string(),
+            Cpu::Max => "max".to_string(),
+            Cpu::HostPhysBits => "host,host-phys-bits=on".to_string(),
+            Cpu::MaxPhysBits(bits) => format!("max,phys-bits={bits}"),
         };
-        out.extend(["-cpu".into(), model.into()]);
+        out.extend(["-cpu".into(), model]);
     }
 }
 
@@ -338,6 +344,8 @@ pub enum Device {
         host: String,
         bus: String,
     },
+    /// The guest RAM backend (`-object` plus `-machine memory-backend=`).
+    Memory(crate::memory::MemoryBackend),
 }
 
 impl Device {
@@ -381,6 +389,7 @@ impl ToArgs for Device {
                 format!("pcie-root-port,id={id},chassis={chassis},slot={slot}")
             }
             Device::VfioPci { host, bus } => format!("vfio-pci,host={host},bus={bus}"),
+            Device::Memory(m) => return m.to_args(out),
         };
         out.extend(["-device".into(), spec]);
     }

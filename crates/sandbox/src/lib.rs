@@ -9,6 +9,8 @@
 //! - [`channel`]: the host side of the agent protocol, with limits.
 //! - [`accel`]: KVM/TCG selection by probe boot, cached.
 //! - [`spec`]: docker's rules from image config and flags to the agent's run request.
+//! - [`devices`]: PCI passthrough wiring, 64-bit hole sizing, vCPU pinning.
+//! - [`memory`]: preallocated and hugepage guest memory.
 //! - [`sandbox`]: the whole lifecycle of one VM.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
@@ -18,6 +20,8 @@ pub mod args;
 pub mod caps;
 pub mod channel;
 pub mod console;
+pub mod devices;
+pub mod memory;
 pub mod process;
 pub mod qmp;
 pub mod rundir;

@@ -1,0 +1,488 @@
+//! PCI passthrough (VFIO, cold-plug): which functions the VM gets and how QEMU wires them.
+//!
+//! - Each passed function sits alone on its own `pcie-root-port` on q35's root bus
+//!   `pcie.0` (`-device pcie-root-port,id=rpN,chassis=N+1,slot=N+1` then
+//!   `-device vfio-pci,host=BDF,bus=rpN`). Companions of the IOMMU group (a GPU's
+//!   HDMI audio) are bound to vfio-pci on the host but never passed.
+//! - The 64-bit PCI hole is sized from the devices' 64-bit BARs ([`hole64_size`]).
+//! - [`pin_vcpus`] pins QEMU's vCPU threads to the devices' local CPUs.
+//!
+//! Nothing is hot-plugged: everything is on the command line before the guest boots.
+
+use std::time::Duration;
+
+use gpucell_host::devices::AssignedDevice;
+use serde::Serialize;
+
+use crate::args::{Accel, Cpu, Device};
+use crate::qmp::Qmp;
+
+/// At most this many functions per VM (one root port each; Kata allows 16 root ports).
+pub const MAX_DEVICES: usize = 16;
+/// Space left in the 64-bit hole besides the passed devices' BARs (virtio devices' BARs,
+/// alignment of the first BAR placed).
+pub const HOLE64_BASE: u64 = 32 << 30;
+/// QEMU's own default size of the q35 64-bit hole; never go below it.
+pub const QEMU_DEFAULT_HOLE64: u64 = 32 << 30;
+/// Physical address bits that 4-level-paging guests and QEMU's default CPUs cover (1 TiB).
+pub const DEFAULT_PHYS_BITS: u32 = 40;
+/// Physical address bits a guest kernel with 4-level paging can use (64 TiB).
+pub const FOUR_LEVEL_PHYS_BITS: u32 = 46;
+/// Kernel command line words for a guest with passed functions: let Linux reassign BARs
+/// the firmware could not place, and ignore the host bridge's _CRS windows.
+pub const KERNEL_PARAMS: [&str; 2] = ["pci=realloc", "pci=nocrs"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum DevicesError {
+    #[error("{0} PCI functions requested; a sandbox takes at most {MAX_DEVICES}")]
+    TooMany(usize),
+    #[error("device address {0:?} is not a PCI address like 0000:01:00.0")]
+    BadAddress(String),
+    #[error("{bdf} is passed twice")]
+    Duplicate { bdf: String },
+    #[error("the 64-bit PCI hole needs {bits} physical address bits but the host CPU has {host} ({cpuinfo}); pass fewer devices")]
+    PhysBits {
+        bits: u32,
+        host: u32,
+        cpuinfo: String,
+    },
+    #[error("--pin-cpus: no device reports local CPUs (local_cpulist); run without --pin-cpus")]
+    NoLocalCpus,
+    #[error("--pin-cpus: cannot list the vCPU threads over QMP")]
+    QueryCpus(#[source] crate::qmp::QmpError),
+    #[error("--pin-cpus: QMP query-cpus-fast returned no thread ids ({0})")]
+    BadCpuReply(String),
+    #[error("--pin-cpus: cannot pin vCPU {vcpu} (thread {tid}) to CPU {cpu}")]
+    Affinity {
+        vcpu: u32,
+        tid: i32,
+        cpu: u32,
+        #[source]
+        source: nix::Error,
+    },
+}
+
+/// One PCI function passed to the VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PassthroughDevice {
+    /// Host address, `DDDD:BB:DD.F`.
+    pub host_bdf: String,
+    pub vendor: u16,
+    pub device: u16,
+    pub class: u32,
+    /// Sum of its 64-bit memory BARs, in bytes.
+    pub mmio64_bytes: u64,
+    pub numa_node: Option<u32>,
+    /// CPUs local to the device (expanded, sorted); empty when unknown.
+    pub local_cpus: Vec<u32>,
+    /// Functions of its IOMMU group held by the sandbox but not passed.
+    pub companions: Vec<String>,
+}
+
+impl From<&AssignedDevice> for PassthroughDevice {
+    fn from(d: &AssignedDevice) -> Self {
+        let mut local_cpus = Vec::new();
+        if let Some(list) = &d.local_cpus {
+            for &(a, b) in list.ranges() {
+                // Bounded by the kernel's CPU count; cap anyway against a hostile file.
+                for c in a..=b.min(a.saturating_add(4095)) {
+                    local_cpus.push(c);
+                }
+            }
+        }
+        local_cpus.sort_unstable();
+        local_cpus.dedup();
+        PassthroughDevice {
+            host_bdf: d.bdf.to_string(),
+            vendor: d.vendor,
+            device: d.device,
+            class: d.class,
+            mmio64_bytes: d.mmio64_bytes(),
+            numa_node: d.numa_node,
+            local_cpus,
+            companions: d.companions.iter().map(ToString::to_string).collect(),
+        }
+    }
+}
+
+impl PassthroughDevice {
+    /// `vendor:device`, e.g. `10de:2335`.
+    pub fn id_string(&self) -> String {
+        format!("{:04x}:{:04x}", self.vendor, self.device)
+    }
+}
+
+/// What the sandbox does with its passed functions.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceSetup {
+    pub devices: Vec<PassthroughDevice>,
+    /// Back guest memory with hugepages (hugetlbfs).
+    pub hugepages: bool,
+    /// Pin the vCPU threads to the devices' local CPUs.
+    pub pin_cpus: bool,
+    /// How long the agent waits for the functions to appear in the guest.
+    pub wait: Duration,
+}
+
+impl DeviceSetup {
+    /// Memory is preallocated whenever a function is passed (VFIO pins all of it at
+    /// start anyway) or hugepages are asked for.
+    pub fn preallocate(&self) -> bool {
+        !self.devices.is_empty() || self.hugepages
+    }
+}
+
+fn valid_bdf(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 12
+        && b[4] == b':'
+        && b[7] == b':'
+        && b[10] == b'.'
+        && b.iter()
+            .enumerate()
+            .filter(|(i, _)| ![4, 7, 10].contains(i))
+            .all(|(_, c)| c.is_ascii_hexdigit())
+        && (b'0'..=b'7').contains(&b[11])
+}
+
+/// The `-device` arguments of the passed functions: a root port each, then the function
+/// on it. Root ports are `rp0..rpN-1` with chassis and slot 1..N.
+pub fn wiring(devices: &[PassthroughDevice]) -> Result<Vec<Device>, DevicesError> {
+    if devices.len() > MAX_DEVICES {
+        return Err(DevicesError::TooMany(devices.len()));
+    }
+    let mut out = Vec::with_capacity(devices.len() * 2);
+    for (i, d) in devices.iter().enumerate() {
+        if !valid_bdf(&d.host_bdf) {
+            return Err(DevicesError::BadAddress(d.host_bdf.clone()));
+        }
+        if devices[..i].iter().any(|o| o.host_bdf == d.host_bdf) {
+            return Err(DevicesError::Duplicate {
+                bdf: d.host_bdf.clone(),
+            });
+        }
+        let pair = Device::vfio_on_root_port(i as u8, &d.host_bdf)
+            .map_err(|_| DevicesError::BadAddress(d.host_bdf.clone()))?;
+        out.extend(pair);
+    }
+    Ok(out)
+}
+
+/// The size of the 64-bit PCI hole for `devices`: each device's 64-bit BARs rounded up
+/// to a power of two (a root port's window is aligned to its largest BAR), summed; plus
+/// the largest of those again (the first window's alignment may waste up to that much
+/// above the hole's start) and [`HOLE64_BASE`] for everything else. `None` (QEMU's
+/// default) when no device has a 64-bit BAR.
+pub fn hole64_size(devices: &[PassthroughDevice]) -> Option<u64> {
+    let sizes: Vec<u64> = devices
+        .iter()
+        .filter(|d| d.mmio64_bytes > 0)
+        .map(|d| {
+            d.mmio64_bytes
+                .checked_next_power_of_two()
+                .unwrap_or(1 << 63)
+        })
+        .collect();
+    let largest = sizes.iter().copied().max()?;
+    let sum = sizes.iter().copied().fold(0u64, u64::saturating_add);
+    Some(
+        sum.saturating_add(largest)
+            .saturating_add(HOLE64_BASE)
+            .max(QEMU_DEFAULT_HOLE64),
+    )
+}
+
+/// Physical address bits the guest needs to reach the end of the 64-bit hole, which
+/// QEMU puts right above RAM (RAM above 4 GiB, start aligned to 1 GiB).
+pub fn required_phys_bits(memory_mib: u64, hole: u64) -> u32 {
+    const GIB: u64 = 1 << 30;
+    let ram_end = (4 * GIB).saturating_add(memory_mib.saturating_mul(1 << 20));
+    let start = ram_end.div_ceil(GIB).saturating_mul(GIB);
+    let end = start.saturating_add(hole);
+    64 - end.saturating_sub(1).leading_zeros()
+}
+
+/// The CPU model for a VM whose 64-bit hole ends `bits` bits up: `host` gets
+/// `host-phys-bits=on` under KVM when beyond QEMU's default 40 bits; TCG's `max` gets
+/// `phys-bits=` explicitly.
+pub fn cpu_for(accel: Accel, bits: u32) -> Cpu {
+    if bits <= DEFAULT_PHYS_BITS {
+        return Cpu::for_accel(accel);
+    }
+    match accel {
+        Accel::Kvm => Cpu::HostPhysBits,
+        Accel::Tcg => Cpu::MaxPhysBits(bits.min(52) as u8),
+    }
+}
+
+/// A warning for holes that end beyond 1 TiB, or `None`.
+pub fn phys_bits_warning(bits: u32, hole: u64) -> Option<String> {
+    if bits <= DEFAULT_PHYS_BITS {
+        return None;
+    }
+    let gib = hole >> 30;
+    let mut w = format!(
+        "the 64-bit PCI hole ({gib} GiB) ends beyond 1 TiB: the guest needs {bits} physical \
+         address bits (QEMU's CPU gets host-phys-bits=on under KVM; the host CPU must have them)"
+    );
+    if bits > FOUR_LEVEL_PHYS_BITS {
+        w.push_str(
+            "; beyond 64 TiB the guest kernel needs 5-level paging (CONFIG_X86_5LEVEL, la57)",
+        );
+    }
+    Some(w)
+}
+
+/// Physical address bits of the host CPU, from `address sizes : N bits physical` in
+/// `cpuinfo` (the text of `/proc/cpuinfo`). `None` when absent.
+pub fn host_phys_bits(cpuinfo: &str) -> Option<u32> {
+    cpuinfo
+        .lines()
+        .take(10_000)
+        .find_map(|l| l.strip_prefix("address sizes"))
+        .and_then(|rest| rest.split(':').nth(1))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .filter(|&n: &u32| (32..=64).contains(&n))
+}
+
+/// Under KVM the guest cannot get more physical address bits than the host CPU has.
+pub fn check_host_phys_bits(bits: u32, cpuinfo: &str) -> Result<(), DevicesError> {
+    if bits <= DEFAULT_PHYS_BITS {
+        return Ok(());
+    }
+    match host_phys_bits(cpuinfo) {
+        Some(host) if host < bits => Err(DevicesError::PhysBits {
+            bits,
+            host,
+            cpuinfo: "address sizes in /proc/cpuinfo".into(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The CPUs to pin vCPUs to: the local CPUs of the passed functions (the first device's
+/// NUMA node first), without repeats.
+pub fn pin_targets(devices: &[PassthroughDevice]) -> Result<Vec<u32>, DevicesError> {
+    let mut cpus: Vec<u32> = Vec::new();
+    for d in devices {
+        for &c in &d.local_cpus {
+            if !cpus.contains(&c) {
+                cpus.push(c);
+            }
+        }
+    }
+    if cpus.is_empty() {
+        Err(DevicesError::NoLocalCpus)
+    } else {
+        Ok(cpus)
+    }
+}
+
+/// One vCPU thread and the host CPU it was pinned to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VcpuPin {
+    pub vcpu: u32,
+    pub thread_id: i32,
+    pub cpu: u32,
+}
+
+/// The vCPU thread ids, from QMP `query-cpus-fast`.
+pub fn vcpu_threads(qmp: &mut Qmp) -> Result<Vec<(u32, i32)>, DevicesError> {
+    let reply = qmp
+        .execute("query-cpus-fast", None)
+        .map_err(DevicesError::QueryCpus)?;
+    let list = reply
+        .as_array()
+        .ok_or_else(|| DevicesError::BadCpuReply("not a list".into()))?;
+    let mut out = Vec::with_capacity(list.len());
+    for (i, cpu) in list.iter().take(1024).enumerate() {
+        let index = cpu
+            .get("cpu-index")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(i as u64) as u32;
+        let tid = cpu
+            .get("thread-id")
+            .and_then(|v| v.as_i64())
+            .filter(|&t| t > 0 && t <= i64::from(i32::MAX))
+            .ok_or_else(|| DevicesError::BadCpuReply(format!("vCPU {index} has no thread-id")))?;
+        out.push((index, tid as i32));
+    }
+    if out.is_empty() {
+        return Err(DevicesError::BadCpuReply("no vCPU".into()));
+    }
+    Ok(out)
+}
+
+/// Pins vCPU `i` to `cpus[i % len]` with sched_setaffinity on its thread.
+pub fn pin_vcpus(qmp: &mut Qmp, cpus: &[u32]) -> Result<Vec<VcpuPin>, DevicesError> {
+    if cpus.is_empty() {
+        return Err(DevicesError::NoLocalCpus);
+    }
+    let threads = vcpu_threads(qmp)?;
+    let mut pins = Vec::with_capacity(threads.len());
+    for (n, (vcpu, tid)) in threads.into_iter().enumerate() {
+        let cpu = cpus[n % cpus.len()];
+        let mut set = nix::sched::CpuSet::new();
+        set.set(cpu as usize)
+            .and_then(|()| nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(tid), &set))
+            .map_err(|source| DevicesError::Affinity {
+                vcpu,
+                tid,
+                cpu,
+                source,
+            })?;
+        tracing::debug!(vcpu, tid, cpu, "vCPU pinned");
+        pins.push(VcpuPin {
+            vcpu,
+            thread_id: tid,
+            cpu,
+        });
+    }
+    Ok(pins)
+}
+
+/// A passed function as the guest saw it: host address to guest address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PassedMapping {
+    pub host_bdf: String,
+    /// `None` when the agent did not report it.
+    pub guest_bdf: Option<String>,
+    pub vendor: u16,
+    pub device: u16,
+    pub id: String,
+}
+
+/// Matches the agent's `Devices` report to the passed functions by vendor:device, in
+/// order (QEMU and the guest enumerate root ports in the same order).
+pub fn map_to_guest(
+    passed: &[PassthroughDevice],
+    seen: &[gpucell_protocol::DeviceInfo],
+) -> Vec<PassedMapping> {
+    let mut used = vec![false; seen.len()];
+    passed
+        .iter()
+        .map(|p| {
+            let hit = seen
+                .iter()
+                .enumerate()
+                .find(|(i, s)| !used[*i] && s.vendor == p.vendor && s.device == p.device);
+            let guest_bdf = hit.map(|(i, s)| {
+                used[i] = true;
+                s.bdf.clone()
+            });
+            PassedMapping {
+                host_bdf: p.host_bdf.clone(),
+                guest_bdf,
+                vendor: p.vendor,
+                device: p.device,
+                id: p.id_string(),
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dev(bdf: &str, mmio: u64) -> PassthroughDevice {
+        PassthroughDevice {
+            host_bdf: bdf.into(),
+            vendor: 0x10de,
+            device: 0x2335,
+            class: 0x030200,
+            mmio64_bytes: mmio,
+            numa_node: None,
+            local_cpus: vec![],
+            companions: vec![],
+        }
+    }
+
+    #[test]
+    fn hole_rounds_each_device_and_adds_headroom() {
+        assert_eq!(hole64_size(&[]), None);
+        assert_eq!(hole64_size(&[dev("0000:01:00.0", 0)]), None);
+        // 32 GiB + 32 MiB rounds to 64 GiB; the largest again for alignment, plus 32 GiB.
+        let d = dev("0000:01:00.0", (32 << 30) + (32 << 20));
+        assert_eq!(
+            hole64_size(&[d.clone(), d]),
+            Some((64 + 64 + 64 + 32) << 30)
+        );
+        assert_eq!(
+            hole64_size(&[dev("0000:01:00.0", 4 << 20)]),
+            Some((32 << 30) + (8 << 20))
+        );
+        assert_eq!(
+            hole64_size(&[dev("0000:01:00.0", u64::MAX)]),
+            Some(u64::MAX)
+        );
+    }
+
+    #[test]
+    fn phys_bits_follow_the_hole_end() {
+        // 1 GiB of RAM: the hole starts at 5 GiB; 59 GiB ends at 64 GiB (36 bits).
+        assert_eq!(required_phys_bits(1024, 59 << 30), 36);
+        assert_eq!(required_phys_bits(1024, 60 << 30), 37);
+        assert!(required_phys_bits(8192, (2 << 40) + (32 << 30)) > DEFAULT_PHYS_BITS);
+        assert_eq!(cpu_for(Accel::Kvm, 37), Cpu::Host);
+        assert_eq!(cpu_for(Accel::Kvm, 43), Cpu::HostPhysBits);
+        assert_eq!(cpu_for(Accel::Tcg, 43), Cpu::MaxPhysBits(43));
+        assert!(phys_bits_warning(40, 1 << 30).is_none());
+        assert!(phys_bits_warning(47, 1 << 40).unwrap().contains("5-level"));
+        let info = "processor : 0\naddress sizes\t: 46 bits physical, 57 bits virtual\n";
+        assert_eq!(host_phys_bits(info), Some(46));
+        assert!(check_host_phys_bits(43, info).is_ok());
+        assert!(matches!(
+            check_host_phys_bits(47, info),
+            Err(DevicesError::PhysBits { host: 46, .. })
+        ));
+        assert_eq!(host_phys_bits("address sizes : lots"), None);
+    }
+
+    #[test]
+    fn wiring_refuses_bad_and_repeated_addresses() {
+        assert!(matches!(
+            wiring(&[dev("0000:01:00.0,x=1", 0)]),
+            Err(DevicesError::BadAddress(_))
+        ));
+        assert!(matches!(
+            wiring(&[dev("0000:01:00.8", 0)]),
+            Err(DevicesError::BadAddress(_))
+        ));
+        assert!(matches!(
+            wiring(&[dev("0000:01:00.0", 0), dev("0000:01:00.0", 0)]),
+            Err(DevicesError::Duplicate { .. })
+        ));
+        let many: Vec<_> = (0..17)
+            .map(|i| dev(&format!("0000:{i:02x}:00.0"), 0))
+            .collect();
+        assert!(matches!(wiring(&many), Err(DevicesError::TooMany(17))));
+    }
+
+    #[test]
+    fn guest_mapping_by_id_in_order() {
+        let mut b = dev("0000:02:00.0", 0);
+        b.device = 0x11e8;
+        b.vendor = 0x1234;
+        let passed = [dev("0000:01:00.0", 0), b, dev("0000:03:00.0", 0)];
+        let seen = vec![
+            gpucell_protocol::DeviceInfo {
+                bdf: "0000:01:00.0".into(),
+                vendor: 0x10de,
+                device: 0x2335,
+                class: 0x030200,
+            },
+            gpucell_protocol::DeviceInfo {
+                bdf: "0000:02:00.0".into(),
+                vendor: 0x1234,
+                device: 0x11e8,
+                class: 0xff00,
+            },
+        ];
+        let m = map_to_guest(&passed, &seen);
+        assert_eq!(m[0].guest_bdf.as_deref(), Some("0000:01:00.0"));
+        assert_eq!(m[1].guest_bdf.as_deref(), Some("0000:02:00.0"));
+        assert_eq!(m[2].guest_bdf, None);
+    }
+}
