@@ -12,7 +12,7 @@ fi
 edu_reset_all
 GC_TIMEOUT=180
 
-gc /tmp/run0 --json run --memory 256m "$EDU_IMAGE" -- sh -c 'echo sandbox-up; id -u'
+gc /tmp/run0 --json run --memory 256m --boot-timeout 120s "$EDU_IMAGE" -- sh -c 'echo sandbox-up; id -u'
 if [ "$(cat /tmp/run0.rc)" = 0 ] && grep -q '^sandbox-up' /tmp/run0.out; then
     pass run-plain "gpucell run under KVM in L1: $(run_summary /tmp/run0 | jq -c '{accel: .accel.accel, channel, kernel_boot_ms: .timings_ms.kernel_boot, total_ms: .timings_ms.total}')"
 else
@@ -27,7 +27,7 @@ fi
 edu_policy on
 bdf=$(pci_by_id | head -1)
 grp=$(iommu_group "$bdf")
-gc /tmp/run1 --json run --memory 256m --device "$bdf" "$EDU_IMAGE" -- edu-probe
+gc /tmp/run1 --json run --memory 256m --boot-timeout 120s --device "$bdf" "$EDU_IMAGE" -- edu-probe
 probe=$(edu_probe_ok /tmp/run1.out)
 ok=$?
 if [ "$(cat /tmp/run1.rc)" = 0 ] && [ $ok = 0 ]; then

@@ -18,9 +18,9 @@ b=$(pci_by_id | sed -n 2p)
 }
 GC_TIMEOUT=240
 work='edu-probe; sleep 15'
-gc /tmp/ca --json run --memory 256m --device "$a" "$EDU_IMAGE" -- sh -c "$work" &
+gc /tmp/ca --json run --memory 256m --boot-timeout 120s --device "$a" "$EDU_IMAGE" -- sh -c "$work" &
 pa=$!
-gc /tmp/cb --json run --memory 256m --device "$b" "$EDU_IMAGE" -- sh -c "$work" &
+gc /tmp/cb --json run --memory 256m --boot-timeout 120s --device "$b" "$EDU_IMAGE" -- sh -c "$work" &
 pb=$!
 two_allocated() { [ "$(alloc_bdfs | sort -u | grep -c .)" -ge 2 ]; }
 if wait_for 120 two_allocated; then
@@ -32,7 +32,7 @@ if wait_for 120 two_allocated; then
         fail both-allocated "both functions recorded for one sandbox: $recs"
     fi
     t0=$(date +%s)
-    gc /tmp/cc --json run --memory 256m --device "$a" "$EDU_IMAGE" -- edu-probe
+    gc /tmp/cc --json run --memory 256m --boot-timeout 120s --device "$a" "$EDU_IMAGE" -- edu-probe
     rc=$?
     secs=$(($(date +%s) - t0))
     if [ "$rc" != 0 ] && grep -q "$a" /tmp/cc.err && grep -qi 'in use\|busy' /tmp/cc.err; then

@@ -14,7 +14,7 @@ edu_policy on
 bdf=$(pci_by_id | head -1)
 grp=$(iommu_group "$bdf")
 GC_TIMEOUT=180
-gc /tmp/k1 --json run --memory 256m --device "$bdf" "$EDU_IMAGE" -- sh -c 'edu-probe; echo waiting; sleep 300' &
+gc /tmp/k1 --json run --memory 256m --boot-timeout 120s --device "$bdf" "$EDU_IMAGE" -- sh -c 'edu-probe; echo waiting; sleep 300' &
 pk=$!
 probed() { grep -q '^waiting' /tmp/k1.out 2>/dev/null; }
 if ! wait_for 150 probed; then
@@ -37,7 +37,7 @@ else
 fi
 
 # The gpucell process killed outright: no release runs in it.
-gc /tmp/k2 --json run --memory 256m --device "$bdf" "$EDU_IMAGE" -- sh -c 'echo waiting; sleep 300' &
+gc /tmp/k2 --json run --memory 256m --boot-timeout 120s --device "$bdf" "$EDU_IMAGE" -- sh -c 'echo waiting; sleep 300' &
 pk=$!
 started() { grep -q '^waiting' /tmp/k2.out 2>/dev/null; }
 if wait_for 150 started; then

@@ -14,7 +14,7 @@ edu_reset_all
 edu_policy off
 bdf=$(pci_by_id | head -1)
 GC_TIMEOUT=180
-gc /tmp/q1 --json run --memory 256m --device "$bdf" "$EDU_IMAGE" -- edu-probe
+gc /tmp/q1 --json run --memory 256m --boot-timeout 120s --device "$bdf" "$EDU_IMAGE" -- edu-probe
 probe=$(edu_probe_ok /tmp/q1.out) || fail q-run "$probe; $(gc_summary /tmp/q1)"
 reason=$(quarantine_reason "$bdf")
 case "$reason" in
@@ -22,7 +22,7 @@ case "$reason" in
 *) fail quarantined "$bdf after a run without allow_no_reset: quarantine reason '$reason'; allocated [$(alloc_bdfs)]" ;;
 esac
 
-gc /tmp/q2 --json run --memory 256m --device "$bdf" "$EDU_IMAGE" -- edu-probe
+gc /tmp/q2 --json run --memory 256m --boot-timeout 120s --device "$bdf" "$EDU_IMAGE" -- edu-probe
 if [ "$(cat /tmp/q2.rc)" != 0 ] && grep -q quarantined /tmp/q2.err && ! grep -q '^EDU-PROBE' /tmp/q2.out; then
     pass refused "a run naming quarantined $bdf is refused: $(grep quarantined /tmp/q2.err | head -1 | cut -c1-200)"
 else

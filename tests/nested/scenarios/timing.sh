@@ -30,6 +30,44 @@ reserve_hugepages() {
     [ "$(cat "$hp_dir/nr_hugepages")" -ge "$want" ]
 }
 
+# QEMU alone, without gpucell: time to start a stopped VM (-S -daemonize: the
+# parent returns once the machine is built, VFIO DMA mappings included), with
+# and without the edu function, 4 KiB pages or hugetlbfs with preallocation.
+# The difference is the kernel's cost of pinning and mapping guest memory.
+sysfs_bind_vfio "$bdf"
+for mem in 256 1024 4096; do
+    for pages in 4k 2m; do
+        for dev in none edu; do
+            name=pin-$dev-${mem}m-$pages
+            args="-M q35 -accel kvm -m ${mem}M -smp 1 -nodefaults -display none -S -daemonize -pidfile /tmp/pin.pid"
+            if [ "$pages" = 2m ]; then
+                if ! reserve_hugepages "$mem"; then
+                    fail "$name" "could not reserve $((mem / 2 + 32)) hugepages: only $(cat "$hp_dir/nr_hugepages")"
+                    continue
+                fi
+                args="$args -object memory-backend-file,id=ram,size=${mem}M,mem-path=/dev/hugepages,share=on,prealloc=on -machine memory-backend=ram"
+            fi
+            [ "$dev" = none ] || args="$args -device pcie-root-port,id=rp0,bus=pcie.0,chassis=1 -device vfio-pci,host=$bdf,bus=rp0"
+            t0=$(uptime_s)
+            # shellcheck disable=SC2086 # word-split argument list
+            timeout -s KILL 300 qemu-system-x86_64 $args >/tmp/pin.err 2>&1
+            rc=$?
+            t1=$(uptime_s)
+            [ -f /tmp/pin.pid ] && kill -9 "$(cat /tmp/pin.pid)" 2>/dev/null
+            wait_for 30 sh -c '! kill -0 "$(cat /tmp/pin.pid)" 2>/dev/null'
+            rm -f /tmp/pin.pid
+            [ "$pages" = 4k ] || reserve_hugepages 0
+            ms=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%d", (b - a) * 1000 }')
+            if [ "$rc" = 0 ]; then
+                pass "$name" "memory=${mem}m pages=$pages device=$dev wall_s=0 timings_ms={\"qemu_start\":$ms}"
+            else
+                fail "$name" "qemu exit $rc: $(head -c 300 /tmp/pin.err | tr '\n' ' ')"
+            fi
+        done
+    done
+done
+sysfs_unbind_vfio "$bdf"
+
 for dev in $devices; do
     for mem in 256 1024 4096; do
         for pages in 4k 2m; do
@@ -48,7 +86,7 @@ for dev in $devices; do
             [ "$dev" = none ] || dev_args="--device $bdf"
             t0=$(uptime_s)
             # shellcheck disable=SC2086 # optional flags
-            gc "/tmp/t-$name" --json run --memory "${mem}m" $extra $dev_args "$EDU_IMAGE" -- sh -c 'edu-probe; exit 0'
+            gc "/tmp/t-$name" --json run --boot-timeout 300s --memory "${mem}m" $extra $dev_args "$EDU_IMAGE" -- sh -c 'edu-probe; exit 0'
             rc=$?
             wall=$(awk -v a="$t0" -v b="$(uptime_s)" 'BEGIN { printf "%.1f", b - a }')
             [ "$pages" = 4k ] || reserve_hugepages 0
