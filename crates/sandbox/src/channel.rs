@@ -20,6 +20,8 @@ use gpucell_protocol::{
 const QUEUE_DEPTH: usize = 16;
 /// How often the relay checks deadlines and the VM.
 const TICK: Duration = Duration::from_millis(50);
+/// After the VM is gone, how long frames still in flight are waited for.
+const VM_GONE_DRAIN: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -203,6 +205,10 @@ fn relay_inner<W: Write + Send + 'static>(
 ) -> Result<SessionReport, SessionError> {
     let begin = Instant::now();
 
+    // When the VM is gone, frames it sent last may still be in the socket or the queue
+    // (the reader thread lags under load): drain them for a bounded time before giving
+    // up, so an `Exited` sent just before power-off is not lost.
+    let gone: std::cell::RefCell<Option<(String, Instant)>> = std::cell::RefCell::new(None);
     let next = |deadline: Option<Instant>,
                 what: &dyn Fn() -> SessionError,
                 vm_gone: &mut dyn FnMut() -> Option<String>|
@@ -210,14 +216,27 @@ fn relay_inner<W: Write + Send + 'static>(
         loop {
             if let Some(d) = deadline {
                 if Instant::now() >= d {
+                    // A dead VM explains a missed deadline better than the deadline.
+                    if let Some((why, _)) = gone.borrow().as_ref() {
+                        return Err(SessionError::VmGone(why.clone()));
+                    }
                     return Err(what());
                 }
             }
             match rx.recv_timeout(TICK) {
                 Ok(ev) => return Ok(ev),
                 Err(RecvTimeoutError::Timeout) => {
-                    if let Some(why) = vm_gone() {
-                        return Err(SessionError::VmGone(why));
+                    let mut g = gone.borrow_mut();
+                    match g.as_ref() {
+                        Some((why, until)) if Instant::now() >= *until => {
+                            return Err(SessionError::VmGone(why.clone()));
+                        }
+                        Some(_) => {}
+                        None => {
+                            if let Some(why) = vm_gone() {
+                                *g = Some((why, Instant::now() + VM_GONE_DRAIN));
+                            }
+                        }
                     }
                 }
                 Err(RecvTimeoutError::Disconnected) => return Ok(Event::ChannelClosed),
@@ -244,7 +263,13 @@ fn relay_inner<W: Write + Send + 'static>(
                 })
             }
             Event::ChannelError(e) => return Err(SessionError::Protocol(e)),
-            Event::ChannelClosed => return Err(SessionError::ChannelClosed),
+            Event::ChannelClosed => {
+                std::thread::sleep(TICK);
+                return Err(match vm_gone() {
+                    Some(why) => SessionError::VmGone(why),
+                    None => SessionError::ChannelClosed,
+                });
+            }
             // Nothing runs yet: a signal during boot cancels the run.
             Event::Signal(s) => return Err(SessionError::Interrupted(s)),
         }

@@ -1,12 +1,11 @@
 //! Shared helpers of the `gpucell run` VM tests: a private state dir per test that
 //! borrows the guest artifacts built by `gpucell guest build` in
-//! `GPUCELL_TEST_STATE_DIR`, a demo image built once with umoci, and checks that a run
-//! left nothing behind.
+//! `GPUCELL_TEST_STATE_DIR`, a demo image built with umoci inside it, and checks that a
+//! run left nothing behind.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::OnceLock;
 
 pub struct VmEnv {
     pub state: tempfile::TempDir,
@@ -18,28 +17,23 @@ fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// The demo image (busybox), built once per test process; `None` with a printed reason.
-fn demo_image() -> Option<&'static PathBuf> {
-    static IMAGE: OnceLock<Option<PathBuf>> = OnceLock::new();
-    IMAGE
-        .get_or_init(|| {
-            let dir = tempfile::Builder::new().prefix("gpucell-demo-image").tempdir().ok()?.keep();
-            let layout = dir.join("oci");
-            let out = Command::new(repo_root().join("scripts/make-demo-image.sh"))
-                .arg(&layout)
-                .arg("demo")
-                .output()
-                .ok()?;
-            if !out.status.success() {
-                eprintln!(
-                    "skipping: scripts/make-demo-image.sh failed (needs umoci and busybox-static): {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-                return None;
-            }
-            Some(layout)
-        })
-        .as_ref()
+/// Builds the demo image (busybox, umoci: well under a second) into `dir`; `None` with
+/// a printed reason.
+fn demo_image(dir: &Path) -> Option<PathBuf> {
+    let layout = dir.join("oci");
+    let out = Command::new(repo_root().join("scripts/make-demo-image.sh"))
+        .arg(&layout)
+        .arg("demo")
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        eprintln!(
+            "skipping: scripts/make-demo-image.sh failed (needs umoci and busybox-static): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return None;
+    }
+    Some(layout)
 }
 
 /// A private state dir whose `guest/` is the prepared one; `None` (with the reason
@@ -66,12 +60,12 @@ pub fn vm_env() -> Option<VmEnv> {
         eprintln!("skipping: qemu-system-x86_64 is not installed");
         return None;
     }
-    let image_dir = demo_image()?.clone();
     // Short path: unix socket paths under it must stay below 108 bytes.
     let state = tempfile::Builder::new()
         .prefix("gc")
         .tempdir_in("/tmp")
         .ok()?;
+    let image_dir = demo_image(state.path())?;
     std::os::unix::fs::symlink(&guest, state.path().join("guest")).ok()?;
     Some(VmEnv {
         image: format!("oci:{}:demo", image_dir.display()),
