@@ -17,10 +17,11 @@ use gpucell_protocol::{DeviceInfo, ExitStatus, RunSpec, VIRTIO_SERIAL_PORT_NAME,
 use serde::Serialize;
 
 use crate::args::{
-    Accel, Boot, Chardev, Cpu, Device, Drive, KernelCmdline, Machine, QemuCommand, Resources,
+    Accel, Boot, Chardev, Device, Drive, KernelCmdline, Machine, QemuCommand, Resources,
     Seccomp,
 };
 use crate::channel::{relay, EventReceiver, EventSender, Limits, SessionError, SessionIo};
+use crate::devices::{DeviceSetup, PassedMapping, VcpuPin};
 use crate::process::{describe_exit, QemuProcess};
 use crate::qmp::Qmp;
 use crate::rundir::{new_run_id, RunDir};
@@ -112,6 +113,10 @@ pub enum SandboxError {
     Session(#[from] SessionError),
     #[error("run id {0:?} is not 16 hex digits")]
     BadRunId(String),
+    #[error(transparent)]
+    Devices(#[from] crate::devices::DevicesError),
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
 }
 
 fn qemu_said(stderr: &str) -> String {
@@ -207,6 +212,12 @@ pub struct RunOutcome {
     pub signals_forwarded: Vec<i32>,
     pub timings: Timings,
     pub qemu_args: Vec<String>,
+    /// Functions passed through: host address to guest address.
+    pub passthrough: Vec<PassedMapping>,
+    /// Size of the guest's 64-bit PCI hole when gpucell set it.
+    pub pci_hole64_bytes: Option<u64>,
+    /// vCPU threads pinned with `--pin-cpus`.
+    pub vcpu_pins: Vec<VcpuPin>,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -222,6 +233,7 @@ fn user_exists(host_root: &Path, name: &str) -> bool {
 /// One sandbox about to run.
 pub struct Sandbox {
     config: VmConfig,
+    devices: DeviceSetup,
     id: String,
     tx: EventSender,
     rx: EventReceiver,
@@ -245,7 +257,20 @@ impl Sandbox {
             return Err(SandboxError::BadRunId(id));
         }
         let (tx, rx) = crate::channel::event_channel();
-        Ok(Sandbox { config, id, tx, rx })
+        Ok(Sandbox {
+            config,
+            devices: DeviceSetup::default(),
+            id,
+            tx,
+            rx,
+        })
+    }
+
+    /// Passes these PCI functions (already allocated and bound to vfio-pci), with
+    /// hugepages and vCPU pinning as asked. See [`crate::devices`].
+    pub fn with_devices(mut self, devices: DeviceSetup) -> Self {
+        self.devices = devices;
+        self
     }
 
     /// The run id (16 hex digits): names the run directory and the QEMU process.
@@ -305,6 +330,12 @@ impl Sandbox {
         for w in &cfg.extra_cmdline {
             cmdline.push(w.clone()).map_err(RunError::bare)?;
         }
+        let setup = &self.devices;
+        if !setup.devices.is_empty() {
+            for w in crate::devices::KERNEL_PARAMS {
+                cmdline.push(w).map_err(RunError::bare)?;
+            }
+        }
 
         let mut chardevs = vec![
             Chardev::stdio("console").map_err(RunError::bare)?,
@@ -325,6 +356,35 @@ impl Sandbox {
                 });
             }
         }
+        // Passed functions, each on its own root port, then the memory backend.
+        devices.extend(crate::devices::wiring(&setup.devices).map_err(RunError::bare)?);
+        if setup.hugepages {
+            let backend = crate::memory::hugepages_backend(&cfg.host_root, cfg.memory_mib)
+                .map_err(RunError::bare)?;
+            devices.push(Device::Memory(backend));
+        } else if setup.preallocate() {
+            devices.push(Device::Memory(crate::memory::MemoryBackend::Ram {
+                size_mib: cfg.memory_mib,
+            }));
+        }
+        let hole64 = crate::devices::hole64_size(&setup.devices);
+        let phys_bits = hole64
+            .map(|h| crate::devices::required_phys_bits(cfg.memory_mib, h))
+            .unwrap_or(0);
+        if let Some(w) = hole64.and_then(|h| crate::devices::phys_bits_warning(phys_bits, h)) {
+            tracing::warn!("{w}");
+        }
+        if cfg.accel == Accel::Kvm {
+            let cpuinfo =
+                std::fs::read_to_string(cfg.host_root.join("proc/cpuinfo")).unwrap_or_default();
+            crate::devices::check_host_phys_bits(phys_bits, &cpuinfo).map_err(RunError::bare)?;
+        }
+        let pin_cpus = if setup.pin_cpus {
+            Some(crate::devices::pin_targets(&setup.devices).map_err(RunError::bare)?)
+        } else {
+            None
+        };
+
         let is_root = nix::unistd::Uid::effective().is_root();
         let run_as_user = match &cfg.run_as {
             RunAsPolicy::Never => None,
@@ -359,10 +419,10 @@ impl Sandbox {
             binary: cfg.qemu.clone(),
             name: format!("gpucell-{id}"),
             machine: Machine {
-                pci_hole64_size: None,
+                pci_hole64_size: hole64,
             },
             accel: cfg.accel,
-            cpu: Cpu::for_accel(cfg.accel),
+            cpu: crate::devices::cpu_for(cfg.accel, phys_bits),
             resources,
             boot: Some(Boot::new(&cfg.kernel, &cfg.initrd, cmdline).map_err(RunError::bare)?),
             start_paused: false,
@@ -400,6 +460,13 @@ impl Sandbox {
             }
         };
         let vm_started = Instant::now();
+        let mut vcpu_pins = Vec::new();
+        if let Some(cpus) = &pin_cpus {
+            match crate::devices::pin_vcpus(&mut qmp, cpus) {
+                Ok(p) => vcpu_pins = p,
+                Err(e) => return Err(with_logs(e.into(), &qemu)),
+            }
+        }
 
         let stream = match &vsock {
             None => match UnixStream::connect(&agent_path) {
@@ -529,6 +596,9 @@ impl Sandbox {
                         total_ms: ms(t0.elapsed()),
                     },
                     qemu_args: cmd.args(),
+                    passthrough: crate::devices::map_to_guest(&setup.devices, &report.devices),
+                    pci_hole64_bytes: hole64,
+                    vcpu_pins,
                 })
             }
             Err(e) => {
