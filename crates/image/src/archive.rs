@@ -321,6 +321,7 @@ impl Source for DockerArchive {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::normalize;
 

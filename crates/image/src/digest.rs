@@ -154,6 +154,7 @@ pub fn hash_reader(reader: impl Read, limit: u64) -> io::Result<(Digest, u64)> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

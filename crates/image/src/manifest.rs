@@ -60,8 +60,8 @@ pub enum ManifestError {
 
 /// A parsed top-level document: either an index (multi-platform) or an image manifest.
 pub enum Document {
-    Index(ImageIndex),
-    Manifest(ImageManifest),
+    Index(Box<ImageIndex>),
+    Manifest(Box<ImageManifest>),
 }
 
 /// Parses a manifest or index, telling them apart by `mediaType` (or by shape when absent).
@@ -90,13 +90,13 @@ pub fn parse_document(digest: &Digest, bytes: &[u8]) -> Result<Document, Manifes
         }
     };
     if is_index {
-        Ok(Document::Index(
+        Ok(Document::Index(Box::new(
             serde_json::from_slice(bytes).map_err(|e| json("index", e))?,
-        ))
+        )))
     } else {
-        Ok(Document::Manifest(
+        Ok(Document::Manifest(Box::new(
             serde_json::from_slice(bytes).map_err(|e| json("manifest", e))?,
-        ))
+        )))
     }
 }
 
@@ -111,7 +111,7 @@ pub fn select_platform_from(
     manifests: &[Descriptor],
 ) -> Result<Digest, ManifestError> {
     let descriptor_digest = |d: &Descriptor| {
-        Digest::parse(&d.digest().to_string()).map_err(|source| ManifestError::Descriptor {
+        Digest::parse(d.digest().as_ref()).map_err(|source| ManifestError::Descriptor {
             what: "index",
             digest: digest.clone(),
             source,
@@ -266,7 +266,7 @@ pub fn layers_of(
 
 /// The config descriptor's digest of a manifest.
 pub fn config_digest(manifest_digest: &Digest, m: &ImageManifest) -> Result<Digest, ManifestError> {
-    Digest::parse(&m.config().digest().to_string()).map_err(|source| ManifestError::Descriptor {
+    Digest::parse(m.config().digest().as_ref()).map_err(|source| ManifestError::Descriptor {
         what: "manifest",
         digest: manifest_digest.clone(),
         source,
@@ -301,6 +301,7 @@ pub fn runtime_config(config: &ImageConfiguration) -> ImageConfig {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -203,6 +203,7 @@ fn split_path_tag(rest: &str) -> (PathBuf, Option<String>) {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -221,7 +221,7 @@ impl Source for Layout {
                 }
                 .into())
             }
-            1 => Digest::parse(&candidates[0].digest().to_string()).map_err(|source| {
+            1 => Digest::parse(candidates[0].digest().as_ref()).map_err(|source| {
                 manifest::ManifestError::Descriptor {
                     what: "index",
                     digest: index_digest.clone(),

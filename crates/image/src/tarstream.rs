@@ -436,6 +436,7 @@ fn parse_pax(data: &[u8], offset: u64, p: &mut Pending) -> Result<(), TarError> 
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

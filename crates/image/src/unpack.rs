@@ -679,7 +679,7 @@ impl Unpacker {
     /// Applies directory modes and mtimes, recorded while unpacking, once all layers are in.
     pub fn finish(mut self) -> Result<(), UnpackError> {
         let mut metas: Vec<(Vec<u8>, DirMeta)> = self.dir_meta.drain().collect();
-        metas.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        metas.sort_by_key(|m| std::cmp::Reverse(m.0.len()));
         let mut scratch = HashSet::new();
         for (path, meta) in metas {
             let ctx = LayerCtx {
@@ -746,6 +746,7 @@ fn set_xattrs(ctx: &LayerCtx<'_>, fd: BorrowedFd<'_>, xattrs: &[(Vec<u8>, Vec<u8
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

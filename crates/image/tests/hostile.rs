@@ -1,6 +1,8 @@
 //! Each hostile layer is refused with an error naming the entry (or, for device nodes,
 //! dropped), and nothing is written outside the unpack root.
 
+#![allow(clippy::unwrap_used)] // tests
+
 use std::fs;
 use std::path::{Path, PathBuf};
 

@@ -2,6 +2,8 @@
 //! xattrs in the final image (read back with the filesystem's own tools) are what the
 //! layers say.
 
+#![allow(clippy::unwrap_used)] // tests
+
 mod common;
 
 use std::fs;

@@ -1,6 +1,8 @@
 //! The store: imports, names, digests, caching of guest disks, concurrency, removal,
 //! and images made by real tools (umoci, skopeo).
 
+#![allow(clippy::unwrap_used)] // tests
+
 mod common;
 
 use std::fs;

@@ -167,6 +167,7 @@ impl Store {
         }
         let estimate = image.size.saturating_mul(4).saturating_add(64 << 20);
         let ram = Path::new(RAM_DIR);
+        #[allow(clippy::unnecessary_cast)] // f_type's width differs between targets
         let fits = rustix::fs::statfs(ram).is_ok_and(|st| st.f_type as i64 == TMPFS_MAGIC)
             && rustix::fs::statvfs(ram)
                 .is_ok_and(|st| st.f_bavail.saturating_mul(st.f_frsize) / 2 >= estimate);
