@@ -1,5 +1,7 @@
 //! `gpucell pull` and `gpucell image ...` end to end, on an image made by umoci.
 
+#![allow(clippy::unwrap_used)] // tests
+
 use std::path::Path;
 use std::process::{Command, Output};
 
