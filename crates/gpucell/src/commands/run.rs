@@ -19,6 +19,8 @@ use serde_json::json;
 
 use super::Global;
 
+mod devices;
+
 /// Exit code when gpucell itself failed, as docker uses.
 pub const EXIT_RUN_FAILED: u8 = 125;
 /// Exit code when `--timeout` expired, as timeout(1) uses.
@@ -62,6 +64,8 @@ pub struct RunArgs {
     /// How long the guest may take to boot and start its agent (default 30s, 120s under TCG).
     #[arg(long)]
     pub boot_timeout: Option<String>,
+    #[command(flatten)]
+    pub devices: devices::DeviceArgs,
     /// Image reference (oci:DIR[:TAG], oci-archive:FILE, docker-archive:FILE, or a registry name).
     pub image: String,
     /// Command and arguments (replace the image's cmd).
@@ -89,7 +93,22 @@ fn ms(d: Duration) -> u64 {
 pub fn run(global: &Global, args: RunArgs) -> anyhow::Result<u8> {
     let start = Instant::now();
     let mut summary = json!({ "image": { "reference": args.image } });
-    let result = run_inner(global, &args, start, &mut summary);
+    // Devices first, released after QEMU is gone whatever happened in between.
+    let result = gpucell_sandbox::rundir::new_run_id()
+        .map_err(anyhow::Error::from)
+        .and_then(|id| {
+            summary["run_id"] = json!(id);
+            let held = devices::Held::acquire(global, &args.devices, &id)?;
+            Ok((id, held))
+        })
+        .and_then(|(id, held)| {
+            if !held.setup.devices.is_empty() {
+                summary["passthrough"] = held.summary();
+            }
+            let r = run_inner(global, &args, start, &mut summary, &id, &held);
+            held.release(&mut summary);
+            r
+        });
     let code = match result {
         Ok(code) => code,
         Err(err) => {
@@ -131,6 +150,8 @@ fn run_inner(
     args: &RunArgs,
     start: Instant,
     summary: &mut serde_json::Value,
+    sandbox_id: &str,
+    held: &devices::Held,
 ) -> anyhow::Result<u8> {
     let memory_mib = spec::parse_memory_mib(&args.memory)?;
     let timeout = args
@@ -182,8 +203,6 @@ fn run_inner(
     summary["accel"] = serde_json::to_value(&selection)?;
 
     // The run request.
-    let sandbox_id = gpucell_sandbox::rundir::new_run_id()?;
-    summary["run_id"] = json!(sandbox_id);
     let defaults = ImageDefaults {
         entrypoint: image.config.entrypoint.clone(),
         cmd: image.config.cmd.clone(),
@@ -204,7 +223,8 @@ fn run_inner(
         fstype: disk.fstype.clone(),
     };
     let host_env = |k: &str| std::env::var(k).ok();
-    let spec = spec::build_spec(&defaults, &overrides, &host_env, rootfs, &sandbox_id[..12])?;
+    let mut spec = spec::build_spec(&defaults, &overrides, &host_env, rootfs, &sandbox_id[..12])?;
+    held.apply_to_spec(&mut spec);
     summary["spec"] = json!({
         "args": spec.args,
         "env": spec.env,
@@ -248,7 +268,8 @@ fn run_inner(
             Some(Box::new(stdin))
         },
     };
-    let sandbox = Sandbox::with_id(config, sandbox_id)?;
+    let sandbox =
+        Sandbox::with_id(config, sandbox_id.to_string())?.with_devices(held.setup.clone());
     let _signals = SignalForwarder::install(sandbox.events())?;
     let outcome = sandbox.run(&spec, io)?;
     let code = outcome.exit_code.clamp(0, 255) as u8;
@@ -262,6 +283,13 @@ fn run_inner(
     summary["guest"] =
         json!({ "flavour": guest.flavour, "kernel": outcome.guest_kernel, "agent": outcome.agent });
     summary["devices"] = json!(outcome.devices);
+    if !outcome.passthrough.is_empty() {
+        summary["passthrough"] = json!(outcome.passthrough);
+        summary["pci_hole64_bytes"] = json!(outcome.pci_hole64_bytes);
+    }
+    if !outcome.vcpu_pins.is_empty() {
+        summary["vcpu_pins"] = json!(outcome.vcpu_pins);
+    }
     summary["stdout_bytes"] = json!(outcome.stdout_bytes);
     summary["stderr_bytes"] = json!(outcome.stderr_bytes);
     summary["signals_forwarded"] = json!(outcome.signals_forwarded);

@@ -1,0 +1,249 @@
+//! `gpucell run --gpus/--device`: the device part of a run, without a VM.
+//!
+//! - On this machine (no IOMMU, no VFIO) `--device` fails at once with the reason and
+//!   leaves nothing behind.
+//! - On a small fake host (an RTX 4090 and its HDMI audio, both on vfio-pci, one IOMMU
+//!   group) the GPU is allocated, only the GPU is listed as passed, and when the run then
+//!   fails (here: the image does not exist) the devices are released (reset + check).
+//!
+//! Booting a VM with a passed device needs VFIO: the nested test host does that
+//! (tests/nested, scenarios 40-43).
+#![allow(clippy::unwrap_used)]
+
+use std::os::unix::fs::symlink;
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn gpucell(host_root: Option<&Path>, state: &Path, args: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_gpucell"));
+    if let Some(r) = host_root {
+        cmd.arg("--host-root").arg(r);
+    }
+    cmd.arg("--state-dir")
+        .arg(state)
+        .arg("--json")
+        .args(args)
+        .env_remove("GPUCELL_HOST_ROOT")
+        .env_remove("GPUCELL_ACCEL")
+        .output()
+        .unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The `--json` summary: the last JSON object on stderr.
+fn summary(o: &Output) -> serde_json::Value {
+    let err = stderr(o);
+    let start = err
+        .rfind("\n{")
+        .map(|i| i + 1)
+        .or_else(|| err.find('{'))
+        .unwrap();
+    serde_json::from_str(&err[start..]).unwrap_or_else(|e| panic!("{e}: {err}"))
+}
+
+/// Allocation records left under `state` (none when the file does not exist).
+fn allocations(state: &Path) -> usize {
+    match std::fs::read_to_string(state.join("devices/allocations.json")) {
+        Ok(t) => {
+            let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+            v["allocations"].as_array().map_or(0, Vec::len)
+        }
+        Err(_) => 0,
+    }
+}
+
+fn run_dirs(state: &Path) -> usize {
+    std::fs::read_dir(state.join("run")).map_or(0, |d| d.count())
+}
+
+#[test]
+fn device_on_a_host_without_vfio_fails_cleanly() {
+    let groups = Path::new("/sys/kernel/iommu_groups");
+    if std::fs::read_dir(groups).is_ok_and(|mut d| d.next().is_some()) {
+        eprintln!("skipping: this host has IOMMU groups; the test must not bind a real device");
+        return;
+    }
+    let Some(bdf) = std::fs::read_dir("/sys/bus/pci/devices")
+        .ok()
+        .and_then(|mut d| d.next())
+        .and_then(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+    else {
+        eprintln!("skipping: no PCI function on this host");
+        return;
+    };
+    let state = tempfile::tempdir().unwrap();
+    let out = gpucell(
+        None,
+        state.path(),
+        &["run", "--device", &bdf, "oci:/nonexistent", "--", "true"],
+    );
+    assert_eq!(out.status.code(), Some(125), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains(&format!("{bdf} is not viable")), "{err}");
+    assert!(err.contains("no IOMMU group"), "{err}");
+    let s = summary(&out);
+    assert!(
+        s["error"].as_str().unwrap().contains("no IOMMU group"),
+        "{s}"
+    );
+    assert!(s.get("passthrough").is_none(), "{s}");
+    // Nothing allocated, no run directory, no image fetched.
+    assert_eq!(allocations(state.path()), 0);
+    assert_eq!(run_dirs(state.path()), 0);
+    let left: Vec<_> = std::fs::read_dir(state.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, vec!["devices"], "the image store was not touched");
+}
+
+#[test]
+fn pin_cpus_without_devices_is_refused() {
+    let state = tempfile::tempdir().unwrap();
+    let out = gpucell(
+        None,
+        state.path(),
+        &["run", "--pin-cpus", "oci:/nonexistent"],
+    );
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        stderr(&out).contains("add --gpus or --device"),
+        "{}",
+        stderr(&out)
+    );
+    let out = gpucell(
+        None,
+        state.path(),
+        &["run", "--gpus", "0x", "oci:/nonexistent"],
+    );
+    assert_eq!(out.status.code(), Some(125));
+    assert!(stderr(&out).contains("0x"), "{}", stderr(&out));
+}
+
+fn write(root: &Path, rel: &str, content: impl AsRef<[u8]>) {
+    let p = root.join(rel);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    std::fs::write(p, content).unwrap();
+}
+
+fn link(root: &Path, rel: &str, target: &str) {
+    let p = root.join(rel);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    symlink(target, p).unwrap();
+}
+
+/// One function at `0000:01:00.<func>` on vfio-pci in IOMMU group 1.
+fn add_function(root: &Path, func: u8, device: u16, class: u32, bars: &[(u64, u64, u64)]) {
+    let bdf = format!("0000:01:00.{func}");
+    let dir = format!("sys/devices/pci0000:01/{bdf}");
+    let attr = |name: &str, value: String| write(root, &format!("{dir}/{name}"), value + "\n");
+    attr("vendor", "0x10de".into());
+    attr("device", format!("{device:#06x}"));
+    attr("class", format!("{class:#08x}"));
+    attr("driver_override", "vfio-pci".into());
+    attr("numa_node", "0".into());
+    attr("local_cpulist", "0-1".into());
+    attr("reset_method", "flr".into());
+    let mut resource = String::new();
+    for i in 0..13 {
+        let (start, size, flags) = bars.get(i).copied().unwrap_or((0, 0, 0));
+        let end = if size == 0 { 0 } else { start + size - 1 };
+        resource.push_str(&format!("{start:#018x} {end:#018x} {flags:#018x}\n"));
+    }
+    write(root, &format!("{dir}/resource"), resource);
+    let mut config = vec![0u8; 64];
+    config[0..2].copy_from_slice(&0x10deu16.to_le_bytes());
+    config[2..4].copy_from_slice(&device.to_le_bytes());
+    write(root, &format!("{dir}/config"), config);
+    write(root, &format!("{dir}/reset"), "");
+    link(
+        root,
+        &format!("sys/bus/pci/devices/{bdf}"),
+        &format!("../../../devices/pci0000:01/{bdf}"),
+    );
+    link(
+        root,
+        &format!("{dir}/driver"),
+        "../../../bus/pci/drivers/vfio-pci",
+    );
+    link(
+        root,
+        &format!("sys/bus/pci/drivers/vfio-pci/{bdf}"),
+        &format!("../../../../devices/pci0000:01/{bdf}"),
+    );
+    link(
+        root,
+        &format!("{dir}/iommu_group"),
+        "../../../kernel/iommu_groups/1",
+    );
+    link(
+        root,
+        &format!("sys/kernel/iommu_groups/1/devices/{bdf}"),
+        &format!("../../../../devices/pci0000:01/{bdf}"),
+    );
+}
+
+#[test]
+fn allocated_gpu_is_listed_and_released_when_the_run_fails() {
+    let host = tempfile::tempdir().unwrap();
+    let root = host.path();
+    write(root, "proc/cmdline", "root=/dev/sda1 intel_iommu=on\n");
+    write(root, "dev/vfio/vfio", "");
+    write(root, "dev/vfio/1", "");
+    const MEM64_PREF: u64 = 0x14220c;
+    add_function(
+        root,
+        0,
+        0x2684,
+        0x030000,
+        &[
+            (0xf000_0000, 16 << 20, 0x40200),
+            (0x40_0000_0000, 32 << 30, MEM64_PREF),
+            (0, 0, 0),
+            (0x48_0000_0000, 32 << 20, MEM64_PREF),
+        ],
+    );
+    add_function(
+        root,
+        1,
+        0x22ba,
+        0x040300,
+        &[(0xf100_0000, 16 << 10, 0x40200)],
+    );
+
+    let state = tempfile::tempdir().unwrap();
+    let out = gpucell(
+        Some(root),
+        state.path(),
+        &["run", "--gpus", "all", "oci:/nonexistent", "--", "true"],
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    let s = summary(&out);
+    // Got the GPU, failed on the image, released the GPU.
+    assert!(s["error"].as_str().unwrap().contains("nonexistent"), "{s}");
+    let passed = s["passthrough"].as_array().unwrap_or_else(|| panic!("{s}"));
+    assert_eq!(passed.len(), 1, "{s}");
+    assert_eq!(passed[0]["host_bdf"], "0000:01:00.0");
+    assert_eq!(passed[0]["id"], "10de:2684");
+    assert_eq!(passed[0]["companions"], serde_json::json!(["0000:01:00.1"]));
+    let returned = s["devices_release"]["returned"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{s}"));
+    assert!(returned.iter().any(|r| r[0] == "0000:01:00.0"), "{s}");
+    assert_eq!(
+        s["devices_release"]["quarantined"],
+        serde_json::json!([]),
+        "{s}"
+    );
+    assert_eq!(allocations(state.path()), 0, "{s}");
+    assert_eq!(run_dirs(state.path()), 0);
+    // The reset went to the fake tree's file, as the kernel would get it.
+    let reset =
+        std::fs::read_to_string(root.join("sys/devices/pci0000:01/0000:01:00.0/reset")).unwrap();
+    assert_eq!(reset.trim(), "1");
+}
