@@ -95,9 +95,32 @@ impl ProbeInput {
             initrd: initrd.to_path_buf(),
             host_root: host_root.to_path_buf(),
             state_dir: state_dir.map(Path::to_path_buf),
-            timeout: Duration::from_secs(10),
+            timeout: probe_timeout_from_env(),
         }
     }
+}
+
+/// Environment variable that overrides the probe boot's time limit, in seconds: a nested
+/// host whose KVM is itself emulated can need more than the default to boot the guest.
+pub const PROBE_TIMEOUT_ENV: &str = "GPUCELL_KVM_PROBE_TIMEOUT";
+const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn probe_timeout_from_env() -> Duration {
+    match std::env::var(PROBE_TIMEOUT_ENV) {
+        Ok(v) => parse_probe_timeout(&v).unwrap_or_else(|| {
+            tracing::warn!(
+                "{PROBE_TIMEOUT_ENV}={v:?} is not a number of seconds between 1 and 600; using {}s",
+                DEFAULT_PROBE_TIMEOUT.as_secs()
+            );
+            DEFAULT_PROBE_TIMEOUT
+        }),
+        Err(_) => DEFAULT_PROBE_TIMEOUT,
+    }
+}
+
+fn parse_probe_timeout(v: &str) -> Option<Duration> {
+    let secs: u64 = v.trim().parse().ok()?;
+    (1..=600).contains(&secs).then(|| Duration::from_secs(secs))
 }
 
 /// The probe's verdict.
@@ -392,6 +415,16 @@ pub fn select(choice: AccelChoice, input: &ProbeInput) -> Result<Selection, Acce
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn probe_timeout_setting_is_validated() {
+        assert_eq!(super::parse_probe_timeout("30"), Some(Duration::from_secs(30)));
+        assert_eq!(super::parse_probe_timeout(" 5 "), Some(Duration::from_secs(5)));
+        assert_eq!(super::parse_probe_timeout("0"), None);
+        assert_eq!(super::parse_probe_timeout("601"), None);
+        assert_eq!(super::parse_probe_timeout("ten"), None);
+    }
+
     use super::*;
 
     #[test]
