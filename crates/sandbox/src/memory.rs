@@ -148,7 +148,7 @@ pub fn hugepages_backend(host_root: &Path, memory_mib: u64) -> Result<MemoryBack
     }
     let page_kib = mount.page_kib.max(4);
     let memory_kib = memory_mib.saturating_mul(1024);
-    if memory_kib % page_kib != 0 {
+    if !memory_kib.is_multiple_of(page_kib) {
         return Err(MemoryError::NotMultiple {
             memory_mib,
             page_kib,
