@@ -106,7 +106,13 @@ pub fn mount_rootfs(spec: &RunSpec) -> Result<PathBuf, ContainerError> {
     }
     // The disk is read-only: never replay an ext4 journal (the mount would fail).
     let image_opts = (fstype == "ext4").then_some("noload");
-    mnt(dev, Path::new(IMAGE_DIR), fstype, MsFlags::MS_RDONLY, image_opts)?;
+    mnt(
+        dev,
+        Path::new(IMAGE_DIR),
+        fstype,
+        MsFlags::MS_RDONLY,
+        image_opts,
+    )?;
     let size = spec
         .overlay_bytes
         .map(|b| format!("size={b},mode=0755"))

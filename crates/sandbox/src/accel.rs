@@ -418,8 +418,14 @@ mod tests {
 
     #[test]
     fn probe_timeout_setting_is_validated() {
-        assert_eq!(super::parse_probe_timeout("30"), Some(Duration::from_secs(30)));
-        assert_eq!(super::parse_probe_timeout(" 5 "), Some(Duration::from_secs(5)));
+        assert_eq!(
+            super::parse_probe_timeout("30"),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            super::parse_probe_timeout(" 5 "),
+            Some(Duration::from_secs(5))
+        );
         assert_eq!(super::parse_probe_timeout("0"), None);
         assert_eq!(super::parse_probe_timeout("601"), None);
         assert_eq!(super::parse_probe_timeout("ten"), None);

@@ -78,7 +78,6 @@ pub fn run(global: &Global, args: DoctorArgs) -> anyhow::Result<u8> {
     Ok(report.exit_code())
 }
 
-
 fn mark(s: Status) -> &'static str {
     match s {
         Status::Pass => "✓",
