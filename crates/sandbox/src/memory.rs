@@ -36,23 +36,37 @@ pub enum MemoryError {
 }
 
 /// `-object memory-backend-...,id=ram,...` and `-machine memory-backend=ram`.
+///
+/// Preallocation touches every page: `prealloc-threads` (QEMU's default for a backend
+/// object is 1) spreads it over as many threads as the VM has vCPUs, as QEMU's own
+/// `-mem-prealloc` does.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MemoryBackend {
     /// Anonymous memory, preallocated.
-    Ram { size_mib: u64 },
+    Ram { size_mib: u64, threads: u32 },
     /// Files on a hugetlbfs mount, preallocated.
-    HugePages { size_mib: u64, mem_path: String },
+    HugePages {
+        size_mib: u64,
+        mem_path: String,
+        threads: u32,
+    },
 }
 
 impl ToArgs for MemoryBackend {
     fn to_args(&self, out: &mut Vec<String>) {
         let spec = match self {
-            MemoryBackend::Ram { size_mib } => {
-                format!("memory-backend-ram,id={BACKEND_ID},size={size_mib}M,prealloc=on")
-            }
-            MemoryBackend::HugePages { size_mib, mem_path } => format!(
-                "memory-backend-file,id={BACKEND_ID},size={size_mib}M,mem-path={},prealloc=on,share=off",
-                escape_opt(mem_path)
+            MemoryBackend::Ram { size_mib, threads } => format!(
+                "memory-backend-ram,id={BACKEND_ID},size={size_mib}M,prealloc=on,prealloc-threads={}",
+                threads.max(&1)
+            ),
+            MemoryBackend::HugePages {
+                size_mib,
+                mem_path,
+                threads,
+            } => format!(
+                "memory-backend-file,id={BACKEND_ID},size={size_mib}M,mem-path={},prealloc=on,prealloc-threads={},share=off",
+                escape_opt(mem_path),
+                threads.max(&1)
             ),
         };
         out.extend([
@@ -112,7 +126,8 @@ pub fn hugetlbfs_mounts(mounts: &str, default_page_kib: u64) -> Vec<HugetlbfsMou
     found
 }
 
-fn read_bounded(path: &Path) -> std::io::Result<String> {
+/// Reads at most 1 MiB of `path` (procfs and sysfs files).
+pub(crate) fn read_bounded(path: &Path) -> std::io::Result<String> {
     use std::io::Read;
     let mut s = String::new();
     std::fs::File::open(path)?
@@ -123,7 +138,11 @@ fn read_bounded(path: &Path) -> std::io::Result<String> {
 
 /// Backs `memory_mib` with hugepages from a hugetlbfs mounted under `host_root`, checking
 /// that the size is a multiple of its page size and that enough pages are free.
-pub fn hugepages_backend(host_root: &Path, memory_mib: u64) -> Result<MemoryBackend, MemoryError> {
+pub fn hugepages_backend(
+    host_root: &Path,
+    memory_mib: u64,
+    threads: u32,
+) -> Result<MemoryBackend, MemoryError> {
     let mounts_path = host_root.join("proc/self/mounts");
     let mounts = read_bounded(&mounts_path).map_err(|source| MemoryError::Mounts {
         path: mounts_path.clone(),
@@ -173,6 +192,7 @@ pub fn hugepages_backend(host_root: &Path, memory_mib: u64) -> Result<MemoryBack
     Ok(MemoryBackend::HugePages {
         size_mib: memory_mib,
         mem_path: mount.path,
+        threads,
     })
 }
 
@@ -216,13 +236,13 @@ mod tests {
     #[test]
     fn hugepages_checks_mount_size_and_free_pages() {
         let none = fake_root("proc /proc proc rw 0 0\n", Some(1000));
-        let e = hugepages_backend(none.path(), 512).unwrap_err();
+        let e = hugepages_backend(none.path(), 512, 2).unwrap_err();
         assert!(matches!(e, MemoryError::NoHugetlbfs { .. }), "{e}");
         assert!(e.to_string().contains("mount -t hugetlbfs"));
 
         let mounts = "hugetlbfs /dev/hugepages hugetlbfs rw,relatime 0 0\n";
         let few = fake_root(mounts, Some(100));
-        let e = hugepages_backend(few.path(), 512).unwrap_err();
+        let e = hugepages_backend(few.path(), 512, 2).unwrap_err();
         assert!(
             matches!(
                 e,
@@ -236,14 +256,15 @@ mod tests {
         );
         let ok = fake_root(mounts, Some(256));
         assert!(matches!(
-            hugepages_backend(ok.path(), 513),
+            hugepages_backend(ok.path(), 513, 2),
             Err(MemoryError::NotMultiple { .. })
         ));
         assert_eq!(
-            hugepages_backend(ok.path(), 512).unwrap(),
+            hugepages_backend(ok.path(), 512, 2).unwrap(),
             MemoryBackend::HugePages {
                 size_mib: 512,
-                mem_path: "/dev/hugepages".into()
+                mem_path: "/dev/hugepages".into(),
+                threads: 2,
             }
         );
     }

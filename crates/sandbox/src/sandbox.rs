@@ -17,8 +17,7 @@ use gpucell_protocol::{DeviceInfo, ExitStatus, RunSpec, VIRTIO_SERIAL_PORT_NAME,
 use serde::Serialize;
 
 use crate::args::{
-    Accel, Boot, Chardev, Device, Drive, KernelCmdline, Machine, QemuCommand, Resources,
-    Seccomp,
+    Accel, Boot, Chardev, Device, Drive, KernelCmdline, Machine, QemuCommand, Resources, Seccomp,
 };
 use crate::channel::{relay, EventReceiver, EventSender, Limits, SessionError, SessionIo};
 use crate::devices::{DeviceSetup, PassedMapping, VcpuPin};
@@ -359,12 +358,14 @@ impl Sandbox {
         // Passed functions, each on its own root port, then the memory backend.
         devices.extend(crate::devices::wiring(&setup.devices).map_err(RunError::bare)?);
         if setup.hugepages {
-            let backend = crate::memory::hugepages_backend(&cfg.host_root, cfg.memory_mib)
-                .map_err(RunError::bare)?;
+            let backend =
+                crate::memory::hugepages_backend(&cfg.host_root, cfg.memory_mib, cfg.cpus)
+                    .map_err(RunError::bare)?;
             devices.push(Device::Memory(backend));
         } else if setup.preallocate() {
             devices.push(Device::Memory(crate::memory::MemoryBackend::Ram {
                 size_mib: cfg.memory_mib,
+                threads: cfg.cpus,
             }));
         }
         let hole64 = crate::devices::hole64_size(&setup.devices);
@@ -375,8 +376,8 @@ impl Sandbox {
             tracing::warn!("{w}");
         }
         if cfg.accel == Accel::Kvm {
-            let cpuinfo =
-                std::fs::read_to_string(cfg.host_root.join("proc/cpuinfo")).unwrap_or_default();
+            let cpuinfo = crate::memory::read_bounded(&cfg.host_root.join("proc/cpuinfo"))
+                .unwrap_or_default();
             crate::devices::check_host_phys_bits(phys_bits, &cpuinfo).map_err(RunError::bare)?;
         }
         let pin_cpus = if setup.pin_cpus {

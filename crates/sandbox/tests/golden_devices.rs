@@ -125,7 +125,10 @@ fn rtx4090_with_audio_companion_passes_only_the_gpu() {
         Accel::Kvm,
         8192,
         &passed,
-        MemoryBackend::Ram { size_mib: 8192 },
+        MemoryBackend::Ram {
+            size_mib: 8192,
+            threads: 2,
+        },
     );
     let args = cmd.args();
     assert_eq!(count(&args, "vfio-pci,"), 1);
@@ -182,7 +185,10 @@ fn h200x4_gets_four_root_ports_and_a_hole_for_four_256_gib_bars() {
         Accel::Kvm,
         65536,
         &passed,
-        MemoryBackend::Ram { size_mib: 65536 },
+        MemoryBackend::Ram {
+            size_mib: 65536,
+            threads: 2,
+        },
     );
     let args = cmd.args();
     assert_eq!(count(&args, "pcie-root-port,"), 4);
@@ -195,7 +201,10 @@ fn h200x4_gets_four_root_ports_and_a_hole_for_four_256_gib_bars() {
         Accel::Tcg,
         65536,
         &passed,
-        MemoryBackend::Ram { size_mib: 65536 },
+        MemoryBackend::Ram {
+            size_mib: 65536,
+            threads: 2,
+        },
     );
     assert!(tcg.args().contains(&format!("max,phys-bits={bits}")));
 }
@@ -209,15 +218,24 @@ fn memory_backends() {
         MemoryBackend::HugePages {
             size_mib: 4096,
             mem_path: "/dev/hugepages".into(),
+            threads: 4,
         },
     );
     check("hugepages", &huge);
     let args = huge.args();
     assert!(!args.iter().any(|a| a.contains("pci-hole64")));
     assert!(!args.iter().any(|a| a.contains("pci=realloc")));
-    let ram = command(Accel::Tcg, 1024, &[], MemoryBackend::Ram { size_mib: 1024 });
+    let ram = command(
+        Accel::Tcg,
+        1024,
+        &[],
+        MemoryBackend::Ram {
+            size_mib: 1024,
+            threads: 2,
+        },
+    );
     check("prealloc", &ram);
-    assert!(ram
-        .args()
-        .contains(&"memory-backend-ram,id=ram,size=1024M,prealloc=on".to_string()));
+    assert!(ram.args().contains(
+        &"memory-backend-ram,id=ram,size=1024M,prealloc=on,prealloc-threads=2".to_string()
+    ));
 }

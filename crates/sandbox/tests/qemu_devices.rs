@@ -39,7 +39,10 @@ fn paused(binary: PathBuf, qmp_sock: &Path, cpus: u32, hole: Option<u64>) -> Qem
         start_paused: true,
         drives: vec![],
         chardevs: vec![Chardev::socket_server("qmp", qmp_sock).unwrap()],
-        devices: vec![Device::Memory(MemoryBackend::Ram { size_mib: 128 })],
+        devices: vec![Device::Memory(MemoryBackend::Ram {
+            size_mib: 128,
+            threads: 2,
+        })],
         qmp: Some("qmp".into()),
         serial: None,
         seccomp: None,
