@@ -10,6 +10,8 @@
 //! (tests/nested, scenarios 40-43).
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::os::unix::fs::symlink;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -187,10 +189,9 @@ fn add_function(root: &Path, func: u8, device: u16, class: u32, bars: &[(u64, u6
     );
 }
 
-#[test]
-fn allocated_gpu_is_listed_and_released_when_the_run_fails() {
-    let host = tempfile::tempdir().unwrap();
-    let root = host.path();
+/// A host with an RTX 4090 (`0000:01:00.0`) and its HDMI audio (`0000:01:00.1`), both
+/// on vfio-pci, alone in IOMMU group 1.
+fn fake_4090_host(root: &Path) {
     write(root, "proc/cmdline", "root=/dev/sda1 intel_iommu=on\n");
     write(root, "dev/vfio/vfio", "");
     write(root, "dev/vfio/1", "");
@@ -214,18 +215,9 @@ fn allocated_gpu_is_listed_and_released_when_the_run_fails() {
         0x040300,
         &[(0xf100_0000, 16 << 10, 0x40200)],
     );
+}
 
-    let state = tempfile::tempdir().unwrap();
-    let out = gpucell(
-        Some(root),
-        state.path(),
-        &["run", "--gpus", "all", "oci:/nonexistent", "--", "true"],
-    );
-    let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(125), "{err}");
-    let s = summary(&out);
-    // Got the GPU, failed on the image, released the GPU.
-    assert!(s["error"].as_str().unwrap().contains("nonexistent"), "{s}");
+fn assert_gpu_released(s: &serde_json::Value, state: &Path) {
     let passed = s["passthrough"].as_array().unwrap_or_else(|| panic!("{s}"));
     assert_eq!(passed.len(), 1, "{s}");
     assert_eq!(passed[0]["host_bdf"], "0000:01:00.0");
@@ -240,10 +232,63 @@ fn allocated_gpu_is_listed_and_released_when_the_run_fails() {
         serde_json::json!([]),
         "{s}"
     );
-    assert_eq!(allocations(state.path()), 0, "{s}");
-    assert_eq!(run_dirs(state.path()), 0);
+    assert_eq!(allocations(state), 0, "{s}");
+    assert_eq!(run_dirs(state), 0);
+}
+
+#[test]
+fn allocated_gpu_is_listed_and_released_when_the_run_fails() {
+    let host = tempfile::tempdir().unwrap();
+    let root = host.path();
+    fake_4090_host(root);
+
+    let state = tempfile::tempdir().unwrap();
+    let out = gpucell(
+        Some(root),
+        state.path(),
+        &["run", "--gpus", "all", "oci:/nonexistent", "--", "true"],
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    let s = summary(&out);
+    // Got the GPU, failed on the image, released the GPU.
+    assert!(s["error"].as_str().unwrap().contains("nonexistent"), "{s}");
+    assert_gpu_released(&s, state.path());
     // The reset went to the fake tree's file, as the kernel would get it.
     let reset =
         std::fs::read_to_string(root.join("sys/devices/pci0000:01/0000:01:00.0/reset")).unwrap();
     assert_eq!(reset.trim(), "1");
+}
+
+/// The whole run with a real QEMU and guest: the allocation (on the fake host) succeeds,
+/// QEMU itself refuses the function (this machine has no VFIO), the run fails with
+/// QEMU's reason, and the GPU is released; no QEMU or run directory is left.
+#[test]
+fn qemu_refusing_the_device_ends_the_run_and_releases_it() {
+    let Some(env) = common::vm_env() else { return };
+    let host = tempfile::tempdir().unwrap();
+    fake_4090_host(host.path());
+    let host_root = host.path().to_str().unwrap();
+    let out = env
+        .run_cmd(&[
+            "--host-root",
+            host_root,
+            "--json",
+            "--gpus",
+            "all",
+            &env.image,
+            "--",
+            "true",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    env.assert_clean();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    let s = summary(&out);
+    let msg = s["error"].as_str().unwrap();
+    assert!(msg.contains("QEMU") && msg.contains("vfio"), "{msg}");
+    eprintln!("run failed as expected: {msg}");
+    assert_gpu_released(&s, env.state.path());
 }
