@@ -351,6 +351,9 @@ pub struct PassedMapping {
     pub vendor: u16,
     pub device: u16,
     pub id: String,
+    pub numa_node: Option<u32>,
+    /// Functions of its IOMMU group held on the host but not passed.
+    pub companions: Vec<String>,
 }
 
 /// Matches the agent's `Devices` report to the passed functions by vendor:device, in
@@ -377,6 +380,8 @@ pub fn map_to_guest(
                 vendor: p.vendor,
                 device: p.device,
                 id: p.id_string(),
+                numa_node: p.numa_node,
+                companions: p.companions.clone(),
             }
         })
         .collect()
