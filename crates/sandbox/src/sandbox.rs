@@ -449,7 +449,10 @@ impl Sandbox {
         if let Err(e) = dir.record_owner(Some(qemu.pid())) {
             return Err(with_logs(e.into(), &qemu));
         }
-        let mut qmp = match Qmp::connect(&qmp_path, QMP_TIMEOUT) {
+        let startup = crate::memory::startup_wait(QMP_TIMEOUT, cfg.memory_mib, setup.preallocate());
+        let mut alive = || matches!(qemu.try_wait(), Ok(None));
+        let connected = crate::memory::connect_qmp(&qmp_path, startup, QMP_TIMEOUT, &mut alive);
+        let mut qmp = match connected {
             Ok(q) => q,
             Err(source) => {
                 let _ = qemu.wait_timeout(Duration::from_millis(200));

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use gpucell_sandbox::args::{Accel, Chardev, Cpu, Device, Machine, QemuCommand, Resources};
 use gpucell_sandbox::devices;
-use gpucell_sandbox::memory::MemoryBackend;
+use gpucell_sandbox::memory::{self, MemoryBackend};
 use gpucell_sandbox::process::QemuProcess;
 use gpucell_sandbox::qmp::Qmp;
 
@@ -107,5 +107,46 @@ fn vcpu_threads_are_pinned_round_robin() {
     let err = devices::pin_vcpus(&mut qmp, &[100_000]).unwrap_err();
     assert!(err.to_string().contains("vCPU 0"), "{err}");
     qmp.quit().unwrap();
+    let _ = q.wait_timeout(Duration::from_secs(10));
+}
+
+#[test]
+fn qmp_waits_for_preallocation_but_not_for_a_dead_qemu() {
+    let Some(bin) = qemu() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("qmp.sock");
+    let mut cmd = paused(bin.clone(), &sock, 1, None);
+    cmd.resources.memory_mib = 1024;
+    cmd.devices = vec![Device::Memory(MemoryBackend::Ram {
+        size_mib: 1024,
+        threads: 1,
+    })];
+    let mut q = QemuProcess::spawn(&cmd, None).unwrap();
+    let startup = memory::startup_wait(Duration::from_secs(10), 1024, true);
+    assert_eq!(startup, Duration::from_secs(13));
+    // Commands keep the short timeout once the greeting came.
+    let mut alive = || true;
+    let mut qmp =
+        memory::connect_qmp(&sock, startup, Duration::from_millis(500), &mut alive).unwrap();
+    assert_eq!(qmp.status().unwrap(), "prelaunch");
+    qmp.quit().unwrap();
+    let _ = q.wait_timeout(Duration::from_secs(10));
+
+    // QEMU refusing a device exits during startup: the wait ends at once with an error.
+    let sock2 = dir.path().join("qmp2.sock");
+    let mut bad = paused(bin, &sock2, 1, None);
+    bad.devices
+        .extend(gpucell_sandbox::args::Device::vfio_on_root_port(0, "0000:7f:1f.7").unwrap());
+    let mut q = QemuProcess::spawn(&bad, None).unwrap();
+    let t = std::time::Instant::now();
+    let mut alive = || matches!(q.try_wait(), Ok(None));
+    let err = memory::connect_qmp(
+        &sock2,
+        Duration::from_secs(120),
+        Duration::from_secs(1),
+        &mut alive,
+    );
+    assert!(err.is_err());
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
     let _ = q.wait_timeout(Duration::from_secs(10));
 }
