@@ -16,6 +16,7 @@ b=$(pci_by_id | sed -n 2p)
     fail concurrent "needs two edu functions, found: $(pci_by_id | tr '\n' ' ')"
     exit 0
 }
+edu_pool "$a" "$b" || fail pool "gpucell gpu bind: $(gc_summary /tmp/pool-bind)"
 GC_TIMEOUT=240
 work='edu-probe; sleep 15'
 gc /tmp/ca --json run --memory 256m --boot-timeout 120s --device "$a" "$EDU_IMAGE" -- sh -c "$work" &

@@ -13,11 +13,13 @@ edu_reset_all
 edu_policy on
 bdf=$(pci_by_id | head -1)
 grp=$(iommu_group "$bdf")
+edu_pool "$bdf" || fail pool "gpucell gpu bind $bdf: $(gc_summary /tmp/pool-bind)"
 GC_TIMEOUT=180
 gc /tmp/k1 --json run --memory 256m --boot-timeout 120s --device "$bdf" "$EDU_IMAGE" -- sh -c 'edu-probe; echo waiting; sleep 300' &
 pk=$!
-probed() { grep -q '^waiting' /tmp/k1.out 2>/dev/null; }
-if ! wait_for 150 probed; then
+# (stops waiting when the run ends early)
+probed() { grep -q '^waiting' /tmp/k1.out 2>/dev/null || ! kill -0 $pk 2>/dev/null; }
+if ! wait_for 150 probed || ! grep -q '^waiting' /tmp/k1.out; then
     fail qemu-killed "the workload never started: $(head -c 200 /tmp/k1.err 2>/dev/null | tr '\n' ' ')"
     kill -9 $pk 2>/dev/null
     wait $pk
@@ -39,8 +41,8 @@ fi
 # The gpucell process killed outright: no release runs in it.
 gc /tmp/k2 --json run --memory 256m --boot-timeout 120s --device "$bdf" "$EDU_IMAGE" -- sh -c 'echo waiting; sleep 300' &
 pk=$!
-started() { grep -q '^waiting' /tmp/k2.out 2>/dev/null; }
-if wait_for 150 started; then
+started() { grep -q '^waiting' /tmp/k2.out 2>/dev/null || ! kill -0 $pk 2>/dev/null; }
+if wait_for 150 started && grep -q '^waiting' /tmp/k2.out; then
     owner=$(jq -r '.allocations[0].owner.pid' "$GPUCELL_STATE/devices/allocations.json" 2>/dev/null)
     kill -9 "$owner"
     gone() { [ -z "$(vfio_holders "$grp")" ]; }

@@ -13,6 +13,7 @@ have_guest_artifacts && have_run_device || {
 edu_reset_all
 edu_policy off
 bdf=$(pci_by_id | head -1)
+edu_pool "$bdf" || fail pool "gpucell gpu bind $bdf: $(gc_summary /tmp/pool-bind)"
 GC_TIMEOUT=180
 gc /tmp/q1 --json run --memory 256m --boot-timeout 120s --device "$bdf" "$EDU_IMAGE" -- edu-probe
 probe=$(edu_probe_ok /tmp/q1.out) || fail q-run "$probe; $(gc_summary /tmp/q1)"

@@ -83,7 +83,7 @@ for dev in $devices; do
                 extra=$huge_flag
             fi
             dev_args=
-            [ "$dev" = none ] || dev_args="--device $bdf"
+            [ "$dev" = none ] || { edu_pool "$bdf" && dev_args="--device $bdf"; }
             t0=$(uptime_s)
             # shellcheck disable=SC2086 # optional flags
             gc "/tmp/t-$name" --json run --boot-timeout 300s --memory "${mem}m" $extra $dev_args "$EDU_IMAGE" -- sh -c 'edu-probe; exit 0'
