@@ -52,6 +52,8 @@ pub enum DevicesError {
     QueryCpus(#[source] crate::qmp::QmpError),
     #[error("--pin-cpus: QMP query-cpus-fast returned no thread ids ({0})")]
     BadCpuReply(String),
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
     #[error("--pin-cpus: cannot pin vCPU {vcpu} (thread {tid}) to CPU {cpu}")]
     Affinity {
         vcpu: u32,
@@ -130,6 +132,74 @@ impl DeviceSetup {
     pub fn preallocate(&self) -> bool {
         !self.devices.is_empty() || self.hugepages
     }
+}
+
+/// What the passed functions and memory options add to a VM: see [`plan`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmDevices {
+    /// Root ports and vfio-pci functions, then the memory backend (if any).
+    pub devices: Vec<Device>,
+    /// Kernel command line words.
+    pub cmdline: Vec<&'static str>,
+    /// `-global q35-pcihost.pci-hole64-size=`.
+    pub hole64: Option<u64>,
+    pub cpu: Cpu,
+    /// Physical address bits the hole's end needs (0 without a hole).
+    pub phys_bits: u32,
+    /// Said when the hole ends beyond 1 TiB.
+    pub warning: Option<String>,
+    /// Host CPUs for the vCPUs, with `--pin-cpus`.
+    pub pin_cpus: Option<Vec<u32>>,
+}
+
+/// Everything `setup` changes in a VM of `cpus` vCPUs and `memory_mib` under `accel`:
+/// wiring, memory backend (hugetlbfs looked up under `host_root`), hole, CPU model,
+/// kernel words and pin targets. Under KVM the hole must fit the host CPU's address
+/// bits (`<host_root>/proc/cpuinfo`).
+pub fn plan(
+    setup: &DeviceSetup,
+    accel: Accel,
+    cpus: u32,
+    memory_mib: u64,
+    host_root: &std::path::Path,
+) -> Result<VmDevices, DevicesError> {
+    let mut devices = wiring(&setup.devices)?;
+    if setup.hugepages {
+        devices.push(Device::Memory(crate::memory::hugepages_backend(
+            host_root, memory_mib, cpus,
+        )?));
+    } else if setup.preallocate() {
+        devices.push(Device::Memory(crate::memory::MemoryBackend::Ram {
+            size_mib: memory_mib,
+            threads: cpus,
+        }));
+    }
+    let hole64 = hole64_size(&setup.devices);
+    let phys_bits = hole64
+        .map(|h| required_phys_bits(memory_mib, h))
+        .unwrap_or(0);
+    if accel == Accel::Kvm {
+        let cpuinfo =
+            crate::memory::read_bounded(&host_root.join("proc/cpuinfo")).unwrap_or_default();
+        check_host_phys_bits(phys_bits, &cpuinfo)?;
+    }
+    Ok(VmDevices {
+        devices,
+        cmdline: if setup.devices.is_empty() {
+            Vec::new()
+        } else {
+            KERNEL_PARAMS.to_vec()
+        },
+        hole64,
+        cpu: cpu_for(accel, phys_bits),
+        phys_bits,
+        warning: hole64.and_then(|h| phys_bits_warning(phys_bits, h)),
+        pin_cpus: if setup.pin_cpus {
+            Some(pin_targets(&setup.devices)?)
+        } else {
+            None
+        },
+    })
 }
 
 fn valid_bdf(s: &str) -> bool {

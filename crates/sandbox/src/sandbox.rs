@@ -114,8 +114,6 @@ pub enum SandboxError {
     BadRunId(String),
     #[error(transparent)]
     Devices(#[from] crate::devices::DevicesError),
-    #[error(transparent)]
-    Memory(#[from] crate::memory::MemoryError),
 }
 
 fn qemu_said(stderr: &str) -> String {
@@ -330,10 +328,14 @@ impl Sandbox {
             cmdline.push(w.clone()).map_err(RunError::bare)?;
         }
         let setup = &self.devices;
-        if !setup.devices.is_empty() {
-            for w in crate::devices::KERNEL_PARAMS {
-                cmdline.push(w).map_err(RunError::bare)?;
-            }
+        let vm_devices =
+            crate::devices::plan(setup, cfg.accel, cfg.cpus, cfg.memory_mib, &cfg.host_root)
+                .map_err(RunError::bare)?;
+        if let Some(w) = &vm_devices.warning {
+            tracing::warn!("{w}");
+        }
+        for w in &vm_devices.cmdline {
+            cmdline.push(*w).map_err(RunError::bare)?;
         }
 
         let mut chardevs = vec![
@@ -356,35 +358,8 @@ impl Sandbox {
             }
         }
         // Passed functions, each on its own root port, then the memory backend.
-        devices.extend(crate::devices::wiring(&setup.devices).map_err(RunError::bare)?);
-        if setup.hugepages {
-            let backend =
-                crate::memory::hugepages_backend(&cfg.host_root, cfg.memory_mib, cfg.cpus)
-                    .map_err(RunError::bare)?;
-            devices.push(Device::Memory(backend));
-        } else if setup.preallocate() {
-            devices.push(Device::Memory(crate::memory::MemoryBackend::Ram {
-                size_mib: cfg.memory_mib,
-                threads: cfg.cpus,
-            }));
-        }
-        let hole64 = crate::devices::hole64_size(&setup.devices);
-        let phys_bits = hole64
-            .map(|h| crate::devices::required_phys_bits(cfg.memory_mib, h))
-            .unwrap_or(0);
-        if let Some(w) = hole64.and_then(|h| crate::devices::phys_bits_warning(phys_bits, h)) {
-            tracing::warn!("{w}");
-        }
-        if cfg.accel == Accel::Kvm {
-            let cpuinfo = crate::memory::read_bounded(&cfg.host_root.join("proc/cpuinfo"))
-                .unwrap_or_default();
-            crate::devices::check_host_phys_bits(phys_bits, &cpuinfo).map_err(RunError::bare)?;
-        }
-        let pin_cpus = if setup.pin_cpus {
-            Some(crate::devices::pin_targets(&setup.devices).map_err(RunError::bare)?)
-        } else {
-            None
-        };
+        devices.extend(vm_devices.devices.iter().cloned());
+        let (hole64, pin_cpus) = (vm_devices.hole64, vm_devices.pin_cpus.clone());
 
         let is_root = nix::unistd::Uid::effective().is_root();
         let run_as_user = match &cfg.run_as {
@@ -423,7 +398,7 @@ impl Sandbox {
                 pci_hole64_size: hole64,
             },
             accel: cfg.accel,
-            cpu: crate::devices::cpu_for(cfg.accel, phys_bits),
+            cpu: vm_devices.cpu.clone(),
             resources,
             boot: Some(Boot::new(&cfg.kernel, &cfg.initrd, cmdline).map_err(RunError::bare)?),
             start_paused: false,

@@ -12,9 +12,8 @@ use gpucell_host::devices::{AssignedDevice, DevicePool, DeviceRequest};
 use gpucell_host::pci::PciScan;
 use gpucell_host::testing::{FakeFunction, FakeHost};
 use gpucell_host::HostRoot;
-use gpucell_sandbox::args::{Accel, Device, KernelCmdline, Machine, QemuCommand, Resources};
-use gpucell_sandbox::devices::{self, PassthroughDevice};
-use gpucell_sandbox::memory::MemoryBackend;
+use gpucell_sandbox::args::{Accel, KernelCmdline, Machine, QemuCommand, Resources};
+use gpucell_sandbox::devices::{self, DeviceSetup, PassthroughDevice};
 
 const GIB: u64 = 1 << 30;
 
@@ -34,34 +33,57 @@ fn check(name: &str, cmd: &QemuCommand) {
     assert_eq!(rendered, want, "{name}: differs from {}", path.display());
 }
 
-/// The command the sandbox builds for `passed`, reduced to the parts devices change.
-fn command(
-    accel: Accel,
-    memory_mib: u64,
-    passed: &[PassthroughDevice],
-    memory: MemoryBackend,
-) -> QemuCommand {
-    let hole = devices::hole64_size(passed);
-    let bits = hole
-        .map(|h| devices::required_phys_bits(memory_mib, h))
-        .unwrap_or(0);
+/// A host root with `cpuinfo` reporting `phys_bits` address bits and a hugetlbfs of
+/// 2 MiB pages at /dev/hugepages with `free` pages.
+fn host_root(phys_bits: u32, free: u64) -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    let w = |rel: &str, text: String| {
+        let p = d.path().join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    };
+    w(
+        "proc/cpuinfo",
+        format!("processor\t: 0\naddress sizes\t: {phys_bits} bits physical, 48 bits virtual\n"),
+    );
+    w(
+        "proc/self/mounts",
+        "hugetlbfs /dev/hugepages hugetlbfs rw,relatime,pagesize=2M 0 0\n".into(),
+    );
+    w("proc/meminfo", "Hugepagesize:       2048 kB\n".into());
+    w(
+        "sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages",
+        format!("{free}\n"),
+    );
+    d
+}
+
+fn setup(passed: Vec<PassthroughDevice>, hugepages: bool) -> DeviceSetup {
+    DeviceSetup {
+        devices: passed,
+        hugepages,
+        pin_cpus: false,
+        wait: std::time::Duration::from_secs(10),
+    }
+}
+
+/// The command the sandbox builds, reduced to the parts devices change, from the same
+/// [`devices::plan`] the sandbox uses.
+fn command(accel: Accel, memory_mib: u64, setup: &DeviceSetup, root: &Path) -> QemuCommand {
+    let plan = devices::plan(setup, accel, 4, memory_mib, root).unwrap();
     let mut cmdline = KernelCmdline::new();
     cmdline.push("console=ttyS0").unwrap();
-    if !passed.is_empty() {
-        for w in devices::KERNEL_PARAMS {
-            cmdline.push(w).unwrap();
-        }
+    for w in &plan.cmdline {
+        cmdline.push(*w).unwrap();
     }
-    let mut devs = devices::wiring(passed).unwrap();
-    devs.push(Device::Memory(memory));
     QemuCommand {
         binary: "/usr/bin/qemu-system-x86_64".into(),
         name: "gpucell-0123456789abcdef".into(),
         machine: Machine {
-            pci_hole64_size: hole,
+            pci_hole64_size: plan.hole64,
         },
         accel,
-        cpu: devices::cpu_for(accel, bits),
+        cpu: plan.cpu,
         resources: Resources {
             cpus: 4,
             memory_mib,
@@ -77,7 +99,7 @@ fn command(
         start_paused: false,
         drives: vec![],
         chardevs: vec![],
-        devices: devs,
+        devices: plan.devices,
         qmp: None,
         serial: None,
         seccomp: None,
@@ -121,15 +143,8 @@ fn rtx4090_with_audio_companion_passes_only_the_gpu() {
     assert_eq!(passed[0].host_bdf, "0000:01:00.0");
     assert_eq!(passed[0].companions, vec!["0000:01:00.1".to_string()]);
     assert_eq!(passed[0].local_cpus, vec![0, 1, 2, 3]);
-    let cmd = command(
-        Accel::Kvm,
-        8192,
-        &passed,
-        MemoryBackend::Ram {
-            size_mib: 8192,
-            threads: 2,
-        },
-    );
+    let root = host_root(46, 0);
+    let cmd = command(Accel::Kvm, 8192, &setup(passed.clone(), false), root.path());
     let args = cmd.args();
     assert_eq!(count(&args, "vfio-pci,"), 1);
     assert!(!args.iter().any(|a| a.contains("01:00.1")), "{args:?}");
@@ -181,14 +196,12 @@ fn h200x4_gets_four_root_ports_and_a_hole_for_four_256_gib_bars() {
     assert!(devices::phys_bits_warning(bits, hole)
         .unwrap()
         .contains("beyond 1 TiB"));
+    let root = host_root(46, 0);
     let cmd = command(
         Accel::Kvm,
         65536,
-        &passed,
-        MemoryBackend::Ram {
-            size_mib: 65536,
-            threads: 2,
-        },
+        &setup(passed.clone(), false),
+        root.path(),
     );
     let args = cmd.args();
     assert_eq!(count(&args, "pcie-root-port,"), 4);
@@ -200,42 +213,65 @@ fn h200x4_gets_four_root_ports_and_a_hole_for_four_256_gib_bars() {
     let tcg = command(
         Accel::Tcg,
         65536,
-        &passed,
-        MemoryBackend::Ram {
-            size_mib: 65536,
-            threads: 2,
-        },
+        &setup(passed.clone(), false),
+        root.path(),
     );
     assert!(tcg.args().contains(&format!("max,phys-bits={bits}")));
+    // A host CPU with 39 address bits (many desktop CPUs) cannot hold that hole under
+    // KVM: refused before anything starts, naming both numbers.
+    let small = host_root(39, 0);
+    let err = devices::plan(&setup(passed, false), Accel::Kvm, 4, 65536, small.path())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!("needs {bits} physical address bits")),
+        "{err}"
+    );
+    assert!(err.contains("has 39"), "{err}");
+}
+
+/// QEMU's `edu` (1234:11e8): a generic PCI function with one 1 MiB 32-bit BAR, as the
+/// nested test host passes with `--device`.
+fn edu() -> PassthroughDevice {
+    PassthroughDevice {
+        host_bdf: "0000:00:05.0".into(),
+        vendor: 0x1234,
+        device: 0x11e8,
+        class: 0x00ff00,
+        mmio64_bytes: 0,
+        numa_node: None,
+        local_cpus: vec![],
+        companions: vec![],
+    }
 }
 
 #[test]
 fn memory_backends() {
-    let huge = command(
-        Accel::Kvm,
-        4096,
-        &[],
-        MemoryBackend::HugePages {
-            size_mib: 4096,
-            mem_path: "/dev/hugepages".into(),
-            threads: 4,
-        },
-    );
+    // Hugepages without a device: no hole, no PCI kernel words.
+    let root = host_root(46, 2048);
+    let huge = command(Accel::Kvm, 4096, &setup(vec![], true), root.path());
     check("hugepages", &huge);
     let args = huge.args();
     assert!(!args.iter().any(|a| a.contains("pci-hole64")));
     assert!(!args.iter().any(|a| a.contains("pci=realloc")));
-    let ram = command(
-        Accel::Tcg,
-        1024,
-        &[],
-        MemoryBackend::Ram {
-            size_mib: 1024,
-            threads: 2,
-        },
-    );
+    assert!(args.iter().any(|a| a
+        .starts_with("memory-backend-file,id=ram,size=4096M,mem-path=/dev/hugepages,prealloc=on")));
+    // Too few free pages: refused.
+    let few = host_root(46, 100);
+    let err = devices::plan(&setup(vec![], true), Accel::Kvm, 4, 4096, few.path()).unwrap_err();
+    assert!(err.to_string().contains("2048 pages"), "{err}");
+
+    // A generic device under TCG: preallocated RAM, its root port, no hole.
+    let ram = command(Accel::Tcg, 1024, &setup(vec![edu()], false), root.path());
     check("prealloc", &ram);
-    assert!(ram.args().contains(
-        &"memory-backend-ram,id=ram,size=1024M,prealloc=on,prealloc-threads=2".to_string()
+    let args = ram.args();
+    assert!(args.contains(
+        &"memory-backend-ram,id=ram,size=1024M,prealloc=on,prealloc-threads=4".to_string()
     ));
+    assert!(args.contains(&"vfio-pci,host=0000:00:05.0,bus=rp0".to_string()));
+    assert!(!args.iter().any(|a| a.contains("pci-hole64")));
+    assert!(args.contains(&"max".to_string()));
+    // Nothing passed, nothing asked: the VM is unchanged.
+    let plain = devices::plan(&setup(vec![], false), Accel::Kvm, 1, 512, root.path()).unwrap();
+    assert!(plain.devices.is_empty() && plain.cmdline.is_empty() && plain.hole64.is_none());
 }
