@@ -5,7 +5,8 @@
 //!   `-device vfio-pci,host=BDF,bus=rpN`). Companions of the IOMMU group (a GPU's
 //!   HDMI audio) are bound to vfio-pci on the host but never passed.
 //! - The 64-bit PCI hole is sized from the devices' 64-bit BARs ([`hole64_size`]).
-//! - [`pin_vcpus`] pins QEMU's vCPU threads to the devices' local CPUs.
+//! - [`pin_vcpus`] pins QEMU's vCPU threads to the devices' local CPUs, one each, and
+//!   [`pin_emulator_threads`] keeps QEMU's other threads on those CPUs too.
 //!
 //! Nothing is hot-plugged: everything is on the command line before the guest boots.
 
@@ -54,7 +55,7 @@ pub enum DevicesError {
     BadCpuReply(String),
     #[error(transparent)]
     Memory(#[from] crate::memory::MemoryError),
-    #[error("--pin-cpus: cannot pin vCPU {vcpu} (thread {tid}) to CPU {cpu}")]
+    #[error("--pin-cpus: cannot pin {} (thread {tid}) to CPU {cpu}", if *.vcpu == u32::MAX { "a QEMU thread".to_string() } else { format!("vCPU {}", .vcpu) })]
     Affinity {
         vcpu: u32,
         tid: i32,
@@ -410,6 +411,54 @@ pub fn pin_vcpus(qmp: &mut Qmp, cpus: &[u32]) -> Result<Vec<VcpuPin>, DevicesErr
         });
     }
     Ok(pins)
+}
+
+/// Confines QEMU's other threads (main loop, I/O, RCU) of process `pid` to all of
+/// `cpus` (the devices' local CPUs), leaving the `vcpu_tids` as pinned. Threads that
+/// exit meanwhile are skipped. Returns how many threads were confined.
+pub fn pin_emulator_threads(
+    pid: u32,
+    vcpu_tids: &[i32],
+    cpus: &[u32],
+) -> Result<usize, DevicesError> {
+    let mut set = nix::sched::CpuSet::new();
+    for &c in cpus {
+        set.set(c as usize)
+            .map_err(|source| DevicesError::Affinity {
+                vcpu: u32::MAX,
+                tid: pid as i32,
+                cpu: c,
+                source,
+            })?;
+    }
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map_err(|e| DevicesError::BadCpuReply(format!("cannot list /proc/{pid}/task: {e}")))?;
+    let mut n = 0;
+    for entry in tasks.flatten().take(4096) {
+        let Some(tid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if vcpu_tids.contains(&tid) {
+            continue;
+        }
+        match nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(tid), &set) {
+            Ok(()) => n += 1,
+            Err(nix::errno::Errno::ESRCH) => {}
+            Err(source) => {
+                return Err(DevicesError::Affinity {
+                    vcpu: u32::MAX,
+                    tid,
+                    cpu: cpus.first().copied().unwrap_or(0),
+                    source,
+                })
+            }
+        }
+    }
+    Ok(n)
 }
 
 /// A passed function as the guest saw it: host address to guest address.

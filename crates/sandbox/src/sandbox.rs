@@ -441,7 +441,11 @@ impl Sandbox {
         let vm_started = Instant::now();
         let mut vcpu_pins = Vec::new();
         if let Some(cpus) = &pin_cpus {
-            match crate::devices::pin_vcpus(&mut qmp, cpus) {
+            let pinned = crate::devices::pin_vcpus(&mut qmp, cpus).and_then(|p| {
+                let tids: Vec<i32> = p.iter().map(|v| v.thread_id).collect();
+                crate::devices::pin_emulator_threads(qemu.pid(), &tids, cpus).map(|_| p)
+            });
+            match pinned {
                 Ok(p) => vcpu_pins = p,
                 Err(e) => return Err(with_logs(e.into(), &qemu)),
             }

@@ -103,6 +103,25 @@ fn vcpu_threads_are_pinned_round_robin() {
         assert_eq!(pin.cpu, want);
         assert_eq!(allowed_cpus(q.pid(), pin.thread_id), want.to_string());
     }
+    // The other threads (the main loop is the thread whose id is the pid) get all targets.
+    let tids: Vec<i32> = pins.iter().map(|p| p.thread_id).collect();
+    let n = devices::pin_emulator_threads(q.pid(), &tids, &targets).unwrap();
+    assert!(n >= 1, "{n}");
+    let mut sorted = targets.clone();
+    sorted.sort_unstable();
+    let want = if sorted.len() == 2 {
+        "0-1".to_string()
+    } else {
+        "0".to_string()
+    };
+    assert_eq!(allowed_cpus(q.pid(), q.pid() as i32), want);
+    for pin in &pins {
+        assert_eq!(
+            allowed_cpus(q.pid(), pin.thread_id),
+            pin.cpu.to_string(),
+            "vCPU kept"
+        );
+    }
     // A CPU that does not exist is an error naming the vCPU, not a panic.
     let err = devices::pin_vcpus(&mut qmp, &[100_000]).unwrap_err();
     assert!(err.to_string().contains("vCPU 0"), "{err}");
