@@ -237,6 +237,8 @@ fn assert_gpu_released(s: &serde_json::Value, state: &Path) {
     );
     assert_eq!(allocations(state), 0, "{s}");
     assert_eq!(run_dirs(state), 0);
+    assert!(s["devices_ms"]["allocate"].is_u64(), "{s}");
+    assert!(s["devices_ms"]["release"].is_u64(), "{s}");
 }
 
 #[test]

@@ -1,5 +1,8 @@
 //! `gpucell run`: run a command from an image inside its own microVM, like `docker run`.
 //!
+//! With `--gpus`/`--device` the functions are allocated before anything else and
+//! released after QEMU has exited, on every path (`run/devices.rs`).
+//!
 //! Exit code: the workload's (128+N when killed by signal N); 124 when `--timeout`
 //! expired; 125 when gpucell itself failed (the message says why). With `--json` a
 //! summary object is printed on stderr after the workload's output (stdout stays the

@@ -6,7 +6,7 @@
 //! drop too, and a gpucell killed outright leaves a record whose dead owner the next
 //! allocation reclaims (reset + check).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use gpucell_host::bind::KernelWriter;
@@ -45,6 +45,8 @@ pub struct DeviceArgs {
 pub struct Held {
     alloc: Option<Allocation>,
     pub setup: DeviceSetup,
+    /// Time the allocation took (lock, checks, binding), in milliseconds.
+    allocate_ms: u64,
 }
 
 impl Held {
@@ -69,10 +71,15 @@ impl Held {
                     "--pin-cpus pins to the passed devices' local CPUs: add --gpus or --device"
                 );
             }
-            return Ok(Held { alloc: None, setup });
+            return Ok(Held {
+                alloc: None,
+                setup,
+                allocate_ms: 0,
+            });
         }
         // Owners are this process: look them up in the real /proc even under a test
         // --host-root.
+        let t0 = Instant::now();
         let pool = DevicePool::new(HostRoot::new(&global.host_root), &global.state_dir)
             .with_process_root(HostRoot::new("/"));
         let alloc = pool
@@ -89,6 +96,7 @@ impl Held {
         Ok(Held {
             alloc: Some(alloc),
             setup,
+            allocate_ms: t0.elapsed().as_millis() as u64,
         })
     }
 
@@ -134,7 +142,13 @@ impl Held {
         let Some(alloc) = self.alloc.take() else {
             return;
         };
-        match alloc.release() {
+        let t0 = Instant::now();
+        let released = alloc.release();
+        summary["devices_ms"] = json!({
+            "allocate": self.allocate_ms,
+            "release": t0.elapsed().as_millis() as u64,
+        });
+        match released {
             Ok(report) => {
                 for q in &report.quarantined {
                     eprintln!(
