@@ -197,8 +197,12 @@ build_binaries() {
 build_guest() {
     local gpucell=$GPUCELL_BIN_DIR/gpucell
     [ "$NESTED_BUILD_GUEST" = 1 ] || return 0
-    [ -x "$NESTED_AGENT_BIN" ] ||
-        die "$NESTED_AGENT_BIN is missing; build it with make agent, or set NESTED_AGENT or NESTED_BUILD_GUEST=0"
+    if [ ! -x "$NESTED_AGENT_BIN" ]; then
+        # The sandbox scenarios then skip, naming the missing guest artifacts.
+        log "warning: $NESTED_AGENT_BIN is missing (make agent, or set NESTED_AGENT): L1 gets no guest artifacts"
+        NESTED_GUEST_DIR=
+        return 0
+    fi
     "$gpucell" --state-dir "$NESTED_OUT/state" guest build --agent "$NESTED_AGENT_BIN" >"$NESTED_OUT/guest-build.log" 2>&1 ||
         die "gpucell guest build failed: $(tail -5 "$NESTED_OUT/guest-build.log")"
 }
