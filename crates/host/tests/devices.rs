@@ -387,6 +387,32 @@ fn no_reset_method_quarantines_unless_the_policy_allows_it() {
 }
 
 #[test]
+fn an_unbound_named_device_is_bound_before_it_is_passed() {
+    let host = FakeHost::bare_metal_intel().unwrap();
+    host.mkdir("sys/bus/pci/drivers/vfio-pci").unwrap();
+    // No driver at all: the group is viable, but only vfio-pci makes /dev/vfio/N.
+    add(
+        &host,
+        FakeFunction::new("0000:00:05.0", 0x1234, 0x11e8, 0x00ff00)
+            .iommu_group(4)
+            .bar(0, 1 << 20, gpucell_host::testing::BAR_MEM32),
+    );
+    let state = tempfile::tempdir().unwrap();
+    let kernel = Kernel::new(&host);
+    let a = pool(&host, state.path())
+        .allocate("u", &req(None, &["0000:00:05.0"]), kernel.boxed())
+        .unwrap();
+    let log = format!("{:?}", kernel.log());
+    assert!(
+        log.contains("0000:00:05.0/driver_override") && log.contains("drivers_probe"),
+        "the unbound function must go to vfio-pci: {log}"
+    );
+    let f = PciFunction::read(&host.root(), bdf("0000:00:05.0")).unwrap();
+    assert!(f.driver.is_vfio(), "{:?}", f.driver);
+    drop(a);
+}
+
+#[test]
 fn named_devices_are_bound_with_their_group_and_companions_not_passed() {
     let host = FakeHost::bare_metal_intel().unwrap();
     host.mkdir("sys/bus/pci/drivers/vfio-pci").unwrap();

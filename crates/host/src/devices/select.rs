@@ -122,7 +122,9 @@ impl View<'_> {
                 }
             }
         };
-        if iommu::non_vfio_endpoints(self.scan, &members).is_empty() {
+        // A group of vfio-pci and unbound endpoints is viable, but /dev/vfio/N exists only
+        // once vfio-pci holds the function itself: an unbound function still needs binding.
+        if iommu::non_vfio_endpoints(self.scan, &members).is_empty() && f.driver.is_vfio() {
             return Availability::Free { needs_bind: false };
         }
         if let (false, Driver::Bound(d)) = (named, &f.driver) {
