@@ -45,6 +45,24 @@ pub fn describe_exit(status: &ExitStatus) -> String {
     }
 }
 
+/// The locked-memory limit QEMU needs, if it must be raised: VFIO pins all guest RAM
+/// (and the device's DMA windows) in QEMU's name, after QEMU has dropped to its
+/// unprivileged user, so the limit has to cover guest memory plus some headroom. The
+/// default (8 MiB, or what the service manager gives) would make the pin fail.
+pub fn memlock_limit(cmd: &QemuCommand) -> Option<libc::rlim_t> {
+    const HEADROOM: u64 = 1 << 30;
+    let passes_devices = cmd
+        .devices
+        .iter()
+        .any(|d| matches!(d, crate::args::Device::VfioPci { .. }));
+    passes_devices.then(|| {
+        cmd.resources
+            .memory_mib
+            .saturating_mul(1 << 20)
+            .saturating_add(HEADROOM) as libc::rlim_t
+    })
+}
+
 /// A running QEMU, killed with its process group on drop.
 #[derive(Debug)]
 pub struct QemuProcess {
@@ -73,12 +91,22 @@ impl QemuProcess {
             .stderr(Stdio::piped())
             .process_group(0);
         let parent = std::process::id() as libc::pid_t;
-        // SAFETY: only async-signal-safe calls (prctl, getppid, _exit) run between fork
-        // and exec.
+        let memlock = memlock_limit(cmd);
+        // SAFETY: only async-signal-safe calls (prctl, setrlimit, getppid, _exit) run
+        // between fork and exec.
         unsafe {
             command.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if let Some(bytes) = memlock {
+                    let limit = libc::rlimit {
+                        rlim_cur: bytes,
+                        rlim_max: bytes,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 // The parent may have died before prctl: then nobody would kill us.
                 if libc::getppid() != parent {

@@ -126,3 +126,16 @@ fn unprivileged_probe_without_disk() {
     cmd.run_as = None;
     check("probe", &cmd);
 }
+
+#[test]
+fn memlock_is_raised_only_for_vfio_and_covers_guest_memory() {
+    let mut cmd = base(Accel::Kvm, "gpucell.channel=serial");
+    assert_eq!(gpucell_sandbox::process::memlock_limit(&cmd), None);
+    cmd.devices
+        .extend(Device::vfio_on_root_port(0, "0000:01:00.0").unwrap());
+    let limit = gpucell_sandbox::process::memlock_limit(&cmd).unwrap();
+    assert!(limit >= 1024 << 20, "{limit} must cover 1 GiB of guest RAM");
+    cmd.resources.memory_mib = 65536;
+    let big = gpucell_sandbox::process::memlock_limit(&cmd).unwrap();
+    assert!(big >= 64 << 30 && big > limit, "{big}");
+}
