@@ -55,6 +55,8 @@ pub enum DevicesError {
     BadCpuReply(String),
     #[error(transparent)]
     Memory(#[from] crate::memory::MemoryError),
+    #[error("VFIO pins all guest memory: QEMU needs a locked-memory limit of {need_mib} MiB, but the hard limit is {hard_mib} MiB and gpucell cannot raise it (no CAP_SYS_RESOURCE); raise it (`ulimit -l`, systemd `LimitMEMLOCK=`) or use less memory")]
+    Memlock { need_mib: u64, hard_mib: u64 },
     #[error("--pin-cpus: cannot pin {} (thread {tid}) to CPU {cpu}", if *.vcpu == u32::MAX { "a QEMU thread".to_string() } else { format!("vCPU {}", .vcpu) })]
     Affinity {
         vcpu: u32,
@@ -350,6 +352,44 @@ pub fn pin_targets(devices: &[PassthroughDevice]) -> Result<Vec<u32>, DevicesErr
     }
 }
 
+/// Locked memory QEMU needs with passed functions (guest RAM plus 1 GiB), in bytes.
+pub fn memlock_bytes(memory_mib: u64) -> u64 {
+    memory_mib.saturating_add(1024).saturating_mul(1 << 20)
+}
+
+/// Whether this process has CAP_SYS_RESOURCE (from `CapEff` in `status`, the text of
+/// `/proc/self/status`).
+pub fn has_sys_resource(status: &str) -> bool {
+    const CAP_SYS_RESOURCE: u32 = 24;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << CAP_SYS_RESOURCE) != 0)
+}
+
+/// Before starting a QEMU with passed functions: its locked-memory limit is set to
+/// [`memlock_bytes`] when it starts, which needs CAP_SYS_RESOURCE when that is above
+/// this process's hard limit. Says so clearly instead of a bare EPERM at spawn.
+pub fn check_memlock(memory_mib: u64) -> Result<(), DevicesError> {
+    use nix::sys::resource::{getrlimit, Resource};
+    let need = memlock_bytes(memory_mib);
+    let Ok((_, hard)) = getrlimit(Resource::RLIMIT_MEMLOCK) else {
+        return Ok(());
+    };
+    if hard >= need {
+        return Ok(());
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    if has_sys_resource(&status) {
+        return Ok(());
+    }
+    Err(DevicesError::Memlock {
+        need_mib: need >> 20,
+        hard_mib: hard >> 20,
+    })
+}
+
 /// One vCPU thread and the host CPU it was pinned to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct VcpuPin {
@@ -582,6 +622,14 @@ mod tests {
             .map(|i| dev(&format!("0000:{i:02x}:00.0"), 0))
             .collect();
         assert!(matches!(wiring(&many), Err(DevicesError::TooMany(17))));
+    }
+
+    #[test]
+    fn memlock_need_and_capability() {
+        assert_eq!(memlock_bytes(256), 1280 << 20);
+        assert!(has_sys_resource("Name:\tx\nCapEff:\t000001ffffffffff\n"));
+        assert!(!has_sys_resource("CapEff:\t000001fffeffffff\n"));
+        assert!(!has_sys_resource("CapEff: zz\n"));
     }
 
     #[test]

@@ -414,6 +414,9 @@ impl Sandbox {
             },
         };
 
+        if !setup.devices.is_empty() {
+            crate::devices::check_memlock(cfg.memory_mib).map_err(RunError::bare)?;
+        }
         let t_spawn = Instant::now();
         let mut qemu = QemuProcess::spawn(&cmd, None).map_err(RunError::bare)?;
         let with_logs = |error: SandboxError, qemu: &QemuProcess| RunError {

@@ -154,8 +154,9 @@ fn qmp_waits_for_preallocation_but_not_for_a_dead_qemu() {
     // QEMU refusing a device exits during startup: the wait ends at once with an error.
     let sock2 = dir.path().join("qmp2.sock");
     let mut bad = paused(bin, &sock2, 1, None);
-    bad.devices
-        .extend(gpucell_sandbox::args::Device::vfio_on_root_port(0, "0000:7f:1f.7").unwrap());
+    bad.devices.push(Device::VirtioBlk {
+        drive: "missing".into(),
+    });
     let mut q = QemuProcess::spawn(&bad, None).unwrap();
     let t = std::time::Instant::now();
     let mut alive = || matches!(q.try_wait(), Ok(None));
