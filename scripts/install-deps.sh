@@ -19,6 +19,7 @@ PACKAGES=(
     hyperfine           # benchmarks
     pciutils
     libc6-dev           # static glibc for the agent
+    gcc                 # the nested test host's edu-probe helper (static C)
     binutils            # readelf (nested test host build)
     jq                  # JSON checks inside the nested test host
 )

@@ -147,9 +147,9 @@ GPUCELL_STATE=/var/lib/gpucell
 export GPUCELL_ACCEL=kvm
 # VFIO pins all guest memory and charges it to QEMU's RLIMIT_MEMLOCK; QEMU runs
 # as nobody (-runas), without CAP_IPC_LOCK. The kernel's default limit (8 MiB,
-# as under systemd) is far too small, and gpucell run does not raise it yet
-# (40-sandbox-device/run-device-memlock checks that), so scenarios run with no
-# limit. Remove this once gpucell sets the limit for its QEMU.
+# as under systemd) is far too small: gpucell raises it for its QEMU, and
+# 40-sandbox-device/run-device-memlock checks that under the default limit. The
+# other scenarios lift the limit so that each of them tests one thing.
 ulimit -l unlimited 2>/dev/null
 
 # True if `gpucell run` accepts --device (else prints nothing and fails).
