@@ -11,6 +11,9 @@ NESTED_CHANNEL=/dev/ttyS1
 [ -c "$NESTED_CHANNEL" ] || NESTED_CHANNEL=/dev/console
 NESTED_RESULTS=/run/nested-results
 NESTED_EDU_ID=0x1234:0x11e8
+# KVM in L1 runs on a TCG-emulated CPU: a guest kernel needs 10-13 s to boot there, more
+# than the KVM probe's default limit of 10 s.
+export GPUCELL_KVM_PROBE_TIMEOUT=90
 
 uptime_s() { cut -d' ' -f1 /proc/uptime; }
 
