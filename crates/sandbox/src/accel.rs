@@ -203,17 +203,8 @@ fn write_cache(path: &Path, key: String, result: &ProbeResult) {
         key,
         result: result.clone(),
     };
-    let write = || -> std::io::Result<()> {
-        if let Some(dir) = path.parent() {
-            fs::create_dir_all(dir)?;
-        }
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        fs::write(&tmp, serde_json::to_vec_pretty(&entry).unwrap_or_default())?;
-        fs::rename(&tmp, path).inspect_err(|_| {
-            let _ = fs::remove_file(&tmp);
-        })
-    };
-    if let Err(e) = write() {
+    let bytes = serde_json::to_vec_pretty(&entry).unwrap_or_default();
+    if let Err(e) = crate::cachefile::write_replacing(path, &bytes) {
         tracing::warn!(path = %path.display(), error = %e, "could not cache the accelerator probe");
     }
 }

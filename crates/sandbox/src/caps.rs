@@ -93,15 +93,8 @@ pub fn detect(binary: &Path, state_dir: Option<&Path>) -> Result<QemuCaps, CapsE
         seccomp: help.lines().any(|l| l.starts_with("-sandbox")),
     };
     if let Some(path) = &cache {
-        let write = || -> std::io::Result<()> {
-            if let Some(d) = path.parent() {
-                fs::create_dir_all(d)?;
-            }
-            let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-            fs::write(&tmp, serde_json::to_vec(&(key, &caps)).unwrap_or_default())?;
-            fs::rename(&tmp, path)
-        };
-        if let Err(e) = write() {
+        let bytes = serde_json::to_vec(&(key, &caps)).unwrap_or_default();
+        if let Err(e) = crate::cachefile::write_replacing(path, &bytes) {
             tracing::debug!(error = %e, "could not cache QEMU capabilities");
         }
     }

@@ -17,6 +17,7 @@
 
 pub mod accel;
 pub mod args;
+mod cachefile;
 pub mod caps;
 pub mod channel;
 pub mod console;
