@@ -30,6 +30,7 @@ done
     exit 2
 }
 
+rc=0
 tr -d '\r' <"$results" | awk -v strict="$strict" -v qrc="$qrc" -v timeout="$timeout" \
     -v console="$console" -v timing="$timing" '
     # Value of key=... in a marker line; "detail" runs to the end of the line.
@@ -65,4 +66,11 @@ tr -d '\r' <"$results" | awk -v strict="$strict" -v qrc="$qrc" -v timeout="$time
         printf "timing: %s\n", timing
         printf "%d passed, %d failed, %d skipped\n", passed, failed, skipped
         exit (failed > 0 || passed == 0 || (strict == 1 && skipped > 0)) ? 1 : 0
-    }'
+    }' || rc=$?
+# When L1 died before its init finished, its last console lines are the evidence
+# (a kernel panic, a triple fault leaves none): show them here, where CI logs end.
+if ! grep -q '^NESTED-DONE ' "$results" && [ -r "$console" ]; then
+    echo "L1 console, last 15 lines ($console):"
+    tail -n 15 "$console" | tr -d '\r' | cut -c1-200 | sed 's/^/  | /'
+fi
+exit "$rc"

@@ -5,7 +5,7 @@ use std::os::fd::AsFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use gpucell_protocol::{VIRTIO_SERIAL_PORT_NAME, VSOCK_PORT};
+use gpucell_protocol::VIRTIO_SERIAL_PORT_NAME;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, VsockAddr};
 
@@ -25,8 +25,8 @@ pub enum ChannelError {
     HostAbsent(String, Duration),
     #[error("opening {0} failed")]
     Open(String, #[source] std::io::Error),
-    #[error("could not connect to the host on vsock port {VSOCK_PORT} within {0:?}: {1}")]
-    Vsock(Duration, nix::errno::Errno),
+    #[error("could not connect to the host on vsock port {1} within {0:?}: {2}")]
+    Vsock(Duration, u32, nix::errno::Errno),
 }
 
 /// Opens the channel, waiting up to [`CHANNEL_TIMEOUT`].
@@ -38,7 +38,7 @@ pub fn open(kind: Channel) -> Result<File, ChannelError> {
             Path::new("/dev"),
             deadline,
         ),
-        Channel::Vsock => open_vsock(deadline),
+        Channel::Vsock { port } => open_vsock(port, deadline),
     }
 }
 
@@ -96,8 +96,8 @@ fn open_serial(class_dir: &Path, dev: &Path, deadline: Instant) -> Result<File, 
     }
 }
 
-fn open_vsock(deadline: Instant) -> Result<File, ChannelError> {
-    let addr = VsockAddr::new(HOST_CID, VSOCK_PORT);
+fn open_vsock(port: u32, deadline: Instant) -> Result<File, ChannelError> {
+    let addr = VsockAddr::new(HOST_CID, port);
     loop {
         let attempt = socket(
             AddressFamily::Vsock,
@@ -109,7 +109,7 @@ fn open_vsock(deadline: Instant) -> Result<File, ChannelError> {
         match attempt {
             Ok(fd) => return Ok(File::from(fd)),
             Err(e) if Instant::now() >= deadline => {
-                return Err(ChannelError::Vsock(CHANNEL_TIMEOUT, e))
+                return Err(ChannelError::Vsock(CHANNEL_TIMEOUT, port, e))
             }
             Err(_) => std::thread::sleep(RETRY),
         }

@@ -1,6 +1,6 @@
 //! The kernel command line as the agent reads it (`/proc/cmdline`).
 
-use gpucell_protocol::CMDLINE_CHANNEL_KEY;
+use gpucell_protocol::{CMDLINE_CHANNEL_KEY, CMDLINE_VSOCK_PORT_KEY, VSOCK_PORT};
 
 /// Marker the agent prints in probe mode.
 pub const PROBE_OK: &str = "gpucell-probe-ok";
@@ -10,7 +10,10 @@ const PROBE_KEY: &str = "gpucell.probe";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Channel {
     Serial,
-    Vsock,
+    /// vsock to the host (CID 2) on this port.
+    Vsock {
+        port: u32,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,30 +27,44 @@ pub struct Cmdline {
 pub enum CmdlineError {
     #[error("kernel command line: `{CMDLINE_CHANNEL_KEY}={0}` is not `serial` or `vsock`")]
     BadChannel(String),
+    #[error(
+        "kernel command line: `{CMDLINE_VSOCK_PORT_KEY}={0}` is not a vsock port (1 to 4294967294)"
+    )]
+    BadPort(String),
 }
 
 impl Cmdline {
     /// Parses the command line; the last occurrence of a key wins, as in the kernel.
     pub fn parse(text: &str) -> Result<Self, CmdlineError> {
-        let mut out = Cmdline {
-            probe: false,
-            channel: Channel::Serial,
-        };
+        let mut probe = false;
+        let mut vsock = false;
+        let mut port = VSOCK_PORT;
         for word in text.split_ascii_whitespace() {
             let (key, value) = word.split_once('=').unwrap_or((word, ""));
             if key == PROBE_KEY {
-                out.probe = value == "1";
+                probe = value == "1";
             } else if key == CMDLINE_CHANNEL_KEY {
-                out.channel = match value {
-                    "serial" => Channel::Serial,
-                    "vsock" => Channel::Vsock,
+                vsock = match value {
+                    "serial" => false,
+                    "vsock" => true,
                     other => {
                         return Err(CmdlineError::BadChannel(other.chars().take(64).collect()))
                     }
                 };
+            } else if key == CMDLINE_VSOCK_PORT_KEY {
+                // 0 is not a port to connect to; u32::MAX is VMADDR_PORT_ANY.
+                port = match value.parse::<u32>() {
+                    Ok(p) if p != 0 && p != u32::MAX => p,
+                    _ => return Err(CmdlineError::BadPort(value.chars().take(64).collect())),
+                };
             }
         }
-        Ok(out)
+        let channel = if vsock {
+            Channel::Vsock { port }
+        } else {
+            Channel::Serial
+        };
+        Ok(Cmdline { probe, channel })
     }
 }
 
@@ -68,7 +85,11 @@ mod tests {
         );
         let c = Cmdline::parse("console=ttyS0 gpucell.probe=1 gpucell.channel=vsock").unwrap();
         assert!(c.probe);
-        assert_eq!(c.channel, Channel::Vsock);
+        assert_eq!(c.channel, Channel::Vsock { port: VSOCK_PORT });
+        let c =
+            Cmdline::parse("gpucell.vsock_port=7 gpucell.channel=vsock gpucell.vsock_port=52001")
+                .unwrap();
+        assert_eq!(c.channel, Channel::Vsock { port: 52001 });
         let c =
             Cmdline::parse("gpucell.probe=0 gpucell.channel=vsock gpucell.channel=serial").unwrap();
         assert!(!c.probe);
@@ -83,5 +104,11 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("pigeon"), "{err}");
+        for bad in ["0", "4294967295", "-1", "x", "", "99999999999"] {
+            let err = Cmdline::parse(&format!("gpucell.channel=vsock gpucell.vsock_port={bad}"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("gpucell.vsock_port"), "{bad}: {err}");
+        }
     }
 }

@@ -34,8 +34,14 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// (`/sys/class/virtio-ports/*/name`).
 pub const VIRTIO_SERIAL_PORT_NAME: &str = "org.gpucell.agent.0";
 
-/// vsock port the host listens on when the channel is vsock (the agent connects to CID 2).
+/// vsock port the agent connects to (on CID 2) when the command line names none.
+/// The host gives every sandbox its own port (see [`CMDLINE_VSOCK_PORT_KEY`]) so
+/// that concurrent sandboxes never compete for one listener.
 pub const VSOCK_PORT: u32 = 1024;
+
+/// Kernel command line key naming the host's vsock port for this sandbox:
+/// `gpucell.vsock_port=N`.
+pub const CMDLINE_VSOCK_PORT_KEY: &str = "gpucell.vsock_port";
 
 /// Kernel command line key the host sets to tell the agent which channel to use:
 /// `gpucell.channel=serial` or `gpucell.channel=vsock`.

@@ -13,7 +13,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use gpucell_protocol::{DeviceInfo, ExitStatus, RunSpec, VIRTIO_SERIAL_PORT_NAME, VSOCK_PORT};
+use gpucell_protocol::{DeviceInfo, ExitStatus, RunSpec, VIRTIO_SERIAL_PORT_NAME};
 use serde::Serialize;
 
 use crate::args::{
@@ -106,8 +106,10 @@ pub enum SandboxError {
         #[source]
         source: std::io::Error,
     },
-    #[error("vsock channel requested but unavailable")]
+    #[error("the agent's vsock channel failed")]
     Vsock(#[from] crate::vsock::VsockError),
+    #[error("the VM stopped before its agent connected (QEMU {status}){}", qemu_said(.stderr))]
+    VmExited { status: String, stderr: String },
     #[error(transparent)]
     Session(#[from] SessionError),
     #[error("run id {0:?} is not 16 hex digits")]
@@ -133,6 +135,8 @@ pub struct RunError {
     pub console_tail: String,
     /// Last lines of QEMU's stderr.
     pub qemu_stderr: String,
+    /// Whether QEMU had been started (and so the console tail means something).
+    pub vm_started: bool,
 }
 
 impl std::fmt::Display for RunError {
@@ -153,6 +157,7 @@ impl RunError {
             error: Box::new(error.into()),
             console_tail: String::new(),
             qemu_stderr: String::new(),
+            vm_started: false,
         }
     }
 
@@ -296,10 +301,10 @@ impl Sandbox {
         match cfg.channel {
             ChannelChoice::Serial => {}
             ChannelChoice::Vsock => {
-                let l = VsockListener::bind(VSOCK_PORT).map_err(RunError::bare)?;
+                let l = VsockListener::bind_any().map_err(RunError::bare)?;
                 vsock = Some((l, crate::vsock::random_cid()));
             }
-            ChannelChoice::Auto if vhost => match VsockListener::bind(VSOCK_PORT) {
+            ChannelChoice::Auto if vhost => match VsockListener::bind_any() {
                 Ok(l) => vsock = Some((l, crate::vsock::random_cid())),
                 Err(e) => tracing::warn!(error = %e, "vsock unavailable, using virtio-serial"),
             },
@@ -323,6 +328,15 @@ impl Sandbox {
         );
         for w in ["console=ttyS0", "panic=-1", "quiet", chan_word.as_str()] {
             cmdline.push(w).map_err(RunError::bare)?;
+        }
+        if let Some((l, _)) = &vsock {
+            cmdline
+                .push(format!(
+                    "{}={}",
+                    gpucell_protocol::CMDLINE_VSOCK_PORT_KEY,
+                    l.port()
+                ))
+                .map_err(RunError::bare)?;
         }
         for w in &cfg.extra_cmdline {
             cmdline.push(w.clone()).map_err(RunError::bare)?;
@@ -423,6 +437,7 @@ impl Sandbox {
             error: Box::new(error),
             console_tail: qemu.console().tail_lines(CONSOLE_LINES_ON_ERROR),
             qemu_stderr: qemu.stderr().tail_lines(10),
+            vm_started: true,
         };
         if let Err(e) = dir.record_owner(Some(qemu.pid())) {
             return Err(with_logs(e.into(), &qemu));
@@ -476,7 +491,16 @@ impl Sandbox {
                     .accept_from(*cid, deadline, &mut || matches!(qemu.try_wait(), Ok(None)));
                 match accepted {
                     Ok(f) => Stream::Vsock(f),
-                    Err(e) => return Err(with_logs(e.into(), &qemu)),
+                    Err(e) => {
+                        let error = match qemu.wait_timeout(Duration::from_millis(200)) {
+                            Ok(Some(status)) => SandboxError::VmExited {
+                                status: status.to_string(),
+                                stderr: qemu.stderr().tail_lines(5),
+                            },
+                            _ => e.into(),
+                        };
+                        return Err(with_logs(error, &qemu));
+                    }
                 }
             }
         };

@@ -1,8 +1,8 @@
-//! The vsock channel: the host listens on [`gpucell_protocol::VSOCK_PORT`] and the
-//! agent connects from its guest CID. Used where the host has `/dev/vhost-vsock`.
+//! The vsock channel: the host listens on a port the kernel picks for this sandbox
+//! (passed to the agent as `gpucell.vsock_port=N`) and accepts only the connection
+//! from the sandbox's guest CID. Used where the host has `/dev/vhost-vsock`.
 //!
-//! One listener per port per host: a second concurrent run cannot bind and falls back
-//! to virtio-serial (the caller decides).
+//! One port per sandbox: concurrent sandboxes never compete for a listener.
 
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
@@ -10,13 +10,13 @@ use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{
-    accept, bind, getpeername, listen, socket, AddressFamily, Backlog, SockFlag, SockType,
-    VsockAddr,
+    accept, bind, getpeername, getsockname, listen, socket, AddressFamily, Backlog, SockFlag,
+    SockType, VsockAddr,
 };
 
 #[derive(Debug, thiserror::Error)]
 pub enum VsockError {
-    #[error("cannot listen on vsock port {port}")]
+    #[error("cannot listen on vsock port {}", port_name(*.port))]
     Listen {
         port: u32,
         #[source]
@@ -35,7 +35,21 @@ pub struct VsockListener {
     port: u32,
 }
 
+fn port_name(port: u32) -> String {
+    if port == libc::VMADDR_PORT_ANY {
+        "(any free port)".to_string()
+    } else {
+        port.to_string()
+    }
+}
+
 impl VsockListener {
+    /// Listens on a free port the kernel picks; [`VsockListener::port`] says which.
+    pub fn bind_any() -> Result<Self, VsockError> {
+        Self::bind(libc::VMADDR_PORT_ANY)
+    }
+
+    /// Listens on `port` (`VMADDR_PORT_ANY`: one the kernel picks).
     pub fn bind(port: u32) -> Result<Self, VsockError> {
         let err = |source| VsockError::Listen { port, source };
         let fd = socket(
@@ -47,6 +61,9 @@ impl VsockListener {
         .map_err(err)?;
         bind(fd.as_raw_fd(), &VsockAddr::new(libc::VMADDR_CID_ANY, port)).map_err(err)?;
         listen(&fd, Backlog::new(4).map_err(err)?).map_err(err)?;
+        let port = getsockname::<VsockAddr>(fd.as_raw_fd())
+            .map_err(err)?
+            .port();
         Ok(VsockListener { fd, port })
     }
 
@@ -131,11 +148,16 @@ mod tests {
             }
         };
         assert_eq!(first.port(), port);
-        // What makes a second concurrent run fall back to virtio-serial.
-        assert!(matches!(
-            VsockListener::bind(port),
-            Err(VsockError::Listen { .. })
-        ));
+        // A taken port is refused, naming it.
+        let err = VsockListener::bind(port).unwrap_err();
+        assert!(matches!(err, VsockError::Listen { .. }));
+        assert!(err.to_string().contains(&port.to_string()), "{err}");
+        // Concurrent sandboxes each get a port of their own.
+        let a = VsockListener::bind_any().unwrap();
+        let b = VsockListener::bind_any().unwrap();
+        assert_ne!(a.port(), b.port());
+        assert_ne!(a.port(), libc::VMADDR_PORT_ANY);
+        assert_ne!(a.port(), port);
         let start = Instant::now();
         let err = first
             .accept_from(7, Instant::now() + Duration::from_millis(300), &mut || true)

@@ -18,10 +18,13 @@ b=$(pci_by_id | sed -n 2p)
 }
 edu_pool "$a" "$b" || fail pool "gpucell gpu bind: $(gc_summary /tmp/pool-bind)"
 GC_TIMEOUT=240
-work='edu-probe; sleep 15'
-gc /tmp/ca --json run --memory 256m --boot-timeout 120s --device "$a" "$EDU_IMAGE" -- sh -c "$work" &
+# B starts once A's workload runs (A then sleeps through B's boot and B's checks):
+# two L2 guests booting at once under L1's emulated SVM can crash (see docs).
+gc /tmp/ca --json run --memory 256m --boot-timeout 120s --device "$a" "$EDU_IMAGE" -- sh -c 'edu-probe; sleep 45' &
 pa=$!
-gc /tmp/cb --json run --memory 256m --boot-timeout 120s --device "$b" "$EDU_IMAGE" -- sh -c "$work" &
+a_running() { grep -q '^EDU-PROBE' /tmp/ca.out 2>/dev/null; }
+wait_for 120 a_running || fail a-running "the first run's workload did not start: $(gc_summary /tmp/ca)"
+gc /tmp/cb --json run --memory 256m --boot-timeout 120s --device "$b" "$EDU_IMAGE" -- sh -c 'edu-probe; sleep 5' &
 pb=$!
 two_allocated() { [ "$(alloc_bdfs | sort -u | grep -c .)" -ge 2 ]; }
 if wait_for 120 two_allocated; then
@@ -47,10 +50,14 @@ fi
 wait $pa
 wait $pb
 for r in a b; do
-    # Each guest sees exactly one edu function: its own.
+    # Each guest sees exactly one edu function: its own. Each sandbox has a vsock
+    # port of its own, so neither falls back to virtio-serial.
     seen=$(grep -c '^EDU-PROBE' /tmp/c$r.out)
+    chan=$(run_summary /tmp/c$r | jq -r '.channel // "none"')
     probe=$(edu_probe_ok /tmp/c$r.out) && [ "$(cat /tmp/c$r.rc)" = 0 ] && [ "$seen" = 1 ] &&
-        pass "run-$r" "$probe" || fail "run-$r" "$probe ($seen edu functions seen); $(gc_summary /tmp/c$r)"
+        [ "$chan" = vsock ] &&
+        pass "run-$r" "$probe (channel $chan)" ||
+        fail "run-$r" "$probe ($seen edu functions seen, channel $chan); $(gc_summary /tmp/c$r)"
 done
 [ -z "$(alloc_bdfs)" ] && [ -z "$(quarantined_bdfs)" ] &&
     pass all-returned "both functions back in the pool after the runs" ||

@@ -123,6 +123,10 @@ pub fn run(global: &Global, args: RunArgs) -> anyhow::Result<u8> {
                         "--- last lines of the guest console ---\n{}",
                         run_err.console_tail.trim_end()
                     );
+                } else if run_err.vm_started {
+                    // The guest kernel runs with `quiet`: an empty console means it
+                    // never panicked or complained, not that it never ran.
+                    eprintln!("--- the guest console printed nothing ---");
                 }
                 if run_err.is_timeout() {
                     code = EXIT_TIMEOUT;
