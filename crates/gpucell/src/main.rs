@@ -41,7 +41,7 @@ enum Command {
     #[command(subcommand)]
     Guest(commands::guest::GuestCommand),
     /// Run a command from an image inside its own microVM.
-    Run(commands::run::RunArgs),
+    Run(Box<commands::run::RunArgs>),
 }
 
 fn main() -> ExitCode {
@@ -54,7 +54,7 @@ fn main() -> ExitCode {
         Command::Pull(a) => commands::pull::run(&cli.global, a),
         Command::Image(c) => commands::image::run(&cli.global, c),
         Command::Guest(c) => commands::guest::run(&cli.global, c),
-        Command::Run(a) => commands::run::run(&cli.global, a),
+        Command::Run(a) => commands::run::run(&cli.global, *a),
     };
     match result {
         Ok(code) => ExitCode::from(code),

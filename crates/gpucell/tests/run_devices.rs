@@ -1,10 +1,11 @@
 //! `gpucell run --gpus/--device`: the device part of a run, without a VM.
 //!
-//! - On this machine (no IOMMU, no VFIO) `--device` fails at once with the reason and
-//!   leaves nothing behind.
+//! - On this machine (no IOMMU, no VFIO) `--device` fails with the reason before any
+//!   VM starts and leaves nothing behind.
 //! - On a small fake host (an RTX 4090 and its HDMI audio, both on vfio-pci, one IOMMU
-//!   group) the GPU is allocated, only the GPU is listed as passed, and when the run then
-//!   fails (here: the image does not exist) the devices are released (reset + check).
+//!   group): a run whose image does not exist fails before any device is taken; a run
+//!   whose VM cannot start gets the GPU, lists only the GPU as passed, and releases it
+//!   (reset + check).
 //!
 //! Booting a VM with a passed device needs VFIO: the nested test host does that
 //! (tests/nested, scenarios 40-43).
@@ -80,12 +81,14 @@ fn device_on_a_host_without_vfio_fails_cleanly() {
         eprintln!("skipping: no PCI function on this host");
         return;
     };
-    let state = tempfile::tempdir().unwrap();
-    let out = gpucell(
-        None,
-        state.path(),
-        &["run", "--device", &bdf, "oci:/nonexistent", "--", "true"],
-    );
+    // The image and guest exist: the run gets as far as the devices, then stops.
+    let Some(env) = common::vm_env() else { return };
+    let out = env
+        .run_cmd(&["--json", "--device", &bdf, &env.image, "--", "true"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    env.assert_clean();
     assert_eq!(out.status.code(), Some(125), "{}", stderr(&out));
     let err = stderr(&out);
     assert!(err.contains(&format!("{bdf} is not viable")), "{err}");
@@ -96,14 +99,12 @@ fn device_on_a_host_without_vfio_fails_cleanly() {
         "{s}"
     );
     assert!(s.get("passthrough").is_none(), "{s}");
-    // Nothing allocated, no run directory, no image fetched.
-    assert_eq!(allocations(state.path()), 0);
-    assert_eq!(run_dirs(state.path()), 0);
-    let left: Vec<_> = std::fs::read_dir(state.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert_eq!(left, vec!["devices"], "the image store was not touched");
+    // The image was ready before the devices were asked for.
+    assert!(s["image"]["digest"].is_string(), "{s}");
+    // Nothing allocated, no VM, no run directory.
+    assert_eq!(allocations(env.state.path()), 0);
+    assert_eq!(run_dirs(env.state.path()), 0);
+    assert!(s.get("channel").is_none(), "{s}");
 }
 
 #[test]
@@ -239,10 +240,11 @@ fn assert_gpu_released(s: &serde_json::Value, state: &Path) {
     assert_eq!(run_dirs(state), 0);
     assert!(s["devices_ms"]["allocate"].is_u64(), "{s}");
     assert!(s["devices_ms"]["release"].is_u64(), "{s}");
+    assert!(s["devices_ms"]["bind"].is_u64(), "{s}");
 }
 
 #[test]
-fn allocated_gpu_is_listed_and_released_when_the_run_fails() {
+fn a_missing_image_fails_before_any_device_is_taken() {
     let host = tempfile::tempdir().unwrap();
     let root = host.path();
     fake_4090_host(root);
@@ -256,13 +258,19 @@ fn allocated_gpu_is_listed_and_released_when_the_run_fails() {
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(125), "{err}");
     let s = summary(&out);
-    // Got the GPU, failed on the image, released the GPU.
     assert!(s["error"].as_str().unwrap().contains("nonexistent"), "{s}");
-    assert_gpu_released(&s, state.path());
-    // The reset went to the fake tree's file, as the kernel would get it.
+    // The GPU was never taken: no passthrough, no record, no reset.
+    assert!(s.get("passthrough").is_none(), "{s}");
+    assert!(s.get("devices_ms").is_none(), "{s}");
+    assert_eq!(allocations(state.path()), 0);
+    assert!(!state.path().join("devices").exists(), "{s}");
     let reset =
         std::fs::read_to_string(root.join("sys/devices/pci0000:01/0000:01:00.0/reset")).unwrap();
-    assert_eq!(reset.trim(), "1");
+    assert_ne!(
+        reset.trim(),
+        "1",
+        "the GPU was reset although it was never taken"
+    );
 }
 
 /// The whole run with a real QEMU and guest: the allocation (on the fake host) succeeds,
@@ -307,4 +315,11 @@ fn qemu_refusing_the_device_ends_the_run_and_releases_it() {
     );
     eprintln!("run failed as expected: {msg}");
     assert_gpu_released(&s, env.state.path());
+    // The reset went to the fake tree's file, as the kernel would get it.
+    let reset = std::fs::read_to_string(
+        host.path()
+            .join("sys/devices/pci0000:01/0000:01:00.0/reset"),
+    )
+    .unwrap();
+    assert_eq!(reset.trim(), "1");
 }

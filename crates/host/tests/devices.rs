@@ -409,6 +409,16 @@ fn an_unbound_named_device_is_bound_before_it_is_passed() {
     );
     let f = PciFunction::read(&host.root(), bdf("0000:00:05.0")).unwrap();
     assert!(f.driver.is_vfio(), "{:?}", f.driver);
+    // The binding is timed on its own (a phase of `gpucell run --json`).
+    assert!(a.bind_time() > std::time::Duration::ZERO);
+    drop(a);
+    // Already on vfio-pci: nothing to bind, no bind time. (A fresh state directory:
+    // without a reset method the function was quarantined on release above.)
+    let state = tempfile::tempdir().unwrap();
+    let a = pool(&host, state.path())
+        .allocate("v", &req(None, &["0000:00:05.0"]), kernel.boxed())
+        .unwrap();
+    assert_eq!(a.bind_time(), std::time::Duration::ZERO);
     drop(a);
 }
 

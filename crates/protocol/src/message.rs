@@ -296,6 +296,7 @@ impl FromGuest {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::frame::FrameReader;

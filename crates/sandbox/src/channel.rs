@@ -125,6 +125,8 @@ pub struct SessionReport {
     pub status: ExitStatus,
     pub hello: GuestHello,
     pub devices: Vec<DeviceInfo>,
+    /// When the agent reported the devices it found (runs with devices only).
+    pub devices_at: Option<Instant>,
     pub guest_pid: Option<i32>,
     pub hello_at: Instant,
     pub run_sent_at: Instant,
@@ -307,6 +309,7 @@ fn relay_inner<W: Write + Send + 'static>(
         },
         hello,
         devices: Vec::new(),
+        devices_at: None,
         guest_pid: None,
         hello_at,
         run_sent_at,
@@ -385,6 +388,7 @@ fn relay_inner<W: Write + Send + 'static>(
             Event::Guest(FromGuest::Devices(d)) if !devices_seen && report.started_at.is_none() => {
                 devices_seen = true;
                 report.devices = d.into_iter().take(256).collect();
+                report.devices_at = Some(Instant::now());
             }
             Event::Guest(FromGuest::Started { pid }) if report.started_at.is_none() => {
                 report.started_at = Some(Instant::now());

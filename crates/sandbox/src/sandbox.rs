@@ -186,7 +186,10 @@ pub struct Timings {
     pub kernel_boot_ms: u64,
     /// QEMU spawned to the agent's hello.
     pub agent_ready_ms: u64,
-    /// Run request sent to the workload started.
+    /// Run request sent to the agent's report of the passed devices, which it waits
+    /// for before starting the workload (runs with devices only).
+    pub devices_visible_ms: Option<u64>,
+    /// Run request sent to the workload started (includes `devices_visible_ms`).
     pub process_start_ms: u64,
     /// Workload started to exited.
     pub workload_ms: u64,
@@ -600,6 +603,9 @@ impl Sandbox {
                         vm_start_ms: ms(vm_started - t_spawn),
                         kernel_boot_ms: report.hello.uptime_ms,
                         agent_ready_ms: ms(report.hello_at - t_spawn),
+                        devices_visible_ms: report
+                            .devices_at
+                            .map(|t| ms(t.saturating_duration_since(report.run_sent_at))),
                         process_start_ms: ms(started.saturating_duration_since(report.run_sent_at)),
                         workload_ms: ms(report.exited_at.saturating_duration_since(started)),
                         shutdown_ms: ms(gone.saturating_duration_since(report.exited_at)),

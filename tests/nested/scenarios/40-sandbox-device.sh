@@ -33,10 +33,14 @@ edu_pool "$bdf" || fail pool "gpucell gpu bind $bdf: $(gc_summary /tmp/pool-bind
 gc /tmp/run1 --json run --memory 256m --boot-timeout 120s --device "$bdf" "$EDU_IMAGE" -- edu-probe
 probe=$(edu_probe_ok /tmp/run1.out)
 ok=$?
-if [ "$(cat /tmp/run1.rc)" = 0 ] && [ $ok = 0 ]; then
-    pass run-device "--device $bdf: $probe; $(run_summary /tmp/run1 | jq -c '{devices, timings_ms}' | cut -c1-250)"
+# The phases of a device run are in the summary: the binding (none here, bound
+# above) and the time until the agent saw the device.
+phases=$(run_summary /tmp/run1 | jq -c '{bind_ms: .devices_ms.bind, devices_visible_ms: .timings_ms.devices_visible}')
+if [ "$(cat /tmp/run1.rc)" = 0 ] && [ $ok = 0 ] &&
+    echo "$phases" | jq -e '(.bind_ms == 0) and (.devices_visible_ms | type == "number")' >/dev/null; then
+    pass run-device "--device $bdf: $probe; $phases; $(run_summary /tmp/run1 | jq -c '{devices, timings_ms}' | cut -c1-250)"
 else
-    fail run-device "--device $bdf: $probe; $(gc_summary /tmp/run1)"
+    fail run-device "--device $bdf: $probe; phases $phases; $(gc_summary /tmp/run1)"
 fi
 
 left=$(alloc_bdfs)
@@ -70,7 +74,7 @@ gc /tmp/run2 --json run --memory 256m --boot-timeout 120s --device "$other" "$ED
 probe=$(edu_probe_ok /tmp/run2.out)
 ok=$?
 if [ "$(cat /tmp/run2.rc)" = 0 ] && [ $ok = 0 ]; then
-    pass run-unbound "--device $other (on no driver before): $probe; now on $(pci_driver "$other")"
+    pass run-unbound "--device $other (on no driver before): $probe; now on $(pci_driver "$other"); bound in $(run_summary /tmp/run2 | jq -c '.devices_ms.bind') ms"
 else
     fail run-unbound "--device $other (on no driver before): $probe; $(gc_summary /tmp/run2)"
 fi

@@ -96,19 +96,23 @@ fn ms(d: Duration) -> u64 {
 pub fn run(global: &Global, args: RunArgs) -> anyhow::Result<u8> {
     let start = Instant::now();
     let mut summary = json!({ "image": { "reference": args.image } });
-    // Devices first, released after QEMU is gone whatever happened in between.
+    // Everything that can fail without devices (arguments, the image, the guest, the
+    // accelerator) first, so a bad image or a long pull never holds a GPU; then the
+    // devices, released after QEMU is gone whatever happened in between.
     let result = gpucell_sandbox::rundir::new_run_id()
         .map_err(anyhow::Error::from)
         .and_then(|id| {
             summary["run_id"] = json!(id);
-            let held = devices::Held::acquire(global, &args.devices, &id)?;
-            Ok((id, held))
+            let plan = args.devices.plan()?;
+            let prepared = prepare(global, &args, &mut summary)?;
+            let held = devices::Held::acquire(global, plan, &id)?;
+            Ok((id, prepared, held))
         })
-        .and_then(|(id, held)| {
+        .and_then(|(id, prepared, held)| {
             if !held.setup.devices.is_empty() {
                 summary["passthrough"] = held.summary();
             }
-            let r = run_inner(global, &args, start, &mut summary, &id, &held);
+            let r = run_inner(global, &args, start, &mut summary, &id, &held, prepared);
             held.release(&mut summary);
             r
         });
@@ -152,14 +156,27 @@ pub fn run(global: &Global, args: RunArgs) -> anyhow::Result<u8> {
     Ok(code)
 }
 
-fn run_inner(
+/// What a run needs before it takes any device.
+struct Prepared {
+    memory_mib: u64,
+    timeout: Option<Duration>,
+    boot_timeout: Option<Duration>,
+    qemu: PathBuf,
+    image: gpucell_image::Image,
+    disk: gpucell_image::GuestDisk,
+    guest: gpucell_guest::GuestArtifacts,
+    selection: Selection,
+    image_ms: u64,
+    accel_ms: u64,
+}
+
+/// Checks the arguments, gets the image and its guest disk, loads the guest and
+/// picks the accelerator.
+fn prepare(
     global: &Global,
     args: &RunArgs,
-    start: Instant,
     summary: &mut serde_json::Value,
-    sandbox_id: &str,
-    held: &devices::Held,
-) -> anyhow::Result<u8> {
+) -> anyhow::Result<Prepared> {
     let memory_mib = spec::parse_memory_mib(&args.memory)?;
     let timeout = args
         .timeout
@@ -208,6 +225,41 @@ fn run_inner(
     }
     let accel_ms = ms(t_accel.elapsed());
     summary["accel"] = serde_json::to_value(&selection)?;
+    Ok(Prepared {
+        memory_mib,
+        timeout,
+        boot_timeout,
+        qemu,
+        image,
+        disk,
+        guest,
+        selection,
+        image_ms,
+        accel_ms,
+    })
+}
+
+fn run_inner(
+    global: &Global,
+    args: &RunArgs,
+    start: Instant,
+    summary: &mut serde_json::Value,
+    sandbox_id: &str,
+    held: &devices::Held,
+    prepared: Prepared,
+) -> anyhow::Result<u8> {
+    let Prepared {
+        memory_mib,
+        timeout,
+        boot_timeout,
+        qemu,
+        image,
+        disk,
+        guest,
+        selection,
+        image_ms,
+        accel_ms,
+    } = prepared;
 
     // The run request.
     let defaults = ImageDefaults {
@@ -306,6 +358,7 @@ fn run_inner(
         "vm_start": t.vm_start_ms,
         "kernel_boot": t.kernel_boot_ms,
         "agent_ready": t.agent_ready_ms,
+        "devices_visible": t.devices_visible_ms,
         "process_start": t.process_start_ms,
         "workload": t.workload_ms,
         "shutdown": t.shutdown_ms,

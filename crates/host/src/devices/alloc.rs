@@ -88,6 +88,15 @@ pub struct Allocation {
     pub(super) devices: Vec<AssignedDevice>,
     pub(super) writer: Option<Box<dyn SysfsWriter + Send>>,
     pub(super) notes: Vec<String>,
+    pub(super) bind_time: Duration,
+}
+
+/// What [`DevicePool::decide`] gave: the devices, notes for the log, and the time spent
+/// binding functions to vfio-pci.
+struct Decided {
+    devices: Vec<AssignedDevice>,
+    notes: Vec<String>,
+    bind_time: Duration,
 }
 
 impl std::fmt::Debug for Allocation {
@@ -123,6 +132,11 @@ impl Allocation {
     /// bound to vfio-pci, ...), for logs.
     pub fn notes(&self) -> &[String] {
         &self.notes
+    }
+    /// Time spent binding functions to vfio-pci during the allocation (zero when all
+    /// were bound already).
+    pub fn bind_time(&self) -> Duration {
+        self.bind_time
     }
 }
 
@@ -189,9 +203,7 @@ impl DevicePool {
         let deadline = Instant::now() + wait;
         loop {
             match self.decide(sandbox, owner, request, &mut *writer) {
-                Ok((devices, notes)) => {
-                    return Ok(self.guard(sandbox, owner, devices, notes, writer))
-                }
+                Ok(decided) => return Ok(self.guard(sandbox, owner, decided, writer)),
                 Err(DevicesError::Unavailable { .. }) if Instant::now() + WAIT_STEP < deadline => {
                     std::thread::sleep(WAIT_STEP);
                 }
@@ -208,25 +220,25 @@ impl DevicePool {
         request: &DeviceRequest,
         mut writer: Box<dyn SysfsWriter + Send>,
     ) -> Result<Allocation, DevicesError> {
-        let (devices, notes) = self.decide(sandbox, owner, request, &mut *writer)?;
-        Ok(self.guard(sandbox, owner, devices, notes, writer))
+        let decided = self.decide(sandbox, owner, request, &mut *writer)?;
+        Ok(self.guard(sandbox, owner, decided, writer))
     }
 
     fn guard(
         &self,
         sandbox: &str,
         owner: Owner,
-        devices: Vec<AssignedDevice>,
-        notes: Vec<String>,
+        decided: Decided,
         writer: Box<dyn SysfsWriter + Send>,
     ) -> Allocation {
         Allocation {
             pool: self.clone(),
             sandbox: sandbox.to_owned(),
             owner,
-            devices,
+            devices: decided.devices,
             writer: Some(writer),
-            notes,
+            notes: decided.notes,
+            bind_time: decided.bind_time,
         }
     }
 
@@ -237,7 +249,7 @@ impl DevicePool {
         owner: Owner,
         request: &DeviceRequest,
         writer: &mut dyn SysfsWriter,
-    ) -> Result<(Vec<AssignedDevice>, Vec<String>), DevicesError> {
+    ) -> Result<Decided, DevicesError> {
         record::check_sandbox_id(sandbox)?;
         let _lock = DevicesLock::take(&self.state_dir)?;
         let mut allocations = record::load_allocations(&self.state_dir)?;
@@ -250,7 +262,11 @@ impl DevicePool {
             });
         }
         if request.is_empty() {
-            return Ok((Vec::new(), notes));
+            return Ok(Decided {
+                devices: Vec::new(),
+                notes,
+                bind_time: Duration::ZERO,
+            });
         }
         let scan = PciScan::read(&self.root).map_err(DevicesError::Scan)?;
         let view = View {
@@ -266,6 +282,7 @@ impl DevicePool {
             .filter(|(_, needs_bind)| *needs_bind)
             .map(|(b, _)| *b)
             .collect();
+        let bind_start = Instant::now();
         if !to_bind.is_empty() {
             let plan = bind::plan_bind(&self.root, &Targets::Devices(to_bind.clone()))
                 .map_err(DevicesError::Bind)?;
@@ -276,6 +293,11 @@ impl DevicePool {
             }
             notes.extend(outcome.warnings);
         }
+        let bind_time = if to_bind.is_empty() {
+            Duration::ZERO
+        } else {
+            bind_start.elapsed()
+        };
         let since = now_unix();
         let mut devices = Vec::new();
         for (bdf, _) in &chosen {
@@ -314,7 +336,11 @@ impl DevicePool {
         allocations.allocations.sort_by_key(|a| a.bdf);
         record::save_allocations(&self.state_dir, &allocations)?;
         tracing::info!(sandbox, devices = ?devices.iter().map(|d| d.bdf.to_string()).collect::<Vec<_>>(), "allocated");
-        Ok((devices, notes))
+        Ok(Decided {
+            devices,
+            notes,
+            bind_time,
+        })
     }
 
     /// Releases every record whose owner is gone and whose group no process has open:

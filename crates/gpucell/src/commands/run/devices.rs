@@ -45,32 +45,47 @@ pub struct DeviceArgs {
 pub struct Held {
     alloc: Option<Allocation>,
     pub setup: DeviceSetup,
-    /// Time the allocation took (lock, checks, binding), in milliseconds.
+    /// Time the allocation took (lock, checks, binding), in milliseconds; the binding
+    /// alone is `Allocation::bind_time`.
     allocate_ms: u64,
 }
 
-impl Held {
-    /// Parses the flags and allocates what they ask for, under `sandbox_id`.
-    pub fn acquire(global: &Global, args: &DeviceArgs, sandbox_id: &str) -> anyhow::Result<Held> {
-        let wait = args
+/// The device flags, checked: what to allocate and how to wire it.
+pub struct DevicePlan {
+    request: DeviceRequest,
+    setup: DeviceSetup,
+}
+
+impl DeviceArgs {
+    /// Checks the flags without touching any device (done before the image is fetched).
+    pub fn plan(&self) -> anyhow::Result<DevicePlan> {
+        let wait = self
             .device_wait
             .as_deref()
             .map(spec::parse_duration)
             .transpose()?
             .unwrap_or(DEFAULT_DEVICE_WAIT);
-        let request = DeviceRequest::parse(args.gpus.as_deref(), &args.device)?;
-        let mut setup = DeviceSetup {
+        let request = DeviceRequest::parse(self.gpus.as_deref(), &self.device)?;
+        if request.is_empty() && self.pin_cpus {
+            anyhow::bail!(
+                "--pin-cpus pins to the passed devices' local CPUs: add --gpus or --device"
+            );
+        }
+        let setup = DeviceSetup {
             devices: Vec::new(),
-            hugepages: args.hugepages,
-            pin_cpus: args.pin_cpus,
+            hugepages: self.hugepages,
+            pin_cpus: self.pin_cpus,
             wait,
         };
+        Ok(DevicePlan { request, setup })
+    }
+}
+
+impl Held {
+    /// Allocates what `plan` asks for, under `sandbox_id`.
+    pub fn acquire(global: &Global, plan: DevicePlan, sandbox_id: &str) -> anyhow::Result<Held> {
+        let DevicePlan { request, mut setup } = plan;
         if request.is_empty() {
-            if args.pin_cpus {
-                anyhow::bail!(
-                    "--pin-cpus pins to the passed devices' local CPUs: add --gpus or --device"
-                );
-            }
             return Ok(Held {
                 alloc: None,
                 setup,
@@ -142,10 +157,12 @@ impl Held {
         let Some(alloc) = self.alloc.take() else {
             return;
         };
+        let bind_ms = alloc.bind_time().as_millis() as u64;
         let t0 = Instant::now();
         let released = alloc.release();
         summary["devices_ms"] = json!({
             "allocate": self.allocate_ms,
+            "bind": bind_ms,
             "release": t0.elapsed().as_millis() as u64,
         });
         match released {
