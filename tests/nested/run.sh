@@ -8,9 +8,11 @@
 # prints one line per result and a summary. Exits 0 only if every check passed
 # (skips are allowed unless NESTED_STRICT=1), 1 on any failure or timeout.
 #
-# Environment: NESTED_TIMEOUT (whole run, s, default 600), NESTED_SCENARIO_TIMEOUT
-# (per scenario, s, default 300), NESTED_EDU_COUNT (default 3), NESTED_MEM,
-# NESTED_SMP, NESTED_STRICT, NESTED_ACCEL (tcg), NESTED_QUIET=1 (console only to the log file);
+# Environment: NESTED_TIMEOUT (each L1, s, default 900), NESTED_SCENARIO_TIMEOUT
+# (per scenario, s, default 400), NESTED_EDU_COUNT (default 3), NESTED_MEM,
+# NESTED_SMP, NESTED_STRICT, NESTED_ACCEL (tcg), NESTED_QUIET=1 (console only to the
+# log file), NESTED_RETRY (default 1: after an emulator fault in L1, rerun the
+# interrupted scenario and the rest once in a fresh L1; 0: never);
 # build settings in tests/nested/common.sh.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -63,22 +65,11 @@ mkdir -p "$run_dir"
 ln -sfn "$run_dir" "$NESTED_OUT/runs/latest"
 # Keep the last 10 runs.
 ls -d "$NESTED_OUT"/runs/2* 2>/dev/null | head -n -10 | xargs -r rm -rf
-console=$run_dir/console.log
 results=$run_dir/results.log
 : >"$results"
 
 edu=()
 for _ in $(seq "$NESTED_EDU_COUNT"); do edu+=(-device edu); done
-qemu_args=(
-    -M q35,kernel-irqchip=split -accel "$NESTED_ACCEL" -cpu max -smp "$NESTED_SMP" -m "$NESTED_MEM"
-    -device intel-iommu,intremap=on,caching-mode=on "${edu[@]}"
-    -nodefaults -display none -monitor none -no-reboot
-    -chardev stdio,id=con,signal=off -serial chardev:con
-    -chardev "file,id=results,path=$results" -serial chardev:results
-    -kernel "$L1_KERNEL" -initrd "$L1_INITRD"
-    -append "console=ttyS0 quiet panic=-1 no_timer_check intel_iommu=on iommu=pt nested.scenarios=$scenario_arg nested.edu=$NESTED_EDU_COUNT nested.scenario_timeout=$NESTED_SCENARIO_TIMEOUT"
-)
-echo "$QEMU ${qemu_args[*]}" >"$run_dir/qemu-cmdline"
 
 qpid=
 stop_qemu() {
@@ -98,35 +89,124 @@ trap stop_qemu EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-log "booting L1 ($(basename "$L1_KERNEL"), $(du -h "$L1_INITRD" | cut -f1) initramfs, $NESTED_EDU_COUNT edu); log: $console"
-t_qemu=$(now)
-if [ "$NESTED_QUIET" = 1 ]; then
-    "$QEMU" "${qemu_args[@]}" </dev/null >"$console" 2>&1 &
-else
-    "$QEMU" "${qemu_args[@]}" </dev/null > >(tee "$console") 2>&1 &
-fi
-qpid=$!
-deadline=$(awk -v a="$t_qemu" -v t="$NESTED_TIMEOUT" 'BEGIN { printf "%d", a + t }')
-boot_s=
-timed_out=0
-while kill -0 "$qpid" 2>/dev/null; do
-    if [ -z "$boot_s" ] && grep -q NESTED-BOOT "$results"; then boot_s=$(elapsed "$t_qemu"); fi
-    if [ "$(date +%s)" -ge "$deadline" ]; then
-        timed_out=1
-        break
+# boot_l1 ATTEMPT SCENARIOS: boots L1 for the comma-separated SCENARIOS (or
+# "all"), writing $run_dir/{console,results}-ATTEMPT.log; sets qrc to QEMU's exit
+# status, "timeout" or "stalled", and boot_s.
+boot_l1() {
+    local attempt=$1 arg=$2 deadline t_qemu stall_at=
+    console=$run_dir/console-$attempt.log
+    att_results=$run_dir/results-$attempt.log
+    : >"$att_results"
+    local qemu_args=(
+        -M q35,kernel-irqchip=split -accel "$NESTED_ACCEL" -cpu max -smp "$NESTED_SMP" -m "$NESTED_MEM"
+        -device intel-iommu,intremap=on,caching-mode=on "${edu[@]}"
+        -nodefaults -display none -monitor none -no-reboot
+        -chardev stdio,id=con,signal=off -serial chardev:con
+        -chardev "file,id=results,path=$att_results" -serial chardev:results
+        -kernel "$L1_KERNEL" -initrd "$L1_INITRD"
+        -append "console=ttyS0 quiet panic=-1 no_timer_check intel_iommu=on iommu=pt nested.scenarios=$arg nested.edu=$NESTED_EDU_COUNT nested.scenario_timeout=$NESTED_SCENARIO_TIMEOUT nested.attempt=$attempt"
+    )
+    echo "$QEMU ${qemu_args[*]}" >"$run_dir/qemu-cmdline-$attempt"
+    log "booting L1 ($(basename "$L1_KERNEL"), $(du -h "$L1_INITRD" | cut -f1) initramfs, $NESTED_EDU_COUNT edu, scenarios $arg); log: $console"
+    t_qemu=$(now)
+    if [ "$NESTED_QUIET" = 1 ]; then
+        "$QEMU" "${qemu_args[@]}" </dev/null >"$console" 2>&1 &
+    else
+        "$QEMU" "${qemu_args[@]}" </dev/null > >(tee "$console") 2>&1 &
     fi
-    sleep 0.2
+    qpid=$!
+    deadline=$(awk -v a="$t_qemu" -v t="$NESTED_TIMEOUT" 'BEGIN { printf "%d", a + t }')
+    boot_s=
+    qrc=
+    local size=0 stalls=0 n
+    while kill -0 "$qpid" 2>/dev/null; do
+        if [ -z "$boot_s" ] && grep -q NESTED-BOOT "$att_results"; then boot_s=$(elapsed "$t_qemu"); fi
+        if [ "$(date +%s)" -ge "$deadline" ]; then
+            qrc=timeout
+            break
+        fi
+        # A CPU of L1 stuck for good (an RCU stall or soft lockup warning, then no
+        # result for a minute) is the emulator's fault, not a slow test. A new
+        # result disarms.
+        n=$(stat -c %s "$att_results")
+        if [ "$n" != "$size" ]; then
+            size=$n
+            stall_at=
+        fi
+        n=$(grep -c 'rcu: INFO: .* detected stalls\|soft lockup - CPU' "$console" || true)
+        if [ "$n" -gt "$stalls" ]; then
+            stalls=$n
+            stall_at=$(date +%s)
+        fi
+        if [ -n "$stall_at" ] && [ $(($(date +%s) - stall_at)) -ge 60 ]; then
+            qrc=stalled
+            break
+        fi
+        sleep 0.2
+    done
+    if [ -n "$qrc" ]; then
+        stop_qemu
+    else
+        qrc=0
+        wait "$qpid" || qrc=$?
+        qpid=
+    fi
+    [ -n "$boot_s" ] || { grep -q NESTED-BOOT "$att_results" && boot_s=$(elapsed "$t_qemu"); } || boot_s=-
+    l1_s=$(elapsed "$t_qemu")
+}
+
+# l1_fault: why L1 died under the emulator, or nothing. QEMU 7.2's TCG, emulating
+# SVM for KVM inside L1, now and then loses a CPU (double fault with GS base 0,
+# a CPU stuck in an L2 guest: see docs/nested-test-host.md).
+l1_fault() {
+    grep -q '^NESTED-DONE ' "$att_results" && return 0
+    grep -q '^NESTED-BOOT ' "$att_results" || return 0
+    if [ "$qrc" = stalled ]; then
+        echo "an L1 CPU stalled (RCU stall or soft lockup warnings, no result for 60 s)"
+    elif [ "$qrc" = 0 ]; then
+        local why
+        why=$(grep -a -m1 -o 'Kernel panic - not syncing: [^[:cntrl:]]*\|double fault\|general protection fault' "$console" | head -1)
+        echo "L1 powered off in the middle (${why:-no panic message: a triple fault})"
+    fi
+}
+
+# Scenarios: all of them, or the named ones. After an emulator fault, the rest
+# (from the one that was running) get one more L1 unless NESTED_RETRY=0.
+NESTED_RETRY=${NESTED_RETRY:-1}
+t_l1=$(now)
+attempt=1
+arg=$scenario_arg
+while :; do
+    boot_l1 "$attempt" "$arg"
+    fault=$(l1_fault)
+    last=$(grep -a '^NESTED-SCENARIO ' "$att_results" | tail -1 | sed 's/.* name=\([^ ]*\).*/\1/')
+    if [ -n "$fault" ] && [ -n "$last" ] && [ "$attempt" -le "$NESTED_RETRY" ]; then
+        # Keep what finished; drop the interrupted scenario's partial results.
+        awk -v s="$last" '$0 ~ "^NESTED-SCENARIO name=" s " " { exit } { print }' "$att_results" | tr -d '\r' >>"$results"
+        up=$(grep -a "^NESTED-SCENARIO name=$last " "$att_results" | sed 's/.* uptime=\([0-9.]*\).*/\1/')
+        echo "NESTED-RETRY scenario=$last uptime=$up detail=$fault during $last; its results dropped, $last and the rest rerun in a fresh L1 (console: $console)" >>"$results"
+        # The scenarios still to run, in order.
+        if [ "$arg" = all ]; then
+            list=$(cd "$NESTED_SRC/scenarios" && ls | sed -n 's/^\([0-9].*\)\.sh$/\1/p')
+        else
+            list=$(echo "$arg" | tr ',' '\n')
+        fi
+        arg=$(echo "$list" | awk -v s="$last" '$0 == s { on = 1 } on' | paste -sd, -)
+        log "L1 fault in $last ($fault); retrying from $last in a fresh L1"
+        attempt=$((attempt + 1))
+        continue
+    fi
+    if [ "$attempt" = 1 ]; then
+        tr -d '\r' <"$att_results" >>"$results"
+    else
+        # The retried L1's boot line is not a second boot of the run.
+        tr -d '\r' <"$att_results" | grep -av '^NESTED-BOOT \|^NESTED-RESULT name=l1/' >>"$results"
+    fi
+    break
 done
-if [ "$timed_out" = 1 ]; then
-    stop_qemu
-    qrc=timeout
-else
-    qrc=0
-    wait "$qpid" || qrc=$?
-    qpid=
-fi
-[ -n "$boot_s" ] || { grep -q NESTED-BOOT "$results" && boot_s=$(elapsed "$t_qemu"); } || boot_s=-
-l1_s=$(elapsed "$t_qemu")
+ln -sfn "$(basename "$console")" "$run_dir/console.log"
+l1_s=$(elapsed "$t_l1")
+[ "$qrc" != stalled ] || qrc=timeout
 
 # Results, one per line, then the summary.
 "$NESTED_SRC/summarize.sh" --results "$results" --qemu-status "$qrc" --timeout "$NESTED_TIMEOUT" \

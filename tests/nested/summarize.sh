@@ -3,7 +3,7 @@
 #                     [--console FILE] [--strict 0|1] [--timing TEXT]
 #
 # Reads the result channel of a nested run (NESTED-BOOT, NESTED-SCENARIO,
-# NESTED-RESULT and NESTED-DONE lines; anything else is ignored), prints one
+# NESTED-RESULT, NESTED-RETRY and NESTED-DONE lines; anything else is ignored), prints one
 # line per result, a timing line and "N passed, M failed, K skipped".
 # Exits 1 if anything failed, nothing passed, L1 never booted or never
 # finished, QEMU failed or timed out, or (strict) anything was skipped.
@@ -46,6 +46,12 @@ tr -d '\r' <"$results" | awk -v strict="$strict" -v qrc="$qrc" -v timeout="$time
     /^NESTED-BOOT / { booted = field($0, "uptime") }
     /^NESTED-SCENARIO / { name = field($0, "name"); start[name] = field($0, "uptime"); order[++n] = name }
     /^NESTED-DONE / { done = field($0, "uptime") }
+    # L1 died under the emulator; the interrupted scenario and the rest ran again
+    # in a fresh L1 (run.sh). Shown, not counted; the scenario before it ends here.
+    /^NESTED-RETRY / {
+        report("RETRY", "harness/" field($0, "scenario"), field($0, "detail")); retried++
+        end_of[n] = field($0, "uptime")
+    }
     /^NESTED-RESULT / {
         name = field($0, "name"); ok = field($0, "ok"); detail = field($0, "detail")
         if (name == "") { report("FAIL", "harness/result", "malformed result line: " $0); failed++ }
@@ -60,11 +66,11 @@ tr -d '\r' <"$results" | awk -v strict="$strict" -v qrc="$qrc" -v timeout="$time
         else if (done == "" && qrc != "timeout") { report("FAIL", "harness/done", "L1 stopped before finishing its scenarios (see " console ")"); failed++ }
         if (booted != "") timing = timing sprintf("; L1 clock: init at %ss", booted)
         for (i = 1; i <= n; i++) {
-            end = (i < n) ? start[order[i + 1]] : done
+            end = (i in end_of) ? end_of[i] : (i < n) ? start[order[i + 1]] : done
             if (end != "") timing = timing sprintf(", %s %.1fs", order[i], end - start[order[i]])
         }
         printf "timing: %s\n", timing
-        printf "%d passed, %d failed, %d skipped\n", passed, failed, skipped
+        printf "%d passed, %d failed, %d skipped%s\n", passed, failed, skipped, retried ? sprintf(" (L1 restarted %d time%s after an emulator fault)", retried, retried > 1 ? "s" : "") : ""
         exit (failed > 0 || passed == 0 || (strict == 1 && skipped > 0)) ? 1 : 0
     }' || rc=$?
 # When L1 died before its init finished, its last console lines are the evidence

@@ -445,7 +445,10 @@ impl Sandbox {
         if let Err(e) = dir.record_owner(Some(qemu.pid())) {
             return Err(with_logs(e.into(), &qemu));
         }
-        let startup = crate::memory::startup_wait(QMP_TIMEOUT, cfg.memory_mib, setup.preallocate());
+        // QEMU coming up is part of the boot: it gets at least the boot timeout (a
+        // slow host preallocating much memory can be given more with --boot-timeout).
+        let startup = crate::memory::startup_wait(QMP_TIMEOUT, cfg.memory_mib, setup.preallocate())
+            .max(cfg.limits.hello_timeout);
         let mut alive = || matches!(qemu.try_wait(), Ok(None));
         let connected = crate::memory::connect_qmp(&qmp_path, startup, QMP_TIMEOUT, &mut alive);
         let mut qmp = match connected {

@@ -82,15 +82,16 @@ for dev in $devices; do
                 fi
                 extra=$huge_flag
             fi
+            # The function is on no driver: gpucell binds it (the bind phase).
             dev_args=
-            [ "$dev" = none ] || { edu_pool "$bdf" && dev_args="--device $bdf"; }
+            [ "$dev" = none ] || dev_args="--device $bdf"
             t0=$(uptime_s)
             # shellcheck disable=SC2086 # optional flags
             gc "/tmp/t-$name" --json run --boot-timeout 300s --memory "${mem}m" $extra $dev_args "$EDU_IMAGE" -- sh -c 'edu-probe; exit 0'
             rc=$?
             wall=$(awk -v a="$t0" -v b="$(uptime_s)" 'BEGIN { printf "%.1f", b - a }')
             [ "$pages" = 4k ] || reserve_hugepages 0
-            timings=$(run_summary "/tmp/t-$name" | jq -c '.timings_ms // {}' 2>/dev/null)
+            timings=$(run_summary "/tmp/t-$name" | jq -c '(.timings_ms // {}) + (if .devices_ms then {bind: .devices_ms.bind, release: .devices_ms.release} else {} end)' 2>/dev/null)
             probe=ok
             [ "$dev" = none ] || probe=$(edu_probe_ok "/tmp/t-$name.out" >/dev/null && echo ok || echo bad)
             if [ "$rc" = 0 ] && [ "$probe" = ok ]; then
