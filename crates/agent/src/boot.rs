@@ -73,7 +73,9 @@ pub fn read_cmdline() -> Result<String, BootError> {
 /// Loads the modules named in the load-order file, in order. A module already loaded (or
 /// built in) is fine. Returns how many were loaded; the first failure is returned after
 /// trying the rest, so one bad module does not hide the others.
-pub fn load_modules() -> Result<usize, BootError> {
+/// `wanted` says, by each line's tag (`<file> <tag>`; no tag: always), which modules
+/// this boot needs.
+pub fn load_modules(wanted: &dyn Fn(&str) -> bool) -> Result<usize, BootError> {
     let order = match fs::read_to_string(MODULES_ORDER) {
         Ok(o) => o,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
@@ -82,8 +84,9 @@ pub fn load_modules() -> Result<usize, BootError> {
     let params = CString::default();
     let mut loaded = 0;
     let mut first_err = None;
-    for name in order.lines().map(str::trim).filter(|l| !l.is_empty()) {
-        if name.contains('/') {
+    for line in order.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let (name, tag) = line.split_once(' ').unwrap_or((line, "always"));
+        if name.contains('/') || !wanted(tag.trim()) {
             continue;
         }
         let path = format!("{MODULES_DIR}/{name}");

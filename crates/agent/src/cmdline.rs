@@ -1,6 +1,8 @@
 //! The kernel command line as the agent reads it (`/proc/cmdline`).
 
-use gpucell_protocol::{CMDLINE_CHANNEL_KEY, CMDLINE_VSOCK_PORT_KEY, VSOCK_PORT};
+use gpucell_protocol::{
+    CMDLINE_CHANNEL_KEY, CMDLINE_ROOTFS_KEY, CMDLINE_VSOCK_PORT_KEY, VSOCK_PORT,
+};
 
 /// Marker the agent prints in probe mode.
 pub const PROBE_OK: &str = "gpucell-probe-ok";
@@ -21,6 +23,8 @@ pub struct Cmdline {
     /// `gpucell.probe=1`: print [`PROBE_OK`] and power off.
     pub probe: bool,
     pub channel: Channel,
+    /// `gpucell.rootfs=`: the image filesystem of this boot, if the host said.
+    pub rootfs: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -34,11 +38,23 @@ pub enum CmdlineError {
 }
 
 impl Cmdline {
+    /// Whether this boot needs the modules tagged `tag` in the init image's module order
+    /// (`always`, `channel=serial|vsock`, `rootfs=<fs>`). An unknown tag is loaded.
+    pub fn wants_modules(&self, tag: &str) -> bool {
+        match tag.split_once('=') {
+            Some(("channel", "serial")) => self.channel == Channel::Serial,
+            Some(("channel", "vsock")) => matches!(self.channel, Channel::Vsock { .. }),
+            Some(("rootfs", fs)) => self.rootfs.as_deref().is_none_or(|r| r == fs),
+            _ => true,
+        }
+    }
+
     /// Parses the command line; the last occurrence of a key wins, as in the kernel.
     pub fn parse(text: &str) -> Result<Self, CmdlineError> {
         let mut probe = false;
         let mut vsock = false;
         let mut port = VSOCK_PORT;
+        let mut rootfs = None;
         for word in text.split_ascii_whitespace() {
             let (key, value) = word.split_once('=').unwrap_or((word, ""));
             if key == PROBE_KEY {
@@ -51,6 +67,8 @@ impl Cmdline {
                         return Err(CmdlineError::BadChannel(other.chars().take(64).collect()))
                     }
                 };
+            } else if key == CMDLINE_ROOTFS_KEY {
+                rootfs = Some(value.chars().take(64).collect());
             } else if key == CMDLINE_VSOCK_PORT_KEY {
                 // 0 is not a port to connect to; u32::MAX is VMADDR_PORT_ANY.
                 port = match value.parse::<u32>() {
@@ -64,7 +82,11 @@ impl Cmdline {
         } else {
             Channel::Serial
         };
-        Ok(Cmdline { probe, channel })
+        Ok(Cmdline {
+            probe,
+            channel,
+            rootfs,
+        })
     }
 }
 
@@ -80,7 +102,8 @@ mod tests {
             c,
             Cmdline {
                 probe: false,
-                channel: Channel::Serial
+                channel: Channel::Serial,
+                rootfs: None,
             }
         );
         let c = Cmdline::parse("console=ttyS0 gpucell.probe=1 gpucell.channel=vsock").unwrap();
@@ -90,12 +113,30 @@ mod tests {
             Cmdline::parse("gpucell.vsock_port=7 gpucell.channel=vsock gpucell.vsock_port=52001")
                 .unwrap();
         assert_eq!(c.channel, Channel::Vsock { port: 52001 });
+        let c = Cmdline::parse("gpucell.rootfs=ext4 gpucell.rootfs=erofs").unwrap();
+        assert_eq!(c.rootfs.as_deref(), Some("erofs"));
         let c =
             Cmdline::parse("gpucell.probe=0 gpucell.channel=vsock gpucell.channel=serial").unwrap();
         assert!(!c.probe);
         assert_eq!(c.channel, Channel::Serial);
         // A key that merely starts like ours is not ours.
         assert!(!Cmdline::parse("gpucell.probex=1").unwrap().probe);
+    }
+
+    #[test]
+    fn modules_follow_the_channel_and_the_image_filesystem() {
+        let c = Cmdline::parse("gpucell.channel=vsock gpucell.rootfs=erofs").unwrap();
+        assert!(c.wants_modules("always"));
+        assert!(c.wants_modules("channel=vsock"));
+        assert!(!c.wants_modules("channel=serial"));
+        assert!(c.wants_modules("rootfs=erofs"));
+        assert!(!c.wants_modules("rootfs=ext4"));
+        assert!(c.wants_modules("gpu=nvidia"), "unknown tags are loaded");
+        // No filesystem named: all of them.
+        let c = Cmdline::parse("gpucell.channel=serial").unwrap();
+        assert!(c.wants_modules("channel=serial"));
+        assert!(!c.wants_modules("channel=vsock"));
+        assert!(c.wants_modules("rootfs=ext4") && c.wants_modules("rootfs=erofs"));
     }
 
     #[test]

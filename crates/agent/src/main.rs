@@ -77,7 +77,7 @@ fn run() -> Result<(), AnyError> {
     // A module that fails to load is logged; what needs it fails later, with a message.
     // Warnings from before the channel is open, sent to the host as `Log` after hello.
     let mut early = Vec::new();
-    if let Err(e) = boot::load_modules() {
+    if let Err(e) = boot::load_modules(&|tag| cmdline.wants_modules(tag)) {
         tracing::error!("{}", chain(&e));
         early.push(chain(&e));
     }

@@ -82,6 +82,8 @@ fn json_summary_stdin_and_image_defaults() {
         assert!(v.is_some(), "timings_ms.{phase} missing: {s}");
     }
     assert!(s["timings_ms"]["total"].as_u64() >= s["timings_ms"]["agent_ready"].as_u64());
+    // No devices passed: no device phase.
+    assert!(s["timings_ms"]["devices_visible"].is_null(), "{s}");
     let args: Vec<String> = serde_json::from_value(s["qemu_args"].clone()).unwrap();
     let joined = args.join(" ");
     assert!(

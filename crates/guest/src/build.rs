@@ -147,7 +147,7 @@ fn cache_hit(dir: &Path, inputs: &Inputs) -> Option<Manifest> {
         && m.flavour == inputs.flavour.name
         && m.deb.sha256 == inputs.kernel.sha256()
         && m.agent == inputs.agent_digest
-        && m.requested_modules == inputs.flavour.modules
+        && m.requested_modules == requested_modules(inputs.flavour)
         && m.extra_packages == inputs.flavour.extra_packages;
     if !same {
         return None;
@@ -237,7 +237,7 @@ fn build_into(work: &Path, inputs: &Inputs, deb: &DebFile) -> Result<Manifest, B
     };
     let deps = modules::DepTable::parse(&read_text("modules.dep")?)?;
     let builtin = modules::parse_builtin(&read_text("modules.builtin").unwrap_or_default());
-    let resolved = modules::resolve(inputs.flavour.modules, &deps, &builtin, &release)?;
+    let resolved = modules::resolve_tagged(inputs.flavour.modules, &deps, &builtin, &release)?;
 
     let bz_path = root.join("boot").join(format!("vmlinuz-{release}"));
     let bz = fs::read(&bz_path).map_err(io(format!("reading {}", bz_path.display())))?;
@@ -267,13 +267,13 @@ fn build_into(work: &Path, inputs: &Inputs, deb: &DebFile) -> Result<Manifest, B
         vmlinux: digest(VMLINUX_FILE, &vmlinux),
         initramfs: digest(INITRAMFS_FILE, &initramfs),
         agent: inputs.agent_digest.clone(),
-        requested_modules: inputs
-            .flavour
-            .modules
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
+        requested_modules: requested_modules(inputs.flavour),
         modules: resolved.load_order.iter().map(|m| m.name.clone()).collect(),
+        module_conditions: resolved
+            .load_order
+            .iter()
+            .map(|m| (m.name.clone(), m.tag.clone()))
+            .collect(),
         builtin_modules: resolved.builtin,
         extra_packages: inputs
             .flavour
@@ -303,6 +303,15 @@ fn kernel_release(root: &Path) -> Result<String, BuildError> {
     Ok(trees.remove(0))
 }
 
+/// The flavour's module list as the manifest records it: `name (condition)`.
+fn requested_modules(flavour: &crate::flavour::Flavour) -> Vec<String> {
+    flavour
+        .modules
+        .iter()
+        .map(|(w, n)| format!("{n} ({})", w.tag()))
+        .collect()
+}
+
 /// The init image: the agent as `/init`, the console node the kernel opens for it, mount
 /// points, and the modules with their load order.
 pub fn init_image(
@@ -323,8 +332,7 @@ pub fn init_image(
         let data = read_module(&mod_root.join(&m.path))?;
         let file = format!("{}.ko", m.name);
         a.file(&format!("{MODULES_DIR}/{file}"), 0o644, data)?;
-        order_text.push_str(&file);
-        order_text.push('\n');
+        order_text.push_str(&format!("{file} {}\n", m.tag));
     }
     a.file(MODULES_ORDER, 0o644, order_text.into_bytes())?;
     Ok(a.to_vec()?)

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 /// Version of the manifest schema and of the artifact layout. Bumping it invalidates
 /// every cached build.
-pub const MANIFEST_SCHEMA: u32 = 1;
+pub const MANIFEST_SCHEMA: u32 = 2;
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const VMLINUX_FILE: &str = "vmlinux";
 pub const INITRAMFS_FILE: &str = "initramfs.cpio";
@@ -44,10 +44,13 @@ pub struct Manifest {
     pub initramfs: FileDigest,
     /// The agent binary, `/init` of the init image.
     pub agent: FileDigest,
-    /// Modules the flavour asked for, as written in the flavour.
+    /// Modules the flavour asked for, as `name (condition)`.
     pub requested_modules: Vec<String>,
     /// Modules in the init image, in the order the agent loads them.
     pub modules: Vec<String>,
+    /// When the agent loads each of them: `always`, `channel=serial|vsock` or
+    /// `rootfs=erofs|ext4` (what the kernel command line names).
+    pub module_conditions: std::collections::BTreeMap<String, String>,
     /// Requested modules that are built into this kernel.
     pub builtin_modules: Vec<String>,
     pub extra_packages: Vec<String>,

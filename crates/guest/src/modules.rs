@@ -1,6 +1,7 @@
 //! Kernel module selection: resolves the modules a flavour asks for, with their
 //! dependencies from `modules.dep` (written by `depmod -b`), into a load order.
 
+use crate::flavour::When;
 use std::collections::{BTreeMap, BTreeSet};
 
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +23,8 @@ pub struct ModuleFile {
     pub name: String,
     /// Path relative to `/lib/modules/<release>/`, e.g. `kernel/drivers/block/virtio_blk.ko`.
     pub path: String,
+    /// When the agent loads it ([`crate::flavour::When::tag`]); `always` from [`resolve`].
+    pub tag: String,
 }
 
 /// Canonical module name of a path or a name: basename without `.ko*`, `-` → `_`.
@@ -120,6 +123,52 @@ pub fn resolve(
     })
 }
 
+/// Resolves a flavour's conditional module list: one load order for all of them, each
+/// module tagged with the one condition that needs it. A module that an `always` module
+/// needs, or that two conditions need, is loaded always; the agent then keeps every
+/// module's dependencies whatever it skips.
+pub fn resolve_tagged(
+    wanted: &[(When, &str)],
+    deps: &DepTable,
+    builtin: &BTreeSet<String>,
+    release: &str,
+) -> Result<Resolved, ModulesError> {
+    let names: Vec<&str> = wanted.iter().map(|(_, n)| *n).collect();
+    let mut all = resolve(&names, deps, builtin, release)?;
+    let mut conditions: Vec<When> = Vec::new();
+    for (w, _) in wanted {
+        if !conditions.contains(w) {
+            conditions.push(*w);
+        }
+    }
+    let mut closures = Vec::new();
+    for w in &conditions {
+        let group: Vec<&str> = wanted
+            .iter()
+            .filter(|(c, _)| c == w)
+            .map(|(_, n)| *n)
+            .collect();
+        let closure: BTreeSet<String> = resolve(&group, deps, builtin, release)?
+            .load_order
+            .into_iter()
+            .map(|m| m.name)
+            .collect();
+        closures.push((*w, closure));
+    }
+    for m in &mut all.load_order {
+        let needed_by: Vec<When> = closures
+            .iter()
+            .filter(|(_, c)| c.contains(&m.name))
+            .map(|(w, _)| *w)
+            .collect();
+        m.tag = match needed_by.as_slice() {
+            [only] => only.tag(),
+            _ => When::Always.tag(),
+        };
+    }
+    Ok(all)
+}
+
 fn visit(
     name: &str,
     deps: &DepTable,
@@ -152,6 +201,7 @@ fn visit(
     order.push(ModuleFile {
         name: name.to_owned(),
         path: path.clone(),
+        tag: When::Always.tag(),
     });
     Ok(())
 }
@@ -224,6 +274,48 @@ kernel/arch/x86/crypto/crc32c-intel.ko.xz:
             }
         }
         assert_eq!(r.load_order[2].path, "kernel/drivers/block/virtio_blk.ko");
+    }
+
+    #[test]
+    fn conditions_tag_modules_and_shared_dependencies_are_always_loaded() {
+        let t = DepTable::parse(DEP).unwrap();
+        let r = resolve_tagged(
+            &[
+                (When::Always, "virtio_blk"),
+                (When::Channel("serial"), "virtio_console"),
+                (When::Channel("vsock"), "vmw_vsock_virtio_transport"),
+                (When::Rootfs("ext4"), "ext4"),
+            ],
+            &t,
+            &BTreeSet::new(),
+            "6.1",
+        )
+        .unwrap();
+        let tags: Vec<(&str, &str)> = r
+            .load_order
+            .iter()
+            .map(|m| (m.name.as_str(), m.tag.as_str()))
+            .collect();
+        assert_eq!(
+            tags,
+            [
+                // virtio and virtio_ring: needed by every group, loaded always.
+                ("virtio_ring", "always"),
+                ("virtio", "always"),
+                ("virtio_blk", "always"),
+                ("virtio_console", "channel=serial"),
+                ("vsock", "channel=vsock"),
+                ("vmw_vsock_virtio_transport_common", "channel=vsock"),
+                ("vmw_vsock_virtio_transport", "channel=vsock"),
+                ("jbd2", "rootfs=ext4"),
+                ("mbcache", "rootfs=ext4"),
+                ("crc16", "rootfs=ext4"),
+                ("ext4", "rootfs=ext4"),
+            ]
+        );
+        // Unconditional resolution tags everything `always`.
+        let r = resolve(&["ext4"], &t, &BTreeSet::new(), "6.1").unwrap();
+        assert!(r.load_order.iter().all(|m| m.tag == "always"));
     }
 
     #[test]

@@ -103,6 +103,17 @@ fn build_is_cached_reproducible_and_complete() {
     assert!(pos("virtio_ring") < pos("virtio_blk"));
     assert!(pos("jbd2") < pos("ext4"));
     assert!(pos("vsock") < pos("vmw_vsock_virtio_transport"));
+    // Each loaded only for the boots that use it.
+    let when = |n: &str| m.module_conditions[n].as_str();
+    assert_eq!(when("virtio_blk"), "always");
+    assert_eq!(when("virtio_ring"), "always");
+    assert_eq!(when("overlay"), "always");
+    assert_eq!(when("virtio_console"), "channel=serial");
+    assert_eq!(when("vsock"), "channel=vsock");
+    assert_eq!(when("ext4"), "rootfs=ext4");
+    assert_eq!(when("jbd2"), "rootfs=ext4");
+    assert_eq!(when("erofs"), "rootfs=erofs");
+    assert_eq!(m.module_conditions.len(), m.modules.len());
 
     // The init image lists what the manifest says, read back by GNU cpio.
     let list = Command::new("cpio")

@@ -39,6 +39,11 @@ pub const VIRTIO_SERIAL_PORT_NAME: &str = "org.gpucell.agent.0";
 /// that concurrent sandboxes never compete for one listener.
 pub const VSOCK_PORT: u32 = 1024;
 
+/// Kernel command line key naming the image filesystem of this boot
+/// (`gpucell.rootfs=erofs` or `ext4`): the agent loads only that filesystem's modules.
+/// Absent: it loads every filesystem it has.
+pub const CMDLINE_ROOTFS_KEY: &str = "gpucell.rootfs";
+
 /// Kernel command line key naming the host's vsock port for this sandbox:
 /// `gpucell.vsock_port=N`.
 pub const CMDLINE_VSOCK_PORT_KEY: &str = "gpucell.vsock_port";

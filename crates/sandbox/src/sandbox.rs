@@ -332,6 +332,14 @@ impl Sandbox {
         for w in ["console=ttyS0", "panic=-1", "quiet", chan_word.as_str()] {
             cmdline.push(w).map_err(RunError::bare)?;
         }
+        // Only this image's filesystem modules are loaded at boot.
+        cmdline
+            .push(format!(
+                "{}={}",
+                gpucell_protocol::CMDLINE_ROOTFS_KEY,
+                spec.rootfs.fstype
+            ))
+            .map_err(RunError::bare)?;
         if let Some((l, _)) = &vsock {
             cmdline
                 .push(format!(
@@ -608,6 +616,7 @@ impl Sandbox {
                         agent_ready_ms: ms(report.hello_at - t_spawn),
                         devices_visible_ms: report
                             .devices_at
+                            .filter(|_| !spec.devices.is_empty())
                             .map(|t| ms(t.saturating_duration_since(report.run_sent_at))),
                         process_start_ms: ms(started.saturating_duration_since(report.run_sent_at)),
                         workload_ms: ms(report.exited_at.saturating_duration_since(started)),
