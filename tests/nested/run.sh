@@ -152,7 +152,6 @@ boot_l1() {
         qpid=
     fi
     [ -n "$boot_s" ] || { grep -q NESTED-BOOT "$att_results" && boot_s=$(elapsed "$t_qemu"); } || boot_s=-
-    l1_s=$(elapsed "$t_qemu")
 }
 
 # l1_fault: why L1 died under the emulator, or nothing. QEMU 7.2's TCG, emulating

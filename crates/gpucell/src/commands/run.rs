@@ -246,28 +246,15 @@ fn run_inner(
     summary: &mut serde_json::Value,
     sandbox_id: &str,
     held: &devices::Held,
-    prepared: Prepared,
+    p: Prepared,
 ) -> anyhow::Result<u8> {
-    let Prepared {
-        memory_mib,
-        timeout,
-        boot_timeout,
-        qemu,
-        image,
-        disk,
-        guest,
-        selection,
-        image_ms,
-        accel_ms,
-    } = prepared;
-
     // The run request.
     let defaults = ImageDefaults {
-        entrypoint: image.config.entrypoint.clone(),
-        cmd: image.config.cmd.clone(),
-        env: image.config.env.clone(),
-        working_dir: image.config.working_dir.clone(),
-        user: image.config.user.clone(),
+        entrypoint: p.image.config.entrypoint.clone(),
+        cmd: p.image.config.cmd.clone(),
+        env: p.image.config.env.clone(),
+        working_dir: p.image.config.working_dir.clone(),
+        user: p.image.config.user.clone(),
     };
     let overrides = Overrides {
         entrypoint: args.entrypoint.clone(),
@@ -279,7 +266,7 @@ fn run_inner(
     };
     let rootfs = RootfsSpec {
         device: "/dev/vda".into(),
-        fstype: disk.fstype.clone(),
+        fstype: p.disk.fstype.clone(),
     };
     let host_env = |k: &str| std::env::var(k).ok();
     let mut spec = spec::build_spec(&defaults, &overrides, &host_env, rootfs, &sandbox_id[..12])?;
@@ -290,24 +277,26 @@ fn run_inner(
         "cwd": spec.cwd,
         "user": spec.user,
         "hostname": spec.hostname,
-        "timeout_s": timeout.map(|t| t.as_secs_f64()),
+        "timeout_s": p.timeout.map(|t| t.as_secs_f64()),
     });
 
-    let slow = selection.accel == gpucell_sandbox::Accel::Tcg;
+    let slow = p.selection.accel == gpucell_sandbox::Accel::Tcg;
     let limits = Limits {
-        hello_timeout: boot_timeout.unwrap_or(Duration::from_secs(if slow { 120 } else { 30 })),
+        hello_timeout: p
+            .boot_timeout
+            .unwrap_or(Duration::from_secs(if slow { 120 } else { 30 })),
         start_timeout: Duration::from_secs(if slow { 120 } else { 60 }),
-        run_timeout: timeout,
+        run_timeout: p.timeout,
         ..Limits::default()
     };
     let config = VmConfig {
-        qemu,
-        kernel: guest.kernel.clone(),
-        initrd: guest.initrd.clone(),
-        disk: disk.path.clone(),
+        qemu: p.qemu,
+        kernel: p.guest.kernel.clone(),
+        initrd: p.guest.initrd.clone(),
+        disk: p.disk.path.clone(),
         cpus: args.cpus,
-        memory_mib,
-        accel: selection.accel,
+        memory_mib: p.memory_mib,
+        accel: p.selection.accel,
         state_dir: global.state_dir.clone(),
         host_root: global.host_root.clone(),
         channel: ChannelChoice::Auto,
@@ -339,8 +328,7 @@ fn run_inner(
     summary["channel"] = json!(outcome.channel);
     summary["cpus"] = json!(outcome.cpus);
     summary["memory_mib"] = json!(outcome.memory_mib);
-    summary["guest"] =
-        json!({ "flavour": guest.flavour, "kernel": outcome.guest_kernel, "agent": outcome.agent });
+    summary["guest"] = json!({ "flavour": p.guest.flavour, "kernel": outcome.guest_kernel, "agent": outcome.agent });
     summary["devices"] = json!(outcome.devices);
     if !outcome.passthrough.is_empty() {
         summary["passthrough"] = json!(outcome.passthrough);
@@ -353,8 +341,8 @@ fn run_inner(
     summary["stderr_bytes"] = json!(outcome.stderr_bytes);
     summary["signals_forwarded"] = json!(outcome.signals_forwarded);
     summary["timings_ms"] = json!({
-        "image": image_ms,
-        "accel_select": accel_ms,
+        "image": p.image_ms,
+        "accel_select": p.accel_ms,
         "vm_start": t.vm_start_ms,
         "kernel_boot": t.kernel_boot_ms,
         "agent_ready": t.agent_ready_ms,
