@@ -49,15 +49,25 @@ else
 fi
 wait $pa
 wait $pb
+bdf_a=$a bdf_b=$b
 for r in a b; do
+    # An L2 that reset itself while booting, before printing anything (QEMU exits 0:
+    # a triple fault under L1's emulated SVM, see docs), is run again once, alone.
+    note=
+    if [ "$(cat /tmp/c$r.rc)" != 0 ] && grep -q 'stopped before its agent connected (QEMU exit status: 0)' /tmp/c$r.err &&
+        grep -q 'the guest console printed nothing' /tmp/c$r.err; then
+        eval "dev=\$bdf_$r"
+        gc /tmp/c$r --json run --memory 256m --boot-timeout 120s --device "$dev" "$EDU_IMAGE" -- edu-probe
+        note=" (rerun alone: the concurrent L2 reset itself during boot, an emulator fault)"
+    fi
     # Each guest sees exactly one edu function: its own. Each sandbox has a vsock
     # port of its own, so neither falls back to virtio-serial.
     seen=$(grep -c '^EDU-PROBE' /tmp/c$r.out)
     chan=$(run_summary /tmp/c$r | jq -r '.channel // "none"')
     probe=$(edu_probe_ok /tmp/c$r.out) && [ "$(cat /tmp/c$r.rc)" = 0 ] && [ "$seen" = 1 ] &&
         [ "$chan" = vsock ] &&
-        pass "run-$r" "$probe (channel $chan)" ||
-        fail "run-$r" "$probe ($seen edu functions seen, channel $chan); $(gc_summary /tmp/c$r)"
+        pass "run-$r" "$probe (channel $chan)$note" ||
+        fail "run-$r" "$probe ($seen edu functions seen, channel $chan)$note; $(gc_summary /tmp/c$r)"
 done
 [ -z "$(alloc_bdfs)" ] && [ -z "$(quarantined_bdfs)" ] &&
     pass all-returned "both functions back in the pool after the runs" ||
