@@ -28,12 +28,33 @@ pub struct Global {
         env = "GPUCELL_STATE_DIR"
     )]
     pub state_dir: PathBuf,
+    /// Configuration file (unknown keys are refused; see docs/config.md). Default:
+    /// /etc/gpucell/config.toml when it exists.
+    #[arg(long, global = true, env = "GPUCELL_CONFIG")]
+    pub config: Option<PathBuf>,
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
     pub json: bool,
     /// More log output (-v info, -vv debug, -vvv trace); `RUST_LOG` overrides.
     #[arg(long, short, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+}
+
+impl Global {
+    /// The configuration file: the one named by `--config` (which must exist), else
+    /// /etc/gpucell/config.toml under the host root when it exists, else the defaults.
+    pub fn config(&self) -> anyhow::Result<gpucell_runtime::Config> {
+        let config = match &self.config {
+            Some(p) => gpucell_runtime::Config::load(p, true)?,
+            None => {
+                let default = self.host_root.join(
+                    gpucell_runtime::DEFAULT_CONFIG_PATH.trim_start_matches('/'),
+                );
+                gpucell_runtime::Config::load(&default, false)?
+            }
+        };
+        Ok(config)
+    }
 }
 
 pub fn init_logging(global: &Global) {

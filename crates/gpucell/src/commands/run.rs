@@ -1,33 +1,21 @@
 //! `gpucell run`: run a command from an image inside its own microVM, like `docker run`.
 //!
-//! With `--gpus`/`--device` the functions are allocated before anything else and
-//! released after QEMU has exited, on every path (`run/devices.rs`).
-//!
-//! Exit code: the workload's (128+N when killed by signal N); 124 when `--timeout`
-//! expired; 125 when gpucell itself failed (the message says why). With `--json` a
-//! summary object is printed on stderr after the workload's output (stdout stays the
-//! workload's own bytes); its schema is in docs/sandbox.md.
+//! Thin: the flags become a [`RunRequest`], the run core (`gpucell-runtime`) runs it,
+//! and this prints. Exit code: the workload's (128+N when killed by signal N); 124 when
+//! `--timeout` expired; 125 when gpucell itself failed (the message says why). With
+//! `--json` the run report is printed on stderr after the workload's output (stdout
+//! stays the workload's own bytes); its schema is in docs/run-report.md.
 
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
 
-use anyhow::Context;
-use gpucell_protocol::RootfsSpec;
-use gpucell_sandbox::accel::{self, AccelChoice, ProbeInput, Selection};
-use gpucell_sandbox::channel::{Limits, SessionIo};
-use gpucell_sandbox::spec::{self, ImageDefaults, Overrides};
-use gpucell_sandbox::{ChannelChoice, RunAsPolicy, RunError, Sandbox, SignalForwarder, VmConfig};
-use serde_json::json;
+use gpucell_runtime::{AccelRequest, DeviceSpec, Node, Observer, RunReport, RunRequest};
+use gpucell_sandbox::spec;
+use gpucell_sandbox::{EventSender, SessionIo, SignalForwarder};
 
 use super::Global;
 
-mod devices;
-
-/// Exit code when gpucell itself failed, as docker uses.
-pub const EXIT_RUN_FAILED: u8 = 125;
-/// Exit code when `--timeout` expired, as timeout(1) uses.
-pub const EXIT_TIMEOUT: u8 = 124;
+mod dry;
 
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
@@ -49,26 +37,32 @@ pub struct RunArgs {
     /// Stop the workload and the VM after this long (e.g. 30s, 5m).
     #[arg(long)]
     pub timeout: Option<String>,
-    /// Accelerator: kvm, tcg or auto (probe once, use KVM when it works).
-    #[arg(long, env = "GPUCELL_ACCEL", default_value = "auto")]
-    pub accel: String,
+    /// Accelerator: kvm, tcg or auto (probe once, use KVM when it works). Default: the
+    /// configuration file's `run.accel`, else auto.
+    #[arg(long, env = "GPUCELL_ACCEL")]
+    pub accel: Option<String>,
     /// Override the image's entrypoint (its cmd is then dropped, as docker does).
     #[arg(long)]
     pub entrypoint: Option<String>,
     /// Hostname inside the container (default: the first 12 digits of the run id).
     #[arg(long)]
     pub hostname: Option<String>,
-    /// Guest flavour (kernel and init image built by `gpucell guest build`).
-    #[arg(long, default_value = gpucell_guest::DEFAULT_FLAVOUR)]
-    pub guest: String,
-    /// QEMU binary.
-    #[arg(long, env = "GPUCELL_QEMU", default_value = "qemu-system-x86_64")]
-    pub qemu: PathBuf,
+    /// Guest flavour (kernel and init image built by `gpucell guest build`). Default: the
+    /// configuration file's `run.guest`, else `default`.
+    #[arg(long)]
+    pub guest: Option<String>,
+    /// QEMU binary (default: the configuration file's `run.qemu`, else qemu-system-x86_64).
+    #[arg(long, env = "GPUCELL_QEMU")]
+    pub qemu: Option<PathBuf>,
     /// How long the guest may take to boot and start its agent (default 30s, 120s under TCG).
     #[arg(long)]
     pub boot_timeout: Option<String>,
+    /// Resolve the image, guest, accelerator, devices and QEMU command line, print them,
+    /// and stop: no VM is started and nothing is held.
+    #[arg(long)]
+    pub dry_run: bool,
     #[command(flatten)]
-    pub devices: devices::DeviceArgs,
+    pub devices: DeviceArgs,
     /// Image reference (oci:DIR[:TAG], oci-archive:FILE, docker-archive:FILE, or a registry name).
     pub image: String,
     /// Command and arguments (replace the image's cmd).
@@ -76,237 +70,102 @@ pub struct RunArgs {
     pub command: Vec<String>,
 }
 
-fn find_in_path(bin: &Path) -> PathBuf {
-    if bin.components().count() > 1 {
-        return bin.to_path_buf();
-    }
-    std::env::var_os("PATH")
-        .and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|d| d.join(bin))
-                .find(|p| p.is_file())
-        })
-        .unwrap_or_else(|| bin.to_path_buf())
+#[derive(clap::Args, Debug, Default)]
+pub struct DeviceArgs {
+    /// GPUs to pass through: all, a count, or PCI addresses (BDF[,BDF...]).
+    #[arg(long, value_name = "all|N|BDF[,BDF...]")]
+    pub gpus: Option<String>,
+    /// Pass this PCI function (any kind, e.g. 0000:00:05.0); repeatable.
+    #[arg(long = "device", value_name = "BDF")]
+    pub device: Vec<String>,
+    /// Back guest memory with hugepages (a hugetlbfs must be mounted, pages reserved).
+    #[arg(long)]
+    pub hugepages: bool,
+    /// Pin the vCPUs to the CPUs local to the passed devices.
+    #[arg(long)]
+    pub pin_cpus: bool,
+    /// How long the guest waits for the passed devices to appear (e.g. 10s).
+    #[arg(long, value_name = "DURATION")]
+    pub device_wait: Option<String>,
 }
 
-fn ms(d: Duration) -> u64 {
-    d.as_millis() as u64
+fn millis(flag: &str, v: Option<&str>) -> anyhow::Result<Option<u64>> {
+    v.map(|s| {
+        spec::parse_duration(s)
+            .map(|d| d.as_millis().min(u128::from(u64::MAX)) as u64)
+            .map_err(|e| anyhow::Error::from(e).context(format!("{flag}")))
+    })
+    .transpose()
 }
 
-pub fn run(global: &Global, args: RunArgs) -> anyhow::Result<u8> {
-    let start = Instant::now();
-    let mut summary = json!({ "image": { "reference": args.image } });
-    // Everything that can fail without devices (arguments, the image, the guest, the
-    // accelerator) first, so a bad image or a long pull never holds a GPU; then the
-    // devices, released after QEMU is gone whatever happened in between.
-    let result = gpucell_sandbox::rundir::new_run_id()
-        .map_err(anyhow::Error::from)
-        .and_then(|id| {
-            summary["run_id"] = json!(id);
-            let plan = args.devices.plan()?;
-            let prepared = prepare(global, &args, &mut summary)?;
-            let held = devices::Held::acquire(global, plan, &id)?;
-            Ok((id, prepared, held))
+/// docker's `--env KEY`: the value comes from this process's environment, when set.
+fn resolve_env(entries: &[String]) -> Vec<String> {
+    entries
+        .iter()
+        .filter_map(|e| {
+            if e.contains('=') || e.is_empty() {
+                return Some(e.clone());
+            }
+            std::env::var(e).ok().map(|v| format!("{e}={v}"))
         })
-        .and_then(|(id, prepared, held)| {
-            if !held.setup.devices.is_empty() {
-                summary["passthrough"] = held.summary();
-            }
-            let r = run_inner(global, &args, start, &mut summary, &id, &held, prepared);
-            held.release(&mut summary);
-            r
-        });
-    let code = match result {
-        Ok(code) => code,
-        Err(err) => {
-            super::print_error_chain(&err);
-            let mut code = EXIT_RUN_FAILED;
-            if let Some(run_err) = err.downcast_ref::<RunError>() {
-                if !run_err.console_tail.trim().is_empty() {
-                    eprintln!(
-                        "--- last lines of the guest console ---\n{}",
-                        run_err.console_tail.trim_end()
-                    );
-                } else if run_err.vm_started {
-                    // The guest kernel runs with `quiet`: an empty console means it
-                    // never panicked or complained, not that it never ran.
-                    eprintln!("--- the guest console printed nothing ---");
-                }
-                if run_err.is_timeout() {
-                    code = EXIT_TIMEOUT;
-                } else if let Some(sig) = run_err.interrupted_by() {
-                    code = (128 + sig).clamp(0, 255) as u8;
-                }
-            }
-            let chain: Vec<String> = err.chain().map(|c| c.to_string()).collect();
-            summary["error"] = json!(chain.join(": "));
-            summary["exit_code"] = json!(code);
-            code
-        }
+        .collect()
+}
+
+/// The flags as a run request.
+fn request(global: &Global, args: &RunArgs) -> anyhow::Result<RunRequest> {
+    let accel = match args.accel.as_deref() {
+        Some(a) => a.parse::<AccelRequest>()?,
+        None => global.config()?.run.accel.unwrap_or_default(),
     };
-    if let Some(t) = summary.get_mut("timings_ms") {
-        t["total"] = json!(ms(start.elapsed()));
-    }
-    if global.json {
-        eprintln!(
-            "{}",
-            serde_json::to_string_pretty(&summary).unwrap_or_default()
-        );
-    }
-    Ok(code)
-}
-
-/// What a run needs before it takes any device.
-struct Prepared {
-    memory_mib: u64,
-    timeout: Option<Duration>,
-    boot_timeout: Option<Duration>,
-    qemu: PathBuf,
-    image: gpucell_image::Image,
-    disk: gpucell_image::GuestDisk,
-    guest: gpucell_guest::GuestArtifacts,
-    selection: Selection,
-    image_ms: u64,
-    accel_ms: u64,
-}
-
-/// Checks the arguments, gets the image and its guest disk, loads the guest and
-/// picks the accelerator.
-fn prepare(
-    global: &Global,
-    args: &RunArgs,
-    summary: &mut serde_json::Value,
-) -> anyhow::Result<Prepared> {
-    let memory_mib = spec::parse_memory_mib(&args.memory)?;
-    let timeout = args
-        .timeout
-        .as_deref()
-        .map(spec::parse_duration)
-        .transpose()?;
-    let boot_timeout = args
-        .boot_timeout
-        .as_deref()
-        .map(spec::parse_duration)
-        .transpose()?;
-    let choice: AccelChoice = args.accel.parse()?;
-    let qemu = find_in_path(&args.qemu);
-
-    // Image and guest artifacts.
-    let t_image = Instant::now();
-    let store = gpucell_image::Store::open(&global.state_dir).context("opening the image store")?;
-    let image = store
-        .get_or_fetch(&args.image)
-        .with_context(|| format!("getting image {}", args.image))?;
-    let disk = store
-        .guest_disk(&image)
-        .with_context(|| format!("building the guest disk of {}", image.reference))?;
-    let image_ms = ms(t_image.elapsed());
-    summary["image"] = json!({
-        "reference": image.reference,
-        "digest": image.digest,
-        "disk": disk.path,
-        "fstype": disk.fstype,
-        "disk_bytes": disk.size,
-    });
-    let guest = gpucell_guest::load(&global.state_dir, &args.guest)?;
-
-    // Accelerator.
-    let t_accel = Instant::now();
-    let probe_input = ProbeInput::new(
-        &qemu,
-        &guest.kernel,
-        &guest.initrd,
-        &global.host_root,
-        Some(&global.state_dir),
-    );
-    let selection: Selection = accel::select(choice, &probe_input)?;
-    if let Some(w) = selection.warning() {
-        eprintln!("warning: {w}");
-    }
-    let accel_ms = ms(t_accel.elapsed());
-    summary["accel"] = serde_json::to_value(&selection)?;
-    Ok(Prepared {
-        memory_mib,
-        timeout,
-        boot_timeout,
-        qemu,
-        image,
-        disk,
-        guest,
-        selection,
-        image_ms,
-        accel_ms,
+    let d = &args.devices;
+    Ok(RunRequest {
+        image: args.image.clone(),
+        command: args.command.clone(),
+        entrypoint: args.entrypoint.clone(),
+        env: resolve_env(&args.env),
+        user: args.user.clone(),
+        workdir: args.workdir.clone(),
+        hostname: args.hostname.clone(),
+        cpus: args.cpus,
+        memory_mib: spec::parse_memory_mib(&args.memory)?,
+        devices: DeviceSpec {
+            gpus: d.gpus.clone(),
+            functions: d.device.clone(),
+            hugepages: d.hugepages,
+            pin_cpus: d.pin_cpus,
+            wait_ms: millis("--device-wait", d.device_wait.as_deref())?,
+        },
+        timeout_ms: millis("--timeout", args.timeout.as_deref())?,
+        boot_timeout_ms: millis("--boot-timeout", args.boot_timeout.as_deref())?,
+        guest: args.guest.clone(),
+        accel,
     })
 }
 
-fn run_inner(
-    global: &Global,
-    args: &RunArgs,
-    start: Instant,
-    summary: &mut serde_json::Value,
-    sandbox_id: &str,
-    held: &devices::Held,
-    p: Prepared,
-) -> anyhow::Result<u8> {
-    // The run request.
-    let defaults = ImageDefaults {
-        entrypoint: p.image.config.entrypoint.clone(),
-        cmd: p.image.config.cmd.clone(),
-        env: p.image.config.env.clone(),
-        working_dir: p.image.config.working_dir.clone(),
-        user: p.image.config.user.clone(),
-    };
-    let overrides = Overrides {
-        entrypoint: args.entrypoint.clone(),
-        cmd: args.command.clone(),
-        env: args.env.clone(),
-        workdir: args.workdir.clone(),
-        user: args.user.clone(),
-        hostname: args.hostname.clone(),
-    };
-    let rootfs = RootfsSpec {
-        device: "/dev/vda".into(),
-        fstype: p.disk.fstype.clone(),
-    };
-    let host_env = |k: &str| std::env::var(k).ok();
-    let mut spec = spec::build_spec(&defaults, &overrides, &host_env, rootfs, &sandbox_id[..12])?;
-    held.apply_to_spec(&mut spec);
-    summary["spec"] = json!({
-        "args": spec.args,
-        "env": spec.env,
-        "cwd": spec.cwd,
-        "user": spec.user,
-        "hostname": spec.hostname,
-        "timeout_s": p.timeout.map(|t| t.as_secs_f64()),
-    });
+/// Prints warnings as gpucell always has, and forwards SIGINT/SIGTERM/... to the
+/// workload while the sandbox runs.
+#[derive(Default)]
+struct Terminal {
+    signals: Option<SignalForwarder>,
+    install_error: Option<String>,
+}
 
-    let slow = p.selection.accel == gpucell_sandbox::Accel::Tcg;
-    let limits = Limits {
-        hello_timeout: p
-            .boot_timeout
-            .unwrap_or(Duration::from_secs(if slow { 120 } else { 30 })),
-        start_timeout: Duration::from_secs(if slow { 120 } else { 60 }),
-        run_timeout: p.timeout,
-        ..Limits::default()
-    };
-    let config = VmConfig {
-        qemu: p.qemu,
-        kernel: p.guest.kernel.clone(),
-        initrd: p.guest.initrd.clone(),
-        disk: p.disk.path.clone(),
-        cpus: args.cpus,
-        memory_mib: p.memory_mib,
-        accel: p.selection.accel,
-        state_dir: global.state_dir.clone(),
-        host_root: global.host_root.clone(),
-        channel: ChannelChoice::Auto,
-        run_as: RunAsPolicy::Auto,
-        seccomp: true,
-        limits,
-        extra_cmdline: Vec::new(),
-    };
+impl Observer for Terminal {
+    fn warning(&mut self, message: &str) {
+        eprintln!("warning: {message}");
+    }
+
+    fn sandbox_starting(&mut self, events: EventSender) {
+        match SignalForwarder::install(events) {
+            Ok(s) => self.signals = Some(s),
+            Err(e) => self.install_error = Some(e.to_string()),
+        }
+    }
+}
+
+fn session_io() -> SessionIo {
     let stdin = std::io::stdin();
-    let io = SessionIo {
+    SessionIo {
         stdout: Box::new(std::io::stdout()),
         stderr: Box::new(std::io::stderr()),
         // Forward stdin unless it is a terminal (no -i/-t yet): pipes and /dev/null work.
@@ -315,44 +174,55 @@ fn run_inner(
         } else {
             Some(Box::new(stdin))
         },
+    }
+}
+
+pub fn run(global: &Global, args: RunArgs) -> anyhow::Result<u8> {
+    let req = match request(global, &args) {
+        Ok(r) => r,
+        Err(e) => {
+            let report = RunReport::refused(&args.image, e.as_ref());
+            return finish(global, &report);
+        }
     };
-    let sandbox =
-        Sandbox::with_id(config, sandbox_id.to_string())?.with_devices(held.setup.clone());
-    let _signals = SignalForwarder::install(sandbox.events())?;
-    let outcome = sandbox.run(&spec, io)?;
-    let code = outcome.exit_code.clamp(0, 255) as u8;
-    let t = &outcome.timings;
-    summary["exit_code"] = json!(outcome.exit_code);
-    summary["status"] = json!(outcome.status);
-    summary["run_id"] = json!(outcome.run_id);
-    summary["channel"] = json!(outcome.channel);
-    summary["cpus"] = json!(outcome.cpus);
-    summary["memory_mib"] = json!(outcome.memory_mib);
-    summary["guest"] = json!({ "flavour": p.guest.flavour, "kernel": outcome.guest_kernel, "agent": outcome.agent });
-    summary["devices"] = json!(outcome.devices);
-    if !outcome.passthrough.is_empty() {
-        summary["passthrough"] = json!(outcome.passthrough);
-        summary["pci_hole64_bytes"] = json!(outcome.pci_hole64_bytes);
+    let node = node(global, &args)?;
+    if args.dry_run {
+        return dry::run(global, &node, req);
     }
-    if !outcome.vcpu_pins.is_empty() {
-        summary["vcpu_pins"] = json!(outcome.vcpu_pins);
+    let mut terminal = Terminal::default();
+    let report = gpucell_runtime::run(&node, req, session_io(), &mut terminal);
+    if let Some(e) = terminal.install_error {
+        eprintln!("warning: signals are not forwarded to the workload: {e}");
     }
-    summary["stdout_bytes"] = json!(outcome.stdout_bytes);
-    summary["stderr_bytes"] = json!(outcome.stderr_bytes);
-    summary["signals_forwarded"] = json!(outcome.signals_forwarded);
-    summary["timings_ms"] = json!({
-        "image": p.image_ms,
-        "accel_select": p.accel_ms,
-        "vm_start": t.vm_start_ms,
-        "kernel_boot": t.kernel_boot_ms,
-        "agent_ready": t.agent_ready_ms,
-        "devices_visible": t.devices_visible_ms,
-        "process_start": t.process_start_ms,
-        "workload": t.workload_ms,
-        "shutdown": t.shutdown_ms,
-        "sandbox": t.total_ms,
-        "total": ms(start.elapsed()),
-    });
-    summary["qemu_args"] = json!(outcome.qemu_args);
-    Ok(code)
+    finish(global, &report)
+}
+
+fn node(global: &Global, args: &RunArgs) -> anyhow::Result<Node> {
+    let config = global.config()?;
+    Ok(Node::new(
+        &global.host_root,
+        &global.state_dir,
+        args.qemu.as_deref(),
+        &config,
+    ))
+}
+
+/// Prints the error and the console tail of a failed run, the report under `--json`,
+/// and returns the exit code.
+fn finish(global: &Global, report: &RunReport) -> anyhow::Result<u8> {
+    if let Some(error) = &report.error {
+        eprintln!("error: {error}");
+        match report.console_tail.as_deref() {
+            Some("") => eprintln!("--- the guest console printed nothing ---"),
+            Some(tail) => eprintln!("--- last lines of the guest console ---\n{tail}"),
+            None => {}
+        }
+    }
+    if global.json {
+        eprintln!(
+            "{}",
+            serde_json::to_string_pretty(report).unwrap_or_default()
+        );
+    }
+    Ok(report.exit_code.clamp(0, 255) as u8)
 }

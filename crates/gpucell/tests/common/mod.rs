@@ -4,6 +4,8 @@
 //! run left nothing behind.
 #![allow(dead_code)]
 
+pub mod fakehost;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

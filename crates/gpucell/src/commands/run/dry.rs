@@ -1,0 +1,78 @@
+//! `gpucell run --dry-run`: what a run would do, printed; nothing started or held.
+
+use gpucell_runtime::{DryRunReport, Node, RunRequest};
+
+use super::Terminal;
+use crate::commands::{print_json, write_stdout, Global};
+
+pub fn run(global: &Global, node: &Node, req: RunRequest) -> anyhow::Result<u8> {
+    let mut terminal = Terminal::default();
+    let report = match gpucell_runtime::dry_run(node, req, &mut terminal) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {}", gpucell_runtime::error_chain(&e));
+            return Ok(gpucell_runtime::EXIT_RUN_FAILED as u8);
+        }
+    };
+    if global.json {
+        print_json(&report)?;
+    } else {
+        write_stdout(&text(&report))?;
+    }
+    Ok(0)
+}
+
+fn text(r: &DryRunReport) -> String {
+    let mut out = String::new();
+    let line = |out: &mut String, k: &str, v: &str| out.push_str(&format!("{k:<12}{v}\n"));
+    let image = format!(
+        "{} {} ({} disk, {} bytes)",
+        r.image.reference,
+        r.image.digest.as_deref().unwrap_or("-"),
+        r.image.fstype.as_deref().unwrap_or("-"),
+        r.image.disk_bytes.unwrap_or(0)
+    );
+    line(&mut out, "image", &image);
+    line(&mut out, "guest", &r.guest.flavour);
+    line(&mut out, "accel", &format!("{} ({})", r.accel.accel, r.accel.how));
+    line(&mut out, "channel", &format!("{:?}", r.channel).to_lowercase());
+    line(&mut out, "command", &r.spec.args.join(" "));
+    if r.devices.is_empty() {
+        line(&mut out, "devices", "none");
+    }
+    for d in &r.devices {
+        let bind = if d.needs_bind { ", would bind to vfio-pci" } else { "" };
+        let companions = if d.companions.is_empty() {
+            String::new()
+        } else {
+            format!(", companions {}", d.companions.join(","))
+        };
+        line(
+            &mut out,
+            "device",
+            &format!("{} {}{companions}{bind} (not taken)", d.host_bdf, d.id),
+        );
+    }
+    for w in &r.warnings {
+        line(&mut out, "warning", w);
+    }
+    line(&mut out, "qemu", &shell_words(&r.qemu_args));
+    out
+}
+
+/// The command line quoted so that it can be pasted into a shell.
+fn shell_words(args: &[String]) -> String {
+    args.iter()
+        .map(|a| {
+            if !a.is_empty()
+                && a.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_=,.:/@%+".contains(&b))
+            {
+                a.clone()
+            } else {
+                format!("'{}'", a.replace('\'', "'\\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}

@@ -1,0 +1,151 @@
+//! The node's configuration file, `/etc/gpucell/config.toml`: the one place besides
+//! flags where gpucell's behaviour is configured. Unknown keys are refused and every
+//! value is checked when the file is loaded; a bad value is an error naming the key and
+//! the file, never a warning followed by a default. docs/config.md lists the keys.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::request::AccelRequest;
+
+/// Where the configuration is read from when no `--config` is given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/gpucell/config.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the configuration file {path:?}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("configuration file {path:?}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("configuration file {path:?}: {key}: {problem}")]
+    Value {
+        path: PathBuf,
+        key: &'static str,
+        problem: String,
+    },
+}
+
+/// Defaults for every run on this node; a request or a flag overrides them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunDefaults {
+    /// The QEMU binary (a name is looked up in `PATH`).
+    pub qemu: Option<PathBuf>,
+    /// `auto`, `kvm` or `tcg`.
+    pub accel: Option<AccelRequest>,
+    /// Guest flavour used when a request names none.
+    pub guest: Option<String>,
+    /// How long the KVM probe boot may take before KVM is judged unusable.
+    pub kvm_probe_timeout_ms: Option<u64>,
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub run: RunDefaults,
+    /// Where the file was read from (`None`: defaults, no file).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
+}
+
+impl Config {
+    /// Reads `path`. A missing file is an error when `required` (the user named it),
+    /// else the defaults.
+    pub fn load(path: &Path, required: bool) -> Result<Config, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
+                return Ok(Config::default())
+            }
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        let mut config = Config::parse(&text, path)?;
+        config.source = Some(path.to_path_buf());
+        Ok(config)
+    }
+
+    /// Parses and checks the text of a configuration file read from `path`.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.message().to_string(),
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |key: &'static str, problem: String| ConfigError::Value {
+            path: path.to_path_buf(),
+            key,
+            problem,
+        };
+        if let Some(g) = &self.run.guest {
+            gpucell_guest::flavour::find(g).map_err(|e| bad("run.guest", e.to_string()))?;
+        }
+        if self.run.kvm_probe_timeout_ms == Some(0) {
+            return Err(bad("run.kvm_probe_timeout_ms", "must be greater than 0".into()));
+        }
+        if let Some(q) = &self.run.qemu {
+            if q.as_os_str().is_empty() {
+                return Err(bad("run.qemu", "must not be empty".into()));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn kvm_probe_timeout(&self) -> Option<Duration> {
+        self.run.kvm_probe_timeout_ms.map(Duration::from_millis)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_default_file_is_defaults_but_named_file_must_exist() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("config.toml");
+        assert_eq!(Config::load(&p, false).unwrap(), Config::default());
+        let err = Config::load(&p, true).unwrap_err().to_string();
+        assert!(err.contains("config.toml"), "{err}");
+    }
+
+    #[test]
+    fn values_are_parsed_and_checked() {
+        let p = Path::new("/etc/gpucell/config.toml");
+        let c = Config::parse(
+            "[run]\naccel = \"tcg\"\nguest = \"default\"\nkvm_probe_timeout_ms = 5000\n",
+            p,
+        )
+        .unwrap();
+        assert_eq!(c.run.accel, Some(AccelRequest::Tcg));
+        assert_eq!(c.kvm_probe_timeout(), Some(Duration::from_secs(5)));
+        for (text, needle) in [
+            ("[run]\naccel = \"fast\"\n", "fast"),
+            ("[run]\nguest = \"nvidia-999\"\n", "run.guest"),
+            ("[run]\nkvm_probe_timeout_ms = 0\n", "run.kvm_probe_timeout_ms"),
+            ("[run]\nqemu_bin = \"x\"\n", "qemu_bin"),
+            ("[runn]\n", "runn"),
+        ] {
+            let err = Config::parse(text, p).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+            assert!(err.contains("config.toml"), "{err}");
+        }
+    }
+}

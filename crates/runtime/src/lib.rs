@@ -1,0 +1,83 @@
+//! The run core of gpucell: one typed contract for a run, shared by every front end
+//! (the `gpucell` CLI, the node daemon, the containerd shim).
+//!
+//! ```text
+//! RunRequest ──validate──► image ─► guest ─► accelerator ─► devices ─► sandbox ─► release
+//!                                                                          │
+//!                                   Observer (phases, warnings) ◄──────────┤
+//!                                   SessionIo (stdout, stderr, stdin) ◄────┘
+//!                                                                          ▼
+//!                                                                      RunReport
+//! ```
+//!
+//! - [`request`]: [`RunRequest`], validated once with errors that name the field.
+//! - [`report`]: [`RunReport`], which *is* `gpucell run --json`'s document, and
+//!   [`DryRunReport`].
+//! - [`run()`]: a run; [`dry_run()`]: everything up to the point of no return.
+//! - [`config`]: `/etc/gpucell/config.toml`; [`node`]: what a run knows of its node.
+
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+pub mod config;
+pub mod devices;
+pub mod dry_run;
+pub mod node;
+pub mod observer;
+pub mod report;
+pub mod request;
+pub mod run;
+
+pub use config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
+pub use dry_run::dry_run;
+pub use node::Node;
+pub use observer::{Observer, Phase, Quiet};
+pub use report::{DryRunReport, RunReport, RUN_REPORT_SCHEMA};
+pub use request::{AccelRequest, DeviceSpec, RequestError, RunRequest};
+pub use run::{run, EXIT_RUN_FAILED, EXIT_TIMEOUT};
+
+/// Why a run (or a dry run) failed. The message of each variant names what failed; the
+/// cause follows as its source.
+#[derive(Debug, thiserror::Error)]
+pub enum RunFailure {
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    #[error(transparent)]
+    RunId(gpucell_sandbox::rundir::RunDirError),
+    #[error("opening the image store")]
+    StoreOpen(#[source] gpucell_image::Error),
+    #[error("getting image {reference}")]
+    Image {
+        reference: String,
+        #[source]
+        source: gpucell_image::Error,
+    },
+    #[error("building the guest disk of {reference}")]
+    Disk {
+        reference: String,
+        #[source]
+        source: gpucell_image::Error,
+    },
+    #[error(transparent)]
+    Guest(#[from] gpucell_guest::Error),
+    #[error(transparent)]
+    Accel(#[from] gpucell_sandbox::accel::AccelError),
+    #[error("allocating the requested devices")]
+    Devices(#[source] gpucell_host::devices::DevicesError),
+    #[error(transparent)]
+    Spec(#[from] gpucell_sandbox::spec::SpecError),
+    #[error(transparent)]
+    SandboxSetup(gpucell_sandbox::SandboxError),
+    #[error(transparent)]
+    Sandbox(Box<gpucell_sandbox::RunError>),
+}
+
+/// An error and each of its causes, `: `-separated, each said once.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![err.to_string()];
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        parts.push(e.to_string());
+        cur = e.source();
+    }
+    parts.join(": ")
+}

@@ -1,0 +1,337 @@
+//! One run, from request to report: request → image → guest → accelerator → devices →
+//! sandbox → release. Everything that can fail without devices comes first, so a bad
+//! image or a long pull never holds a GPU; the devices are released after QEMU is gone
+//! whatever happened in between.
+
+use std::time::{Duration, Instant};
+
+use gpucell_protocol::{RootfsSpec, RunSpec};
+use gpucell_sandbox::accel::{self, ProbeInput, Selection};
+use gpucell_sandbox::channel::{Limits, SessionIo};
+use gpucell_sandbox::spec::{self, ImageDefaults, Overrides};
+use gpucell_sandbox::{Accel, ChannelChoice, RunAsPolicy, RunOutcome, Sandbox, VmConfig};
+
+use crate::devices::{self, Held};
+use crate::node::Node;
+use crate::observer::{Observer, Phase};
+use crate::report::{GuestReport, ImageReport, RunReport, SpecReport, TimingsReport};
+use crate::request::{RunRequest, ValidRequest};
+use crate::RunFailure;
+
+/// Exit code when gpucell itself failed, as docker uses.
+pub const EXIT_RUN_FAILED: i32 = 125;
+/// Exit code when the request's timeout expired, as timeout(1) uses.
+pub const EXIT_TIMEOUT: i32 = 124;
+/// Where the image's disk appears in the guest (the only virtio-blk disk).
+const ROOTFS_DEVICE: &str = "/dev/vda";
+
+pub(crate) fn ms(d: Duration) -> u64 {
+    d.as_millis().min(u128::from(u64::MAX)) as u64
+}
+
+/// What a run needs before it takes any device.
+pub(crate) struct Prepared {
+    pub image: gpucell_image::Image,
+    pub disk: gpucell_image::GuestDisk,
+    pub guest: gpucell_guest::GuestArtifacts,
+    pub selection: Selection,
+    pub image_ms: u64,
+    pub accel_ms: u64,
+}
+
+/// Runs `request` on `node`: the workload's output goes to `io`, progress to `obs`.
+/// Always returns a report; a failed run has `error` set and `exit_code` 125 (124 on
+/// timeout, 128+N when interrupted by signal N).
+pub fn run(node: &Node, request: RunRequest, io: SessionIo, obs: &mut dyn Observer) -> RunReport {
+    let start = Instant::now();
+    let mut report = RunReport::new(&request.image);
+    if let Err(failure) = run_steps(node, request, io, obs, &mut report, start) {
+        record_failure(&mut report, &failure);
+    }
+    if let Some(t) = report.timings_ms.as_mut() {
+        t.total = ms(start.elapsed());
+    }
+    obs.phase(Phase::Done);
+    report
+}
+
+fn run_steps(
+    node: &Node,
+    request: RunRequest,
+    io: SessionIo,
+    obs: &mut dyn Observer,
+    report: &mut RunReport,
+    start: Instant,
+) -> Result<(), RunFailure> {
+    let id = gpucell_sandbox::rundir::new_run_id().map_err(RunFailure::RunId)?;
+    report.run_id = Some(id.clone());
+    obs.phase(Phase::Validate);
+    let req = request.validate()?;
+    let prepared = prepare(node, &req, report, obs)?;
+    obs.phase(Phase::Devices);
+    let setup = devices::setup_for(
+        req.request.devices.hugepages,
+        req.request.devices.pin_cpus,
+        req.device_wait,
+    );
+    let held = Held::acquire(node, &req.devices, setup, &id).map_err(RunFailure::Devices)?;
+    if !held.setup.devices.is_empty() {
+        report.passthrough = Some(held.mappings());
+    }
+    let result = run_sandbox(node, &req, &id, &held, prepared, io, obs, report);
+    obs.phase(Phase::Release);
+    held.release(report, obs);
+    let outcome = result?;
+    fill_outcome(report, &outcome, start);
+    Ok(())
+}
+
+/// Checks the request against the node, gets the image and its guest disk, loads the
+/// guest and picks the accelerator.
+pub(crate) fn prepare(
+    node: &Node,
+    req: &ValidRequest,
+    report: &mut RunReport,
+    obs: &mut dyn Observer,
+) -> Result<Prepared, RunFailure> {
+    obs.phase(Phase::Image);
+    let t_image = Instant::now();
+    let store = gpucell_image::Store::open(&node.state_dir).map_err(RunFailure::StoreOpen)?;
+    let reference = &req.request.image;
+    let image = store
+        .get_or_fetch(reference)
+        .map_err(|source| RunFailure::Image {
+            reference: reference.clone(),
+            source,
+        })?;
+    let disk = store
+        .guest_disk(&image)
+        .map_err(|source| RunFailure::Disk {
+            reference: image.reference.clone(),
+            source,
+        })?;
+    let image_ms = ms(t_image.elapsed());
+    report.image = ImageReport {
+        reference: image.reference.clone(),
+        digest: Some(image.digest.clone()),
+        disk: Some(disk.path.clone()),
+        fstype: Some(disk.fstype.clone()),
+        disk_bytes: Some(disk.size),
+    };
+    obs.phase(Phase::Guest);
+    let flavour = req.request.guest.as_deref().unwrap_or(&node.default_guest);
+    let guest = gpucell_guest::load(&node.state_dir, flavour)?;
+    obs.phase(Phase::Accel);
+    let t_accel = Instant::now();
+    let selection = select_accel(node, req, &guest)?;
+    if let Some(w) = selection.warning() {
+        obs.warning(&w);
+    }
+    report.accel = Some(selection.clone());
+    Ok(Prepared {
+        image,
+        disk,
+        guest,
+        selection,
+        image_ms,
+        accel_ms: ms(t_accel.elapsed()),
+    })
+}
+
+fn select_accel(
+    node: &Node,
+    req: &ValidRequest,
+    guest: &gpucell_guest::GuestArtifacts,
+) -> Result<Selection, RunFailure> {
+    let mut input = ProbeInput::new(
+        &node.qemu,
+        &guest.kernel,
+        &guest.initrd,
+        &node.host_root,
+        Some(&node.state_dir),
+    );
+    if let Some(t) = node.kvm_probe_timeout {
+        input.timeout = t;
+    }
+    Ok(accel::select(req.request.accel.choice(), &input)?)
+}
+
+/// The agent's run request, from the image's config and the request (docker's rules).
+pub(crate) fn build_spec(
+    req: &ValidRequest,
+    p: &Prepared,
+    sandbox_id: &str,
+) -> Result<RunSpec, RunFailure> {
+    let c = &p.image.config;
+    let defaults = ImageDefaults {
+        entrypoint: c.entrypoint.clone(),
+        cmd: c.cmd.clone(),
+        env: c.env.clone(),
+        working_dir: c.working_dir.clone(),
+        user: c.user.clone(),
+    };
+    let r = &req.request;
+    let overrides = Overrides {
+        entrypoint: r.entrypoint.clone(),
+        cmd: r.command.clone(),
+        env: r.env.clone(),
+        workdir: r.workdir.clone(),
+        user: r.user.clone(),
+        hostname: r.hostname.clone(),
+    };
+    let rootfs = RootfsSpec {
+        device: ROOTFS_DEVICE.into(),
+        fstype: p.disk.fstype.clone(),
+    };
+    // Bare `KEY` entries were resolved by the front end: nothing comes from this
+    // process's environment.
+    let no_env = |_: &str| None;
+    Ok(spec::build_spec(
+        &defaults,
+        &overrides,
+        &no_env,
+        rootfs,
+        &sandbox_id[..12],
+    )?)
+}
+
+pub(crate) fn spec_report(spec: &RunSpec, req: &ValidRequest) -> SpecReport {
+    SpecReport {
+        args: spec.args.clone(),
+        env: spec.env.clone(),
+        cwd: spec.cwd.clone(),
+        user: spec.user.clone(),
+        hostname: spec.hostname.clone(),
+        timeout_s: req.timeout.map(|t| t.as_secs_f64()),
+    }
+}
+
+/// The VM of this run.
+pub(crate) fn vm_config(node: &Node, req: &ValidRequest, p: &Prepared) -> VmConfig {
+    let slow = p.selection.accel == Accel::Tcg;
+    let limits = Limits {
+        hello_timeout: req
+            .boot_timeout
+            .unwrap_or(Duration::from_secs(if slow { 120 } else { 30 })),
+        start_timeout: Duration::from_secs(if slow { 120 } else { 60 }),
+        run_timeout: req.timeout,
+        ..Limits::default()
+    };
+    VmConfig {
+        qemu: node.qemu.clone(),
+        kernel: p.guest.kernel.clone(),
+        initrd: p.guest.initrd.clone(),
+        disk: p.disk.path.clone(),
+        cpus: req.request.cpus,
+        memory_mib: req.request.memory_mib,
+        accel: p.selection.accel,
+        state_dir: node.state_dir.clone(),
+        host_root: node.host_root.clone(),
+        channel: ChannelChoice::Auto,
+        run_as: RunAsPolicy::Auto,
+        seccomp: true,
+        limits,
+        extra_cmdline: Vec::new(),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_sandbox(
+    node: &Node,
+    req: &ValidRequest,
+    sandbox_id: &str,
+    held: &Held,
+    p: Prepared,
+    io: SessionIo,
+    obs: &mut dyn Observer,
+    report: &mut RunReport,
+) -> Result<Timed, RunFailure> {
+    let mut spec = build_spec(req, &p, sandbox_id)?;
+    held.apply_to_spec(&mut spec);
+    report.spec = Some(spec_report(&spec, req));
+    let config = vm_config(node, req, &p);
+    let sandbox = Sandbox::with_id(config, sandbox_id.to_string())
+        .map_err(RunFailure::SandboxSetup)?
+        .with_devices(held.setup.clone());
+    obs.phase(Phase::Sandbox);
+    obs.sandbox_starting(sandbox.events());
+    let outcome = sandbox
+        .run(&spec, io)
+        .map_err(|e| RunFailure::Sandbox(Box::new(e)))?;
+    Ok(Timed {
+        outcome,
+        flavour: p.guest.flavour,
+        image_ms: p.image_ms,
+        accel_ms: p.accel_ms,
+        has_devices: !held.setup.devices.is_empty(),
+    })
+}
+
+/// A finished sandbox and the times measured before it.
+struct Timed {
+    outcome: RunOutcome,
+    flavour: String,
+    image_ms: u64,
+    accel_ms: u64,
+    has_devices: bool,
+}
+
+fn fill_outcome(report: &mut RunReport, timed: &Timed, start: Instant) {
+    let o = &timed.outcome;
+    let t = &o.timings;
+    report.exit_code = o.exit_code;
+    report.status = Some(o.status.clone());
+    report.run_id = Some(o.run_id.clone());
+    report.channel = Some(o.channel);
+    report.cpus = Some(o.cpus);
+    report.memory_mib = Some(o.memory_mib);
+    report.guest = Some(GuestReport {
+        flavour: timed.flavour.clone(),
+        kernel: o.guest_kernel.clone(),
+        agent: o.agent.clone(),
+    });
+    report.devices = Some(o.devices.clone());
+    if timed.has_devices && !o.passthrough.is_empty() {
+        report.passthrough = Some(o.passthrough.clone());
+        report.pci_hole64_bytes = Some(o.pci_hole64_bytes);
+    }
+    if !o.vcpu_pins.is_empty() {
+        report.vcpu_pins = Some(o.vcpu_pins.clone());
+    }
+    report.stdout_bytes = Some(o.stdout_bytes);
+    report.stderr_bytes = Some(o.stderr_bytes);
+    report.signals_forwarded = Some(o.signals_forwarded.clone());
+    report.timings_ms = Some(TimingsReport {
+        image: timed.image_ms,
+        accel_select: timed.accel_ms,
+        vm_start: t.vm_start_ms,
+        kernel_boot: t.kernel_boot_ms,
+        agent_ready: t.agent_ready_ms,
+        devices_visible: t.devices_visible_ms,
+        process_start: t.process_start_ms,
+        workload: t.workload_ms,
+        shutdown: t.shutdown_ms,
+        sandbox: t.total_ms,
+        total: ms(start.elapsed()),
+    });
+    report.qemu_args = Some(o.qemu_args.clone());
+}
+
+/// The error, its exit code and, for a VM that started, the console's last lines.
+fn record_failure(report: &mut RunReport, failure: &RunFailure) {
+    let mut code = EXIT_RUN_FAILED;
+    if let RunFailure::Sandbox(run_err) = failure {
+        if !run_err.console_tail.trim().is_empty() {
+            report.console_tail = Some(run_err.console_tail.trim_end().to_string());
+        } else if run_err.vm_started {
+            report.console_tail = Some(String::new());
+        }
+        if run_err.is_timeout() {
+            code = EXIT_TIMEOUT;
+        } else if let Some(sig) = run_err.interrupted_by() {
+            code = (128 + sig).clamp(0, 255);
+        }
+    }
+    report.error = Some(crate::error_chain(failure));
+    report.exit_code = code;
+}
