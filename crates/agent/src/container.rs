@@ -280,7 +280,8 @@ pub fn spawn(p: &Prepared) -> Result<(Pid, Stdio), ContainerError> {
     ))
 }
 
-fn set_nonblocking(fd: &OwnedFd) {
+/// Sets O_NONBLOCK on `fd`; a failure leaves it as it was.
+pub fn set_nonblocking(fd: &OwnedFd) {
     use nix::fcntl::{fcntl, FcntlArg};
     if let Ok(flags) = fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL) {
         let _ = fcntl(

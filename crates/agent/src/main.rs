@@ -15,6 +15,7 @@ mod devices;
 mod rootpath;
 mod session;
 mod users;
+mod workload;
 
 use std::io::Write;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -90,25 +91,14 @@ fn run() -> Result<(), AnyError> {
         tracing::warn!("{}", chain(&e));
         early.push(chain(&e));
     }
-    let sigfd = session::sigchld_fd()?;
+    let mut workload = workload::Pid1::new()?;
     let channel = channel::open(cmdline.channel)?;
     let mut s = session::Session::new(channel)?;
-    let spec = match s.handshake(session::kernel_release(), session::uptime_ms()) {
-        Ok(spec) => spec,
-        Err(session::SessionError::Shutdown) => return Ok(()),
-        Err(e) => {
-            s.report(&chain(&e));
-            return Err(e.into());
-        }
-    };
-    for message in early {
-        s.send(&gpucell_protocol::FromGuest::Log { message })?;
-    }
-    match s.run(&spec, &sigfd) {
-        Ok(()) | Err(session::SessionError::Shutdown) => Ok(()),
-        Err(e) => {
-            s.report(&chain(&e));
-            Err(e.into())
-        }
-    }
+    s.serve(
+        &mut workload,
+        session::kernel_release(),
+        session::uptime_ms(),
+        early,
+    )?;
+    Ok(())
 }

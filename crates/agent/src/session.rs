@@ -1,10 +1,10 @@
 //! One run, as the protocol describes it: hello, run spec, devices, start, stream, exit.
+//! The guest side of it (devices, the workload process) goes through [`Workload`].
 
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::path::Path;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use gpucell_protocol::{
@@ -13,13 +13,11 @@ use gpucell_protocol::{
 };
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::signal::{kill, SigSet, Signal};
-use nix::sys::signalfd::{SfdFlags, SignalFd};
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 
-use crate::container::{self, ContainerError, Stdio};
-use crate::devices;
+use crate::chain;
+use crate::container::Stdio;
+use crate::workload::{Workload, WorkloadError};
 
 /// Most stdin bytes buffered for a workload that does not read; beyond it the agent stops
 /// reading the channel until the workload catches up.
@@ -42,7 +40,7 @@ pub enum SessionError {
     #[error("PCI device(s) {0} did not appear within {1} ms")]
     MissingDevices(String, u64),
     #[error(transparent)]
-    Container(#[from] ContainerError),
+    Workload(#[from] WorkloadError),
     #[error("{0} failed")]
     Sys(&'static str, #[source] Errno),
 }
@@ -111,238 +109,330 @@ impl Session {
         }
     }
 
-    /// Runs the spec to completion and sends `Exited`.
-    pub fn run(&mut self, spec: &RunSpec, sigfd: &SignalFd) -> Result<(), SessionError> {
-        let wait = Duration::from_millis(spec.device_wait_ms.min(600_000));
-        let (found, missing) =
-            devices::wait_for(Path::new("/sys/bus/pci/devices"), &spec.devices, wait);
-        self.send(&FromGuest::Devices(found))?;
-        if !missing.is_empty() {
-            let ids: Vec<String> = missing
-                .iter()
-                .map(|d| format!("{:04x}:{:04x}", d.vendor, d.device))
-                .collect();
-            return Err(SessionError::MissingDevices(
-                ids.join(", "),
-                spec.device_wait_ms,
-            ));
+    /// One whole session as PID 1 runs it: hello, the warnings from before the channel
+    /// opened as `Log`, the run, and `Error` to the host for whatever failed. A host that
+    /// asks to shut down ends the session without an error.
+    pub fn serve(
+        &mut self,
+        workload: &mut dyn Workload,
+        kernel: String,
+        uptime_ms: u64,
+        early: Vec<String>,
+    ) -> Result<(), SessionError> {
+        let spec = match self.handshake(kernel, uptime_ms) {
+            Ok(spec) => spec,
+            Err(SessionError::Shutdown) => return Ok(()),
+            Err(e) => {
+                self.report(&chain(&e));
+                return Err(e);
+            }
+        };
+        for message in early {
+            self.send(&FromGuest::Log { message })?;
         }
-        let root = container::mount_rootfs(spec)?;
-        let prepared = container::prepare(&root, spec)?;
-        let (pid, stdio) = container::spawn(&prepared)?;
+        match self.run(&spec, workload) {
+            Ok(()) | Err(SessionError::Shutdown) => Ok(()),
+            Err(e) => {
+                self.report(&chain(&e));
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs the spec to completion and sends `Exited`.
+    pub fn run(&mut self, spec: &RunSpec, workload: &mut dyn Workload) -> Result<(), SessionError> {
+        self.check_devices(spec, workload)?;
+        let (pid, stdio) = workload.start(spec)?;
         tracing::info!(pid = pid.as_raw(), "workload started");
         self.send(&FromGuest::Started { pid: pid.as_raw() })?;
-        let status = self.pump(pid, stdio, sigfd)?;
+        let status = self.pump(stdio, workload)?;
         self.send(&FromGuest::Exited(status))?;
         Ok(())
+    }
+
+    /// Waits for the PCI functions the spec names and sends what the guest sees; fails
+    /// naming the ones that did not appear.
+    fn check_devices(
+        &mut self,
+        spec: &RunSpec,
+        workload: &mut dyn Workload,
+    ) -> Result<(), SessionError> {
+        let wait = Duration::from_millis(spec.device_wait_ms.min(600_000));
+        let (found, missing) = workload.wait_for_devices(&spec.devices, wait);
+        self.send(&FromGuest::Devices(found))?;
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<String> = missing
+            .iter()
+            .map(|d| format!("{:04x}:{:04x}", d.vendor, d.device))
+            .collect();
+        Err(SessionError::MissingDevices(
+            ids.join(", "),
+            spec.device_wait_ms,
+        ))
     }
 
     /// Streams stdio and host messages until the workload has exited and its output is
     /// drained. Reaps every child that reaches PID 1 on the way.
     fn pump(
         &mut self,
-        pid: Pid,
         stdio: Stdio,
-        sigfd: &SignalFd,
+        workload: &mut dyn Workload,
     ) -> Result<ExitStatus, SessionError> {
+        let mut p = Pump::new(stdio);
+        loop {
+            if let Some(status) = p.finished() {
+                return Ok(status);
+            }
+            p.close_stdin_when_done();
+            let read_channel = p.pending.len() < MAX_STDIN_BUFFER;
+            let ready = self.wait(&p, workload.exit_fd(), read_channel)?;
+            // Children first, so an exit is seen even while output keeps coming.
+            if readable(ready.exit) {
+                p.reap(workload);
+            }
+            self.forward_output(&mut p, ready.outs)?;
+            p.feed_stdin(ready.stdin);
+            if read_channel && readable(ready.channel) {
+                self.host_message(&mut p, workload)?;
+            }
+        }
+    }
+
+    /// Polls the channel, the exit notifications and the workload's pipes; returns what
+    /// each is ready for. After the exit, wakes at least every 100 ms to end the drain.
+    fn wait(
+        &self,
+        p: &Pump,
+        exit_fd: BorrowedFd<'_>,
+        read_channel: bool,
+    ) -> Result<Ready, SessionError> {
+        let chan = self.reader.get_ref().as_fd();
+        let mut fds = Vec::with_capacity(5);
+        fds.push(PollFd::new(chan, interest(read_channel, PollFlags::POLLIN)));
+        fds.push(PollFd::new(exit_fd, PollFlags::POLLIN));
+        for o in p.outs.iter().flatten() {
+            fds.push(PollFd::new(o.as_fd(), PollFlags::POLLIN));
+        }
+        if let Some(i) = p.stdin.as_ref() {
+            let want_out = !p.pending.is_empty();
+            fds.push(PollFd::new(
+                i.as_fd(),
+                interest(want_out, PollFlags::POLLOUT),
+            ));
+        }
+        let timeout = if p.status.is_some() {
+            PollTimeout::from(100u16)
+        } else {
+            PollTimeout::NONE
+        };
+        match poll(&mut fds, timeout) {
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(e) => return Err(SessionError::Sys("poll", e)),
+        }
+        let mut rev = fds
+            .iter()
+            .map(|f| f.revents().unwrap_or(PollFlags::empty()));
+        let mut next = || rev.next().unwrap_or(PollFlags::empty());
+        let mut ready = Ready {
+            channel: next(),
+            exit: next(),
+            outs: [PollFlags::empty(); 2],
+            stdin: PollFlags::empty(),
+        };
+        for (slot, r) in p.outs.iter().zip(ready.outs.iter_mut()) {
+            if slot.is_some() {
+                *r = next();
+            }
+        }
+        if p.stdin.is_some() {
+            ready.stdin = next();
+        }
+        Ok(ready)
+    }
+
+    /// Reads what the workload wrote and sends it as `Stdout`/`Stderr`; a pipe at EOF or
+    /// broken is closed.
+    fn forward_output(&mut self, p: &mut Pump, ready: [PollFlags; 2]) -> Result<(), SessionError> {
+        for (n, r) in ready.into_iter().enumerate() {
+            let Some(fd) = p.outs[n].as_ref() else {
+                continue;
+            };
+            if !readable(r) {
+                continue;
+            }
+            match nix::unistd::read(fd.as_raw_fd(), &mut p.buf) {
+                Ok(0) => p.outs[n] = None,
+                Ok(k) => {
+                    let data = p.buf[..k].to_vec();
+                    let msg = if n == 0 {
+                        FromGuest::Stdout(data)
+                    } else {
+                        FromGuest::Stderr(data)
+                    };
+                    self.send(&msg)?;
+                    p.output_seen();
+                }
+                Err(Errno::EAGAIN) | Err(Errno::EINTR) => {}
+                Err(_) => p.outs[n] = None,
+            }
+        }
+        Ok(())
+    }
+
+    /// Handles one host message during the run. Shutdown, a host that is gone and a
+    /// frame that breaks the protocol kill the workload and end the session.
+    fn host_message(
+        &mut self,
+        p: &mut Pump,
+        workload: &mut dyn Workload,
+    ) -> Result<(), SessionError> {
+        match self.recv() {
+            Ok(FromHost::Stdin(d)) => p.queue_stdin(d),
+            Ok(FromHost::StdinEof) => p.stdin_eof = true,
+            Ok(FromHost::Signal(n)) => match Signal::try_from(n) {
+                Ok(sig) if p.status.is_none() => workload.signal(sig),
+                Ok(_) => {}
+                Err(_) => tracing::warn!(signal = n, "host sent an invalid signal number"),
+            },
+            Ok(FromHost::Shutdown) => {
+                workload.signal(Signal::SIGKILL);
+                return Err(SessionError::Shutdown);
+            }
+            Ok(other) => {
+                tracing::warn!(
+                    message = name_of(&other),
+                    "unexpected message during the run; ignored"
+                );
+            }
+            Err(FrameError::Closed) | Err(FrameError::Truncated) | Err(FrameError::Io(_)) => {
+                // The host is gone: nobody is left to report to.
+                workload.signal(Signal::SIGKILL);
+                return Err(SessionError::Frame(FrameError::Closed));
+            }
+            Err(e) => {
+                workload.signal(Signal::SIGKILL);
+                return Err(e.into());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The workload's side of a run: its pipes, the stdin not yet written, how it ended.
+struct Pump {
+    stdin: Option<OwnedFd>,
+    /// stdout, stderr; `None` once at EOF.
+    outs: [Option<OwnedFd>; 2],
+    pending: VecDeque<u8>,
+    stdin_eof: bool,
+    status: Option<ExitStatus>,
+    drain_until: Option<Instant>,
+    buf: Vec<u8>,
+}
+
+/// What poll reported for each descriptor of a [`Pump`].
+struct Ready {
+    channel: PollFlags,
+    exit: PollFlags,
+    outs: [PollFlags; 2],
+    stdin: PollFlags,
+}
+
+fn readable(r: PollFlags) -> bool {
+    r.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR)
+}
+
+/// `flags` when `want`, else no events (the descriptor still reports hangups).
+fn interest(want: bool, flags: PollFlags) -> PollFlags {
+    if want {
+        flags
+    } else {
+        PollFlags::empty()
+    }
+}
+
+impl Pump {
+    fn new(stdio: Stdio) -> Self {
         let Stdio {
             stdin,
             stdout,
             stderr,
         } = stdio;
-        let mut stdin = Some(stdin);
-        let mut outs: [Option<OwnedFd>; 2] = [Some(stdout), Some(stderr)];
-        let mut pending: VecDeque<u8> = VecDeque::new();
-        let mut stdin_eof = false;
-        let mut status: Option<ExitStatus> = None;
-        let mut drain_until: Option<Instant> = None;
-        let channel_open = true;
-        let mut buf = vec![0u8; MAX_DATA_PAYLOAD];
+        Self {
+            stdin: Some(stdin),
+            outs: [Some(stdout), Some(stderr)],
+            pending: VecDeque::new(),
+            stdin_eof: false,
+            status: None,
+            drain_until: None,
+            buf: vec![0u8; MAX_DATA_PAYLOAD],
+        }
+    }
 
-        loop {
-            if let Some(s) = status {
-                let drained = outs.iter().all(Option::is_none);
-                if drained || drain_until.is_some_and(|d| Instant::now() >= d) {
-                    return Ok(s);
-                }
-            }
-            if stdin.is_some() && pending.is_empty() && (stdin_eof || status.is_some()) {
-                stdin = None; // closes the pipe: the workload sees EOF
-            }
-            let chan = self.reader.get_ref().as_fd();
-            let mut fds = Vec::with_capacity(5);
-            let read_chan = channel_open && pending.len() < MAX_STDIN_BUFFER;
-            fds.push(PollFd::new(
-                chan,
-                if read_chan {
-                    PollFlags::POLLIN
-                } else {
-                    PollFlags::empty()
-                },
-            ));
-            fds.push(PollFd::new(sigfd.as_fd(), PollFlags::POLLIN));
-            for o in outs.iter().flatten() {
-                fds.push(PollFd::new(o.as_fd(), PollFlags::POLLIN));
-            }
-            let want_out = !pending.is_empty();
-            if let Some(i) = stdin.as_ref() {
-                fds.push(PollFd::new(
-                    i.as_fd(),
-                    if want_out {
-                        PollFlags::POLLOUT
-                    } else {
-                        PollFlags::empty()
-                    },
-                ));
-            }
-            let timeout = if status.is_some() {
-                PollTimeout::from(100u16)
-            } else {
-                PollTimeout::NONE
-            };
-            match poll(&mut fds, timeout) {
-                Ok(_) | Err(Errno::EINTR) => {}
-                Err(e) => return Err(SessionError::Sys("poll", e)),
-            }
-            let rev: Vec<PollFlags> = fds
-                .iter()
-                .map(|f| f.revents().unwrap_or(PollFlags::empty()))
-                .collect();
-            drop(fds);
-            let ready = |r: PollFlags| {
-                r.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR)
-            };
+    /// The exit status once the workload has exited and its output is drained (or has
+    /// stayed silent for [`DRAIN`]).
+    fn finished(&self) -> Option<ExitStatus> {
+        let status = self.status?;
+        let drained = self.outs.iter().all(Option::is_none);
+        (drained || self.drain_until.is_some_and(|d| Instant::now() >= d)).then_some(status)
+    }
 
-            // Children first, so an exit is seen even while output keeps coming.
-            if ready(rev[1]) {
-                while let Ok(Some(_)) = sigfd.read_signal() {}
-                if let Some(s) = reap(pid) {
-                    tracing::info!(?s, "workload exited");
-                    status = Some(s);
-                    drain_until = Some(Instant::now() + DRAIN);
+    /// Closes the workload's stdin (it sees EOF) once everything queued is written and
+    /// the host sent EOF or the workload exited.
+    fn close_stdin_when_done(&mut self) {
+        if self.stdin.is_some()
+            && self.pending.is_empty()
+            && (self.stdin_eof || self.status.is_some())
+        {
+            self.stdin = None;
+        }
+    }
+
+    fn reap(&mut self, workload: &mut dyn Workload) {
+        if let Some(s) = workload.reap() {
+            tracing::info!(?s, "workload exited");
+            self.status = Some(s);
+            self.drain_until = Some(Instant::now() + DRAIN);
+        }
+    }
+
+    /// Output after the exit pushes the end of the drain back.
+    fn output_seen(&mut self) {
+        if self.status.is_some() {
+            self.drain_until = Some(Instant::now() + DRAIN);
+        }
+    }
+
+    fn queue_stdin(&mut self, data: Vec<u8>) {
+        if self.stdin.is_some() && !self.stdin_eof {
+            self.pending.extend(data);
+        }
+    }
+
+    /// Writes queued stdin when the pipe has room; a broken pipe drops what is queued.
+    fn feed_stdin(&mut self, ready: PollFlags) {
+        let Some(fd) = self.stdin.as_ref() else {
+            return;
+        };
+        if ready.intersects(PollFlags::POLLERR | PollFlags::POLLHUP) {
+            self.stdin = None;
+            self.pending.clear();
+        } else if ready.contains(PollFlags::POLLOUT) {
+            let (a, _) = self.pending.as_slices();
+            match nix::unistd::write(fd, a) {
+                Ok(k) => {
+                    self.pending.drain(..k);
                 }
-            }
-            // Output.
-            let mut idx = 2;
-            for (n, slot) in outs.iter_mut().enumerate() {
-                let Some(fd) = slot.as_ref() else { continue };
-                let r = rev[idx];
-                idx += 1;
-                if !ready(r) {
-                    continue;
-                }
-                match nix::unistd::read(fd.as_raw_fd(), &mut buf) {
-                    Ok(0) => *slot = None,
-                    Ok(k) => {
-                        let data = buf[..k].to_vec();
-                        let msg = if n == 0 {
-                            FromGuest::Stdout(data)
-                        } else {
-                            FromGuest::Stderr(data)
-                        };
-                        self.send(&msg)?;
-                        if status.is_some() {
-                            drain_until = Some(Instant::now() + DRAIN);
-                        }
-                    }
-                    Err(Errno::EAGAIN) | Err(Errno::EINTR) => {}
-                    Err(_) => *slot = None,
-                }
-            }
-            // Stdin.
-            if let Some(fd) = stdin.as_ref() {
-                let r = rev[idx];
-                if r.intersects(PollFlags::POLLERR | PollFlags::POLLHUP) {
-                    stdin = None;
-                    pending.clear();
-                } else if r.contains(PollFlags::POLLOUT) {
-                    let (a, _) = pending.as_slices();
-                    match nix::unistd::write(fd, a) {
-                        Ok(k) => {
-                            pending.drain(..k);
-                        }
-                        Err(Errno::EAGAIN) | Err(Errno::EINTR) => {}
-                        Err(_) => {
-                            stdin = None;
-                            pending.clear();
-                        }
-                    }
-                }
-            }
-            // Host messages.
-            if read_chan && ready(rev[0]) {
-                match self.recv() {
-                    Ok(FromHost::Stdin(d)) => {
-                        if stdin.is_some() && !stdin_eof {
-                            pending.extend(d);
-                        }
-                    }
-                    Ok(FromHost::StdinEof) => stdin_eof = true,
-                    Ok(FromHost::Signal(n)) => match Signal::try_from(n) {
-                        Ok(sig) if status.is_none() => {
-                            let _ = kill(pid, sig);
-                        }
-                        Ok(_) => {}
-                        Err(_) => tracing::warn!(signal = n, "host sent an invalid signal number"),
-                    },
-                    Ok(FromHost::Shutdown) => {
-                        let _ = kill(pid, Signal::SIGKILL);
-                        return Err(SessionError::Shutdown);
-                    }
-                    Ok(other) => {
-                        tracing::warn!(
-                            message = name_of(&other),
-                            "unexpected message during the run; ignored"
-                        );
-                    }
-                    Err(FrameError::Closed)
-                    | Err(FrameError::Truncated)
-                    | Err(FrameError::Io(_)) => {
-                        // The host is gone: nobody is left to report to.
-                        let _ = kill(pid, Signal::SIGKILL);
-                        return Err(SessionError::Frame(FrameError::Closed));
-                    }
-                    Err(e) => {
-                        let _ = kill(pid, Signal::SIGKILL);
-                        return Err(e.into());
-                    }
+                Err(Errno::EAGAIN) | Err(Errno::EINTR) => {}
+                Err(_) => {
+                    self.stdin = None;
+                    self.pending.clear();
                 }
             }
         }
     }
-}
-
-/// Reaps every exited child; returns the workload's status if it was among them.
-fn reap(workload: Pid) -> Option<ExitStatus> {
-    let mut found = None;
-    loop {
-        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(p, code)) if p == workload => {
-                found = Some(ExitStatus {
-                    code: Some(code),
-                    signal: None,
-                })
-            }
-            Ok(WaitStatus::Signaled(p, sig, _)) if p == workload => {
-                found = Some(ExitStatus {
-                    code: None,
-                    signal: Some(sig as i32),
-                })
-            }
-            Ok(WaitStatus::StillAlive) | Err(_) => return found,
-            Ok(_) => {}
-        }
-    }
-}
-
-/// Blocks SIGCHLD and returns a signalfd for it (so poll sees child exits).
-pub fn sigchld_fd() -> Result<SignalFd, SessionError> {
-    let mut mask = SigSet::empty();
-    mask.add(Signal::SIGCHLD);
-    mask.thread_block()
-        .map_err(|e| SessionError::Sys("blocking SIGCHLD", e))?;
-    SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
-        .map_err(|e| SessionError::Sys("signalfd", e))
 }
 
 /// Guest uptime in ms from `/proc/uptime`.
@@ -361,3 +451,6 @@ pub fn kernel_release() -> String {
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests;

@@ -2,12 +2,7 @@
 
 use std::io::{self, Read, Write};
 
-use crate::message::Kind;
-
-/// Largest JSON payload of a control message (a run spec with a big environment fits).
-pub const MAX_CONTROL_PAYLOAD: usize = 256 * 1024;
-/// Largest raw payload of one stdout/stderr/stdin chunk.
-pub const MAX_DATA_PAYLOAD: usize = 64 * 1024;
+use crate::kind::{Kind, MAX_DATA_PAYLOAD};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
@@ -159,5 +154,41 @@ impl<W: Write> FrameWriter<W> {
             self.write_frame(kind, chunk)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::kind::MAX_CONTROL_PAYLOAD;
+
+    #[test]
+    fn oversized_length_is_refused_before_allocation() {
+        // Announces 4 GiB of stdout: must fail on the header alone.
+        let mut buf = u32::MAX.to_be_bytes().to_vec();
+        buf.push(Kind::Stdout as u8);
+        let err = FrameReader::new(&buf[..]).read_frame().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                FrameError::TooLarge {
+                    kind: Kind::Stdout,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn writer_refuses_oversized_control_payload() {
+        let mut buf = Vec::new();
+        let mut w = FrameWriter::new(&mut buf);
+        let err = w
+            .write_frame(Kind::Log, &vec![b'a'; MAX_CONTROL_PAYLOAD + 1])
+            .unwrap_err();
+        assert!(matches!(err, FrameError::TooLarge { .. }));
+        assert!(buf.is_empty());
     }
 }

@@ -16,15 +16,17 @@
 //! The first frame each side sends is a `Hello` naming [`PROTOCOL_VERSION`];
 //! a peer with another major version is refused.
 
+// Layers, each built only on the ones below it: `kind` (frame kinds and their limits),
+// `frame` (length-prefixed framing), `message` (typed messages in frames).
 mod frame;
+mod kind;
 mod message;
 
-pub use frame::{
-    FrameError, FrameReader, FrameWriter, RawFrame, MAX_CONTROL_PAYLOAD, MAX_DATA_PAYLOAD,
-};
+pub use frame::{FrameError, FrameReader, FrameWriter, RawFrame};
+pub use kind::{Kind, MAX_CONTROL_PAYLOAD, MAX_DATA_PAYLOAD};
 pub use message::{
-    DeviceInfo, DeviceMatch, ExitStatus, FromGuest, FromHost, GuestHello, HostHello, Kind,
-    RootfsSpec, RunSpec,
+    DeviceInfo, DeviceMatch, ExitStatus, FromGuest, FromHost, GuestHello, HostHello, RootfsSpec,
+    RunSpec,
 };
 
 /// Version of the wire protocol. Bumped on any incompatible change.

@@ -1,64 +1,14 @@
-//! Typed messages carried in frames.
+//! Typed messages carried in frames: the JSON bodies of control frames and the two
+//! direction enums, built on [`crate::frame`].
+//!
+//! A field added to a body must keep older peers working: give it `#[serde(default)]`
+//! so JSON from a peer without it still parses (serde skips fields it does not know, so
+//! an older peer reads the newer JSON).
 
 use serde::{Deserialize, Serialize};
 
-use crate::frame::{FrameError, FrameWriter, RawFrame, MAX_CONTROL_PAYLOAD, MAX_DATA_PAYLOAD};
-
-/// Frame kind byte. Host→guest kinds are below 0x40, guest→host kinds from 0x40.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Kind {
-    HostHello = 0x01,
-    Run = 0x02,
-    Stdin = 0x03,
-    StdinEof = 0x04,
-    Signal = 0x05,
-    Shutdown = 0x06,
-    GuestHello = 0x41,
-    Devices = 0x42,
-    Started = 0x43,
-    Stdout = 0x44,
-    Stderr = 0x45,
-    Exited = 0x46,
-    Error = 0x47,
-    Log = 0x48,
-}
-
-impl Kind {
-    pub fn from_byte(b: u8) -> Option<Kind> {
-        use Kind::*;
-        Some(match b {
-            0x01 => HostHello,
-            0x02 => Run,
-            0x03 => Stdin,
-            0x04 => StdinEof,
-            0x05 => Signal,
-            0x06 => Shutdown,
-            0x41 => GuestHello,
-            0x42 => Devices,
-            0x43 => Started,
-            0x44 => Stdout,
-            0x45 => Stderr,
-            0x46 => Exited,
-            0x47 => Error,
-            0x48 => Log,
-            _ => return None,
-        })
-    }
-
-    /// Largest payload a frame of this kind may carry.
-    pub fn payload_limit(self) -> usize {
-        match self {
-            Kind::Stdin | Kind::Stdout | Kind::Stderr => MAX_DATA_PAYLOAD,
-            Kind::StdinEof | Kind::Shutdown => 0,
-            _ => MAX_CONTROL_PAYLOAD,
-        }
-    }
-
-    pub fn is_from_host(self) -> bool {
-        (self as u8) < 0x40
-    }
-}
+use crate::frame::{FrameError, FrameWriter, RawFrame};
+use crate::kind::Kind;
 
 /// First message of the host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -300,6 +250,7 @@ impl FromGuest {
 mod tests {
     use super::*;
     use crate::frame::FrameReader;
+    use crate::kind::MAX_DATA_PAYLOAD;
 
     fn spec() -> RunSpec {
         RunSpec {
@@ -376,24 +327,6 @@ mod tests {
     }
 
     #[test]
-    fn oversized_length_is_refused_before_allocation() {
-        // Announces 4 GiB of stdout: must fail on the header alone.
-        let mut buf = u32::MAX.to_be_bytes().to_vec();
-        buf.push(Kind::Stdout as u8);
-        let err = FrameReader::new(&buf[..]).read_frame().unwrap_err();
-        assert!(
-            matches!(
-                err,
-                FrameError::TooLarge {
-                    kind: Kind::Stdout,
-                    ..
-                }
-            ),
-            "{err}"
-        );
-    }
-
-    #[test]
     fn garbage_is_refused() {
         let mut r = FrameReader::new(&[0, 0, 0, 2, 0xee, 0][..]);
         assert!(matches!(r.read_frame(), Err(FrameError::UnknownKind(0xee))));
@@ -425,16 +358,5 @@ mod tests {
         // Zero-payload kinds refuse a payload.
         let mut r = FrameReader::new(&[0, 0, 0, 2, Kind::Shutdown as u8, 1][..]);
         assert!(matches!(r.read_frame(), Err(FrameError::TooLarge { .. })));
-    }
-
-    #[test]
-    fn writer_refuses_oversized_control_payload() {
-        let mut buf = Vec::new();
-        let mut w = FrameWriter::new(&mut buf);
-        let err = w
-            .write_frame(Kind::Log, &vec![b'a'; MAX_CONTROL_PAYLOAD + 1])
-            .unwrap_err();
-        assert!(matches!(err, FrameError::TooLarge { .. }));
-        assert!(buf.is_empty());
     }
 }

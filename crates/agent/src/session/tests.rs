@@ -1,0 +1,646 @@
+//! The agent's session against a test host over a socketpair, both speaking the real
+//! protocol: a run from hello to exit, stdin and signals, shutdown and a vanished host,
+//! missing devices, a workload that cannot start, and a host that sends garbage. The
+//! workload is a plain child process ([`ChildWorkload`]) in place of the container that
+//! PID 1 starts; everything else is the code the guest runs.
+
+#![allow(clippy::unwrap_used)]
+
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::ExitStatusExt;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use gpucell_protocol::{
+    DeviceInfo, DeviceMatch, ExitStatus, FrameError, FrameReader, FrameWriter, FromGuest, FromHost,
+    GuestHello, HostHello, Kind, RootfsSpec, RunSpec, MAX_CONTROL_PAYLOAD, MAX_DATA_PAYLOAD,
+    PROTOCOL_VERSION,
+};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use super::{Session, SessionError};
+use crate::container::{self, ContainerError, Stdio};
+use crate::devices;
+use crate::workload::{Workload, WorkloadError};
+
+/// How long any one step may take before the test fails instead of hanging.
+const STEP: Duration = Duration::from_secs(20);
+
+/// The workload as a plain child process (the spec's argv, environment and working
+/// directory) and the PCI functions of a fake sysfs directory. A thread waits for the
+/// child and then makes `exit_fd` readable, as SIGCHLD does for the real signalfd.
+struct ChildWorkload {
+    devices_dir: tempfile::TempDir,
+    exit_r: UnixStream,
+    exit_w: Option<UnixStream>,
+    waiter: Option<JoinHandle<()>>,
+    pid: Option<Pid>,
+    status: Arc<Mutex<Option<ExitStatus>>>,
+    reported: bool,
+}
+
+impl ChildWorkload {
+    fn new() -> Self {
+        let (exit_r, exit_w) = UnixStream::pair().unwrap();
+        exit_r.set_nonblocking(true).unwrap();
+        Self {
+            devices_dir: tempfile::tempdir().unwrap(),
+            exit_r,
+            exit_w: Some(exit_w),
+            waiter: None,
+            pid: None,
+            status: Arc::default(),
+            reported: false,
+        }
+    }
+
+    /// Adds a PCI function to the fake sysfs, as the guest kernel lists it.
+    fn with_device(self, bdf: &str, vendor: u16, device: u16, class: u32) -> Self {
+        let d = self.devices_dir.path().join(bdf);
+        fs::create_dir_all(&d).unwrap();
+        fs::write(d.join("vendor"), format!("0x{vendor:04x}\n")).unwrap();
+        fs::write(d.join("device"), format!("0x{device:04x}\n")).unwrap();
+        fs::write(d.join("class"), format!("0x{class:06x}\n")).unwrap();
+        self
+    }
+
+    fn started(&self) -> bool {
+        self.pid.is_some()
+    }
+
+    /// How the child ended; fails the test if it is still running after [`STEP`].
+    fn final_status(&mut self) -> ExitStatus {
+        let waiter = self.waiter.take().unwrap();
+        let deadline = Instant::now() + STEP;
+        while !waiter.is_finished() {
+            assert!(Instant::now() < deadline, "the workload is still running");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        waiter.join().unwrap();
+        self.status.lock().unwrap().unwrap()
+    }
+}
+
+impl Workload for ChildWorkload {
+    fn wait_for_devices(
+        &mut self,
+        wanted: &[DeviceMatch],
+        wait: Duration,
+    ) -> (Vec<DeviceInfo>, Vec<DeviceMatch>) {
+        devices::wait_for(self.devices_dir.path(), wanted, wait)
+    }
+
+    fn start(&mut self, spec: &RunSpec) -> Result<(Pid, Stdio), WorkloadError> {
+        let (exe, args) = spec
+            .args
+            .split_first()
+            .ok_or_else(|| ContainerError::Child("empty argv".into()))?;
+        let mut child = Command::new(exe)
+            .args(args)
+            .env_clear()
+            .envs(spec.env.iter().filter_map(|e| e.split_once('=')))
+            .current_dir(&spec.cwd)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| ContainerError::Child(format!("{exe}: {e}")))?;
+        let stdio = Stdio {
+            stdin: OwnedFd::from(child.stdin.take().unwrap()),
+            stdout: OwnedFd::from(child.stdout.take().unwrap()),
+            stderr: OwnedFd::from(child.stderr.take().unwrap()),
+        };
+        for fd in [&stdio.stdin, &stdio.stdout, &stdio.stderr] {
+            container::set_nonblocking(fd);
+        }
+        let pid = Pid::from_raw(i32::try_from(child.id()).unwrap());
+        let status = Arc::clone(&self.status);
+        let mut exit_w = self.exit_w.take().unwrap();
+        self.waiter = Some(std::thread::spawn(move || {
+            let s = child.wait().unwrap();
+            *status.lock().unwrap() = Some(ExitStatus {
+                code: s.code(),
+                signal: s.signal(),
+            });
+            exit_w.write_all(b"x").unwrap();
+        }));
+        self.pid = Some(pid);
+        Ok((pid, stdio))
+    }
+
+    fn exit_fd(&self) -> BorrowedFd<'_> {
+        self.exit_r.as_fd()
+    }
+
+    fn reap(&mut self) -> Option<ExitStatus> {
+        let mut b = [0u8; 16];
+        while matches!((&self.exit_r).read(&mut b), Ok(n) if n > 0) {}
+        let status = (*self.status.lock().unwrap())?;
+        if std::mem::replace(&mut self.reported, true) {
+            return None;
+        }
+        Some(status)
+    }
+
+    fn signal(&mut self, signal: Signal) {
+        // Only a child not yet reaped: its pid is still its own.
+        if let (Some(pid), None) = (self.pid, *self.status.lock().unwrap()) {
+            let _ = kill(pid, signal);
+        }
+    }
+}
+
+impl Drop for ChildWorkload {
+    fn drop(&mut self) {
+        if let Some(waiter) = self.waiter.take() {
+            self.signal(Signal::SIGKILL);
+            let _ = waiter.join();
+        }
+    }
+}
+
+/// The host end of the channel.
+struct Host {
+    r: FrameReader<UnixStream>,
+    w: FrameWriter<UnixStream>,
+}
+
+/// What the workload wrote and how it ended, as the host saw it.
+#[derive(Debug, Default)]
+struct Output {
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    status: Option<ExitStatus>,
+}
+
+impl Host {
+    fn send(&mut self, m: FromHost) {
+        m.send(&mut self.w).unwrap();
+    }
+
+    /// Writes bytes as they are, framed or not.
+    fn raw(&mut self, bytes: &[u8]) {
+        self.w.get_mut().write_all(bytes).unwrap();
+    }
+
+    fn try_recv(&mut self) -> Result<FromGuest, FrameError> {
+        FromGuest::decode(self.r.read_frame()?)
+    }
+
+    fn recv(&mut self) -> FromGuest {
+        self.try_recv().unwrap()
+    }
+
+    fn hello(&mut self) -> GuestHello {
+        match self.recv() {
+            FromGuest::Hello(h) => h,
+            m => panic!("expected Hello, got {m:?}"),
+        }
+    }
+
+    fn handshake(&mut self, spec: RunSpec) {
+        self.hello();
+        self.send(FromHost::Hello(HostHello {
+            version: PROTOCOL_VERSION,
+        }));
+        self.send(FromHost::Run(Box::new(spec)));
+    }
+
+    /// Hello, run, no devices; returns the workload's pid.
+    fn start(&mut self, spec: RunSpec) -> i32 {
+        self.handshake(spec);
+        assert_eq!(self.recv(), FromGuest::Devices(vec![]));
+        self.started()
+    }
+
+    fn started(&mut self) -> i32 {
+        match self.recv() {
+            FromGuest::Started { pid } => pid,
+            m => panic!("expected Started, got {m:?}"),
+        }
+    }
+
+    /// The workload's output until `Exited`.
+    fn until_exit(&mut self) -> Output {
+        let mut out = Output::default();
+        loop {
+            match self.recv() {
+                FromGuest::Stdout(d) => {
+                    assert!(d.len() <= MAX_DATA_PAYLOAD);
+                    out.stdout.extend(d)
+                }
+                FromGuest::Stderr(d) => out.stderr.extend(d),
+                FromGuest::Exited(s) => {
+                    out.status = Some(s);
+                    return out;
+                }
+                m => panic!("unexpected {m:?} during the run; so far {out:?}"),
+            }
+        }
+    }
+
+    /// The `Error` the agent reports before it stops.
+    fn error(&mut self) -> String {
+        match self.recv() {
+            FromGuest::Error { message } => message,
+            m => panic!("expected Error, got {m:?}"),
+        }
+    }
+
+    /// The agent has closed the channel: the session is over.
+    fn closed(&mut self) {
+        match self.try_recv() {
+            Err(FrameError::Closed) => {}
+            other => panic!("expected the channel to close, got {other:?}"),
+        }
+    }
+}
+
+/// How the agent's session ended.
+struct Ended {
+    result: Result<(), SessionError>,
+    workload: ChildWorkload,
+}
+
+/// Serves one session over a socketpair: the agent in a thread, `host` here. The host
+/// end closes when `host` returns.
+fn session<R>(
+    mut workload: ChildWorkload,
+    early: &[&str],
+    host: impl FnOnce(&mut Host) -> R,
+) -> (R, Ended) {
+    let (h, a) = UnixStream::pair().unwrap();
+    h.set_read_timeout(Some(STEP)).unwrap();
+    h.set_write_timeout(Some(STEP)).unwrap();
+    let early = early.iter().map(|s| s.to_string()).collect();
+    let agent = std::thread::spawn(move || {
+        let mut s = Session::new(File::from(OwnedFd::from(a))).unwrap();
+        let result = s.serve(&mut workload, "6.1.0-test".into(), 42, early);
+        Ended { result, workload }
+    });
+    let mut host_end = Host {
+        r: FrameReader::new(h.try_clone().unwrap()),
+        w: FrameWriter::new(h),
+    };
+    let out = host(&mut host_end);
+    drop(host_end);
+    let deadline = Instant::now() + STEP;
+    while !agent.is_finished() {
+        assert!(Instant::now() < deadline, "the session did not end");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    (out, agent.join().unwrap())
+}
+
+fn spec(script: &str) -> RunSpec {
+    RunSpec {
+        args: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        env: vec!["PATH=/usr/bin:/bin".into()],
+        cwd: "/".into(),
+        user: String::new(),
+        hostname: "cell".into(),
+        rootfs: RootfsSpec {
+            device: "/dev/vda".into(),
+            fstype: "erofs".into(),
+        },
+        overlay_bytes: None,
+        devices: vec![],
+        device_wait_ms: 0,
+    }
+}
+
+fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = u32::try_from(payload.len() + 1)
+        .unwrap()
+        .to_be_bytes()
+        .to_vec();
+    f.push(kind);
+    f.extend_from_slice(payload);
+    f
+}
+
+#[test]
+fn a_run_from_hello_to_exit_code() {
+    let gpu = DeviceMatch {
+        vendor: 0x10de,
+        device: 0x2335,
+    };
+    let workload = ChildWorkload::new().with_device("0000:01:00.0", 0x10de, 0x2335, 0x030200);
+    let mut s = spec("echo out; echo err >&2; echo more; exit 3");
+    s.devices = vec![gpu];
+    s.device_wait_ms = 5000;
+    let (out, mut ended) = session(workload, &["loading module x failed"], |host| {
+        let hello = host.hello();
+        assert_eq!(hello.version, PROTOCOL_VERSION);
+        assert_eq!(hello.agent, env!("CARGO_PKG_VERSION"));
+        assert_eq!((hello.kernel.as_str(), hello.uptime_ms), ("6.1.0-test", 42));
+        host.send(FromHost::Hello(HostHello {
+            version: PROTOCOL_VERSION,
+        }));
+        host.send(FromHost::Run(Box::new(s)));
+        assert_eq!(
+            host.recv(),
+            FromGuest::Log {
+                message: "loading module x failed".into()
+            }
+        );
+        assert_eq!(
+            host.recv(),
+            FromGuest::Devices(vec![DeviceInfo {
+                bdf: "0000:01:00.0".into(),
+                vendor: 0x10de,
+                device: 0x2335,
+                class: 0x030200,
+            }])
+        );
+        let pid = host.started();
+        let out = host.until_exit();
+        host.closed();
+        (pid, out)
+    });
+    ended.result.unwrap();
+    let (pid, out) = out;
+    assert_eq!(Some(pid), ended.workload.pid.map(Pid::as_raw));
+    assert_eq!(out.stdout, b"out\nmore\n");
+    assert_eq!(out.stderr, b"err\n");
+    assert_eq!(out.status.unwrap().shell_code(), 3);
+    assert_eq!(ended.workload.final_status().code, Some(3));
+}
+
+#[test]
+fn stdin_beyond_the_buffer_reaches_the_workload_and_comes_back_whole() {
+    // Three times the agent's stdin buffer: it must stop reading the channel and resume.
+    let data: Vec<u8> = (0..3usize << 20).map(|i| (i % 251) as u8).collect();
+    let sent = data.clone();
+    let (out, mut ended) = session(ChildWorkload::new(), &[], |host| {
+        host.start(spec("exec cat"));
+        let mut w = FrameWriter::new(host.w.get_ref().try_clone().unwrap());
+        let writer = std::thread::spawn(move || {
+            for chunk in sent.chunks(MAX_DATA_PAYLOAD) {
+                FromHost::Stdin(chunk.to_vec()).send(&mut w).unwrap();
+            }
+            FromHost::StdinEof.send(&mut w).unwrap();
+        });
+        let out = host.until_exit();
+        writer.join().unwrap();
+        out
+    });
+    ended.result.unwrap();
+    assert_eq!(out.stdout.len(), data.len());
+    assert!(out.stdout == data, "stdout differs from stdin");
+    assert_eq!(out.status.unwrap().code, Some(0));
+    assert_eq!(ended.workload.final_status().code, Some(0));
+}
+
+#[test]
+fn host_signals_reach_the_workload_and_bad_ones_are_ignored() {
+    let t = Instant::now();
+    let (out, mut ended) = session(ChildWorkload::new(), &[], |host| {
+        host.start(spec("exec sleep 30"));
+        // Neither ends the run: an invalid signal number, a message out of place.
+        host.send(FromHost::Signal(9999));
+        host.send(FromHost::Hello(HostHello { version: 1 }));
+        host.send(FromHost::Signal(libc::SIGTERM));
+        host.until_exit()
+    });
+    ended.result.unwrap();
+    assert_eq!(out.status.unwrap().signal, Some(libc::SIGTERM));
+    assert_eq!(ended.workload.final_status().signal, Some(libc::SIGTERM));
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+}
+
+#[test]
+fn output_written_after_the_exit_is_drained() {
+    let (out, ended) = session(ChildWorkload::new(), &[], |host| {
+        host.start(spec("echo first; (sleep 0.3; echo late) & exit 0"));
+        host.until_exit()
+    });
+    ended.result.unwrap();
+    assert_eq!(out.stdout, b"first\nlate\n");
+    assert_eq!(out.status.unwrap().code, Some(0));
+}
+
+#[test]
+fn shutdown_kills_the_workload_and_ends_the_session_quietly() {
+    let ((), mut ended) = session(ChildWorkload::new(), &[], |host| {
+        host.start(spec("exec sleep 30"));
+        host.send(FromHost::Shutdown);
+        host.closed();
+    });
+    ended.result.unwrap();
+    assert_eq!(ended.workload.final_status().signal, Some(libc::SIGKILL));
+}
+
+#[test]
+fn a_vanished_host_kills_the_workload() {
+    let ((), mut ended) = session(ChildWorkload::new(), &[], |host| {
+        host.start(spec("exec sleep 30"));
+    });
+    assert!(
+        matches!(ended.result, Err(SessionError::Frame(FrameError::Closed))),
+        "{:?}",
+        ended.result
+    );
+    assert_eq!(ended.workload.final_status().signal, Some(libc::SIGKILL));
+}
+
+#[test]
+fn an_oversized_frame_during_the_run_is_refused_and_reported() {
+    let (message, mut ended) = session(ChildWorkload::new(), &[], |host| {
+        host.start(spec("exec sleep 30"));
+        // Announces 4 GiB of stdin: refused on the header, before any allocation.
+        host.raw(&[0xff, 0xff, 0xff, 0xff, Kind::Stdin as u8]);
+        let message = host.error();
+        host.closed();
+        message
+    });
+    assert_eq!(
+        message,
+        "channel: frame of kind Stdin announces 4294967294 payload bytes, over the limit of 65536"
+    );
+    assert!(
+        matches!(
+            ended.result,
+            Err(SessionError::Frame(FrameError::TooLarge {
+                kind: Kind::Stdin,
+                ..
+            }))
+        ),
+        "{:?}",
+        ended.result
+    );
+    assert_eq!(ended.workload.final_status().signal, Some(libc::SIGKILL));
+}
+
+#[test]
+fn a_hostile_handshake_is_refused_with_a_clear_error() {
+    let hello = frame(Kind::HostHello as u8, br#"{"version":1}"#);
+    let oversized_run = {
+        let len = u32::try_from(MAX_CONTROL_PAYLOAD + 2).unwrap();
+        let mut f = len.to_be_bytes().to_vec();
+        f.push(Kind::Run as u8);
+        f
+    };
+    let cases: Vec<(&str, Vec<u8>, &str)> =
+        vec![
+        (
+            "another version",
+            frame(Kind::HostHello as u8, br#"{"version":99}"#),
+            "host speaks protocol version 99, the agent 1",
+        ),
+        (
+            "run before hello",
+            frame(Kind::Run as u8, &FromHost::Run(Box::new(spec("true"))).encode().1),
+            "host sent Run where the agent expected Hello",
+        ),
+        (
+            "malformed run",
+            [hello.clone(), frame(Kind::Run as u8, br#"{"args":"#)].concat(),
+            "channel: frame of kind Run carries a malformed payload: ",
+        ),
+        (
+            "a run spec missing fields",
+            [hello.clone(), frame(Kind::Run as u8, br#"{"args":[]}"#)].concat(),
+            "channel: frame of kind Run carries a malformed payload: missing field",
+        ),
+        (
+            "a guest kind",
+            frame(Kind::Stdout as u8, b"x"),
+            "channel: frame of kind Stdout is not allowed in this direction",
+        ),
+        (
+            "an unknown kind",
+            frame(0xee, b""),
+            "channel: unknown frame kind 0xee",
+        ),
+        (
+            "an empty frame",
+            vec![0, 0, 0, 0, Kind::HostHello as u8],
+            "channel: frame of length 0 (a frame carries at least its kind byte)",
+        ),
+        (
+            "an oversized run",
+            [hello.clone(), oversized_run].concat(),
+            "channel: frame of kind Run announces 262145 payload bytes, over the limit of 262144",
+        ),
+        (
+            "a truncated frame",
+            hello[..hello.len() - 2].to_vec(),
+            "channel: peer closed the channel in the middle of a frame",
+        ),
+    ];
+    for (what, bytes, expected) in cases {
+        let (message, ended) = session(ChildWorkload::new(), &[], |host| {
+            host.hello();
+            host.raw(&bytes);
+            if what == "a truncated frame" {
+                host.w
+                    .get_ref()
+                    .shutdown(std::net::Shutdown::Write)
+                    .unwrap();
+            }
+            let message = host.error();
+            host.closed();
+            message
+        });
+        assert!(
+            message.starts_with(expected),
+            "{what}: got `{message}`, expected `{expected}...`"
+        );
+        assert!(ended.result.is_err(), "{what}");
+        assert!(!ended.workload.started(), "{what}");
+    }
+}
+
+#[test]
+fn shutdown_or_a_vanished_host_during_the_handshake_starts_nothing() {
+    let ((), ended) = session(ChildWorkload::new(), &[], |host| {
+        host.hello();
+        host.send(FromHost::Hello(HostHello {
+            version: PROTOCOL_VERSION,
+        }));
+        host.send(FromHost::Shutdown);
+        host.closed();
+    });
+    ended.result.unwrap();
+    assert!(!ended.workload.started());
+
+    let ((), ended) = session(ChildWorkload::new(), &[], |host| {
+        host.hello();
+    });
+    assert!(
+        matches!(ended.result, Err(SessionError::Frame(FrameError::Closed))),
+        "{:?}",
+        ended.result
+    );
+    assert!(!ended.workload.started());
+}
+
+#[test]
+fn missing_devices_are_named_after_the_wait() {
+    let workload = ChildWorkload::new().with_device("0000:01:00.0", 0x10de, 0x2335, 0x030200);
+    let mut s = spec("true");
+    s.devices = vec![
+        DeviceMatch {
+            vendor: 0x10de,
+            device: 0x2335,
+        },
+        DeviceMatch {
+            vendor: 0x1234,
+            device: 0x11e8,
+        },
+    ];
+    s.device_wait_ms = 50;
+    let t = Instant::now();
+    let ((seen, message), ended) = session(workload, &[], |host| {
+        host.handshake(s);
+        let seen = host.recv();
+        (seen, host.error())
+    });
+    assert!(t.elapsed() >= Duration::from_millis(50));
+    match seen {
+        FromGuest::Devices(d) => {
+            assert_eq!(d.len(), 1);
+            assert_eq!(d[0].bdf, "0000:01:00.0");
+        }
+        m => panic!("expected Devices, got {m:?}"),
+    }
+    assert_eq!(
+        message,
+        "PCI device(s) 1234:11e8 did not appear within 50 ms"
+    );
+    assert!(matches!(
+        ended.result,
+        Err(SessionError::MissingDevices(..))
+    ));
+    assert!(!ended.workload.started());
+}
+
+#[test]
+fn a_workload_that_cannot_start_is_reported() {
+    let mut s = spec("");
+    s.args = vec!["/nonexistent/workload".into()];
+    let (message, ended) = session(ChildWorkload::new(), &[], |host| {
+        host.handshake(s);
+        assert_eq!(host.recv(), FromGuest::Devices(vec![]));
+        let message = host.error();
+        host.closed();
+        message
+    });
+    assert!(
+        message.starts_with("starting the workload failed: /nonexistent/workload: "),
+        "{message}"
+    );
+    assert!(matches!(
+        ended.result,
+        Err(SessionError::Workload(WorkloadError::Container(
+            ContainerError::Child(_)
+        )))
+    ));
+}

@@ -1,0 +1,136 @@
+//! What a session does to the guest besides talking to the host: find the PCI functions
+//! the run expects, start the workload, learn when it exits, signal it. [`Workload`] is
+//! the seam; [`Pid1`] is the real thing (the container in its namespaces, children seen
+//! through a SIGCHLD signalfd); the session's tests pass a plain child process instead.
+
+use std::os::fd::{AsFd, BorrowedFd};
+use std::path::Path;
+use std::time::Duration;
+
+use gpucell_protocol::{DeviceInfo, DeviceMatch, ExitStatus, RunSpec};
+use nix::errno::Errno;
+use nix::sys::signal::{kill, SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+use crate::container::{self, ContainerError, Stdio};
+use crate::devices;
+
+/// Where the guest kernel lists its PCI functions.
+const PCI_DEVICES: &str = "/sys/bus/pci/devices";
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkloadError {
+    #[error(transparent)]
+    Container(#[from] ContainerError),
+    #[error("{0} failed")]
+    Sys(&'static str, #[source] Errno),
+}
+
+/// The guest side of one run, as the session drives it.
+pub trait Workload {
+    /// Waits up to `wait` for every wanted PCI function; returns the functions that
+    /// match and the wanted ids still missing.
+    fn wait_for_devices(
+        &mut self,
+        wanted: &[DeviceMatch],
+        wait: Duration,
+    ) -> (Vec<DeviceInfo>, Vec<DeviceMatch>);
+
+    /// Starts the workload of `spec`. Returns its pid and the agent's ends of its stdio,
+    /// non-blocking.
+    fn start(&mut self, spec: &RunSpec) -> Result<(Pid, Stdio), WorkloadError>;
+
+    /// Polls readable when a child may have exited; [`Workload::reap`] clears it.
+    fn exit_fd(&self) -> BorrowedFd<'_>;
+
+    /// Reaps every exited child; returns the workload's status if it was among them.
+    fn reap(&mut self) -> Option<ExitStatus>;
+
+    /// Sends `signal` to the workload (best effort: it may have exited already).
+    fn signal(&mut self, signal: Signal);
+}
+
+/// The workload as PID 1 runs it: the image's container, every orphan of the guest
+/// reaped on the way.
+pub struct Pid1 {
+    sigfd: SignalFd,
+    pid: Option<Pid>,
+}
+
+impl Pid1 {
+    /// Blocks SIGCHLD and opens a signalfd for it, so that poll sees child exits.
+    pub fn new() -> Result<Self, WorkloadError> {
+        Ok(Self {
+            sigfd: sigchld_fd()?,
+            pid: None,
+        })
+    }
+}
+
+impl Workload for Pid1 {
+    fn wait_for_devices(
+        &mut self,
+        wanted: &[DeviceMatch],
+        wait: Duration,
+    ) -> (Vec<DeviceInfo>, Vec<DeviceMatch>) {
+        devices::wait_for(Path::new(PCI_DEVICES), wanted, wait)
+    }
+
+    fn start(&mut self, spec: &RunSpec) -> Result<(Pid, Stdio), WorkloadError> {
+        let root = container::mount_rootfs(spec)?;
+        let prepared = container::prepare(&root, spec)?;
+        let (pid, stdio) = container::spawn(&prepared)?;
+        self.pid = Some(pid);
+        Ok((pid, stdio))
+    }
+
+    fn exit_fd(&self) -> BorrowedFd<'_> {
+        self.sigfd.as_fd()
+    }
+
+    fn reap(&mut self) -> Option<ExitStatus> {
+        while let Ok(Some(_)) = self.sigfd.read_signal() {}
+        reap(self.pid?)
+    }
+
+    fn signal(&mut self, signal: Signal) {
+        if let Some(pid) = self.pid {
+            let _ = kill(pid, signal);
+        }
+    }
+}
+
+/// Reaps every exited child; returns the workload's status if it was among them.
+fn reap(workload: Pid) -> Option<ExitStatus> {
+    let mut found = None;
+    loop {
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(p, code)) if p == workload => {
+                found = Some(ExitStatus {
+                    code: Some(code),
+                    signal: None,
+                })
+            }
+            Ok(WaitStatus::Signaled(p, sig, _)) if p == workload => {
+                found = Some(ExitStatus {
+                    code: None,
+                    signal: Some(sig as i32),
+                })
+            }
+            Ok(WaitStatus::StillAlive) | Err(_) => return found,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Blocks SIGCHLD and returns a signalfd for it (so poll sees child exits).
+fn sigchld_fd() -> Result<SignalFd, WorkloadError> {
+    let mut mask = SigSet::empty();
+    mask.add(Signal::SIGCHLD);
+    mask.thread_block()
+        .map_err(|e| WorkloadError::Sys("blocking SIGCHLD", e))?;
+    SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+        .map_err(|e| WorkloadError::Sys("signalfd", e))
+}

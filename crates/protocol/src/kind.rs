@@ -1,0 +1,81 @@
+//! Frame kinds and how much each may carry. The lowest layer: framing and messages
+//! build on it.
+
+/// Largest JSON payload of a control message (a run spec with a big environment fits).
+pub const MAX_CONTROL_PAYLOAD: usize = 256 * 1024;
+/// Largest raw payload of one stdout/stderr/stdin chunk.
+pub const MAX_DATA_PAYLOAD: usize = 64 * 1024;
+
+/// Frame kind byte. Host→guest kinds are below 0x40, guest→host kinds from 0x40.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    HostHello = 0x01,
+    Run = 0x02,
+    Stdin = 0x03,
+    StdinEof = 0x04,
+    Signal = 0x05,
+    Shutdown = 0x06,
+    GuestHello = 0x41,
+    Devices = 0x42,
+    Started = 0x43,
+    Stdout = 0x44,
+    Stderr = 0x45,
+    Exited = 0x46,
+    Error = 0x47,
+    Log = 0x48,
+}
+
+impl Kind {
+    pub fn from_byte(b: u8) -> Option<Kind> {
+        use Kind::*;
+        Some(match b {
+            0x01 => HostHello,
+            0x02 => Run,
+            0x03 => Stdin,
+            0x04 => StdinEof,
+            0x05 => Signal,
+            0x06 => Shutdown,
+            0x41 => GuestHello,
+            0x42 => Devices,
+            0x43 => Started,
+            0x44 => Stdout,
+            0x45 => Stderr,
+            0x46 => Exited,
+            0x47 => Error,
+            0x48 => Log,
+            _ => return None,
+        })
+    }
+
+    /// Largest payload a frame of this kind may carry.
+    pub fn payload_limit(self) -> usize {
+        match self {
+            Kind::Stdin | Kind::Stdout | Kind::Stderr => MAX_DATA_PAYLOAD,
+            Kind::StdinEof | Kind::Shutdown => 0,
+            _ => MAX_CONTROL_PAYLOAD,
+        }
+    }
+
+    pub fn is_from_host(self) -> bool {
+        (self as u8) < 0x40
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_byte_maps_to_at_most_one_kind_and_back() {
+        let mut kinds = 0;
+        for b in 0..=u8::MAX {
+            if let Some(k) = Kind::from_byte(b) {
+                assert_eq!(k as u8, b);
+                assert_eq!(k.is_from_host(), b < 0x40);
+                kinds += 1;
+            }
+        }
+        assert_eq!(kinds, 14);
+    }
+}
