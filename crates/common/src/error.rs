@@ -46,9 +46,8 @@ mod tests {
 
     #[test]
     fn boxed_and_dyn_errors() {
-        let boxed: Box<dyn std::error::Error + Send + Sync> = Box::new(Middle(
-            std::io::Error::other("eof"),
-        ));
+        let boxed: Box<dyn std::error::Error + Send + Sync> =
+            Box::new(Middle(std::io::Error::other("eof")));
         assert_eq!(chain_string(&*boxed), "bad header: eof");
     }
 }

@@ -388,7 +388,7 @@ impl DevicePool {
                     a.bdf, a.sandbox, a.owner.pid
                 )),
                 Err(e) => {
-                    let reason = crate::sysfs::error_chain(&e);
+                    let reason = gpucell_common::chain_string(&e);
                     tracing::warn!(bdf = %a.bdf, "quarantined: {reason}");
                     notes.push(format!("{}: quarantined: {reason}", a.bdf));
                     quarantine.put(QuarantineEntry {
