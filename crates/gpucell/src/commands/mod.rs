@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 pub mod doctor;
+pub mod envconfig;
 pub mod gpu;
 pub mod guest;
 pub mod host;
@@ -77,16 +78,20 @@ pub fn init_logging(global: &Global) {
 
 /// Prints an error and each of its causes once: `error: a: b: c`.
 pub fn print_error_chain(err: &anyhow::Error) {
-    let mut msg = String::from("error: ");
-    let mut first = true;
-    for cause in err.chain() {
-        if !first {
-            msg.push_str(": ");
-        }
-        msg.push_str(&cause.to_string());
-        first = false;
-    }
-    eprintln!("{msg}");
+    eprintln!("error: {}", gpucell_common::chain_string(err.as_ref()));
+}
+
+/// Opens the image store with the options from the environment ([`envconfig`]),
+/// `adjust`ed by the command's own flags.
+pub fn open_store(
+    global: &Global,
+    adjust: impl FnOnce(&mut gpucell_image::StoreOptions),
+) -> anyhow::Result<gpucell_image::Store> {
+    use anyhow::Context;
+    let mut options = envconfig::store_options()?;
+    adjust(&mut options);
+    gpucell_image::Store::open_with(&global.state_dir, options)
+        .with_context(|| format!("opening the image store in {}", global.state_dir.display()))
 }
 
 /// Prints a value as pretty JSON on stdout.
