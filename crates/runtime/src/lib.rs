@@ -72,12 +72,4 @@ pub enum RunFailure {
 }
 
 /// An error and each of its causes, `: `-separated, each said once.
-pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts = vec![err.to_string()];
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        parts.push(e.to_string());
-        cur = e.source();
-    }
-    parts.join(": ")
-}
+pub use gpucell_common::chain_string as error_chain;

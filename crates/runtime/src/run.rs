@@ -96,7 +96,8 @@ pub(crate) fn prepare(
 ) -> Result<Prepared, RunFailure> {
     obs.phase(Phase::Image);
     let t_image = Instant::now();
-    let store = gpucell_image::Store::open(&node.state_dir).map_err(RunFailure::StoreOpen)?;
+    let store = gpucell_image::Store::open_with(&node.state_dir, node.store.clone())
+        .map_err(RunFailure::StoreOpen)?;
     let reference = &req.request.image;
     let image = store
         .get_or_fetch(reference)

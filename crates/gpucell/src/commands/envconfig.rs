@@ -10,7 +10,8 @@
 //! | `GPUCELL_REGISTRY_USER` + `GPUCELL_REGISTRY_PASSWORD` | basic credentials |
 //! | `GPUCELL_REGISTRY_INSECURE` (`1`/`0`) | plain HTTP |
 //!
-//! A bad value is an error naming the variable.
+//! They apply over the configuration file's `[image]` section (docs/config.md). A bad
+//! value is an error naming the variable.
 
 use std::ffi::OsString;
 use std::fmt;
@@ -37,13 +38,17 @@ impl fmt::Display for BadEnv {
 
 impl std::error::Error for BadEnv {}
 
-/// [`StoreOptions`] from the process environment.
-pub fn store_options() -> Result<StoreOptions, BadEnv> {
-    store_options_from(|k| std::env::var_os(k))
+/// `base` (the configuration file's `[image]`) with the process environment's variables
+/// over it.
+pub fn store_options(base: StoreOptions) -> Result<StoreOptions, BadEnv> {
+    store_options_from(base, |k| std::env::var_os(k))
 }
 
-/// [`StoreOptions`] from the variables `get` returns (tests pass a map).
-pub fn store_options_from(get: impl Fn(&str) -> Option<OsString>) -> Result<StoreOptions, BadEnv> {
+/// `base` with the variables `get` returns over it (tests pass a map).
+pub fn store_options_from(
+    base: StoreOptions,
+    get: impl Fn(&str) -> Option<OsString>,
+) -> Result<StoreOptions, BadEnv> {
     let text = |var: &'static str| -> Result<Option<String>, BadEnv> {
         get(var)
             .map(|v| {
@@ -68,7 +73,7 @@ pub fn store_options_from(get: impl Fn(&str) -> Option<OsString>) -> Result<Stor
         }
         Ok(())
     };
-    let mut o = StoreOptions::default();
+    let mut o = base;
     if let Some(v) = text("GPUCELL_IMAGE_FS")? {
         o.fs_type = FsType::parse(&v).ok_or_else(|| BadEnv {
             var: "GPUCELL_IMAGE_FS",
@@ -97,10 +102,11 @@ pub fn store_options_from(get: impl Fn(&str) -> Option<OsString>) -> Result<Stor
                 why: "is not set but GPUCELL_REGISTRY_PASSWORD is".into(),
             })
         }
-        (None, None, None) => RegistryCredentials::Anonymous,
+        (None, None, None) => o.registry.auth,
     };
     o.registry.insecure = match text("GPUCELL_REGISTRY_INSECURE")?.as_deref() {
-        None | Some("" | "0") => false,
+        None => o.registry.insecure,
+        Some("" | "0") => false,
         Some("1") => true,
         Some(v) => {
             return Err(BadEnv {
@@ -118,7 +124,7 @@ mod tests {
     use super::*;
 
     fn from(vars: &[(&str, &str)]) -> Result<StoreOptions, BadEnv> {
-        store_options_from(|k| {
+        store_options_from(StoreOptions::default(), |k| {
             vars.iter()
                 .find(|(name, _)| *name == k)
                 .map(|(_, v)| OsString::from(v))

@@ -42,6 +42,15 @@ pub struct Global {
 }
 
 impl Global {
+    /// The node as the run core sees it: the host and state roots, the configuration
+    /// file, and the image settings of `GPUCELL_*` variables over the file's.
+    pub fn node(&self, qemu: Option<&std::path::Path>) -> anyhow::Result<gpucell_runtime::Node> {
+        let config = self.config()?;
+        let mut node = gpucell_runtime::Node::new(&self.host_root, &self.state_dir, qemu, &config);
+        node.store = envconfig::store_options(config.image)?;
+        Ok(node)
+    }
+
     /// The configuration file: the one named by `--config` (which must exist), else
     /// /etc/gpucell/config.toml under the host root when it exists, else the defaults.
     pub fn config(&self) -> anyhow::Result<gpucell_runtime::Config> {
@@ -88,7 +97,7 @@ pub fn open_store(
     adjust: impl FnOnce(&mut gpucell_image::StoreOptions),
 ) -> anyhow::Result<gpucell_image::Store> {
     use anyhow::Context;
-    let mut options = envconfig::store_options()?;
+    let mut options = envconfig::store_options(global.config()?.image)?;
     adjust(&mut options);
     gpucell_image::Store::open_with(&global.state_dir, options)
         .with_context(|| format!("opening the image store in {}", global.state_dir.display()))

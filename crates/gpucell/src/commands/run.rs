@@ -9,7 +9,7 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
-use gpucell_runtime::{AccelRequest, DeviceSpec, Node, Observer, RunReport, RunRequest};
+use gpucell_runtime::{AccelRequest, DeviceSpec, Observer, RunReport, RunRequest};
 use gpucell_sandbox::spec;
 use gpucell_sandbox::{EventSender, SessionIo, SignalForwarder};
 
@@ -185,7 +185,7 @@ pub fn run(global: &Global, args: RunArgs) -> anyhow::Result<u8> {
             return finish(global, &report);
         }
     };
-    let node = node(global, &args)?;
+    let node = global.node(args.qemu.as_deref())?;
     if args.dry_run {
         return dry::run(global, &node, req);
     }
@@ -195,16 +195,6 @@ pub fn run(global: &Global, args: RunArgs) -> anyhow::Result<u8> {
         eprintln!("warning: signals are not forwarded to the workload: {e}");
     }
     finish(global, &report)
-}
-
-fn node(global: &Global, args: &RunArgs) -> anyhow::Result<Node> {
-    let config = global.config()?;
-    Ok(Node::new(
-        &global.host_root,
-        &global.state_dir,
-        args.qemu.as_deref(),
-        &config,
-    ))
 }
 
 /// Prints the error and the console tail of a failed run, the report under `--json`,
