@@ -101,7 +101,10 @@ impl Config {
             gpucell_guest::flavour::find(g).map_err(|e| bad("run.guest", e.to_string()))?;
         }
         if self.run.kvm_probe_timeout_ms == Some(0) {
-            return Err(bad("run.kvm_probe_timeout_ms", "must be greater than 0".into()));
+            return Err(bad(
+                "run.kvm_probe_timeout_ms",
+                "must be greater than 0".into(),
+            ));
         }
         self.image.validate().map_err(|e| match e {
             gpucell_image::StoreError::BadOption { key, why } => ConfigError::Value {
@@ -148,18 +151,28 @@ mod tests {
         .unwrap();
         assert_eq!(c.run.accel, Some(AccelRequest::Tcg));
         assert_eq!(c.kvm_probe_timeout(), Some(Duration::from_secs(5)));
-        let c = Config::parse("[image]\nfs_type = \"ext4\"\n[image.limits]\nmax_entries = 7\n", p).unwrap();
+        let c = Config::parse(
+            "[image]\nfs_type = \"ext4\"\n[image.limits]\nmax_entries = 7\n",
+            p,
+        )
+        .unwrap();
         assert_eq!(c.image.fs_type, gpucell_image::FsType::Ext4);
         assert_eq!(c.image.limits.max_entries, 7);
         for (text, needle) in [
             ("[run]\naccel = \"fast\"\n", "fast"),
             ("[run]\nguest = \"nvidia-999\"\n", "run.guest"),
-            ("[run]\nkvm_probe_timeout_ms = 0\n", "run.kvm_probe_timeout_ms"),
+            (
+                "[run]\nkvm_probe_timeout_ms = 0\n",
+                "run.kvm_probe_timeout_ms",
+            ),
             ("[run]\nqemu_bin = \"x\"\n", "qemu_bin"),
             ("[runn]\n", "runn"),
             ("[image]\nfs_type = \"zfs\"\n", "zfs"),
             ("[image]\nlimits = { max_bytes = 0 }\n", "image"),
-            ("[image.registry]\nauth = { kind = \"basic\", username = \"u\" }\n", "password"),
+            (
+                "[image.registry]\nauth = { kind = \"basic\", username = \"u\" }\n",
+                "password",
+            ),
         ] {
             let err = Config::parse(text, p).unwrap_err().to_string();
             assert!(err.contains(needle), "{text}: {err}");

@@ -57,9 +57,9 @@ impl Global {
         let config = match &self.config {
             Some(p) => gpucell_runtime::Config::load(p, true)?,
             None => {
-                let default = self.host_root.join(
-                    gpucell_runtime::DEFAULT_CONFIG_PATH.trim_start_matches('/'),
-                );
+                let default = self
+                    .host_root
+                    .join(gpucell_runtime::DEFAULT_CONFIG_PATH.trim_start_matches('/'));
                 gpucell_runtime::Config::load(&default, false)?
             }
         };

@@ -100,6 +100,7 @@ mod tests {
         Global {
             host_root: root.to_owned(),
             state_dir: state.to_owned(),
+            config: None,
             json: false,
             verbose: 0,
         }
