@@ -155,6 +155,22 @@ pub struct VmDevices {
     pub pin_cpus: Option<Vec<u32>>,
 }
 
+impl VmDevices {
+    /// Nothing passed and nothing asked: the accelerator's default CPU model and no
+    /// device, hole, kernel word or pin target (what [`plan`] gives for an empty setup).
+    pub fn none(accel: Accel) -> Self {
+        VmDevices {
+            devices: Vec::new(),
+            cmdline: Vec::new(),
+            hole64: None,
+            cpu: Cpu::for_accel(accel),
+            phys_bits: 0,
+            warning: None,
+            pin_cpus: None,
+        }
+    }
+}
+
 /// Everything `setup` changes in a VM of `cpus` vCPUs and `memory_mib` under `accel`:
 /// wiring, memory backend (hugetlbfs looked up under `host_root`), hole, CPU model,
 /// kernel words and pin targets. Under KVM the hole must fit the host CPU's address

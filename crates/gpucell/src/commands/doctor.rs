@@ -49,7 +49,8 @@ fn kvm_probe(global: &Global, args: &DoctorArgs, root: &HostRoot, qemu: &QemuInf
         &guest.initrd,
         &global.host_root,
         Some(&global.state_dir),
-    );
+    )
+    .with_timeout(super::kvm_probe_timeout());
     match accel::probe(&input) {
         Ok(p) if p.kvm_usable => KvmProbe::Usable,
         Ok(p) => KvmProbe::Unusable(p.reason),

@@ -36,6 +36,22 @@ pub struct Global {
     pub verbose: u8,
 }
 
+/// The KVM boot probe's time limit: `GPUCELL_KVM_PROBE_TIMEOUT` seconds when set (1 to
+/// 600), with a warning and the default for anything else.
+pub fn kvm_probe_timeout() -> std::time::Duration {
+    use gpucell_sandbox::accel::{parse_probe_timeout, DEFAULT_PROBE_TIMEOUT, PROBE_TIMEOUT_ENV};
+    match std::env::var(PROBE_TIMEOUT_ENV) {
+        Ok(v) => parse_probe_timeout(&v).unwrap_or_else(|| {
+            tracing::warn!(
+                "{PROBE_TIMEOUT_ENV}={v:?} is not a number of seconds between 1 and 600; using {}s",
+                DEFAULT_PROBE_TIMEOUT.as_secs()
+            );
+            DEFAULT_PROBE_TIMEOUT
+        }),
+        Err(_) => DEFAULT_PROBE_TIMEOUT,
+    }
+}
+
 pub fn init_logging(global: &Global) {
     use tracing_subscriber::EnvFilter;
     let default = match global.verbose {

@@ -218,7 +218,8 @@ fn prepare(
         &guest.initrd,
         &global.host_root,
         Some(&global.state_dir),
-    );
+    )
+    .with_timeout(super::kvm_probe_timeout());
     let selection: Selection = accel::select(choice, &probe_input)?;
     if let Some(w) = selection.warning() {
         eprintln!("warning: {w}");
