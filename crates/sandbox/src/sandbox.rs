@@ -27,7 +27,7 @@ pub use crate::command::ChannelKind;
 use crate::command::{
     qemu_command, ChannelLayout, CommandInput, BASE_CMDLINE, VSOCK_PORT_PLACEHOLDER,
 };
-use crate::devices::{DeviceSetup, PassedMapping, VcpuPin};
+use crate::devices::{DeviceSetup, MemlockLimits, PassedMapping, VcpuPin};
 use crate::process::{describe_exit, QemuProcess};
 use crate::qmp::Qmp;
 use crate::rundir::{new_run_id, run_dir_path, socket_path, RunDir, AGENT_SOCKET, QMP_SOCKET};
@@ -311,6 +311,9 @@ pub struct Sandbox {
     vsock_cid: u32,
     /// What the QEMU binary supports, when the caller knows; else detected.
     caps: Option<QemuCaps>,
+    /// The locked-memory limits QEMU inherits, when the caller knows; else this
+    /// process's.
+    memlock: Option<MemlockLimits>,
     tx: EventSender,
     rx: EventReceiver,
 }
@@ -359,6 +362,7 @@ impl Sandbox {
             id,
             vsock_cid: crate::vsock::random_cid(),
             caps: None,
+            memlock: None,
             tx,
             rx,
         })
@@ -375,6 +379,13 @@ impl Sandbox {
     /// when deciding the run-as flag and seccomp.
     pub fn with_qemu_caps(mut self, caps: QemuCaps) -> Self {
         self.caps = Some(caps);
+        self
+    }
+
+    /// Checks passed functions' locked memory against these limits instead of this
+    /// process's own.
+    pub fn with_memlock_limits(mut self, limits: MemlockLimits) -> Self {
+        self.memlock = Some(limits);
         self
     }
 
@@ -446,7 +457,8 @@ impl Sandbox {
         };
         let command = qemu_command(&input)?;
         if !self.devices.devices.is_empty() {
-            crate::devices::check_memlock(cfg.memory_mib)?;
+            let limits = self.memlock.unwrap_or_else(MemlockLimits::of_this_process);
+            crate::devices::check_memlock_within(cfg.memory_mib, &limits)?;
         }
         let targets = input.devices.pin_cpus.clone().unwrap_or_default();
         Ok(Plan {
