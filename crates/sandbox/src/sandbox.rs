@@ -39,6 +39,8 @@ const AGENT_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 const POWEROFF_GRACE: Duration = Duration::from_secs(5);
 /// How long QEMU has to exit after QMP `quit` before it is killed.
 const QUIT_GRACE: Duration = Duration::from_secs(2);
+/// How long a QEMU that exited at start has to get its stderr through the pipe.
+const STDERR_DRAIN: Duration = Duration::from_secs(1);
 /// Lines of the serial console shown with an error.
 pub const CONSOLE_LINES_ON_ERROR: usize = 25;
 
@@ -561,7 +563,10 @@ impl Sandbox {
                 ready_at: Instant::now(),
             }),
             Err(source) => {
-                let _ = qemu.wait_timeout(Duration::from_millis(200));
+                if let Ok(Some(_)) = qemu.wait_timeout(Duration::from_millis(200)) {
+                    // QEMU exited: its last words are on their way through the pipe.
+                    let _ = qemu.stderr().wait_closed(Instant::now() + STDERR_DRAIN);
+                }
                 let stderr = qemu.stderr().tail_lines(5);
                 Err(with_logs(
                     SandboxError::QmpConnect { stderr, source },
