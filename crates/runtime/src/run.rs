@@ -144,16 +144,17 @@ fn select_accel(
     req: &ValidRequest,
     guest: &gpucell_guest::GuestArtifacts,
 ) -> Result<Selection, RunFailure> {
-    let mut input = ProbeInput::new(
+    let input = ProbeInput::new(
         &node.qemu,
         &guest.kernel,
         &guest.initrd,
         &node.host_root,
         Some(&node.state_dir),
     );
-    if let Some(t) = node.kvm_probe_timeout {
-        input.timeout = t;
-    }
+    let input = match node.kvm_probe_timeout {
+        Some(t) => input.with_timeout(t),
+        None => input,
+    };
     Ok(accel::select(req.request.accel.choice(), &input)?)
 }
 

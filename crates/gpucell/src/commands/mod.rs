@@ -47,8 +47,23 @@ impl Global {
     pub fn node(&self, qemu: Option<&std::path::Path>) -> anyhow::Result<gpucell_runtime::Node> {
         let config = self.config()?;
         let mut node = gpucell_runtime::Node::new(&self.host_root, &self.state_dir, qemu, &config);
+        if let Some(t) = kvm_probe_timeout_env()? {
+            node.kvm_probe_timeout = Some(t);
+        }
         node.store = envconfig::store_options(config.image)?;
         Ok(node)
+    }
+
+    /// The KVM boot probe's time limit: `GPUCELL_KVM_PROBE_TIMEOUT` seconds when set,
+    /// else the configuration file's `run.kvm_probe_timeout_ms`, else the probe's default.
+    pub fn kvm_probe_timeout(&self) -> anyhow::Result<std::time::Duration> {
+        Ok(match kvm_probe_timeout_env()? {
+            Some(t) => t,
+            None => self
+                .config()?
+                .kvm_probe_timeout()
+                .unwrap_or(gpucell_sandbox::accel::DEFAULT_PROBE_TIMEOUT),
+        })
     }
 
     /// The configuration file: the one named by `--config` (which must exist), else
@@ -64,6 +79,21 @@ impl Global {
             }
         };
         Ok(config)
+    }
+}
+
+/// `GPUCELL_KVM_PROBE_TIMEOUT` (seconds, 1 to 600) when set; any other value is an error
+/// naming the variable.
+fn kvm_probe_timeout_env() -> anyhow::Result<Option<std::time::Duration>> {
+    use gpucell_sandbox::accel::{parse_probe_timeout, PROBE_TIMEOUT_ENV};
+    match std::env::var(PROBE_TIMEOUT_ENV) {
+        Ok(v) => match parse_probe_timeout(&v) {
+            Some(t) => Ok(Some(t)),
+            None => anyhow::bail!(
+                "environment variable {PROBE_TIMEOUT_ENV}: {v:?} is not a number of seconds between 1 and 600; fix or unset it"
+            ),
+        },
+        Err(_) => Ok(None),
     }
 }
 
