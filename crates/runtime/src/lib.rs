@@ -44,18 +44,18 @@ pub enum RunFailure {
     #[error(transparent)]
     RunId(gpucell_sandbox::rundir::RunDirError),
     #[error("opening the image store")]
-    StoreOpen(#[source] gpucell_image::Error),
+    StoreOpen(#[source] Box<gpucell_image::Error>),
     #[error("getting image {reference}")]
     Image {
         reference: String,
         #[source]
-        source: gpucell_image::Error,
+        source: Box<gpucell_image::Error>,
     },
     #[error("building the guest disk of {reference}")]
     Disk {
         reference: String,
         #[source]
-        source: gpucell_image::Error,
+        source: Box<gpucell_image::Error>,
     },
     #[error(transparent)]
     Guest(#[from] gpucell_guest::Error),

@@ -97,19 +97,19 @@ pub(crate) fn prepare(
     obs.phase(Phase::Image);
     let t_image = Instant::now();
     let store = gpucell_image::Store::open_with(&node.state_dir, node.store.clone())
-        .map_err(RunFailure::StoreOpen)?;
+        .map_err(|e| RunFailure::StoreOpen(Box::new(e)))?;
     let reference = &req.request.image;
     let image = store
         .get_or_fetch(reference)
         .map_err(|source| RunFailure::Image {
             reference: reference.clone(),
-            source,
+            source: Box::new(source),
         })?;
     let disk = store
         .guest_disk(&image)
         .map_err(|source| RunFailure::Disk {
             reference: image.reference.clone(),
-            source,
+            source: Box::new(source),
         })?;
     let image_ms = ms(t_image.elapsed());
     report.image = ImageReport {
@@ -282,7 +282,7 @@ fn fill_outcome(report: &mut RunReport, timed: &Timed, start: Instant) {
     let o = &timed.outcome;
     let t = &o.timings;
     report.exit_code = o.exit_code;
-    report.status = Some(o.status.clone());
+    report.status = Some(o.status);
     report.run_id = Some(o.run_id.clone());
     report.channel = Some(o.channel);
     report.cpus = Some(o.cpus);

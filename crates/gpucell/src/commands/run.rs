@@ -89,11 +89,12 @@ pub struct DeviceArgs {
     pub device_wait: Option<String>,
 }
 
-fn millis(flag: &str, v: Option<&str>) -> anyhow::Result<Option<u64>> {
+/// A duration flag in milliseconds (the error names the value, as it always did).
+fn millis(v: Option<&str>) -> anyhow::Result<Option<u64>> {
     v.map(|s| {
         spec::parse_duration(s)
             .map(|d| d.as_millis().min(u128::from(u64::MAX)) as u64)
-            .map_err(|e| anyhow::Error::from(e).context(format!("{flag}")))
+            .map_err(anyhow::Error::from)
     })
     .transpose()
 }
@@ -133,10 +134,10 @@ fn request(global: &Global, args: &RunArgs) -> anyhow::Result<RunRequest> {
             functions: d.device.clone(),
             hugepages: d.hugepages,
             pin_cpus: d.pin_cpus,
-            wait_ms: millis("--device-wait", d.device_wait.as_deref())?,
+            wait_ms: millis(d.device_wait.as_deref())?,
         },
-        timeout_ms: millis("--timeout", args.timeout.as_deref())?,
-        boot_timeout_ms: millis("--boot-timeout", args.boot_timeout.as_deref())?,
+        timeout_ms: millis(args.timeout.as_deref())?,
+        boot_timeout_ms: millis(args.boot_timeout.as_deref())?,
         guest: args.guest.clone(),
         accel,
     })

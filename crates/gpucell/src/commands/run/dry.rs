@@ -68,7 +68,9 @@ fn text(r: &DryRunReport) -> String {
     for w in &r.warnings {
         line(&mut out, "warning", w);
     }
-    line(&mut out, "qemu", &shell_words(&r.qemu_args));
+    let mut argv = vec![r.qemu.display().to_string()];
+    argv.extend(r.qemu_args.iter().cloned());
+    line(&mut out, "qemu", &shell_words(&argv));
     out
 }
 
