@@ -77,7 +77,10 @@ fn dry_run_prints_the_plan_and_starts_nothing() {
     assert_eq!(p["spec"]["args"], serde_json::json!(["echo", "hi"]), "{p}");
     assert_eq!(p["devices"], serde_json::json!([]), "{p}");
     let args: Vec<String> = serde_json::from_value(p["qemu_args"].clone()).unwrap();
-    assert!(p["qemu"].as_str().unwrap().ends_with("qemu-system-x86_64"), "{p}");
+    assert!(
+        p["qemu"].as_str().unwrap().ends_with("qemu-system-x86_64"),
+        "{p}"
+    );
     let joined = args.join(" ");
     assert!(joined.contains("-accel tcg"), "{joined}");
     assert!(joined.contains("-smp 2"), "{joined}");
