@@ -22,6 +22,9 @@ PACKAGES=(
     gcc                 # the nested test host's edu-probe helper (static C)
     binutils            # readelf (nested test host build)
     jq                  # JSON checks inside the nested test host
+    nftables            # the sandbox network's firewall and NAT (gpucell drives nft -j -f)
+    iperf3              # network benchmarks (bench/net)
+    iproute2            # tests build their own namespaces and veth pairs
 )
 
 missing=()

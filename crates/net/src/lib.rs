@@ -1,0 +1,16 @@
+//! gpucell's sandbox network on the host (docs/network.md): a tap per sandbox, a /30
+//! from the node's range with the gateway on the host side, one nftables table per
+//! sandbox with the egress policy, NAT and published ports, an optional tc policer, and
+//! a record per sandbox so that what a killed run left behind is removed by the next.
+
+pub mod cidr;
+pub mod nft;
+pub mod ops;
+pub mod policy;
+pub mod spec;
+pub mod tc;
+
+pub use cidr::Cidr;
+pub use ops::{FakeNet, HostNet, SystemNet};
+pub use policy::{EgressPolicy, NetPlan};
+pub use spec::{NetworkConfig, NetworkMode, NetworkRequest, Proto, Publish};
