@@ -14,3 +14,8 @@ pub use cidr::Cidr;
 pub use ops::{FakeNet, HostNet, SystemNet};
 pub use policy::{EgressPolicy, NetPlan};
 pub use spec::{NetworkConfig, NetworkMode, NetworkRequest, Proto, Publish};
+pub mod ports;
+pub mod record;
+pub mod setup;
+
+pub use setup::{leftovers, plan, reconcile, setup, ActiveNet, Leftover, NetEnv, NetError, Planned};

@@ -28,6 +28,8 @@ pub enum OpsError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[error("this kernel cannot police {0:?} for --egress-rate: it lacks the tc u32 classifier or the police action (modules cls_u32, act_police); load them or run without --egress-rate")]
+    NoPolicer(String),
     #[error("network link {0:?} not found")]
     NoLink(String),
     #[error("cannot run {tool:?}; install nftables (scripts/install-deps.sh)")]
@@ -91,7 +93,18 @@ fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> OpsError {
     let what = what.into();
     move |e| OpsError::Netlink {
         what,
-        source: Box::new(e),
+        source: netlink_cause(e),
+    }
+}
+
+/// The kernel's errno for a netlink error (its message echoes the whole request).
+pub(crate) fn netlink_cause(e: rtnetlink::Error) -> Box<dyn std::error::Error + Send + Sync> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => match m.code {
+            Some(c) => Box::new(std::io::Error::from_raw_os_error(-c.get())),
+            None => Box::new(std::io::Error::other("netlink error without a code")),
+        },
+        other => Box::new(other),
     }
 }
 

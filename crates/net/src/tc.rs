@@ -97,7 +97,7 @@ pub(crate) async fn police_ingress(
         let what = format!("{what} on {name:?}");
         move |e: rtnetlink::Error| OpsError::Netlink {
             what,
-            source: Box::new(e),
+            source: crate::ops::netlink_cause(e),
         }
     };
     let h = h.clone();
@@ -124,7 +124,15 @@ pub(crate) async fn police_ingress(
         .map_err(err("building the policing filter"))?
         .execute()
         .await
-        .map_err(err("adding the policing filter"))
+        .map_err(|e| match &e {
+            // ENOENT / EOPNOTSUPP: no such classifier or action in this kernel.
+            rtnetlink::Error::NetlinkError(m)
+                if matches!(m.raw_code(), c if c == -libc::ENOENT || c == -libc::EOPNOTSUPP) =>
+            {
+                OpsError::NoPolicer(name.to_string())
+            }
+            _ => err("adding the policing filter")(e),
+        })
 }
 
 #[cfg(test)]
