@@ -12,6 +12,7 @@ mod channel;
 mod cmdline;
 mod container;
 mod devices;
+mod net;
 mod rootpath;
 mod session;
 mod users;
@@ -60,7 +61,9 @@ type AnyError = Box<dyn std::error::Error>;
 
 fn run() -> Result<(), AnyError> {
     boot::mount_pseudo()?;
-    let cmdline = Cmdline::parse(&boot::read_cmdline()?)?;
+    let cmdline_text = boot::read_cmdline()?;
+    let cmdline = Cmdline::parse(&cmdline_text)?;
+    let guest_net = net::GuestNet::from_cmdline(&cmdline_text)?;
     if cmdline.probe {
         println!("{}", cmdline::PROBE_OK);
         let _ = std::io::stdout().flush();
@@ -69,7 +72,8 @@ fn run() -> Result<(), AnyError> {
     // A module that fails to load is logged; what needs it fails later, with a message.
     // Warnings from before the channel is open, sent to the host as `Log` after hello.
     let mut early = Vec::new();
-    if let Err(e) = boot::load_modules(&|tag| cmdline.wants_modules(tag)) {
+    let wanted = |tag: &str| cmdline.wants_modules(tag) && net::wants_modules(guest_net.as_ref(), tag);
+    if let Err(e) = boot::load_modules(&wanted) {
         tracing::error!("{}", chain(&e));
         early.push(chain(&e));
     }
@@ -81,6 +85,11 @@ fn run() -> Result<(), AnyError> {
     if let Err(e) = boot::loopback_up() {
         tracing::warn!("{}", chain(&e));
         early.push(chain(&e));
+    }
+    // The network is up before the channel opens, so before any workload starts.
+    if let Some(n) = &guest_net {
+        let ifname = net::configure(n)?;
+        tracing::info!(%ifname, address = %n.address, "network configured");
     }
     let mut workload = workload::Pid1::new()?;
     let channel = channel::open(cmdline.channel)?;

@@ -26,6 +26,8 @@ pub enum WorkloadError {
     Container(#[from] ContainerError),
     #[error("{0} failed")]
     Sys(&'static str, #[source] Errno),
+    #[error(transparent)]
+    Net(#[from] crate::net::NetError),
 }
 
 /// The guest side of one run, as the session drives it.
@@ -80,6 +82,7 @@ impl Workload for Pid1 {
 
     fn start(&mut self, spec: &RunSpec) -> Result<(Pid, Stdio), WorkloadError> {
         let root = container::mount_rootfs(spec)?;
+        crate::net::install_resolv_conf(&root)?;
         let prepared = container::prepare(&root, spec)?;
         let (pid, stdio) = container::spawn(&prepared)?;
         self.pid = Some(pid);

@@ -27,6 +27,8 @@ pub enum When {
     Always,
     Channel(&'static str),
     Rootfs(&'static str),
+    /// Only when the sandbox has a network device (`gpucell.net=` on the command line).
+    Net,
 }
 
 impl When {
@@ -36,6 +38,7 @@ impl When {
             When::Always => "always".to_owned(),
             When::Channel(c) => format!("channel={c}"),
             When::Rootfs(f) => format!("rootfs={f}"),
+            When::Net => "net=virtio".to_owned(),
         }
     }
 }
@@ -55,6 +58,7 @@ const BASE_MODULES: &[(When, &str)] = &[
     (When::Always, "crc32c_generic"),
     (When::Rootfs("ext4"), "ext4"),
     (When::Rootfs("erofs"), "erofs"),
+    (When::Net, "virtio_net"),
 ];
 
 pub const FLAVOURS: &[Flavour] = &[Flavour {

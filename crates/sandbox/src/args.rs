@@ -346,6 +346,10 @@ pub enum Device {
     },
     /// The guest RAM backend (`-object` plus `-machine memory-backend=`).
     Memory(MemoryBackend),
+    /// `-netdev tap` on a tap queue QEMU inherits as descriptor `fd`.
+    TapNetdev { id: String, fd: i32, vhost: bool },
+    /// A virtio-net NIC on netdev `netdev`.
+    VirtioNet { netdev: String, mac: String },
 }
 
 impl Device {
@@ -390,6 +394,19 @@ impl ToArgs for Device {
             }
             Device::VfioPci { host, bus } => format!("vfio-pci,host={host},bus={bus}"),
             Device::Memory(m) => return m.to_args(out),
+            Device::TapNetdev { id, fd, vhost } => {
+                let vhost = if *vhost { "on" } else { "off" };
+                out.extend([
+                    "-netdev".into(),
+                    format!("tap,id={},fd={fd},vhost={vhost}", escape_opt(id)),
+                ]);
+                return;
+            }
+            Device::VirtioNet { netdev, mac } => format!(
+                "virtio-net-pci,netdev={},mac={}",
+                escape_opt(netdev),
+                escape_opt(mac)
+            ),
         };
         out.extend(["-device".into(), spec]);
     }

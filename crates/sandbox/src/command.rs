@@ -10,9 +10,10 @@
 //! golden tests render theirs through the same function.
 //!
 //! The guest kernel's command line is, in this order: [`CommandInput::base_cmdline`],
-//! `gpucell.channel=`, `gpucell.rootfs=`, `gpucell.vsock_port=`, the extra words, then
-//! the devices' words. QEMU devices are the image's disk, the channel's devices, then
-//! the planned devices (root ports, passed functions, memory backend).
+//! `gpucell.channel=`, `gpucell.rootfs=`, `gpucell.vsock_port=`, `gpucell.net=` and
+//! `gpucell.dns=`, the extra words, then the devices' words. QEMU devices are the
+//! image's disk, the channel's devices, the network device, then the planned devices
+//! (root ports, passed functions, memory backend).
 
 use std::path::PathBuf;
 
@@ -46,6 +47,28 @@ pub const VIRTIO_SERIAL_ID: &str = "vser0";
 /// kernel never picks 0 (it hands out ports from 1024 up), so 0 cannot be mistaken
 /// for a real port.
 pub const VSOCK_PORT_PLACEHOLDER: u32 = 0;
+
+/// The descriptor number QEMU gets the sandbox's tap queue as (after stdio).
+pub const TAP_FD: i32 = 3;
+/// QEMU id of the sandbox's network backend.
+pub const NETDEV_ID: &str = "net0";
+/// Kernel command line key of the guest's network: `ADDRESS/PREFIX,GATEWAY,MAC`.
+pub const CMDLINE_NET_KEY: &str = "gpucell.net";
+/// Kernel command line key of the guest's resolvers, comma-separated.
+pub const CMDLINE_DNS_KEY: &str = "gpucell.dns";
+
+/// The sandbox's network device as QEMU and the guest see it: a virtio-net NIC on a
+/// tap the host set up (its queue passed as [`TAP_FD`]); the guest's address, gateway
+/// and resolvers go on the kernel command line, so the agent configures them at boot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NetLayout {
+    pub mac: String,
+    pub vhost: bool,
+    pub address: std::net::Ipv4Addr,
+    pub prefix_len: u8,
+    pub gateway: std::net::Ipv4Addr,
+    pub dns: Vec<std::net::Ipv4Addr>,
+}
 
 /// How the host talks to the agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -114,6 +137,8 @@ pub struct CommandInput {
     pub seccomp: bool,
     /// Kernel command line words after gpucell's own.
     pub extra_cmdline: Vec<String>,
+    /// The network device; `None`: no network device at all (`--network none`).
+    pub net: Option<NetLayout>,
 }
 
 impl CommandInput {
@@ -145,6 +170,7 @@ impl CommandInput {
             run_as: None,
             seccomp: false,
             extra_cmdline: Vec::new(),
+            net: None,
         }
     }
 }
@@ -206,6 +232,14 @@ fn kernel_cmdline(input: &CommandInput) -> Result<KernelCmdline, ArgsError> {
     {
         cmdline.push(format!("{CMDLINE_VSOCK_PORT_KEY}={port}"))?;
     }
+    if let Some(n) = &input.net {
+        let (a, p, g, m) = (n.address, n.prefix_len, n.gateway, &n.mac);
+        cmdline.push(format!("{CMDLINE_NET_KEY}={a}/{p},{g},{m}"))?;
+        if !n.dns.is_empty() {
+            let dns: Vec<String> = n.dns.iter().map(ToString::to_string).collect();
+            cmdline.push(format!("{CMDLINE_DNS_KEY}={}", dns.join(",")))?;
+        }
+    }
     for w in &input.extra_cmdline {
         cmdline.push(w.clone())?;
     }
@@ -252,6 +286,17 @@ fn devices(input: &CommandInput) -> Vec<Device> {
             });
         }
         None => {}
+    }
+    if let Some(n) = &input.net {
+        out.push(Device::TapNetdev {
+            id: NETDEV_ID.into(),
+            fd: TAP_FD,
+            vhost: n.vhost,
+        });
+        out.push(Device::VirtioNet {
+            netdev: NETDEV_ID.into(),
+            mac: n.mac.clone(),
+        });
     }
     out.extend(input.devices.devices.iter().cloned());
     out
@@ -320,6 +365,31 @@ mod tests {
             })
         );
         assert!(append(&cmd).contains("gpucell.channel=serial"));
+    }
+
+    #[test]
+    fn the_network_device_and_its_kernel_words() {
+        let mut i = input();
+        i.net = Some(NetLayout {
+            mac: "52:54:00:01:23:45".into(),
+            vhost: false,
+            address: "10.200.0.2".parse().unwrap(),
+            prefix_len: 30,
+            gateway: "10.200.0.1".parse().unwrap(),
+            dns: vec!["203.0.113.53".parse().unwrap(), "1.1.1.1".parse().unwrap()],
+        });
+        let cmd = qemu_command(&i).unwrap();
+        assert!(append(&cmd).ends_with(
+            "gpucell.net=10.200.0.2/30,10.200.0.1,52:54:00:01:23:45 gpucell.dns=203.0.113.53,1.1.1.1"
+        ));
+        let args = cmd.args().join(" ");
+        assert!(
+            args.contains("-netdev tap,id=net0,fd=3,vhost=off -device virtio-net-pci,netdev=net0,mac=52:54:00:01:23:45"),
+            "{args}"
+        );
+        i.net = None;
+        let args = qemu_command(&i).unwrap().args().join(" ");
+        assert!(!args.contains("netdev") && !append(&qemu_command(&i).unwrap()).contains("gpucell.net"));
     }
 
     #[test]

@@ -81,6 +81,20 @@ impl QemuProcess {
         cmd: &QemuCommand,
         console_marker: Option<&[u8]>,
     ) -> Result<QemuProcess, ProcessError> {
+        Self::spawn_with_fds(cmd, console_marker, &[])
+    }
+
+    /// [`QemuProcess::spawn`], QEMU inheriting each `(descriptor, number)` of `fds` as
+    /// that number (a tap queue as `fd=3`); numbers must be above 2 and distinct.
+    pub fn spawn_with_fds(
+        cmd: &QemuCommand,
+        console_marker: Option<&[u8]>,
+        fds: &[(std::os::fd::BorrowedFd<'_>, i32)],
+    ) -> Result<QemuProcess, ProcessError> {
+        let pass: Vec<(i32, i32)> = fds
+            .iter()
+            .map(|(fd, n)| (std::os::fd::AsRawFd::as_raw_fd(fd), *n))
+            .collect();
         let args = cmd.args();
         tracing::debug!(binary = %cmd.binary.display(), args = ?args, "starting QEMU");
         let mut command = Command::new(&cmd.binary);
@@ -105,6 +119,17 @@ impl QemuProcess {
                         rlim_max: bytes,
                     };
                     if libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                for &(from, to) in &pass {
+                    // dup2 onto itself keeps close-on-exec: clear it instead.
+                    let res = if from == to {
+                        libc::fcntl(to, libc::F_SETFD, 0)
+                    } else {
+                        libc::dup2(from, to)
+                    };
+                    if res < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                 }

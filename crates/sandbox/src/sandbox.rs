@@ -13,6 +13,7 @@
 //! with its sockets is removed.
 
 use std::io::{Read, Write};
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -24,8 +25,9 @@ use crate::args::{Accel, QemuCommand, RunAs};
 use crate::caps::{CapsError, QemuCaps};
 use crate::channel::{relay, EventReceiver, EventSender, Limits, SessionError, SessionIo};
 pub use crate::command::ChannelKind;
+pub use crate::command::NetLayout;
 use crate::command::{
-    qemu_command, ChannelLayout, CommandInput, BASE_CMDLINE, VSOCK_PORT_PLACEHOLDER,
+    qemu_command, ChannelLayout, CommandInput, BASE_CMDLINE, TAP_FD, VSOCK_PORT_PLACEHOLDER,
 };
 use crate::devices::{DeviceSetup, MemlockLimits, PassedMapping, VcpuPin};
 use crate::process::{describe_exit, QemuProcess};
@@ -316,6 +318,8 @@ pub struct Sandbox {
     /// The locked-memory limits QEMU inherits, when the caller knows; else this
     /// process's.
     memlock: Option<MemlockLimits>,
+    /// The network device and the tap queue QEMU inherits (none in a plan).
+    net: Option<(NetLayout, Option<std::os::fd::OwnedFd>)>,
     tx: EventSender,
     rx: EventReceiver,
 }
@@ -365,6 +369,7 @@ impl Sandbox {
             vsock_cid: crate::vsock::random_cid(),
             caps: None,
             memlock: None,
+            net: None,
             tx,
             rx,
         })
@@ -388,6 +393,13 @@ impl Sandbox {
     /// process's own.
     pub fn with_memlock_limits(mut self, limits: MemlockLimits) -> Self {
         self.memlock = Some(limits);
+        self
+    }
+
+    /// Gives the VM a virtio-net device on the tap whose queue is `tap` (see
+    /// [`NetLayout`]); a plan needs no tap, a run without one fails at spawn.
+    pub fn with_network(mut self, layout: NetLayout, tap: Option<std::os::fd::OwnedFd>) -> Self {
+        self.net = Some((layout, tap));
         self
     }
 
@@ -456,6 +468,7 @@ impl Sandbox {
             run_as,
             seccomp,
             extra_cmdline: cfg.extra_cmdline.clone(),
+            net: self.net.as_ref().map(|(layout, _)| layout.clone()),
         };
         let command = qemu_command(&input)?;
         if !self.devices.devices.is_empty() {
@@ -545,7 +558,9 @@ impl Sandbox {
     fn start_vm(&self, cmd: &QemuCommand, dir: &RunDir, qmp_path: &Path) -> Result<Vm, RunError> {
         let cfg = &self.config;
         let spawned_at = Instant::now();
-        let mut qemu = QemuProcess::spawn(cmd, None).map_err(RunError::bare)?;
+        let tap = self.net.as_ref().and_then(|(_, tap)| tap.as_ref());
+        let fds: Vec<_> = tap.map(|t| (t.as_fd(), TAP_FD)).into_iter().collect();
+        let mut qemu = QemuProcess::spawn_with_fds(cmd, None, &fds).map_err(RunError::bare)?;
         if let Err(e) = dir.record_owner(Some(qemu.pid())) {
             return Err(with_logs(e.into(), &qemu));
         }
