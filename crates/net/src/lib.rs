@@ -4,6 +4,7 @@
 //! a record per sandbox so that what a killed run left behind is removed by the next.
 
 pub mod cidr;
+pub mod doctor;
 pub mod nft;
 pub mod ops;
 pub mod policy;

@@ -39,6 +39,8 @@ pub enum NetError {
         run_id: String,
         pid: u32,
     },
+    #[error("cannot duplicate the queue of tap {0:?} for QEMU")]
+    TapDup(String, #[source] std::io::Error),
     #[error(transparent)]
     Port(#[from] PortError),
     #[error(transparent)]
@@ -253,6 +255,15 @@ impl ActiveNet {
     /// The tap's queue, for QEMU.
     pub fn tap_fd(&self) -> Option<BorrowedFd<'_>> {
         self.tap.as_ref().map(|f| f.as_fd())
+    }
+
+    /// A copy of the tap's queue for QEMU to inherit.
+    pub fn tap_for_qemu(&self) -> Result<Option<OwnedFd>, NetError> {
+        self.tap
+            .as_ref()
+            .map(|f| f.try_clone())
+            .transpose()
+            .map_err(|e| NetError::TapDup(self.plan.tap.clone(), e))
     }
 
     /// Removes everything this setup made; the record goes last, and stays when

@@ -55,6 +55,10 @@ pub struct Config {
     /// credentials.
     #[serde(default)]
     pub image: gpucell_image::StoreOptions,
+    /// Sandbox networks: default mode, address range, resolvers, node-wide egress
+    /// exceptions (docs/network.md).
+    #[serde(default)]
+    pub network: gpucell_net::NetworkConfig,
     /// Where the file was read from (`None`: defaults, no file).
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -114,6 +118,9 @@ impl Config {
             },
             other => bad("image", other.to_string()),
         })?;
+        self.network
+            .validate()
+            .map_err(|(key, problem)| bad(key, problem))?;
         if let Some(q) = &self.run.qemu {
             if q.as_os_str().is_empty() {
                 return Err(bad("run.qemu", "must not be empty".into()));
@@ -168,6 +175,10 @@ mod tests {
             ("[run]\nqemu_bin = \"x\"\n", "qemu_bin"),
             ("[runn]\n", "runn"),
             ("[image]\nfs_type = \"zfs\"\n", "zfs"),
+            ("[network]\ndefault = \"bridge\"\n", "bridge"),
+            ("[network]\nrange = \"10.0.0.0/30\"\n", "network.range"),
+            ("[network]\nrange = \"fd00::/8\"\n", "IPv6"),
+            ("[network]\nallow_cidrs = [\"10.200.1.0/24\"]\n", "network.allow_cidrs"),
             ("[image]\nlimits = { max_bytes = 0 }\n", "image"),
             (
                 "[image.registry]\nauth = { kind = \"basic\", username = \"u\" }\n",

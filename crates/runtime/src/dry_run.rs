@@ -64,9 +64,14 @@ pub fn dry_run(
     let mut spec = build_spec(&req, &prepared, &id)?;
     apply_to_spec(&setup, &mut spec);
     let config = vm_config(node, &req, &prepared);
-    let sandbox = Sandbox::with_id(config, id)
+    let network = crate::network::preview(node, &req, &id)?;
+    let mut sandbox = Sandbox::with_id(config, id)
         .map_err(RunFailure::SandboxSetup)?
         .with_devices(setup);
+    if let Some((n, w)) = &network {
+        sandbox = sandbox.with_network(crate::network::layout(&n.plan), None);
+        warnings.extend(w.iter().cloned());
+    }
     let plan = sandbox
         .plan(&prepared.disk.fstype)
         .map_err(RunFailure::SandboxSetup)?;
@@ -91,5 +96,6 @@ pub fn dry_run(
         qemu: plan.qemu,
         qemu_args: plan.qemu_args,
         warnings,
+        network: network.map(|(n, _)| n),
     })
 }

@@ -21,6 +21,7 @@
 pub mod config;
 pub mod devices;
 pub mod dry_run;
+pub mod network;
 pub mod node;
 pub mod observer;
 pub mod report;
@@ -69,6 +70,10 @@ pub enum RunFailure {
     SandboxSetup(gpucell_sandbox::SandboxError),
     #[error(transparent)]
     Sandbox(Box<gpucell_sandbox::RunError>),
+    #[error("the sandbox network")]
+    Network(#[source] gpucell_net::NetError),
+    #[error(transparent)]
+    NetworkRequest(gpucell_net::spec::SpecError),
 }
 
 /// An error and each of its causes, `: `-separated, each said once.

@@ -24,6 +24,8 @@ pub struct Node {
     pub process_root: PathBuf,
     /// The image store's settings.
     pub store: gpucell_image::StoreOptions,
+    /// Sandbox networks (`[network]` of the configuration file).
+    pub network: gpucell_net::NetworkConfig,
 }
 
 impl Node {
@@ -50,6 +52,7 @@ impl Node {
             kvm_probe_timeout: config.kvm_probe_timeout(),
             process_root: PathBuf::from("/"),
             store: config.image.clone(),
+            network: config.network.clone(),
         }
     }
 }

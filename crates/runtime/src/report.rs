@@ -128,6 +128,10 @@ pub struct RunReport {
     pub devices_ms: Option<DevicesMs>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub devices_release: Option<ReleaseOutcome>,
+    /// With `--network private`: the sandbox's addresses, published ports, egress
+    /// policy and setup time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network: Option<crate::network::NetworkReport>,
     /// On failure: the error and each of its causes, `: `-separated.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -206,4 +210,8 @@ pub struct DryRunReport {
     /// sandbox starts: a dry run shows `gpucell.vsock_port=0` in its place.
     pub qemu_args: Vec<String>,
     pub warnings: Vec<String>,
+    /// With `--network private`: what the run would set up (the first free address
+    /// now; nothing is reserved).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network: Option<crate::network::NetworkReport>,
 }

@@ -120,6 +120,13 @@ pub struct RunRequest {
     pub guest: Option<String>,
     #[serde(default)]
     pub accel: AccelRequest,
+    /// `--network`, `--publish`, `--allow-cidr`, `--egress-rate`.
+    #[serde(default, skip_serializing_if = "is_default_network")]
+    pub network: gpucell_net::NetworkRequest,
+}
+
+fn is_default_network(n: &gpucell_net::NetworkRequest) -> bool {
+    *n == gpucell_net::NetworkRequest::default()
 }
 
 fn default_cpus() -> u32 {
@@ -175,6 +182,7 @@ impl RunRequest {
             boot_timeout_ms: None,
             guest: None,
             accel: AccelRequest::Auto,
+            network: gpucell_net::NetworkRequest::default(),
         }
     }
 
@@ -218,6 +226,11 @@ impl RunRequest {
             .unwrap_or(Duration::from_millis(DEFAULT_DEVICE_WAIT_MS));
         let devices = DeviceRequest::parse(self.devices.gpus.as_deref(), &self.devices.functions)
             .map_err(|e| RequestError::field("devices", e.to_string()))?;
+        // What the node's default decides is checked again at run time.
+        let mode = self.network.mode.unwrap_or(gpucell_net::NetworkMode::Private);
+        self.network
+            .resolve(mode)
+            .map_err(|e| RequestError::field("network", gpucell_common::chain_string(&e)))?;
         if devices.is_empty() && self.devices.pin_cpus {
             return Err(RequestError::field(
                 "devices.pin_cpus",
@@ -288,6 +301,13 @@ mod tests {
             (|r| r.devices.wait_ms = Some(0), "devices.wait_ms"),
             (|r| r.devices.gpus = Some("zero,,x".into()), "devices"),
             (|r| r.devices.pin_cpus = true, "devices.pin_cpus"),
+            (
+                |r| {
+                    r.network.mode = Some(gpucell_net::NetworkMode::None);
+                    r.network.publish = vec!["80:80".parse().unwrap()];
+                },
+                "network",
+            ),
         ];
         for (break_it, field) in cases {
             let mut r = RunRequest::new("oci:/x");

@@ -252,14 +252,32 @@ fn run_sandbox(
     held.apply_to_spec(&mut spec);
     report.spec = Some(spec_report(&spec, req));
     let config = vm_config(node, req, &p);
-    let sandbox = Sandbox::with_id(config, sandbox_id.to_string())
+    let mut sandbox = Sandbox::with_id(config, sandbox_id.to_string())
         .map_err(RunFailure::SandboxSetup)?
         .with_devices(held.setup.clone());
+    // The network lives until QEMU is gone; dropping `net` removes its host side.
+    let mut net = crate::network::set_up(node, req, sandbox_id)?;
+    if let Some(n) = &net {
+        for w in &n.warnings {
+            obs.warning(w);
+        }
+        report.network = Some(crate::network::report(n));
+        let tap = n.tap_for_qemu().map_err(RunFailure::Network)?;
+        sandbox = sandbox.with_network(crate::network::layout(&n.plan), tap);
+    }
     obs.phase(Phase::Sandbox);
     obs.sandbox_starting(sandbox.events());
-    let outcome = sandbox
-        .run(&spec, io)
-        .map_err(|e| RunFailure::Sandbox(Box::new(e)))?;
+    let outcome = sandbox.run(&spec, io);
+    if let Some(n) = net.as_mut() {
+        if let Err(e) = n.teardown() {
+            obs.warning(&format!(
+                "the sandbox network was not fully removed (the next run retries): {}",
+                crate::error_chain(&e)
+            ));
+        }
+    }
+    drop(net);
+    let outcome = outcome.map_err(|e| RunFailure::Sandbox(Box::new(e)))?;
     Ok(Timed {
         outcome,
         flavour: p.guest.flavour,

@@ -38,7 +38,7 @@ pub use args::{Accel, QemuCommand, ToArgs};
 pub use channel::{
     event_channel, EventReceiver, EventSender, Limits, SessionError, SessionIo, SessionReport,
 };
-pub use command::{qemu_command, ChannelKind, ChannelLayout, CommandInput};
+pub use command::{qemu_command, ChannelKind, ChannelLayout, CommandInput, NetLayout};
 pub use sandbox::{
     ChannelChoice, Plan, RunAsPolicy, RunError, RunOutcome, Sandbox, SandboxError, Timings,
     VmConfig,

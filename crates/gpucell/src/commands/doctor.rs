@@ -72,8 +72,14 @@ pub fn run(global: &Global, args: DoctorArgs) -> anyhow::Result<u8> {
         kvm_probe: Some(kvm_probe(global, &args, &root, &qemu)),
         qemu: Some(qemu),
     };
-    let report = doctor::run_with_state_dir(&root, &input, &global.state_dir)
+    let mut report = doctor::run_with_state_dir(&root, &input, &global.state_dir)
         .context("doctor could not inspect the host")?;
+    // The network checks look at this machine's own namespace: only for a live root.
+    if root.is_live() {
+        let config = global.config()?.network.clone();
+        let env = gpucell_net::NetEnv::system(config, &global.state_dir, &global.host_root);
+        report.extend(gpucell_net::doctor::checks(&env));
+    }
     if global.json {
         let text = serde_json::to_string_pretty(&report)? + "\n";
         write_stdout(&text)?;

@@ -16,6 +16,7 @@ use gpucell_sandbox::{EventSender, SessionIo, SignalForwarder};
 use super::Global;
 
 mod dry;
+mod net;
 
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
@@ -63,6 +64,8 @@ pub struct RunArgs {
     pub dry_run: bool,
     #[command(flatten)]
     pub devices: DeviceArgs,
+    #[command(flatten)]
+    pub network: net::NetArgs,
     /// Image reference (oci:DIR[:TAG], oci-archive:FILE, docker-archive:FILE, or a registry name).
     pub image: String,
     /// Command and arguments (replace the image's cmd).
@@ -140,6 +143,7 @@ fn request(global: &Global, args: &RunArgs) -> anyhow::Result<RunRequest> {
         boot_timeout_ms: millis(args.boot_timeout.as_deref())?,
         guest: args.guest.clone(),
         accel,
+        network: args.network.to_request()?,
     })
 }
 

@@ -154,6 +154,21 @@ impl DoctorReport {
         }
     }
 
+    /// Adds checks gathered elsewhere (the network's, from gpucell-net) and recounts.
+    pub fn extend(&mut self, checks: impl IntoIterator<Item = Check>) {
+        self.checks.extend(checks);
+        let mut summary = Summary::default();
+        for c in &self.checks {
+            match c.status {
+                Status::Pass => summary.pass += 1,
+                Status::Warn => summary.warn += 1,
+                Status::Fail => summary.fail += 1,
+            }
+        }
+        self.summary = summary;
+        self.ready = summary.fail == 0;
+    }
+
     /// The check with id `id`.
     pub fn check(&self, id: &str) -> Option<&Check> {
         self.checks.iter().find(|c| c.id == id)
