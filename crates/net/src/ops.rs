@@ -5,7 +5,7 @@
 
 use std::net::Ipv4Addr;
 use std::os::fd::OwnedFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +69,10 @@ pub trait HostNet {
     fn nft_tables(&self) -> Result<String, OpsError>;
     /// Reads a file under /proc/sys (`net/ipv4/ip_forward`).
     fn sysctl(&self, key: &str) -> Option<String>;
+    /// Starts a watcher, in a session of its own, that applies the `nft -f` script
+    /// `nft_script` and removes `record` once the returned descriptor (its stdin's other
+    /// end) is closed: when this process ends, however it ends. `None`: no watcher.
+    fn watch_exit(&self, nft_script: &str, record: &Path) -> Result<Option<OwnedFd>, OpsError>;
 }
 
 /// The real host: `/dev/net/tun`, rtnetlink, `nft`, `/proc/sys`.
@@ -318,6 +322,47 @@ impl HostNet for SystemNet {
             .ok()
             .map(|s| s.trim().to_string())
     }
+
+    fn watch_exit(&self, nft_script: &str, record: &Path) -> Result<Option<OwnedFd>, OpsError> {
+        use std::os::unix::process::CommandExt;
+        use std::process::{Command, Stdio};
+        let spawn_err = |source| OpsError::NftSpawn {
+            tool: "/bin/sh (network cleanup watcher)".into(),
+            source,
+        };
+        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| spawn_err(std::io::Error::from(e)))?;
+        let mut cmd = Command::new("/bin/sh");
+        cmd.arg("-c")
+            .arg(watcher_script(&self.nft, nft_script, record))
+            .stdin(Stdio::from(read))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // SAFETY: setsid is async-signal-safe. Its own session: a signal to gpucell's
+        // process group (Ctrl-C) does not stop the cleanup.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        // Not waited for: it outlives this process by design, and init reaps it.
+        let child = cmd.spawn().map_err(spawn_err)?;
+        drop(child);
+        Ok(Some(write))
+    }
+}
+
+/// The watcher's shell script: wait for EOF, then clean up (errors ignored: a normal
+/// teardown has usually removed everything already).
+pub fn watcher_script(nft: &Path, nft_script: &str, record: &Path) -> String {
+    let q = |s: &str| format!("'{}'", s.replace('\'', "'\\''"));
+    format!(
+        "cat >/dev/null; printf %s {} | {} -f - 2>/dev/null; rm -f {}",
+        q(nft_script),
+        q(&nft.display().to_string()),
+        q(&record.display().to_string())
+    )
 }
 
 fn run_nft(tool: &std::path::Path, args: &[&str], input: Option<&str>) -> Result<String, OpsError> {
@@ -450,6 +495,12 @@ impl HostNet for FakeNet {
             .map(|n| serde_json::json!({"table": {"family": "inet", "name": n}}))
             .collect();
         Ok(serde_json::json!({ "nftables": items }).to_string())
+    }
+
+    fn watch_exit(&self, nft_script: &str, record: &Path) -> Result<Option<OwnedFd>, OpsError> {
+        let first = nft_script.lines().next().unwrap_or_default();
+        self.record("watch_exit", format!("watch_exit {first} {}", record.display()))?;
+        Ok(None)
     }
 
     fn sysctl(&self, key: &str) -> Option<String> {

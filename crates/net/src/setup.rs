@@ -4,6 +4,8 @@
 //! ```text
 //! plan (reads only) ─► lock records ─► reconcile dead ones ─► slot ─► reserve ports
 //!   ─► write record ─► unlock ─► tap ─► address, up ─► nft table ─► tc policer
+//!   (a watcher process, started first, deletes the table and the record should this
+//!   process die before its teardown)
 //! teardown: tap closed (QEMU gone) ─► table deleted ─► ports freed ─► record removed
 //! ```
 //! The tap is not persistent: it disappears when the last descriptor (this process's
@@ -248,6 +250,8 @@ pub struct ActiveNet {
     env: NetEnv,
     tap: Option<OwnedFd>,
     ports: Vec<OwnedFd>,
+    /// Closing it lets the cleanup watcher run (see [`HostNet::watch_exit`]).
+    watcher: Option<OwnedFd>,
     torn_down: bool,
 }
 
@@ -282,6 +286,8 @@ impl ActiveNet {
         let records = Records::lock(&self.env.state_dir)?;
         let id = self.plan.table.trim_start_matches(TABLE_PREFIX).to_string();
         records.remove(&id)?;
+        // Everything is gone: the watcher finds nothing left to do.
+        drop(self.watcher.take());
         Ok(())
     }
 }
@@ -344,9 +350,14 @@ pub fn setup(env: &NetEnv, id: &str, req: &NetworkRequest) -> Result<ActiveNet, 
         env: env.clone(),
         tap: None,
         ports,
+        watcher: None,
         torn_down: false,
     };
-    // From here a failure drops `active`, which removes what was made.
+    // From here a failure drops `active`, which removes what was made. The watcher
+    // comes first, so that a `kill -9` at any later point still removes the table.
+    let record = env.state_dir.join(crate::record::RECORD_DIR).join(format!("{id}.json"));
+    let delete = crate::nft::delete_table(&active.plan.table);
+    active.watcher = env.ops.watch_exit(&delete, &record)?;
     let p = &active.plan;
     let tap = env.ops.create_tap(&p.tap)?;
     active.tap = Some(tap);

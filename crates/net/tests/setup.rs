@@ -54,6 +54,10 @@ fn setup_then_teardown_leaves_nothing() {
     assert_eq!(
         fake.calls(),
         vec![
+            &format!(
+                "watch_exit delete table inet gpucell_00112233445566ff {}/net/{ID}.json",
+                state.path().display()
+            ),
             "create_tap gcn001122334455",
             "configure_tap gcn001122334455 10.200.0.1/30",
             "nft table inet gpucell_00112233445566ff {",
