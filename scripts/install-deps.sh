@@ -25,6 +25,7 @@ PACKAGES=(
     nftables            # the sandbox network's firewall and NAT (gpucell drives nft -j -f)
     iperf3              # network benchmarks (bench/net)
     iproute2            # tests build their own namespaces and veth pairs
+    curl                # the network tests' HTTP client in the namespaces they make
 )
 
 missing=()

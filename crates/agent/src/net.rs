@@ -31,6 +31,8 @@ pub enum NetError {
     BadDns(String),
     #[error("no network interface with MAC {0} appeared within {NIC_WAIT:?} (is virtio_net in the guest's modules?)")]
     NoNic(String),
+    #[error("{0} reported no carrier within {NIC_WAIT:?} (is the host's tap up?)")]
+    NoCarrier(String),
     #[error("{what} on {ifname}")]
     Sys {
         what: &'static str,
@@ -214,7 +216,25 @@ pub fn configure(net: &GuestNet) -> Result<String, NetError> {
     rt.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
     ctl.ioctl(libc::SIOCADDRT, &mut rt, "adding the default route", &ifname)?;
     write_resolv_conf(Path::new(RESOLV_CONF), &net.dns)?;
+    wait_for_carrier(&ifname)?;
     Ok(ifname)
+}
+
+/// Waits until the NIC reports its link up: virtio-net announces the carrier some time
+/// after the driver bound (long under TCG), and packets sent before are lost, so the
+/// workload starts only once it is there.
+fn wait_for_carrier(ifname: &str) -> Result<(), NetError> {
+    let path = format!("{SYS_NET}/{ifname}/carrier");
+    let deadline = Instant::now() + NIC_WAIT;
+    loop {
+        if fs::read_to_string(&path).map(|c| c.trim() == "1").unwrap_or(false) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(NetError::NoCarrier(ifname.to_string()));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// resolv.conf text for `dns`.

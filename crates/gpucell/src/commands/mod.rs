@@ -100,7 +100,8 @@ fn kvm_probe_timeout_env() -> anyhow::Result<Option<std::time::Duration>> {
 pub fn init_logging(global: &Global) {
     use tracing_subscriber::EnvFilter;
     let default = match global.verbose {
-        0 => "warn",
+        // netlink-packet-route warns about every kernel attribute newer than itself.
+        0 => "warn,netlink_packet_route=error",
         1 => "info",
         2 => "debug",
         _ => "trace",
