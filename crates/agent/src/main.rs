@@ -72,7 +72,8 @@ fn run() -> Result<(), AnyError> {
     // A module that fails to load is logged; what needs it fails later, with a message.
     // Warnings from before the channel is open, sent to the host as `Log` after hello.
     let mut early = Vec::new();
-    let wanted = |tag: &str| cmdline.wants_modules(tag) && net::wants_modules(guest_net.as_ref(), tag);
+    let wanted =
+        |tag: &str| cmdline.wants_modules(tag) && net::wants_modules(guest_net.as_ref(), tag);
     if let Err(e) = boot::load_modules(&wanted) {
         tracing::error!("{}", chain(&e));
         early.push(chain(&e));

@@ -93,7 +93,11 @@ fn parse_net(value: &str) -> Result<(Ipv4Addr, u8, Ipv4Addr, String), NetError> 
     };
     let (a, p) = cidr.split_once('/').ok_or_else(bad)?;
     let address = a.parse().map_err(|_| bad())?;
-    let prefix: u8 = p.parse().ok().filter(|p| (1..=32).contains(p)).ok_or_else(bad)?;
+    let prefix: u8 = p
+        .parse()
+        .ok()
+        .filter(|p| (1..=32).contains(p))
+        .ok_or_else(bad)?;
     let gateway = gw.parse().map_err(|_| bad())?;
     let ok_mac = mac.len() == 17
         && mac
@@ -165,10 +169,20 @@ impl Ctl {
         req
     }
 
-    fn ioctl<T>(&self, req: libc::c_ulong, arg: &mut T, what: &'static str, ifname: &str) -> Result<(), NetError> {
+    fn ioctl<T>(
+        &self,
+        req: libc::c_ulong,
+        arg: &mut T,
+        what: &'static str,
+        ifname: &str,
+    ) -> Result<(), NetError> {
         // SAFETY: `arg` is the structure this request reads or writes.
         let res = unsafe {
-            libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&self.0), req as _, arg as *mut T)
+            libc::ioctl(
+                std::os::fd::AsRawFd::as_raw_fd(&self.0),
+                req as _,
+                arg as *mut T,
+            )
         };
         if res != 0 {
             return Err(sys(what, ifname));
@@ -193,14 +207,22 @@ fn netmask(prefix: u8) -> Ipv4Addr {
 pub fn configure(net: &GuestNet) -> Result<String, NetError> {
     let ifname = find_nic(&net.mac)?;
     // No IPv6 on the sandbox network: the host routes none (docs/network.md).
-    let _ = fs::write(format!("/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6"), "1");
+    let _ = fs::write(
+        format!("/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6"),
+        "1",
+    );
     let ctl = Ctl::open(&ifname)?;
     let mut req = Ctl::ifreq(&ifname);
     req.ifr_ifru.ifru_addr = sockaddr(net.address);
     ctl.ioctl(libc::SIOCSIFADDR, &mut req, "setting the address", &ifname)?;
     let mut req = Ctl::ifreq(&ifname);
     req.ifr_ifru.ifru_netmask = sockaddr(netmask(net.prefix));
-    ctl.ioctl(libc::SIOCSIFNETMASK, &mut req, "setting the netmask", &ifname)?;
+    ctl.ioctl(
+        libc::SIOCSIFNETMASK,
+        &mut req,
+        "setting the netmask",
+        &ifname,
+    )?;
     let mut req = Ctl::ifreq(&ifname);
     ctl.ioctl(libc::SIOCGIFFLAGS, &mut req, "reading the flags", &ifname)?;
     // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
@@ -214,7 +236,12 @@ pub fn configure(net: &GuestNet) -> Result<String, NetError> {
     rt.rt_genmask = sockaddr(Ipv4Addr::UNSPECIFIED);
     rt.rt_gateway = sockaddr(net.gateway);
     rt.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
-    ctl.ioctl(libc::SIOCADDRT, &mut rt, "adding the default route", &ifname)?;
+    ctl.ioctl(
+        libc::SIOCADDRT,
+        &mut rt,
+        "adding the default route",
+        &ifname,
+    )?;
     write_resolv_conf(Path::new(RESOLV_CONF), &net.dns)?;
     wait_for_carrier(&ifname)?;
     Ok(ifname)
@@ -227,7 +254,10 @@ fn wait_for_carrier(ifname: &str) -> Result<(), NetError> {
     let path = format!("{SYS_NET}/{ifname}/carrier");
     let deadline = Instant::now() + NIC_WAIT;
     loop {
-        if fs::read_to_string(&path).map(|c| c.trim() == "1").unwrap_or(false) {
+        if fs::read_to_string(&path)
+            .map(|c| c.trim() == "1")
+            .unwrap_or(false)
+        {
             return Ok(());
         }
         if Instant::now() >= deadline {
@@ -310,7 +340,10 @@ mod tests {
             "gpucell.net=10.200.0.2/30,10.200.0.1,52:54:00:ab:cd",
             "gpucell.net=10.200.0.2/30,10.200.0.1",
         ] {
-            assert!(matches!(GuestNet::from_cmdline(bad), Err(NetError::BadNet(_))), "{bad}");
+            assert!(
+                matches!(GuestNet::from_cmdline(bad), Err(NetError::BadNet(_))),
+                "{bad}"
+            );
         }
         assert!(matches!(
             GuestNet::from_cmdline("gpucell.dns=1.1.1.1,x"),

@@ -59,7 +59,10 @@ fn skip_reason() -> Option<String> {
 
 fn nix_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
-        .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
         .unwrap_or(false)
 }
 
@@ -87,9 +90,20 @@ impl Topo {
             ok(&["ip", "netns", "add", ns]);
             ok(&["ip", "-n", ns, "link", "set", "lo", "up"]);
         }
-        let (u0, i0, l0, l1) = (format!("gu{n}"), format!("gi{n}"), format!("gl{n}"), format!("gm{n}"));
-        ok(&["ip", "-n", &self.host, "link", "add", &u0, "type", "veth", "peer", "name", &i0, "netns", &self.inet]);
-        ok(&["ip", "-n", &self.host, "link", "add", &l0, "type", "veth", "peer", "name", &l1, "netns", &self.lan]);
+        let (u0, i0, l0, l1) = (
+            format!("gu{n}"),
+            format!("gi{n}"),
+            format!("gl{n}"),
+            format!("gm{n}"),
+        );
+        ok(&[
+            "ip", "-n", &self.host, "link", "add", &u0, "type", "veth", "peer", "name", &i0,
+            "netns", &self.inet,
+        ]);
+        ok(&[
+            "ip", "-n", &self.host, "link", "add", &l0, "type", "veth", "peer", "name", &l1,
+            "netns", &self.lan,
+        ]);
         let cfg: &[(&str, &str, &str)] = &[
             (&self.host, &u0, "203.0.113.2/24"),
             (&self.inet, &i0, "203.0.113.1/24"),
@@ -100,10 +114,45 @@ impl Topo {
             ok(&["ip", "-n", ns, "addr", "add", addr, "dev", dev]);
             ok(&["ip", "-n", ns, "link", "set", dev, "up"]);
         }
-        ok(&["ip", "-n", &self.host, "route", "add", "default", "via", "203.0.113.1"]);
-        ok(&["ip", "-n", &self.host, "route", "add", "169.254.169.254/32", "via", "192.168.50.1"]);
-        ok(&["ip", "-n", &self.lan, "addr", "add", "169.254.169.254/32", "dev", "lo"]);
-        ok(&["ip", "netns", "exec", &self.host, "sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        ok(&[
+            "ip",
+            "-n",
+            &self.host,
+            "route",
+            "add",
+            "default",
+            "via",
+            "203.0.113.1",
+        ]);
+        ok(&[
+            "ip",
+            "-n",
+            &self.host,
+            "route",
+            "add",
+            "169.254.169.254/32",
+            "via",
+            "192.168.50.1",
+        ]);
+        ok(&[
+            "ip",
+            "-n",
+            &self.lan,
+            "addr",
+            "add",
+            "169.254.169.254/32",
+            "dev",
+            "lo",
+        ]);
+        ok(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.host,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ]);
     }
 
     /// A busybox httpd in `ns` on `addr` serving one page saying `body`.
@@ -112,7 +161,17 @@ impl Topo {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("index.html"), format!("{body}\n")).unwrap();
         let child = Command::new("ip")
-            .args(["netns", "exec", ns, "/bin/busybox", "httpd", "-f", "-p", addr, "-h"])
+            .args([
+                "netns",
+                "exec",
+                ns,
+                "/bin/busybox",
+                "httpd",
+                "-f",
+                "-p",
+                addr,
+                "-h",
+            ])
             .arg(&dir)
             .spawn()
             .unwrap();
@@ -146,8 +205,17 @@ impl Topo {
             .filter(|n| n.starts_with("gcn"))
             .map(str::to_string)
             .collect();
-        let tables = stdout(&sh(&["ip", "netns", "exec", &self.host, "nft", "list", "tables"]));
-        (taps, tables.lines().filter(|l| l.contains("gpucell_")).collect::<Vec<_>>().join("\n"))
+        let tables = stdout(&sh(&[
+            "ip", "netns", "exec", &self.host, "nft", "list", "tables",
+        ]));
+        (
+            taps,
+            tables
+                .lines()
+                .filter(|l| l.contains("gpucell_"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        )
     }
 
     fn assert_nothing_left(&self, env: &VmEnv) {
@@ -155,7 +223,12 @@ impl Topo {
         assert!(taps.is_empty(), "taps left: {taps:?}");
         assert!(tables.is_empty(), "tables left: {tables}");
         let recs: Vec<_> = std::fs::read_dir(env.state.path().join("net"))
-            .map(|d| d.flatten().map(|e| e.file_name()).filter(|n| n != ".lock").collect())
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name())
+                    .filter(|n| n != ".lock")
+                    .collect()
+            })
             .unwrap_or_default();
         assert!(recs.is_empty(), "records left: {recs:?}");
     }
@@ -176,7 +249,11 @@ impl Drop for Topo {
 /// The node's configuration: private networks by default, the "internet" as resolver.
 fn config(env: &VmEnv) -> PathBuf {
     let p = env.state.path().join("config.toml");
-    std::fs::write(&p, "[network]\ndefault = \"private\"\ndns = [\"203.0.113.1\"]\n").unwrap();
+    std::fs::write(
+        &p,
+        "[network]\ndefault = \"private\"\ndns = [\"203.0.113.1\"]\n",
+    )
+    .unwrap();
     p
 }
 
@@ -258,7 +335,9 @@ done"#;
 #[test]
 fn egress_policy_published_ports_and_isolation() {
     let Some(env) = vm_env() else { return };
-    let Some(mut topo) = Topo::new("a") else { return };
+    let Some(mut topo) = Topo::new("a") else {
+        return;
+    };
     topo.serve(&topo.inet.clone(), "203.0.113.1:80", "internet-ok");
     topo.serve(&topo.lan.clone(), "0.0.0.0:80", "lan-ok");
     topo.serve(&topo.host.clone(), "0.0.0.0:9000", "host-ok");
@@ -268,7 +347,11 @@ fn egress_policy_published_ports_and_isolation() {
         ("http://192.168.50.1/", "lan-ok"),
         ("http://169.254.169.254/", "lan-ok"),
     ] {
-        assert_eq!(topo.fetch_soon(&topo.host, url).as_deref(), Some(format!("{body}\n").as_str()), "{url}");
+        assert_eq!(
+            topo.fetch_soon(&topo.host, url).as_deref(),
+            Some(format!("{body}\n").as_str()),
+            "{url}"
+        );
     }
     // Sandbox A: downloads from the internet, probes what it must not reach, serves
     // on its published port until told to stop.
@@ -277,29 +360,73 @@ fn egress_policy_published_ports_and_isolation() {
          cat /etc/resolv.conf; mkdir -p /tmp/www; echo served-by-a > /tmp/www/index.html; \
          httpd -p 80 -h /tmp/www; echo up; read x; echo bye"
     );
-    let a = Running::start(gpucell(&topo, &env, &["--json", "-p", "8080:80", &env.image, "--", "sh", "-c", &script_a]));
+    let a = Running::start(gpucell(
+        &topo,
+        &env,
+        &[
+            "--json", "-p", "8080:80", &env.image, "--", "sh", "-c", &script_a,
+        ],
+    ));
     let a_lines = a.until("up");
     assert!(a_lines.contains(&"internet-ok".to_string()), "{a_lines:?}");
-    for t in ["192.168.50.1:80", "169.254.169.254:80", "10.200.0.1:9000", "203.0.113.2:9000", "192.168.50.2:9000"] {
-        assert!(a_lines.contains(&format!("refused {t}")), "{t}: {a_lines:?}");
+    for t in [
+        "192.168.50.1:80",
+        "169.254.169.254:80",
+        "10.200.0.1:9000",
+        "203.0.113.2:9000",
+        "192.168.50.2:9000",
+    ] {
+        assert!(
+            a_lines.contains(&format!("refused {t}")),
+            "{t}: {a_lines:?}"
+        );
     }
-    assert!(a_lines.contains(&"nameserver 203.0.113.1".to_string()), "{a_lines:?}");
+    assert!(
+        a_lines.contains(&"nameserver 203.0.113.1".to_string()),
+        "{a_lines:?}"
+    );
     // The published port answers from outside and from the host itself.
-    assert_eq!(topo.fetch(&topo.inet, "http://203.0.113.2:8080/").as_deref(), Some("served-by-a\n"));
-    assert_eq!(topo.fetch(&topo.host, "http://203.0.113.2:8080/").as_deref(), Some("served-by-a\n"));
+    assert_eq!(
+        topo.fetch(&topo.inet, "http://203.0.113.2:8080/")
+            .as_deref(),
+        Some("served-by-a\n")
+    );
+    assert_eq!(
+        topo.fetch(&topo.host, "http://203.0.113.2:8080/")
+            .as_deref(),
+        Some("served-by-a\n")
+    );
     // A port already published, or held by a host process, is refused with its holder.
-    let out = gpucell(&topo, &env, &["-p", "8080:80", &env.image, "--", "true"]).output().unwrap();
+    let out = gpucell(&topo, &env, &["-p", "8080:80", &env.image, "--", "true"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(125));
-    assert!(stderr(&out).contains("already published by sandbox"), "{}", stderr(&out));
-    let out = gpucell(&topo, &env, &["-p", "9000:80", &env.image, "--", "true"]).output().unwrap();
+    assert!(
+        stderr(&out).contains("already published by sandbox"),
+        "{}",
+        stderr(&out)
+    );
+    let out = gpucell(&topo, &env, &["-p", "9000:80", &env.image, "--", "true"])
+        .output()
+        .unwrap();
     assert!(stderr(&out).contains("busybox"), "{}", stderr(&out));
     // Sandbox B, at the same time, on another port: cannot reach A, directly or
     // through A's published port, but reaches the internet.
     let script_b = format!("TARGETS='10.200.0.2:80 203.0.113.2:8080 203.0.113.1:80'; {PROBE}");
-    let b = gpucell(&topo, &env, &["-p", "8081:81", &env.image, "--", "sh", "-c", &script_b]).output().unwrap();
+    let b = gpucell(
+        &topo,
+        &env,
+        &["-p", "8081:81", &env.image, "--", "sh", "-c", &script_b],
+    )
+    .output()
+    .unwrap();
     assert_eq!(b.status.code(), Some(0), "{}", stderr(&b));
     let b_out = stdout(&b);
-    for line in ["refused 10.200.0.2:80", "refused 203.0.113.2:8080", "reach 203.0.113.1:80"] {
+    for line in [
+        "refused 10.200.0.2:80",
+        "refused 203.0.113.2:8080",
+        "reach 203.0.113.1:80",
+    ] {
         assert!(b_out.contains(line), "{line}: {b_out}");
     }
     let (out, rest) = a.finish();
@@ -310,14 +437,20 @@ fn egress_policy_published_ports_and_isolation() {
     assert_eq!(s["network"]["guest_address"], "10.200.0.2");
     assert_eq!(s["network"]["egress"]["ipv6"], "refused");
     assert!(s["network"]["setup_ms"].as_u64().is_some(), "{s}");
-    assert!(s["network"]["egress"]["refused"].to_string().contains("169.254.169.254/32"));
+    assert!(s["network"]["egress"]["refused"]
+        .to_string()
+        .contains("169.254.169.254/32"));
     topo.assert_nothing_left(&env);
     env.assert_clean();
 }
 
 /// Starts a sandbox that runs until killed, waits for its tap.
 fn start_long(topo: &Topo, env: &VmEnv) -> Running {
-    let r = Running::start(gpucell(topo, env, &[&env.image, "--", "sh", "-c", "echo up; sleep 600"]));
+    let r = Running::start(gpucell(
+        topo,
+        env,
+        &[&env.image, "--", "sh", "-c", "echo up; sleep 600"],
+    ));
     r.until("up");
     assert_eq!(topo.leftovers().0.len(), 1, "the sandbox has its tap");
     r
@@ -368,7 +501,12 @@ fn kill_9_of_qemu_or_of_gpucell_leaves_no_tap_or_rule() {
         .output()
         .unwrap();
     let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
-    let left = v["checks"].as_array().unwrap().iter().find(|c| c["id"] == "net-leftovers").cloned();
+    let left = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "net-leftovers")
+        .cloned();
     assert_eq!(left.unwrap()["status"], "pass");
 }
 
@@ -376,26 +514,58 @@ fn kill_9_of_qemu_or_of_gpucell_leaves_no_tap_or_rule() {
 fn dry_run_prints_the_policy_and_sets_nothing_up() {
     let Some(env) = vm_env() else { return };
     let Some(topo) = Topo::new("d") else { return };
-    let out = gpucell(&topo, &env, &[
-        "--dry-run", "--json", "-p", "8080:80", "--allow-cidr", "192.168.50.0/24", &env.image,
-    ])
+    let out = gpucell(
+        &topo,
+        &env,
+        &[
+            "--dry-run",
+            "--json",
+            "-p",
+            "8080:80",
+            "--allow-cidr",
+            "192.168.50.0/24",
+            &env.image,
+        ],
+    )
     .output()
     .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
     let n = &v["network"];
-    assert_eq!(n["tap"].as_str().map(|t| t.starts_with("gcn")), Some(true), "{v}");
-    assert_eq!(n["egress"]["exceptions"], serde_json::json!(["192.168.50.0/24"]));
+    assert_eq!(
+        n["tap"].as_str().map(|t| t.starts_with("gcn")),
+        Some(true),
+        "{v}"
+    );
+    assert_eq!(
+        n["egress"]["exceptions"],
+        serde_json::json!(["192.168.50.0/24"])
+    );
     assert_eq!(n["egress"]["dns"], serde_json::json!(["203.0.113.1"]));
     let refused = n["egress"]["refused"].to_string();
-    for c in ["10.200.0.0/16", "203.0.113.2/32", "192.168.50.2/32", "169.254.169.254/32", "100.64.0.0/10"] {
+    for c in [
+        "10.200.0.0/16",
+        "203.0.113.2/32",
+        "192.168.50.2/32",
+        "169.254.169.254/32",
+        "100.64.0.0/10",
+    ] {
         assert!(refused.contains(c), "{c}: {refused}");
     }
     let args = v["qemu_args"].to_string();
-    assert!(args.contains("tap,id=net0,fd=3,vhost=off") && args.contains("gpucell.net=10.200.0.2/30"), "{args}");
+    assert!(
+        args.contains("tap,id=net0,fd=3,vhost=off") && args.contains("gpucell.net=10.200.0.2/30"),
+        "{args}"
+    );
     topo.assert_nothing_left(&env);
     // --network none: no device, no network section.
-    let out = gpucell(&topo, &env, &["--dry-run", "--json", "--network", "none", &env.image]).output().unwrap();
+    let out = gpucell(
+        &topo,
+        &env,
+        &["--dry-run", "--json", "--network", "none", &env.image],
+    )
+    .output()
+    .unwrap();
     let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert!(v.get("network").is_none() && !v["qemu_args"].to_string().contains("netdev"));
 }

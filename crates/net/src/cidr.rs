@@ -152,10 +152,24 @@ mod tests {
 
     #[test]
     fn refuses_bad_ipv6_and_host_bits() {
-        for bad in ["", "10.0.0.0/33", "10.0.0/8", "x/8", "10.0.0.0/-1", "10.0.0.0/+8", "10.0.0.0/008"] {
-            assert!(matches!(bad.parse::<Cidr>(), Err(CidrError::Bad(_))), "{bad}");
+        for bad in [
+            "",
+            "10.0.0.0/33",
+            "10.0.0/8",
+            "x/8",
+            "10.0.0.0/-1",
+            "10.0.0.0/+8",
+            "10.0.0.0/008",
+        ] {
+            assert!(
+                matches!(bad.parse::<Cidr>(), Err(CidrError::Bad(_))),
+                "{bad}"
+            );
         }
-        assert!(matches!("fd00::/8".parse::<Cidr>(), Err(CidrError::Ipv6(_))));
+        assert!(matches!(
+            "fd00::/8".parse::<Cidr>(),
+            Err(CidrError::Ipv6(_))
+        ));
         let e = "10.0.0.1/8".parse::<Cidr>().unwrap_err();
         assert!(e.to_string().contains("10.0.0.0/8"), "{e}");
     }

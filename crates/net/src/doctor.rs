@@ -25,7 +25,13 @@ pub fn checks(env: &NetEnv) -> Vec<Check> {
     let mut out = Vec::new();
     let tun = env.host_root.join("dev/net/tun");
     out.push(if tun.exists() {
-        check("net-tun", "tun device", Status::Pass, format!("{} exists", tun.display()), None)
+        check(
+            "net-tun",
+            "tun device",
+            Status::Pass,
+            format!("{} exists", tun.display()),
+            None,
+        )
     } else {
         check(
             "net-tun",
@@ -37,18 +43,36 @@ pub fn checks(env: &NetEnv) -> Vec<Check> {
     });
     let vhost = env.host_root.join("dev/vhost-net");
     out.push(if vhost.exists() {
-        check("net-vhost", "vhost-net", Status::Pass, format!("{} exists: the NIC's data path runs in the kernel", vhost.display()), None)
+        check(
+            "net-vhost",
+            "vhost-net",
+            Status::Pass,
+            format!(
+                "{} exists: the NIC's data path runs in the kernel",
+                vhost.display()
+            ),
+            None,
+        )
     } else {
         check(
             "net-vhost",
             "vhost-net",
             Status::Warn,
-            format!("{} is missing: QEMU moves every packet itself (slower)", vhost.display()),
+            format!(
+                "{} is missing: QEMU moves every packet itself (slower)",
+                vhost.display()
+            ),
             Some("load the vhost_net module (modprobe vhost_net)"),
         )
     });
     out.push(match env.ops.nft_tables() {
-        Ok(_) => check("net-nftables", "nftables", Status::Pass, "nft lists the ruleset".into(), None),
+        Ok(_) => check(
+            "net-nftables",
+            "nftables",
+            Status::Pass,
+            "nft lists the ruleset".into(),
+            None,
+        ),
         Err(e) => check(
             "net-nftables",
             "nftables",
@@ -57,9 +81,18 @@ pub fn checks(env: &NetEnv) -> Vec<Check> {
             Some("install nftables (scripts/install-deps.sh) and run as root"),
         ),
     });
-    let fwd = env.ops.sysctl("net/ipv4/ip_forward").unwrap_or_else(|| "unreadable".into());
+    let fwd = env
+        .ops
+        .sysctl("net/ipv4/ip_forward")
+        .unwrap_or_else(|| "unreadable".into());
     out.push(if fwd == "1" {
-        check("net-ip-forward", "IPv4 forwarding", Status::Pass, "net.ipv4.ip_forward is 1".into(), None)
+        check(
+            "net-ip-forward",
+            "IPv4 forwarding",
+            Status::Pass,
+            "net.ipv4.ip_forward is 1".into(),
+            None,
+        )
     } else {
         check(
             "net-ip-forward",
@@ -91,7 +124,12 @@ mod tests {
     use super::*;
     use crate::ops::{FakeNet, HostNet};
 
-    fn env(fake: FakeNet, root: &std::path::Path, state: &std::path::Path, default: NetworkMode) -> NetEnv {
+    fn env(
+        fake: FakeNet,
+        root: &std::path::Path,
+        state: &std::path::Path,
+        default: NetworkMode,
+    ) -> NetEnv {
         let mut config = crate::spec::NetworkConfig::default();
         config.default = default;
         NetEnv {

@@ -19,4 +19,6 @@ pub mod ports;
 pub mod record;
 pub mod setup;
 
-pub use setup::{leftovers, plan, reconcile, setup, ActiveNet, Leftover, NetEnv, NetError, Planned};
+pub use setup::{
+    leftovers, plan, reconcile, setup, ActiveNet, Leftover, NetEnv, NetError, Planned,
+};

@@ -30,10 +30,18 @@ pub fn ruleset(plan: &NetPlan) -> String {
     let _ = writeln!(s, "\t\tip daddr {hard} reject with icmpx admin-prohibited");
     if !plan.egress.dns.is_empty() {
         let dns = set(plan.egress.dns.iter().map(ToString::to_string).collect());
-        let _ = writeln!(s, "\t\tip daddr {dns} meta l4proto {{ tcp, udp }} th dport 53 accept");
+        let _ = writeln!(
+            s,
+            "\t\tip daddr {dns} meta l4proto {{ tcp, udp }} th dport 53 accept"
+        );
     }
     if !plan.egress.exceptions.is_empty() {
-        let ex = set(plan.egress.exceptions.iter().map(ToString::to_string).collect());
+        let ex = set(plan
+            .egress
+            .exceptions
+            .iter()
+            .map(ToString::to_string)
+            .collect());
         let _ = writeln!(s, "\t\tip daddr {ex} accept");
     }
     let _ = writeln!(s, "\t\tip daddr {soft} reject with icmpx admin-prohibited");
@@ -47,19 +55,34 @@ pub fn ruleset(plan: &NetPlan) -> String {
     let _ = writeln!(s, "\t\tdrop");
     let _ = writeln!(s, "\t}}");
     let _ = writeln!(s, "\tchain forward {{");
-    let _ = writeln!(s, "\t\ttype filter hook forward priority filter - 1; policy accept;");
+    let _ = writeln!(
+        s,
+        "\t\ttype filter hook forward priority filter - 1; policy accept;"
+    );
     let _ = writeln!(s, "\t\tiifname \"{tap}\" jump from_sandbox");
     let _ = writeln!(s, "\t\toifname \"{tap}\" jump to_sandbox");
     let _ = writeln!(s, "\t}}");
     // The host itself (every address it has, the gateway included): replies only.
     let _ = writeln!(s, "\tchain input {{");
-    let _ = writeln!(s, "\t\ttype filter hook input priority filter - 1; policy accept;");
-    let _ = writeln!(s, "\t\tiifname \"{tap}\" ct state established,related accept");
-    let _ = writeln!(s, "\t\tiifname \"{tap}\" reject with icmpx admin-prohibited");
+    let _ = writeln!(
+        s,
+        "\t\ttype filter hook input priority filter - 1; policy accept;"
+    );
+    let _ = writeln!(
+        s,
+        "\t\tiifname \"{tap}\" ct state established,related accept"
+    );
+    let _ = writeln!(
+        s,
+        "\t\tiifname \"{tap}\" reject with icmpx admin-prohibited"
+    );
     let _ = writeln!(s, "\t}}");
     publish_chains(&mut s, plan);
     let _ = writeln!(s, "\tchain postrouting {{");
-    let _ = writeln!(s, "\t\ttype nat hook postrouting priority srcnat; policy accept;");
+    let _ = writeln!(
+        s,
+        "\t\ttype nat hook postrouting priority srcnat; policy accept;"
+    );
     let _ = writeln!(s, "\t\tip saddr {guest} oifname != \"{tap}\" masquerade");
     let _ = writeln!(s, "\t}}");
     let _ = writeln!(s, "}}");
@@ -100,7 +123,11 @@ pub fn gpucell_tables(json: &str) -> Vec<String> {
     let Ok(v) = serde_json::from_str::<serde_json::Value>(json) else {
         return Vec::new();
     };
-    let items = v.get("nftables").and_then(|n| n.as_array()).cloned().unwrap_or_default();
+    let items = v
+        .get("nftables")
+        .and_then(|n| n.as_array())
+        .cloned()
+        .unwrap_or_default();
     items
         .iter()
         .filter_map(|i| i.get("table"))

@@ -10,7 +10,9 @@ use std::sync::Mutex;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OpsError {
-    #[error("cannot open {path:?} to create the sandbox's tap; load the tun module (modprobe tun)")]
+    #[error(
+        "cannot open {path:?} to create the sandbox's tap; load the tun module (modprobe tun)"
+    )]
     TunOpen {
         path: PathBuf,
         #[source]
@@ -113,9 +115,7 @@ pub(crate) fn netlink_cause(e: rtnetlink::Error) -> Box<dyn std::error::Error + 
 }
 
 /// Runs `f` with a netlink handle on a one-thread runtime of its own.
-fn with_netlink<T>(
-    f: impl AsyncFnOnceHandle<T>,
-) -> Result<T, OpsError> {
+fn with_netlink<T>(f: impl AsyncFnOnceHandle<T>) -> Result<T, OpsError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .build()
@@ -211,7 +211,9 @@ impl HostNet for SystemNet {
 
     fn configure_tap(&self, name: &str, gateway: Ipv4Addr, prefix: u8) -> Result<(), OpsError> {
         // No IPv6 on the tap: not even a link-local address for the guest to talk to.
-        let v6 = self.proc_sys.join(format!("net/ipv6/conf/{name}/disable_ipv6"));
+        let v6 = self
+            .proc_sys
+            .join(format!("net/ipv6/conf/{name}/disable_ipv6"));
         if v6.exists() {
             std::fs::write(&v6, "1").map_err(|source| OpsError::Sysctl { path: v6, source })?;
         }
@@ -374,7 +376,11 @@ fn run_nft(tool: &std::path::Path, args: &[&str], input: Option<&str>) -> Result
     };
     let mut child = Command::new(tool)
         .args(args)
-        .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -387,7 +393,9 @@ fn run_nft(tool: &std::path::Path, args: &[&str], input: Option<&str>) -> Result
     if !out.status.success() {
         return Err(OpsError::Nft {
             status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().replace('\n', " / "),
+            stderr: String::from_utf8_lossy(&out.stderr)
+                .trim()
+                .replace('\n', " / "),
         });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
@@ -447,11 +455,17 @@ impl HostNet for FakeNet {
     }
 
     fn configure_tap(&self, name: &str, gateway: Ipv4Addr, prefix: u8) -> Result<(), OpsError> {
-        self.record("configure_tap", format!("configure_tap {name} {gateway}/{prefix}"))
+        self.record(
+            "configure_tap",
+            format!("configure_tap {name} {gateway}/{prefix}"),
+        )
     }
 
     fn limit_ingress(&self, name: &str, bits_per_s: u64) -> Result<(), OpsError> {
-        self.record("limit_ingress", format!("limit_ingress {name} {bits_per_s}"))
+        self.record(
+            "limit_ingress",
+            format!("limit_ingress {name} {bits_per_s}"),
+        )
     }
 
     fn delete_link(&self, name: &str) -> Result<(), OpsError> {
@@ -473,7 +487,10 @@ impl HostNet for FakeNet {
     fn nft_apply(&self, script: &str) -> Result<(), OpsError> {
         let first = script.lines().next().unwrap_or_default().to_string();
         self.record("nft_apply", format!("nft {first}"))?;
-        let mut t = self.tables.lock().map_err(|_| OpsError::NoLink("lock".into()))?;
+        let mut t = self
+            .tables
+            .lock()
+            .map_err(|_| OpsError::NoLink("lock".into()))?;
         if let Some(rest) = first.strip_prefix("table inet ") {
             t.push(rest.trim_end_matches(" {").to_string());
         } else if let Some(name) = first.strip_prefix("delete table inet ") {
@@ -499,7 +516,10 @@ impl HostNet for FakeNet {
 
     fn watch_exit(&self, nft_script: &str, record: &Path) -> Result<Option<OwnedFd>, OpsError> {
         let first = nft_script.lines().next().unwrap_or_default();
-        self.record("watch_exit", format!("watch_exit {first} {}", record.display()))?;
+        self.record(
+            "watch_exit",
+            format!("watch_exit {first} {}", record.display()),
+        )?;
         Ok(None)
     }
 

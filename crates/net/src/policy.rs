@@ -148,7 +148,10 @@ pub struct NetPlan {
 /// The names of run `id`'s tap and table.
 pub fn names(id: &str) -> (String, String) {
     let short: String = id.chars().take(12).collect();
-    (format!("{TAP_PREFIX}{short}"), format!("{TABLE_PREFIX}{id}"))
+    (
+        format!("{TAP_PREFIX}{short}"),
+        format!("{TABLE_PREFIX}{id}"),
+    )
 }
 
 /// A locally administered MAC from the run id (`52:54:00` is QEMU's prefix).
@@ -220,9 +223,18 @@ mod tests {
         assert!(p.allows(ip("203.0.113.10"), false));
         assert!(p.allows(ip("8.8.8.8"), false));
         for refused in [
-            "192.168.1.20", "10.1.2.3", "172.20.0.1", "100.64.0.1", "127.0.0.1",
-            "169.254.169.254", "169.254.1.1", "224.0.0.251", "255.255.255.255",
-            "10.200.0.6", "198.51.100.2", "0.0.0.0",
+            "192.168.1.20",
+            "10.1.2.3",
+            "172.20.0.1",
+            "100.64.0.1",
+            "127.0.0.1",
+            "169.254.169.254",
+            "169.254.1.1",
+            "224.0.0.251",
+            "255.255.255.255",
+            "10.200.0.6",
+            "198.51.100.2",
+            "0.0.0.0",
         ] {
             assert!(!p.allows(ip(refused), false), "{refused}");
         }
@@ -247,13 +259,32 @@ mod tests {
     #[test]
     fn plan_names_and_addresses() {
         let id = "0123456789abcdef";
-        let p = NetPlan::new(id, "10.200.0.0/16".parse().unwrap(), 3, false, vec![], policy(&[])).unwrap();
+        let p = NetPlan::new(
+            id,
+            "10.200.0.0/16".parse().unwrap(),
+            3,
+            false,
+            vec![],
+            policy(&[]),
+        )
+        .unwrap();
         assert_eq!(p.tap, "gcn0123456789ab");
         assert!(p.tap.len() <= 15);
         assert_eq!(p.table, "gpucell_0123456789abcdef");
         assert_eq!(p.subnet.to_string(), "10.200.0.12/30");
-        assert_eq!((p.gateway, p.guest_address), (ip("10.200.0.13"), ip("10.200.0.14")));
+        assert_eq!(
+            (p.gateway, p.guest_address),
+            (ip("10.200.0.13"), ip("10.200.0.14"))
+        );
         assert_eq!(p.mac, "52:54:00:01:23:45");
-        assert!(NetPlan::new(id, "10.0.0.0/28".parse().unwrap(), 4, false, vec![], policy(&[])).is_none());
+        assert!(NetPlan::new(
+            id,
+            "10.0.0.0/28".parse().unwrap(),
+            4,
+            false,
+            vec![],
+            policy(&[])
+        )
+        .is_none());
     }
 }

@@ -107,7 +107,10 @@ pub fn holder(proc_dir: &Path, port: u16, proto: Proto) -> String {
             }
         }
     }
-    format!("a socket (inode {}) of a process not visible here", inodes[0])
+    format!(
+        "a socket (inode {}) of a process not visible here",
+        inodes[0]
+    )
 }
 
 #[cfg(test)]
@@ -136,7 +139,10 @@ mod tests {
             proto: Proto::Tcp,
         };
         let err = reserve(&[p], Path::new("/proc")).unwrap_err().to_string();
-        assert!(err.contains(&format!("pid {}", std::process::id())), "{err}");
+        assert!(
+            err.contains(&format!("pid {}", std::process::id())),
+            "{err}"
+        );
         drop(l);
         let held = reserve(&[p], Path::new("/proc")).unwrap();
         // While reserved, nobody else binds it.

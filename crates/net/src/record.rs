@@ -168,7 +168,10 @@ mod tests {
         let recs = Records::lock(dir.path()).unwrap();
         let r = NetRecord {
             run_id: "00112233445566ff".into(),
-            owner: Owner { pid: 1, start_time: 2 },
+            owner: Owner {
+                pid: 1,
+                start_time: 2,
+            },
             netns: 7,
             tap: "gcn001122334455".into(),
             table: "gpucell_00112233445566ff".into(),

@@ -34,7 +34,9 @@ pub enum NetError {
     RangeFull { range: String, slots: u64 },
     #[error("the sandbox range {range} overlaps this host's address {addr}: pick another [network] range")]
     RangeOverlap { range: String, addr: Ipv4Addr },
-    #[error("--publish: host port {port}/{proto} is already published by sandbox {run_id} (pid {pid})")]
+    #[error(
+        "--publish: host port {port}/{proto} is already published by sandbox {run_id} (pid {pid})"
+    )]
     PublishedByOther {
         port: u16,
         proto: crate::spec::Proto,
@@ -95,7 +97,12 @@ pub struct Planned {
 }
 
 /// The plan of run `id` with slot `slot`: reads host addresses and resolvers only.
-fn plan_with_slot(env: &NetEnv, id: &str, req: &NetworkRequest, slot: u64) -> Result<Planned, NetError> {
+fn plan_with_slot(
+    env: &NetEnv,
+    id: &str,
+    req: &NetworkRequest,
+    slot: u64,
+) -> Result<Planned, NetError> {
     let cfg = &env.config;
     let mut warnings = Vec::new();
     let addrs = env.ops.host_addresses()?;
@@ -228,12 +235,20 @@ pub fn leftovers(env: &NetEnv) -> Result<Vec<Leftover>, OpsError> {
     for t in crate::nft::gpucell_tables(&env.ops.nft_tables()?) {
         if !live_recs.iter().any(|r| r.table == t) {
             let run_id = t.strip_prefix(TABLE_PREFIX).map(str::to_string);
-            out.push(Leftover { kind: "table", name: format!("inet {t}"), run_id });
+            out.push(Leftover {
+                kind: "table",
+                name: format!("inet {t}"),
+                run_id,
+            });
         }
     }
     for l in env.ops.links()? {
         if l.starts_with(TAP_PREFIX) && !live_recs.iter().any(|r| r.tap == l) {
-            out.push(Leftover { kind: "tap", name: l, run_id: None });
+            out.push(Leftover {
+                kind: "tap",
+                name: l,
+                run_id: None,
+            });
         }
     }
     Ok(out)
@@ -306,7 +321,10 @@ impl Drop for ActiveNet {
 /// Sets up run `id`'s network. On failure nothing is left (what was made is torn down).
 pub fn setup(env: &NetEnv, id: &str, req: &NetworkRequest) -> Result<ActiveNet, NetError> {
     let t0 = std::time::Instant::now();
-    let fwd = env.ops.sysctl("net/ipv4/ip_forward").unwrap_or_else(|| "unreadable".into());
+    let fwd = env
+        .ops
+        .sysctl("net/ipv4/ip_forward")
+        .unwrap_or_else(|| "unreadable".into());
     if fwd != "1" {
         return Err(NetError::IpForwardOff(fwd));
     }
@@ -318,7 +336,9 @@ pub fn setup(env: &NetEnv, id: &str, req: &NetworkRequest) -> Result<ActiveNet, 
         if let Some(r) = all.iter().find(|r| {
             r.netns == netns
                 && live(r, &env.proc_dir)
-                && r.publish.iter().any(|q| q.host_port == p.host_port && q.proto == p.proto)
+                && r.publish
+                    .iter()
+                    .any(|q| q.host_port == p.host_port && q.proto == p.proto)
         }) {
             return Err(NetError::PublishedByOther {
                 port: p.host_port,
@@ -355,7 +375,10 @@ pub fn setup(env: &NetEnv, id: &str, req: &NetworkRequest) -> Result<ActiveNet, 
     };
     // From here a failure drops `active`, which removes what was made. The watcher
     // comes first, so that a `kill -9` at any later point still removes the table.
-    let record = env.state_dir.join(crate::record::RECORD_DIR).join(format!("{id}.json"));
+    let record = env
+        .state_dir
+        .join(crate::record::RECORD_DIR)
+        .join(format!("{id}.json"));
     let delete = crate::nft::delete_table(&active.plan.table);
     active.watcher = env.ops.watch_exit(&delete, &record)?;
     let p = &active.plan;

@@ -200,7 +200,10 @@ impl NetworkRequest {
         let mut seen = std::collections::BTreeSet::new();
         for p in &self.publish {
             if !seen.insert((p.host_port, p.proto)) {
-                return Err(SpecError::PublishTwice(format!("{}/{}", p.host_port, p.proto)));
+                return Err(SpecError::PublishTwice(format!(
+                    "{}/{}",
+                    p.host_port, p.proto
+                )));
             }
         }
         if mode == NetworkMode::None {
@@ -275,7 +278,10 @@ impl NetworkConfig {
         if self.range.prefix() > 28 {
             return Err((
                 "network.range",
-                format!("{} is too small: give at least a /28 (each sandbox takes a /30)", self.range),
+                format!(
+                    "{} is too small: give at least a /28 (each sandbox takes a /30)",
+                    self.range
+                ),
             ));
         }
         for d in &self.dns {
@@ -286,7 +292,10 @@ impl NetworkConfig {
         if self.allow_cidrs.iter().any(|c| c.overlaps(&self.range)) {
             return Err((
                 "network.allow_cidrs",
-                format!("an exception overlaps the sandbox range {}: sandboxes never reach each other", self.range),
+                format!(
+                    "an exception overlaps the sandbox range {}: sandboxes never reach each other",
+                    self.range
+                ),
             ));
         }
         Ok(())
@@ -304,8 +313,20 @@ mod tests {
         assert_eq!((p.host_port, p.guest_port, p.proto), (8080, 80, Proto::Tcp));
         let p: Publish = "5353:53/udp".parse().unwrap();
         assert_eq!(p.to_string(), "5353:53/udp");
-        for bad in ["80", "0:80", "80:0", "x:80", "80:80/sctp", "70000:80", "+1:80", ""] {
-            assert!(matches!(bad.parse::<Publish>(), Err(SpecError::BadPublish(_))), "{bad}");
+        for bad in [
+            "80",
+            "0:80",
+            "80:0",
+            "x:80",
+            "80:80/sctp",
+            "70000:80",
+            "+1:80",
+            "",
+        ] {
+            assert!(
+                matches!(bad.parse::<Publish>(), Err(SpecError::BadPublish(_))),
+                "{bad}"
+            );
         }
         assert!(matches!(
             "127.0.0.1:80:80".parse::<Publish>(),
@@ -331,11 +352,17 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(r.resolve(NetworkMode::Private), Ok(NetworkMode::Private));
-        assert_eq!(r.resolve(NetworkMode::None), Err(SpecError::NeedsPrivate("--publish")));
+        assert_eq!(
+            r.resolve(NetworkMode::None),
+            Err(SpecError::NeedsPrivate("--publish"))
+        );
         r.mode = Some(NetworkMode::Private);
         assert_eq!(r.resolve(NetworkMode::None), Ok(NetworkMode::Private));
         r.publish.push("80:81".parse().unwrap());
-        assert!(matches!(r.resolve(NetworkMode::None), Err(SpecError::PublishTwice(_))));
+        assert!(matches!(
+            r.resolve(NetworkMode::None),
+            Err(SpecError::PublishTwice(_))
+        ));
         // The same host port over both protocols is two ports.
         r.publish[1] = "80:81/udp".parse().unwrap();
         assert!(r.resolve(NetworkMode::None).is_ok());

@@ -11,11 +11,11 @@
 //! rtnetlink has no typed `police` action, so its attributes are built here
 //! ([`police_parms`], pure and tested) from the kernel's `struct tc_police`.
 
-use netlink_packet_utils::nla::DefaultNla;
 use netlink_packet_route::tc::{
     TcAction, TcActionAttribute, TcActionOption, TcFilterU32Option, TcU32Key, TcU32Selector,
     TcU32SelectorFlag,
 };
+use netlink_packet_utils::nla::DefaultNla;
 
 use crate::ops::OpsError;
 
@@ -40,9 +40,9 @@ pub fn burst_bytes(bits_per_s: u64) -> u64 {
 pub fn police_parms(bits_per_s: u64) -> Vec<u8> {
     let bytes_per_s = (bits_per_s / 8).max(1);
     let burst = burst_bytes(bits_per_s);
-    let burst_ticks = (u128::from(burst) * 1_000_000_000 / u128::from(bytes_per_s)
-        / u128::from(NS_PER_TICK))
-    .min(u128::from(u32::MAX)) as u32;
+    let burst_ticks =
+        (u128::from(burst) * 1_000_000_000 / u128::from(bytes_per_s) / u128::from(NS_PER_TICK))
+            .min(u128::from(u32::MAX)) as u32;
     let mut b = Vec::with_capacity(56);
     b.extend(0u32.to_ne_bytes()); // index
     b.extend(TC_POLICE_SHOT.to_ne_bytes()); // action on exceed: drop
@@ -145,7 +145,7 @@ mod tests {
         assert_eq!(p.len(), 56);
         let u32_at = |o: usize| u32::from_ne_bytes([p[o], p[o + 1], p[o + 2], p[o + 3]]);
         assert_eq!(u32_at(4), 2); // drop
-        // 500 KB at 10 MB/s = 50 ms = 781250 ticks of 64 ns.
+                                  // 500 KB at 10 MB/s = 50 ms = 781250 ticks of 64 ns.
         assert_eq!(burst_bytes(80_000_000), 500_000);
         assert_eq!(u32_at(12), 781_250);
         assert_eq!(u32_at(16), POLICE_MTU);

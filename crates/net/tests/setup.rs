@@ -91,7 +91,11 @@ fn refusals_leave_nothing() {
     let failing = Arc::new(failing);
     let e = env(failing.clone(), state.path(), root.path());
     assert!(gpucell_net::setup(&e, ID, &request()).is_err());
-    assert!(failing.links.lock().unwrap().is_empty(), "{:?}", failing.calls());
+    assert!(
+        failing.links.lock().unwrap().is_empty(),
+        "{:?}",
+        failing.calls()
+    );
     assert!(Records::lock(state.path()).unwrap().all().is_empty());
 }
 
@@ -103,7 +107,10 @@ fn a_killed_runs_leftovers_are_reported_then_removed() {
     // What a `kill -9`ed run leaves: its record (owner gone) and its table.
     let dead = NetRecord {
         run_id: "aaaaaaaaaaaaaaaa".into(),
-        owner: Owner { pid: u32::MAX - 1, start_time: 1 },
+        owner: Owner {
+            pid: u32::MAX - 1,
+            start_time: 1,
+        },
         netns: current_netns(Path::new("/proc")),
         tap: "gcnaaaaaaaaaaaa".into(),
         table: "gpucell_aaaaaaaaaaaaaaaa".into(),
@@ -112,8 +119,10 @@ fn a_killed_runs_leftovers_are_reported_then_removed() {
         publish: vec!["8080:80".parse().unwrap()],
     };
     Records::lock(state.path()).unwrap().write(&dead).unwrap();
-    fake.nft_apply("table inet gpucell_aaaaaaaaaaaaaaaa {\n}\n").unwrap();
-    fake.nft_apply("table inet gpucell_bbbbbbbbbbbbbbbb {\n}\n").unwrap();
+    fake.nft_apply("table inet gpucell_aaaaaaaaaaaaaaaa {\n}\n")
+        .unwrap();
+    fake.nft_apply("table inet gpucell_bbbbbbbbbbbbbbbb {\n}\n")
+        .unwrap();
     let found = gpucell_net::leftovers(&e).unwrap();
     let kinds: Vec<&str> = found.iter().map(|l| l.kind).collect();
     assert_eq!(kinds, vec!["record", "table", "table"], "{found:?}");
@@ -124,9 +133,16 @@ fn a_killed_runs_leftovers_are_reported_then_removed() {
     req.publish[0].host_port = 0;
     let net = gpucell_net::setup(&e, ID, &NetworkRequest::default()).unwrap();
     assert_eq!(net.reconciled.len(), 1);
-    assert_eq!(net.plan.guest_address, Ipv4Addr::new(10, 200, 0, 2), "slot reused");
+    assert_eq!(
+        net.plan.guest_address,
+        Ipv4Addr::new(10, 200, 0, 2),
+        "slot reused"
+    );
     let tables = fake.tables.lock().unwrap().clone();
-    assert!(!tables.contains(&"gpucell_aaaaaaaaaaaaaaaa".to_string()), "{tables:?}");
+    assert!(
+        !tables.contains(&"gpucell_aaaaaaaaaaaaaaaa".to_string()),
+        "{tables:?}"
+    );
 }
 
 #[test]
@@ -134,13 +150,20 @@ fn a_port_published_by_another_sandbox_names_it() {
     let (state, root) = dirs();
     let fake = Arc::new(FakeNet::new());
     let e = env(fake, state.path(), root.path());
-    let port = std::net::TcpListener::bind("0.0.0.0:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("0.0.0.0:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let req = NetworkRequest {
         publish: vec![format!("{port}:80").parse().unwrap()],
         ..Default::default()
     };
     let first = gpucell_net::setup(&e, ID, &req).unwrap();
-    let err = gpucell_net::setup(&e, "ffeeddccbbaa9988", &req).err().unwrap().to_string();
+    let err = gpucell_net::setup(&e, "ffeeddccbbaa9988", &req)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains(ID) && err.contains(&port.to_string()), "{err}");
     drop(first);
     let again = gpucell_net::setup(&e, "ffeeddccbbaa9988", &req).unwrap();

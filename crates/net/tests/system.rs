@@ -14,7 +14,11 @@ fn skip() -> Option<String> {
     if !Path::new("/dev/net/tun").exists() {
         return Some("no /dev/net/tun".into());
     }
-    if std::process::Command::new("nft").arg("--version").output().is_err() {
+    if std::process::Command::new("nft")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
         return Some("no nft (scripts/install-deps.sh installs nftables)".into());
     }
     None
@@ -44,8 +48,14 @@ fn real_setup_and_teardown_in_a_private_namespace() {
             ..Default::default()
         };
         let mut net = gpucell_net::setup(&env, "0123456789abcdef", &req).unwrap();
-        assert!(ops.links().unwrap().contains(&"gcn0123456789ab".to_string()));
-        assert!(ops.host_addresses().unwrap().contains(&"10.200.0.1".parse().unwrap()));
+        assert!(ops
+            .links()
+            .unwrap()
+            .contains(&"gcn0123456789ab".to_string()));
+        assert!(ops
+            .host_addresses()
+            .unwrap()
+            .contains(&"10.200.0.1".parse().unwrap()));
         let tables = ops.nft_tables().unwrap();
         assert!(tables.contains("gpucell_0123456789abcdef"), "{tables}");
         police(ops.as_ref());
@@ -72,7 +82,10 @@ fn police(ops: &SystemNet) {
         }
         Err(e) => {
             let msg = e.to_string();
-            assert!(msg.contains("cls_u32") && msg.contains("--egress-rate"), "{msg}");
+            assert!(
+                msg.contains("cls_u32") && msg.contains("--egress-rate"),
+                "{msg}"
+            );
             eprintln!("this kernel has no tc policer: {msg}");
         }
     }

@@ -178,7 +178,10 @@ mod tests {
             ("[network]\ndefault = \"bridge\"\n", "bridge"),
             ("[network]\nrange = \"10.0.0.0/30\"\n", "network.range"),
             ("[network]\nrange = \"fd00::/8\"\n", "IPv6"),
-            ("[network]\nallow_cidrs = [\"10.200.1.0/24\"]\n", "network.allow_cidrs"),
+            (
+                "[network]\nallow_cidrs = [\"10.200.1.0/24\"]\n",
+                "network.allow_cidrs",
+            ),
             ("[image]\nlimits = { max_bytes = 0 }\n", "image"),
             (
                 "[image.registry]\nauth = { kind = \"basic\", username = \"u\" }\n",

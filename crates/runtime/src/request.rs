@@ -227,7 +227,10 @@ impl RunRequest {
         let devices = DeviceRequest::parse(self.devices.gpus.as_deref(), &self.devices.functions)
             .map_err(|e| RequestError::field("devices", e.to_string()))?;
         // What the node's default decides is checked again at run time.
-        let mode = self.network.mode.unwrap_or(gpucell_net::NetworkMode::Private);
+        let mode = self
+            .network
+            .mode
+            .unwrap_or(gpucell_net::NetworkMode::Private);
         self.network
             .resolve(mode)
             .map_err(|e| RequestError::field("network", gpucell_common::chain_string(&e)))?;

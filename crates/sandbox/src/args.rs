@@ -347,9 +347,16 @@ pub enum Device {
     /// The guest RAM backend (`-object` plus `-machine memory-backend=`).
     Memory(MemoryBackend),
     /// `-netdev tap` on a tap queue QEMU inherits as descriptor `fd`.
-    TapNetdev { id: String, fd: i32, vhost: bool },
+    TapNetdev {
+        id: String,
+        fd: i32,
+        vhost: bool,
+    },
     /// A virtio-net NIC on netdev `netdev`.
-    VirtioNet { netdev: String, mac: String },
+    VirtioNet {
+        netdev: String,
+        mac: String,
+    },
 }
 
 impl Device {

@@ -389,7 +389,9 @@ mod tests {
         );
         i.net = None;
         let args = qemu_command(&i).unwrap().args().join(" ");
-        assert!(!args.contains("netdev") && !append(&qemu_command(&i).unwrap()).contains("gpucell.net"));
+        assert!(
+            !args.contains("netdev") && !append(&qemu_command(&i).unwrap()).contains("gpucell.net")
+        );
     }
 
     #[test]
