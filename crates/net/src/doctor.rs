@@ -130,8 +130,10 @@ mod tests {
         state: &std::path::Path,
         default: NetworkMode,
     ) -> NetEnv {
-        let mut config = crate::spec::NetworkConfig::default();
-        config.default = default;
+        let config = crate::spec::NetworkConfig {
+            default,
+            ..Default::default()
+        };
         NetEnv {
             ops: Arc::new(fake),
             config,

@@ -374,14 +374,20 @@ mod tests {
         assert_eq!(c.default, NetworkMode::None);
         assert_eq!(c.range.to_string(), DEFAULT_RANGE);
         assert!(c.validate().is_ok());
-        let mut c = NetworkConfig::default();
-        c.range = "10.0.0.0/30".parse().unwrap();
+        let c = NetworkConfig {
+            range: "10.0.0.0/30".parse().unwrap(),
+            ..Default::default()
+        };
         assert_eq!(c.validate().unwrap_err().0, "network.range");
-        let mut c = NetworkConfig::default();
-        c.dns = vec![Ipv4Addr::LOCALHOST];
+        let c = NetworkConfig {
+            dns: vec![Ipv4Addr::LOCALHOST],
+            ..Default::default()
+        };
         assert_eq!(c.validate().unwrap_err().0, "network.dns");
-        let mut c = NetworkConfig::default();
-        c.allow_cidrs = vec!["10.0.0.0/8".parse().unwrap()];
+        let c = NetworkConfig {
+            allow_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
+            ..Default::default()
+        };
         assert_eq!(c.validate().unwrap_err().0, "network.allow_cidrs");
     }
 }

@@ -1,6 +1,8 @@
 //! Setup, teardown and reconciliation against the recording fake: the order of host
 //! operations, nothing left on any failure, leftovers of dead runs removed.
 
+#![allow(clippy::unwrap_used)]
+
 use std::net::Ipv4Addr;
 use std::path::Path;
 use std::sync::Arc;

@@ -2,6 +2,8 @@
 //! test's own, on a thread of its own (a network namespace is per thread): nothing
 //! touches the machine's own namespace.
 
+#![allow(clippy::unwrap_used)]
+
 use std::path::Path;
 use std::sync::Arc;
 
