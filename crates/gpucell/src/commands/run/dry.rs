@@ -65,6 +65,10 @@ fn text(r: &DryRunReport) -> String {
             &format!("{} {}{companions}{bind} (not taken)", d.host_bdf, d.id),
         );
     }
+    match &r.network {
+        None => line(&mut out, "network", "none"),
+        Some(n) => network_lines(&mut out, &n.plan, &line),
+    }
     for w in &r.warnings {
         line(&mut out, "warning", w);
     }
@@ -72,6 +76,48 @@ fn text(r: &DryRunReport) -> String {
     argv.extend(r.qemu_args.iter().cloned());
     line(&mut out, "qemu", &shell_words(&argv));
     out
+}
+
+/// The private network's addresses, published ports and egress policy.
+fn network_lines(
+    out: &mut String,
+    n: &gpucell_net::NetPlan,
+    line: &dyn Fn(&mut String, &str, &str),
+) {
+    let what = format!(
+        "private: {}/{} via {} on tap {} (table inet {}, vhost-net {})",
+        n.guest_address,
+        n.prefix_len,
+        n.gateway,
+        n.tap,
+        n.table,
+        if n.vhost { "on" } else { "off" }
+    );
+    line(out, "network", &what);
+    for p in &n.publish {
+        line(out, "publish", &p.to_string());
+    }
+    let e = &n.egress;
+    for r in &e.refused {
+        line(out, "refused", &format!("{} ({})", r.cidr, r.why));
+    }
+    for c in &e.exceptions {
+        line(out, "allowed", &format!("{c} (--allow-cidr)"));
+    }
+    let dns: Vec<String> = e.dns.iter().map(ToString::to_string).collect();
+    line(
+        out,
+        "dns",
+        &if dns.is_empty() {
+            "none".into()
+        } else {
+            dns.join(", ")
+        },
+    );
+    if let Some(r) = e.rate_bps {
+        line(out, "egress rate", &format!("{r} bit/s"));
+    }
+    line(out, "ipv6", "refused");
 }
 
 /// The command line quoted so that it can be pasted into a shell.
