@@ -52,6 +52,7 @@ test-nested: agent
 bench: build
 	bench/image/run.sh
 	bench/sandbox/run.sh
+	bench/net/run.sh
 
 fmt:
 	$(CARGO) fmt --all
