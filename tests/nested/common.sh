@@ -12,12 +12,13 @@ QEMU_MODULE_DIR=/usr/lib/x86_64-linux-gnu/qemu
 # Kernel modules L1 needs (dependencies are added from modules.dep).
 # kvm_amd and kvm_intel are both shipped; L1's init loads the one its CPU
 # supports (TCG's -cpu max has SVM; NESTED_ACCEL=kvm on an Intel host has VMX).
-NESTED_MODULES=${NESTED_MODULES:-"vfio vfio_iommu_type1 vfio-pci kvm_amd kvm_intel vhost_vsock"}
+# tun, vhost_net, veth and nftables for the sandbox-network scenario.
+NESTED_MODULES=${NESTED_MODULES:-"vfio vfio_iommu_type1 vfio-pci kvm_amd kvm_intel vhost_vsock tun vhost_net veth nf_tables nft_chain_nat nft_masq nft_nat nft_reject_inet nft_fib_inet nft_ct"}
 # Binaries of the gpucell package copied into L1 (if built).
 NESTED_BINS=${NESTED_BINS:-"gpucell"}
 # Extra host tools copied into L1 with their libraries: jq for JSON in the
 # scenarios, mkfs.erofs for gpucell's image store (the guest's root disk).
-NESTED_TOOLS=${NESTED_TOOLS:-"/usr/bin/jq /usr/bin/mkfs.erofs"}
+NESTED_TOOLS=${NESTED_TOOLS:-"/usr/bin/jq /usr/bin/mkfs.erofs /usr/sbin/nft /usr/sbin/ip"}
 # Where the gpucell binaries copied into L1 come from.
 GPUCELL_BIN_DIR=${NESTED_GPUCELL_BIN_DIR:-$CARGO_TARGET_DIR/release}
 # Guest artifacts (`gpucell guest build`) for sandboxes inside L1. By default

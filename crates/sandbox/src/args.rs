@@ -409,8 +409,10 @@ impl ToArgs for Device {
                 ]);
                 return;
             }
+            // No option ROM: the guest boots its kernel directly, never from the
+            // network, and a host without QEMU's ROM files could not start it.
             Device::VirtioNet { netdev, mac } => format!(
-                "virtio-net-pci,netdev={},mac={}",
+                "virtio-net-pci,netdev={},mac={},romfile=",
                 escape_opt(netdev),
                 escape_opt(mac)
             ),

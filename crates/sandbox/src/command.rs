@@ -384,7 +384,7 @@ mod tests {
         ));
         let args = cmd.args().join(" ");
         assert!(
-            args.contains("-netdev tap,id=net0,fd=3,vhost=off -device virtio-net-pci,netdev=net0,mac=52:54:00:01:23:45"),
+            args.contains("-netdev tap,id=net0,fd=3,vhost=off -device virtio-net-pci,netdev=net0,mac=52:54:00:01:23:45,romfile="),
             "{args}"
         );
         i.net = None;
