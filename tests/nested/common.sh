@@ -12,8 +12,8 @@ QEMU_MODULE_DIR=/usr/lib/x86_64-linux-gnu/qemu
 # Kernel modules L1 needs (dependencies are added from modules.dep).
 # kvm_amd and kvm_intel are both shipped; L1's init loads the one its CPU
 # supports (TCG's -cpu max has SVM; NESTED_ACCEL=kvm on an Intel host has VMX).
-# tun, vhost_net, veth and nftables for the sandbox-network scenario.
-NESTED_MODULES=${NESTED_MODULES:-"vfio vfio_iommu_type1 vfio-pci kvm_amd kvm_intel vhost_vsock tun vhost_net veth nf_tables nft_chain_nat nft_masq nft_nat nft_reject_inet nft_fib_inet nft_ct"}
+# tun, vhost_net, veth, nftables and the tc policer for the sandbox-network scenario.
+NESTED_MODULES=${NESTED_MODULES:-"vfio vfio_iommu_type1 vfio-pci kvm_amd kvm_intel vhost_vsock tun vhost_net veth nf_tables nft_chain_nat nft_masq nft_nat nft_reject_inet nft_fib_inet nft_ct sch_ingress cls_u32 act_police"}
 # Binaries of the gpucell package copied into L1 (if built).
 NESTED_BINS=${NESTED_BINS:-"gpucell"}
 # Extra host tools copied into L1 with their libraries: jq for JSON in the

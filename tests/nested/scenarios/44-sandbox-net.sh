@@ -81,6 +81,22 @@ if [ "$taps" = 0 ] && [ "$tables" = 0 ] && [ "$recs" = 0 ]; then
 else
     fail net-clean "left: $taps taps, $tables tables, $recs records"
 fi
+# --egress-rate: the tc policer (rtnetlink, a police action built from raw attributes)
+# on the tap's ingress. 4 MiB (33.5 Mbit) sent at 8 Mbit/s take at least ~4 s.
+# The sink closes after 4 MiB, which ends the sender's nc too.
+nsenter -t "$inet" -n sh -c 'busybox nc -l -p 9 | head -c 4194304 >/dev/null' &
+sink=$!
+sleep 0.3
+gc /tmp/net2 --config /tmp/net.toml --json run --memory 256m --boot-timeout 120s --egress-rate 8m \
+    "$EDU_IMAGE" -- sh -c 's=$(date +%s); dd if=/dev/zero bs=64k count=64 2>/dev/null | nc -w 30 203.0.113.1 9; echo "elapsed $(( $(date +%s) - s ))"'
+kill "$sink" 2>/dev/null
+elapsed=$(sed -n 's/^elapsed //p' /tmp/net2.out)
+rate=$(run_summary /tmp/net2 | jq -r '.network.egress.rate_bps')
+if [ "$(cat /tmp/net2.rc)" = 0 ] && [ "$rate" = 8000000 ] && [ "${elapsed:-0}" -ge 3 ] && [ "$elapsed" -le 60 ]; then
+    pass egress-rate "--egress-rate 8m: 4 MiB sent in ${elapsed} s (policed on the tap's ingress)"
+else
+    fail egress-rate "rc $(cat /tmp/net2.rc), rate $rate, elapsed ${elapsed:-?} s; $(gc_summary /tmp/net2)"
+fi
 kill "$inet" 2>/dev/null
 $IP link del gcup0 2>/dev/null
 pkill -f 'httpd -p 203.0.113.1' 2>/dev/null
