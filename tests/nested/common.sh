@@ -18,7 +18,7 @@ NESTED_MODULES=${NESTED_MODULES:-"vfio vfio_iommu_type1 vfio-pci kvm_amd kvm_int
 NESTED_BINS=${NESTED_BINS:-"gpucell"}
 # Extra host tools copied into L1 with their libraries: jq for JSON in the
 # scenarios, mkfs.erofs for gpucell's image store (the guest's root disk).
-NESTED_TOOLS=${NESTED_TOOLS:-"/usr/bin/jq /usr/bin/mkfs.erofs /usr/sbin/nft /usr/sbin/ip"}
+NESTED_TOOLS=${NESTED_TOOLS:-"/usr/bin/jq /usr/bin/mkfs.erofs /usr/sbin/nft /usr/sbin/ip /usr/sbin/tc"}
 # Where the gpucell binaries copied into L1 come from.
 GPUCELL_BIN_DIR=${NESTED_GPUCELL_BIN_DIR:-$CARGO_TARGET_DIR/release}
 # Guest artifacts (`gpucell guest build`) for sandboxes inside L1. By default
