@@ -77,7 +77,7 @@ impl ImageEnv {
     /// `CUDA_VERSION` set and `NVIDIA_REQUIRE_CUDA` unset or empty (the toolkit's test).
     pub fn is_legacy(&self) -> bool {
         self.get(CUDA_VERSION).is_some_and(|v| !v.is_empty())
-            && self.get(REQUIRE_CUDA).is_none_or_empty()
+            && self.get(REQUIRE_CUDA).is_none_or(str::is_empty)
     }
 
     /// Whether any `NVIDIA_*` variable or `CUDA_VERSION` is set.
@@ -85,16 +85,6 @@ impl ImageEnv {
         self.vars
             .keys()
             .any(|k| k.starts_with("NVIDIA_") || k == CUDA_VERSION)
-    }
-}
-
-trait NoneOrEmpty {
-    fn is_none_or_empty(&self) -> bool;
-}
-
-impl NoneOrEmpty for Option<&str> {
-    fn is_none_or_empty(&self) -> bool {
-        self.map_or(true, str::is_empty)
     }
 }
 

@@ -304,10 +304,8 @@ impl Condition {
         match (&self.value, self.property) {
             (Value::Version(v), Property::Cuda) => self.op.holds(driver.cuda_version.cmp(v)),
             (Value::Version(v), Property::Driver) => self.op.holds(driver.driver_version.cmp(v)),
-            (Value::Version(v), Property::Arch) => {
-                gpu.map_or(true, |g| self.op.holds(g.arch.cmp(v)))
-            }
-            (Value::Brand(b), Property::Brand) => gpu.map_or(true, |g| {
+            (Value::Version(v), Property::Arch) => gpu.is_none_or(|g| self.op.holds(g.arch.cmp(v))),
+            (Value::Brand(b), Property::Brand) => gpu.is_none_or(|g| {
                 g.brand.is_empty() || (self.op == Op::Eq) == g.brand.eq_ignore_ascii_case(b)
             }),
             // Parsing pairs brand with a brand value and the others with versions.
@@ -447,7 +445,7 @@ impl Requirements {
 
     /// Checks every requirement for every GPU in `gpus` (the visible ones), or once with
     /// no GPU when `gpus` is empty; the first failure is returned.
-    pub fn check(&self, driver: &DriverFacts, gpus: &[GpuFacts]) -> Result<(), Unsatisfied> {
+    pub fn check(&self, driver: &DriverFacts, gpus: &[GpuFacts]) -> Result<(), Box<Unsatisfied>> {
         if self.disabled {
             return Ok(());
         }
@@ -462,7 +460,7 @@ impl Requirements {
         for (index, gpu) in contexts {
             for req in &self.items {
                 if !req.holds(driver, gpu) {
-                    return Err(unsatisfied(req, driver, gpu, index));
+                    return Err(Box::new(unsatisfied(req, driver, gpu, index)));
                 }
             }
         }
@@ -558,7 +556,7 @@ fn valid_semver_suffix(s: &str) -> bool {
             .all(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
     };
     let pre_ok = pre.is_empty() || pre.strip_prefix('-').is_some_and(idents_ok);
-    pre_ok && build.map_or(true, idents_ok)
+    pre_ok && build.is_none_or(idents_ok)
 }
 
 #[cfg(test)]

@@ -133,12 +133,12 @@ fn forward_compat_clauses_bound_the_driver_branch() {
     assert!(reqs
         .check(
             &DriverFacts::new("525.147.05", "12.0").unwrap(),
-            &[a100.clone()]
+            std::slice::from_ref(&a100)
         )
         .is_ok());
     // 530 (CUDA 12.1) has no clause: refused, for a GPU and with none.
     let d530 = DriverFacts::new("530.30.02", "12.1").unwrap();
-    let u = reqs.check(&d530, &[a100.clone()]).unwrap_err();
+    let u = reqs.check(&d530, std::slice::from_ref(&a100)).unwrap_err();
     assert!(u
         .failed_conditions
         .iter()
