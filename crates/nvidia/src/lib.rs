@@ -14,6 +14,6 @@ pub mod cdi;
 pub mod env;
 pub mod requirements;
 
-// cdi re-exports come with the module
+pub use cdi::{GenerateOptions, Generated, GpuNode, HookStep, Spec};
 pub use env::{decide, Capabilities, Capability, DeviceId, ImageEnv, Injection, VisibleDevices};
 pub use requirements::{DriverFacts, GpuFacts, Requirements, Unsatisfied, Version};
