@@ -12,6 +12,7 @@ mod channel;
 mod cmdline;
 mod container;
 mod devices;
+mod inject;
 mod rootpath;
 mod session;
 mod users;
