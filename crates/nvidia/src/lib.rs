@@ -2,7 +2,7 @@
 //!
 //! - [`requirements`]: the `NVIDIA_REQUIRE_*` grammar of an image and its evaluation
 //!   against a driver and the visible GPUs (libnvidia-container's `dsl.c` semantics).
-//! - [`env`]: `NVIDIA_VISIBLE_DEVICES`, `NVIDIA_DRIVER_CAPABILITIES`, legacy `CUDA_VERSION`
+//! - [`env`](mod@env): `NVIDIA_VISIBLE_DEVICES`, `NVIDIA_DRIVER_CAPABILITIES`, legacy `CUDA_VERSION`
 //!   images, and the decision whether a container gets the driver at all.
 //! - [`gpu`]: a GPU's compute capability and NVML brand from gpucell's GPU database (the
 //!   host has no driver to ask), and whether CUDA forward compatibility works on it.
