@@ -55,16 +55,7 @@ fn main() {
 }
 
 /// `a: b: c` from an error and its sources.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub(crate) use gpucell_common::chain_string as chain;
 
 type AnyError = Box<dyn std::error::Error>;
 

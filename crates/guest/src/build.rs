@@ -2,7 +2,7 @@
 //! both described by a manifest, built in a temp dir and renamed into place.
 
 use std::fs;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -171,14 +171,8 @@ pub fn build(state_dir: &Path, opts: &BuildOptions) -> Result<crate::GuestArtifa
 
     // One build at a time per state dir.
     let lock_path = guest_dir.join(".lock");
-    let lock_file = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(io(format!("opening {}", lock_path.display())))?;
-    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, e)| BuildError::Io(format!("locking {}", lock_path.display()), e.into()))?;
+    let _lock = gpucell_common::FileLock::exclusive(&lock_path)
+        .map_err(|e| BuildError::Io(format!("locking {}", lock_path.display()), e.source))?;
 
     if !opts.force {
         if let Some(m) = cache_hit(&final_dir, &inputs) {
@@ -367,9 +361,7 @@ fn read_module(path: &Path) -> Result<Vec<u8>, BuildError> {
 }
 
 fn write_synced(path: &Path, data: &[u8]) -> Result<(), BuildError> {
-    let mut f = fs::File::create(path).map_err(io(format!("creating {}", path.display())))?;
-    f.write_all(data)
-        .and_then(|_| f.sync_all())
+    gpucell_common::write_atomic(path, data, 0o644)
         .map_err(io(format!("writing {}", path.display())))
 }
 
@@ -395,8 +387,5 @@ fn replace_dir(new: &Path, dest: &Path) -> Result<(), BuildError> {
     } else {
         fs::rename(new, dest).map_err(io(format!("moving the new build to {}", dest.display())))?;
     }
-    if let Ok(d) = fs::File::open(parent) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    gpucell_common::atomic::sync_dir(parent).map_err(io(format!("syncing {}", parent.display())))
 }

@@ -132,7 +132,7 @@ impl ArchTable {
             .get_or_init(|| match Self::from_toml(EMBEDDED_TABLE) {
                 Ok(t) => Some(t),
                 Err(e) => {
-                    tracing::error!("{}", crate::sysfs::error_chain(&e));
+                    tracing::error!("{}", gpucell_common::chain_string(&e));
                     None
                 }
             })

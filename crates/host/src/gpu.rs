@@ -11,7 +11,7 @@ use crate::cmdline::KernelCmdline;
 use crate::iommu::{self, GroupMember};
 use crate::pci::{self, Driver, PciError, PciFunction, PciScan};
 use crate::root::HostRoot;
-use crate::sysfs::error_chain;
+use gpucell_common::chain_string;
 
 /// Errors building the GPU inventory (only a missing PCI bus is fatal).
 #[derive(Debug, thiserror::Error)]
@@ -127,9 +127,9 @@ impl GpuInventory {
     #[tracing::instrument(skip_all, fields(root = %root.path().display()))]
     pub fn read(root: &HostRoot) -> Result<Self, GpuError> {
         let scan = PciScan::read(root).map_err(GpuError::Scan)?;
-        let mut warnings: Vec<String> = scan.problems.iter().map(|e| error_chain(e)).collect();
+        let mut warnings: Vec<String> = scan.problems.iter().map(|e| chain_string(e)).collect();
         let iommu_groups_present = iommu::groups_present(root).unwrap_or_else(|e| {
-            warnings.push(error_chain(&e));
+            warnings.push(chain_string(&e));
             false
         });
         let acs_override = match KernelCmdline::read(root) {
@@ -137,7 +137,7 @@ impl GpuInventory {
             Err(e) => {
                 warnings.push(format!(
                     "{}; cannot tell whether pcie_acs_override is set",
-                    error_chain(&e)
+                    chain_string(&e)
                 ));
                 None
             }
@@ -153,7 +153,7 @@ impl GpuInventory {
                 Some(g) => iommu::group_members(root, g).unwrap_or_else(|e| {
                     warnings.push(format!(
                         "{}; using the functions' own iommu_group links",
-                        error_chain(&e)
+                        chain_string(&e)
                     ));
                     scan.group_members(g).map(|m| m.bdf).collect()
                 }),

@@ -1,10 +1,13 @@
 //! The stable, flat record of `gpucell gpu list --json` (schema `gpucell.gpu-list/v1`,
-//! documented in docs/host-discovery.md). Field names only ever get added.
+//! documented in docs/host-discovery.md). Field names only ever get added. The CLI
+//! prints it through `serde_json::Value`, so keys come out sorted.
 
 use serde::Serialize;
 
 use crate::bar::human_size;
-use crate::gpu::{Gpu, GpuInventory, PassthroughState};
+use crate::devices::record::format_utc;
+use crate::gpu::{Gpu, GpuInventory};
+use crate::gpu_state::{DeviceRecords, GpuState, Holder, Quarantine};
 use crate::iommu::GroupMember;
 use crate::pci::Driver;
 
@@ -53,6 +56,49 @@ pub struct GpuRow {
     pub passthrough: PassthroughRow,
     /// This function's unreadable attributes.
     pub warnings: Vec<String>,
+    /// Its quarantine record, or `null`.
+    pub quarantine: Option<QuarantineRow>,
+    /// Its allocation record, or `null`.
+    pub allocation: Option<AllocationRow>,
+    /// The typed state the row was made from.
+    #[serde(skip)]
+    pub state: GpuState,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct QuarantineRow {
+    pub reason: String,
+    /// `YYYY-MM-DDTHH:MM:SSZ`.
+    pub since: String,
+    pub sandbox: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AllocationRow {
+    pub sandbox: String,
+    pub pid: u32,
+    /// `YYYY-MM-DDTHH:MM:SSZ`.
+    pub since: String,
+}
+
+impl From<&Quarantine> for QuarantineRow {
+    fn from(q: &Quarantine) -> Self {
+        Self {
+            reason: q.reason.clone(),
+            since: format_utc(q.since_unix),
+            sandbox: q.sandbox.clone(),
+        }
+    }
+}
+
+impl From<&Holder> for AllocationRow {
+    fn from(h: &Holder) -> Self {
+        Self {
+            sandbox: h.sandbox.clone(),
+            pid: h.pid,
+            since: format_utc(h.since_unix),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -78,10 +124,12 @@ pub struct CompanionRow {
 /// Passthrough state and the functions it is about.
 #[derive(Debug, Clone, Serialize)]
 pub struct PassthroughRow {
-    /// `ready`, `needs-bind`, `group-not-viable` or `no-iommu`.
+    /// `ready`, `needs-bind`, `group-not-viable`, `no-iommu`, `allocated` or
+    /// `quarantined` ([`GpuState::name`]).
     pub state: &'static str,
     /// For `needs-bind`: the GPU and companions to bind to vfio-pci. For
     /// `group-not-viable`: the other devices in the group bound to other drivers.
+    /// For `allocated`: the same, from sysfs underneath the allocation ([`GpuState::functions`]).
     pub functions: Vec<MemberRow>,
 }
 
@@ -111,15 +159,10 @@ fn member_row(m: &GroupMember) -> MemberRow {
     }
 }
 
-impl From<&Gpu> for GpuRow {
-    fn from(g: &Gpu) -> Self {
-        let functions = match &g.passthrough {
-            PassthroughState::NeedsBind { functions } => functions.iter().map(member_row).collect(),
-            PassthroughState::GroupNotViable { blockers } => {
-                blockers.iter().map(member_row).collect()
-            }
-            PassthroughState::Ready | PassthroughState::NoIommu => Vec::new(),
-        };
+impl GpuRow {
+    /// The row of `g`, its state joined with `records`.
+    pub fn new(g: &Gpu, records: &DeviceRecords) -> Self {
+        let state = GpuState::of(g, records);
         Self {
             bdf: g.bdf.to_string(),
             id: g.id.clone(),
@@ -158,22 +201,36 @@ impl From<&Gpu> for GpuRow {
             link_max_width: g.function.link.max_width,
             reset_methods: g.reset_methods.clone(),
             passthrough: PassthroughRow {
-                state: g.passthrough.name(),
-                functions,
+                state: state.name(),
+                functions: state.functions().iter().map(member_row).collect(),
             },
             warnings: g.function.warnings.clone(),
+            quarantine: state.quarantine().map(QuarantineRow::from),
+            allocation: state.holder().map(AllocationRow::from),
+            state,
         }
     }
 }
 
-impl From<&GpuInventory> for GpuList {
-    fn from(inv: &GpuInventory) -> Self {
+impl GpuList {
+    /// The `gpu list` answer: every GPU of `inv` joined with `records`; the records'
+    /// warnings follow the inventory's.
+    pub fn new(inv: &GpuInventory, records: &DeviceRecords) -> Self {
+        let mut warnings = inv.warnings.clone();
+        warnings.extend(records.warnings.iter().cloned());
         Self {
             schema: GPU_LIST_SCHEMA,
             iommu_groups_present: inv.iommu_groups_present,
             acs_override: inv.acs_override.clone(),
-            warnings: inv.warnings.clone(),
-            gpus: inv.gpus.iter().map(GpuRow::from).collect(),
+            warnings,
+            gpus: inv.gpus.iter().map(|g| GpuRow::new(g, records)).collect(),
         }
+    }
+}
+
+/// The list without records: every GPU in its sysfs state.
+impl From<&GpuInventory> for GpuList {
+    fn from(inv: &GpuInventory) -> Self {
+        Self::new(inv, &DeviceRecords::default())
     }
 }

@@ -9,6 +9,7 @@ pub mod cmdline;
 pub mod devices;
 pub mod doctor;
 pub mod gpu;
+pub mod gpu_state;
 pub mod gpu_view;
 pub mod iommu;
 pub mod names;

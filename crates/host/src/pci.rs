@@ -372,7 +372,7 @@ struct OptionalReader<'a> {
 impl OptionalReader<'_> {
     fn warn(&mut self, err: SysfsError) {
         tracing::debug!("{err}");
-        self.warnings.push(crate::sysfs::error_chain(&err));
+        self.warnings.push(gpucell_common::chain_string(&err));
     }
 
     fn text(&mut self, name: &str) -> Option<String> {
@@ -452,7 +452,7 @@ impl PciScan {
             match PciFunction::read(root, bdf) {
                 Ok(f) => scan.functions.push(f),
                 Err(e) => {
-                    tracing::debug!("{}", crate::sysfs::error_chain(&e));
+                    tracing::debug!("{}", gpucell_common::chain_string(&e));
                     scan.problems.push(e);
                 }
             }

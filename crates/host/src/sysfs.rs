@@ -74,17 +74,9 @@ impl SysfsError {
     }
 }
 
-/// An error and its causes on one line: `a: b: c`.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut cause = err.source();
-    while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cause = c.source();
-    }
-    out
-}
+/// An error and its causes on one line: `a: b: c` (the one home is
+/// [`gpucell_common::chain_string`]; this name stays for the callers outside this crate).
+pub use gpucell_common::chain_string as error_chain;
 
 /// Shortens and escapes untrusted text for an error message or log line.
 pub fn printable(value: &str) -> String {

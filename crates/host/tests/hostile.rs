@@ -74,7 +74,7 @@ fn garbage_in_identity_files_is_an_error_naming_the_file() {
             match PciFunction::read(&host.root(), bdf()) {
                 Ok(f) => panic!("{name}={:?} accepted: {f:?}", String::from_utf8_lossy(&g)),
                 Err(e) => {
-                    let chain = gpucell_host::sysfs::error_chain(&e);
+                    let chain = gpucell_common::chain_string(&e);
                     assert!(chain.contains(&format!("0000:01:00.0/{name}")), "{chain}");
                 }
             }

@@ -176,7 +176,7 @@ fn missing_or_garbled_identity_is_an_error_naming_the_file() {
             Some(c) => host.write(&format!("{DIR}/{file}"), c).unwrap(),
         }
         let err = PciFunction::read(&host.root(), b).unwrap_err();
-        let chain = gpucell_host::sysfs::error_chain(&err);
+        let chain = gpucell_common::chain_string(&err);
         assert!(
             chain.contains(&format!("0000:01:00.0/{file}")),
             "{file}: {chain}"

@@ -6,6 +6,8 @@ use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
+use gpucell_common::AtomicFile;
+
 use crate::digest::{Digest, HashingReader};
 
 #[derive(Debug, thiserror::Error)]
@@ -77,9 +79,8 @@ impl BlobStore {
                 source,
             }
         };
-        let mut tmp = tempfile::Builder::new()
-            .prefix("blob-")
-            .tempfile_in(&self.tmp)
+        let dest = self.path(digest);
+        let mut tmp = AtomicFile::create_in(&dest, &self.tmp)
             .map_err(io_err("create a temporary file in", &self.tmp))?;
         let mut hashing = HashingReader::new(reader.take(limit.saturating_add(1)));
         let mut buf = vec![0u8; 256 * 1024];
@@ -91,7 +92,7 @@ impl BlobStore {
                 break;
             }
             tmp.write_all(&buf[..n])
-                .map_err(io_err("write", tmp.path()))?;
+                .map_err(io_err("write", tmp.temp_path()))?;
         }
         let size = hashing.count();
         if size > limit {
@@ -119,12 +120,8 @@ impl BlobStore {
                 });
             }
         }
-        tmp.as_file()
-            .sync_all()
-            .map_err(io_err("sync", tmp.path()))?;
-        let dest = self.path(digest);
-        tmp.persist(&dest)
-            .map_err(|e| io_err("rename a verified blob to", &dest)(e.error))?;
+        tmp.commit()
+            .map_err(io_err("sync and rename a verified blob to", &dest))?;
         Ok(size)
     }
 

@@ -14,7 +14,6 @@ pub mod archive;
 pub mod blobs;
 pub mod digest;
 pub mod fsimage;
-pub mod lock;
 pub mod manifest;
 pub mod reference;
 pub mod registry;
@@ -29,6 +28,7 @@ pub mod testing;
 pub use fsimage::FsType;
 pub use manifest::{ImageConfig, Layer};
 pub use reference::Reference;
+pub use registry::{RegistryCredentials, RegistryOptions};
 pub use store::{
     GuestDisk, Image, ImageSummary, PruneReport, RemoveReport, Store, StoreError, StoreOptions,
 };
@@ -55,7 +55,7 @@ pub enum Error {
     #[error(transparent)]
     FsImage(#[from] fsimage::FsImageError),
     #[error(transparent)]
-    Lock(#[from] lock::LockError),
+    Lock(#[from] gpucell_common::LockError),
     #[error(transparent)]
     Store(#[from] store::StoreError),
 }

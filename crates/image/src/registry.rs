@@ -6,6 +6,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use serde::Deserialize;
 use tokio::io::AsyncWrite;
 
 use oci_client::client::{ClientConfig, ClientProtocol};
@@ -27,9 +28,7 @@ pub enum RegistryError {
         #[source]
         source: io::Error,
     },
-    #[error(
-        "{reference}: {what} (check the name, the network, and GPUCELL_REGISTRY_* credentials)"
-    )]
+    #[error("{reference}: {what} (check the name, the network, and the registry credentials)")]
     Client {
         reference: String,
         what: &'static str,
@@ -54,19 +53,60 @@ pub enum RegistryError {
     },
 }
 
-/// Credentials from the environment: `GPUCELL_REGISTRY_TOKEN` (bearer), or
-/// `GPUCELL_REGISTRY_USER` + `GPUCELL_REGISTRY_PASSWORD` (basic); anonymous otherwise.
-/// Anonymous pulls still get the registry's bearer token through its token endpoint.
-pub fn auth_from_env() -> RegistryAuth {
-    if let Ok(token) = std::env::var("GPUCELL_REGISTRY_TOKEN") {
-        return RegistryAuth::Bearer(token);
+/// How to reach registries: credentials and the transport.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistryOptions {
+    pub auth: RegistryCredentials,
+    /// Plain HTTP instead of HTTPS (a local test registry only).
+    pub insecure: bool,
+}
+
+/// Credentials sent to every registry pulled from. Anonymous pulls still get the
+/// registry's bearer token through its token endpoint. In a config file:
+/// `auth = { kind = "bearer", token = "..." }` or
+/// `auth = { kind = "basic", username = "...", password = "..." }`.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum RegistryCredentials {
+    #[default]
+    Anonymous,
+    Basic {
+        username: String,
+        password: String,
+    },
+    Bearer {
+        token: String,
+    },
+}
+
+/// Never prints a secret.
+impl std::fmt::Debug for RegistryCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Anonymous => f.write_str("Anonymous"),
+            Self::Basic { username, .. } => f
+                .debug_struct("Basic")
+                .field("username", username)
+                .field("password", &"<redacted>")
+                .finish(),
+            Self::Bearer { .. } => f
+                .debug_struct("Bearer")
+                .field("token", &"<redacted>")
+                .finish(),
+        }
     }
-    match (
-        std::env::var("GPUCELL_REGISTRY_USER"),
-        std::env::var("GPUCELL_REGISTRY_PASSWORD"),
-    ) {
-        (Ok(u), Ok(p)) => RegistryAuth::Basic(u, p),
-        _ => RegistryAuth::Anonymous,
+}
+
+impl RegistryCredentials {
+    fn to_auth(&self) -> RegistryAuth {
+        match self {
+            Self::Anonymous => RegistryAuth::Anonymous,
+            Self::Basic { username, password } => {
+                RegistryAuth::Basic(username.clone(), password.clone())
+            }
+            Self::Bearer { token } => RegistryAuth::Bearer(token.clone()),
+        }
     }
 }
 
@@ -79,7 +119,10 @@ pub struct Registry {
 }
 
 impl Registry {
-    pub fn new(reference: RegistryRef) -> Result<Registry, RegistryError> {
+    pub fn new(
+        reference: RegistryRef,
+        options: &RegistryOptions,
+    ) -> Result<Registry, RegistryError> {
         // rustls needs a process-wide crypto provider; a second install is a no-op error.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -89,7 +132,7 @@ impl Registry {
                 registry: reference.registry.clone(),
                 source,
             })?;
-        let protocol = if std::env::var("GPUCELL_REGISTRY_INSECURE").is_ok_and(|v| v == "1") {
+        let protocol = if options.insecure {
             ClientProtocol::Http
         } else {
             ClientProtocol::Https
@@ -102,7 +145,7 @@ impl Registry {
             oci_ref: reference.to_oci(),
             reference,
             client,
-            auth: auth_from_env(),
+            auth: options.auth.to_auth(),
             runtime,
         })
     }

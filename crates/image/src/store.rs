@@ -16,6 +16,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use gpucell_common::{AtomicFile, FileLock};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, instrument, warn};
 
@@ -23,10 +24,9 @@ use crate::archive::{self, DockerArchive};
 use crate::blobs::BlobStore;
 use crate::digest::Digest;
 use crate::fsimage::FsType;
-use crate::lock::FileLock;
 use crate::manifest::{self, Document, ImageConfig, Layer};
 use crate::reference::Reference;
-use crate::registry::Registry;
+use crate::registry::{Registry, RegistryOptions};
 use crate::source::{Files, Layout, Source};
 use crate::unpack::Limits;
 use crate::Error;
@@ -60,6 +60,8 @@ pub enum StoreError {
         "image {reference}: {digest} is an index, not an image manifest, after platform selection"
     )]
     NestedIndex { reference: String, digest: Digest },
+    #[error("image store option {key}: {why}")]
+    BadOption { key: &'static str, why: String },
 }
 
 fn io_err(path: &Path, op: &'static str) -> impl FnOnce(io::Error) -> StoreError {
@@ -67,13 +69,20 @@ fn io_err(path: &Path, op: &'static str) -> impl FnOnce(io::Error) -> StoreError
     move |source| StoreError::Io { path, op, source }
 }
 
-/// Store settings beyond its location.
-#[derive(Debug, Clone)]
+/// Store settings beyond its location. [`Store::open`] uses the defaults; a caller with
+/// configuration builds them, or reads them from a config file (unknown keys are refused),
+/// and passes them to [`Store::open_with`], which checks them ([`StoreOptions::validate`]).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct StoreOptions {
+    /// Caps on unpacking (`max_bytes`, `max_entries`).
     pub limits: Limits,
+    /// Filesystem of the guest disks (`erofs`, the default, or `ext4`).
     pub fs_type: FsType,
     /// Where unpack trees go (`None`: /dev/shm when the tree fits, else the store's tmp/).
     pub unpack_dir: Option<PathBuf>,
+    /// Credentials and transport for registry pulls.
+    pub registry: RegistryOptions,
 }
 
 impl Default for StoreOptions {
@@ -82,36 +91,41 @@ impl Default for StoreOptions {
             limits: Limits::default(),
             fs_type: FsType::Erofs,
             unpack_dir: None,
+            registry: RegistryOptions::default(),
         }
     }
 }
 
 impl StoreOptions {
-    /// Defaults, overridden by `GPUCELL_IMAGE_FS` (`erofs`/`ext4`), `GPUCELL_UNPACK_DIR`,
-    /// `GPUCELL_MAX_UNPACKED_BYTES` and `GPUCELL_MAX_IMAGE_ENTRIES` when set and valid
-    /// (an invalid value is ignored with a warning).
-    pub fn from_env() -> StoreOptions {
-        let mut o = StoreOptions::default();
-        if let Ok(v) = std::env::var("GPUCELL_IMAGE_FS") {
-            match FsType::parse(&v) {
-                Some(f) => o.fs_type = f,
-                None => warn!(value = %v, "GPUCELL_IMAGE_FS must be erofs or ext4; ignored"),
-            }
-        }
-        let num = |key: &str, into: &mut u64| {
-            if let Ok(v) = std::env::var(key) {
-                match v.parse::<u64>() {
-                    Ok(n) if n > 0 => *into = n,
-                    _ => warn!(value = %v, key, "not a positive integer; ignored"),
-                }
-            }
+    /// Refuses values no store can work with, naming the key.
+    pub fn validate(&self) -> Result<(), StoreError> {
+        let bad = |key: &'static str, why: &str| StoreError::BadOption {
+            key,
+            why: why.to_owned(),
         };
-        if let Some(dir) = std::env::var_os("GPUCELL_UNPACK_DIR").filter(|d| !d.is_empty()) {
-            o.unpack_dir = Some(PathBuf::from(dir));
+        if self.limits.max_bytes == 0 {
+            return Err(bad(
+                "limits.max_bytes",
+                "must be a positive number of bytes",
+            ));
         }
-        num("GPUCELL_MAX_UNPACKED_BYTES", &mut o.limits.max_bytes);
-        num("GPUCELL_MAX_IMAGE_ENTRIES", &mut o.limits.max_entries);
-        o
+        if self.limits.max_entries == 0 {
+            return Err(bad(
+                "limits.max_entries",
+                "must be a positive number of entries",
+            ));
+        }
+        if self
+            .unpack_dir
+            .as_ref()
+            .is_some_and(|d| d.as_os_str().is_empty())
+        {
+            return Err(bad(
+                "unpack_dir",
+                "must not be empty (leave it out for the default)",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -196,10 +210,10 @@ impl Drop for Store {
 }
 
 impl Store {
-    /// Opens (creating) the store under `<state_dir>/images`, with
-    /// [`StoreOptions::from_env`].
+    /// Opens (creating) the store under `<state_dir>/images` with the default
+    /// [`StoreOptions`].
     pub fn open(state_dir: &Path) -> Result<Store, Error> {
-        Store::open_with(state_dir, StoreOptions::from_env())
+        Store::open_with(state_dir, StoreOptions::default())
     }
 
     pub fn options(&self) -> &StoreOptions {
@@ -215,7 +229,10 @@ impl Store {
         }
     }
 
+    /// Opens (creating) the store under `<state_dir>/images` with `options`, refused
+    /// when [`StoreOptions::validate`] refuses them.
     pub fn open_with(state_dir: &Path, options: StoreOptions) -> Result<Store, Error> {
+        options.validate()?;
         // Absolute, so that disk paths handed to QEMU do not depend on the cwd.
         let state_dir = std::path::absolute(state_dir)
             .map_err(io_err(state_dir, "resolve the state directory"))?;
@@ -321,7 +338,7 @@ impl Store {
                 self.import(&src, &name)
             }
             Reference::Registry(r) => {
-                let src = Registry::new(r.clone())?;
+                let src = Registry::new(r.clone(), &self.options.registry)?;
                 self.import(&src, &name)
             }
             Reference::Digest(_) => Err(StoreError::NotFound {
@@ -415,15 +432,15 @@ impl Store {
     }
 
     fn write_atomic(&self, path: &Path, bytes: &[u8]) -> Result<(), Error> {
+        // Temporary files in tmp/ (which prune sweeps), under the one rule of
+        // gpucell_common::atomic.
         let tmp_dir = self.root.join("tmp");
-        let mut tmp = tempfile::Builder::new()
-            .prefix("meta-")
-            .tempfile_in(&tmp_dir)
+        let mut file = AtomicFile::create_in(path, &tmp_dir)
             .map_err(io_err(&tmp_dir, "create a temporary file"))?;
-        tmp.write_all(bytes).map_err(io_err(tmp.path(), "write"))?;
-        tmp.as_file().sync_all().map_err(io_err(path, "sync"))?;
-        tmp.persist(path)
-            .map_err(|e| io_err(path, "rename into place")(e.error))?;
+        file.write_all(bytes)
+            .map_err(io_err(file.temp_path(), "write"))?;
+        file.commit()
+            .map_err(io_err(path, "sync and rename into place"))?;
         Ok(())
     }
 

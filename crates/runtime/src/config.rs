@@ -51,6 +51,10 @@ pub struct RunDefaults {
 pub struct Config {
     #[serde(default)]
     pub run: RunDefaults,
+    /// The image store: unpack limits, guest disk filesystem, unpack place, registry
+    /// credentials.
+    #[serde(default)]
+    pub image: gpucell_image::StoreOptions,
     /// Where the file was read from (`None`: defaults, no file).
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -97,8 +101,19 @@ impl Config {
             gpucell_guest::flavour::find(g).map_err(|e| bad("run.guest", e.to_string()))?;
         }
         if self.run.kvm_probe_timeout_ms == Some(0) {
-            return Err(bad("run.kvm_probe_timeout_ms", "must be greater than 0".into()));
+            return Err(bad(
+                "run.kvm_probe_timeout_ms",
+                "must be greater than 0".into(),
+            ));
         }
+        self.image.validate().map_err(|e| match e {
+            gpucell_image::StoreError::BadOption { key, why } => ConfigError::Value {
+                path: path.to_path_buf(),
+                key: "image",
+                problem: format!("{key}: {why}"),
+            },
+            other => bad("image", other.to_string()),
+        })?;
         if let Some(q) = &self.run.qemu {
             if q.as_os_str().is_empty() {
                 return Err(bad("run.qemu", "must not be empty".into()));
@@ -136,12 +151,28 @@ mod tests {
         .unwrap();
         assert_eq!(c.run.accel, Some(AccelRequest::Tcg));
         assert_eq!(c.kvm_probe_timeout(), Some(Duration::from_secs(5)));
+        let c = Config::parse(
+            "[image]\nfs_type = \"ext4\"\n[image.limits]\nmax_entries = 7\n",
+            p,
+        )
+        .unwrap();
+        assert_eq!(c.image.fs_type, gpucell_image::FsType::Ext4);
+        assert_eq!(c.image.limits.max_entries, 7);
         for (text, needle) in [
             ("[run]\naccel = \"fast\"\n", "fast"),
             ("[run]\nguest = \"nvidia-999\"\n", "run.guest"),
-            ("[run]\nkvm_probe_timeout_ms = 0\n", "run.kvm_probe_timeout_ms"),
+            (
+                "[run]\nkvm_probe_timeout_ms = 0\n",
+                "run.kvm_probe_timeout_ms",
+            ),
             ("[run]\nqemu_bin = \"x\"\n", "qemu_bin"),
             ("[runn]\n", "runn"),
+            ("[image]\nfs_type = \"zfs\"\n", "zfs"),
+            ("[image]\nlimits = { max_bytes = 0 }\n", "image"),
+            (
+                "[image.registry]\nauth = { kind = \"basic\", username = \"u\" }\n",
+                "password",
+            ),
         ] {
             let err = Config::parse(text, p).unwrap_err().to_string();
             assert!(err.contains(needle), "{text}: {err}");

@@ -44,18 +44,18 @@ pub enum RunFailure {
     #[error(transparent)]
     RunId(gpucell_sandbox::rundir::RunDirError),
     #[error("opening the image store")]
-    StoreOpen(#[source] gpucell_image::Error),
+    StoreOpen(#[source] Box<gpucell_image::Error>),
     #[error("getting image {reference}")]
     Image {
         reference: String,
         #[source]
-        source: gpucell_image::Error,
+        source: Box<gpucell_image::Error>,
     },
     #[error("building the guest disk of {reference}")]
     Disk {
         reference: String,
         #[source]
-        source: gpucell_image::Error,
+        source: Box<gpucell_image::Error>,
     },
     #[error(transparent)]
     Guest(#[from] gpucell_guest::Error),
@@ -72,12 +72,4 @@ pub enum RunFailure {
 }
 
 /// An error and each of its causes, `: `-separated, each said once.
-pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts = vec![err.to_string()];
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        parts.push(e.to_string());
-        cur = e.source();
-    }
-    parts.join(": ")
-}
+pub use gpucell_common::chain_string as error_chain;

@@ -22,6 +22,8 @@ pub struct Node {
     pub kvm_probe_timeout: Option<Duration>,
     /// Where processes that own devices are looked up (`/` except in tests that fake it).
     pub process_root: PathBuf,
+    /// The image store's settings.
+    pub store: gpucell_image::StoreOptions,
 }
 
 impl Node {
@@ -47,6 +49,7 @@ impl Node {
                 .unwrap_or_else(|| gpucell_guest::DEFAULT_FLAVOUR.to_string()),
             kvm_probe_timeout: config.kvm_probe_timeout(),
             process_root: PathBuf::from("/"),
+            store: config.image.clone(),
         }
     }
 }

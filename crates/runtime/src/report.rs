@@ -200,7 +200,9 @@ pub struct DryRunReport {
     /// The devices that would be taken.
     pub devices: Vec<DryRunDevice>,
     pub pci_hole64_bytes: Option<u64>,
-    /// The full QEMU command line. The vsock port is picked by the kernel when the
+    /// The QEMU binary.
+    pub qemu: std::path::PathBuf,
+    /// Its arguments, as a run passes them (`qemu_args` of the run report). The vsock port is picked by the kernel when the
     /// sandbox starts: a dry run shows `gpucell.vsock_port=0` in its place.
     pub qemu_args: Vec<String>,
     pub warnings: Vec<String>,

@@ -272,7 +272,8 @@ mod tests {
 
     #[test]
     fn each_bad_field_is_named() {
-        let cases: Vec<(fn(&mut RunRequest), &str)> = vec![
+        type Breaker = fn(&mut RunRequest);
+        let cases: Vec<(Breaker, &str)> = vec![
             (|r| r.image = " ".into(), "image"),
             (|r| r.cpus = 0, "cpus"),
             (|r| r.cpus = 1000, "cpus"),

@@ -96,19 +96,20 @@ pub(crate) fn prepare(
 ) -> Result<Prepared, RunFailure> {
     obs.phase(Phase::Image);
     let t_image = Instant::now();
-    let store = gpucell_image::Store::open(&node.state_dir).map_err(RunFailure::StoreOpen)?;
+    let store = gpucell_image::Store::open_with(&node.state_dir, node.store.clone())
+        .map_err(|e| RunFailure::StoreOpen(Box::new(e)))?;
     let reference = &req.request.image;
     let image = store
         .get_or_fetch(reference)
         .map_err(|source| RunFailure::Image {
             reference: reference.clone(),
-            source,
+            source: Box::new(source),
         })?;
     let disk = store
         .guest_disk(&image)
         .map_err(|source| RunFailure::Disk {
             reference: image.reference.clone(),
-            source,
+            source: Box::new(source),
         })?;
     let image_ms = ms(t_image.elapsed());
     report.image = ImageReport {
@@ -143,16 +144,17 @@ fn select_accel(
     req: &ValidRequest,
     guest: &gpucell_guest::GuestArtifacts,
 ) -> Result<Selection, RunFailure> {
-    let mut input = ProbeInput::new(
+    let input = ProbeInput::new(
         &node.qemu,
         &guest.kernel,
         &guest.initrd,
         &node.host_root,
         Some(&node.state_dir),
     );
-    if let Some(t) = node.kvm_probe_timeout {
-        input.timeout = t;
-    }
+    let input = match node.kvm_probe_timeout {
+        Some(t) => input.with_timeout(t),
+        None => input,
+    };
     Ok(accel::select(req.request.accel.choice(), &input)?)
 }
 
@@ -280,7 +282,7 @@ fn fill_outcome(report: &mut RunReport, timed: &Timed, start: Instant) {
     let o = &timed.outcome;
     let t = &o.timings;
     report.exit_code = o.exit_code;
-    report.status = Some(o.status.clone());
+    report.status = Some(o.status);
     report.run_id = Some(o.run_id.clone());
     report.channel = Some(o.channel);
     report.cpus = Some(o.cpus);

@@ -15,12 +15,15 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::args::{Accel, Boot, Chardev, Cpu, KernelCmdline, Machine, QemuCommand, Resources};
+use crate::args::Accel;
+use crate::command::{qemu_command, CommandInput};
 use crate::process::QemuProcess;
 
 /// What the init prints on the serial console when booted with `gpucell.probe=1`.
 pub const PROBE_MARKER: &str = "gpucell-probe-ok";
-/// Environment variable forcing an accelerator (`kvm`, `tcg` or `auto`).
+/// Environment variable through which the front end lets users force an accelerator
+/// (`kvm`, `tcg` or `auto`); named in messages. This crate never reads it: the
+/// choice comes in as an [`AccelChoice`].
 pub const ACCEL_ENV: &str = "GPUCELL_ACCEL";
 const CACHE_FILE: &str = "cache/accel-probe.json";
 const CACHE_MAX_BYTES: u64 = 64 * 1024;
@@ -77,11 +80,13 @@ pub struct ProbeInput {
     pub host_root: PathBuf,
     /// Where the verdict is cached (`<state>/cache/accel-probe.json`); `None` disables it.
     pub state_dir: Option<PathBuf>,
-    /// Hard limit on the probe boot.
+    /// Hard limit on the probe boot ([`DEFAULT_PROBE_TIMEOUT`] unless the front end
+    /// sets it, e.g. from [`PROBE_TIMEOUT_ENV`] through [`parse_probe_timeout`]).
     pub timeout: Duration,
 }
 
 impl ProbeInput {
+    /// An input with the [`DEFAULT_PROBE_TIMEOUT`].
     pub fn new(
         qemu: &Path,
         kernel: &Path,
@@ -95,32 +100,33 @@ impl ProbeInput {
             initrd: initrd.to_path_buf(),
             host_root: host_root.to_path_buf(),
             state_dir: state_dir.map(Path::to_path_buf),
-            timeout: probe_timeout_from_env(),
+            timeout: DEFAULT_PROBE_TIMEOUT,
         }
     }
-}
 
-/// Environment variable that overrides the probe boot's time limit, in seconds: a nested
-/// host whose KVM is itself emulated can need more than the default to boot the guest.
-pub const PROBE_TIMEOUT_ENV: &str = "GPUCELL_KVM_PROBE_TIMEOUT";
-const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
-
-fn probe_timeout_from_env() -> Duration {
-    match std::env::var(PROBE_TIMEOUT_ENV) {
-        Ok(v) => parse_probe_timeout(&v).unwrap_or_else(|| {
-            tracing::warn!(
-                "{PROBE_TIMEOUT_ENV}={v:?} is not a number of seconds between 1 and 600; using {}s",
-                DEFAULT_PROBE_TIMEOUT.as_secs()
-            );
-            DEFAULT_PROBE_TIMEOUT
-        }),
-        Err(_) => DEFAULT_PROBE_TIMEOUT,
+    /// The same input with this probe boot time limit.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
     }
 }
 
-fn parse_probe_timeout(v: &str) -> Option<Duration> {
+/// Environment variable through which the front end lets users override the probe
+/// boot's time limit, in seconds (a nested host whose KVM is itself emulated can need
+/// more than the default to boot the guest). This crate never reads it.
+pub const PROBE_TIMEOUT_ENV: &str = "GPUCELL_KVM_PROBE_TIMEOUT";
+/// The probe boot's time limit unless the front end sets another.
+pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The range [`parse_probe_timeout`] accepts, in seconds.
+pub const PROBE_TIMEOUT_RANGE_S: std::ops::RangeInclusive<u64> = 1..=600;
+
+/// A probe time limit given as whole seconds (`"30"`), between 1 and 600; `None` for
+/// anything else.
+pub fn parse_probe_timeout(v: &str) -> Option<Duration> {
     let secs: u64 = v.trim().parse().ok()?;
-    (1..=600).contains(&secs).then(|| Duration::from_secs(secs))
+    PROBE_TIMEOUT_RANGE_S
+        .contains(&secs)
+        .then(|| Duration::from_secs(secs))
 }
 
 /// The probe's verdict.
@@ -266,35 +272,24 @@ pub struct BootCheck {
     pub ms: u64,
 }
 
+/// What the probe boots: the guest's kernel and initrd with `gpucell.probe=1`, 1 vCPU,
+/// 256 MiB, the console on stdout, and nothing else (no disk, channel or monitor).
+pub fn probe_command(input: &ProbeInput, accel: Accel) -> CommandInput {
+    let mut c = CommandInput::bare(
+        input.qemu.clone(),
+        "gpucell-accel-probe".into(),
+        accel,
+        input.kernel.clone(),
+        input.initrd.clone(),
+    );
+    c.extra_cmdline.push("gpucell.probe=1".into());
+    c
+}
+
 /// Boots the kernel and initrd of `input` under `accel` with `gpucell.probe=1` and
 /// waits, at most `input.timeout`, for [`PROBE_MARKER`]. QEMU is killed on every path.
 pub fn probe_boot(input: &ProbeInput, accel: Accel) -> Result<BootCheck, AccelError> {
-    let mut cmdline = KernelCmdline::new();
-    for w in ["console=ttyS0", "panic=-1", "quiet", "gpucell.probe=1"] {
-        cmdline.push(w)?;
-    }
-    let cmd = QemuCommand {
-        binary: input.qemu.clone(),
-        name: "gpucell-accel-probe".into(),
-        machine: Machine {
-            pci_hole64_size: None,
-        },
-        accel,
-        cpu: Cpu::for_accel(accel),
-        resources: Resources {
-            cpus: 1,
-            memory_mib: 256,
-        },
-        boot: Some(Boot::new(&input.kernel, &input.initrd, cmdline)?),
-        start_paused: false,
-        drives: vec![],
-        chardevs: vec![Chardev::stdio("console")?],
-        devices: vec![],
-        qmp: None,
-        serial: Some("console".into()),
-        seccomp: None,
-        run_as: None,
-    };
+    let cmd = qemu_command(&probe_command(input, accel))?;
     let start = Instant::now();
     let deadline = start + input.timeout;
     let mut qemu = QemuProcess::spawn(&cmd, Some(PROBE_MARKER.as_bytes()))?;

@@ -345,7 +345,7 @@ pub enum Device {
         bus: String,
     },
     /// The guest RAM backend (`-object` plus `-machine memory-backend=`).
-    Memory(crate::memory::MemoryBackend),
+    Memory(MemoryBackend),
 }
 
 impl Device {
@@ -392,6 +392,52 @@ impl ToArgs for Device {
             Device::Memory(m) => return m.to_args(out),
         };
         out.extend(["-device".into(), spec]);
+    }
+}
+
+/// The QEMU object id of the guest RAM backend.
+pub const BACKEND_ID: &str = "ram";
+
+/// `-object memory-backend-...,id=ram,...` and `-machine memory-backend=ram`.
+///
+/// Preallocation touches every page: `prealloc-threads` (QEMU's default for a backend
+/// object is 1) spreads it over as many threads as the VM has vCPUs, as QEMU's own
+/// `-mem-prealloc` does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemoryBackend {
+    /// Anonymous memory, preallocated.
+    Ram { size_mib: u64, threads: u32 },
+    /// Files on a hugetlbfs mount, preallocated.
+    HugePages {
+        size_mib: u64,
+        mem_path: String,
+        threads: u32,
+    },
+}
+
+impl ToArgs for MemoryBackend {
+    fn to_args(&self, out: &mut Vec<String>) {
+        let spec = match self {
+            MemoryBackend::Ram { size_mib, threads } => format!(
+                "memory-backend-ram,id={BACKEND_ID},size={size_mib}M,prealloc=on,prealloc-threads={}",
+                threads.max(&1)
+            ),
+            MemoryBackend::HugePages {
+                size_mib,
+                mem_path,
+                threads,
+            } => format!(
+                "memory-backend-file,id={BACKEND_ID},size={size_mib}M,mem-path={},prealloc=on,prealloc-threads={},share=off",
+                escape_opt(mem_path),
+                threads.max(&1)
+            ),
+        };
+        out.extend([
+            "-object".into(),
+            spec,
+            "-machine".into(),
+            format!("memory-backend={BACKEND_ID}"),
+        ]);
     }
 }
 

@@ -5,18 +5,14 @@ use std::fs;
 use std::io;
 use std::path::Path;
 
-/// Writes `bytes` to `path` through a temporary file in the same directory and a rename;
-/// the temporary file is removed when anything fails.
+/// Writes `bytes` to `path` (mode 0644 when new), creating its directory, under the
+/// atomic-replacement rule of [`gpucell_common::atomic`]; the temporary file is removed
+/// when anything fails.
 pub(crate) fn write_replacing(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    if let Some(dir) = path.parent() {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         fs::create_dir_all(dir)?;
     }
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let result = fs::write(&tmp, bytes).and_then(|()| fs::rename(&tmp, path));
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    gpucell_common::write_atomic(path, bytes, 0o644)
 }
 
 #[cfg(test)]

@@ -66,35 +66,55 @@ fn run(binary: &Path, arg: &str) -> Result<String, CapsError> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Reads the capabilities, from the cache when the binary did not change.
-pub fn detect(binary: &Path, state_dir: Option<&Path>) -> Result<QemuCaps, CapsError> {
-    let key = fs::metadata(binary)
+fn cache_key(binary: &Path) -> String {
+    fs::metadata(binary)
         .map(|m| format!("{}:{}:{}:{}", binary.display(), m.len(), m.mtime(), m.ino()))
-        .unwrap_or_default();
-    let cache = state_dir.map(|s| s.join(CACHE_FILE));
-    if let Some(path) = &cache {
-        if let Ok(text) = fs::read_to_string(path) {
-            if let Ok((k, caps)) = serde_json::from_str::<(String, QemuCaps)>(&text) {
-                if k == key && !key.is_empty() {
-                    return Ok(caps);
-                }
-            }
-        }
-    }
+        .unwrap_or_default()
+}
+
+/// The capabilities cached in `state_dir` for this very binary (same path, size, mtime
+/// and inode), if any. Reads only.
+pub fn cached(binary: &Path, state_dir: &Path) -> Option<QemuCaps> {
+    let key = cache_key(binary);
+    let text = fs::read_to_string(state_dir.join(CACHE_FILE)).ok()?;
+    let (k, caps) = serde_json::from_str::<(String, QemuCaps)>(&text).ok()?;
+    (k == key && !key.is_empty()).then_some(caps)
+}
+
+/// Asks the binary (`-version`, `-help`; no VM is started). Writes nothing.
+pub fn query(binary: &Path) -> Result<QemuCaps, CapsError> {
     let version = run(binary, "-version")?;
     let (major, minor) = parse_version(&version).ok_or_else(|| CapsError::Version {
         binary: binary.display().to_string(),
         output: version.chars().take(200).collect(),
     })?;
     let help = run(binary, "-help")?;
-    let caps = QemuCaps {
+    Ok(QemuCaps {
         major,
         minor,
         seccomp: help.lines().any(|l| l.starts_with("-sandbox")),
-    };
-    if let Some(path) = &cache {
-        let bytes = serde_json::to_vec(&(key, &caps)).unwrap_or_default();
-        if let Err(e) = crate::cachefile::write_replacing(path, &bytes) {
+    })
+}
+
+/// The capabilities without writing anything: the cache in `state_dir` when it
+/// matches, else [`query`].
+pub fn detect_read_only(binary: &Path, state_dir: Option<&Path>) -> Result<QemuCaps, CapsError> {
+    match state_dir.and_then(|s| cached(binary, s)) {
+        Some(caps) => Ok(caps),
+        None => query(binary),
+    }
+}
+
+/// Reads the capabilities, from the cache when the binary did not change; caches
+/// what it had to ask.
+pub fn detect(binary: &Path, state_dir: Option<&Path>) -> Result<QemuCaps, CapsError> {
+    if let Some(caps) = state_dir.and_then(|s| cached(binary, s)) {
+        return Ok(caps);
+    }
+    let caps = query(binary)?;
+    if let Some(path) = state_dir.map(|s| s.join(CACHE_FILE)) {
+        let bytes = serde_json::to_vec(&(cache_key(binary), &caps)).unwrap_or_default();
+        if let Err(e) = crate::cachefile::write_replacing(&path, &bytes) {
             tracing::debug!(error = %e, "could not cache QEMU capabilities");
         }
     }
@@ -133,8 +153,13 @@ mod tests {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
+        // Asking without caching writes nothing.
+        let asked = detect_read_only(bin, Some(dir.path())).unwrap();
+        assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none());
         let caps = detect(bin, Some(dir.path())).unwrap();
+        assert_eq!(asked, caps);
         assert!(caps.major >= 5, "{caps:?}");
+        assert_eq!(cached(bin, dir.path()), Some(caps.clone()));
         assert!(dir.path().join(CACHE_FILE).is_file());
         assert_eq!(detect(bin, Some(dir.path())).unwrap(), caps);
     }

@@ -206,54 +206,128 @@ fn relay_inner<W: Write + Send + 'static>(
     vm_gone: &mut dyn FnMut() -> Option<String>,
 ) -> Result<SessionReport, SessionError> {
     let begin = Instant::now();
+    let mut waiter = Waiter {
+        rx,
+        vm_gone,
+        gone: None,
+    };
+    // 1. The agent's hello.
+    let hello = await_hello(&mut waiter, begin + limits.hello_timeout, limits)?;
+    let hello_at = Instant::now();
+    // 2. Our hello and the run request, then stdin.
+    let run_sent_at = send_request(writer, spec, io.stdin.take())?;
+    // 3. Relay until the workload exits.
+    let mut session = Session {
+        writer,
+        io,
+        limits,
+        report: SessionReport {
+            status: ExitStatus {
+                code: None,
+                signal: None,
+            },
+            hello,
+            devices: Vec::new(),
+            devices_at: None,
+            guest_pid: None,
+            hello_at,
+            run_sent_at,
+            started_at: None,
+            exited_at: run_sent_at,
+            stdout_bytes: 0,
+            stderr_bytes: 0,
+            signals_forwarded: Vec::new(),
+            log_bytes_dropped: 0,
+        },
+        start_deadline: run_sent_at + limits.start_timeout,
+        run_deadline: limits.run_timeout.map(|t| run_sent_at + t),
+        devices_seen: false,
+        log_budget: limits.max_log_bytes,
+        stdout_ok: true,
+        stderr_ok: true,
+        first_signal: None,
+    };
+    loop {
+        let (when, err) = match session.deadline() {
+            Some((w, e)) => (Some(w), Some(e)),
+            None => (None, None),
+        };
+        let ev = waiter.next(when, || {
+            err.unwrap_or(SessionError::Timeout(Duration::ZERO))
+        })?;
+        if session.on_event(ev, &mut waiter)? {
+            return Ok(session.report);
+        }
+    }
+}
 
-    // When the VM is gone, frames it sent last may still be in the socket or the queue
-    // (the reader thread lags under load): drain them for a bounded time before giving
-    // up, so an `Exited` sent just before power-off is not lost.
-    let gone: std::cell::RefCell<Option<(String, Instant)>> = std::cell::RefCell::new(None);
-    let next = |deadline: Option<Instant>,
-                what: &dyn Fn() -> SessionError,
-                vm_gone: &mut dyn FnMut() -> Option<String>|
-     -> Result<Event, SessionError> {
+/// Takes events from the reader thread and signal handlers while watching the VM.
+struct Waiter<'a> {
+    rx: Receiver<Event>,
+    vm_gone: &'a mut dyn FnMut() -> Option<String>,
+    /// Once the VM is gone: why, and until when frames still in flight are waited for.
+    gone: Option<(String, Instant)>,
+}
+
+impl Waiter<'_> {
+    /// The next event; `what()` once `deadline` passes.
+    ///
+    /// When the VM is gone, frames it sent last may still be in the socket or the queue
+    /// (the reader thread lags under load): they are drained for a bounded time before
+    /// giving up, so an `Exited` sent just before power-off is not lost.
+    fn next(
+        &mut self,
+        deadline: Option<Instant>,
+        what: impl FnOnce() -> SessionError,
+    ) -> Result<Event, SessionError> {
         loop {
             if let Some(d) = deadline {
                 if Instant::now() >= d {
                     // A dead VM explains a missed deadline better than the deadline.
-                    if let Some((why, _)) = gone.borrow().as_ref() {
+                    if let Some((why, _)) = &self.gone {
                         return Err(SessionError::VmGone(why.clone()));
                     }
                     return Err(what());
                 }
             }
-            match rx.recv_timeout(TICK) {
+            match self.rx.recv_timeout(TICK) {
                 Ok(ev) => return Ok(ev),
-                Err(RecvTimeoutError::Timeout) => {
-                    let mut g = gone.borrow_mut();
-                    match g.as_ref() {
-                        Some((why, until)) if Instant::now() >= *until => {
-                            return Err(SessionError::VmGone(why.clone()));
-                        }
-                        Some(_) => {}
-                        None => {
-                            if let Some(why) = vm_gone() {
-                                *g = Some((why, Instant::now() + VM_GONE_DRAIN));
-                            }
+                Err(RecvTimeoutError::Timeout) => match &self.gone {
+                    Some((why, until)) if Instant::now() >= *until => {
+                        return Err(SessionError::VmGone(why.clone()));
+                    }
+                    Some(_) => {}
+                    None => {
+                        if let Some(why) = (self.vm_gone)() {
+                            self.gone = Some((why, Instant::now() + VM_GONE_DRAIN));
                         }
                     }
-                }
+                },
                 Err(RecvTimeoutError::Disconnected) => return Ok(Event::ChannelClosed),
             }
         }
-    };
+    }
 
-    // 1. The agent's hello.
-    let hello_deadline = begin + limits.hello_timeout;
+    /// Why the channel closed: the VM may have died, and that explains it better.
+    fn closed(&mut self) -> SessionError {
+        std::thread::sleep(TICK);
+        match (self.vm_gone)() {
+            Some(why) => SessionError::VmGone(why),
+            None => SessionError::ChannelClosed,
+        }
+    }
+}
+
+/// Waits for the agent's hello (logging its log messages meanwhile) and checks its
+/// protocol version.
+fn await_hello(
+    waiter: &mut Waiter<'_>,
+    deadline: Instant,
+    limits: &Limits,
+) -> Result<GuestHello, SessionError> {
     let hello = loop {
-        match next(
-            Some(hello_deadline),
-            &|| SessionError::HelloTimeout(limits.hello_timeout),
-            vm_gone,
-        )? {
+        let timeout = || SessionError::HelloTimeout(limits.hello_timeout);
+        match waiter.next(Some(deadline), timeout)? {
             Event::Guest(FromGuest::Hello(h)) => break h,
             Event::Guest(FromGuest::Log { message }) => {
                 tracing::info!(target: "agent", "{}", truncate(&message, 512));
@@ -265,18 +339,11 @@ fn relay_inner<W: Write + Send + 'static>(
                 })
             }
             Event::ChannelError(e) => return Err(SessionError::Protocol(e)),
-            Event::ChannelClosed => {
-                std::thread::sleep(TICK);
-                return Err(match vm_gone() {
-                    Some(why) => SessionError::VmGone(why),
-                    None => SessionError::ChannelClosed,
-                });
-            }
+            Event::ChannelClosed => return Err(waiter.closed()),
             // Nothing runs yet: a signal during boot cancels the run.
             Event::Signal(s) => return Err(SessionError::Interrupted(s)),
         }
     };
-    let hello_at = Instant::now();
     if hello.version != PROTOCOL_VERSION {
         return Err(SessionError::Version {
             ours: PROTOCOL_VERSION,
@@ -284,8 +351,16 @@ fn relay_inner<W: Write + Send + 'static>(
         });
     }
     tracing::debug!(agent = %hello.agent, kernel = %hello.kernel, uptime_ms = hello.uptime_ms, "agent hello");
+    Ok(hello)
+}
 
-    // 2. Our hello and the run request, then stdin.
+/// Sends our hello and the run request, then starts forwarding `stdin` (or closes the
+/// workload's stdin at once). Returns when the run request went out.
+fn send_request<W: Write + Send + 'static>(
+    writer: &SharedWriter<W>,
+    spec: &RunSpec,
+    stdin: Option<Box<dyn Read + Send>>,
+) -> Result<Instant, SessionError> {
     send(
         writer,
         &FromHost::Hello(HostHello {
@@ -294,160 +369,144 @@ fn relay_inner<W: Write + Send + 'static>(
     )?;
     send(writer, &FromHost::Run(Box::new(spec.clone())))?;
     let run_sent_at = Instant::now();
-    match io.stdin.take() {
+    match stdin {
         Some(stdin) => spawn_stdin(stdin, Arc::clone(writer)),
         None => send(writer, &FromHost::StdinEof)?,
     }
+    Ok(run_sent_at)
+}
 
-    // 3. Relay until the workload exits.
-    let start_deadline = run_sent_at + limits.start_timeout;
-    let run_deadline = limits.run_timeout.map(|t| run_sent_at + t);
-    let mut report = SessionReport {
-        status: ExitStatus {
-            code: None,
-            signal: None,
-        },
-        hello,
-        devices: Vec::new(),
-        devices_at: None,
-        guest_pid: None,
-        hello_at,
-        run_sent_at,
-        started_at: None,
-        exited_at: run_sent_at,
-        stdout_bytes: 0,
-        stderr_bytes: 0,
-        signals_forwarded: Vec::new(),
-        log_bytes_dropped: 0,
-    };
-    let mut devices_seen = false;
-    let mut log_budget = limits.max_log_bytes;
-    let mut stdout_ok = true;
-    let mut stderr_ok = true;
-    let mut first_signal: Option<(Instant, i32)> = None;
+/// The relay after the run request: output, devices, start, exit, logs and signals.
+struct Session<'a, W> {
+    writer: &'a SharedWriter<W>,
+    io: SessionIo,
+    limits: &'a Limits,
+    report: SessionReport,
+    start_deadline: Instant,
+    run_deadline: Option<Instant>,
+    devices_seen: bool,
+    log_budget: usize,
+    stdout_ok: bool,
+    stderr_ok: bool,
+    first_signal: Option<(Instant, i32)>,
+}
 
-    loop {
-        // The earliest of the applicable deadlines decides which error fires.
+impl<W: Write + Send + 'static> Session<'_, W> {
+    /// The earliest of the applicable deadlines, with the error it fires.
+    fn deadline(&self) -> Option<(Instant, SessionError)> {
         let mut deadline: Option<(Instant, SessionError)> = None;
         let mut consider = |d: Instant, e: SessionError| match &deadline {
             Some((cur, _)) if *cur <= d => {}
             _ => deadline = Some((d, e)),
         };
-        if report.started_at.is_none() {
+        if self.report.started_at.is_none() {
             consider(
-                start_deadline,
-                SessionError::StartTimeout(limits.start_timeout),
+                self.start_deadline,
+                SessionError::StartTimeout(self.limits.start_timeout),
             );
         }
-        if let (Some(d), Some(t)) = (run_deadline, limits.run_timeout) {
+        if let (Some(d), Some(t)) = (self.run_deadline, self.limits.run_timeout) {
             consider(d, SessionError::Timeout(t));
         }
-        if let Some((at, sig)) = first_signal {
-            consider(at + limits.signal_grace, SessionError::Interrupted(sig));
+        if let Some((at, sig)) = self.first_signal {
+            consider(
+                at + self.limits.signal_grace,
+                SessionError::Interrupted(sig),
+            );
         }
-        let (when, err) = match deadline {
-            Some((w, e)) => (Some(w), Some(e)),
-            None => (None, None),
-        };
-        let err = std::cell::RefCell::new(err);
-        let ev = next(
-            when,
-            &|| {
-                err.borrow_mut()
-                    .take()
-                    .unwrap_or(SessionError::Timeout(Duration::ZERO))
-            },
-            vm_gone,
-        )?;
+        deadline
+    }
+
+    /// Handles one event; `true` when the workload exited.
+    fn on_event(&mut self, ev: Event, waiter: &mut Waiter<'_>) -> Result<bool, SessionError> {
+        let started = self.report.started_at.is_some();
         match ev {
-            Event::Guest(FromGuest::Stdout(d)) => {
-                report.stdout_bytes += d.len() as u64;
-                if stdout_ok
-                    && io
-                        .stdout
-                        .write_all(&d)
-                        .and_then(|_| io.stdout.flush())
-                        .is_err()
-                {
-                    tracing::warn!("stdout closed; discarding the rest of the workload's stdout");
-                    stdout_ok = false;
-                }
+            Event::Guest(FromGuest::Stdout(d)) => self.on_stdout(&d),
+            Event::Guest(FromGuest::Stderr(d)) => self.on_stderr(&d),
+            Event::Guest(FromGuest::Devices(d)) if !self.devices_seen && !started => {
+                self.devices_seen = true;
+                self.report.devices = d.into_iter().take(256).collect();
+                self.report.devices_at = Some(Instant::now());
             }
-            Event::Guest(FromGuest::Stderr(d)) => {
-                report.stderr_bytes += d.len() as u64;
-                if stderr_ok
-                    && io
-                        .stderr
-                        .write_all(&d)
-                        .and_then(|_| io.stderr.flush())
-                        .is_err()
-                {
-                    stderr_ok = false;
-                }
+            Event::Guest(FromGuest::Started { pid }) if !started => {
+                self.report.started_at = Some(Instant::now());
+                self.report.guest_pid = Some(pid);
             }
-            Event::Guest(FromGuest::Devices(d)) if !devices_seen && report.started_at.is_none() => {
-                devices_seen = true;
-                report.devices = d.into_iter().take(256).collect();
-                report.devices_at = Some(Instant::now());
-            }
-            Event::Guest(FromGuest::Started { pid }) if report.started_at.is_none() => {
-                report.started_at = Some(Instant::now());
-                report.guest_pid = Some(pid);
-            }
-            Event::Guest(FromGuest::Exited(status)) if report.started_at.is_some() => {
-                report.status = status;
-                report.exited_at = Instant::now();
-                return Ok(report);
+            Event::Guest(FromGuest::Exited(status)) if started => {
+                self.report.status = status;
+                self.report.exited_at = Instant::now();
+                return Ok(true);
             }
             Event::Guest(FromGuest::Error { message }) => {
                 return Err(SessionError::Agent(truncate(&message, 4096)));
             }
-            Event::Guest(FromGuest::Log { message }) => {
-                if message.len() <= log_budget {
-                    log_budget -= message.len();
-                    tracing::info!(target: "agent", "{}", truncate(&message, 4096));
-                } else {
-                    if report.log_bytes_dropped == 0 {
-                        tracing::warn!(
-                            "agent log budget of {} bytes used up; dropping further agent logs",
-                            limits.max_log_bytes
-                        );
-                    }
-                    report.log_bytes_dropped += message.len() as u64;
-                }
-            }
+            Event::Guest(FromGuest::Log { message }) => self.on_log(&message),
             Event::Guest(other) => {
                 return Err(SessionError::Unexpected {
-                    expected: if report.started_at.is_none() {
-                        "Devices, Started or output"
-                    } else {
+                    expected: if started {
                         "output or Exited"
+                    } else {
+                        "Devices, Started or output"
                     },
                     got: kind_name(&other),
                 })
             }
             Event::ChannelError(e) => return Err(SessionError::Protocol(e)),
-            Event::ChannelClosed => {
-                // The VM may have died: prefer that explanation when it is there.
-                std::thread::sleep(TICK);
-                if let Some(why) = vm_gone() {
-                    return Err(SessionError::VmGone(why));
-                }
-                return Err(SessionError::ChannelClosed);
-            }
-            Event::Signal(s) => {
-                if let Some((_, first)) = first_signal {
-                    if report.signals_forwarded.len() >= 2 {
-                        return Err(SessionError::Interrupted(first));
-                    }
-                }
-                tracing::info!(signal = s, "forwarding signal to the workload");
-                send(writer, &FromHost::Signal(s))?;
-                report.signals_forwarded.push(s);
-                first_signal.get_or_insert((Instant::now(), s));
-            }
+            Event::ChannelClosed => return Err(waiter.closed()),
+            Event::Signal(s) => self.on_signal(s)?,
+        }
+        Ok(false)
+    }
+
+    fn on_stdout(&mut self, d: &[u8]) {
+        self.report.stdout_bytes += d.len() as u64;
+        if self.stdout_ok && write_flush(&mut self.io.stdout, d).is_err() {
+            tracing::warn!("stdout closed; discarding the rest of the workload's stdout");
+            self.stdout_ok = false;
         }
     }
+
+    fn on_stderr(&mut self, d: &[u8]) {
+        self.report.stderr_bytes += d.len() as u64;
+        if self.stderr_ok && write_flush(&mut self.io.stderr, d).is_err() {
+            self.stderr_ok = false;
+        }
+    }
+
+    /// Shows agent log messages within the byte budget; counts the rest.
+    fn on_log(&mut self, message: &str) {
+        if message.len() <= self.log_budget {
+            self.log_budget -= message.len();
+            tracing::info!(target: "agent", "{}", truncate(message, 4096));
+            return;
+        }
+        if self.report.log_bytes_dropped == 0 {
+            tracing::warn!(
+                "agent log budget of {} bytes used up; dropping further agent logs",
+                self.limits.max_log_bytes
+            );
+        }
+        self.report.log_bytes_dropped += message.len() as u64;
+    }
+
+    /// Forwards a signal; a third one gives up on the workload.
+    fn on_signal(&mut self, s: i32) -> Result<(), SessionError> {
+        if let Some((_, first)) = self.first_signal {
+            if self.report.signals_forwarded.len() >= 2 {
+                return Err(SessionError::Interrupted(first));
+            }
+        }
+        tracing::info!(signal = s, "forwarding signal to the workload");
+        send(self.writer, &FromHost::Signal(s))?;
+        self.report.signals_forwarded.push(s);
+        self.first_signal.get_or_insert((Instant::now(), s));
+        Ok(())
+    }
+}
+
+fn write_flush(w: &mut Box<dyn Write + Send>, d: &[u8]) -> std::io::Result<()> {
+    w.write_all(d)?;
+    w.flush()
 }
 
 fn truncate(s: &str, max: usize) -> String {

@@ -125,6 +125,27 @@ impl Capture {
         self.with(|t| t.marker_seen)
     }
 
+    /// Waits until the stream closed (true: everything it carried is kept) or
+    /// `deadline` passed (false).
+    pub fn wait_closed(&self, deadline: Instant) -> bool {
+        let (lock, cv) = &*self.inner;
+        let mut guard = match lock.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        while !guard.closed {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            guard = match cv.wait_timeout(guard, deadline - now) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
+        true
+    }
+
     /// Waits until the marker was seen (true), the stream closed or `deadline` passed
     /// (false).
     pub fn wait_for_marker(&self, deadline: Instant) -> bool {
@@ -194,5 +215,19 @@ mod tests {
             Some(b"ok!"),
         );
         assert!(!cap.wait_for_marker(Instant::now() + Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn waits_for_the_stream_to_close() {
+        use std::io::Write;
+        let (mut w, r) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (cap, _h) = Capture::spawn("t", r, 64, None);
+        w.write_all(b"last words\n").unwrap();
+        let start = Instant::now();
+        assert!(!cap.wait_closed(Instant::now() + Duration::from_millis(100)));
+        assert!(start.elapsed() >= Duration::from_millis(100));
+        drop(w);
+        assert!(cap.wait_closed(Instant::now() + Duration::from_secs(5)));
+        assert_eq!(cap.tail(), "last words\n");
     }
 }

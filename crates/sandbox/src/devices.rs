@@ -155,6 +155,22 @@ pub struct VmDevices {
     pub pin_cpus: Option<Vec<u32>>,
 }
 
+impl VmDevices {
+    /// Nothing passed and nothing asked: the accelerator's default CPU model and no
+    /// device, hole, kernel word or pin target (what [`plan`] gives for an empty setup).
+    pub fn none(accel: Accel) -> Self {
+        VmDevices {
+            devices: Vec::new(),
+            cmdline: Vec::new(),
+            hole64: None,
+            cpu: Cpu::for_accel(accel),
+            phys_bits: 0,
+            warning: None,
+            pin_cpus: None,
+        }
+    }
+}
+
 /// Everything `setup` changes in a VM of `cpus` vCPUs and `memory_mib` under `accel`:
 /// wiring, memory backend (hugetlbfs looked up under `host_root`), hole, CPU model,
 /// kernel words and pin targets. Under KVM the hole must fit the host CPU's address
@@ -368,26 +384,47 @@ pub fn has_sys_resource(status: &str) -> bool {
         .is_some_and(|caps| caps & (1 << CAP_SYS_RESOURCE) != 0)
 }
 
+/// What bounds the locked memory QEMU may get: this process's hard `RLIMIT_MEMLOCK`
+/// and whether it may raise it (CAP_SYS_RESOURCE).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct MemlockLimits {
+    /// The hard limit in bytes (`u64::MAX`: unlimited); `None` when unknown.
+    pub hard_bytes: Option<u64>,
+    /// Whether the process may go above the hard limit.
+    pub can_raise: bool,
+}
+
+impl MemlockLimits {
+    /// This process's limits (`getrlimit`, `CapEff` in `/proc/self/status`).
+    pub fn of_this_process() -> Self {
+        use nix::sys::resource::{getrlimit, Resource};
+        let hard_bytes = getrlimit(Resource::RLIMIT_MEMLOCK).ok().map(|(_, h)| h);
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        MemlockLimits {
+            hard_bytes,
+            can_raise: has_sys_resource(&status),
+        }
+    }
+}
+
 /// Before starting a QEMU with passed functions: its locked-memory limit is set to
 /// [`memlock_bytes`] when it starts, which needs CAP_SYS_RESOURCE when that is above
-/// this process's hard limit. Says so clearly instead of a bare EPERM at spawn.
-pub fn check_memlock(memory_mib: u64) -> Result<(), DevicesError> {
-    use nix::sys::resource::{getrlimit, Resource};
+/// the hard limit. Says so clearly instead of a bare EPERM at spawn. Unknown limits
+/// pass.
+pub fn check_memlock_within(memory_mib: u64, limits: &MemlockLimits) -> Result<(), DevicesError> {
     let need = memlock_bytes(memory_mib);
-    let Ok((_, hard)) = getrlimit(Resource::RLIMIT_MEMLOCK) else {
-        return Ok(());
-    };
-    if hard >= need {
-        return Ok(());
+    match limits.hard_bytes {
+        Some(hard) if hard < need && !limits.can_raise => Err(DevicesError::Memlock {
+            need_mib: need >> 20,
+            hard_mib: hard >> 20,
+        }),
+        _ => Ok(()),
     }
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    if has_sys_resource(&status) {
-        return Ok(());
-    }
-    Err(DevicesError::Memlock {
-        need_mib: need >> 20,
-        hard_mib: hard >> 20,
-    })
+}
+
+/// [`check_memlock_within`] this process's [`MemlockLimits`].
+pub fn check_memlock(memory_mib: u64) -> Result<(), DevicesError> {
+    check_memlock_within(memory_mib, &MemlockLimits::of_this_process())
 }
 
 /// One vCPU thread and the host CPU it was pinned to.
@@ -630,6 +667,39 @@ mod tests {
         assert!(has_sys_resource("Name:\tx\nCapEff:\t000001ffffffffff\n"));
         assert!(!has_sys_resource("CapEff:\t000001fffeffffff\n"));
         assert!(!has_sys_resource("CapEff: zz\n"));
+        let low = MemlockLimits {
+            hard_bytes: Some(64 << 20),
+            can_raise: false,
+        };
+        let e = check_memlock_within(256, &low).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                DevicesError::Memlock {
+                    need_mib: 1280,
+                    hard_mib: 64
+                }
+            ),
+            "{e}"
+        );
+        assert!(check_memlock_within(
+            256,
+            &MemlockLimits {
+                can_raise: true,
+                ..low
+            }
+        )
+        .is_ok());
+        let unlimited = MemlockLimits {
+            hard_bytes: Some(u64::MAX),
+            can_raise: false,
+        };
+        assert!(check_memlock_within(1 << 20, &unlimited).is_ok());
+        let unknown = MemlockLimits {
+            hard_bytes: None,
+            can_raise: false,
+        };
+        assert!(check_memlock_within(256, &unknown).is_ok());
     }
 
     #[test]

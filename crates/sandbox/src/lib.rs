@@ -2,6 +2,7 @@
 //! lifecycle of one microVM running one workload.
 //!
 //! - [`args`]: QEMU command lines from typed structs.
+//! - [`command`]: the one pure function that builds a QEMU command from its inputs.
 //! - [`process`]: the QEMU child (own process group, parent-death signal, bounded
 //!   console capture), killed on drop.
 //! - [`qmp`]: a small QMP client with timeouts.
@@ -20,6 +21,7 @@ pub mod args;
 mod cachefile;
 pub mod caps;
 pub mod channel;
+pub mod command;
 pub mod console;
 pub mod devices;
 pub mod memory;
@@ -36,7 +38,9 @@ pub use args::{Accel, QemuCommand, ToArgs};
 pub use channel::{
     event_channel, EventReceiver, EventSender, Limits, SessionError, SessionIo, SessionReport,
 };
+pub use command::{qemu_command, ChannelKind, ChannelLayout, CommandInput};
 pub use sandbox::{
-    ChannelChoice, RunAsPolicy, RunError, RunOutcome, Sandbox, SandboxError, Timings, VmConfig,
+    ChannelChoice, Plan, RunAsPolicy, RunError, RunOutcome, Sandbox, SandboxError, Timings,
+    VmConfig,
 };
 pub use signals::SignalForwarder;

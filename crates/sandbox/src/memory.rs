@@ -1,17 +1,16 @@
-//! Guest memory backends: preallocated RAM (VFIO pins all guest memory at start, so it
-//! is allocated up front anyway) or hugepages from a mounted hugetlbfs; and waiting
-//! for a QEMU that preallocates before it answers QMP.
+//! Guest memory: choosing the backend (preallocated RAM, since VFIO pins all guest
+//! memory at start anyway, or hugepages from a mounted hugetlbfs; rendered as
+//! [`MemoryBackend`] by [`crate::args`], which this module depends on and never the
+//! other way round), and waiting for a QEMU that preallocates before it answers QMP.
 
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::args::{escape_opt, ToArgs};
+pub use crate::args::{MemoryBackend, BACKEND_ID};
 use crate::qmp::{Qmp, QmpError};
 
-/// The QEMU object id of the guest RAM backend.
-pub const BACKEND_ID: &str = "ram";
 /// Longest `/proc/mounts` read.
 const MAX_MOUNTS_BYTES: u64 = 1 << 20;
 
@@ -38,49 +37,6 @@ pub enum MemoryError {
         page_kib: u64,
         path: PathBuf,
     },
-}
-
-/// `-object memory-backend-...,id=ram,...` and `-machine memory-backend=ram`.
-///
-/// Preallocation touches every page: `prealloc-threads` (QEMU's default for a backend
-/// object is 1) spreads it over as many threads as the VM has vCPUs, as QEMU's own
-/// `-mem-prealloc` does.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum MemoryBackend {
-    /// Anonymous memory, preallocated.
-    Ram { size_mib: u64, threads: u32 },
-    /// Files on a hugetlbfs mount, preallocated.
-    HugePages {
-        size_mib: u64,
-        mem_path: String,
-        threads: u32,
-    },
-}
-
-impl ToArgs for MemoryBackend {
-    fn to_args(&self, out: &mut Vec<String>) {
-        let spec = match self {
-            MemoryBackend::Ram { size_mib, threads } => format!(
-                "memory-backend-ram,id={BACKEND_ID},size={size_mib}M,prealloc=on,prealloc-threads={}",
-                threads.max(&1)
-            ),
-            MemoryBackend::HugePages {
-                size_mib,
-                mem_path,
-                threads,
-            } => format!(
-                "memory-backend-file,id={BACKEND_ID},size={size_mib}M,mem-path={},prealloc=on,prealloc-threads={},share=off",
-                escape_opt(mem_path),
-                threads.max(&1)
-            ),
-        };
-        out.extend([
-            "-object".into(),
-            spec,
-            "-machine".into(),
-            format!("memory-backend={BACKEND_ID}"),
-        ]);
-    }
 }
 
 /// Time allowed per GiB of preallocated guest memory before QEMU answers QMP: pages

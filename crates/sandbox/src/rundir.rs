@@ -13,6 +13,10 @@ use nix::unistd::Pid;
 /// Longest unix socket path (`sun_path` is 108 bytes with its NUL).
 const MAX_SOCKET_PATH: usize = 107;
 const OWNER_FILE: &str = "owner";
+/// The QMP monitor's socket in a run directory.
+pub const QMP_SOCKET: &str = "qmp.sock";
+/// The virtio-serial agent channel's socket in a run directory.
+pub const AGENT_SOCKET: &str = "agent.sock";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunDirError {
@@ -43,6 +47,21 @@ pub fn new_run_id() -> Result<String, RunDirError> {
     Ok(hex::encode(bytes))
 }
 
+/// Where run `id` keeps its sockets: `<state_dir>/run/<id>` (nothing is created).
+pub fn run_dir_path(state_dir: &Path, id: &str) -> PathBuf {
+    state_dir.join("run").join(id)
+}
+
+/// The socket `name` in run directory `dir`, checked against the unix socket path
+/// limit (nothing is created).
+pub fn socket_path(dir: &Path, name: &str) -> Result<PathBuf, RunDirError> {
+    let p = dir.join(name);
+    if p.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(RunDirError::SocketPathTooLong(p));
+    }
+    Ok(p)
+}
+
 /// Owns `<state>/run/<id>/`; removes it (and all it holds) when dropped.
 #[derive(Debug)]
 pub struct RunDir {
@@ -63,7 +82,7 @@ impl RunDir {
                 source,
             })?;
         sweep_stale(&parent);
-        let path = parent.join(id);
+        let path = run_dir_path(state_dir, id);
         fs::DirBuilder::new()
             .mode(0o700)
             .create(&path)
@@ -89,11 +108,7 @@ impl RunDir {
 
     /// A socket path inside the directory, checked against the unix socket limit.
     pub fn socket(&self, name: &str) -> Result<PathBuf, RunDirError> {
-        let p = self.path.join(name);
-        if p.as_os_str().len() > MAX_SOCKET_PATH {
-            return Err(RunDirError::SocketPathTooLong(p));
-        }
-        Ok(p)
+        socket_path(&self.path, name)
     }
 
     /// Records `<gpucell pid> [<qemu pid>]` so a later run can clean up after a crash.

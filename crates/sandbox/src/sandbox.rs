@@ -1,9 +1,13 @@
 //! One microVM running one workload, from start to a clean end.
 //!
 //! ```text
-//! run dir ─► QEMU (paused? no: boots at once) ─► QMP ready ─► agent channel
-//!        ─► relay (hello, run, output, exit) ─► guest powers off ─► QEMU exits
+//! plan (no side effects) ─► run dir ─► channel ─► QEMU (boots at once) ─► QMP ready
+//!   ─► pin vCPUs ─► agent connects ─► relay (hello, run, output, exit)
+//!   ─► guest powers off ─► QEMU exits ─► outcome
 //! ```
+//! The plan ([`Sandbox::plan`]) decides everything the command line needs and gives
+//! every refusal that can be given before anything starts; a run uses the same plan,
+//! so a dry run shows what runs.
 //! Every exit path — success, error, signal, QEMU killed, timeout — drops the guards
 //! in reverse order: QEMU's process group is killed and reaped, then the run directory
 //! with its sockets is removed.
@@ -13,17 +17,20 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use gpucell_protocol::{DeviceInfo, ExitStatus, RunSpec, VIRTIO_SERIAL_PORT_NAME};
+use gpucell_protocol::{DeviceInfo, ExitStatus, RunSpec};
 use serde::Serialize;
 
-use crate::args::{
-    Accel, Boot, Chardev, Device, Drive, KernelCmdline, Machine, QemuCommand, Resources, Seccomp,
-};
+use crate::args::{Accel, QemuCommand, RunAs};
+use crate::caps::{CapsError, QemuCaps};
 use crate::channel::{relay, EventReceiver, EventSender, Limits, SessionError, SessionIo};
-use crate::devices::{DeviceSetup, PassedMapping, VcpuPin};
+pub use crate::command::ChannelKind;
+use crate::command::{
+    qemu_command, ChannelLayout, CommandInput, BASE_CMDLINE, VSOCK_PORT_PLACEHOLDER,
+};
+use crate::devices::{DeviceSetup, MemlockLimits, PassedMapping, VcpuPin};
 use crate::process::{describe_exit, QemuProcess};
 use crate::qmp::Qmp;
-use crate::rundir::{new_run_id, RunDir};
+use crate::rundir::{new_run_id, run_dir_path, socket_path, RunDir, AGENT_SOCKET, QMP_SOCKET};
 use crate::vsock::VsockListener;
 
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -32,16 +39,10 @@ const AGENT_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 const POWEROFF_GRACE: Duration = Duration::from_secs(5);
 /// How long QEMU has to exit after QMP `quit` before it is killed.
 const QUIT_GRACE: Duration = Duration::from_secs(2);
+/// How long a QEMU that exited at start has to get its stderr through the pipe.
+const STDERR_DRAIN: Duration = Duration::from_secs(1);
 /// Lines of the serial console shown with an error.
 pub const CONSOLE_LINES_ON_ERROR: usize = 25;
-
-/// How the host talks to the agent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ChannelKind {
-    Serial,
-    Vsock,
-}
 
 /// Which channel to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -225,6 +226,46 @@ pub struct RunOutcome {
     pub vcpu_pins: Vec<VcpuPin>,
 }
 
+/// What a run would do, computed without doing any of it: see [`Sandbox::plan`].
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub run_id: String,
+    /// The QEMU binary.
+    pub qemu: PathBuf,
+    /// QEMU's arguments after the binary, exactly as the run passes them, but for the
+    /// vsock port: with the vsock channel the kernel picks the port when the run binds
+    /// its listener, so a plan shows `gpucell.vsock_port=0`
+    /// ([`VSOCK_PORT_PLACEHOLDER`], a port the kernel never picks).
+    pub qemu_args: Vec<String>,
+    pub accel: Accel,
+    /// vsock when asked for, or when the host has `/dev/vhost-vsock` under the host
+    /// root (a run that then cannot bind a vsock port falls back to virtio-serial).
+    pub channel: ChannelKind,
+    /// The guest CID of the vsock device (vsock only); the run uses the same.
+    pub vsock_cid: Option<u32>,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    /// The directory the run creates for its sockets (a plan does not create it).
+    pub run_dir: PathBuf,
+    /// Size of the guest's 64-bit PCI hole when gpucell sets it.
+    pub pci_hole64_bytes: Option<u64>,
+    /// With `--pin-cpus`: the host CPU for each vCPU, in the order QEMU lists them.
+    pub vcpu_pin_targets: Vec<u32>,
+    /// Whether QEMU runs under its seccomp filter.
+    pub seccomp: bool,
+    /// What the run would warn about (a large PCI hole, no seccomp in this QEMU).
+    pub warnings: Vec<String>,
+    /// What [`crate::command::qemu_command`] rendered `qemu_args` from.
+    #[serde(skip)]
+    pub input: CommandInput,
+}
+
+const NO_SECCOMP_WARNING: &str = "this QEMU has no seccomp support (-sandbox); running without it";
+
+/// How QEMU's capabilities are found: cached and written back for a run, read only for
+/// a plan.
+type DetectCaps = fn(&Path, Option<&Path>) -> Result<QemuCaps, CapsError>;
+
 fn ms(d: Duration) -> u64 {
     d.as_millis().min(u64::MAX as u128) as u64
 }
@@ -235,18 +276,73 @@ fn user_exists(host_root: &Path, name: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// The user QEMU should drop to under `policy`: with `Auto`, only when gpucell runs as
+/// root, `gpucell-qemu` if `<host_root>/etc/passwd` has it, else `nobody`.
+fn run_as_user(policy: &RunAsPolicy, host_root: &Path) -> Option<String> {
+    match policy {
+        RunAsPolicy::Never => None,
+        RunAsPolicy::User(u) => Some(u.clone()),
+        RunAsPolicy::Auto if nix::unistd::Uid::effective().is_root() => {
+            Some(if user_exists(host_root, "gpucell-qemu") {
+                "gpucell-qemu".to_string()
+            } else {
+                "nobody".to_string()
+            })
+        }
+        RunAsPolicy::Auto => None,
+    }
+}
+
+/// A failed phase after QEMU started: the error with what the guest and QEMU said.
+fn with_logs(error: SandboxError, qemu: &QemuProcess) -> RunError {
+    RunError {
+        error: Box::new(error),
+        console_tail: qemu.console().tail_lines(CONSOLE_LINES_ON_ERROR),
+        qemu_stderr: qemu.stderr().tail_lines(10),
+        vm_started: true,
+    }
+}
+
 /// One sandbox about to run.
 pub struct Sandbox {
     config: VmConfig,
     devices: DeviceSetup,
     id: String,
+    /// The guest CID should the run use vsock; chosen up front so that a plan shows
+    /// the run's own.
+    vsock_cid: u32,
+    /// What the QEMU binary supports, when the caller knows; else detected.
+    caps: Option<QemuCaps>,
+    /// The locked-memory limits QEMU inherits, when the caller knows; else this
+    /// process's.
+    memlock: Option<MemlockLimits>,
     tx: EventSender,
     rx: EventReceiver,
 }
 
+/// The agent channel once connected.
 enum Stream {
     Serial(UnixStream),
     Vsock(std::fs::File),
+}
+
+type Halves = (Box<dyn Read + Send>, Box<dyn Write + Send>);
+
+impl Stream {
+    /// A reader and a writer on the same channel.
+    fn halves(&self) -> std::io::Result<Halves> {
+        match self {
+            Stream::Serial(s) => Ok((Box::new(s.try_clone()?), Box::new(s.try_clone()?))),
+            Stream::Vsock(f) => Ok((Box::new(f.try_clone()?), Box::new(f.try_clone()?))),
+        }
+    }
+
+    /// Ends the channel so the relay's reader thread sees EOF.
+    fn close(&self) {
+        if let Stream::Serial(s) = self {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
 }
 
 impl Sandbox {
@@ -266,6 +362,9 @@ impl Sandbox {
             config,
             devices: DeviceSetup::default(),
             id,
+            vsock_cid: crate::vsock::random_cid(),
+            caps: None,
+            memlock: None,
             tx,
             rx,
         })
@@ -275,6 +374,20 @@ impl Sandbox {
     /// hugepages and vCPU pinning as asked. See [`crate::devices`].
     pub fn with_devices(mut self, devices: DeviceSetup) -> Self {
         self.devices = devices;
+        self
+    }
+
+    /// Uses these QEMU capabilities instead of asking the binary (`-version`, `-help`)
+    /// when deciding the run-as flag and seccomp.
+    pub fn with_qemu_caps(mut self, caps: QemuCaps) -> Self {
+        self.caps = Some(caps);
+        self
+    }
+
+    /// Checks passed functions' locked memory against these limits instead of this
+    /// process's own.
+    pub fn with_memlock_limits(mut self, limits: MemlockLimits) -> Self {
+        self.memlock = Some(limits);
         self
     }
 
@@ -288,360 +401,431 @@ impl Sandbox {
         self.tx.clone()
     }
 
-    /// Boots the VM, runs `spec`, relays its streams and shuts everything down.
-    #[tracing::instrument(skip_all, fields(accel = %self.config.accel))]
-    pub fn run(self, spec: &RunSpec, io: SessionIo) -> Result<RunOutcome, RunError> {
-        let t0 = Instant::now();
+    /// What [`Sandbox::run`] would start for an image of filesystem `rootfs_fstype`,
+    /// with the refusals it would give before starting anything (bad configuration,
+    /// socket paths too long, too many or repeated devices, a PCI hole beyond the host
+    /// CPU's address bits, hugepages missing, a locked-memory limit too low).
+    ///
+    /// Creates no run directory, binds no socket, starts no VM and writes nothing. It
+    /// reads the host root (`/dev/vhost-vsock`, `/etc/passwd`, cpuinfo, hugepages) and,
+    /// when run-as or seccomp need them and neither [`Sandbox::with_qemu_caps`] nor the
+    /// state dir's cache has them, asks the QEMU binary for its version and options.
+    pub fn plan(&self, rootfs_fstype: &str) -> Result<Plan, SandboxError> {
+        self.plan_with(rootfs_fstype, crate::caps::detect_read_only)
+    }
+
+    /// [`Sandbox::plan`], finding QEMU's capabilities with `detect`.
+    fn plan_with(&self, rootfs_fstype: &str, detect: DetectCaps) -> Result<Plan, SandboxError> {
         let cfg = &self.config;
-        let id = self.id.clone();
-        let dir = RunDir::create(&cfg.state_dir, &id).map_err(RunError::bare)?;
-        let qmp_path = dir.socket("qmp.sock").map_err(RunError::bare)?;
-        let agent_path = dir.socket("agent.sock").map_err(RunError::bare)?;
-
-        // Channel: vsock where the host can, virtio-serial otherwise.
-        let vhost = cfg.host_root.join("dev/vhost-vsock").exists();
-        let mut vsock: Option<(VsockListener, u32)> = None;
-        match cfg.channel {
-            ChannelChoice::Serial => {}
-            ChannelChoice::Vsock => {
-                let l = VsockListener::bind_any().map_err(RunError::bare)?;
-                vsock = Some((l, crate::vsock::random_cid()));
-            }
-            ChannelChoice::Auto if vhost => match VsockListener::bind_any() {
-                Ok(l) => vsock = Some((l, crate::vsock::random_cid())),
-                Err(e) => tracing::warn!(error = %e, "vsock unavailable, using virtio-serial"),
-            },
-            ChannelChoice::Auto => {}
-        }
-        let channel = if vsock.is_some() {
-            ChannelKind::Vsock
-        } else {
-            ChannelKind::Serial
-        };
-
-        let mut cmdline = KernelCmdline::new();
-        let chan_word = format!(
-            "{}={}",
-            gpucell_protocol::CMDLINE_CHANNEL_KEY,
-            if channel == ChannelKind::Vsock {
-                "vsock"
-            } else {
-                "serial"
-            }
-        );
-        for w in ["console=ttyS0", "panic=-1", "quiet", chan_word.as_str()] {
-            cmdline.push(w).map_err(RunError::bare)?;
-        }
-        // Only this image's filesystem modules are loaded at boot.
-        cmdline
-            .push(format!(
-                "{}={}",
-                gpucell_protocol::CMDLINE_ROOTFS_KEY,
-                spec.rootfs.fstype
-            ))
-            .map_err(RunError::bare)?;
-        if let Some((l, _)) = &vsock {
-            cmdline
-                .push(format!(
-                    "{}={}",
-                    gpucell_protocol::CMDLINE_VSOCK_PORT_KEY,
-                    l.port()
-                ))
-                .map_err(RunError::bare)?;
-        }
-        for w in &cfg.extra_cmdline {
-            cmdline.push(w.clone()).map_err(RunError::bare)?;
-        }
-        let setup = &self.devices;
-        let vm_devices =
-            crate::devices::plan(setup, cfg.accel, cfg.cpus, cfg.memory_mib, &cfg.host_root)
-                .map_err(RunError::bare)?;
-        if let Some(w) = &vm_devices.warning {
-            tracing::warn!("{w}");
-        }
-        for w in &vm_devices.cmdline {
-            cmdline.push(*w).map_err(RunError::bare)?;
-        }
-
-        let mut chardevs = vec![
-            Chardev::stdio("console").map_err(RunError::bare)?,
-            Chardev::socket_server("qmp", &qmp_path).map_err(RunError::bare)?,
-        ];
-        let mut devices = vec![Device::VirtioBlk {
-            drive: "rootfs".into(),
-        }];
-        match &vsock {
-            Some((_, cid)) => devices.push(Device::VhostVsock { guest_cid: *cid }),
-            None => {
-                chardevs
-                    .push(Chardev::socket_server("agent", &agent_path).map_err(RunError::bare)?);
-                devices.push(Device::VirtioSerial { id: "vser0".into() });
-                devices.push(Device::VirtSerialPort {
-                    chardev: "agent".into(),
-                    name: VIRTIO_SERIAL_PORT_NAME.into(),
-                });
-            }
-        }
-        // Passed functions, each on its own root port, then the memory backend.
-        devices.extend(vm_devices.devices.iter().cloned());
-        let (hole64, pin_cpus) = (vm_devices.hole64, vm_devices.pin_cpus.clone());
-
-        let is_root = nix::unistd::Uid::effective().is_root();
-        let run_as_user = match &cfg.run_as {
-            RunAsPolicy::Never => None,
-            RunAsPolicy::User(u) => Some(u.clone()),
-            RunAsPolicy::Auto if is_root => Some(if user_exists(&cfg.host_root, "gpucell-qemu") {
-                "gpucell-qemu".to_string()
-            } else {
-                "nobody".to_string()
-            }),
-            RunAsPolicy::Auto => None,
-        };
-        let caps = if run_as_user.is_some() || cfg.seccomp {
-            Some(crate::caps::detect(&cfg.qemu, Some(&cfg.state_dir)).map_err(RunError::bare)?)
-        } else {
-            None
-        };
-        let seccomp = caps
-            .as_ref()
-            .filter(|c| cfg.seccomp && c.seccomp)
-            .map(|_| Seccomp {
-                allow_setuid: run_as_user.is_some(),
-            });
-        if cfg.seccomp && seccomp.is_none() {
-            tracing::warn!("this QEMU has no seccomp support (-sandbox); running without it");
-        }
-        let resources = Resources {
+        let run_dir = run_dir_path(&cfg.state_dir, &self.id);
+        let qmp_socket = socket_path(&run_dir, QMP_SOCKET)?;
+        let agent_socket = socket_path(&run_dir, AGENT_SOCKET)?;
+        let channel = self.planned_channel();
+        let vm_devices = crate::devices::plan(
+            &self.devices,
+            cfg.accel,
+            cfg.cpus,
+            cfg.memory_mib,
+            &cfg.host_root,
+        )?;
+        let mut warnings: Vec<String> = vm_devices.warning.iter().cloned().collect();
+        let (run_as, seccomp) = self.privileges(detect, &mut warnings)?;
+        let input = CommandInput {
+            qemu: cfg.qemu.clone(),
+            name: format!("gpucell-{}", self.id),
+            accel: cfg.accel,
             cpus: cfg.cpus,
             memory_mib: cfg.memory_mib,
-        };
-        resources.validate().map_err(RunError::bare)?;
-        let cmd = QemuCommand {
-            binary: cfg.qemu.clone(),
-            name: format!("gpucell-{id}"),
-            machine: Machine {
-                pci_hole64_size: hole64,
-            },
-            accel: cfg.accel,
-            cpu: vm_devices.cpu.clone(),
-            resources,
-            boot: Some(Boot::new(&cfg.kernel, &cfg.initrd, cmdline).map_err(RunError::bare)?),
-            start_paused: false,
-            drives: vec![Drive::new("rootfs", &cfg.disk, true).map_err(RunError::bare)?],
-            chardevs,
-            devices,
-            qmp: Some("qmp".into()),
-            serial: Some("console".into()),
+            kernel: cfg.kernel.clone(),
+            initrd: cfg.initrd.clone(),
+            base_cmdline: BASE_CMDLINE.iter().map(|w| w.to_string()).collect(),
+            disk: Some(cfg.disk.clone()),
+            rootfs_fstype: Some(rootfs_fstype.to_string()),
+            console: true,
+            qmp_socket: Some(qmp_socket),
+            channel: Some(match channel {
+                ChannelKind::Vsock => ChannelLayout::Vsock {
+                    cid: self.vsock_cid,
+                    port: Some(VSOCK_PORT_PLACEHOLDER),
+                },
+                ChannelKind::Serial => ChannelLayout::Serial {
+                    socket: agent_socket,
+                },
+            }),
+            devices: vm_devices,
+            run_as,
             seccomp,
-            run_as: match (&caps, run_as_user) {
-                (Some(c), Some(u)) => Some(c.run_as(&u)),
-                _ => None,
-            },
+            extra_cmdline: cfg.extra_cmdline.clone(),
         };
-
-        if !setup.devices.is_empty() {
-            crate::devices::check_memlock(cfg.memory_mib).map_err(RunError::bare)?;
+        let command = qemu_command(&input)?;
+        if !self.devices.devices.is_empty() {
+            let limits = self.memlock.unwrap_or_else(MemlockLimits::of_this_process);
+            crate::devices::check_memlock_within(cfg.memory_mib, &limits)?;
         }
-        let t_spawn = Instant::now();
-        let mut qemu = QemuProcess::spawn(&cmd, None).map_err(RunError::bare)?;
-        let with_logs = |error: SandboxError, qemu: &QemuProcess| RunError {
-            error: Box::new(error),
-            console_tail: qemu.console().tail_lines(CONSOLE_LINES_ON_ERROR),
-            qemu_stderr: qemu.stderr().tail_lines(10),
-            vm_started: true,
+        let targets = input.devices.pin_cpus.clone().unwrap_or_default();
+        Ok(Plan {
+            run_id: self.id.clone(),
+            qemu: cfg.qemu.clone(),
+            qemu_args: command.args(),
+            accel: cfg.accel,
+            channel,
+            vsock_cid: (channel == ChannelKind::Vsock).then_some(self.vsock_cid),
+            cpus: cfg.cpus,
+            memory_mib: cfg.memory_mib,
+            run_dir,
+            pci_hole64_bytes: input.devices.hole64,
+            vcpu_pin_targets: (0..cfg.cpus as usize)
+                .filter_map(|n| targets.get(n % targets.len().max(1)).copied())
+                .collect(),
+            seccomp,
+            warnings,
+            input,
+        })
+    }
+
+    /// The channel a run starts with: vsock where asked or where the host can.
+    fn planned_channel(&self) -> ChannelKind {
+        let vhost = || self.config.host_root.join("dev/vhost-vsock").exists();
+        match self.config.channel {
+            ChannelChoice::Serial => ChannelKind::Serial,
+            ChannelChoice::Vsock => ChannelKind::Vsock,
+            ChannelChoice::Auto if vhost() => ChannelKind::Vsock,
+            ChannelChoice::Auto => ChannelKind::Serial,
+        }
+    }
+
+    /// The user QEMU drops to (as this QEMU spells the flag) and whether seccomp is
+    /// on; QEMU's capabilities are looked at only when either is wanted.
+    fn privileges(
+        &self,
+        detect: DetectCaps,
+        warnings: &mut Vec<String>,
+    ) -> Result<(Option<RunAs>, bool), SandboxError> {
+        let cfg = &self.config;
+        let user = run_as_user(&cfg.run_as, &cfg.host_root);
+        if user.is_none() && !cfg.seccomp {
+            return Ok((None, false));
+        }
+        let caps = match &self.caps {
+            Some(c) => c.clone(),
+            None => detect(&cfg.qemu, Some(&cfg.state_dir))?,
         };
+        let seccomp = cfg.seccomp && caps.seccomp;
+        if cfg.seccomp && !seccomp {
+            warnings.push(NO_SECCOMP_WARNING.to_string());
+        }
+        Ok((user.map(|u| caps.run_as(&u)), seccomp))
+    }
+
+    /// Binds the vsock listener the plan needs and puts its port in the plan; with
+    /// [`ChannelChoice::Auto`] a vsock that cannot be bound falls back to virtio-serial.
+    fn open_channel(&self, plan: &mut Plan) -> Result<Option<VsockListener>, SandboxError> {
+        let Some(ChannelLayout::Vsock { cid, .. }) = plan.input.channel else {
+            return Ok(None);
+        };
+        match VsockListener::bind_any() {
+            Ok(l) => {
+                let port = Some(l.port());
+                plan.input.channel = Some(ChannelLayout::Vsock { cid, port });
+                Ok(Some(l))
+            }
+            Err(e) if self.config.channel == ChannelChoice::Auto => {
+                tracing::warn!(error = %e, "vsock unavailable, using virtio-serial");
+                let socket = socket_path(&plan.run_dir, AGENT_SOCKET)?;
+                plan.input.channel = Some(ChannelLayout::Serial { socket });
+                plan.channel = ChannelKind::Serial;
+                plan.vsock_cid = None;
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Spawns QEMU, records it as the run directory's owner and waits for its monitor.
+    fn start_vm(&self, cmd: &QemuCommand, dir: &RunDir, qmp_path: &Path) -> Result<Vm, RunError> {
+        let cfg = &self.config;
+        let spawned_at = Instant::now();
+        let mut qemu = QemuProcess::spawn(cmd, None).map_err(RunError::bare)?;
         if let Err(e) = dir.record_owner(Some(qemu.pid())) {
             return Err(with_logs(e.into(), &qemu));
         }
         // QEMU coming up is part of the boot: it gets at least the boot timeout (a
         // slow host preallocating much memory can be given more with --boot-timeout).
-        let startup = crate::memory::startup_wait(QMP_TIMEOUT, cfg.memory_mib, setup.preallocate())
-            .max(cfg.limits.hello_timeout);
+        let startup =
+            crate::memory::startup_wait(QMP_TIMEOUT, cfg.memory_mib, self.devices.preallocate())
+                .max(cfg.limits.hello_timeout);
         let mut alive = || matches!(qemu.try_wait(), Ok(None));
-        let connected = crate::memory::connect_qmp(&qmp_path, startup, QMP_TIMEOUT, &mut alive);
-        let mut qmp = match connected {
-            Ok(q) => q,
+        match crate::memory::connect_qmp(qmp_path, startup, QMP_TIMEOUT, &mut alive) {
+            Ok(qmp) => Ok(Vm {
+                qemu,
+                qmp,
+                spawned_at,
+                ready_at: Instant::now(),
+            }),
             Err(source) => {
-                let _ = qemu.wait_timeout(Duration::from_millis(200));
+                if let Ok(Some(_)) = qemu.wait_timeout(Duration::from_millis(200)) {
+                    // QEMU exited: its last words are on their way through the pipe.
+                    let _ = qemu.stderr().wait_closed(Instant::now() + STDERR_DRAIN);
+                }
                 let stderr = qemu.stderr().tail_lines(5);
-                return Err(with_logs(
+                Err(with_logs(
                     SandboxError::QmpConnect { stderr, source },
                     &qemu,
-                ));
-            }
-        };
-        let vm_started = Instant::now();
-        let mut vcpu_pins = Vec::new();
-        if let Some(cpus) = &pin_cpus {
-            let pinned = crate::devices::pin_vcpus(&mut qmp, cpus).and_then(|p| {
-                let tids: Vec<i32> = p.iter().map(|v| v.thread_id).collect();
-                crate::devices::pin_emulator_threads(qemu.pid(), &tids, cpus).map(|_| p)
-            });
-            match pinned {
-                Ok(p) => vcpu_pins = p,
-                Err(e) => return Err(with_logs(e.into(), &qemu)),
+                ))
             }
         }
+    }
 
-        let stream = match &vsock {
-            None => match UnixStream::connect(&agent_path) {
-                Ok(s) => {
-                    let _ = s.set_write_timeout(Some(AGENT_WRITE_TIMEOUT));
-                    Stream::Serial(s)
-                }
-                Err(source) => {
-                    return Err(with_logs(
-                        SandboxError::AgentConnect {
-                            path: agent_path.clone(),
-                            source,
-                        },
-                        &qemu,
-                    ))
-                }
-            },
-            Some((listener, cid)) => {
-                let deadline = Instant::now() + cfg.limits.hello_timeout;
-                let accepted = listener
-                    .accept_from(*cid, deadline, &mut || matches!(qemu.try_wait(), Ok(None)));
-                match accepted {
-                    Ok(f) => Stream::Vsock(f),
-                    Err(e) => {
-                        let error = match qemu.wait_timeout(Duration::from_millis(200)) {
-                            Ok(Some(status)) => SandboxError::VmExited {
-                                status: status.to_string(),
-                                stderr: qemu.stderr().tail_lines(5),
-                            },
-                            _ => e.into(),
-                        };
-                        return Err(with_logs(error, &qemu));
-                    }
-                }
-            }
-        };
-        let halves: std::io::Result<(Box<dyn Read + Send>, Box<dyn Write + Send>)> = match &stream {
-            Stream::Serial(s) => s.try_clone().and_then(|r| {
-                Ok((
-                    Box::new(r) as Box<dyn Read + Send>,
-                    Box::new(s.try_clone()?) as Box<dyn Write + Send>,
-                ))
-            }),
-            Stream::Vsock(f) => f.try_clone().and_then(|r| {
-                Ok((
-                    Box::new(r) as Box<dyn Read + Send>,
-                    Box::new(f.try_clone()?) as Box<dyn Write + Send>,
-                ))
-            }),
-        };
-        let (reader, writer) = match halves {
-            Ok(h) => h,
-            Err(source) => {
-                return Err(with_logs(
-                    SandboxError::AgentConnect {
-                        path: agent_path.clone(),
-                        source,
-                    },
-                    &qemu,
-                ))
-            }
-        };
-
-        // The relay polls this to learn that the VM died or stopped under it.
-        let mut last_status = Instant::now();
-        let session = {
-            let qemu = &mut qemu;
-            let qmp = &mut qmp;
-            let mut vm_gone = move || -> Option<String> {
-                match qemu.try_wait() {
-                    Ok(Some(st)) => {
-                        let said = qemu.stderr().tail_lines(3);
-                        return Some(format!(
-                            "QEMU exited ({}){}",
-                            describe_exit(&st),
-                            qemu_said(&said)
-                        ));
-                    }
-                    Ok(None) => {}
-                    Err(e) => return Some(e.to_string()),
-                }
-                if last_status.elapsed() >= Duration::from_secs(1) {
-                    last_status = Instant::now();
-                    if let Ok(s) = qmp.status() {
-                        if matches!(
-                            s.as_str(),
-                            "internal-error" | "guest-panicked" | "io-error" | "shutdown"
-                        ) {
-                            return Some(format!("the VM stopped (QEMU status {s})"));
-                        }
-                    }
-                }
-                None
-            };
-            relay(reader, writer, spec, io, &cfg.limits, self.rx, &mut vm_gone)
-        };
-
-        // Shut down: the agent powers off after Exited (and on Shutdown); give it a
-        // moment, then ask QEMU to quit, then kill it.
-        let end = |qemu: &mut QemuProcess, qmp: &mut Qmp, graceful: bool| {
-            let exited = graceful && matches!(qemu.wait_timeout(POWEROFF_GRACE), Ok(Some(_)));
-            if !exited {
-                let _ = qmp.quit();
-                if !matches!(qemu.wait_timeout(QUIT_GRACE), Ok(Some(_))) {
-                    tracing::warn!(pid = qemu.pid(), "QEMU did not quit; killing it");
-                }
-            }
-            qemu.kill();
-        };
+    /// Boots the VM, runs `spec`, relays its streams and shuts everything down.
+    #[tracing::instrument(skip_all, fields(accel = %self.config.accel))]
+    pub fn run(self, spec: &RunSpec, io: SessionIo) -> Result<RunOutcome, RunError> {
+        let t0 = Instant::now();
+        let mut plan = self
+            .plan_with(&spec.rootfs.fstype, crate::caps::detect)
+            .map_err(RunError::bare)?;
+        for w in &plan.warnings {
+            tracing::warn!("{w}");
+        }
+        let dir = RunDir::create(&self.config.state_dir, &self.id).map_err(RunError::bare)?;
+        let listener = self.open_channel(&mut plan).map_err(RunError::bare)?;
+        let cmd = qemu_command(&plan.input).map_err(RunError::bare)?;
+        let qmp_path = dir.socket(QMP_SOCKET).map_err(RunError::bare)?;
+        let agent_path = dir.socket(AGENT_SOCKET).map_err(RunError::bare)?;
+        let mut vm = self.start_vm(&cmd, &dir, &qmp_path)?;
+        let vcpu_pins = vm.pin(plan.input.devices.pin_cpus.as_deref())?;
+        let hello_timeout = self.config.limits.hello_timeout;
+        let stream = vm.connect_agent(&plan, listener.as_ref(), &agent_path, hello_timeout)?;
+        let session =
+            vm.relay_session(&stream, &agent_path, spec, io, &self.config.limits, self.rx);
         let result = match session {
             Ok(report) => {
-                end(&mut qemu, &mut qmp, true);
-                let gone = Instant::now();
-                let started = report.started_at.unwrap_or(report.run_sent_at);
-                Ok(RunOutcome {
-                    run_id: id.clone(),
-                    exit_code: report.status.shell_code(),
-                    status: report.status,
-                    accel: cfg.accel,
-                    channel,
-                    cpus: cfg.cpus,
-                    memory_mib: cfg.memory_mib,
-                    guest_kernel: report.hello.kernel.clone(),
-                    agent: report.hello.agent.clone(),
-                    devices: report.devices.clone(),
-                    stdout_bytes: report.stdout_bytes,
-                    stderr_bytes: report.stderr_bytes,
-                    signals_forwarded: report.signals_forwarded.clone(),
-                    timings: Timings {
-                        vm_start_ms: ms(vm_started - t_spawn),
-                        kernel_boot_ms: report.hello.uptime_ms,
-                        agent_ready_ms: ms(report.hello_at - t_spawn),
-                        devices_visible_ms: report
-                            .devices_at
-                            .filter(|_| !spec.devices.is_empty())
-                            .map(|t| ms(t.saturating_duration_since(report.run_sent_at))),
-                        process_start_ms: ms(started.saturating_duration_since(report.run_sent_at)),
-                        workload_ms: ms(report.exited_at.saturating_duration_since(started)),
-                        shutdown_ms: ms(gone.saturating_duration_since(report.exited_at)),
-                        total_ms: ms(t0.elapsed()),
-                    },
-                    qemu_args: cmd.args(),
-                    passthrough: crate::devices::map_to_guest(&setup.devices, &report.devices),
-                    pci_hole64_bytes: hole64,
+                vm.shut_down(true);
+                let parts = OutcomeParts {
+                    plan: &plan,
+                    cmd: &cmd,
+                    setup: &self.devices,
                     vcpu_pins,
-                })
+                    t0,
+                    spawned_at: vm.spawned_at,
+                    ready_at: vm.ready_at,
+                    gone_at: Instant::now(),
+                };
+                Ok(outcome(parts, &report, spec))
             }
-            Err(e) => {
-                let graceful = matches!(e, SessionError::Interrupted(_) | SessionError::Timeout(_));
-                end(&mut qemu, &mut qmp, graceful);
-                // Let the capture threads take QEMU's last words.
-                std::thread::sleep(Duration::from_millis(50));
-                Err(with_logs(e.into(), &qemu))
-            }
+            Err(e) => Err(vm.fail(e)),
         };
-        if let Stream::Serial(s) = &stream {
-            let _ = s.shutdown(std::net::Shutdown::Both);
-        }
-        drop(qemu);
+        stream.close();
+        drop(vm);
         drop(dir);
         result
+    }
+}
+
+/// A started QEMU and its monitor: the phases after the spawn work on this. Dropping
+/// it kills QEMU's process group.
+struct Vm {
+    qemu: QemuProcess,
+    qmp: Qmp,
+    spawned_at: Instant,
+    /// When QMP answered.
+    ready_at: Instant,
+}
+
+impl Vm {
+    /// Pins the vCPU threads to `cpus` (with `--pin-cpus`) and QEMU's other threads to
+    /// all of them.
+    fn pin(&mut self, cpus: Option<&[u32]>) -> Result<Vec<VcpuPin>, RunError> {
+        let Some(cpus) = cpus else {
+            return Ok(Vec::new());
+        };
+        let pid = self.qemu.pid();
+        crate::devices::pin_vcpus(&mut self.qmp, cpus)
+            .and_then(|p| {
+                let tids: Vec<i32> = p.iter().map(|v| v.thread_id).collect();
+                crate::devices::pin_emulator_threads(pid, &tids, cpus).map(|_| p)
+            })
+            .map_err(|e| with_logs(e.into(), &self.qemu))
+    }
+
+    /// Connects to the agent: the virtio-serial socket at once, or the vsock
+    /// connection from the guest's CID within the boot timeout.
+    fn connect_agent(
+        &mut self,
+        plan: &Plan,
+        listener: Option<&VsockListener>,
+        agent_path: &Path,
+        hello_timeout: Duration,
+    ) -> Result<Stream, RunError> {
+        let (Some(listener), Some(cid)) = (listener, plan.vsock_cid) else {
+            return match UnixStream::connect(agent_path) {
+                Ok(s) => {
+                    let _ = s.set_write_timeout(Some(AGENT_WRITE_TIMEOUT));
+                    Ok(Stream::Serial(s))
+                }
+                Err(source) => Err(with_logs(
+                    SandboxError::AgentConnect {
+                        path: agent_path.to_path_buf(),
+                        source,
+                    },
+                    &self.qemu,
+                )),
+            };
+        };
+        let deadline = Instant::now() + hello_timeout;
+        let qemu = &mut self.qemu;
+        let accepted =
+            listener.accept_from(cid, deadline, &mut || matches!(qemu.try_wait(), Ok(None)));
+        accepted.map(Stream::Vsock).map_err(|e| {
+            let error = match self.qemu.wait_timeout(Duration::from_millis(200)) {
+                Ok(Some(status)) => SandboxError::VmExited {
+                    status: status.to_string(),
+                    stderr: self.qemu.stderr().tail_lines(5),
+                },
+                _ => e.into(),
+            };
+            with_logs(error, &self.qemu)
+        })
+    }
+
+    /// Why the VM is no longer running, if it is not: QEMU exited, or (asked over QMP
+    /// at most once a second) the guest stopped.
+    fn gone(&mut self, last_status: &mut Instant) -> Option<String> {
+        match self.qemu.try_wait() {
+            Ok(Some(st)) => {
+                let said = self.qemu.stderr().tail_lines(3);
+                return Some(format!(
+                    "QEMU exited ({}){}",
+                    describe_exit(&st),
+                    qemu_said(&said)
+                ));
+            }
+            Ok(None) => {}
+            Err(e) => return Some(e.to_string()),
+        }
+        if last_status.elapsed() >= Duration::from_secs(1) {
+            *last_status = Instant::now();
+            if let Ok(s) = self.qmp.status() {
+                if matches!(
+                    s.as_str(),
+                    "internal-error" | "guest-panicked" | "io-error" | "shutdown"
+                ) {
+                    return Some(format!("the VM stopped (QEMU status {s})"));
+                }
+            }
+        }
+        None
+    }
+
+    /// Runs the session with the agent over `stream`. The outer error is a channel that
+    /// could not be split; the inner one the session's own.
+    fn relay_session(
+        &mut self,
+        stream: &Stream,
+        agent_path: &Path,
+        spec: &RunSpec,
+        io: SessionIo,
+        limits: &Limits,
+        events: EventReceiver,
+    ) -> Result<crate::channel::SessionReport, SessionOrRun> {
+        let (reader, writer) = stream.halves().map_err(|source| {
+            SessionOrRun::Run(with_logs(
+                SandboxError::AgentConnect {
+                    path: agent_path.to_path_buf(),
+                    source,
+                },
+                &self.qemu,
+            ))
+        })?;
+        // The relay polls this to learn that the VM died or stopped under it.
+        let mut last_status = Instant::now();
+        let mut vm_gone = || self.gone(&mut last_status);
+        relay(reader, writer, spec, io, limits, events, &mut vm_gone).map_err(SessionOrRun::Session)
+    }
+
+    /// Shuts down: the agent powers off after Exited (and on Shutdown); give it a
+    /// moment when `graceful`, then ask QEMU to quit, then kill it.
+    fn shut_down(&mut self, graceful: bool) {
+        let exited = graceful && matches!(self.qemu.wait_timeout(POWEROFF_GRACE), Ok(Some(_)));
+        if !exited {
+            let _ = self.qmp.quit();
+            if !matches!(self.qemu.wait_timeout(QUIT_GRACE), Ok(Some(_))) {
+                tracing::warn!(pid = self.qemu.pid(), "QEMU did not quit; killing it");
+            }
+        }
+        self.qemu.kill();
+    }
+
+    /// Ends a run whose session failed, with the guest's and QEMU's last words.
+    fn fail(&mut self, e: SessionOrRun) -> RunError {
+        let e = match e {
+            // Dropping the VM kills QEMU.
+            SessionOrRun::Run(r) => return r,
+            SessionOrRun::Session(e) => e,
+        };
+        let graceful = matches!(e, SessionError::Interrupted(_) | SessionError::Timeout(_));
+        self.shut_down(graceful);
+        // Let the capture threads take QEMU's last words.
+        std::thread::sleep(Duration::from_millis(50));
+        with_logs(e.into(), &self.qemu)
+    }
+}
+
+/// How a session ended without the workload's exit.
+enum SessionOrRun {
+    /// The channel could not be set up.
+    Run(RunError),
+    Session(SessionError),
+}
+
+/// What [`outcome`] puts together besides the session's report.
+struct OutcomeParts<'a> {
+    plan: &'a Plan,
+    cmd: &'a QemuCommand,
+    setup: &'a DeviceSetup,
+    vcpu_pins: Vec<VcpuPin>,
+    t0: Instant,
+    spawned_at: Instant,
+    ready_at: Instant,
+    gone_at: Instant,
+}
+
+/// The outcome of a run whose workload exited.
+fn outcome(
+    p: OutcomeParts<'_>,
+    report: &crate::channel::SessionReport,
+    spec: &RunSpec,
+) -> RunOutcome {
+    let started = report.started_at.unwrap_or(report.run_sent_at);
+    RunOutcome {
+        run_id: p.plan.run_id.clone(),
+        exit_code: report.status.shell_code(),
+        status: report.status,
+        accel: p.plan.accel,
+        channel: p.plan.channel,
+        cpus: p.plan.cpus,
+        memory_mib: p.plan.memory_mib,
+        guest_kernel: report.hello.kernel.clone(),
+        agent: report.hello.agent.clone(),
+        devices: report.devices.clone(),
+        stdout_bytes: report.stdout_bytes,
+        stderr_bytes: report.stderr_bytes,
+        signals_forwarded: report.signals_forwarded.clone(),
+        timings: Timings {
+            vm_start_ms: ms(p.ready_at - p.spawned_at),
+            kernel_boot_ms: report.hello.uptime_ms,
+            agent_ready_ms: ms(report.hello_at - p.spawned_at),
+            devices_visible_ms: report
+                .devices_at
+                .filter(|_| !spec.devices.is_empty())
+                .map(|t| ms(t.saturating_duration_since(report.run_sent_at))),
+            process_start_ms: ms(started.saturating_duration_since(report.run_sent_at)),
+            workload_ms: ms(report.exited_at.saturating_duration_since(started)),
+            shutdown_ms: ms(p.gone_at.saturating_duration_since(report.exited_at)),
+            total_ms: ms(p.t0.elapsed()),
+        },
+        qemu_args: p.cmd.args(),
+        passthrough: crate::devices::map_to_guest(&p.setup.devices, &report.devices),
+        pci_hole64_bytes: p.plan.input.devices.hole64,
+        vcpu_pins: p.vcpu_pins,
     }
 }

@@ -5,10 +5,9 @@
 
 use std::path::{Path, PathBuf};
 
-use gpucell_sandbox::args::{
-    Accel, Boot, Chardev, Cpu, Device, Drive, KernelCmdline, Machine, QemuCommand, Resources,
-    RunAs, Seccomp,
-};
+use gpucell_sandbox::accel::{probe_command, ProbeInput};
+use gpucell_sandbox::args::{Accel, Device, QemuCommand, RunAs};
+use gpucell_sandbox::command::{qemu_command, ChannelLayout, CommandInput};
 
 fn check(name: &str, cmd: &QemuCommand) {
     let rendered = cmd.args().join("\n") + "\n";
@@ -31,105 +30,88 @@ fn check(name: &str, cmd: &QemuCommand) {
     );
 }
 
-fn cmdline(channel: &str) -> KernelCmdline {
-    let mut c = KernelCmdline::new();
-    for w in ["console=ttyS0", "panic=-1", "quiet", channel] {
-        c.push(w).unwrap();
-    }
-    c
-}
+const RUN_DIR: &str = "/var/lib/gpucell/run/0123456789abcdef";
 
-fn base(accel: Accel, channel: &str) -> QemuCommand {
-    let run = Path::new("/var/lib/gpucell/run/0123456789abcdef");
-    QemuCommand {
-        binary: "/usr/bin/qemu-system-x86_64".into(),
-        name: "gpucell-0123456789abcdef".into(),
-        machine: Machine {
-            pci_hole64_size: None,
-        },
+/// What the sandbox renders for a 2-vCPU, 1 GiB VM booting the default guest with an
+/// erofs image, a QMP monitor in its run directory, seccomp and `-runas nobody`.
+fn input(accel: Accel, channel: Option<ChannelLayout>) -> CommandInput {
+    let mut i = CommandInput::bare(
+        "/usr/bin/qemu-system-x86_64".into(),
+        "gpucell-0123456789abcdef".into(),
         accel,
-        cpu: Cpu::for_accel(accel),
-        resources: Resources {
-            cpus: 2,
-            memory_mib: 1024,
-        },
-        boot: Some(
-            Boot::new(
-                Path::new("/var/lib/gpucell/guest/default/vmlinux"),
-                Path::new("/var/lib/gpucell/guest/default/initramfs.cpio.gz"),
-                cmdline(channel),
-            )
-            .unwrap(),
-        ),
-        start_paused: false,
-        drives: vec![Drive::new(
-            "rootfs",
-            Path::new("/var/lib/gpucell/images/sha256-ab/rootfs.erofs"),
-            true,
-        )
-        .unwrap()],
-        chardevs: vec![
-            Chardev::stdio("console").unwrap(),
-            Chardev::socket_server("qmp", &run.join("qmp.sock")).unwrap(),
-        ],
-        devices: vec![Device::VirtioBlk {
-            drive: "rootfs".into(),
-        }],
-        qmp: Some("qmp".into()),
-        serial: Some("console".into()),
-        seccomp: Some(Seccomp { allow_setuid: true }),
-        run_as: Some(RunAs::Runas("nobody".into())),
-    }
+        "/var/lib/gpucell/guest/default/vmlinux".into(),
+        "/var/lib/gpucell/guest/default/initramfs.cpio.gz".into(),
+    );
+    i.cpus = 2;
+    i.memory_mib = 1024;
+    i.disk = Some("/var/lib/gpucell/images/sha256-ab/rootfs.erofs".into());
+    i.qmp_socket = Some(Path::new(RUN_DIR).join("qmp.sock"));
+    i.channel = channel;
+    i.seccomp = true;
+    i.run_as = Some(RunAs::Runas("nobody".into()));
+    i
 }
 
 #[test]
 fn tcg_with_virtio_serial_channel() {
-    let mut cmd = base(Accel::Tcg, "gpucell.channel=serial");
-    let run = Path::new("/var/lib/gpucell/run/0123456789abcdef");
-    cmd.chardevs
-        .push(Chardev::socket_server("agent", &run.join("agent.sock")).unwrap());
-    cmd.devices
-        .push(Device::VirtioSerial { id: "vser0".into() });
-    cmd.devices.push(Device::VirtSerialPort {
-        chardev: "agent".into(),
-        name: gpucell_protocol::VIRTIO_SERIAL_PORT_NAME.into(),
-    });
+    let channel = ChannelLayout::Serial {
+        socket: Path::new(RUN_DIR).join("agent.sock"),
+    };
+    let cmd = qemu_command(&input(Accel::Tcg, Some(channel))).unwrap();
     check("tcg-serial", &cmd);
 }
 
 #[test]
 fn kvm_with_vsock_channel_and_large_pci_hole() {
-    let mut cmd = base(Accel::Kvm, "gpucell.channel=vsock");
-    cmd.machine.pci_hole64_size = Some(1 << 40);
-    cmd.devices.push(Device::VhostVsock { guest_cid: 1234 });
+    let channel = ChannelLayout::Vsock {
+        cid: 1234,
+        port: None,
+    };
+    let mut i = input(Accel::Kvm, Some(channel));
+    i.devices.hole64 = Some(1 << 40);
     // Two GPUs, each cold-plugged on its own root port.
-    cmd.devices
+    i.devices
+        .devices
         .extend(Device::vfio_on_root_port(0, "0000:17:00.0").unwrap());
-    cmd.devices
+    i.devices
+        .devices
         .extend(Device::vfio_on_root_port(1, "0000:3D:00.0").unwrap());
     assert!(Device::vfio_on_root_port(2, "17:00.0").is_err());
     assert!(Device::vfio_on_root_port(2, "0000:17:00.0,x=y").is_err());
-    cmd.run_as = Some(RunAs::RunWith("gpucell-qemu".into()));
-    check("kvm-vsock", &cmd);
+    i.run_as = Some(RunAs::RunWith("gpucell-qemu".into()));
+    check("kvm-vsock", &qemu_command(&i).unwrap());
 }
 
 #[test]
 fn unprivileged_probe_without_disk() {
-    let mut cmd = base(Accel::Kvm, "gpucell.probe=1");
-    cmd.drives.clear();
-    cmd.devices.clear();
-    cmd.chardevs.truncate(1);
-    cmd.qmp = None;
-    cmd.seccomp = Some(Seccomp {
-        allow_setuid: false,
-    });
-    cmd.run_as = None;
-    check("probe", &cmd);
+    let mut i = input(Accel::Kvm, None);
+    i.extra_cmdline = vec!["gpucell.probe=1".into()];
+    i.disk = None;
+    i.qmp_socket = None;
+    i.run_as = None;
+    check("probe", &qemu_command(&i).unwrap());
+}
+
+/// The accelerator probe's own command, as `probe_boot` spawns it.
+#[test]
+fn the_accelerator_probe_boots_only_the_guest() {
+    let probe = ProbeInput::new(
+        Path::new("/usr/bin/qemu-system-x86_64"),
+        Path::new("/var/lib/gpucell/guest/default/vmlinux"),
+        Path::new("/var/lib/gpucell/guest/default/initramfs.cpio.gz"),
+        Path::new("/"),
+        None,
+    );
+    let cmd = qemu_command(&probe_command(&probe, Accel::Kvm)).unwrap();
+    check("accel-probe", &cmd);
 }
 
 #[test]
 fn memlock_is_raised_only_for_vfio_and_covers_guest_memory() {
-    let mut cmd = base(Accel::Kvm, "gpucell.channel=serial");
+    let channel = ChannelLayout::Serial {
+        socket: Path::new(RUN_DIR).join("agent.sock"),
+    };
+    let mut cmd = qemu_command(&input(Accel::Kvm, Some(channel))).unwrap();
     assert_eq!(gpucell_sandbox::process::memlock_limit(&cmd), None);
     cmd.devices
         .extend(Device::vfio_on_root_port(0, "0000:01:00.0").unwrap());

@@ -12,7 +12,8 @@ use gpucell_host::devices::{AssignedDevice, DevicePool, DeviceRequest};
 use gpucell_host::pci::PciScan;
 use gpucell_host::testing::{FakeFunction, FakeHost};
 use gpucell_host::HostRoot;
-use gpucell_sandbox::args::{Accel, KernelCmdline, Machine, QemuCommand, Resources};
+use gpucell_sandbox::args::{Accel, QemuCommand};
+use gpucell_sandbox::command::{qemu_command, CommandInput};
 use gpucell_sandbox::devices::{self, DeviceSetup, PassthroughDevice};
 
 const GIB: u64 = 1 << 30;
@@ -68,43 +69,21 @@ fn setup(passed: Vec<PassthroughDevice>, hugepages: bool) -> DeviceSetup {
 }
 
 /// The command the sandbox builds, reduced to the parts devices change, from the same
-/// [`devices::plan`] the sandbox uses.
+/// [`devices::plan`] and [`qemu_command`] the sandbox uses.
 fn command(accel: Accel, memory_mib: u64, setup: &DeviceSetup, root: &Path) -> QemuCommand {
-    let plan = devices::plan(setup, accel, 4, memory_mib, root).unwrap();
-    let mut cmdline = KernelCmdline::new();
-    cmdline.push("console=ttyS0").unwrap();
-    for w in &plan.cmdline {
-        cmdline.push(*w).unwrap();
-    }
-    QemuCommand {
-        binary: "/usr/bin/qemu-system-x86_64".into(),
-        name: "gpucell-0123456789abcdef".into(),
-        machine: Machine {
-            pci_hole64_size: plan.hole64,
-        },
+    let mut input = CommandInput::bare(
+        "/usr/bin/qemu-system-x86_64".into(),
+        "gpucell-0123456789abcdef".into(),
         accel,
-        cpu: plan.cpu,
-        resources: Resources {
-            cpus: 4,
-            memory_mib,
-        },
-        boot: Some(
-            gpucell_sandbox::args::Boot::new(
-                Path::new("/var/lib/gpucell/guest/default/vmlinux"),
-                Path::new("/var/lib/gpucell/guest/default/initramfs.cpio.gz"),
-                cmdline,
-            )
-            .unwrap(),
-        ),
-        start_paused: false,
-        drives: vec![],
-        chardevs: vec![],
-        devices: plan.devices,
-        qmp: None,
-        serial: None,
-        seccomp: None,
-        run_as: None,
-    }
+        "/var/lib/gpucell/guest/default/vmlinux".into(),
+        "/var/lib/gpucell/guest/default/initramfs.cpio.gz".into(),
+    );
+    input.cpus = 4;
+    input.memory_mib = memory_mib;
+    input.base_cmdline = vec!["console=ttyS0".into()];
+    input.console = false;
+    input.devices = devices::plan(setup, accel, 4, memory_mib, root).unwrap();
+    qemu_command(&input).unwrap()
 }
 
 fn count(args: &[String], prefix: &str) -> usize {

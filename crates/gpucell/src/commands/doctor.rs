@@ -43,13 +43,18 @@ fn kvm_probe(global: &Global, args: &DoctorArgs, root: &HostRoot, qemu: &QemuInf
         Ok(g) => g,
         Err(e) => return KvmProbe::NotRun(format!("no guest to boot: {e}")),
     };
+    let timeout = match global.kvm_probe_timeout() {
+        Ok(t) => t,
+        Err(e) => return KvmProbe::NotRun(format!("{e:#}")),
+    };
     let input = ProbeInput::new(
         qemu,
         &guest.kernel,
         &guest.initrd,
         &global.host_root,
         Some(&global.state_dir),
-    );
+    )
+    .with_timeout(timeout);
     match accel::probe(&input) {
         Ok(p) if p.kvm_usable => KvmProbe::Usable,
         Ok(p) => KvmProbe::Unusable(p.reason),

@@ -1,9 +1,9 @@
 //! `gpucell image ls|inspect|rm|prune|disk`.
 
 use anyhow::Context;
-use gpucell_image::{FsType, Store, StoreOptions};
+use gpucell_image::{FsType, Store};
 
-use super::{print_json, Global};
+use super::{open_store, print_json, Global};
 
 #[derive(clap::Subcommand, Debug)]
 pub enum ImageCommand {
@@ -33,8 +33,7 @@ pub enum ImageCommand {
 }
 
 fn open(global: &Global) -> anyhow::Result<Store> {
-    Store::open(&global.state_dir)
-        .with_context(|| format!("opening the image store in {}", global.state_dir.display()))
+    open_store(global, |_| {})
 }
 
 fn human(bytes: u64) -> String {
@@ -181,12 +180,10 @@ pub fn run(global: &Global, command: ImageCommand) -> anyhow::Result<u8> {
             Ok(0)
         }
         ImageCommand::Disk { reference, fs } => {
-            let mut options = StoreOptions::from_env();
-            if let Some(fs) = fs.as_deref().and_then(FsType::parse) {
-                options.fs_type = fs;
-            }
-            let store = Store::open_with(&global.state_dir, options).with_context(|| {
-                format!("opening the image store in {}", global.state_dir.display())
+            let store = open_store(global, |options| {
+                if let Some(fs) = fs.as_deref().and_then(FsType::parse) {
+                    options.fs_type = fs;
+                }
             })?;
             let image = store.get_or_fetch(&reference)?;
             let disk = store

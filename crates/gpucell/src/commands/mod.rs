@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 pub mod doctor;
+pub mod envconfig;
 pub mod gpu;
 pub mod guest;
 pub mod host;
@@ -41,19 +42,58 @@ pub struct Global {
 }
 
 impl Global {
+    /// The node as the run core sees it: the host and state roots, the configuration
+    /// file, and the image settings of `GPUCELL_*` variables over the file's.
+    pub fn node(&self, qemu: Option<&std::path::Path>) -> anyhow::Result<gpucell_runtime::Node> {
+        let config = self.config()?;
+        let mut node = gpucell_runtime::Node::new(&self.host_root, &self.state_dir, qemu, &config);
+        if let Some(t) = kvm_probe_timeout_env()? {
+            node.kvm_probe_timeout = Some(t);
+        }
+        node.store = envconfig::store_options(config.image)?;
+        Ok(node)
+    }
+
+    /// The KVM boot probe's time limit: `GPUCELL_KVM_PROBE_TIMEOUT` seconds when set,
+    /// else the configuration file's `run.kvm_probe_timeout_ms`, else the probe's default.
+    pub fn kvm_probe_timeout(&self) -> anyhow::Result<std::time::Duration> {
+        Ok(match kvm_probe_timeout_env()? {
+            Some(t) => t,
+            None => self
+                .config()?
+                .kvm_probe_timeout()
+                .unwrap_or(gpucell_sandbox::accel::DEFAULT_PROBE_TIMEOUT),
+        })
+    }
+
     /// The configuration file: the one named by `--config` (which must exist), else
     /// /etc/gpucell/config.toml under the host root when it exists, else the defaults.
     pub fn config(&self) -> anyhow::Result<gpucell_runtime::Config> {
         let config = match &self.config {
             Some(p) => gpucell_runtime::Config::load(p, true)?,
             None => {
-                let default = self.host_root.join(
-                    gpucell_runtime::DEFAULT_CONFIG_PATH.trim_start_matches('/'),
-                );
+                let default = self
+                    .host_root
+                    .join(gpucell_runtime::DEFAULT_CONFIG_PATH.trim_start_matches('/'));
                 gpucell_runtime::Config::load(&default, false)?
             }
         };
         Ok(config)
+    }
+}
+
+/// `GPUCELL_KVM_PROBE_TIMEOUT` (seconds, 1 to 600) when set; any other value is an error
+/// naming the variable.
+fn kvm_probe_timeout_env() -> anyhow::Result<Option<std::time::Duration>> {
+    use gpucell_sandbox::accel::{parse_probe_timeout, PROBE_TIMEOUT_ENV};
+    match std::env::var(PROBE_TIMEOUT_ENV) {
+        Ok(v) => match parse_probe_timeout(&v) {
+            Some(t) => Ok(Some(t)),
+            None => anyhow::bail!(
+                "environment variable {PROBE_TIMEOUT_ENV}: {v:?} is not a number of seconds between 1 and 600; fix or unset it"
+            ),
+        },
+        Err(_) => Ok(None),
     }
 }
 
@@ -77,16 +117,20 @@ pub fn init_logging(global: &Global) {
 
 /// Prints an error and each of its causes once: `error: a: b: c`.
 pub fn print_error_chain(err: &anyhow::Error) {
-    let mut msg = String::from("error: ");
-    let mut first = true;
-    for cause in err.chain() {
-        if !first {
-            msg.push_str(": ");
-        }
-        msg.push_str(&cause.to_string());
-        first = false;
-    }
-    eprintln!("{msg}");
+    eprintln!("error: {}", gpucell_common::chain_string(err.as_ref()));
+}
+
+/// Opens the image store with the options from the environment ([`envconfig`]),
+/// `adjust`ed by the command's own flags.
+pub fn open_store(
+    global: &Global,
+    adjust: impl FnOnce(&mut gpucell_image::StoreOptions),
+) -> anyhow::Result<gpucell_image::Store> {
+    use anyhow::Context;
+    let mut options = envconfig::store_options(global.config()?.image)?;
+    adjust(&mut options);
+    gpucell_image::Store::open_with(&global.state_dir, options)
+        .with_context(|| format!("opening the image store in {}", global.state_dir.display()))
 }
 
 /// Prints a value as pretty JSON on stdout.

@@ -1,9 +1,8 @@
 //! `gpucell pull REF`: pull or import an image into the store.
 
 use anyhow::Context;
-use gpucell_image::Store;
 
-use super::{print_json, Global};
+use super::{open_store, print_json, Global};
 
 #[derive(clap::Args, Debug)]
 pub struct PullArgs {
@@ -24,8 +23,7 @@ struct Pulled {
 }
 
 pub fn run(global: &Global, args: PullArgs) -> anyhow::Result<u8> {
-    let store = Store::open(&global.state_dir)
-        .with_context(|| format!("opening the image store in {}", global.state_dir.display()))?;
+    let store = open_store(global, |_| {})?;
     // Errors from the store name the reference, blob or entry already.
     let image = store.pull(&args.reference)?;
     let disk = if args.disk {

@@ -9,7 +9,7 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
-use gpucell_runtime::{AccelRequest, DeviceSpec, Node, Observer, RunReport, RunRequest};
+use gpucell_runtime::{AccelRequest, DeviceSpec, Observer, RunReport, RunRequest};
 use gpucell_sandbox::spec;
 use gpucell_sandbox::{EventSender, SessionIo, SignalForwarder};
 
@@ -89,11 +89,12 @@ pub struct DeviceArgs {
     pub device_wait: Option<String>,
 }
 
-fn millis(flag: &str, v: Option<&str>) -> anyhow::Result<Option<u64>> {
+/// A duration flag in milliseconds (the error names the value, as it always did).
+fn millis(v: Option<&str>) -> anyhow::Result<Option<u64>> {
     v.map(|s| {
         spec::parse_duration(s)
             .map(|d| d.as_millis().min(u128::from(u64::MAX)) as u64)
-            .map_err(|e| anyhow::Error::from(e).context(format!("{flag}")))
+            .map_err(anyhow::Error::from)
     })
     .transpose()
 }
@@ -133,10 +134,10 @@ fn request(global: &Global, args: &RunArgs) -> anyhow::Result<RunRequest> {
             functions: d.device.clone(),
             hugepages: d.hugepages,
             pin_cpus: d.pin_cpus,
-            wait_ms: millis("--device-wait", d.device_wait.as_deref())?,
+            wait_ms: millis(d.device_wait.as_deref())?,
         },
-        timeout_ms: millis("--timeout", args.timeout.as_deref())?,
-        boot_timeout_ms: millis("--boot-timeout", args.boot_timeout.as_deref())?,
+        timeout_ms: millis(args.timeout.as_deref())?,
+        boot_timeout_ms: millis(args.boot_timeout.as_deref())?,
         guest: args.guest.clone(),
         accel,
     })
@@ -185,7 +186,7 @@ pub fn run(global: &Global, args: RunArgs) -> anyhow::Result<u8> {
             return finish(global, &report);
         }
     };
-    let node = node(global, &args)?;
+    let node = global.node(args.qemu.as_deref())?;
     if args.dry_run {
         return dry::run(global, &node, req);
     }
@@ -195,16 +196,6 @@ pub fn run(global: &Global, args: RunArgs) -> anyhow::Result<u8> {
         eprintln!("warning: signals are not forwarded to the workload: {e}");
     }
     finish(global, &report)
-}
-
-fn node(global: &Global, args: &RunArgs) -> anyhow::Result<Node> {
-    let config = global.config()?;
-    Ok(Node::new(
-        &global.host_root,
-        &global.state_dir,
-        args.qemu.as_deref(),
-        &config,
-    ))
 }
 
 /// Prints the error and the console tail of a failed run, the report under `--json`,

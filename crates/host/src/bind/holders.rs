@@ -99,7 +99,7 @@ pub fn display_holds(root: &HostRoot, bdf: Bdf, warnings: &mut Vec<String>) -> V
             hold: Hold::BootDisplay,
         }),
         Ok(_) => {}
-        Err(e) => warnings.push(sysfs::error_chain(&e)),
+        Err(e) => warnings.push(gpucell_common::chain_string(&e)),
     }
     for card in drm_nodes(&dir, warnings)
         .into_iter()
@@ -109,7 +109,7 @@ pub fn display_holds(root: &HostRoot, bdf: Bdf, warnings: &mut Vec<String>) -> V
         let entries = match sysfs::list_dir_opt(&card_dir) {
             Ok(e) => e,
             Err(e) => {
-                warnings.push(sysfs::error_chain(&e));
+                warnings.push(gpucell_common::chain_string(&e));
                 continue;
             }
         };
@@ -126,7 +126,7 @@ pub fn display_holds(root: &HostRoot, bdf: Bdf, warnings: &mut Vec<String>) -> V
                     },
                 }),
                 Ok(_) => {}
-                Err(e) => warnings.push(sysfs::error_chain(&e)),
+                Err(e) => warnings.push(gpucell_common::chain_string(&e)),
             }
         }
     }
@@ -146,7 +146,7 @@ fn drm_nodes(dir: &Path, warnings: &mut Vec<String>) -> Vec<String> {
             .map(str::to_owned)
             .collect(),
         Err(e) => {
-            warnings.push(sysfs::error_chain(&e));
+            warnings.push(gpucell_common::chain_string(&e));
             Vec::new()
         }
     }

@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::bdf::Bdf;
-use crate::bootcfg::atomic;
 use crate::sysfs;
 
 /// Largest record file read.
@@ -95,7 +94,7 @@ pub fn save(state_dir: &Path, record: &BindRecord) -> Result<(), RecordError> {
     };
     std::fs::create_dir_all(records_dir(state_dir)).map_err(err)?;
     let json = serde_json::to_vec_pretty(record).map_err(|e| err(std::io::Error::other(e)))?;
-    atomic::write_atomic(&path, &json, 0o600).map_err(err)
+    gpucell_common::write_atomic(&path, &json, 0o600).map_err(err)
 }
 
 /// The record of `bdf`, `None` when there is none. A record is validated: it must name

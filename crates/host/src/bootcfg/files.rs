@@ -3,8 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use super::{
-    atomic, ApplyReport, BootCfgError, BootPlan, FileAction, FileChange, BACKUP_SUFFIX,
-    NEW_FILE_MODE,
+    ApplyReport, BootCfgError, BootPlan, FileAction, FileChange, BACKUP_SUFFIX, NEW_FILE_MODE,
 };
 use crate::root::HostRoot;
 use crate::sysfs;
@@ -93,16 +92,16 @@ pub fn apply(plan: &BootPlan) -> Result<ApplyReport, BootCfgError> {
             backup.push(BACKUP_SUFFIX);
             let backup = PathBuf::from(backup);
             if std::fs::symlink_metadata(&backup).is_err() {
-                atomic::write_atomic(&backup, old.as_bytes(), f.mode).map_err(|source| {
-                    BootCfgError::Write {
+                gpucell_common::write_atomic(&backup, old.as_bytes(), f.mode).map_err(
+                    |source| BootCfgError::Write {
                         path: backup.clone(),
                         source,
-                    }
-                })?;
+                    },
+                )?;
                 report.backups.push(backup);
             }
         }
-        atomic::write_atomic(path, f.content.as_bytes(), f.mode).map_err(write_err)?;
+        gpucell_common::write_atomic(path, f.content.as_bytes(), f.mode).map_err(write_err)?;
         tracing::info!(path = %path.display(), "wrote");
         report.written.push(path.clone());
     }

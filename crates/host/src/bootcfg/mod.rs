@@ -6,7 +6,6 @@
 //! the files that change, atomically, keeping a `.gpucell-bak` copy of each file it
 //! modifies. Planning twice on an applied tree yields no change.
 
-pub mod atomic;
 mod files;
 pub mod grub;
 pub mod render;

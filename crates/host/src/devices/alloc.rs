@@ -269,23 +269,11 @@ impl DevicePool {
             });
         }
         let scan = PciScan::read(&self.root).map_err(DevicesError::Scan)?;
-        let view = View {
-            root: &self.root,
-            scan: &scan,
-            allocations: &allocations,
-            quarantine: &quarantine,
-        };
-        let chosen = choose(&view, request)?;
+        let chosen = choose(&self.view(&scan, &allocations, &quarantine), request)?;
         // Bind what needs it, all groups in one plan.
-        let to_bind: Vec<Bdf> = chosen
-            .iter()
-            .filter(|(_, needs_bind)| *needs_bind)
-            .map(|(b, _)| *b)
-            .collect();
+        let to_bind = needing_bind(&chosen);
         let bind_start = Instant::now();
-        if !to_bind.is_empty() {
-            let plan = bind::plan_bind(&self.root, &Targets::Devices(to_bind.clone()))
-                .map_err(DevicesError::Bind)?;
+        if let Some(plan) = self.bind_plan(&to_bind)? {
             let outcome = bind::execute_bind(&self.root, &self.state_dir, &plan, writer)
                 .map_err(DevicesError::Bind)?;
             for b in &outcome.changed {
@@ -299,40 +287,18 @@ impl DevicePool {
             bind_start.elapsed()
         };
         let since = now_unix();
-        let mut devices = Vec::new();
-        for (bdf, _) in &chosen {
-            let f = PciFunction::read(&self.root, *bdf)?;
-            let group = f.iommu_group.ok_or(DevicesError::GroupLost { bdf: *bdf })?;
-            let members = iommu::group_members(&self.root, group)
-                .map_err(|source| DevicesError::Group { bdf: *bdf, source })?;
-            let companions = members
-                .into_iter()
-                .filter(|m| *m != f.bdf && !chosen.iter().any(|(c, _)| c == m))
-                .filter(|m| !matches!(scan.get(*m), Some(mf) if mf.is_bridge()))
-                .collect();
-            allocations.allocations.push(AllocationEntry {
-                bdf: f.bdf,
-                vendor: f.vendor,
-                device: f.device,
-                iommu_group: group,
+        let devices = self.assigned(&scan, &chosen)?;
+        allocations
+            .allocations
+            .extend(devices.iter().map(|d| AllocationEntry {
+                bdf: d.bdf,
+                vendor: d.vendor,
+                device: d.device,
+                iommu_group: d.iommu_group,
                 sandbox: sandbox.to_owned(),
                 owner,
                 since_unix: since,
-            });
-            devices.push(AssignedDevice {
-                bdf: f.bdf,
-                vendor: f.vendor,
-                device: f.device,
-                class: f.class,
-                bars: f.bars.clone().unwrap_or_default(),
-                numa_node: f.numa_node,
-                local_cpus: f.local_cpus.clone(),
-                iommu_group: group,
-                vfio_group: self.root.dev(&format!("vfio/{group}")),
-                companions,
-                reset_methods: f.reset_methods.clone().unwrap_or_default(),
-            });
-        }
+            }));
         allocations.allocations.sort_by_key(|a| a.bdf);
         record::save_allocations(&self.state_dir, &allocations)?;
         tracing::info!(sandbox, devices = ?devices.iter().map(|d| d.bdf.to_string()).collect::<Vec<_>>(), "allocated");
@@ -351,27 +317,17 @@ impl DevicePool {
         quarantine: &mut QuarantineFile,
         writer: &mut dyn SysfsWriter,
     ) -> Result<Vec<String>, DevicesError> {
-        let proc_dir = self.proc_dir();
-        let stale: Vec<AllocationEntry> = allocations
-            .allocations
-            .iter()
-            .filter(|a| !a.owner.is_alive(&proc_dir))
-            .cloned()
-            .collect();
+        let stale = self.stale(allocations);
         if stale.is_empty() {
             return Ok(Vec::new());
         }
-        let open = OpenFiles::scan(&self.proc_root);
         let policy = self.policy()?;
         let mut notes = Vec::new();
-        for a in stale {
-            let node = format!("/dev/vfio/{}", a.iommu_group);
-            if let Some((pid, cmd)) = open.holders_of(&node).first() {
+        for Stale { entry: a, open_by } in stale {
+            if let Some((pid, cmd)) = open_by {
+                let node = format!("/dev/vfio/{}", a.iommu_group);
                 tracing::warn!(bdf = %a.bdf, sandbox = %a.sandbox, pid, command = %cmd, "owner gone but {node} is still open; kept as busy");
-                notes.push(format!(
-                    "{}: sandbox {} (pid {}) is gone but {node} is open by pid {pid} ({cmd}); kept as busy",
-                    a.bdf, a.sandbox, a.owner.pid
-                ));
+                notes.push(kept_note(&a, pid, &cmd));
                 continue;
             }
             let result = reset::reset_and_check(
@@ -388,7 +344,7 @@ impl DevicePool {
                     a.bdf, a.sandbox, a.owner.pid
                 )),
                 Err(e) => {
-                    let reason = crate::sysfs::error_chain(&e);
+                    let reason = gpucell_common::chain_string(&e);
                     tracing::warn!(bdf = %a.bdf, "quarantined: {reason}");
                     notes.push(format!("{}: quarantined: {reason}", a.bdf));
                     quarantine.put(QuarantineEntry {
@@ -409,6 +365,182 @@ impl DevicePool {
         record::save_allocations(&self.state_dir, allocations)?;
         Ok(notes)
     }
+
+    /// The records whose owner is gone, each with the process that still has its group's
+    /// `/dev/vfio/N` open, if any (then it stays busy). What [`DevicePool::reconcile`]
+    /// acts on and [`DevicePool::preview`] predicts from.
+    fn stale(&self, allocations: &AllocationFile) -> Vec<Stale> {
+        let proc_dir = self.proc_dir();
+        let gone: Vec<&AllocationEntry> = allocations
+            .allocations
+            .iter()
+            .filter(|a| !a.owner.is_alive(&proc_dir))
+            .collect();
+        if gone.is_empty() {
+            return Vec::new();
+        }
+        let open = OpenFiles::scan(&self.proc_root);
+        gone.into_iter()
+            .map(|a| Stale {
+                entry: a.clone(),
+                open_by: open
+                    .holders_of(&format!("/dev/vfio/{}", a.iommu_group))
+                    .first()
+                    .cloned(),
+            })
+            .collect()
+    }
+
+    fn view<'a>(
+        &'a self,
+        scan: &'a PciScan,
+        allocations: &'a AllocationFile,
+        quarantine: &'a QuarantineFile,
+    ) -> View<'a> {
+        View {
+            root: &self.root,
+            scan,
+            allocations,
+            quarantine,
+        }
+    }
+
+    /// The plan binding `to_bind` (with their groups) to vfio-pci, `None` when empty; an
+    /// error when something holds a function of those groups.
+    fn bind_plan(&self, to_bind: &[Bdf]) -> Result<Option<bind::BindPlan>, DevicesError> {
+        if to_bind.is_empty() {
+            return Ok(None);
+        }
+        let plan = bind::plan_bind(&self.root, &Targets::Devices(to_bind.to_vec()))
+            .map_err(DevicesError::Bind)?;
+        if !plan.refusals.is_empty() {
+            return Err(DevicesError::Bind(bind::BindError::Refused {
+                holders: plan.refusals.clone(),
+            }));
+        }
+        Ok(Some(plan))
+    }
+
+    /// What the VM needs to know about each chosen function.
+    fn assigned(
+        &self,
+        scan: &PciScan,
+        chosen: &[(Bdf, bool)],
+    ) -> Result<Vec<AssignedDevice>, DevicesError> {
+        let mut devices = Vec::new();
+        for (bdf, _) in chosen {
+            let f = PciFunction::read(&self.root, *bdf)?;
+            let group = f.iommu_group.ok_or(DevicesError::GroupLost { bdf: *bdf })?;
+            let members = iommu::group_members(&self.root, group)
+                .map_err(|source| DevicesError::Group { bdf: *bdf, source })?;
+            let companions = members
+                .into_iter()
+                .filter(|m| *m != f.bdf && !chosen.iter().any(|(c, _)| c == m))
+                .filter(|m| !matches!(scan.get(*m), Some(mf) if mf.is_bridge()))
+                .collect();
+            devices.push(AssignedDevice {
+                bdf: f.bdf,
+                vendor: f.vendor,
+                device: f.device,
+                class: f.class,
+                bars: f.bars.clone().unwrap_or_default(),
+                numa_node: f.numa_node,
+                local_cpus: f.local_cpus.clone(),
+                iommu_group: group,
+                vfio_group: self.root.dev(&format!("vfio/{group}")),
+                companions,
+                reset_methods: f.reset_methods.clone().unwrap_or_default(),
+            });
+        }
+        Ok(devices)
+    }
+
+    /// What [`DevicePool::allocate`] would give `request` now, by the same decision and
+    /// with the same refusals, without taking it: no record is written, nothing is bound
+    /// or reset, and the state directory is left as it was (only a shared lock on
+    /// `<state>/devices/lock` is held while reading, when that file exists). For
+    /// `gpucell run --dry-run`.
+    ///
+    /// Records of dead sandboxes are counted as released, as the allocation would release
+    /// them first: if one of those devices then failed its reset it would be quarantined
+    /// instead, which a preview cannot know ([`DevicePreview::notes`] names them).
+    #[tracing::instrument(skip(self), fields(request = %request))]
+    pub fn preview(&self, request: &DeviceRequest) -> Result<DevicePreview, DevicesError> {
+        let _lock = DevicesLock::shared_if_exists(&self.state_dir)?;
+        let mut allocations = record::load_allocations(&self.state_dir)?;
+        let quarantine = record::load_quarantine(&self.state_dir)?;
+        let stale = self.stale(&allocations);
+        let mut notes = Vec::new();
+        if stale.iter().any(|s| s.open_by.is_none()) {
+            // The allocation reads the policy before releasing: the same error here.
+            self.policy()?;
+        }
+        for Stale { entry: a, open_by } in stale {
+            match open_by {
+                Some((pid, cmd)) => notes.push(kept_note(&a, pid, &cmd)),
+                None => {
+                    notes.push(format!(
+                        "{}: would be released from sandbox {} (pid {} is gone), reset and checked",
+                        a.bdf, a.sandbox, a.owner.pid
+                    ));
+                    allocations.allocations.retain(|x| x.bdf != a.bdf);
+                }
+            }
+        }
+        if request.is_empty() {
+            return Ok(DevicePreview {
+                devices: Vec::new(),
+                to_bind: Vec::new(),
+                notes,
+            });
+        }
+        let scan = PciScan::read(&self.root).map_err(DevicesError::Scan)?;
+        let chosen = choose(&self.view(&scan, &allocations, &quarantine), request)?;
+        let to_bind = needing_bind(&chosen);
+        if let Some(plan) = self.bind_plan(&to_bind)? {
+            notes.extend(plan.warnings);
+        }
+        Ok(DevicePreview {
+            devices: self.assigned(&scan, &chosen)?,
+            to_bind,
+            notes,
+        })
+    }
+}
+
+/// What [`DevicePool::preview`] found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DevicePreview {
+    /// The devices the allocation would pass, as it would describe them.
+    pub devices: Vec<AssignedDevice>,
+    /// Those of them whose IOMMU group it would bind to vfio-pci first.
+    pub to_bind: Vec<Bdf>,
+    /// Records of dead sandboxes it would release (or keep, their group still open), and
+    /// warnings of the bind plan.
+    pub notes: Vec<String>,
+}
+
+/// An allocation record whose owner is gone.
+struct Stale {
+    entry: AllocationEntry,
+    /// A process that has the group's `/dev/vfio/N` open: (pid, command).
+    open_by: Option<(u32, String)>,
+}
+
+fn kept_note(a: &AllocationEntry, pid: u32, cmd: &str) -> String {
+    format!(
+        "{}: sandbox {} (pid {}) is gone but /dev/vfio/{} is open by pid {pid} ({cmd}); kept as busy",
+        a.bdf, a.sandbox, a.owner.pid, a.iommu_group
+    )
+}
+
+/// The chosen functions that need binding to vfio-pci.
+fn needing_bind(chosen: &[(Bdf, bool)]) -> Vec<Bdf> {
+    chosen
+        .iter()
+        .filter(|(_, needs_bind)| *needs_bind)
+        .map(|(b, _)| *b)
+        .collect()
 }
 
 /// The functions `request` gets, each with whether it needs binding; or the refusal.

@@ -57,7 +57,7 @@ use crate::bind::BindError;
 use crate::iommu::IommuError;
 use crate::pci::PciError;
 
-pub use alloc::{Allocation, AssignedDevice, DevicePool};
+pub use alloc::{Allocation, AssignedDevice, DevicePool, DevicePreview};
 pub use record::{AllocationEntry, Owner, QuarantineEntry, RecordError};
 pub use release::{ReleaseOutcome, ReleaseReport};
 pub use request::{DeviceRequest, GpuSelection, RequestError};

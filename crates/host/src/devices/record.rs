@@ -5,14 +5,13 @@
 //! the lock is held. They are read as hostile input: bounded, versioned, every entry
 //! validated; a damaged file stops allocation (fail closed) with an error naming it.
 
-use std::fs::{File, OpenOptions};
+use gpucell_common::FileLock;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
 use crate::bdf::Bdf;
-use crate::bootcfg::atomic;
 use crate::sysfs::{self, SysfsError};
 
 /// Largest record file read.
@@ -34,12 +33,8 @@ pub enum RecordError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot lock {}", path.display())]
-    Lock {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Lock(#[from] gpucell_common::LockError),
     #[error("cannot read {}", path.display())]
     Read {
         path: PathBuf,
@@ -192,7 +187,7 @@ impl Owner {
             Ok(Liveness::Gone) => false,
             // Unreadable: assume it runs, so its device is never taken from under it.
             Err(e) => {
-                tracing::warn!("{}", sysfs::error_chain(&e));
+                tracing::warn!("{}", gpucell_common::chain_string(&e));
                 true
             }
         }
@@ -303,7 +298,7 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), RecordError> {
         source,
     };
     let json = serde_json::to_vec_pretty(value).map_err(|e| err(std::io::Error::other(e)))?;
-    atomic::write_atomic(path, &json, 0o600).map_err(err)
+    gpucell_common::write_atomic(path, &json, 0o600).map_err(err)
 }
 
 fn check_common(path: &Path, version: u32, bdfs: &[Bdf]) -> Result<(), RecordError> {
@@ -373,7 +368,7 @@ pub fn save_quarantine(state_dir: &Path, file: &QuarantineFile) -> Result<(), Re
 /// The exclusive lock on `<state>/devices/lock`, held until dropped.
 #[derive(Debug)]
 pub struct DevicesLock {
-    _file: File,
+    _lock: FileLock,
 }
 
 impl DevicesLock {
@@ -384,24 +379,15 @@ impl DevicesLock {
             path: dir.clone(),
             source,
         })?;
-        let path = lock_path(state_dir);
-        let err = |source| RecordError::Lock {
-            path: path.clone(),
-            source,
-        };
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(err)?;
-        loop {
-            match rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive) {
-                Ok(()) => return Ok(Self { _file: file }),
-                Err(rustix::io::Errno::INTR) => continue,
-                Err(e) => return Err(err(e.into())),
-            }
-        }
+        Ok(Self {
+            _lock: FileLock::exclusive(&lock_path(state_dir))?,
+        })
+    }
+
+    /// A shared lock on the lock file when it exists (`None` otherwise), creating
+    /// nothing: for reading the records consistently without changing the state dir.
+    pub fn shared_if_exists(state_dir: &Path) -> Result<Option<Self>, RecordError> {
+        Ok(FileLock::shared_if_exists(&lock_path(state_dir))?.map(|l| Self { _lock: l }))
     }
 }
 

@@ -6,7 +6,7 @@ use serde::Serialize;
 use crate::bdf::Bdf;
 use crate::bind::holders::OpenFiles;
 use crate::bind::SysfsWriter;
-use crate::sysfs::error_chain;
+use gpucell_common::chain_string;
 
 use super::alloc::{Allocation, DevicePool};
 use super::record::{self, now_unix, DevicesLock, QuarantineEntry};
@@ -41,7 +41,7 @@ impl Allocation {
         };
         let pool = &self.pool;
         let policy = pool.policy().unwrap_or_else(|e| {
-            tracing::warn!("{}; no device is exempt from reset", error_chain(&e));
+            tracing::warn!("{}; no device is exempt from reset", chain_string(&e));
             ResetPolicy::default()
         });
         let mut report = ReleaseReport::default();
@@ -69,7 +69,7 @@ impl Allocation {
             ) {
                 Ok(c) => report.returned.push((d.bdf, c)),
                 Err(e) => {
-                    let reason = error_chain(&e);
+                    let reason = chain_string(&e);
                     tracing::warn!(bdf = %d.bdf, "quarantined: {reason}");
                     report.quarantined.push(QuarantineEntry {
                         bdf: d.bdf,
@@ -118,7 +118,7 @@ impl Drop for Allocation {
                 tracing::error!(
                     sandbox = %self.sandbox,
                     "releasing devices failed: {}; the next allocation retries",
-                    error_chain(&e)
+                    chain_string(&e)
                 );
             }
         }
@@ -193,7 +193,7 @@ impl DevicePool {
                     sandbox: a.sandbox,
                 },
                 Err(e) => {
-                    let reason = error_chain(&e);
+                    let reason = chain_string(&e);
                     quarantine.put(QuarantineEntry {
                         bdf,
                         vendor: a.vendor,

@@ -104,7 +104,7 @@ impl ResetPolicy {
         let text = match sysfs::read_raw(&path) {
             Ok(t) => t,
             Err(e) if e.is_not_found() => return Ok(Self::default()),
-            Err(e) => return Err(bad(sysfs::error_chain(&e))),
+            Err(e) => return Err(bad(gpucell_common::chain_string(&e))),
         };
         if text.len() > 64 * 1024 {
             return Err(bad("larger than 64 KiB".into()));

@@ -10,7 +10,7 @@ use crate::bind::{self, Targets};
 use crate::iommu;
 use crate::pci::{Driver, PciFunction, PciScan};
 use crate::root::HostRoot;
-use crate::sysfs::error_chain;
+use gpucell_common::chain_string;
 
 use super::record::{format_utc, AllocationFile, QuarantineFile};
 
@@ -118,7 +118,7 @@ impl View<'_> {
             Ok(m) => m,
             Err(e) => {
                 return Availability::NotViable {
-                    why: error_chain(&e),
+                    why: chain_string(&e),
                 }
             }
         };
@@ -149,7 +149,7 @@ impl View<'_> {
                 ),
             },
             Err(e) => Availability::NotViable {
-                why: error_chain(&e),
+                why: chain_string(&e),
             },
         }
     }

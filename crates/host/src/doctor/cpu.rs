@@ -1,7 +1,8 @@
 //! CPU facts from `<root>/proc/cpuinfo`: vendor, virtualization flags, physical address bits.
 
 use crate::root::HostRoot;
-use crate::sysfs::{self, error_chain};
+use crate::sysfs;
+use gpucell_common::chain_string;
 
 use super::Check;
 
@@ -31,7 +32,7 @@ impl CpuInfo {
         match sysfs::read_raw(&root.proc("cpuinfo")) {
             Ok(text) => Self::parse(&text),
             Err(e) => Self {
-                read: Err(error_chain(&e)),
+                read: Err(chain_string(&e)),
                 vendor: None,
                 vmx: false,
                 svm: false,

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use crate::devices;
 use crate::devices::record::format_utc;
-use crate::sysfs::error_chain;
+use gpucell_common::chain_string;
 
 use super::Check;
 
@@ -16,7 +16,7 @@ pub(super) fn checks(state_dir: &Path) -> Vec<Check> {
             return vec![Check::warn(
                 "quarantine",
                 "Quarantine",
-                error_chain(&e),
+                chain_string(&e),
                 "allocation of devices is refused until the quarantine record is readable",
             )]
         }

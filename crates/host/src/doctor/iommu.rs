@@ -3,7 +3,8 @@
 use crate::cmdline::KernelCmdline;
 use crate::gpu::GpuInventory;
 use crate::root::HostRoot;
-use crate::sysfs::{self, error_chain};
+use crate::sysfs;
+use gpucell_common::chain_string;
 
 use super::cpu::{CpuInfo, CpuVendor};
 use super::Check;
@@ -12,7 +13,7 @@ use super::Check;
 const INTEL_ECAP_IR: u64 = 1 << 3;
 
 pub(super) fn checks(root: &HostRoot, cpu: &CpuInfo, inv: &GpuInventory) -> Vec<Check> {
-    let cmdline = KernelCmdline::read(root).map_err(|e| error_chain(&e));
+    let cmdline = KernelCmdline::read(root).map_err(|e| chain_string(&e));
     let units: Vec<String> = sysfs::list_dir_opt(&root.sys("class/iommu"))
         .unwrap_or_default()
         .into_iter()

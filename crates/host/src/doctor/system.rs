@@ -54,7 +54,7 @@ pub(super) fn hugepages(root: &HostRoot) -> Check {
             return Check::warn(
                 ID,
                 TITLE,
-                format!("unknown: {}", sysfs::error_chain(&e)),
+                format!("unknown: {}", gpucell_common::chain_string(&e)),
                 fix,
             )
         }
@@ -81,7 +81,7 @@ pub(super) fn hugepages(root: &HostRoot) -> Check {
                     crate::bar::human_size(kb.saturating_mul(1024))
                 ));
             }
-            (Err(e), _) | (_, Err(e)) => parts.push(sysfs::error_chain(&e)),
+            (Err(e), _) | (_, Err(e)) => parts.push(gpucell_common::chain_string(&e)),
         }
     }
     let detail = if parts.is_empty() {

@@ -1,6 +1,6 @@
 //! Building (once) and finding the guest disk of an image.
 
-use std::fs::{self, File};
+use std::fs;
 use std::io::{Read, Seek};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -11,10 +11,10 @@ use tracing::{debug, info, instrument, warn};
 use super::{io_err, GuestDisk, Image, Store, StoreError};
 use crate::digest::Digest;
 use crate::fsimage;
-use crate::lock::FileLock;
 use crate::manifest::Compression;
 use crate::unpack::Unpacker;
 use crate::Error;
+use gpucell_common::FileLock;
 
 impl Store {
     /// The read-only filesystem image of `image` for virtio-blk, built on first use and
@@ -121,15 +121,12 @@ impl Store {
         let fs_type = self.options.fs_type;
         let out = tmp.join(format!("disk.{}", fs_type.as_str()));
         fsimage::build(rootfs, &out, fs_type)?;
-        let file = File::open(&out).map_err(io_err(&out, "open the built disk"))?;
-        file.sync_all()
-            .map_err(io_err(&out, "sync the built disk"))?;
-        let size = file
-            .metadata()
+        let size = fs::metadata(&out)
             .map_err(io_err(&out, "stat the built disk"))?
             .len();
         let dest = self.disk_path(digest);
-        fs::rename(&out, &dest).map_err(io_err(&dest, "move the built disk into place"))?;
+        gpucell_common::atomic::rename_synced(&out, &dest)
+            .map_err(io_err(&dest, "sync and move the built disk into place"))?;
         debug!(
             unpack_ms = unpacked.as_millis() as u64,
             mkfs_ms = (started.elapsed() - unpacked).as_millis() as u64,
@@ -159,7 +156,7 @@ impl Store {
         format!("{UNPACK_PREFIX}{}-", &tag.hex()[..12])
     }
 
-    /// `GPUCELL_UNPACK_DIR` when set; else /dev/shm when it is a tmpfs with room for
+    /// [`crate::StoreOptions::unpack_dir`] when set; else /dev/shm when it is a tmpfs with room for
     /// twice the estimated tree (4x the compressed layers); else the store's tmp/.
     fn unpack_parent(&self, image: &Image) -> std::path::PathBuf {
         if let Some(dir) = &self.options.unpack_dir {

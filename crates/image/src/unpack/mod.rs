@@ -28,8 +28,10 @@ pub const MAX_DEPTH: usize = 256;
 /// Directory fds kept open while unpacking (well under the usual 1024-fd limit).
 const MAX_CACHED_DIRS: usize = 512;
 
-/// Bounds on what unpacking an image may produce.
-#[derive(Debug, Clone, Copy)]
+/// Bounds on what unpacking an image may produce. Both must be positive
+/// ([`crate::StoreOptions::validate`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Limits {
     /// Total uncompressed tar bytes over all layers (the decompression-bomb cap).
     pub max_bytes: u64,

@@ -1,8 +1,9 @@
 //! `gpucell gpu list`: one row per NVIDIA GPU with its passthrough state.
 
 use anyhow::Context;
-use gpucell_host::devices::{self, record};
+use gpucell_host::devices::record::format_utc;
 use gpucell_host::gpu::GpuInventory;
+use gpucell_host::gpu_state::{DeviceRecords, GpuState};
 use gpucell_host::gpu_view::{GpuList, GpuRow};
 use gpucell_host::HostRoot;
 
@@ -15,15 +16,15 @@ pub fn run(global: &Global, _args: ListArgs) -> anyhow::Result<u8> {
     let root = HostRoot::new(&global.host_root);
     let inventory = GpuInventory::read(&root)
         .with_context(|| format!("cannot list GPUs under {}", global.host_root.display()))?;
-    let mut list = GpuList::from(&inventory);
-    let held = Held::read(&global.state_dir, &mut list.warnings);
-    held.mark(&mut list);
+    // A damaged record is a warning in the list, not a failure of `gpu list`.
+    let records = DeviceRecords::read(&global.state_dir);
+    let list = GpuList::new(&inventory, &records);
     if global.json {
-        let mut value = serde_json::to_value(&list)?;
-        held.annotate_json(&mut value);
+        // Through a Value: the document's keys are sorted, as they always were.
+        let value = serde_json::to_value(&list)?;
         write_stdout(&(serde_json::to_string_pretty(&value)? + "\n"))?;
     } else {
-        write_stdout(&(render_text(&list) + &held.notes()))?;
+        write_stdout(&(render_text(&list) + &record_notes(&records)))?;
         for w in &list.warnings {
             eprintln!("warning: {w}");
         }
@@ -38,103 +39,31 @@ pub fn run(global: &Global, _args: ListArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-/// Functions quarantined or allocated to sandboxes, from the device records in the state
-/// directory (docs/devices.md). Shown as the states `quarantined` and `allocated`, with
-/// the JSON fields `quarantine` and `allocation` on the GPU's row.
-#[derive(Default)]
-struct Held {
-    quarantine: Vec<devices::QuarantineEntry>,
-    allocations: Vec<devices::AllocationEntry>,
-}
-
-impl Held {
-    fn read(state_dir: &std::path::Path, warnings: &mut Vec<String>) -> Self {
-        let mut held = Self::default();
-        match devices::quarantined(state_dir) {
-            Ok(q) => held.quarantine = q,
-            Err(e) => warnings.push(gpucell_host::sysfs::error_chain(&e)),
-        }
-        match devices::allocations(state_dir) {
-            Ok(a) => held.allocations = a,
-            Err(e) => warnings.push(gpucell_host::sysfs::error_chain(&e)),
-        }
-        held
+/// One line per quarantined or allocated function (GPU or not), for under the table.
+fn record_notes(records: &DeviceRecords) -> String {
+    let mut out = String::new();
+    for q in &records.quarantine {
+        out.push_str(&format!(
+            "{}: quarantined since {}: {}; check it, then `gpucell gpu release {}`\n",
+            q.bdf,
+            format_utc(q.since_unix),
+            q.reason,
+            q.bdf
+        ));
     }
-
-    fn quarantine_of(&self, bdf: &str) -> Option<&devices::QuarantineEntry> {
-        self.quarantine.iter().find(|q| q.bdf.to_string() == bdf)
+    for a in &records.allocations {
+        out.push_str(&format!(
+            "{}: allocated to sandbox {} (pid {}) since {}\n",
+            a.bdf,
+            a.sandbox,
+            a.owner.pid,
+            format_utc(a.since_unix)
+        ));
     }
-
-    fn allocation_of(&self, bdf: &str) -> Option<&devices::AllocationEntry> {
-        self.allocations.iter().find(|a| a.bdf.to_string() == bdf)
-    }
-
-    fn mark(&self, list: &mut GpuList) {
-        for g in &mut list.gpus {
-            if self.quarantine_of(&g.bdf).is_some() {
-                g.passthrough.state = "quarantined";
-                g.passthrough.functions.clear();
-            } else if self.allocation_of(&g.bdf).is_some() {
-                g.passthrough.state = "allocated";
-            }
-        }
-    }
-
-    fn annotate_json(&self, value: &mut serde_json::Value) {
-        let Some(gpus) = value.get_mut("gpus").and_then(|g| g.as_array_mut()) else {
-            return;
-        };
-        for g in gpus {
-            let Some(bdf) = g.get("bdf").and_then(|b| b.as_str()).map(str::to_owned) else {
-                continue;
-            };
-            let quarantine = self.quarantine_of(&bdf).map(|q| {
-                serde_json::json!({
-                    "reason": q.reason,
-                    "since": record::format_utc(q.since_unix),
-                    "sandbox": q.sandbox,
-                })
-            });
-            let allocation = self.allocation_of(&bdf).map(|a| {
-                serde_json::json!({
-                    "sandbox": a.sandbox,
-                    "pid": a.owner.pid,
-                    "since": record::format_utc(a.since_unix),
-                })
-            });
-            if let Some(obj) = g.as_object_mut() {
-                obj.insert("quarantine".into(), quarantine.into());
-                obj.insert("allocation".into(), allocation.into());
-            }
-        }
-    }
-
-    /// One line per quarantined or allocated function, for under the table.
-    fn notes(&self) -> String {
-        let mut out = String::new();
-        for q in &self.quarantine {
-            out.push_str(&format!(
-                "{}: quarantined since {}: {}; check it, then `gpucell gpu release {}`\n",
-                q.bdf,
-                record::format_utc(q.since_unix),
-                q.reason,
-                q.bdf
-            ));
-        }
-        for a in &self.allocations {
-            out.push_str(&format!(
-                "{}: allocated to sandbox {} (pid {}) since {}\n",
-                a.bdf,
-                a.sandbox,
-                a.owner.pid,
-                record::format_utc(a.since_unix)
-            ));
-        }
-        if out.is_empty() {
-            out
-        } else {
-            format!("\n{out}")
-        }
+    if out.is_empty() {
+        out
+    } else {
+        format!("\n{out}")
     }
 }
 
@@ -244,21 +173,21 @@ pub fn render_text(list: &GpuList) -> String {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        match g.passthrough.state {
-            "needs-bind" => notes.push(format!(
+        match g.state {
+            GpuState::NeedsBind { .. } => notes.push(format!(
                 "{}: bind to vfio-pci first: {} (gpucell gpu bind {})",
                 g.bdf,
                 who(&g.passthrough.functions),
                 g.bdf
             )),
-            "group-not-viable" => notes.push(format!(
+            GpuState::GroupNotViable { .. } => notes.push(format!(
                 "{}: IOMMU group {} also holds devices bound to other drivers: {}; move the GPU \
                  to another slot or unbind them",
                 g.bdf,
                 dash(g.iommu_group),
                 who(&g.passthrough.functions)
             )),
-            "no-iommu" => no_iommu.push(g.bdf.as_str()),
+            GpuState::NoIommu => no_iommu.push(g.bdf.as_str()),
             _ => {}
         }
         if let (Some(w), Some(m)) = (g.link_width, g.link_max_width) {
@@ -293,12 +222,12 @@ mod held_tests {
     use super::*;
 
     /// The captured H200 host: GPUs 0000:00:06.0 to 0000:00:09.0.
-    fn h200_list() -> GpuList {
+    fn h200_list(records: &DeviceRecords) -> GpuList {
         let root = HostRoot::new(
             std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
                 .join("../../tests/fixtures/hosts/h200x4-vm"),
         );
-        GpuList::from(&GpuInventory::read(&root).unwrap())
+        GpuList::new(&GpuInventory::read(&root).unwrap(), records)
     }
 
     #[test]
@@ -315,14 +244,13 @@ mod held_tests {
             r#"{"version":1,"allocations":[{"bdf":"0000:00:07.0","vendor":4318,"device":9008,"iommu_group":2,"sandbox":"b","owner":{"pid":7,"start_time":1},"since_unix":0}]}"#,
         )
         .unwrap();
-        let mut warnings = Vec::new();
-        let held = Held::read(state.path(), &mut warnings);
+        let records = DeviceRecords::read(state.path());
+        let warnings = &records.warnings;
         assert!(warnings.is_empty(), "{warnings:?}");
-        let mut list = h200_list();
-        held.mark(&mut list);
+        let list = h200_list(&records);
         let states: Vec<_> = list.gpus.iter().map(|g| g.passthrough.state).collect();
         assert_eq!(&states[..3], ["quarantined", "allocated", "no-iommu"]);
-        let text = render_text(&list) + &held.notes();
+        let text = render_text(&list) + &record_notes(&records);
         assert!(text.contains(
             "0000:00:06.0: quarantined since 1970-01-01T00:00:00Z: reset failed; check it, then `gpucell gpu release 0000:00:06.0`"
         ), "{text}");
@@ -330,16 +258,14 @@ mod held_tests {
             text.contains("0000:00:07.0: allocated to sandbox b (pid 7)"),
             "{text}"
         );
-        let mut value = serde_json::to_value(&list).unwrap();
-        held.annotate_json(&mut value);
+        let value = serde_json::to_value(&list).unwrap();
         assert_eq!(value["gpus"][0]["quarantine"]["reason"], "reset failed");
         assert_eq!(value["gpus"][0]["allocation"], serde_json::Value::Null);
         assert_eq!(value["gpus"][1]["allocation"]["sandbox"], "b");
         assert_eq!(value["gpus"][2]["quarantine"], serde_json::Value::Null);
         // A damaged record is a warning, not a failure of `gpu list`.
         std::fs::write(state.path().join("devices/quarantine.json"), "{").unwrap();
-        let mut warnings = Vec::new();
-        Held::read(state.path(), &mut warnings);
+        let warnings = DeviceRecords::read(state.path()).warnings;
         assert!(
             warnings[0].contains("quarantine.json is damaged"),
             "{warnings:?}"

@@ -50,17 +50,6 @@ fn describe(o: &ReleaseOutcome) -> String {
     }
 }
 
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut cause = err.source();
-    while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cause = c.source();
-    }
-    out
-}
-
 pub fn run(global: &Global, args: ReleaseArgs) -> anyhow::Result<u8> {
     let pool = DevicePool::new(HostRoot::new(&global.host_root), &global.state_dir);
     let mut entries = Vec::new();
@@ -81,7 +70,7 @@ pub fn run(global: &Global, args: ReleaseArgs) -> anyhow::Result<u8> {
                 code = EXIT_REFUSED;
                 entries.push(Entry::Refused {
                     bdf,
-                    reason: chain(&e),
+                    reason: gpucell_common::chain_string(&e),
                 });
             }
             Err(e) => return Err(e.into()),
@@ -111,6 +100,7 @@ mod tests {
         Global {
             host_root: root.to_owned(),
             state_dir: state.to_owned(),
+            config: None,
             json: false,
             verbose: 0,
         }

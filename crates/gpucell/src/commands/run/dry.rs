@@ -34,14 +34,26 @@ fn text(r: &DryRunReport) -> String {
     );
     line(&mut out, "image", &image);
     line(&mut out, "guest", &r.guest.flavour);
-    line(&mut out, "accel", &format!("{} ({})", r.accel.accel, r.accel.how));
-    line(&mut out, "channel", &format!("{:?}", r.channel).to_lowercase());
+    line(
+        &mut out,
+        "accel",
+        &format!("{} ({})", r.accel.accel, r.accel.how),
+    );
+    line(
+        &mut out,
+        "channel",
+        &format!("{:?}", r.channel).to_lowercase(),
+    );
     line(&mut out, "command", &r.spec.args.join(" "));
     if r.devices.is_empty() {
         line(&mut out, "devices", "none");
     }
     for d in &r.devices {
-        let bind = if d.needs_bind { ", would bind to vfio-pci" } else { "" };
+        let bind = if d.needs_bind {
+            ", would bind to vfio-pci"
+        } else {
+            ""
+        };
         let companions = if d.companions.is_empty() {
             String::new()
         } else {
@@ -56,7 +68,9 @@ fn text(r: &DryRunReport) -> String {
     for w in &r.warnings {
         line(&mut out, "warning", w);
     }
-    line(&mut out, "qemu", &shell_words(&r.qemu_args));
+    let mut argv = vec![r.qemu.display().to_string()];
+    argv.extend(r.qemu_args.iter().cloned());
+    line(&mut out, "qemu", &shell_words(&argv));
     out
 }
 

@@ -1,0 +1,249 @@
+//! `gpucell run --dry-run`: the plan of a run, printed, with nothing started or held;
+//! the same refusals as a real run.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::Path;
+use std::process::Output;
+
+use common::fakehost::fake_4090_host;
+use common::{stderr, stdout, VmEnv};
+
+/// Every file under `root` with its content (symlinks as their target), to compare a
+/// tree before and after.
+fn snapshot(root: &Path) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            let rel = p.strip_prefix(root).unwrap().display().to_string();
+            let meta = std::fs::symlink_metadata(&p).unwrap();
+            if meta.file_type().is_symlink() {
+                out.push((
+                    rel,
+                    format!("-> {}", std::fs::read_link(&p).unwrap().display()),
+                ));
+            } else if meta.is_dir() {
+                out.push((rel, "dir".into()));
+                stack.push(p);
+            } else {
+                out.push((
+                    rel,
+                    String::from_utf8_lossy(&std::fs::read(&p).unwrap()).into(),
+                ));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn dry(env: &VmEnv, args: &[&str]) -> Output {
+    let mut all = vec!["--dry-run"];
+    all.extend_from_slice(args);
+    env.run(&all)
+}
+
+fn plan(out: &Output) -> serde_json::Value {
+    serde_json::from_str(&stdout(out)).unwrap_or_else(|e| panic!("{e}: {}", stdout(out)))
+}
+
+#[test]
+fn dry_run_prints_the_plan_and_starts_nothing() {
+    let Some(env) = common::vm_env() else { return };
+    let out = dry(
+        &env,
+        &[
+            "--json", "--cpus", "2", "-m", "300m", &env.image, "--", "echo", "hi",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let p = plan(&out);
+    assert_eq!(p["dry_run"], true, "{p}");
+    assert!(
+        p["image"]["digest"]
+            .as_str()
+            .unwrap()
+            .starts_with("sha256:"),
+        "{p}"
+    );
+    assert_eq!(p["guest"]["flavour"], "default", "{p}");
+    assert_eq!(p["accel"]["accel"], "tcg", "{p}");
+    assert_eq!(p["spec"]["args"], serde_json::json!(["echo", "hi"]), "{p}");
+    assert_eq!(p["devices"], serde_json::json!([]), "{p}");
+    let args: Vec<String> = serde_json::from_value(p["qemu_args"].clone()).unwrap();
+    assert!(
+        p["qemu"].as_str().unwrap().ends_with("qemu-system-x86_64"),
+        "{p}"
+    );
+    let joined = args.join(" ");
+    assert!(joined.contains("-accel tcg"), "{joined}");
+    assert!(joined.contains("-smp 2"), "{joined}");
+    assert!(joined.contains("-m 300"), "{joined}");
+    assert!(
+        joined.contains(p["guest"]["kernel"].as_str().unwrap()),
+        "{joined}"
+    );
+    assert!(
+        joined.contains(p["image"]["disk"].as_str().unwrap()),
+        "{joined}"
+    );
+    // No workload ran: nothing on stderr from the guest, no run directory left
+    // (VmEnv::run checks no QEMU and no run dir remain).
+    assert!(!stderr(&out).contains("hi\n"), "{}", stderr(&out));
+    assert!(
+        !env.state.path().join("run").exists()
+            || snapshot(&env.state.path().join("run")).is_empty()
+    );
+
+    // The text form names the same plan.
+    let out = dry(&env, &[&env.image, "--", "echo", "hi"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
+    for needle in ["image", "tcg", "echo hi", "qemu", "devices     none"] {
+        assert!(text.contains(needle), "{needle}: {text}");
+    }
+}
+
+/// The refusals of a dry run are a real run's, word for word, and neither leaves
+/// anything behind.
+#[test]
+fn dry_run_refuses_what_a_run_refuses() {
+    let Some(env) = common::vm_env() else { return };
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["oci:/nonexistent/layout:x", "--", "true"],
+        vec!["--memory", "lots", &env.image, "--", "true"],
+        vec!["--pin-cpus", &env.image, "--", "true"],
+        vec!["--guest", "no-such-flavour", &env.image, "--", "true"],
+        vec!["-w", "relative", &env.image, "--", "true"],
+    ];
+    for args in cases {
+        let real = env.run(&args);
+        let dry_out = dry(&env, &args);
+        assert_eq!(real.status.code(), Some(125), "{args:?}: {}", stderr(&real));
+        assert_eq!(
+            dry_out.status.code(),
+            Some(125),
+            "{args:?}: {}",
+            stderr(&dry_out)
+        );
+        let first_error = |o: &Output| {
+            stderr(o)
+                .lines()
+                .find(|l| l.starts_with("error: "))
+                .unwrap_or_else(|| panic!("{args:?}: {}", stderr(o)))
+                .to_string()
+        };
+        assert_eq!(first_error(&real), first_error(&dry_out), "{args:?}");
+        assert!(
+            stdout(&dry_out).is_empty(),
+            "{args:?}: {}",
+            stdout(&dry_out)
+        );
+    }
+}
+
+/// On a fake host with an RTX 4090: the dry run names the GPU it would take and its
+/// wiring, and takes nothing: no record, no binding, no reset; a device that a run would
+/// refuse is refused the same way.
+#[test]
+fn dry_run_chooses_devices_without_taking_them() {
+    if std::fs::read_dir("/sys/kernel/iommu_groups").is_ok_and(|mut d| d.next().is_some()) {
+        eprintln!("skipping: this host has IOMMU groups; the test must not touch a real device");
+        return;
+    }
+    let Some(env) = common::vm_env() else { return };
+    let host = tempfile::tempdir().unwrap();
+    fake_4090_host(host.path());
+    let host_root = host.path().to_str().unwrap();
+    let before_host = snapshot(host.path());
+    let out = dry(
+        &env,
+        &[
+            "--host-root",
+            host_root,
+            "--json",
+            "--gpus",
+            "all",
+            &env.image,
+            "--",
+            "true",
+        ],
+    );
+    let err = stderr(&out);
+    if out.status.code() == Some(125) && err.contains("LimitMEMLOCK") {
+        // gpucell may not raise the locked-memory limit here: a run stops there too.
+        eprintln!("dry run refused as a run would: {err}");
+    } else {
+        assert_eq!(out.status.code(), Some(0), "{err}");
+        let p = plan(&out);
+        let devices = p["devices"].as_array().unwrap();
+        assert_eq!(devices.len(), 1, "{p}");
+        assert_eq!(devices[0]["host_bdf"], "0000:01:00.0", "{p}");
+        assert_eq!(devices[0]["id"], "10de:2684", "{p}");
+        assert_eq!(
+            devices[0]["companions"],
+            serde_json::json!(["0000:01:00.1"])
+        );
+        let joined = p["qemu_args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(joined.contains("vfio-pci,host=0000:01:00.0"), "{joined}");
+        assert!(
+            !joined.contains("0000:01:00.1"),
+            "companions are not passed: {joined}"
+        );
+        assert!(p["pci_hole64_bytes"].as_u64().unwrap() >= 160 << 30, "{p}");
+    }
+    assert_eq!(
+        snapshot(host.path()),
+        before_host,
+        "the dry run changed the host tree"
+    );
+    assert!(!env.state.path().join("devices/allocations.json").exists());
+
+    // A function with no IOMMU group: the run and the dry run refuse it alike.
+    std::fs::remove_file(
+        host.path()
+            .join("sys/devices/pci0000:01/0000:01:00.0/iommu_group"),
+    )
+    .unwrap();
+    let args = [
+        "--host-root",
+        host_root,
+        "--device",
+        "0000:01:00.0",
+        &env.image,
+        "--",
+        "true",
+    ];
+    let real = env.run(&args);
+    let dry_out = dry(&env, &args);
+    assert_eq!(real.status.code(), Some(125), "{}", stderr(&real));
+    assert_eq!(dry_out.status.code(), Some(125), "{}", stderr(&dry_out));
+    let first = |o: &Output| {
+        stderr(o)
+            .lines()
+            .find(|l| l.starts_with("error: "))
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(first(&real), first(&dry_out));
+    assert!(first(&real).contains("0000:01:00.0"), "{}", first(&real));
+    assert!(
+        !env.state.path().join("devices/allocations.json").exists() || {
+            let t =
+                std::fs::read_to_string(env.state.path().join("devices/allocations.json")).unwrap();
+            !t.contains("0000:01:00.0")
+        }
+    );
+}

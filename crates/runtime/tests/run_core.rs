@@ -1,0 +1,175 @@
+//! The run core used as a front end other than the CLI uses it: a request in, output
+//! through writers, phases through an observer, a typed report out. Boots a real guest
+//! under TCG (skips with a reason without the test guest: `make test` builds it).
+#![allow(clippy::unwrap_used)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use gpucell_runtime::{AccelRequest, Config, Node, Observer, Phase, RunRequest};
+use gpucell_sandbox::SessionIo;
+
+#[derive(Clone, Default)]
+struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Buffer {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Buffer {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+#[derive(Default)]
+struct Recorder {
+    phases: Vec<Phase>,
+    warnings: Vec<String>,
+    got_events: bool,
+}
+
+impl Observer for Recorder {
+    fn phase(&mut self, phase: Phase) {
+        self.phases.push(phase);
+    }
+    fn warning(&mut self, message: &str) {
+        self.warnings.push(message.to_string());
+    }
+    fn sandbox_starting(&mut self, _events: gpucell_sandbox::EventSender) {
+        self.got_events = true;
+    }
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A private state dir borrowing the test guest, and the demo image's reference.
+fn env() -> Option<(tempfile::TempDir, String)> {
+    let Some(shared) = std::env::var_os("GPUCELL_TEST_STATE_DIR").map(PathBuf::from) else {
+        eprintln!("skipping: GPUCELL_TEST_STATE_DIR is not set (make test sets it)");
+        return None;
+    };
+    if !shared.join("guest/default/manifest.json").is_file() {
+        eprintln!("skipping: no test guest in {}", shared.display());
+        return None;
+    }
+    let state = tempfile::Builder::new()
+        .prefix("rc")
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::os::unix::fs::symlink(shared.join("guest"), state.path().join("guest")).unwrap();
+    let layout = state.path().join("oci");
+    let ok = std::process::Command::new(repo().join("scripts/make-demo-image.sh"))
+        .arg(&layout)
+        .arg("demo")
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("skipping: the demo image could not be built (umoci, busybox-static)");
+        return None;
+    }
+    Some((state, format!("oci:{}:demo", layout.display())))
+}
+
+fn io(out: &Buffer, err: &Buffer) -> SessionIo {
+    SessionIo {
+        stdout: Box::new(out.clone()),
+        stderr: Box::new(err.clone()),
+        stdin: None,
+    }
+}
+
+#[test]
+fn a_request_runs_and_reports_through_the_library() {
+    let Some((state, image)) = env() else { return };
+    let node = Node::new("/", state.path(), None, &Config::default());
+    let mut req = RunRequest::new(&image);
+    req.command = vec![
+        "sh".into(),
+        "-c".into(),
+        "echo out; echo err >&2; exit 3".into(),
+    ];
+    req.env = vec!["GREETING=hi".into()];
+    req.accel = AccelRequest::Tcg;
+    let (out, err) = (Buffer::default(), Buffer::default());
+    let mut rec = Recorder::default();
+    let report = gpucell_runtime::run(&node, req, io(&out, &err), &mut rec);
+    assert_eq!(report.error, None, "{:?}", report.error);
+    assert_eq!(report.exit_code, 3);
+    assert_eq!(out.text(), "out\n");
+    assert_eq!(err.text(), "err\n");
+    assert_eq!(
+        rec.phases,
+        [
+            Phase::Validate,
+            Phase::Image,
+            Phase::Guest,
+            Phase::Accel,
+            Phase::Devices,
+            Phase::Sandbox,
+            Phase::Release,
+            Phase::Done
+        ]
+    );
+    assert!(rec.got_events);
+    let json = report.to_json();
+    for key in [
+        "run_id",
+        "image",
+        "accel",
+        "spec",
+        "status",
+        "channel",
+        "guest",
+        "timings_ms",
+        "qemu_args",
+    ] {
+        assert!(json.get(key).is_some(), "{key} missing: {json}");
+    }
+    assert!(json["spec"]["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e == "GREETING=hi"));
+    assert!(
+        json.get("error").is_none() && json.get("passthrough").is_none(),
+        "{json}"
+    );
+    assert!(
+        !state.path().join("run").exists()
+            || std::fs::read_dir(state.path().join("run"))
+                .unwrap()
+                .next()
+                .is_none()
+    );
+}
+
+#[test]
+fn a_bad_request_is_reported_with_its_field_and_nothing_runs() {
+    // No guest needed: the request is refused before anything is looked at.
+    let state = tempfile::tempdir().unwrap();
+    let node = Node::new("/", state.path(), None, &Config::default());
+    let mut req = RunRequest::new("oci:/nonexistent");
+    req.cpus = 0;
+    let (out, err) = (Buffer::default(), Buffer::default());
+    let mut rec = Recorder::default();
+    let report = gpucell_runtime::run(&node, req, io(&out, &err), &mut rec);
+    assert_eq!(report.exit_code, gpucell_runtime::EXIT_RUN_FAILED);
+    let error = report.error.unwrap();
+    assert!(error.contains("cpus"), "{error}");
+    assert_eq!(rec.phases, [Phase::Validate, Phase::Done]);
+    assert!(!rec.got_events);
+    assert!(
+        !state.path().join("images").exists(),
+        "the image store was touched"
+    );
+}
