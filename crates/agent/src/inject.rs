@@ -14,14 +14,13 @@
 //!    `/proc/driver/nvidia/params` saying `ModifyDeviceFiles: 0`.
 //! 2. [`apply_devices`], in the workload's namespace once its `/dev` and `/proc` are
 //!    mounted: character nodes for the control devices and the visible GPUs only, and the
-//!    params copy bound over `/proc/driver/nvidia/params`.
+//!    params copy bound over `/proc/driver/nvidia/params`. Where the kernel refuses
+//!    `mknod` (`EPERM`: a user namespace, a gVisor sandbox), the node on the agent's side
+//!    is bind-mounted instead, when it is a character device with the same numbers.
 //!
 //! Every mount, node and process goes through [`InjectOps`]; [`RealOps`] does them.
 //! Paths inside the image are resolved with `rootpath`, so a hostile image cannot point
 //! the agent outside its root.
-
-// The run path calls these once a flavour carries a driver; until then only tests do.
-#![allow(dead_code)]
 
 use std::fs;
 use std::io::Read;
@@ -131,6 +130,9 @@ pub trait InjectOps {
     fn bind_ro(&mut self, src: &Path, dst: &Path) -> Result<(), Errno>;
     /// Creates character device `path` with mode `mode` (not subject to the umask).
     fn mknod_char(&mut self, path: &Path, major: u64, minor: u64, mode: u32) -> Result<(), Errno>;
+    /// Bind-mounts the existing device node `src` on existing file `dst` (the fallback
+    /// where `mknod` is refused); the bind keeps the node usable (no `nodev`).
+    fn bind_node(&mut self, src: &Path, dst: &Path) -> Result<(), Errno>;
     /// Major and minor of character device `path` on this side, if it is one.
     fn char_numbers(&mut self, path: &Path) -> Option<(u64, u64)>;
     /// Runs `ldconfig` (a path inside `root`) chrooted in `root`; the error is its stderr.
@@ -165,6 +167,12 @@ impl InjectOps for RealOps {
         let m = Mode::from_bits_truncate(mode);
         mknod(path, SFlag::S_IFCHR, m, makedev(major, minor))?;
         fchmodat(None, path, m, FchmodatFlags::NoFollowSymlink)
+    }
+
+    fn bind_node(&mut self, src: &Path, dst: &Path) -> Result<(), Errno> {
+        use nix::mount::{mount, MsFlags};
+        let none = None::<&str>;
+        mount(Some(src), dst, none, MsFlags::MS_BIND, none)
     }
 
     fn char_numbers(&mut self, path: &Path) -> Option<(u64, u64)> {
@@ -264,6 +272,20 @@ pub struct DeviceSetup {
     pub nodes: Vec<(String, u64, u64)>,
     /// The params copy to bind over `/proc/driver/nvidia/params`.
     pub params: Option<PathBuf>,
+    /// (container path, the node on the agent's side): what is bind-mounted where `mknod`
+    /// is refused.
+    pub sources: Vec<(String, PathBuf)>,
+}
+
+/// What [`apply_devices`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DevicesApplied {
+    /// Nodes made with `mknod`.
+    pub created: usize,
+    /// Nodes bind-mounted from the agent's side because `mknod` was refused.
+    pub bound: usize,
+    /// The params copy covers the container's `/proc/driver/nvidia/params`.
+    pub params: bool,
 }
 
 /// What phase 1 did, for the run report and the logs.
@@ -434,6 +456,12 @@ pub fn apply_root(
         update_ldcache(root, &folders, opts, ops, &mut report)?;
     }
     report.devices.nodes = node_numbers(plan, ops, &mut report.warnings);
+    report.devices.sources = plan
+        .nodes
+        .iter()
+        .filter(|n| report.devices.nodes.iter().any(|(p, ..)| *p == n.path))
+        .map(|n| (n.path.clone(), PathBuf::from(&n.source)))
+        .collect();
     if plan
         .steps
         .contains(&HookStep::DisableDeviceNodeModification)
@@ -677,18 +705,27 @@ pub fn apply_devices(
     setup: &DeviceSetup,
     root: &Path,
     ops: &mut dyn InjectOps,
-) -> Result<(), InjectError> {
+) -> Result<DevicesApplied, InjectError> {
+    let mut done = DevicesApplied::default();
     for (path, major, minor) in &setup.nodes {
         // Validated by the spec: /dev/… without `..`; /dev is the container's tmpfs.
         let full = root.join(path.trim_start_matches('/'));
         if let Some(parent) = full.parent() {
             fs::create_dir_all(parent).map_err(io("creating the directory of", path))?;
         }
-        ops.mknod_char(&full, *major, *minor, NODE_MODE)
-            .map_err(|source| InjectError::Mknod {
-                path: path.clone(),
-                source,
-            })?;
+        match ops.mknod_char(&full, *major, *minor, NODE_MODE) {
+            Ok(()) => done.created += 1,
+            Err(e) if MKNOD_REFUSED.contains(&e) => {
+                bind_existing_node(setup, path, &full, (*major, *minor), ops, e)?;
+                done.bound += 1;
+            }
+            Err(source) => {
+                return Err(InjectError::Mknod {
+                    path: path.clone(),
+                    source,
+                })
+            }
+        }
     }
     if let Some(copy) = &setup.params {
         let target = root.join(PARAMS.trim_start_matches('/'));
@@ -699,9 +736,42 @@ pub fn apply_devices(
                     dst: PARAMS.into(),
                     source,
                 })?;
+            done.params = true;
         }
     }
-    Ok(())
+    Ok(done)
+}
+
+/// How a kernel says it will not create device nodes here.
+const MKNOD_REFUSED: [Errno; 2] = [Errno::EPERM, Errno::EACCES];
+
+/// The fallback for a refused `mknod`: the agent's own node bound on an empty file, when
+/// it is a character device with the numbers asked for; else the `mknod` error stands.
+fn bind_existing_node(
+    setup: &DeviceSetup,
+    path: &str,
+    full: &Path,
+    numbers: (u64, u64),
+    ops: &mut dyn InjectOps,
+    refused: Errno,
+) -> Result<(), InjectError> {
+    let not_bound = || InjectError::Mknod {
+        path: path.to_owned(),
+        source: refused,
+    };
+    let Some((_, src)) = setup.sources.iter().find(|(p, _)| p == path) else {
+        return Err(not_bound());
+    };
+    if ops.char_numbers(src) != Some(numbers) {
+        return Err(not_bound());
+    }
+    fs::File::create(full).map_err(io("creating the bind target", path))?;
+    ops.bind_node(src, full)
+        .map_err(|source| InjectError::Mount {
+            src: src.display().to_string(),
+            dst: path.to_owned(),
+            source,
+        })
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ mod channel;
 mod cmdline;
 mod container;
 mod devices;
+mod gpu_setup;
 mod inject;
 mod rootpath;
 mod session;

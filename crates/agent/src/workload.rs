@@ -16,6 +16,8 @@ use nix::unistd::Pid;
 
 use crate::container::{self, ContainerError, Stdio};
 use crate::devices;
+use crate::gpu_setup;
+use crate::inject::RealOps;
 
 /// Where the guest kernel lists its PCI functions.
 const PCI_DEVICES: &str = "/sys/bus/pci/devices";
@@ -24,6 +26,8 @@ const PCI_DEVICES: &str = "/sys/bus/pci/devices";
 pub enum WorkloadError {
     #[error(transparent)]
     Container(#[from] ContainerError),
+    #[error(transparent)]
+    Gpu(#[from] crate::gpu_setup::GpuSetupError),
     #[error("{0} failed")]
     Sys(&'static str, #[source] Errno),
 }
@@ -80,7 +84,14 @@ impl Workload for Pid1 {
 
     fn start(&mut self, spec: &RunSpec) -> Result<(Pid, Stdio), WorkloadError> {
         let root = container::mount_rootfs(spec)?;
-        let prepared = container::prepare(&root, spec)?;
+        let devices = match &spec.gpu {
+            Some(req) => {
+                let paths = gpu_setup::Paths::guest();
+                gpu_setup::prepare(&root, &spec.env, req, &paths, &mut RealOps)?.map(|i| i.devices)
+            }
+            None => None,
+        };
+        let prepared = container::prepare(&root, spec)?.with_devices(devices);
         let (pid, stdio) = container::spawn(&prepared)?;
         self.pid = Some(pid);
         Ok((pid, stdio))

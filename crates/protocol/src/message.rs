@@ -68,6 +68,54 @@ pub struct RunSpec {
     /// How long the agent waits for `devices` to appear, in milliseconds.
     #[serde(default)]
     pub device_wait_ms: u64,
+    /// The NVIDIA driver injected into the container; `None`: nothing is injected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<GpuInjection>,
+}
+
+/// What the host decided about the NVIDIA driver in the container (docs/cuda.md): the
+/// agent applies the image's environment contract and a CDI spec of the guest's driver.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuInjection {
+    /// The CDI spec (JSON of `gpucell_nvidia::cdi::Spec`) of the guest's driver; empty:
+    /// the agent generates it from `driver_root`, the guest's `/dev` and its GPUs.
+    #[serde(default)]
+    pub cdi_spec: String,
+    /// Where the driver's files are in the guest; empty means `/`.
+    #[serde(default)]
+    pub driver_root: String,
+    /// Replaces the environment's `NVIDIA_VISIBLE_DEVICES` when set.
+    #[serde(default)]
+    pub visible_devices: Option<String>,
+    /// Replaces the environment's `NVIDIA_DRIVER_CAPABILITIES` when set.
+    #[serde(default)]
+    pub capabilities: Option<String>,
+    /// The run passes GPUs: an unset `NVIDIA_VISIBLE_DEVICES` means `all`.
+    #[serde(default)]
+    pub gpus_requested: bool,
+    /// Inject even without GPUs or NVIDIA variables (tests of a GPU-less guest).
+    #[serde(default)]
+    pub force: bool,
+    /// The GPUs are data-centre ones: the image's CUDA forward compatibility may be used.
+    #[serde(default)]
+    pub compat_allowed: bool,
+    /// The driver's CUDA version (`cuDriverGetVersion`, e.g. `13.0`). Set: the agent
+    /// checks the image's `NVIDIA_REQUIRE_*` before the workload starts.
+    #[serde(default)]
+    pub cuda_version: Option<String>,
+    /// The visible GPUs' facts for `arch` and `brand` conditions, in index order.
+    #[serde(default)]
+    pub gpus: Vec<GpuFacts>,
+}
+
+/// A GPU as `NVIDIA_REQUIRE_*` conditions see it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuFacts {
+    /// Compute capability, e.g. `9.0`.
+    pub arch: String,
+    /// NVML brand, e.g. `Tesla`, `NVIDIA`, `GeForce`; empty when unknown.
+    #[serde(default)]
+    pub brand: String,
 }
 
 /// A PCI function as the guest sees it.
@@ -269,6 +317,7 @@ mod tests {
                 device: 0x11e8,
             }],
             device_wait_ms: 5000,
+            gpu: None,
         }
     }
 

@@ -283,6 +283,7 @@ fn spec(args: &[&str], fstype: &str) -> RunSpec {
         overlay_bytes: None,
         devices: vec![],
         device_wait_ms: 0,
+        gpu: None,
     }
 }
 

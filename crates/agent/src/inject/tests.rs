@@ -87,6 +87,9 @@ struct Fake {
     ldconfigs: Vec<String>,
     numbers: BTreeMap<PathBuf, (u64, u64)>,
     ldconfig_fails: Option<String>,
+    /// `mknod` fails with this (a kernel that refuses device nodes).
+    mknod_fails: Option<Errno>,
+    node_binds: Vec<(PathBuf, PathBuf)>,
 }
 
 impl InjectOps for Fake {
@@ -96,7 +99,15 @@ impl InjectOps for Fake {
         Ok(())
     }
     fn mknod_char(&mut self, p: &Path, major: u64, minor: u64, mode: u32) -> Result<(), Errno> {
+        if let Some(e) = self.mknod_fails {
+            return Err(e);
+        }
         self.nodes.push((p.to_owned(), major, minor, mode));
+        Ok(())
+    }
+    fn bind_node(&mut self, src: &Path, dst: &Path) -> Result<(), Errno> {
+        assert!(dst.is_file(), "bind target {} must exist", dst.display());
+        self.node_binds.push((src.to_owned(), dst.to_owned()));
         Ok(())
     }
     fn char_numbers(&mut self, p: &Path) -> Option<(u64, u64)> {
@@ -362,6 +373,7 @@ fn phase_two_nodes_and_params() {
             ("/dev/nvidia0".into(), 195, 0),
         ],
         params: Some("/run/gpucell/nvidia-params".into()),
+        ..Default::default()
     };
     let mut ops = Fake::default();
     apply_devices(&setup, root, &mut ops).unwrap();
@@ -515,3 +527,80 @@ fn params_copy_turns_device_file_modification_off() {
 }
 
 mod real;
+
+#[test]
+fn refused_mknod_falls_back_to_binding_the_agents_node() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path();
+    let setup = DeviceSetup {
+        nodes: vec![
+            ("/dev/nvidiactl".into(), 195, 255),
+            ("/dev/nvidia0".into(), 195, 0),
+        ],
+        params: None,
+        sources: vec![
+            ("/dev/nvidiactl".into(), "/dev/nvidiactl".into()),
+            ("/dev/nvidia0".into(), "/host/dev/nvidia0".into()),
+        ],
+    };
+    let mut ops = Fake {
+        mknod_fails: Some(Errno::EPERM),
+        ..Default::default()
+    };
+    ops.numbers.insert("/dev/nvidiactl".into(), (195, 255));
+    ops.numbers.insert("/host/dev/nvidia0".into(), (195, 0));
+    let done = apply_devices(&setup, root, &mut ops).unwrap();
+    assert_eq!((done.created, done.bound, done.params), (0, 2, false));
+    assert_eq!(
+        ops.node_binds,
+        [
+            (PathBuf::from("/dev/nvidiactl"), root.join("dev/nvidiactl")),
+            (PathBuf::from("/host/dev/nvidia0"), root.join("dev/nvidia0")),
+        ]
+    );
+    // The agent's node has other numbers: no bind, the refusal stands.
+    ops.numbers.insert("/host/dev/nvidia0".into(), (195, 1));
+    let err = apply_devices(&setup, tempfile::tempdir().unwrap().path(), &mut ops).unwrap_err();
+    assert_eq!(
+        crate::chain(&err),
+        "creating device node /dev/nvidia0 in the container: EPERM: Operation not permitted"
+    );
+    // Another error than a refusal is not papered over.
+    ops.mknod_fails = Some(Errno::ENOSPC);
+    let err = apply_devices(&setup, tempfile::tempdir().unwrap().path(), &mut ops).unwrap_err();
+    assert!(matches!(
+        err,
+        InjectError::Mknod {
+            source: Errno::ENOSPC,
+            ..
+        }
+    ));
+    // Phase one records where each planned node comes from.
+    let s = setup_fn_sources();
+    assert_eq!(
+        s,
+        [
+            (
+                "/dev/nvidia-uvm".to_string(),
+                PathBuf::from("/dev/nvidia-uvm")
+            ),
+            ("/dev/nvidia1".to_string(), PathBuf::from("/dev/nvidia1"))
+        ]
+    );
+}
+
+fn setup_fn_sources() -> Vec<(String, PathBuf)> {
+    let s = setup();
+    let p = plan(
+        &spec("/drv"),
+        &VisibleDevices::List(vec![DeviceId::Index(1)]),
+        &s.root,
+    )
+    .unwrap();
+    let mut ops = Fake::default();
+    ops.numbers.insert("/dev/nvidia-uvm".into(), (511, 0));
+    apply_root(&p, &s.root, &s.opts, &mut ops)
+        .unwrap()
+        .devices
+        .sources
+}
