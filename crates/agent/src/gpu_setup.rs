@@ -13,7 +13,6 @@
 //! (`container_test`) calls the steps one by one.
 
 use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -227,17 +226,6 @@ pub fn prepare(
 /// `cuDriverGetVersion`'s integer (`13000`) as a version (`13.0`).
 pub fn cuda_version_of(n: u32) -> String {
     format!("{}.{}", n / 1000, (n % 1000) / 10)
-}
-
-/// The first line of a small text file, trimmed (`/proc` and `/sys` values).
-pub fn read_small(path: &Path) -> Option<String> {
-    let mut s = String::new();
-    fs::File::open(path)
-        .ok()?
-        .take(64 * 1024)
-        .read_to_string(&mut s)
-        .ok()?;
-    Some(s)
 }
 
 #[cfg(test)]

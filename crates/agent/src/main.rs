@@ -11,6 +11,7 @@ mod boot;
 mod channel;
 mod cmdline;
 mod container;
+mod container_test;
 mod devices;
 mod gpu_setup;
 mod inject;
@@ -35,6 +36,10 @@ fn init_logging() {
 }
 
 fn main() {
+    // The GPU test harness (docs/cuda.md): the container setup outside a VM.
+    if let Some(code) = container_test::main_if_asked() {
+        std::process::exit(code);
+    }
     if nix::unistd::getpid().as_raw() != 1 {
         eprintln!(
             "gpucell-agent {}: this is the init of a gpucell guest and runs only as PID 1 \
