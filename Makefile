@@ -9,7 +9,7 @@ GPUCELL     := target/release/gpucell
 STATE_DIR   ?= /var/lib/gpucell
 TEST_STATE  := $(CURDIR)/target/test-state
 
-.PHONY: all deps agent build guest demo test test-unit test-vm test-nested bench fmt clippy clean
+.PHONY: all deps agent build guest demo test test-unit test-vm test-nested test-gpu test-gpu-prepare test-gpu-fake bench fmt clippy clean
 
 all: build
 
@@ -48,6 +48,19 @@ test-unit:
 test-nested: agent
 	tests/nested/run.sh
 	NESTED_QUIET=1 tests/nested/run.sh harness-retry
+
+# The in-guest half of CUDA support on a machine with a real NVIDIA driver (docs/cuda.md):
+# skips where /dev/nvidiactl is absent. It builds nothing with cargo: `make test-gpu-prepare`
+# puts the static agent and busybox in tests/gpu/prebuilt/, which travels with the tree.
+test-gpu:
+	scripts/test-gpu.sh
+
+test-gpu-prepare: agent
+	scripts/test-gpu.sh prepare
+
+# The same harness against a fake driver (root, no GPU): its plumbing, not CUDA.
+test-gpu-fake:
+	tests/gpu/fake/run.sh
 
 bench: build
 	bench/image/run.sh
