@@ -19,7 +19,6 @@ use nix::fcntl::OFlag;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::CloneFlags;
 use nix::sys::signal::{self, SigHandler, SigSet, SigmaskHow, Signal};
-use nix::sys::stat::{makedev, mknod, Mode, SFlag};
 use nix::unistd::{self, Gid, Pid, Uid};
 
 use crate::inject::{self, DeviceSetup, RealOps};
@@ -400,13 +399,16 @@ fn child_main(p: &Prepared, fds: [i32; 3]) -> Result<(), String> {
         Some("mode=0755,size=65536k"),
     )?;
     populate_dev(&root.join("dev"))?;
+    let pts_flags = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
+    // A kernel that refuses these options (gVisor) gets a devpts with its defaults.
     m(
         "devpts",
         "dev/pts",
         "devpts",
-        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        pts_flags,
         Some("newinstance,ptmxmode=0666,mode=0620"),
-    )?;
+    )
+    .or_else(|_| m("devpts", "dev/pts", "devpts", pts_flags, None))?;
     m("tmpfs", "dev/shm", "tmpfs", safe, Some("mode=1777"))?;
     if let Some(devices) = &p.devices {
         inject::apply_devices(devices, root, &mut RealOps)
@@ -443,6 +445,30 @@ fn child_main(p: &Prepared, fds: [i32; 3]) -> Result<(), String> {
     ))
 }
 
+/// Character device `name` in the container's `dev`, mode 0666. Where the kernel refuses
+/// `mknod` (a user namespace, gVisor), the agent's own `/dev/<name>` is bound instead when
+/// it has the same numbers.
+fn make_node(dev: &Path, name: &str, major: u64, minor: u64) -> Result<(), String> {
+    use crate::inject::InjectOps;
+    let path = dev.join(name);
+    let refused = match RealOps.mknod_char(&path, major, minor, 0o666) {
+        Ok(()) => return Ok(()),
+        Err(e @ (Errno::EPERM | Errno::EACCES)) => e,
+        Err(e) => return Err(format!("mknod /dev/{name} in the container: {e}")),
+    };
+    let src = Path::new("/dev").join(name);
+    if RealOps.char_numbers(&src) != Some((major, minor)) {
+        return Err(format!(
+            "mknod /dev/{name} in the container: {refused}, and /dev/{name} here is not \
+             c {major}:{minor} to bind instead"
+        ));
+    }
+    fs::File::create(&path).map_err(|e| format!("creating /dev/{name} in the container: {e}"))?;
+    RealOps
+        .bind_node(&src, &path)
+        .map_err(|e| format!("binding /dev/{name} into the container: {e}"))
+}
+
 /// A minimal /dev: the usual character devices and the standard symlinks.
 fn populate_dev(dev: &Path) -> Result<(), String> {
     let nodes: [(&str, u64, u64); 6] = [
@@ -454,21 +480,7 @@ fn populate_dev(dev: &Path) -> Result<(), String> {
         ("tty", 5, 0),
     ];
     for (name, major, minor) in nodes {
-        let path = dev.join(name);
-        mknod(
-            &path,
-            SFlag::S_IFCHR,
-            Mode::from_bits_truncate(0o666),
-            makedev(major, minor),
-        )
-        .map_err(|e| format!("mknod /dev/{name} in the container: {e}"))?;
-        // mknod is subject to the umask.
-        let _ = nix::sys::stat::fchmodat(
-            None,
-            &path,
-            Mode::from_bits_truncate(0o666),
-            nix::sys::stat::FchmodatFlags::FollowSymlink,
-        );
+        make_node(dev, name, major, minor)?;
     }
     for (name, target) in [
         ("fd", "/proc/self/fd"),

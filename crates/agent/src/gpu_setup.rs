@@ -132,7 +132,22 @@ pub fn generate_spec(driver_root: &Path, paths: &Paths) -> Result<Generated, Gpu
     let mut o = GenerateOptions::new(driver_root);
     o.dev_root = Some(paths.dev.clone());
     o.gpus = gpus(paths).map_err(err)?;
-    cdi::generate(&o).map_err(err)
+    let mut generated = cdi::generate(&o).map_err(err)?;
+    // The GPU nodes are where the control nodes are (a harness's `--dev`), for the bind
+    // that replaces a refused mknod.
+    if paths.dev != Path::new("/dev") {
+        let nodes = generated
+            .spec
+            .devices
+            .iter_mut()
+            .flat_map(|d| d.container_edits.device_nodes.iter_mut());
+        for n in nodes.filter(|n| n.host_path.is_none()) {
+            if let Some(name) = n.path.strip_prefix("/dev/") {
+                n.host_path = Some(paths.dev.join(name).display().to_string());
+            }
+        }
+    }
+    Ok(generated)
 }
 
 /// The GPUs from `/proc/driver/nvidia/gpus`; where the driver does not list them there

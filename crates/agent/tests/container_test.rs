@@ -246,6 +246,58 @@ fn cases(base: &Path) {
     assert!(!base.join("work").exists());
 }
 
+/// In a user namespace (maps written from outside, groups allowed) the kernel refuses
+/// `mknod`: /dev/null and the GPU nodes are bound from the agent's side instead. `None`
+/// when no user namespace can be made here.
+fn in_user_namespace(base: &Path) -> Option<std::process::Output> {
+    use std::io::Write;
+    use std::process::Stdio;
+    let agent = format!(
+        "exec {AGENT} container-test --rootfs {b}/root --driver-root {b}/driver --dev {b}/dev \
+         --proc-gpus {b}/gpus --params {b}/params --env NVIDIA_VISIBLE_DEVICES=all -- \
+         /bin/sh -c 'ls -l /dev/null /dev/nvidia0 && grep -E \" /dev/(null|nvidia0) \" /proc/self/mountinfo'",
+        b = base.display()
+    );
+    let mut child = Command::new("unshare")
+        .args(["-U", "-m", "-n", "--", "/bin/sh", "-c"])
+        .arg(format!("read go; echo in-userns; {agent}"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .ok()?;
+    let pid = child.id();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let maps = fs::write(format!("/proc/{pid}/uid_map"), "0 0 65536\n")
+        .and_then(|_| fs::write(format!("/proc/{pid}/gid_map"), "0 0 65536\n"));
+    let _ = child.stdin.take().map(|mut i| i.write_all(b"go\n"));
+    let out = child.wait_with_output().ok()?;
+    let entered = String::from_utf8_lossy(&out.stdout).contains("in-userns");
+    (maps.is_ok() && entered).then_some(out)
+}
+
+#[test]
+fn refused_mknod_binds_the_nodes_in_a_user_namespace() {
+    if let Some(why) = skip_reason() {
+        eprintln!("SKIP refused_mknod_binds_the_nodes_in_a_user_namespace: {why}");
+        return;
+    }
+    let base = tempfile::tempdir().unwrap();
+    machine(base.path());
+    let Some(out) = in_user_namespace(base.path()) else {
+        eprintln!("SKIP refused_mknod_binds_the_nodes_in_a_user_namespace: no user namespace here");
+        return;
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{}{stdout}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success());
+    assert!(stdout.contains("\"exit_code\":0"), "{stdout}");
+    // Both are binds (mountinfo lists them), with the original numbers.
+    assert!(stdout.contains(" /dev/null "), "{stdout}");
+    assert!(stdout.contains(" /dev/nvidia0 "), "{stdout}");
+    assert!(stdout.contains("195,   0"), "{stdout}");
+}
+
 #[test]
 fn directory_root_with_injection_outside_a_vm() {
     if let Some(why) = skip_reason() {
