@@ -376,6 +376,31 @@ mod tests {
     }
 
     #[test]
+    fn the_gpu_injection_is_optional_and_round_trips() {
+        // JSON from a host without the field: no injection; and it is not sent when absent.
+        let mut v = serde_json::to_value(spec()).unwrap();
+        assert!(v.get("gpu").is_none());
+        v.as_object_mut().unwrap().remove("gpu");
+        let old: RunSpec = serde_json::from_value(v).unwrap();
+        assert_eq!(old.gpu, None);
+        let mut s = spec();
+        s.gpu = Some(GpuInjection {
+            visible_devices: Some("none".into()),
+            cuda_version: Some("13.0".into()),
+            gpus: vec![GpuFacts {
+                arch: "9.0".into(),
+                brand: "NVIDIA".into(),
+            }],
+            ..Default::default()
+        });
+        let json = serde_json::to_string(&s).unwrap();
+        assert_eq!(serde_json::from_str::<RunSpec>(&json).unwrap(), s);
+        // Every field of the request may be left out.
+        let bare: GpuInjection = serde_json::from_str("{}").unwrap();
+        assert_eq!(bare, GpuInjection::default());
+    }
+
+    #[test]
     fn garbage_is_refused() {
         let mut r = FrameReader::new(&[0, 0, 0, 2, 0xee, 0][..]);
         assert!(matches!(r.read_frame(), Err(FrameError::UnknownKind(0xee))));
