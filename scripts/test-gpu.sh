@@ -126,7 +126,7 @@ machine() {
     say "driver root $GPU_DRIVER_ROOT, libcuda.so.1 in ${driver_lib:-?}, nvidia-smi ${smi:-?}"
     ls -l "$GPU_DRIVER_ROOT" 2>&1 | head -20
     ls "${driver_lib:-/nonexistent}" 2>&1 | head -60
-    say "nvidia-smi (directly)"; "${direct_env[@]}" "${smi:-nvidia-smi}" 2>&1 | head -30
+    say "nvidia-smi (directly)"; "${direct_env[@]}" timeout 60 "${smi:-nvidia-smi}" 2>&1 | head -30
     say "$nvcc --version"; "$nvcc" --version 2>&1 | tail -2
     say "agent ${agent:-MISSING}, busybox ${busybox:-MISSING}"
     [ -n "$agent" ] && ls -l "$agent"

@@ -21,7 +21,7 @@ mkdir -p "$root"/{bin,sbin,etc,dev,proc,sys,tmp,root,usr/bin,usr/sbin,$libdir,us
 ln -sfn usr/lib "$root/lib"
 ln -sfn usr/lib64 "$root/lib64"
 install -m 0755 "$busybox" "$root/bin/busybox"
-for applet in $("$busybox" --list); do
+for applet in $("$root/bin/busybox" --list); do
     case $applet in busybox | ldconfig) continue ;; esac
     [ -e "$root/bin/$applet" ] || ln -s busybox "$root/bin/$applet"
 done

@@ -234,8 +234,12 @@ fn private_work(work: &Path) -> Result<Layout, Failure> {
     let none = None::<&str>;
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
         .map_err(|e| sys("unshare of a mount namespace", e))?;
-    mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
-        .map_err(|e| sys("making mounts private", e))?;
+    // A kernel without mount propagation (EINVAL) has nothing to keep private.
+    match mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none) {
+        Ok(()) => {}
+        Err(Errno::EINVAL) => step("WARNING: making mounts private: EINVAL; going on"),
+        Err(e) => return Err(sys("making mounts private", e)),
+    }
     fs::create_dir_all(work).map_err(|e| io_failure(work, e))?;
     mount(
         Some("tmpfs"),
