@@ -166,7 +166,9 @@ impl InjectOps for RealOps {
         use nix::sys::stat::{fchmodat, makedev, mknod, FchmodatFlags, Mode, SFlag};
         let m = Mode::from_bits_truncate(mode);
         mknod(path, SFlag::S_IFCHR, m, makedev(major, minor))?;
-        fchmodat(None, path, m, FchmodatFlags::NoFollowSymlink)
+        // The node just made (mknod is subject to the umask); plain chmod(2), which every
+        // kernel has (the no-follow flavour needs fchmodat2 or /proc).
+        fchmodat(None, path, m, FchmodatFlags::FollowSymlink)
     }
 
     fn bind_node(&mut self, src: &Path, dst: &Path) -> Result<(), Errno> {
