@@ -158,7 +158,9 @@ make_root() {
     need "$work/gpucheck" gpucheck || return 77
     [ -n "$busybox" ] || { echo "no busybox"; return 1; }
     install -m 0755 "$agent" "$work/gpucell-agent" || return 1
+    if [ -n "${driver_lib:-}" ]; then say "ldd libcuda.so.1"; ldd "$driver_lib/libcuda.so.1" 2>&1; fi
     tests/gpu/make-root.sh "$work/root" "$busybox" "$work/gpucheck" "$work/cuprobe" || return 1
+
     ls -l "$work/root/usr/bin" "$work/root/usr/lib/x86_64-linux-gnu"
 }
 

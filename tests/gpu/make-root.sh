@@ -73,4 +73,19 @@ for prog in "$@"; do
     install -m 0755 "$prog" "$root/usr/bin/$(basename "$prog")"
     copy_libs "$prog"
 done
+
+# A distribution image carries all of glibc, not only what the programs link: the driver's
+# libraries (injected later) need libdl, libpthread, librt and libm, which a program built
+# against glibc >= 2.34 no longer links. Take them from beside the libc the programs use,
+# plus the libraries of each LIBS_OF file (e.g. the driver's libcuda) that resolve here.
+libc_path=$(libs_of /bin/sh | grep '/libc[.]so[.]6$' | head -1 || true)
+libc_dir=${libc_path%/*}
+for name in libc.so.6 libm.so.6 libdl.so.2 libpthread.so.0 librt.so.1 libgcc_s.so.1 libz.so.1; do
+    if [ -n "$libc_path" ] && [ -e "$libc_dir/$name" ] && [ ! -e "$root/$libdir/$name" ]; then
+        cp -L "$libc_dir/$name" "$root/$libdir/"
+    fi
+done
+for f in ${LIBS_OF:-}; do
+    if [ -e "$f" ]; then copy_libs "$f"; fi
+done
 echo "make-root: $root: busybox, ldconfig from ${ldconfig_src:-nowhere}, $# program(s), $(ls "$root/$libdir" | wc -l) libraries"
