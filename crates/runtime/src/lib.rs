@@ -20,6 +20,7 @@
 
 pub mod config;
 pub mod devices;
+pub mod driver;
 pub mod dry_run;
 pub mod node;
 pub mod observer;
