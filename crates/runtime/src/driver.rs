@@ -219,7 +219,7 @@ pub fn choose(ask: &Ask<'_>, candidates: &[Candidate]) -> Result<Option<Choice>,
         return Err(ChoiceError::Refused(msg));
     }
     let mut sorted: Vec<&Candidate> = candidates.iter().collect();
-    sorted.sort_by(|a, b| version(&b.driver_version).cmp(&version(&a.driver_version)));
+    sorted.sort_by_key(|c| std::cmp::Reverse(version(&c.driver_version)));
     let drives_all = |c: &Candidate| ask.gpus.iter().all(|g| unsupported(c, g).is_none());
     if let Some(c) = sorted
         .iter()
