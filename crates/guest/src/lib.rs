@@ -11,6 +11,7 @@ pub mod agent_bin;
 mod build;
 pub mod cpio;
 pub mod deb;
+pub mod driver;
 pub mod flavour;
 pub mod manifest;
 pub mod modules;
