@@ -367,7 +367,7 @@ mod tests {
             ("name = \"nvidia-550\"", "name = \"../x\"", "name must be"),
             (
                 "patches = [\"pci-resize-resource-exclude-bars\"]\narchitectures = [\"Turing\", \"Ampere\", \"Ada\", \"Hopper\"]\nmax_cuda = \"12.4\"",
-                "patches = [\"nope\"]\narchitectures = []\nmax_cuda = \"12.4\"",
+                "patches = [\"nope\"]\narchitectures = [\"Turing\"]\nmax_cuda = \"12.4\"",
                 "patch `nope`",
             ),
             ("role = \"module-source\"", "role = \"library\"", "module-source"),
