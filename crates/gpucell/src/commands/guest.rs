@@ -12,7 +12,9 @@ pub enum GuestCommand {
     Build(BuildArgs),
     /// Show the manifest of a built flavour.
     Show(ShowArgs),
-    /// List the known flavours and whether each is built.
+    /// List the known flavours: driver, CUDA, module kind, sizes, built or not, and the
+    /// command that builds each.
+    #[command(alias = "ls")]
     List,
 }
 
@@ -53,6 +55,7 @@ fn build(global: &Global, a: BuildArgs) -> anyhow::Result<u8> {
         agent: a.agent,
         kernel_deb: a.kernel_deb,
         force: a.force,
+        progress: Some(progress_line),
     };
     let art = gpucell_guest::build(&global.state_dir, &opts)?;
     if global.json {
@@ -84,6 +87,11 @@ fn build(global: &Global, a: BuildArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
+/// Progress of long build steps, on stderr.
+fn progress_line(line: &str) {
+    eprintln!("  {line}");
+}
+
 fn show(global: &Global, a: ShowArgs) -> anyhow::Result<u8> {
     let art = gpucell_guest::load(&global.state_dir, &a.flavour)?;
     if global.json {
@@ -99,31 +107,95 @@ struct FlavourRow {
     #[serde(flatten)]
     flavour: gpucell_guest::Flavour,
     built: Option<String>,
+    /// Driver version, module kind and CUDA version (from the table; the measured CUDA
+    /// version once built).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nvidia: Option<NvidiaColumns>,
+    /// Sizes in bytes of what is built: kernel, init image and, for a driver flavour, the
+    /// driver's parts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sizes: Option<Sizes>,
+    build_command: String,
+}
+
+#[derive(serde::Serialize)]
+struct NvidiaColumns {
+    driver: String,
+    module_kind: String,
+    cuda: String,
+    devices: usize,
+}
+
+#[derive(serde::Serialize)]
+struct Sizes {
+    vmlinux: u64,
+    initramfs: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    driver: Option<gpucell_guest::driver::PartSizes>,
+}
+
+fn row(global: &Global, table: Option<&gpucell_guest::driver::Table>, f: &gpucell_guest::Flavour) -> FlavourRow {
+    let built = gpucell_guest::load(&global.state_dir, f.name).ok();
+    let nvidia = f.driver.and_then(|d| {
+        let t = table?.find(d).ok()?;
+        Some(NvidiaColumns {
+            driver: t.version.clone(),
+            module_kind: t.module_kind.as_str().to_owned(),
+            cuda: built
+                .as_ref()
+                .and_then(|a| a.manifest.driver.as_ref().map(|d| d.cuda.clone()))
+                .unwrap_or_else(|| t.max_cuda.clone()),
+            devices: t.device_ids.len(),
+        })
+    });
+    FlavourRow {
+        flavour: f.clone(),
+        built: built.as_ref().map(|a| a.manifest.kernel_release.clone()),
+        nvidia,
+        sizes: built.as_ref().map(|a| Sizes {
+            vmlinux: a.manifest.vmlinux.size,
+            initramfs: a.manifest.initramfs.size,
+            driver: a.manifest.driver.as_ref().map(|d| d.sizes.clone()),
+        }),
+        build_command: format!("gpucell guest build --flavour {}", f.name),
+    }
+}
+
+fn mb(b: u64) -> String {
+    format!("{:.1} MB", b as f64 / 1e6)
 }
 
 fn list(global: &Global) -> anyhow::Result<u8> {
+    let table = gpucell_guest::driver::Table::embedded().context("loading the driver table")?;
     let rows: Vec<FlavourRow> = gpucell_guest::FLAVOURS
         .iter()
-        .map(|f| FlavourRow {
-            flavour: f.clone(),
-            built: gpucell_guest::load(&global.state_dir, f.name)
-                .ok()
-                .map(|a| a.manifest.kernel_release),
-        })
+        .map(|f| row(global, Some(&table), f))
         .collect();
     if global.json {
         print_json(&rows).context("printing the flavour list")?;
-    } else {
-        for r in rows {
-            println!(
-                "{:<12} {:<24} {}",
-                r.flavour.name,
-                r.built
-                    .as_deref()
-                    .map_or("not built".to_owned(), |k| format!("built ({k})")),
-                r.flavour.description
-            );
-        }
+        return Ok(0);
+    }
+    for r in rows {
+        let driver = r.nvidia.as_ref().map_or("no GPU driver".to_owned(), |n| {
+            format!("nvidia {} {} CUDA {}", n.driver, n.module_kind, n.cuda)
+        });
+        let state = match (&r.built, &r.sizes) {
+            (Some(k), Some(s)) => {
+                let mut t = format!("built ({k}): vmlinux {}, init {}", mb(s.vmlinux), mb(s.initramfs));
+                if let Some(d) = &s.driver {
+                    t.push_str(&format!(
+                        ", driver disk {} (modules {}, firmware {}, userspace {})",
+                        mb(d.disk),
+                        mb(d.modules),
+                        mb(d.firmware),
+                        mb(d.userspace)
+                    ));
+                }
+                t
+            }
+            _ => format!("not built: {}", r.build_command),
+        };
+        println!("{:<12} {:<36} {}", r.flavour.name, driver, state);
     }
     Ok(0)
 }
