@@ -23,8 +23,8 @@ pub use frame::{
     FrameError, FrameReader, FrameWriter, RawFrame, MAX_CONTROL_PAYLOAD, MAX_DATA_PAYLOAD,
 };
 pub use message::{
-    DeviceInfo, DeviceMatch, ExitStatus, FromGuest, FromHost, GuestHello, HostHello, Kind,
-    RootfsSpec, RunSpec,
+    DeviceInfo, DeviceMatch, DriverReport, ExitStatus, FromGuest, FromHost, GpuReport, GuestHello,
+    HostHello, Kind, RootfsSpec, RunSpec,
 };
 
 /// Version of the wire protocol. Bumped on any incompatible change.

@@ -136,6 +136,9 @@ pub struct SessionReport {
     pub stderr_bytes: u64,
     pub signals_forwarded: Vec<i32>,
     pub log_bytes_dropped: u64,
+    /// The NVIDIA driver bring-up of a driver flavour, and when it was reported.
+    pub driver: Option<gpucell_protocol::DriverReport>,
+    pub driver_at: Option<Instant>,
 }
 
 type SharedWriter<W> = Arc<Mutex<FrameWriter<W>>>;
@@ -158,6 +161,7 @@ fn kind_name(m: &FromGuest) -> String {
         FromGuest::Exited(_) => "Exited",
         FromGuest::Error { .. } => "Error",
         FromGuest::Log { .. } => "Log",
+        FromGuest::Driver(_) => "Driver",
     }
     .to_string()
 }
@@ -319,6 +323,8 @@ fn relay_inner<W: Write + Send + 'static>(
         stderr_bytes: 0,
         signals_forwarded: Vec::new(),
         log_bytes_dropped: 0,
+        driver: None,
+        driver_at: None,
     };
     let mut devices_seen = false;
     let mut log_budget = limits.max_log_bytes;
@@ -389,6 +395,11 @@ fn relay_inner<W: Write + Send + 'static>(
                 devices_seen = true;
                 report.devices = d.into_iter().take(256).collect();
                 report.devices_at = Some(Instant::now());
+            }
+            Event::Guest(FromGuest::Driver(d)) if report.driver.is_none() && report.started_at.is_none() => {
+                tracing::info!(target: "agent", flavour = %d.flavour, gpus = d.gpus.len(), ms = d.driver_ready_ms, "{}", truncate(&d.message, 512));
+                report.driver = Some(d);
+                report.driver_at = Some(Instant::now());
             }
             Event::Guest(FromGuest::Started { pid }) if report.started_at.is_none() => {
                 report.started_at = Some(Instant::now());
