@@ -13,6 +13,7 @@ mod cmdline;
 mod container;
 mod devices;
 mod rootpath;
+mod nvidia;
 mod session;
 mod users;
 

@@ -45,6 +45,8 @@ pub enum SessionError {
     Container(#[from] ContainerError),
     #[error("{0} failed")]
     Sys(&'static str, #[source] Errno),
+    #[error("NVIDIA driver bring-up")]
+    Driver(#[from] crate::nvidia::NvidiaError),
 }
 
 /// Protocol state of one session over `channel`.
@@ -116,7 +118,7 @@ impl Session {
         let wait = Duration::from_millis(spec.device_wait_ms.min(600_000));
         let (found, missing) =
             devices::wait_for(Path::new("/sys/bus/pci/devices"), &spec.devices, wait);
-        self.send(&FromGuest::Devices(found))?;
+        self.send(&FromGuest::Devices(found.clone()))?;
         if !missing.is_empty() {
             let ids: Vec<String> = missing
                 .iter()
@@ -126,6 +128,9 @@ impl Session {
                 ids.join(", "),
                 spec.device_wait_ms,
             ));
+        }
+        if let Some(r) = crate::nvidia::bring_up_for_run(&found, &spec.rootfs.device)? {
+            self.send(&FromGuest::Driver(r))?;
         }
         let root = container::mount_rootfs(spec)?;
         let prepared = container::prepare(&root, spec)?;
