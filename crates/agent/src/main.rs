@@ -91,6 +91,10 @@ fn run() -> Result<(), AnyError> {
         tracing::warn!("{}", chain(&e));
         early.push(chain(&e));
     }
+    if cmdline.driver_test {
+        nvidia::self_test();
+        return Ok(());
+    }
     let sigfd = session::sigchld_fd()?;
     let channel = channel::open(cmdline.channel)?;
     let mut s = session::Session::new(channel)?;

@@ -358,6 +358,165 @@ fn wait_ready(
     }
 }
 
+/// Marker of the self-test's result line on the console.
+pub const SELF_TEST_MARKER: &str = "gpucell-driver-test: ";
+
+/// One module of the self-test.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ModuleResult {
+    pub module: String,
+    pub vermagic: String,
+    /// `loaded`, `already loaded`, an errno name (`ENODEV`), or `skipped: why`.
+    pub result: String,
+}
+
+/// A tool run of the self-test.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ToolResult {
+    pub ok: bool,
+    pub output: String,
+}
+
+/// What `gpucell guest test` gets back (one JSON line on the console).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SelfTest {
+    pub flavour: String,
+    pub version: String,
+    pub built_for: String,
+    pub kernel: String,
+    pub modules: Vec<ModuleResult>,
+    pub kernel_log: Vec<String>,
+    pub device_nodes: Vec<String>,
+    pub nvidia_smi: ToolResult,
+    pub cuda: ToolResult,
+    /// The bring-up report when NVIDIA GPUs were passed.
+    pub driver: Option<DriverReport>,
+    pub error: Option<String>,
+}
+
+/// `vermagic=` of a module file (its `.modinfo` strings).
+pub fn vermagic(ko: &[u8]) -> String {
+    const KEY: &[u8] = b"vermagic=";
+    ko.windows(KEY.len())
+        .position(|w| w == KEY)
+        .map(|i| {
+            let rest = &ko[i + KEY.len()..];
+            let end = rest.iter().position(|b| *b == 0).unwrap_or(rest.len()).min(256);
+            String::from_utf8_lossy(&rest[..end]).trim().to_owned()
+        })
+        .unwrap_or_default()
+}
+
+fn tool(sys: &mut dyn System, argv: &[String]) -> ToolResult {
+    match sys.run(argv) {
+        Ok((ok, out)) => ToolResult {
+            ok,
+            output: out.chars().take(8000).collect(),
+        },
+        Err(e) => ToolResult {
+            ok: false,
+            output: format!("could not run {}: {e}", argv.first().map_or("", |s| s.as_str())),
+        },
+    }
+}
+
+/// The driver check of `gpucell guest test`: with NVIDIA GPUs passed, the full
+/// bring-up; without, every module is loaded anyway, so a GPU-less machine still shows
+/// whether they fit the kernel (the driver must end in ENODEV, "No NVIDIA GPU found").
+pub fn check(sys: &mut dyn System, found: &[DeviceInfo], kernel: &str) -> SelfTest {
+    let mut t = SelfTest {
+        flavour: String::new(),
+        version: String::new(),
+        built_for: String::new(),
+        kernel: kernel.to_owned(),
+        modules: Vec::new(),
+        kernel_log: Vec::new(),
+        device_nodes: Vec::new(),
+        nvidia_smi: ToolResult { ok: false, output: String::new() },
+        cuda: ToolResult { ok: false, output: String::new() },
+        driver: None,
+        error: None,
+    };
+    let info = match sys.mount_driver_disk() {
+        Ok(true) => {
+            let p = format!("{DRIVER_MOUNT}/{INFO_FILE}");
+            sys.read(&p).map_err(|e| NvidiaError::Info(p, e)).and_then(|t| DriverInfo::parse(&t))
+        }
+        Ok(false) => Err(NvidiaError::BadInfo("this guest has no driver disk (not a driver flavour)".into())),
+        Err(e) => Err(NvidiaError::Io { what: "mounting the driver disk".into(), source: e }),
+    };
+    let info = match info {
+        Ok(i) => i,
+        Err(e) => {
+            t.error = Some(e.to_string());
+            return t;
+        }
+    };
+    t.flavour = info.flavour.clone();
+    t.version = info.version.clone();
+    t.built_for = info.kernel_release.clone();
+    if !nvidia_gpus(found).is_empty() {
+        match bring_up(sys, found) {
+            Ok(r) => t.driver = r,
+            Err(e) => t.error = Some(e.to_string()),
+        }
+    } else {
+        force_load(sys, &info, &mut t);
+    }
+    t.kernel_log = sys.kernel_log();
+    for n in ["nvidiactl", "nvidia0", "nvidia-uvm", "nvidia-uvm-tools"] {
+        let p = format!("/dev/{n}");
+        if Path::new(&p).exists() {
+            t.device_nodes.push(p);
+        }
+    }
+    t.nvidia_smi = tool(sys, &info.tool_argv("nvidia-smi", &[]));
+    let libcuda = info.path(&format!("{}/libcuda.so.1", info.lib_dir));
+    t.cuda = tool(sys, &info.tool_argv("gpucell-cuda-version", &[&libcuda]));
+    t
+}
+
+/// Loads every module of the disk with no GPU present, recording each outcome.
+fn force_load(sys: &mut dyn System, info: &DriverInfo, t: &mut SelfTest) {
+    let _ = sys.write(
+        "/sys/module/firmware_class/parameters/path",
+        &info.path(&info.firmware_dir),
+    );
+    let mut nvidia_failed = false;
+    for m in &info.modules {
+        let path = info.path(m);
+        let name = m.rsplit('/').next().unwrap_or(m).to_owned();
+        let magic = std::fs::read(&path).map(|d| vermagic(&d)).unwrap_or_default();
+        let result = if nvidia_failed && name != "drm.ko" {
+            "skipped: nvidia.ko is not loaded".to_owned()
+        } else {
+            let params = if name == "nvidia.ko" { nvidia_params(0) } else { String::new() };
+            match sys.load_module(&path, &params) {
+                Ok(()) => "loaded".to_owned(),
+                Err(Errno::EEXIST) => "already loaded".to_owned(),
+                Err(e) => {
+                    nvidia_failed |= name == "nvidia.ko";
+                    format!("{e:?}")
+                }
+            }
+        };
+        t.modules.push(ModuleResult { module: name, vermagic: magic, result });
+    }
+}
+
+/// Runs [`check`] on the real system and prints its JSON line on the console.
+pub fn self_test() {
+    let mut sys = RealSystem { exclude: None };
+    let found = crate::devices::scan(Path::new("/sys/bus/pci/devices"));
+    let kernel = crate::session::kernel_release();
+    let t = check(&mut sys, &found, &kernel);
+    let line = serde_json::to_string(&t).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "\n{SELF_TEST_MARKER}{line}");
+    let _ = out.flush();
+}
+
 /// The real system.
 pub struct RealSystem {
     /// A block device never to mount (the image's root filesystem).
@@ -723,5 +882,31 @@ mod tests {
             .to_string();
         assert!(err.contains("0000:01:00.0") && err.contains("No devices were found"), "{err}");
         assert!(err.contains("NVRM:"), "{err}");
+    }
+
+    #[test]
+    fn self_test_without_gpus_loads_up_to_enodev() {
+        let mut f = fake();
+        f.fail_load = Some(("nvidia.ko".into(), Errno::ENODEV));
+        let found = [dev("0000:00:03.0", 0x1234, 0x11e8, 0x00ff00)];
+        let t = check(&mut f, &found, "6.1.0-57-amd64");
+        let results: Vec<(&str, &str)> = t
+            .modules
+            .iter()
+            .map(|m| (m.module.as_str(), m.result.as_str()))
+            .collect();
+        assert_eq!(
+            results,
+            [
+                ("drm.ko", "loaded"),
+                ("nvidia.ko", "ENODEV"),
+                ("nvidia-uvm.ko", "skipped: nvidia.ko is not loaded")
+            ]
+        );
+        assert_eq!(t.flavour, "nvidia-550");
+        assert!(t.driver.is_none() && t.error.is_none());
+        assert!(f.ran.iter().any(|r| r.contains("usr/bin/gpucell-cuda-version")));
+        assert_eq!(vermagic(b"x\0vermagic=6.1.0-57-amd64 SMP preempt \0y"), "6.1.0-57-amd64 SMP preempt");
+        assert_eq!(vermagic(b"nothing"), "");
     }
 }
