@@ -12,8 +12,8 @@ mod channel;
 mod cmdline;
 mod container;
 mod devices;
-mod rootpath;
 mod nvidia;
+mod rootpath;
 mod session;
 mod users;
 

@@ -84,7 +84,9 @@ impl DriverInfo {
             .find(|p| !safe(p))
             .cloned();
         if let Some(bad) = bad {
-            return Err(NvidiaError::BadInfo(format!("path `{bad}` leaves the disk")));
+            return Err(NvidiaError::BadInfo(format!(
+                "path `{bad}` leaves the disk"
+            )));
         }
         if i.modules.len() > 16 {
             return Err(NvidiaError::BadInfo("more than 16 modules".into()));
@@ -203,7 +205,10 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> NvidiaError
 }
 
 /// [`bring_up`] on the real system, never touching the image's disk `rootfs_device`.
-pub fn bring_up_for_run(found: &[DeviceInfo], rootfs_device: &str) -> Result<Option<DriverReport>, NvidiaError> {
+pub fn bring_up_for_run(
+    found: &[DeviceInfo],
+    rootfs_device: &str,
+) -> Result<Option<DriverReport>, NvidiaError> {
     let mut sys = RealSystem {
         exclude: Some(rootfs_device.to_owned()),
     };
@@ -216,13 +221,22 @@ pub fn bring_up_for_run(found: &[DeviceInfo], rootfs_device: &str) -> Result<Opt
 
 /// Brings the driver up for the passed functions. `Ok(None)`: not a driver flavour.
 /// With no NVIDIA GPU among `found`, nothing is loaded and the report says so.
-pub fn bring_up(sys: &mut dyn System, found: &[DeviceInfo]) -> Result<Option<DriverReport>, NvidiaError> {
+pub fn bring_up(
+    sys: &mut dyn System,
+    found: &[DeviceInfo],
+) -> Result<Option<DriverReport>, NvidiaError> {
     let start = Instant::now();
-    if !sys.mount_driver_disk().map_err(io_err("mounting the driver disk"))? {
+    if !sys
+        .mount_driver_disk()
+        .map_err(io_err("mounting the driver disk"))?
+    {
         return Ok(None);
     }
     let info_path = format!("{DRIVER_MOUNT}/{INFO_FILE}");
-    let info = DriverInfo::parse(&sys.read(&info_path).map_err(|e| NvidiaError::Info(info_path, e))?)?;
+    let info = DriverInfo::parse(
+        &sys.read(&info_path)
+            .map_err(|e| NvidiaError::Info(info_path, e))?,
+    )?;
     let gpus = nvidia_gpus(found);
     let mut report = DriverReport {
         flavour: info.flavour.clone(),
@@ -253,12 +267,20 @@ pub fn bring_up(sys: &mut dyn System, found: &[DeviceInfo]) -> Result<Option<Dri
     start_persistenced(sys, &info);
     report.gpus = wait_ready(sys, &info, &gpus, READY_TIMEOUT)?;
     report.driver_ready_ms = start.elapsed().as_millis() as u64;
-    report.message = format!("{} GPU(s) ready with driver {}", report.gpus.len(), info.version);
+    report.message = format!(
+        "{} GPU(s) ready with driver {}",
+        report.gpus.len(),
+        info.version
+    );
     Ok(Some(report))
 }
 
 /// Firmware path, then the modules in the disk's order.
-pub fn load_driver(sys: &mut dyn System, info: &DriverInfo, gpus: usize) -> Result<(), NvidiaError> {
+pub fn load_driver(
+    sys: &mut dyn System,
+    info: &DriverInfo,
+    gpus: usize,
+) -> Result<(), NvidiaError> {
     sys.write(
         "/sys/module/firmware_class/parameters/path",
         &info.path(&info.firmware_dir),
@@ -302,7 +324,9 @@ pub fn make_nodes(sys: &mut dyn System, gpus: &[&DeviceInfo]) -> Result<Vec<Stri
             .ok_or_else(|| NvidiaError::NoMinor(format!("{p} has no `Device Minor`")))?;
         node(sys, format!("/dev/nvidia{minor}"), NVIDIA_MAJOR, minor)?;
     }
-    let devices = sys.read("/proc/devices").map_err(io_err("reading /proc/devices"))?;
+    let devices = sys
+        .read("/proc/devices")
+        .map_err(io_err("reading /proc/devices"))?;
     let uvm = char_major(&devices, "nvidia-uvm").ok_or(NvidiaError::NoMajor("nvidia-uvm"))?;
     node(sys, "/dev/nvidia-uvm".into(), uvm, 0)?;
     node(sys, "/dev/nvidia-uvm-tools".into(), uvm, 1)?;
@@ -337,7 +361,10 @@ fn wait_ready(
     let deadline = Instant::now() + timeout;
     loop {
         let (ok, out) = sys.run(&argv).unwrap_or_else(|e| (false, e.to_string()));
-        let listed: Vec<GpuReport> = out.lines().filter_map(|l| parse_smi_line(l, &info.cuda)).collect();
+        let listed: Vec<GpuReport> = out
+            .lines()
+            .filter_map(|l| parse_smi_line(l, &info.cuda))
+            .collect();
         let missing: Vec<&str> = gpus
             .iter()
             .filter(|g| !listed.iter().any(|l| l.bdf == g.bdf))
@@ -401,7 +428,11 @@ pub fn vermagic(ko: &[u8]) -> String {
         .position(|w| w == KEY)
         .map(|i| {
             let rest = &ko[i + KEY.len()..];
-            let end = rest.iter().position(|b| *b == 0).unwrap_or(rest.len()).min(256);
+            let end = rest
+                .iter()
+                .position(|b| *b == 0)
+                .unwrap_or(rest.len())
+                .min(256);
             String::from_utf8_lossy(&rest[..end]).trim().to_owned()
         })
         .unwrap_or_default()
@@ -415,7 +446,10 @@ fn tool(sys: &mut dyn System, argv: &[String]) -> ToolResult {
         },
         Err(e) => ToolResult {
             ok: false,
-            output: format!("could not run {}: {e}", argv.first().map_or("", |s| s.as_str())),
+            output: format!(
+                "could not run {}: {e}",
+                argv.first().map_or("", |s| s.as_str())
+            ),
         },
     }
 }
@@ -432,18 +466,31 @@ pub fn check(sys: &mut dyn System, found: &[DeviceInfo], kernel: &str) -> SelfTe
         modules: Vec::new(),
         kernel_log: Vec::new(),
         device_nodes: Vec::new(),
-        nvidia_smi: ToolResult { ok: false, output: String::new() },
-        cuda: ToolResult { ok: false, output: String::new() },
+        nvidia_smi: ToolResult {
+            ok: false,
+            output: String::new(),
+        },
+        cuda: ToolResult {
+            ok: false,
+            output: String::new(),
+        },
         driver: None,
         error: None,
     };
     let info = match sys.mount_driver_disk() {
         Ok(true) => {
             let p = format!("{DRIVER_MOUNT}/{INFO_FILE}");
-            sys.read(&p).map_err(|e| NvidiaError::Info(p, e)).and_then(|t| DriverInfo::parse(&t))
+            sys.read(&p)
+                .map_err(|e| NvidiaError::Info(p, e))
+                .and_then(|t| DriverInfo::parse(&t))
         }
-        Ok(false) => Err(NvidiaError::BadInfo("this guest has no driver disk (not a driver flavour)".into())),
-        Err(e) => Err(NvidiaError::Io { what: "mounting the driver disk".into(), source: e }),
+        Ok(false) => Err(NvidiaError::BadInfo(
+            "this guest has no driver disk (not a driver flavour)".into(),
+        )),
+        Err(e) => Err(NvidiaError::Io {
+            what: "mounting the driver disk".into(),
+            source: e,
+        }),
     };
     let info = match info {
         Ok(i) => i,
@@ -486,11 +533,17 @@ fn force_load(sys: &mut dyn System, info: &DriverInfo, t: &mut SelfTest) {
     for m in &info.modules {
         let path = info.path(m);
         let name = m.rsplit('/').next().unwrap_or(m).to_owned();
-        let magic = std::fs::read(&path).map(|d| vermagic(&d)).unwrap_or_default();
+        let magic = std::fs::read(&path)
+            .map(|d| vermagic(&d))
+            .unwrap_or_default();
         let result = if nvidia_failed && name != "drm.ko" {
             "skipped: nvidia.ko is not loaded".to_owned()
         } else {
-            let params = if name == "nvidia.ko" { nvidia_params(0) } else { String::new() };
+            let params = if name == "nvidia.ko" {
+                nvidia_params(0)
+            } else {
+                String::new()
+            };
             match sys.load_module(&path, &params) {
                 Ok(()) => "loaded".to_owned(),
                 Err(Errno::EEXIST) => "already loaded".to_owned(),
@@ -500,7 +553,11 @@ fn force_load(sys: &mut dyn System, info: &DriverInfo, t: &mut SelfTest) {
                 }
             }
         };
-        t.modules.push(ModuleResult { module: name, vermagic: magic, result });
+        t.modules.push(ModuleResult {
+            module: name,
+            vermagic: magic,
+            result,
+        });
     }
 }
 
@@ -559,7 +616,15 @@ impl System for RealSystem {
                 continue;
             }
             let flags = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-            if mount(Some(dev.as_str()), DRIVER_MOUNT, Some("erofs"), flags, None::<&str>).is_err() {
+            if mount(
+                Some(dev.as_str()),
+                DRIVER_MOUNT,
+                Some("erofs"),
+                flags,
+                None::<&str>,
+            )
+            .is_err()
+            {
                 continue;
             }
             if Path::new(DRIVER_MOUNT).join(INFO_FILE).is_file() {
@@ -573,7 +638,9 @@ impl System for RealSystem {
     fn read(&mut self, path: &str) -> std::io::Result<String> {
         use std::io::Read;
         let mut s = String::new();
-        std::fs::File::open(path)?.take(1 << 20).read_to_string(&mut s)?;
+        std::fs::File::open(path)?
+            .take(1 << 20)
+            .read_to_string(&mut s)?;
         Ok(s)
     }
 
@@ -583,7 +650,8 @@ impl System for RealSystem {
 
     fn load_module(&mut self, path: &str, params: &str) -> Result<(), Errno> {
         use std::os::fd::AsFd;
-        let f = std::fs::File::open(path).map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
+        let f = std::fs::File::open(path)
+            .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
         let p = std::ffi::CString::new(params).map_err(|_| Errno::EINVAL)?;
         nix::kmod::finit_module(f.as_fd(), &p, nix::kmod::ModuleInitFlags::empty())
     }
@@ -696,7 +764,10 @@ mod tests {
             Ok(self.disk)
         }
         fn read(&mut self, path: &str) -> std::io::Result<String> {
-            self.files.get(path).cloned().ok_or(std::io::ErrorKind::NotFound.into())
+            self.files
+                .get(path)
+                .cloned()
+                .ok_or(std::io::ErrorKind::NotFound.into())
         }
         fn write(&mut self, path: &str, text: &str) -> std::io::Result<()> {
             self.writes.push((path.into(), text.into()));
@@ -742,7 +813,8 @@ mod tests {
             disk: true,
             ..Fake::default()
         };
-        f.files.insert(format!("{DRIVER_MOUNT}/{INFO_FILE}"), INFO.into());
+        f.files
+            .insert(format!("{DRIVER_MOUNT}/{INFO_FILE}"), INFO.into());
         f.files.insert("/proc/devices".into(), PROC_DEVICES.into());
         f.files.insert(
             "/proc/driver/nvidia/gpus/0000:01:00.0/information".into(),
@@ -757,7 +829,11 @@ mod tests {
         assert_eq!(char_major(PROC_DEVICES, "nvidia-uvm"), Some(236));
         assert_eq!(char_major(PROC_DEVICES, "nvidia-frontend"), Some(195));
         assert_eq!(char_major(PROC_DEVICES, "nvidia-caps"), None);
-        assert_eq!(char_major(PROC_DEVICES, "loop"), None, "block devices are not char");
+        assert_eq!(
+            char_major(PROC_DEVICES, "loop"),
+            None,
+            "block devices are not char"
+        );
         assert_eq!(info_field(INFORMATION, "Device Minor"), Some("0"));
         assert_eq!(info_field(INFORMATION, "Model"), Some("NVIDIA H200"));
         assert_eq!(
@@ -780,7 +856,10 @@ mod tests {
     fn info_paths_must_stay_on_the_disk() {
         assert!(DriverInfo::parse(INFO).is_ok());
         let bad = INFO.replace("usr/lib/ld-linux", "/usr/lib/ld-linux");
-        assert!(DriverInfo::parse(&bad).unwrap_err().to_string().contains("leaves the disk"));
+        assert!(DriverInfo::parse(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("leaves the disk"));
         let bad = INFO.replace("lib/firmware", "../../etc");
         assert!(DriverInfo::parse(&bad).is_err());
         assert!(DriverInfo::parse("{").is_err());
@@ -803,9 +882,19 @@ mod tests {
         ];
         let r = bring_up(&mut f, &found).unwrap().unwrap();
         assert!(r.gpus.is_empty());
-        assert!(r.message.contains("no NVIDIA GPU was passed"), "{}", r.message);
-        assert!(r.message.contains("1234:11e8 at 0000:00:03.0"), "{}", r.message);
-        assert!(f.loaded.is_empty() && f.nodes.is_empty() && f.writes.is_empty() && f.ran.is_empty());
+        assert!(
+            r.message.contains("no NVIDIA GPU was passed"),
+            "{}",
+            r.message
+        );
+        assert!(
+            r.message.contains("1234:11e8 at 0000:00:03.0"),
+            "{}",
+            r.message
+        );
+        assert!(
+            f.loaded.is_empty() && f.nodes.is_empty() && f.writes.is_empty() && f.ran.is_empty()
+        );
     }
 
     #[test]
@@ -832,7 +921,10 @@ mod tests {
             loaded,
             [
                 ("drm.ko", ""),
-                ("nvidia.ko", "NVreg_ModifyDeviceFiles=0 NVreg_NvLinkDisable=1"),
+                (
+                    "nvidia.ko",
+                    "NVreg_ModifyDeviceFiles=0 NVreg_NvLinkDisable=1"
+                ),
                 ("nvidia-uvm.ko", "")
             ]
         );
@@ -857,7 +949,10 @@ mod tests {
     #[test]
     fn several_gpus_keep_nvlink() {
         assert_eq!(nvidia_params(2), "NVreg_ModifyDeviceFiles=0");
-        assert_eq!(nvidia_params(1), "NVreg_ModifyDeviceFiles=0 NVreg_NvLinkDisable=1");
+        assert_eq!(
+            nvidia_params(1),
+            "NVreg_ModifyDeviceFiles=0 NVreg_NvLinkDisable=1"
+        );
     }
 
     #[test]
@@ -880,7 +975,10 @@ mod tests {
         let err = wait_ready(&mut f, &info, &nvidia_gpus(&found), Duration::ZERO)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("0000:01:00.0") && err.contains("No devices were found"), "{err}");
+        assert!(
+            err.contains("0000:01:00.0") && err.contains("No devices were found"),
+            "{err}"
+        );
         assert!(err.contains("NVRM:"), "{err}");
     }
 
@@ -905,8 +1003,14 @@ mod tests {
         );
         assert_eq!(t.flavour, "nvidia-550");
         assert!(t.driver.is_none() && t.error.is_none());
-        assert!(f.ran.iter().any(|r| r.contains("usr/bin/gpucell-cuda-version")));
-        assert_eq!(vermagic(b"x\0vermagic=6.1.0-57-amd64 SMP preempt \0y"), "6.1.0-57-amd64 SMP preempt");
+        assert!(f
+            .ran
+            .iter()
+            .any(|r| r.contains("usr/bin/gpucell-cuda-version")));
+        assert_eq!(
+            vermagic(b"x\0vermagic=6.1.0-57-amd64 SMP preempt \0y"),
+            "6.1.0-57-amd64 SMP preempt"
+        );
         assert_eq!(vermagic(b"nothing"), "");
     }
 }

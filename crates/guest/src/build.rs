@@ -324,9 +324,12 @@ fn build_driver(
     root: &Path,
     opts: &BuildOptions,
 ) -> Result<crate::driver::DriverManifest, BuildError> {
-    let guest_dir = work
-        .parent()
-        .ok_or_else(|| BuildError::Io("the build dir has no parent".into(), std::io::ErrorKind::NotFound.into()))?;
+    let guest_dir = work.parent().ok_or_else(|| {
+        BuildError::Io(
+            "the build dir has no parent".into(),
+            std::io::ErrorKind::NotFound.into(),
+        )
+    })?;
     let kernel = crate::driver::KernelInfo {
         release: release.to_owned(),
         version: deb.version.clone(),

@@ -108,7 +108,10 @@ pub fn load(state_dir: &Path, flavour: &str) -> Result<GuestArtifacts, Error> {
 /// Checks the SHA-256 of the kernel and init image against the manifest.
 pub fn verify(a: &GuestArtifacts) -> Result<(), Error> {
     let disk = a.manifest.driver.as_ref().map(|d| &d.disk);
-    for d in [&a.manifest.vmlinux, &a.manifest.initramfs].into_iter().chain(disk) {
+    for d in [&a.manifest.vmlinux, &a.manifest.initramfs]
+        .into_iter()
+        .chain(disk)
+    {
         let path = a.dir.join(&d.file);
         let ok = deb::sha256_file(&path).is_ok_and(|s| s == d.sha256);
         if !ok {

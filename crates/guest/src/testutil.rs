@@ -86,6 +86,9 @@ pub fn kernel_module(name: &str) -> Option<Vec<u8>> {
         .args(["-name", name])
         .output()
         .ok()?;
-    let path = String::from_utf8_lossy(&out.stdout).lines().next()?.to_owned();
+    let path = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()?
+        .to_owned();
     std::fs::read(path).ok()
 }

@@ -396,7 +396,9 @@ fn relay_inner<W: Write + Send + 'static>(
                 report.devices = d.into_iter().take(256).collect();
                 report.devices_at = Some(Instant::now());
             }
-            Event::Guest(FromGuest::Driver(d)) if report.driver.is_none() && report.started_at.is_none() => {
+            Event::Guest(FromGuest::Driver(d))
+                if report.driver.is_none() && report.started_at.is_none() =>
+            {
                 tracing::info!(target: "agent", flavour = %d.flavour, gpus = d.gpus.len(), ms = d.driver_ready_ms, "{}", truncate(&d.message, 512));
                 report.driver = Some(d);
                 report.driver_at = Some(Instant::now());

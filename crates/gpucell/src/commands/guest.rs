@@ -16,6 +16,32 @@ pub enum GuestCommand {
     /// command that builds each.
     #[command(alias = "ls")]
     List,
+    /// Boot a driver flavour and check its driver: modules (vermagic; with no GPU they
+    /// must stop at the driver's ENODEV), device nodes, nvidia-smi, libcuda's CUDA version.
+    Test(TestArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct TestArgs {
+    /// Driver flavour to test, e.g. nvidia-550.
+    pub flavour: String,
+    /// Pass this host PCI function (bound to vfio-pci) to the test VM.
+    #[arg(long, conflicts_with = "gpus")]
+    pub device: Vec<String>,
+    /// Pass the first N NVIDIA GPUs bound to vfio-pci.
+    #[arg(long)]
+    pub gpus: Option<usize>,
+    /// kvm, tcg or auto (default: $GPUCELL_ACCEL, else auto).
+    #[arg(long, env = "GPUCELL_ACCEL", default_value = "auto")]
+    pub accel: String,
+    #[arg(long, env = "GPUCELL_QEMU", default_value = "qemu-system-x86_64")]
+    pub qemu: PathBuf,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub memory_mib: u32,
+    /// How long the guest may take to report, in seconds.
+    #[arg(long, default_value_t = 300)]
+    pub timeout: u64,
 }
 
 #[derive(clap::Args, Debug)]
@@ -46,6 +72,7 @@ pub fn run(global: &Global, command: GuestCommand) -> anyhow::Result<u8> {
         GuestCommand::Build(a) => build(global, a),
         GuestCommand::Show(a) => show(global, a),
         GuestCommand::List => list(global),
+        GuestCommand::Test(a) => test(global, a),
     }
 }
 
@@ -134,7 +161,11 @@ struct Sizes {
     driver: Option<gpucell_guest::driver::PartSizes>,
 }
 
-fn row(global: &Global, table: Option<&gpucell_guest::driver::Table>, f: &gpucell_guest::Flavour) -> FlavourRow {
+fn row(
+    global: &Global,
+    table: Option<&gpucell_guest::driver::Table>,
+    f: &gpucell_guest::Flavour,
+) -> FlavourRow {
     let built = gpucell_guest::load(&global.state_dir, f.name).ok();
     let nvidia = f.driver.and_then(|d| {
         let t = table?.find(d).ok()?;
@@ -181,7 +212,11 @@ fn list(global: &Global) -> anyhow::Result<u8> {
         });
         let state = match (&r.built, &r.sizes) {
             (Some(k), Some(s)) => {
-                let mut t = format!("built ({k}): vmlinux {}, init {}", mb(s.vmlinux), mb(s.initramfs));
+                let mut t = format!(
+                    "built ({k}): vmlinux {}, init {}",
+                    mb(s.vmlinux),
+                    mb(s.initramfs)
+                );
                 if let Some(d) = &s.driver {
                     t.push_str(&format!(
                         ", driver disk {} (modules {}, firmware {}, userspace {})",
@@ -198,4 +233,115 @@ fn list(global: &Global) -> anyhow::Result<u8> {
         println!("{:<12} {:<36} {}", r.flavour.name, driver, state);
     }
     Ok(0)
+}
+
+/// NVIDIA GPU functions (vendor 0x10de, display class) bound to vfio-pci, sorted.
+fn vfio_gpus(sysfs: &std::path::Path) -> Vec<String> {
+    let dir = sysfs.join("bus/pci/devices");
+    let Ok(rd) = std::fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    let read = |p: std::path::PathBuf| std::fs::read_to_string(p).unwrap_or_default();
+    let mut out: Vec<String> = rd
+        .filter_map(|e| e.ok())
+        .filter(|e| read(e.path().join("vendor")).trim() == "0x10de")
+        .filter(|e| read(e.path().join("class")).trim().starts_with("0x03"))
+        .filter(|e| {
+            std::fs::read_link(e.path().join("driver"))
+                .ok()
+                .and_then(|p| p.file_name().map(|n| n == "vfio-pci"))
+                .unwrap_or(false)
+        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    out.sort();
+    out
+}
+
+fn test(global: &Global, a: TestArgs) -> anyhow::Result<u8> {
+    use gpucell_sandbox::accel::{self, AccelChoice, ProbeInput};
+    let art = gpucell_guest::load(&global.state_dir, &a.flavour)?;
+    let sysfs = global.host_root.join("sys");
+    let devices = match a.gpus {
+        Some(n) => {
+            let all = vfio_gpus(&sysfs);
+            anyhow::ensure!(
+                all.len() >= n,
+                "--gpus {n}: only {} NVIDIA GPU(s) are bound to vfio-pci ({})",
+                all.len(),
+                all.join(", ")
+            );
+            all.into_iter().take(n).collect()
+        }
+        None => a.device.clone(),
+    };
+    let choice: AccelChoice = a.accel.parse()?;
+    let probe = ProbeInput::new(
+        &a.qemu,
+        &art.kernel,
+        &art.initrd,
+        &global.host_root,
+        Some(&global.state_dir),
+    );
+    let sel = accel::select(choice, &probe)?;
+    if let Some(w) = sel.warning() {
+        eprintln!("warning: {w}");
+    }
+    let accel_name = format!("{:?}", sel.accel).to_ascii_lowercase();
+    let opts = gpucell_guest::driver::selftest::TestOptions {
+        qemu: a.qemu.clone(),
+        accel: accel_name,
+        memory_mib: a.memory_mib,
+        devices,
+        timeout: std::time::Duration::from_secs(a.timeout),
+        sysfs,
+    };
+    let out = gpucell_guest::driver::selftest::run(&art, &opts)?;
+    if global.json {
+        print_json(&out)?;
+    } else {
+        let r = &out.report;
+        println!(
+            "guest flavour `{}`: driver {} ({}), kernel {}, booted and checked in {:.1} s",
+            out.flavour, r.version, opts.accel, r.kernel, out.boot_seconds
+        );
+        for m in &r.modules {
+            println!(
+                "  module {:<14} {:<36} vermagic `{}`",
+                m.module, m.result, m.vermagic
+            );
+        }
+        println!(
+            "  device nodes  {}",
+            if r.device_nodes.is_empty() {
+                "none".to_owned()
+            } else {
+                r.device_nodes.join(" ")
+            }
+        );
+        println!(
+            "  libcuda       cuDriverGetVersion = {}",
+            r.cuda.output.trim()
+        );
+        println!(
+            "  nvidia-smi    {}",
+            r.nvidia_smi
+                .output
+                .trim()
+                .replace('\n', "\n                ")
+        );
+        for l in &r.kernel_log {
+            println!("  kernel        {l}");
+        }
+        for c in &out.checks {
+            println!(
+                "  [{}] {}: {}",
+                if c.ok { "ok" } else { "FAIL" },
+                c.name,
+                c.detail
+            );
+        }
+        println!("{}", if out.passed { "PASS" } else { "FAIL" });
+    }
+    Ok(if out.passed { 0 } else { 1 })
 }

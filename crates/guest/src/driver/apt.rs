@@ -16,16 +16,20 @@ pub enum AptError {
     Dir(PathBuf, #[source] std::io::Error),
     #[error(transparent)]
     Deb(#[from] DebError),
-    #[error("{package}={version} is not in the archive (gpucell's apt lists in {lists}); the \
+    #[error(
+        "{package}={version} is not in the archive (gpucell's apt lists in {lists}); the \
              table data/nvidia-flavours.toml pins a version the mirror no longer carries: \
-             regenerate it with scripts/nvidia-flavour-table.py")]
+             regenerate it with scripts/nvidia-flavour-table.py"
+    )]
     Missing {
         package: String,
         version: String,
         lists: PathBuf,
     },
-    #[error("{package}: the archive's SHA-256 {archive} differs from the table's {table}; \
-             the archive changed the package under the same version, or the table is wrong")]
+    #[error(
+        "{package}: the archive's SHA-256 {archive} differs from the table's {table}; \
+             the archive changed the package under the same version, or the table is wrong"
+    )]
     TableDigest {
         package: String,
         archive: String,
@@ -117,7 +121,12 @@ impl Apt {
 
     /// Writes the sources list and runs `apt-get update` when the list changed or the
     /// indices are missing; `force` updates anyway.
-    pub fn prepare(&self, suites: &[String], force: bool, progress: &dyn Fn(&str)) -> Result<(), AptError> {
+    pub fn prepare(
+        &self,
+        suites: &[String],
+        force: bool,
+        progress: &dyn Fn(&str),
+    ) -> Result<(), AptError> {
         let dir_err = |e| AptError::Dir(self.dir.clone(), e);
         fs::create_dir_all(self.lists().join("partial")).map_err(dir_err)?;
         fs::create_dir_all(self.dir.join("cache/archives/partial")).map_err(dir_err)?;
@@ -134,7 +143,10 @@ impl Apt {
             })
             .unwrap_or(false);
         if changed || !has_lists || force {
-            progress(&format!("apt: updating gpucell's package lists ({})", suites.join(", ")));
+            progress(&format!(
+                "apt: updating gpucell's package lists ({})",
+                suites.join(", ")
+            ));
             run(self.apt("apt-get").args(["update", "-q"]))?;
         }
         Ok(())
@@ -165,7 +177,12 @@ impl Apt {
 
     /// Downloads `info` into `cache` (or reuses a copy whose digest matches), checking
     /// the archive's SHA-256; shows the size first.
-    pub fn download(&self, info: &PackageInfo, cache: &Path, progress: &dyn Fn(&str)) -> Result<DebFile, AptError> {
+    pub fn download(
+        &self,
+        info: &PackageInfo,
+        cache: &Path,
+        progress: &dyn Fn(&str),
+    ) -> Result<DebFile, AptError> {
         let dest = cache.join(&info.file_name);
         if dest.is_file() && deb::sha256_file(&dest)? == info.sha256 {
             return Ok(deb::DebFile {
@@ -223,10 +240,17 @@ mod tests {
         let suites = suites_for(&["trixie", "bookworm"]);
         assert_eq!(
             suites,
-            ["bookworm", "bookworm-updates", "bookworm-security", "trixie"]
+            [
+                "bookworm",
+                "bookworm-updates",
+                "bookworm-security",
+                "trixie"
+            ]
         );
         let s = sources_list(&suites);
-        assert!(s.contains("deb http://deb.debian.org/debian trixie main contrib non-free non-free-firmware\n"));
+        assert!(s.contains(
+            "deb http://deb.debian.org/debian trixie main contrib non-free non-free-firmware\n"
+        ));
         assert!(s.contains(
             "deb http://deb.debian.org/debian-security bookworm-security main contrib non-free non-free-firmware\n"
         ));

@@ -176,7 +176,10 @@ pub fn make(
     if let Some(out) = child.stdout.take() {
         for line in BufReader::new(out).lines().map_while(Result::ok) {
             if let Some(phase) = phases.feed(&line) {
-                progress(&format!("compile: {phase} ({:.0} s)", start.elapsed().as_secs_f64()));
+                progress(&format!(
+                    "compile: {phase} ({:.0} s)",
+                    start.elapsed().as_secs_f64()
+                ));
                 last = Instant::now();
             } else if last.elapsed() >= Duration::from_secs(30) {
                 progress(&format!(
@@ -203,7 +206,11 @@ pub fn make(
 
 /// The lines of a compiler log worth showing: every `error` line, else the last 20.
 pub fn tail_errors(log: &str) -> String {
-    let errors: Vec<&str> = log.lines().filter(|l| l.contains("error")).take(20).collect();
+    let errors: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("error"))
+        .take(20)
+        .collect();
     let lines = if errors.is_empty() {
         let all: Vec<&str> = log.lines().collect();
         all[all.len().saturating_sub(20)..].to_vec()
@@ -243,10 +250,7 @@ pub fn strip(from: &Path, to: &Path) -> Result<(), DriverError> {
 }
 
 /// The flavour's patches, resolved in the table.
-pub fn flavour_patches<'t>(
-    table: &'t super::Table,
-    f: &DriverFlavour,
-) -> Vec<&'t Patch> {
+pub fn flavour_patches<'t>(table: &'t super::Table, f: &DriverFlavour) -> Vec<&'t Patch> {
     f.patches.iter().filter_map(|n| table.patch(n)).collect()
 }
 
@@ -307,9 +311,16 @@ mod tests {
             sys_out: d.path().join("out"),
         };
         fs::create_dir_all(h.sys_src.join("include/linux")).unwrap();
-        fs::write(h.sys_src.join("include/linux/pci.h"), "int f(int a, int b);\n").unwrap();
+        fs::write(
+            h.sys_src.join("include/linux/pci.h"),
+            "int f(int a, int b);\n",
+        )
+        .unwrap();
         let p = patch();
-        assert!(apply_patches(&src, &h, &[&p]).unwrap().is_empty(), "old kernel: no patch");
+        assert!(
+            apply_patches(&src, &h, &[&p]).unwrap().is_empty(),
+            "old kernel: no patch"
+        );
         fs::write(
             h.sys_src.join("include/linux/pci.h"),
             "int f(int a, int b,\n int exclude_bars);\n",

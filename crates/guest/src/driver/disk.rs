@@ -62,7 +62,8 @@ fn copy_file(from: &Path, to: &Path, mode: u32) -> Result<u64, DriverError> {
         fs::create_dir_all(p).map_err(|e| DriverError::io(p, e))?;
     }
     let n = fs::copy(from, to).map_err(|e| DriverError::io(from, e))?;
-    fs::set_permissions(to, fs::Permissions::from_mode(mode)).map_err(|e| DriverError::io(to, e))?;
+    fs::set_permissions(to, fs::Permissions::from_mode(mode))
+        .map_err(|e| DriverError::io(to, e))?;
     Ok(n)
 }
 
@@ -87,9 +88,11 @@ pub fn flatten_libs(root: &Path, dirs: &[&str], dest: &Path) -> Result<u64, Driv
             if !is_shared_lib(&name) {
                 continue;
             }
-            let meta = fs::symlink_metadata(e.path()).map_err(|err| DriverError::io(&e.path(), err))?;
+            let meta =
+                fs::symlink_metadata(e.path()).map_err(|err| DriverError::io(&e.path(), err))?;
             if meta.file_type().is_symlink() {
-                let target = fs::read_link(e.path()).map_err(|err| DriverError::io(&e.path(), err))?;
+                let target =
+                    fs::read_link(e.path()).map_err(|err| DriverError::io(&e.path(), err))?;
                 let base = target
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
@@ -125,6 +128,20 @@ pub fn flatten_libs(root: &Path, dirs: &[&str], dest: &Path) -> Result<u64, Driv
 
 /// The first regular file named `name` under `root` (depth-first, sorted).
 pub fn find_file(root: &Path, name: &str) -> Option<PathBuf> {
+    find_file_where(root, name, &|_| true)
+}
+
+fn is_elf(p: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    fs::File::open(p)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && magic == *b"\x7fELF"
+}
+
+/// [`find_file`] among the files `ok` accepts.
+fn find_file_where(root: &Path, name: &str, ok: &dyn Fn(&Path) -> bool) -> Option<PathBuf> {
     let mut stack = vec![root.to_owned()];
     while let Some(dir) = stack.pop() {
         let Ok(rd) = fs::read_dir(&dir) else { continue };
@@ -134,7 +151,7 @@ pub fn find_file(root: &Path, name: &str) -> Option<PathBuf> {
             let Ok(ft) = e.file_type() else { continue };
             if ft.is_dir() {
                 stack.push(e.path());
-            } else if ft.is_file() && e.file_name() == name {
+            } else if ft.is_file() && e.file_name() == name && ok(&e.path()) {
                 return Some(e.path());
             }
         }
@@ -150,7 +167,9 @@ pub fn copy_firmware(root: &Path, version: &str, tree: &Path) -> Result<u64, Dri
         .iter()
         .map(|d| root.join(d).join(&rel))
         .find(|p| p.is_dir())
-        .ok_or_else(|| DriverError::Missing(format!("firmware dir {rel} in firmware-nvidia-gsp")))?;
+        .ok_or_else(|| {
+            DriverError::Missing(format!("firmware dir {rel} in firmware-nvidia-gsp"))
+        })?;
     let dest = tree.join("lib/firmware").join(&rel);
     let mut total = 0;
     let rd = fs::read_dir(&src).map_err(|e| DriverError::io(&src, e))?;
@@ -161,14 +180,20 @@ pub fn copy_firmware(root: &Path, version: &str, tree: &Path) -> Result<u64, Dri
         }
     }
     if total == 0 {
-        return Err(DriverError::Missing(format!("gsp_*.bin in {}", src.display())));
+        return Err(DriverError::Missing(format!(
+            "gsp_*.bin in {}",
+            src.display()
+        )));
     }
     Ok(total)
 }
 
 /// Copies a named executable found anywhere under `root` to `tree/usr/bin/`.
 pub fn copy_tool(root: &Path, name: &str, tree: &Path) -> Result<u64, DriverError> {
-    let src = find_file(root, name).ok_or_else(|| DriverError::Missing(format!("executable {name}")))?;
+    // Packages also ship files of the same name that are not the program (lintian
+    // overrides, bug scripts): only an ELF executable is taken.
+    let src = find_file_where(root, name, &is_elf)
+        .ok_or_else(|| DriverError::Missing(format!("ELF executable {name}")))?;
     copy_file(&src, &tree.join("usr/bin").join(name), 0o755)
 }
 
@@ -260,7 +285,10 @@ mod tests {
         let dest = d.path().join("tree/usr/lib");
         let n = flatten_libs(
             &r,
-            &["usr/lib/x86_64-linux-gnu/nvidia/current", "lib/x86_64-linux-gnu"],
+            &[
+                "usr/lib/x86_64-linux-gnu/nvidia/current",
+                "lib/x86_64-linux-gnu",
+            ],
             &dest,
         )
         .unwrap();
@@ -270,7 +298,10 @@ mod tests {
             Path::new("libcuda.so.550.163.01")
         );
         // libcuda.so → libcuda.so.1 → the file: kept; a link out of the tree is not.
-        assert_eq!(fs::read_link(dest.join("libcuda.so")).unwrap(), Path::new("libcuda.so.1"));
+        assert_eq!(
+            fs::read_link(dest.join("libcuda.so")).unwrap(),
+            Path::new("libcuda.so.1")
+        );
         assert!(!dest.join("libgone.so").exists());
         assert!(!dest.join("README").exists());
         let entries = list_entries(&d.path().join("tree")).unwrap();
@@ -291,6 +322,27 @@ mod tests {
     }
 
     #[test]
+    fn tools_are_the_elf_files_of_that_name() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path().join("root");
+        fs::create_dir_all(r.join("usr/share/lintian/overrides")).unwrap();
+        fs::write(
+            r.join("usr/share/lintian/overrides/nvidia-smi"),
+            b"nvidia-smi: x",
+        )
+        .unwrap();
+        fs::create_dir_all(r.join("usr/lib/nvidia/current")).unwrap();
+        fs::write(r.join("usr/lib/nvidia/current/nvidia-smi"), b"\x7fELF....").unwrap();
+        let tree = d.path().join("tree");
+        assert_eq!(copy_tool(&r, "nvidia-smi", &tree).unwrap(), 8);
+        assert_eq!(
+            fs::read(tree.join("usr/bin/nvidia-smi")).unwrap(),
+            b"\x7fELF...."
+        );
+        assert!(copy_tool(&r, "nvidia-persistenced", &tree).is_err());
+    }
+
+    #[test]
     fn firmware_goes_under_its_version() {
         let d = tempfile::tempdir().unwrap();
         let fw = d.path().join("root/usr/lib/firmware/nvidia/550.163.01");
@@ -298,8 +350,13 @@ mod tests {
         fs::write(fw.join("gsp_ga10x.bin"), b"ga").unwrap();
         fs::write(fw.join("gsp_tu10x.bin"), b"tu").unwrap();
         let tree = d.path().join("tree");
-        assert_eq!(copy_firmware(&d.path().join("root"), "550.163.01", &tree).unwrap(), 4);
-        assert!(tree.join("lib/firmware/nvidia/550.163.01/gsp_tu10x.bin").is_file());
+        assert_eq!(
+            copy_firmware(&d.path().join("root"), "550.163.01", &tree).unwrap(),
+            4
+        );
+        assert!(tree
+            .join("lib/firmware/nvidia/550.163.01/gsp_tu10x.bin")
+            .is_file());
         let err = copy_firmware(&d.path().join("root"), "535.1.1", &tree).unwrap_err();
         assert!(err.to_string().contains("nvidia/535.1.1"), "{err}");
     }

@@ -12,6 +12,7 @@ pub mod apt;
 pub mod compile;
 pub mod cuda;
 pub mod disk;
+pub mod selftest;
 pub mod table;
 
 use std::fs;
@@ -149,7 +150,12 @@ pub fn disk_key(table: &Table, f: &DriverFlavour, kernel_deb_sha256: &str) -> St
 }
 
 /// Key of a module build: (driver version and source, kernel ABI, module kind, patches).
-pub fn modules_key(table: &Table, f: &DriverFlavour, release: &str, kernel_version: &str) -> String {
+pub fn modules_key(
+    table: &Table,
+    f: &DriverFlavour,
+    release: &str,
+    kernel_version: &str,
+) -> String {
     let v = serde_json::json!({
         "recipe": MODULES_RECIPE,
         "driver": f.debian_version,
@@ -229,7 +235,10 @@ fn fetch_all(b: &DriverBuild, table: &Table, f: &DriverFlavour) -> Result<Fetche
     let n_runtime = table.runtime.len();
     let headers = got.split_off(n_flavour + n_runtime);
     let runtime = got.split_off(n_flavour);
-    let src_name = f.module_source().map(|p| p.name.clone()).unwrap_or_default();
+    let src_name = f
+        .module_source()
+        .map(|p| p.name.clone())
+        .unwrap_or_default();
     let idx = got
         .iter()
         .position(|d| d.package == src_name)
@@ -270,7 +279,11 @@ fn modules(
         .ok()
         .and_then(|t| serde_json::from_str::<ModulesInfo>(&t).ok())
         .filter(|i| i.key == key)
-        .filter(|_| compile::BUILT_MODULES.iter().all(|m| dir.join(format!("{m}.ko")).is_file()));
+        .filter(|_| {
+            compile::BUILT_MODULES
+                .iter()
+                .all(|m| dir.join(format!("{m}.ko")).is_file())
+        });
     if let (Some(info), false) = (cached, b.force) {
         (b.progress)(&format!("modules: cached ({})", dir.display()));
         return Ok((dir, info));
@@ -292,7 +305,14 @@ fn modules(
     let tarball = src_root.join(f.module_kind.tarball());
     let src = w.join("src");
     fs::create_dir_all(&src).map_err(|e| DriverError::io(&src, e))?;
-    run_tool(std::process::Command::new("tar").arg("-xJf").arg(&tarball).arg("-C").arg(&src), "tar")?;
+    run_tool(
+        std::process::Command::new("tar")
+            .arg("-xJf")
+            .arg(&tarball)
+            .arg("-C")
+            .arg(&src),
+        "tar",
+    )?;
     let tree = src.join(f.module_kind.source_dir());
     let applied = compile::apply_patches(&tree, &headers, &compile::flavour_patches(table, f))?;
     (b.progress)(&format!(
@@ -300,7 +320,11 @@ fn modules(
         f.version,
         f.module_kind.as_str(),
         b.kernel.release,
-        if applied.is_empty() { "none".to_owned() } else { applied.join(", ") }
+        if applied.is_empty() {
+            "none".to_owned()
+        } else {
+            applied.join(", ")
+        }
     ));
     let log = b.guest_dir.join(format!("{}-modules.log", f.name));
     let took = compile::make(&tree, &headers, &log, b.progress)?;
@@ -333,12 +357,18 @@ fn modules(
         fs::remove_dir_all(&dir).map_err(|e| DriverError::io(&dir, e))?;
     }
     fs::rename(&out, &dir).map_err(|e| DriverError::io(&dir, e))?;
-    (b.progress)(&format!("compile: done in {:.0} s, vermagic `{}`", took.as_secs_f64(), info.vermagic));
+    (b.progress)(&format!(
+        "compile: done in {:.0} s, vermagic `{}`",
+        took.as_secs_f64(),
+        info.vermagic
+    ));
     Ok((dir, info))
 }
 
 fn run_tool(cmd: &mut std::process::Command, name: &str) -> Result<(), DriverError> {
-    let out = cmd.output().map_err(|e| DriverError::Tool(name.into(), e))?;
+    let out = cmd
+        .output()
+        .map_err(|e| DriverError::Tool(name.into(), e))?;
     if !out.status.success() {
         return Err(DriverError::Missing(format!(
             "{name} failed: {}",
@@ -400,7 +430,10 @@ pub fn build(b: &DriverBuild, work: &Path, out_dir: &Path) -> Result<DriverManif
             table: f.max_cuda.clone(),
         });
     }
-    (b.progress)(&format!("libcuda {}: cuDriverGetVersion = {measured} (CUDA {cuda})", f.version));
+    (b.progress)(&format!(
+        "libcuda {}: cuDriverGetVersion = {measured} (CUDA {cuda})",
+        f.version
+    ));
     fs::copy(&helper, tree.join("usr/bin").join(cuda::HELPER_NAME))
         .map_err(|e| DriverError::io(&helper, e))?;
     let dinfo = DriverInfo {
@@ -422,7 +455,9 @@ pub fn build(b: &DriverBuild, work: &Path, out_dir: &Path) -> Result<DriverManif
     (b.progress)("driver disk: mkfs.erofs (lz4hc)");
     disk::make_erofs(&tree, &image)?;
     let disk_sha = deb::sha256_file(&image)?;
-    let disk_size = fs::metadata(&image).map_err(|e| DriverError::io(&image, e))?.len();
+    let disk_size = fs::metadata(&image)
+        .map_err(|e| DriverError::io(&image, e))?
+        .len();
     let sizes = PartSizes {
         modules: disk::bytes_under(&files, "lib/modules/"),
         firmware: disk::bytes_under(&files, "lib/firmware/"),
@@ -436,7 +471,10 @@ pub fn build(b: &DriverBuild, work: &Path, out_dir: &Path) -> Result<DriverManif
         .map(input_digest)
         .collect();
     inputs.sort_by(|a, b| a.file.cmp(&b.file));
-    (b.progress)(&format!("driver disk built in {:.1} s", start.elapsed().as_secs_f64()));
+    (b.progress)(&format!(
+        "driver disk built in {:.1} s",
+        start.elapsed().as_secs_f64()
+    ));
     Ok(DriverManifest {
         flavour: f.name.clone(),
         version: f.version.clone(),
@@ -471,22 +509,46 @@ mod tests {
         let f = t.find("nvidia-550").unwrap().clone();
         let k = modules_key(&t, &f, "6.1.0-57-amd64", "6.1.192-3");
         assert_eq!(k, modules_key(&t, &f, "6.1.0-57-amd64", "6.1.192-3"));
-        assert_ne!(k, modules_key(&t, &f, "6.1.0-58-amd64", "6.1.200-1"), "kernel ABI");
-        assert_ne!(k, modules_key(&t, &f, "6.1.0-57-amd64", "6.1.192-4"), "kernel build");
+        assert_ne!(
+            k,
+            modules_key(&t, &f, "6.1.0-58-amd64", "6.1.200-1"),
+            "kernel ABI"
+        );
+        assert_ne!(
+            k,
+            modules_key(&t, &f, "6.1.0-57-amd64", "6.1.192-4"),
+            "kernel build"
+        );
         let mut g = f.clone();
         g.module_kind = ModuleKind::Proprietary;
-        assert_ne!(k, modules_key(&t, &g, "6.1.0-57-amd64", "6.1.192-3"), "kind");
+        assert_ne!(
+            k,
+            modules_key(&t, &g, "6.1.0-57-amd64", "6.1.192-3"),
+            "kind"
+        );
         let mut g = f.clone();
         g.debian_version = "550.163.01-3".into();
-        assert_ne!(k, modules_key(&t, &g, "6.1.0-57-amd64", "6.1.192-3"), "version");
+        assert_ne!(
+            k,
+            modules_key(&t, &g, "6.1.0-57-amd64", "6.1.192-3"),
+            "version"
+        );
         let mut t2 = t.clone();
         t2.patches[0].replace.push(' ');
-        assert_ne!(k, modules_key(&t2, &f, "6.1.0-57-amd64", "6.1.192-3"), "patch");
+        assert_ne!(
+            k,
+            modules_key(&t2, &f, "6.1.0-57-amd64", "6.1.192-3"),
+            "patch"
+        );
         // The userspace does not touch the module key, only the disk key.
         let mut g = f.clone();
         g.max_cuda = "12.5".into();
         assert_eq!(k, modules_key(&t, &g, "6.1.0-57-amd64", "6.1.192-3"));
         assert_ne!(disk_key(&t, &f, "aa"), disk_key(&t, &g, "aa"));
-        assert_ne!(disk_key(&t, &f, "aa"), disk_key(&t, &f, "bb"), "kernel .deb");
+        assert_ne!(
+            disk_key(&t, &f, "aa"),
+            disk_key(&t, &f, "bb"),
+            "kernel .deb"
+        );
     }
 }

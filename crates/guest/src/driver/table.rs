@@ -218,9 +218,14 @@ impl Table {
                 return Err(bad("the name appears twice".into()));
             }
             if !f.name.starts_with("nvidia-")
-                || !f.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                || !f
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
             {
-                return Err(bad("the name must be `nvidia-` and letters, digits, `-`".into()));
+                return Err(bad(
+                    "the name must be `nvidia-` and letters, digits, `-`".into()
+                ));
             }
             validate_flavour(self, f).map_err(bad)?;
         }
@@ -242,7 +247,10 @@ fn validate_flavour(t: &Table, f: &DriverFlavour) -> Result<(), String> {
         ));
     }
     if !f.version.starts_with(&format!("{}.", f.branch)) {
-        return Err(format!("version {} is not of branch {}", f.version, f.branch));
+        return Err(format!(
+            "version {} is not of branch {}",
+            f.version, f.branch
+        ));
     }
     if f.max_cuda_int().is_none() {
         return Err(format!("max_cuda `{}` is not MAJOR.MINOR", f.max_cuda));
@@ -280,7 +288,9 @@ fn validate_flavour(t: &Table, f: &DriverFlavour) -> Result<(), String> {
     }
     for name in &f.patches {
         if t.patch(name).is_none() {
-            return Err(format!("patch `{name}` is not in the table's [[patch]] list"));
+            return Err(format!(
+                "patch `{name}` is not in the table's [[patch]] list"
+            ));
         }
     }
     Ok(())
@@ -331,7 +341,10 @@ mod tests {
         }
         assert!(t.runtime.iter().any(|p| p.name == "libc6"));
         let err = t.find("nvidia-999").unwrap_err().to_string();
-        assert!(err.contains("nvidia-550") && err.contains("nvidia-999"), "{err}");
+        assert!(
+            err.contains("nvidia-550") && err.contains("nvidia-999"),
+            "{err}"
+        );
     }
 
     #[test]
