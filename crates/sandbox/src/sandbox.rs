@@ -82,6 +82,8 @@ pub struct VmConfig {
     pub limits: Limits,
     /// Extra kernel command line words.
     pub extra_cmdline: Vec<String>,
+    /// A driver flavour's driver disk (erofs), attached read-only after the image disk.
+    pub driver_disk: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -223,6 +225,8 @@ pub struct RunOutcome {
     pub pci_hole64_bytes: Option<u64>,
     /// vCPU threads pinned with `--pin-cpus`.
     pub vcpu_pins: Vec<VcpuPin>,
+    /// The NVIDIA driver bring-up of a driver flavour (GPUs, driver_ready_ms).
+    pub driver: Option<gpucell_protocol::DriverReport>,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -370,6 +374,13 @@ impl Sandbox {
         let mut devices = vec![Device::VirtioBlk {
             drive: "rootfs".into(),
         }];
+        let mut drives = vec![Drive::new("rootfs", &cfg.disk, true).map_err(RunError::bare)?];
+        if let Some(d) = &cfg.driver_disk {
+            drives.push(Drive::new("driver", d, true).map_err(RunError::bare)?);
+            devices.push(Device::VirtioBlk {
+                drive: "driver".into(),
+            });
+        }
         match &vsock {
             Some((_, cid)) => devices.push(Device::VhostVsock { guest_cid: *cid }),
             None => {
@@ -427,7 +438,7 @@ impl Sandbox {
             resources,
             boot: Some(Boot::new(&cfg.kernel, &cfg.initrd, cmdline).map_err(RunError::bare)?),
             start_paused: false,
-            drives: vec![Drive::new("rootfs", &cfg.disk, true).map_err(RunError::bare)?],
+            drives,
             chardevs,
             devices,
             qmp: Some("qmp".into()),
@@ -627,6 +638,7 @@ impl Sandbox {
                     passthrough: crate::devices::map_to_guest(&setup.devices, &report.devices),
                     pci_hole64_bytes: hole64,
                     vcpu_pins,
+                    driver: report.driver.clone(),
                 })
             }
             Err(e) => {

@@ -304,6 +304,7 @@ fn run_inner(
         seccomp: true,
         limits,
         extra_cmdline: Vec::new(),
+        driver_disk: p.guest.driver_disk.clone(),
     };
     let stdin = std::io::stdin();
     let io = SessionIo {
@@ -330,6 +331,9 @@ fn run_inner(
     summary["memory_mib"] = json!(outcome.memory_mib);
     summary["guest"] = json!({ "flavour": p.guest.flavour, "kernel": outcome.guest_kernel, "agent": outcome.agent });
     summary["devices"] = json!(outcome.devices);
+    if let Some(d) = &outcome.driver {
+        summary["driver"] = json!(d);
+    }
     if !outcome.passthrough.is_empty() {
         summary["passthrough"] = json!(outcome.passthrough);
         summary["pci_hole64_bytes"] = json!(outcome.pci_hole64_bytes);

@@ -139,7 +139,7 @@ impl Apt {
         let has_lists = fs::read_dir(self.lists())
             .map(|rd| {
                 rd.filter_map(|e| e.ok())
-                    .any(|e| e.file_name().to_string_lossy().ends_with("_Packages"))
+                    .any(|e| e.file_name().to_string_lossy().contains("_Packages"))
             })
             .unwrap_or(false);
         if changed || !has_lists || force {
