@@ -83,7 +83,7 @@ pub enum BuildError {
     #[error("module {0} is over {MAX_MODULE} bytes")]
     ModuleTooLarge(String),
     #[error("NVIDIA driver `{0}`")]
-    Driver(String, #[source] crate::driver::DriverError),
+    Driver(String, #[source] Box<crate::driver::DriverError>),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BuildError {
@@ -350,7 +350,8 @@ fn build_driver(
     };
     let scratch = work.join("driver");
     fs::create_dir(&scratch).map_err(io("creating the driver scratch dir"))?;
-    crate::driver::build(&b, &scratch, out).map_err(|e| BuildError::Driver(name.to_owned(), e))
+    crate::driver::build(&b, &scratch, out)
+        .map_err(|e| BuildError::Driver(name.to_owned(), Box::new(e)))
 }
 
 /// The single `lib/modules/<release>` of an unpacked kernel package.

@@ -16,7 +16,9 @@ const FLAVOUR: &str = "nvidia-550";
 
 fn built() -> Option<gpucell_guest::GuestArtifacts> {
     let Some(state) = std::env::var_os("GPUCELL_TEST_STATE_DIR").map(PathBuf::from) else {
-        eprintln!("skipping: GPUCELL_TEST_STATE_DIR is not set (make test sets it and builds {FLAVOUR})");
+        eprintln!(
+            "skipping: GPUCELL_TEST_STATE_DIR is not set (make test sets it and builds {FLAVOUR})"
+        );
         return None;
     };
     if std::process::Command::new("qemu-system-x86_64")
@@ -51,7 +53,11 @@ fn driver_flavour_loads_up_to_enodev_without_a_gpu() {
     let out = selftest::run(&art, &opts).unwrap();
     let r = &out.report;
     for c in &out.checks {
-        assert!(c.ok, "check `{}` failed: {}\nreport: {r:#?}", c.name, c.detail);
+        assert!(
+            c.ok,
+            "check `{}` failed: {}\nreport: {r:#?}",
+            c.name, c.detail
+        );
     }
     let d = art.manifest.driver.as_ref().unwrap();
     let results: Vec<(&str, &str)> = r
@@ -68,9 +74,26 @@ fn driver_flavour_loads_up_to_enodev_without_a_gpu() {
         ]
     );
     assert!(r.modules.iter().all(|m| m.vermagic == d.vermagic), "{r:?}");
-    assert!(r.kernel_log.iter().any(|l| l.contains("NVRM: No NVIDIA GPU found")), "{r:?}");
-    assert!(!r.kernel_log.iter().any(|l| l.contains("Unknown symbol") || l.contains("Invalid module format")));
+    assert!(
+        r.kernel_log
+            .iter()
+            .any(|l| l.contains("NVRM: No NVIDIA GPU found")),
+        "{r:?}"
+    );
+    assert!(!r
+        .kernel_log
+        .iter()
+        .any(|l| l.contains("Unknown symbol") || l.contains("Invalid module format")));
     assert_eq!(r.cuda.output.trim(), "12040");
-    assert!(r.nvidia_smi.output.contains("couldn't communicate with the NVIDIA driver"), "{r:?}");
-    assert!(r.device_nodes.is_empty(), "no driver, no nodes: {:?}", r.device_nodes);
+    assert!(
+        r.nvidia_smi
+            .output
+            .contains("couldn't communicate with the NVIDIA driver"),
+        "{r:?}"
+    );
+    assert!(
+        r.device_nodes.is_empty(),
+        "no driver, no nodes: {:?}",
+        r.device_nodes
+    );
 }
