@@ -41,7 +41,8 @@ test: deps agent
 	target/debug/gpucell --state-dir $(TEST_STATE) guest build --flavour nvidia-550 --agent $(AGENT)
 	GPUCELL_TEST_STATE_DIR=$(TEST_STATE) $(CARGO) test --workspace --no-fail-fast 2>&1 | tee target/test.log; \
 	  test $${PIPESTATUS[0]} -eq 0
-	NESTED_GPUCELL_BIN_DIR=$(CURDIR)/target/debug $(MAKE) test-nested
+	NESTED_GPUCELL_BIN_DIR=$(CURDIR)/target/debug NESTED_DRIVER_GUEST_DIR=$(TEST_STATE)/guest/nvidia-550 \
+	  $(MAKE) test-nested
 
 test-unit:
 	$(CARGO) test --workspace
