@@ -22,6 +22,8 @@ PACKAGES=(
     gcc                 # the nested test host's edu-probe helper (static C)
     binutils            # readelf (nested test host build)
     jq                  # JSON checks inside the nested test host
+    make                # NVIDIA driver flavours: the driver's own Makefile ...
+    gcc-12              # ... with the compiler of the guest kernel's headers
 )
 
 missing=()

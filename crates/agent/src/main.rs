@@ -15,6 +15,7 @@ mod container_test;
 mod devices;
 mod gpu_setup;
 mod inject;
+mod nvidia;
 mod rootpath;
 mod session;
 mod users;
@@ -88,6 +89,10 @@ fn run() -> Result<(), AnyError> {
     if let Err(e) = boot::loopback_up() {
         tracing::warn!("{}", chain(&e));
         early.push(chain(&e));
+    }
+    if cmdline.driver_test {
+        nvidia::self_test();
+        return Ok(());
     }
     let mut workload = workload::Pid1::new()?;
     let channel = channel::open(cmdline.channel)?;

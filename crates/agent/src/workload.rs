@@ -54,6 +54,18 @@ pub trait Workload {
 
     /// Sends `signal` to the workload (best effort: it may have exited already).
     fn signal(&mut self, signal: Signal);
+
+    /// Brings up the guest's NVIDIA driver for the NVIDIA functions among `found` (a
+    /// driver flavour's disk is found among the block devices other than
+    /// `rootfs_device`); `None` when there is nothing to bring up. Workloads without a
+    /// driver (the tests' plain processes) keep this default.
+    fn bring_up_driver(
+        &mut self,
+        _found: &[DeviceInfo],
+        _rootfs_device: &str,
+    ) -> Result<Option<gpucell_protocol::DriverReport>, crate::nvidia::NvidiaError> {
+        Ok(None)
+    }
 }
 
 /// The workload as PID 1 runs it: the image's container, every orphan of the guest
@@ -74,6 +86,14 @@ impl Pid1 {
 }
 
 impl Workload for Pid1 {
+    fn bring_up_driver(
+        &mut self,
+        found: &[DeviceInfo],
+        rootfs_device: &str,
+    ) -> Result<Option<gpucell_protocol::DriverReport>, crate::nvidia::NvidiaError> {
+        crate::nvidia::bring_up_for_run(found, rootfs_device)
+    }
+
     fn wait_for_devices(
         &mut self,
         wanted: &[DeviceMatch],

@@ -61,6 +61,7 @@ fn opts(agent: &Path, deb: &Path) -> BuildOptions {
         agent: Some(agent.to_owned()),
         kernel_deb: Some(deb.to_owned()),
         force: false,
+        progress: None,
     }
 }
 

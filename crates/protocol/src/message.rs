@@ -128,6 +128,37 @@ pub struct DeviceInfo {
     pub class: u32,
 }
 
+/// One NVIDIA GPU as the driver in the guest reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuReport {
+    /// Guest PCI address, e.g. `0000:01:00.0`.
+    pub bdf: String,
+    pub name: String,
+    pub uuid: String,
+    /// Total memory in MiB.
+    pub memory_mib: u64,
+    pub driver_version: String,
+    /// CUDA version the driver supports, `major.minor`.
+    pub cuda_version: String,
+}
+
+/// The NVIDIA driver bring-up of a driver flavour, sent after `Devices` and before the
+/// workload starts. A flavour without a driver sends none.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DriverReport {
+    /// The guest flavour's driver, e.g. `nvidia-550`.
+    pub flavour: String,
+    pub driver_version: String,
+    pub cuda_version: String,
+    /// Every GPU that answered; empty when no NVIDIA GPU was passed.
+    pub gpus: Vec<GpuReport>,
+    /// Milliseconds from the start of the bring-up until every GPU answered.
+    pub driver_ready_ms: u64,
+    /// What happened, in words (e.g. that no NVIDIA GPU was passed).
+    #[serde(default)]
+    pub message: String,
+}
+
 /// How the workload ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExitStatus {
@@ -180,6 +211,7 @@ pub enum FromGuest {
     Log {
         message: String,
     },
+    Driver(DriverReport),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -256,6 +288,7 @@ impl FromGuest {
                     message: message.clone(),
                 }),
             ),
+            FromGuest::Driver(d) => (Kind::Driver, json(d)),
         }
     }
 
@@ -276,6 +309,7 @@ impl FromGuest {
             Kind::Log => FromGuest::Log {
                 message: parse::<MessageBody>(kind, &payload)?.message,
             },
+            Kind::Driver => FromGuest::Driver(parse(kind, &payload)?),
             other => return Err(FrameError::WrongDirection(other)),
         })
     }
@@ -398,6 +432,35 @@ mod tests {
         // Every field of the request may be left out.
         let bare: GpuInjection = serde_json::from_str("{}").unwrap();
         assert_eq!(bare, GpuInjection::default());
+    }
+
+    #[test]
+    fn driver_report_round_trips() {
+        let d = DriverReport {
+            flavour: "nvidia-550".into(),
+            driver_version: "550.163.01".into(),
+            cuda_version: "12.4".into(),
+            gpus: vec![GpuReport {
+                bdf: "0000:01:00.0".into(),
+                name: "NVIDIA H200".into(),
+                uuid: "GPU-0".into(),
+                memory_mib: 143771,
+                driver_version: "550.163.01".into(),
+                cuda_version: "12.4".into(),
+            }],
+            driver_ready_ms: 4200,
+            message: String::new(),
+        };
+        let mut buf = Vec::new();
+        FromGuest::Driver(d.clone())
+            .send(&mut FrameWriter::new(&mut buf))
+            .unwrap();
+        assert!(buf.contains(&0x49), "the Driver kind byte");
+        let mut r = FrameReader::new(&buf[..]);
+        match FromGuest::decode(r.read_frame().unwrap()).unwrap() {
+            FromGuest::Driver(got) => assert_eq!(got, d),
+            m => panic!("unexpected {m:?}"),
+        }
     }
 
     #[test]

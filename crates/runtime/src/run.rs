@@ -234,6 +234,7 @@ pub(crate) fn vm_config(node: &Node, req: &ValidRequest, p: &Prepared) -> VmConf
         seccomp: true,
         limits,
         extra_cmdline: Vec::new(),
+        driver_disk: p.guest.driver_disk.clone(),
     }
 }
 

@@ -26,6 +26,7 @@ fn config(state: &Path, qemu: &str, kernel: PathBuf) -> VmConfig {
         seccomp: false,
         limits: Limits::default(),
         extra_cmdline: vec![],
+        driver_disk: None,
     }
 }
 

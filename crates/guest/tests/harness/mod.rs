@@ -381,6 +381,7 @@ pub fn boot_and_run_on(
             FromGuest::Exited(s) => seen.exited = Some(s),
             FromGuest::Error { message } => seen.error = Some(message),
             FromGuest::Log { message } => seen.logs.push(message),
+            FromGuest::Driver(d) => seen.logs.push(format!("driver: {d:?}")),
         }
     }
     // The agent powers the VM off by itself.
