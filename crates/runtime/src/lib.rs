@@ -21,6 +21,7 @@
 pub mod config;
 pub mod devices;
 pub mod driver;
+pub mod driver_select;
 pub mod dry_run;
 pub mod node;
 pub mod observer;
@@ -70,6 +71,12 @@ pub enum RunFailure {
     SandboxSetup(gpucell_sandbox::SandboxError),
     #[error(transparent)]
     Sandbox(Box<gpucell_sandbox::RunError>),
+    #[error("reading gpucell's driver table")]
+    DriverTable(#[source] gpucell_guest::driver::TableError),
+    #[error("choosing the guest driver")]
+    Driver(#[source] driver::ChoiceError),
+    #[error("the devices taken ({taken}) are not the ones the driver was chosen for ({planned}): another run took one in between; run again")]
+    Changed { planned: String, taken: String },
 }
 
 /// An error and each of its causes, `: `-separated, each said once.
