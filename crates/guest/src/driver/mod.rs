@@ -385,57 +385,13 @@ pub fn build(b: &DriverBuild, work: &Path, out_dir: &Path) -> Result<DriverManif
     let table = Table::embedded()?;
     let f = table.find(b.flavour)?.clone();
     let fetched = fetch_all(b, &table, &f)?;
-    let mod_dir = b.kernel.root.join("lib/modules").join(&b.kernel.release);
-    let drm = disk::find_file(&mod_dir, "drm.ko")
-        .ok_or_else(|| DriverError::Missing(format!("drm.ko in {}", mod_dir.display())))?;
-    let drm_data = fs::read(&drm).map_err(|e| DriverError::io(&drm, e))?;
-    let want_vermagic = compile::vermagic(&drm_data)
-        .ok_or_else(|| DriverError::Missing(format!("vermagic of {}", drm.display())))?;
+    let (drm_data, want_vermagic) = guest_drm(b)?;
     let (built, info) = modules(b, &table, &f, &fetched, &want_vermagic)?;
 
     let tree = work.join("driver-tree");
-    let kmods = tree.join("lib/modules").join(&b.kernel.release);
-    fs::create_dir_all(&kmods).map_err(|e| DriverError::io(&kmods, e))?;
-    fs::write(kmods.join("drm.ko"), &drm_data).map_err(|e| DriverError::io(&kmods, e))?;
-    let mut load_order = vec![format!("lib/modules/{}/drm.ko", b.kernel.release)];
-    for m in compile::BUILT_MODULES {
-        fs::copy(built.join(format!("{m}.ko")), kmods.join(format!("{m}.ko")))
-            .map_err(|e| DriverError::io(&built, e))?;
-        load_order.push(format!("lib/modules/{}/{m}.ko", b.kernel.release));
-    }
-    let us = work.join("userspace");
-    for d in fetched.userspace.iter().chain(&fetched.runtime) {
-        deb::extract(&d.path, &us)?;
-    }
-    disk::copy_firmware(&us, &f.version, &tree)?;
-    disk::flatten_libs(
-        &us,
-        &[
-            "usr/lib/x86_64-linux-gnu/nvidia/current",
-            "usr/lib/x86_64-linux-gnu",
-            "lib/x86_64-linux-gnu",
-        ],
-        &tree.join("usr/lib"),
-    )?;
-    for tool in ["nvidia-smi", "nvidia-persistenced"] {
-        disk::copy_tool(&us, tool, &tree)?;
-    }
-    let helper = cuda::compile_helper(work)?;
-    let measured = cuda::driver_version(&helper, &tree.join("usr/lib/libcuda.so.1"))?;
-    let cuda = table::format_cuda(measured);
-    if Some(measured) != f.max_cuda_int() {
-        return Err(DriverError::CudaMismatch {
-            flavour: f.name.clone(),
-            measured: cuda,
-            table: f.max_cuda.clone(),
-        });
-    }
-    (b.progress)(&format!(
-        "libcuda {}: cuDriverGetVersion = {measured} (CUDA {cuda})",
-        f.version
-    ));
-    fs::copy(&helper, tree.join("usr/bin").join(cuda::HELPER_NAME))
-        .map_err(|e| DriverError::io(&helper, e))?;
+    let load_order = install_modules(b, &built, &drm_data, &tree)?;
+    install_userspace(&fetched, &f, work, &tree)?;
+    let cuda = install_cuda_helper(b, &f, work, &tree)?;
     let dinfo = DriverInfo {
         flavour: f.name.clone(),
         version: f.version.clone(),
@@ -464,13 +420,6 @@ pub fn build(b: &DriverBuild, work: &Path, out_dir: &Path) -> Result<DriverManif
         userspace: disk::bytes_under(&files, "usr/"),
         disk: disk_size,
     };
-    let mut inputs: Vec<FileDigest> = std::iter::once(&fetched.source)
-        .chain(&fetched.userspace)
-        .chain(&fetched.runtime)
-        .chain(&fetched.headers)
-        .map(input_digest)
-        .collect();
-    inputs.sort_by(|a, b| a.file.cmp(&b.file));
     (b.progress)(&format!(
         "driver disk built in {:.1} s",
         start.elapsed().as_secs_f64()
@@ -487,7 +436,7 @@ pub fn build(b: &DriverBuild, work: &Path, out_dir: &Path) -> Result<DriverManif
         vermagic: info.vermagic,
         patches_applied: info.patches_applied,
         modules: load_order,
-        inputs,
+        inputs: input_digests(&fetched),
         disk: FileDigest {
             file: DISK_FILE.into(),
             sha256: disk_sha,
@@ -496,6 +445,105 @@ pub fn build(b: &DriverBuild, work: &Path, out_dir: &Path) -> Result<DriverManif
         sizes,
         files,
     })
+}
+
+/// The guest kernel's `drm.ko` (the driver's one in-tree dependency) and its vermagic,
+/// which the built modules must match.
+fn guest_drm(b: &DriverBuild) -> Result<(Vec<u8>, String), DriverError> {
+    let mod_dir = b.kernel.root.join("lib/modules").join(&b.kernel.release);
+    let drm = disk::find_file(&mod_dir, "drm.ko")
+        .ok_or_else(|| DriverError::Missing(format!("drm.ko in {}", mod_dir.display())))?;
+    let drm_data = fs::read(&drm).map_err(|e| DriverError::io(&drm, e))?;
+    let want_vermagic = compile::vermagic(&drm_data)
+        .ok_or_else(|| DriverError::Missing(format!("vermagic of {}", drm.display())))?;
+    Ok((drm_data, want_vermagic))
+}
+
+/// Puts `drm.ko` and the built modules under `tree/lib/modules/<release>`; returns
+/// their paths in load order.
+fn install_modules(
+    b: &DriverBuild,
+    built: &Path,
+    drm_data: &[u8],
+    tree: &Path,
+) -> Result<Vec<String>, DriverError> {
+    let kmods = tree.join("lib/modules").join(&b.kernel.release);
+    fs::create_dir_all(&kmods).map_err(|e| DriverError::io(&kmods, e))?;
+    fs::write(kmods.join("drm.ko"), drm_data).map_err(|e| DriverError::io(&kmods, e))?;
+    let mut load_order = vec![format!("lib/modules/{}/drm.ko", b.kernel.release)];
+    for m in compile::BUILT_MODULES {
+        fs::copy(built.join(format!("{m}.ko")), kmods.join(format!("{m}.ko")))
+            .map_err(|e| DriverError::io(built, e))?;
+        load_order.push(format!("lib/modules/{}/{m}.ko", b.kernel.release));
+    }
+    Ok(load_order)
+}
+
+/// Unpacks the userspace and runtime packages under `work/userspace` and copies the
+/// firmware, the libraries (flattened into `usr/lib`) and the tools into `tree`.
+fn install_userspace(
+    fetched: &Fetched,
+    f: &DriverFlavour,
+    work: &Path,
+    tree: &Path,
+) -> Result<(), DriverError> {
+    let us = work.join("userspace");
+    for d in fetched.userspace.iter().chain(&fetched.runtime) {
+        deb::extract(&d.path, &us)?;
+    }
+    disk::copy_firmware(&us, &f.version, tree)?;
+    disk::flatten_libs(
+        &us,
+        &[
+            "usr/lib/x86_64-linux-gnu/nvidia/current",
+            "usr/lib/x86_64-linux-gnu",
+            "lib/x86_64-linux-gnu",
+        ],
+        &tree.join("usr/lib"),
+    )?;
+    for tool in ["nvidia-smi", "nvidia-persistenced"] {
+        disk::copy_tool(&us, tool, tree)?;
+    }
+    Ok(())
+}
+
+/// Compiles the CUDA helper, measures the CUDA version of the tree's `libcuda` against
+/// the table and puts the helper into `tree/usr/bin`. Returns the version as text.
+fn install_cuda_helper(
+    b: &DriverBuild,
+    f: &DriverFlavour,
+    work: &Path,
+    tree: &Path,
+) -> Result<String, DriverError> {
+    let helper = cuda::compile_helper(work)?;
+    let measured = cuda::driver_version(&helper, &tree.join("usr/lib/libcuda.so.1"))?;
+    let cuda = table::format_cuda(measured);
+    if Some(measured) != f.max_cuda_int() {
+        return Err(DriverError::CudaMismatch {
+            flavour: f.name.clone(),
+            measured: cuda,
+            table: f.max_cuda.clone(),
+        });
+    }
+    (b.progress)(&format!(
+        "libcuda {}: cuDriverGetVersion = {measured} (CUDA {cuda})",
+        f.version
+    ));
+    fs::copy(&helper, tree.join("usr/bin").join(cuda::HELPER_NAME))
+        .map_err(|e| DriverError::io(&helper, e))?;
+    Ok(cuda)
+}
+
+/// The digests of every downloaded package, sorted by file name.
+fn input_digests(fetched: &Fetched) -> Vec<FileDigest> {
+    let mut inputs: Vec<FileDigest> = std::iter::once(&fetched.source)
+        .chain(&fetched.userspace)
+        .chain(&fetched.runtime)
+        .chain(&fetched.headers)
+        .map(input_digest)
+        .collect();
+    inputs.sort_by(|a, b| a.file.cmp(&b.file));
+    inputs
 }
 
 #[cfg(test)]

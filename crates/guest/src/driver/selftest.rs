@@ -210,19 +210,35 @@ pub fn run(a: &GuestArtifacts, o: &TestOptions) -> Result<TestOutcome, SelfTestE
 /// The checks of a report. Without GPUs the driver must stop at ENODEV ("No NVIDIA GPU
 /// found"), never at a symbol or format error.
 pub fn judge(r: &GuestReport, a: &GuestArtifacts, with_gpus: bool) -> Vec<Check> {
-    let mut c = Vec::new();
-    let mut check = |name, ok, detail: String| c.push(Check { name, ok, detail });
-    check(
-        "report",
-        r.error.is_none(),
-        r.error.clone().unwrap_or_else(|| "no error".into()),
-    );
-    let kernel_ok = r.kernel == a.manifest.kernel_release && r.built_for == r.kernel;
-    check(
-        "kernel",
-        kernel_ok,
-        format!("running {}, modules built for {}", r.kernel, r.built_for),
-    );
+    let mut c = vec![
+        check(
+            "report",
+            r.error.is_none(),
+            r.error.clone().unwrap_or_else(|| "no error".into()),
+        ),
+        check(
+            "kernel",
+            r.kernel == a.manifest.kernel_release && r.built_for == r.kernel,
+            format!("running {}, modules built for {}", r.kernel, r.built_for),
+        ),
+        vermagic_check(r, a, with_gpus),
+        kernel_log_check(r),
+    ];
+    if with_gpus {
+        c.extend(gpu_checks(r));
+    } else {
+        c.extend(no_gpu_checks(r));
+    }
+    c.push(cuda_check(r, a));
+    c
+}
+
+fn check(name: &'static str, ok: bool, detail: String) -> Check {
+    Check { name, ok, detail }
+}
+
+/// The built modules carry the vermagic the manifest recorded (not judged with GPUs).
+fn vermagic_check(r: &GuestReport, a: &GuestArtifacts, with_gpus: bool) -> Check {
     let want_magic = a
         .manifest
         .driver
@@ -243,7 +259,11 @@ pub fn judge(r: &GuestReport, a: &GuestArtifacts, with_gpus: bool) -> Vec<Check>
         } else {
             bad_magic.join(", ")
         },
-    );
+    )
+}
+
+/// The kernel log has no unresolved symbols or module format complaints.
+fn kernel_log_check(r: &GuestReport) -> Check {
     let bad_log: Vec<&String> = r
         .kernel_log
         .iter()
@@ -261,40 +281,53 @@ pub fn judge(r: &GuestReport, a: &GuestArtifacts, with_gpus: bool) -> Vec<Check>
         } else {
             format!("{bad_log:?}")
         },
-    );
-    if !with_gpus {
-        let res = |name: &str| {
-            r.modules
-                .iter()
-                .find(|m| m.module == name)
-                .map(|m| m.result.clone())
-                .unwrap_or_default()
-        };
-        let nv = res("nvidia.ko");
-        let no_gpu = r
-            .kernel_log
+    )
+}
+
+/// Without GPUs: drm loads, nvidia stops at ENODEV, nvidia-smi runs and says it failed.
+fn no_gpu_checks(r: &GuestReport) -> Vec<Check> {
+    let res = |name: &str| {
+        r.modules
             .iter()
-            .any(|l| l.contains("No NVIDIA GPU found"));
-        check("drm loads", res("drm.ko").contains("loaded"), res("drm.ko"));
+            .find(|m| m.module == name)
+            .map(|m| m.result.clone())
+            .unwrap_or_default()
+    };
+    let nv = res("nvidia.ko");
+    let no_gpu = r
+        .kernel_log
+        .iter()
+        .any(|l| l.contains("No NVIDIA GPU found"));
+    vec![
+        check("drm loads", res("drm.ko").contains("loaded"), res("drm.ko")),
         check(
             "nvidia stops at ENODEV",
             nv == "ENODEV" && no_gpu,
             format!("nvidia.ko: {nv}; kernel said \"No NVIDIA GPU found\": {no_gpu}"),
-        );
+        ),
         check(
             "nvidia-smi runs",
             !r.nvidia_smi.ok && r.nvidia_smi.output.contains("NVIDIA-SMI has failed"),
             first_line(&r.nvidia_smi.output),
-        );
-    } else {
-        let n = r.driver.as_ref().map_or(0, |d| d.gpus.len());
-        check("GPUs answer", n > 0, format!("{n} GPU(s)"));
+        ),
+    ]
+}
+
+/// With GPUs: the driver sees them and nvidia-smi succeeds.
+fn gpu_checks(r: &GuestReport) -> Vec<Check> {
+    let n = r.driver.as_ref().map_or(0, |d| d.gpus.len());
+    vec![
+        check("GPUs answer", n > 0, format!("{n} GPU(s)")),
         check(
             "nvidia-smi runs",
             r.nvidia_smi.ok,
             first_line(&r.nvidia_smi.output),
-        );
-    }
+        ),
+    ]
+}
+
+/// libcuda reports the CUDA version the manifest recorded.
+fn cuda_check(r: &GuestReport, a: &GuestArtifacts) -> Check {
     let want_cuda = a
         .manifest
         .driver
@@ -309,8 +342,7 @@ pub fn judge(r: &GuestReport, a: &GuestArtifacts, with_gpus: bool) -> Vec<Check>
             "cuDriverGetVersion = {} (want {want_cuda})",
             r.cuda.output.trim()
         ),
-    );
-    c
+    )
 }
 
 fn first_line(s: &str) -> String {

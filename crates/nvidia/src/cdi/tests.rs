@@ -121,6 +121,15 @@ fn libraries_links_binaries_and_hooks() {
         return;
     }
     let g = generate(&opts(d.path())).unwrap();
+    assert_fake_550_libraries(&g);
+    let e = &g.spec.container_edits;
+    assert_fake_550_mounts(e);
+    assert_fake_550_hooks(e);
+    assert_fake_550_nodes_and_devices(&g);
+}
+
+/// The libraries of the fake 550 tree, by file name and soname; the junk one warned about.
+fn assert_fake_550_libraries(g: &Generated) {
     let names: Vec<(&str, Option<&str>)> = g
         .libraries
         .iter()
@@ -145,7 +154,10 @@ fn libraries_links_binaries_and_hooks() {
         "{:?}",
         g.warnings
     );
-    let e = &g.spec.container_edits;
+}
+
+/// Libraries and binaries are bind-mounted read-only from the driver mount, once each.
+fn assert_fake_550_mounts(e: &ContainerEdits) {
     let mounts: Vec<(&str, &str)> = e
         .mounts
         .iter()
@@ -168,6 +180,10 @@ fn libraries_links_binaries_and_hooks() {
         "libraries found once although /lib64 is searched too"
     );
     assert!(e.mounts.iter().all(|m| m.options == MOUNT_OPTIONS));
+}
+
+/// The hooks: symlinks, CUDA compat, ldcache, no device node changes; all `cdi-hook`.
+fn assert_fake_550_hooks(e: &ContainerEdits) {
     let steps: Vec<HookStep> = e
         .hooks
         .iter()
@@ -206,6 +222,11 @@ fn libraries_links_binaries_and_hooks() {
         .hooks
         .iter()
         .all(|h| h.path == HOOK_PATH && h.args[0] == "cdi-hook"));
+}
+
+/// Control nodes without numbers (no device root); devices by index, by UUID and all.
+fn assert_fake_550_nodes_and_devices(g: &Generated) {
+    let e = &g.spec.container_edits;
     // Without a device root: the compute control nodes, numbers left to the agent.
     let paths: Vec<&str> = e.device_nodes.iter().map(|n| n.path.as_str()).collect();
     assert_eq!(
