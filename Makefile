@@ -9,7 +9,7 @@ GPUCELL     := target/release/gpucell
 STATE_DIR   ?= /var/lib/gpucell
 TEST_STATE  := $(CURDIR)/target/test-state
 
-.PHONY: all deps agent build guest demo test test-unit test-vm test-nested bench fmt clippy clean
+.PHONY: all deps agent build guest demo test test-unit test-vm test-nested test-flavours test-gpu test-gpu-prepare test-gpu-fake bench fmt clippy clean
 
 all: build
 
@@ -35,9 +35,14 @@ test: deps agent
 	mkdir -p target
 	$(CARGO) build -p gpucell
 	target/debug/gpucell --state-dir $(TEST_STATE) guest build --agent $(AGENT)
+	# The nvidia-550 driver flavour: compiled from scratch once (about 6 min on 2 cores),
+	# then cached in $(TEST_STATE)/guest/cache by its inputs; its TCG test is in
+	# crates/guest/tests/driver.rs.
+	target/debug/gpucell --state-dir $(TEST_STATE) guest build --flavour nvidia-550 --agent $(AGENT)
 	GPUCELL_TEST_STATE_DIR=$(TEST_STATE) $(CARGO) test --workspace --no-fail-fast 2>&1 | tee target/test.log; \
 	  test $${PIPESTATUS[0]} -eq 0
-	NESTED_GPUCELL_BIN_DIR=$(CURDIR)/target/debug $(MAKE) test-nested
+	NESTED_GPUCELL_BIN_DIR=$(CURDIR)/target/debug NESTED_DRIVER_GUEST_DIR=$(TEST_STATE)/guest/nvidia-550 \
+	  $(MAKE) test-nested
 
 test-unit:
 	$(CARGO) test --workspace
@@ -48,6 +53,28 @@ test-unit:
 test-nested: agent
 	tests/nested/run.sh
 	NESTED_QUIET=1 tests/nested/run.sh harness-retry
+
+# The in-guest half of CUDA support on a machine with a real NVIDIA driver (docs/cuda.md):
+# skips where /dev/nvidiactl is absent. It builds nothing with cargo: `make test-gpu-prepare`
+# puts the static agent and busybox in tests/gpu/prebuilt/, which travels with the tree.
+test-gpu:
+	scripts/test-gpu.sh
+
+test-gpu-prepare: agent
+	scripts/test-gpu.sh prepare
+
+# The same harness against a fake driver (root, no GPU): its plumbing, not CUDA.
+test-gpu-fake:
+	tests/gpu/fake/run.sh
+
+# The driver flavours CI does not build (nvidia-535: another 6 min), each checked with
+# `gpucell guest test` under TCG (no GPU: the driver must stop at ENODEV).
+test-flavours: agent
+	$(CARGO) build -p gpucell
+	for f in nvidia-550 nvidia-535; do \
+	  target/debug/gpucell --state-dir $(TEST_STATE) guest build --flavour $$f --agent $(AGENT) && \
+	  GPUCELL_ACCEL=tcg target/debug/gpucell --state-dir $(TEST_STATE) guest test $$f || exit 1; \
+	done
 
 bench: build
 	bench/image/run.sh

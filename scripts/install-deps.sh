@@ -26,6 +26,8 @@ PACKAGES=(
     iperf3              # network benchmarks (bench/net)
     iproute2            # tests build their own namespaces and veth pairs
     curl                # the network tests' HTTP client in the namespaces they make
+    make                # NVIDIA driver flavours: the driver's own Makefile ...
+    gcc-12              # ... with the compiler of the guest kernel's headers
 )
 
 missing=()

@@ -256,11 +256,15 @@ build_gpucell() {
     if [ -n "$NESTED_GUEST_DIR" ] && [ -d "$NESTED_GUEST_DIR" ]; then
         mapfile -t guest_files < <(find "$NESTED_GUEST_DIR" -type f | LC_ALL=C sort)
     fi
+    if [ -n "$NESTED_DRIVER_GUEST_DIR" ] && [ -f "$NESTED_DRIVER_GUEST_DIR/manifest.json" ]; then
+        # The manifest names every artifact's digest: it stands for them in the key.
+        guest_files+=("$NESTED_DRIVER_GUEST_DIR/manifest.json")
+    fi
     key=$(
         # Content, not mtime: cargo relinks binaries whose bytes do not change.
         for b in $NESTED_BINS; do sha256sum <"$bindir/$b" && files_key $(shared_libs "$bindir/$b"); done
         files_key "${guest_files[@]}"
-        echo "$NESTED_BINS $NESTED_GUEST_DIR"
+        echo "$NESTED_BINS $NESTED_GUEST_DIR $NESTED_DRIVER_GUEST_DIR"
         content_key "$NESTED_SRC/build.sh" "$NESTED_SRC/common.sh"
     )
     key=$(echo "$key" | sha256sum | cut -d' ' -f1)
@@ -277,6 +281,11 @@ build_gpucell() {
         cp -a "$NESTED_GUEST_DIR" "$stage/var/lib/gpucell/guest/default"
         echo "$NESTED_GUEST_DIR" >"$stage/etc/nested/guest-artifacts"
         log "initramfs: including guest artifacts from $NESTED_GUEST_DIR"
+    fi
+    if [ -n "$NESTED_DRIVER_GUEST_DIR" ] && [ -f "$NESTED_DRIVER_GUEST_DIR/manifest.json" ]; then
+        mkdir -p "$stage/var/lib/gpucell/guest"
+        cp -a "$NESTED_DRIVER_GUEST_DIR" "$stage/var/lib/gpucell/guest/$(basename "$NESTED_DRIVER_GUEST_DIR")"
+        log "initramfs: including the driver flavour $NESTED_DRIVER_GUEST_DIR"
     fi
     make_cpio "$stage" "$NESTED_OUT/parts/gpucell.cpio"
     rm -rf "$stage"

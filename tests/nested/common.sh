@@ -33,6 +33,9 @@ elif [ "${NESTED_BUILD_GUEST:-1}" = 1 ]; then
 else
     NESTED_GUEST_DIR=
 fi
+# A built NVIDIA driver flavour (`gpucell guest build --flavour nvidia-550`, its
+# <state>/guest/<flavour> dir) copied into L1 for the driver scenario; empty: none.
+NESTED_DRIVER_GUEST_DIR=${NESTED_DRIVER_GUEST_DIR:-}
 NESTED_AGENT_BIN=${NESTED_AGENT:-$CARGO_TARGET_DIR/x86_64-unknown-linux-gnu/release/gpucell-agent}
 # Initramfs compression: none (fastest boot under TCG, see docs) or gzip (gzip -1).
 NESTED_COMPRESS=${NESTED_COMPRESS:-none}

@@ -29,6 +29,12 @@ fi
 NESTED_TIMEOUT=${NESTED_TIMEOUT:-900}
 NESTED_SCENARIO_TIMEOUT=${NESTED_SCENARIO_TIMEOUT:-400}
 NESTED_EDU_COUNT=${NESTED_EDU_COUNT:-3}
+# A driver flavour in L1 (NESTED_DRIVER_GUEST_DIR) adds ~210 MB to its initramfs; with
+# 3G the L1 stalled in the driver scenario's sandbox (no console output, killed at the
+# L1 timeout), with 5G it passes.
+if [ -n "$NESTED_DRIVER_GUEST_DIR" ]; then
+    NESTED_MEM=${NESTED_MEM:-5G}
+fi
 NESTED_MEM=${NESTED_MEM:-3G}
 NESTED_SMP=${NESTED_SMP:-2}
 NESTED_STRICT=${NESTED_STRICT:-0}

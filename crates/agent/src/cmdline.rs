@@ -7,6 +7,8 @@ use gpucell_protocol::{
 /// Marker the agent prints in probe mode.
 pub const PROBE_OK: &str = "gpucell-probe-ok";
 const PROBE_KEY: &str = "gpucell.probe";
+/// `gpucell.driver_test=1`: `gpucell guest test` boots the guest to check its driver.
+const DRIVER_TEST_KEY: &str = "gpucell.driver_test";
 
 /// Which transport carries the protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +27,8 @@ pub struct Cmdline {
     pub channel: Channel,
     /// `gpucell.rootfs=`: the image filesystem of this boot, if the host said.
     pub rootfs: Option<String>,
+    /// `gpucell.driver_test=1`: check the driver flavour, print the result, power off.
+    pub driver_test: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,10 +59,13 @@ impl Cmdline {
         let mut vsock = false;
         let mut port = VSOCK_PORT;
         let mut rootfs = None;
+        let mut driver_test = false;
         for word in text.split_ascii_whitespace() {
             let (key, value) = word.split_once('=').unwrap_or((word, ""));
             if key == PROBE_KEY {
                 probe = value == "1";
+            } else if key == DRIVER_TEST_KEY {
+                driver_test = value == "1";
             } else if key == CMDLINE_CHANNEL_KEY {
                 vsock = match value {
                     "serial" => false,
@@ -86,6 +93,7 @@ impl Cmdline {
             probe,
             channel,
             rootfs,
+            driver_test,
         })
     }
 }
@@ -104,8 +112,10 @@ mod tests {
                 probe: false,
                 channel: Channel::Serial,
                 rootfs: None,
+                driver_test: false,
             }
         );
+        assert!(Cmdline::parse("gpucell.driver_test=1").unwrap().driver_test);
         let c = Cmdline::parse("console=ttyS0 gpucell.probe=1 gpucell.channel=vsock").unwrap();
         assert!(c.probe);
         assert_eq!(c.channel, Channel::Vsock { port: VSOCK_PORT });

@@ -1,5 +1,10 @@
 //! The workload's container: the image mounted read-only under a writable overlay, and a
 //! process in its own mount, pid and uts namespaces, `pivot_root`ed into that overlay.
+//!
+//! The image comes from the run's block device ([`mount_rootfs`]) or, for the GPU test
+//! harness outside a VM, from a directory ([`mount_dir_rootfs`]); both end in the same
+//! overlay. The NVIDIA driver's device nodes ([`Prepared::with_devices`]) are made in the
+//! child after its `/dev` and `/proc` are mounted and before `pivot_root`.
 
 use std::ffi::CString;
 use std::fs;
@@ -14,9 +19,9 @@ use nix::fcntl::OFlag;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::CloneFlags;
 use nix::sys::signal::{self, SigHandler, SigSet, SigmaskHow, Signal};
-use nix::sys::stat::{makedev, mknod, Mode, SFlag};
 use nix::unistd::{self, Gid, Pid, Uid};
 
+use crate::inject::{self, DeviceSetup, RealOps};
 use crate::rootpath::{self, RootPathError};
 use crate::users::{self, Ids, UserError};
 
@@ -93,6 +98,34 @@ pub fn check_rootfs(spec: &RunSpec) -> Result<(), ContainerError> {
     Ok(())
 }
 
+/// Where the image, the overlay's writable tmpfs and the merged root are mounted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    pub image: PathBuf,
+    pub rw: PathBuf,
+    pub root: PathBuf,
+}
+
+impl Layout {
+    /// The guest's: under `/mnt`.
+    pub fn guest() -> Self {
+        Layout {
+            image: IMAGE_DIR.into(),
+            rw: RW_DIR.into(),
+            root: ROOT_DIR.into(),
+        }
+    }
+
+    /// The three directories under `base`.
+    pub fn under(base: &Path) -> Self {
+        Layout {
+            image: base.join("image"),
+            rw: base.join("rw"),
+            root: base.join("root"),
+        }
+    }
+}
+
 /// Mounts the image read-only and a tmpfs-backed overlay over it; returns the merged root.
 pub fn mount_rootfs(spec: &RunSpec) -> Result<PathBuf, ContainerError> {
     check_rootfs(spec)?;
@@ -106,40 +139,61 @@ pub fn mount_rootfs(spec: &RunSpec) -> Result<PathBuf, ContainerError> {
     }
     // The disk is read-only: never replay an ext4 journal (the mount would fail).
     let image_opts = (fstype == "ext4").then_some("noload");
-    mnt(
-        dev,
-        Path::new(IMAGE_DIR),
-        fstype,
-        MsFlags::MS_RDONLY,
-        image_opts,
-    )?;
-    let size = spec
-        .overlay_bytes
+    let layout = Layout::guest();
+    mnt(dev, &layout.image, fstype, MsFlags::MS_RDONLY, image_opts)?;
+    mount_overlay(&layout, spec.overlay_bytes)
+}
+
+/// The image as a directory instead of a block device (the GPU test harness): `dir` bound
+/// read-only on `layout.image`, the same overlay over it. Returns the merged root.
+pub fn mount_dir_rootfs(
+    dir: &Path,
+    layout: &Layout,
+    overlay_bytes: Option<u64>,
+) -> Result<PathBuf, ContainerError> {
+    let src = dir.display().to_string();
+    let bind = |flags: MsFlags| {
+        let _ = fs::create_dir_all(&layout.image);
+        mount(Some(dir), &layout.image, None::<&str>, flags, None::<&str>).map_err(|source| {
+            ContainerError::Mount {
+                what: format!("a read-only bind of {src}"),
+                target: layout.image.display().to_string(),
+                source,
+            }
+        })
+    };
+    bind(MsFlags::MS_BIND | MsFlags::MS_REC)?;
+    bind(MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY)?;
+    mount_overlay(layout, overlay_bytes)
+}
+
+/// A tmpfs on `layout.rw` and the overlay of it over `layout.image` on `layout.root`.
+fn mount_overlay(layout: &Layout, overlay_bytes: Option<u64>) -> Result<PathBuf, ContainerError> {
+    let size = overlay_bytes
         .map(|b| format!("size={b},mode=0755"))
         .unwrap_or_else(|| "mode=0755".into());
-    mnt(
-        "tmpfs",
-        Path::new(RW_DIR),
-        "tmpfs",
-        MsFlags::empty(),
-        Some(&size),
-    )?;
+    mnt("tmpfs", &layout.rw, "tmpfs", MsFlags::empty(), Some(&size))?;
     for d in ["upper", "work"] {
-        fs::create_dir_all(Path::new(RW_DIR).join(d)).map_err(|e| ContainerError::Mount {
+        fs::create_dir_all(layout.rw.join(d)).map_err(|e| ContainerError::Mount {
             what: "overlay upper dir".into(),
-            target: RW_DIR.into(),
+            target: layout.rw.display().to_string(),
             source: Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
         })?;
     }
-    let opts = format!("lowerdir={IMAGE_DIR},upperdir={RW_DIR}/upper,workdir={RW_DIR}/work");
+    let opts = format!(
+        "lowerdir={},upperdir={}/upper,workdir={}/work",
+        layout.image.display(),
+        layout.rw.display(),
+        layout.rw.display()
+    );
     mnt(
         "overlay",
-        Path::new(ROOT_DIR),
+        &layout.root,
         "overlay",
         MsFlags::empty(),
         Some(&opts),
     )?;
-    Ok(PathBuf::from(ROOT_DIR))
+    Ok(layout.root.clone())
 }
 
 /// Everything the child needs, computed before it is cloned.
@@ -151,6 +205,17 @@ pub struct Prepared {
     cwd: CString,
     hostname: String,
     ids: Ids,
+    /// The driver's device nodes and params, made in the child (`inject::apply_devices`).
+    devices: Option<DeviceSetup>,
+}
+
+impl Prepared {
+    /// The NVIDIA driver's device nodes and params for the child to make (phase 2 of
+    /// `inject`; phase 1 has run on the root already).
+    pub fn with_devices(mut self, devices: Option<DeviceSetup>) -> Self {
+        self.devices = devices;
+        self
+    }
 }
 
 fn read_id_file(root: &Path, name: &str) -> Option<String> {
@@ -221,6 +286,7 @@ pub fn prepare(root: &Path, spec: &RunSpec) -> Result<Prepared, ContainerError> 
         cwd: cstr(cwd, "cwd")?,
         hostname: spec.hostname.chars().take(64).collect(),
         ids,
+        devices: None,
     })
 }
 
@@ -333,14 +399,21 @@ fn child_main(p: &Prepared, fds: [i32; 3]) -> Result<(), String> {
         Some("mode=0755,size=65536k"),
     )?;
     populate_dev(&root.join("dev"))?;
+    let pts_flags = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
+    // A kernel that refuses these options (gVisor) gets a devpts with its defaults.
     m(
         "devpts",
         "dev/pts",
         "devpts",
-        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        pts_flags,
         Some("newinstance,ptmxmode=0666,mode=0620"),
-    )?;
+    )
+    .or_else(|_| m("devpts", "dev/pts", "devpts", pts_flags, None))?;
     m("tmpfs", "dev/shm", "tmpfs", safe, Some("mode=1777"))?;
+    if let Some(devices) = &p.devices {
+        inject::apply_devices(devices, root, &mut RealOps)
+            .map_err(|e| format!("the NVIDIA driver in the container: {}", crate::chain(&e)))?;
+    }
 
     unistd::chdir(root).map_err(sys("chdir to the container root"))?;
     unistd::pivot_root(".", ".").map_err(sys("pivot_root into the container root"))?;
@@ -372,6 +445,30 @@ fn child_main(p: &Prepared, fds: [i32; 3]) -> Result<(), String> {
     ))
 }
 
+/// Character device `name` in the container's `dev`, mode 0666. Where the kernel refuses
+/// `mknod` (a user namespace, gVisor), the agent's own `/dev/<name>` is bound instead when
+/// it has the same numbers.
+fn make_node(dev: &Path, name: &str, major: u64, minor: u64) -> Result<(), String> {
+    use crate::inject::InjectOps;
+    let path = dev.join(name);
+    let refused = match RealOps.mknod_char(&path, major, minor, 0o666) {
+        Ok(()) => return Ok(()),
+        Err(e @ (Errno::EPERM | Errno::EACCES)) => e,
+        Err(e) => return Err(format!("mknod /dev/{name} in the container: {e}")),
+    };
+    let src = Path::new("/dev").join(name);
+    if RealOps.char_numbers(&src) != Some((major, minor)) {
+        return Err(format!(
+            "mknod /dev/{name} in the container: {refused}, and /dev/{name} here is not \
+             c {major}:{minor} to bind instead"
+        ));
+    }
+    fs::File::create(&path).map_err(|e| format!("creating /dev/{name} in the container: {e}"))?;
+    RealOps
+        .bind_node(&src, &path)
+        .map_err(|e| format!("binding /dev/{name} into the container: {e}"))
+}
+
 /// A minimal /dev: the usual character devices and the standard symlinks.
 fn populate_dev(dev: &Path) -> Result<(), String> {
     let nodes: [(&str, u64, u64); 6] = [
@@ -383,21 +480,7 @@ fn populate_dev(dev: &Path) -> Result<(), String> {
         ("tty", 5, 0),
     ];
     for (name, major, minor) in nodes {
-        let path = dev.join(name);
-        mknod(
-            &path,
-            SFlag::S_IFCHR,
-            Mode::from_bits_truncate(0o666),
-            makedev(major, minor),
-        )
-        .map_err(|e| format!("mknod /dev/{name} in the container: {e}"))?;
-        // mknod is subject to the umask.
-        let _ = nix::sys::stat::fchmodat(
-            None,
-            &path,
-            Mode::from_bits_truncate(0o666),
-            nix::sys::stat::FchmodatFlags::FollowSymlink,
-        );
+        make_node(dev, name, major, minor)?;
     }
     for (name, target) in [
         ("fd", "/proc/self/fd"),
@@ -433,6 +516,7 @@ mod tests {
             overlay_bytes: None,
             devices: vec![],
             device_wait_ms: 0,
+            gpu: None,
         }
     }
 

@@ -11,8 +11,12 @@ mod boot;
 mod channel;
 mod cmdline;
 mod container;
+mod container_test;
 mod devices;
+mod gpu_setup;
+mod inject;
 mod net;
+mod nvidia;
 mod rootpath;
 mod session;
 mod users;
@@ -34,6 +38,10 @@ fn init_logging() {
 }
 
 fn main() {
+    // The GPU test harness (docs/cuda.md): the container setup outside a VM.
+    if let Some(code) = container_test::main_if_asked() {
+        std::process::exit(code);
+    }
     if nix::unistd::getpid().as_raw() != 1 {
         eprintln!(
             "gpucell-agent {}: this is the init of a gpucell guest and runs only as PID 1 \
@@ -91,6 +99,10 @@ fn run() -> Result<(), AnyError> {
     if let Some(n) = &guest_net {
         let ifname = net::configure(n)?;
         tracing::info!(%ifname, address = %n.address, "network configured");
+    }
+    if cmdline.driver_test {
+        nvidia::self_test();
+        return Ok(());
     }
     let mut workload = workload::Pid1::new()?;
     let channel = channel::open(cmdline.channel)?;

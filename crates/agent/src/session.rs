@@ -8,8 +8,8 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use gpucell_protocol::{
-    ExitStatus, FrameError, FrameReader, FrameWriter, FromGuest, FromHost, GuestHello, RunSpec,
-    MAX_DATA_PAYLOAD, PROTOCOL_VERSION,
+    DeviceInfo, ExitStatus, FrameError, FrameReader, FrameWriter, FromGuest, FromHost, GuestHello,
+    RunSpec, MAX_DATA_PAYLOAD, PROTOCOL_VERSION,
 };
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -43,6 +43,8 @@ pub enum SessionError {
     Workload(#[from] WorkloadError),
     #[error("{0} failed")]
     Sys(&'static str, #[source] Errno),
+    #[error("NVIDIA driver bring-up")]
+    Driver(#[from] crate::nvidia::NvidiaError),
 }
 
 /// Protocol state of one session over `channel`.
@@ -141,7 +143,10 @@ impl Session {
 
     /// Runs the spec to completion and sends `Exited`.
     pub fn run(&mut self, spec: &RunSpec, workload: &mut dyn Workload) -> Result<(), SessionError> {
-        self.check_devices(spec, workload)?;
+        let found = self.check_devices(spec, workload)?;
+        if let Some(r) = workload.bring_up_driver(&found, &spec.rootfs.device)? {
+            self.send(&FromGuest::Driver(r))?;
+        }
         let (pid, stdio) = workload.start(spec)?;
         tracing::info!(pid = pid.as_raw(), "workload started");
         self.send(&FromGuest::Started { pid: pid.as_raw() })?;
@@ -156,12 +161,12 @@ impl Session {
         &mut self,
         spec: &RunSpec,
         workload: &mut dyn Workload,
-    ) -> Result<(), SessionError> {
+    ) -> Result<Vec<DeviceInfo>, SessionError> {
         let wait = Duration::from_millis(spec.device_wait_ms.min(600_000));
         let (found, missing) = workload.wait_for_devices(&spec.devices, wait);
-        self.send(&FromGuest::Devices(found))?;
+        self.send(&FromGuest::Devices(found.clone()))?;
         if missing.is_empty() {
-            return Ok(());
+            return Ok(found);
         }
         let ids: Vec<String> = missing
             .iter()

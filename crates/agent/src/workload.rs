@@ -16,6 +16,8 @@ use nix::unistd::Pid;
 
 use crate::container::{self, ContainerError, Stdio};
 use crate::devices;
+use crate::gpu_setup;
+use crate::inject::RealOps;
 
 /// Where the guest kernel lists its PCI functions.
 const PCI_DEVICES: &str = "/sys/bus/pci/devices";
@@ -24,6 +26,8 @@ const PCI_DEVICES: &str = "/sys/bus/pci/devices";
 pub enum WorkloadError {
     #[error(transparent)]
     Container(#[from] ContainerError),
+    #[error(transparent)]
+    Gpu(#[from] crate::gpu_setup::GpuSetupError),
     #[error("{0} failed")]
     Sys(&'static str, #[source] Errno),
     #[error(transparent)]
@@ -52,6 +56,18 @@ pub trait Workload {
 
     /// Sends `signal` to the workload (best effort: it may have exited already).
     fn signal(&mut self, signal: Signal);
+
+    /// Brings up the guest's NVIDIA driver for the NVIDIA functions among `found` (a
+    /// driver flavour's disk is found among the block devices other than
+    /// `rootfs_device`); `None` when there is nothing to bring up. Workloads without a
+    /// driver (the tests' plain processes) keep this default.
+    fn bring_up_driver(
+        &mut self,
+        _found: &[DeviceInfo],
+        _rootfs_device: &str,
+    ) -> Result<Option<gpucell_protocol::DriverReport>, crate::nvidia::NvidiaError> {
+        Ok(None)
+    }
 }
 
 /// The workload as PID 1 runs it: the image's container, every orphan of the guest
@@ -72,6 +88,14 @@ impl Pid1 {
 }
 
 impl Workload for Pid1 {
+    fn bring_up_driver(
+        &mut self,
+        found: &[DeviceInfo],
+        rootfs_device: &str,
+    ) -> Result<Option<gpucell_protocol::DriverReport>, crate::nvidia::NvidiaError> {
+        crate::nvidia::bring_up_for_run(found, rootfs_device)
+    }
+
     fn wait_for_devices(
         &mut self,
         wanted: &[DeviceMatch],
@@ -83,7 +107,14 @@ impl Workload for Pid1 {
     fn start(&mut self, spec: &RunSpec) -> Result<(Pid, Stdio), WorkloadError> {
         let root = container::mount_rootfs(spec)?;
         crate::net::install_resolv_conf(&root)?;
-        let prepared = container::prepare(&root, spec)?;
+        let devices = match &spec.gpu {
+            Some(req) => {
+                let paths = gpu_setup::Paths::guest();
+                gpu_setup::prepare(&root, &spec.env, req, &paths, &mut RealOps)?.map(|i| i.devices)
+            }
+            None => None,
+        };
+        let prepared = container::prepare(&root, spec)?.with_devices(devices);
         let (pid, stdio) = container::spawn(&prepared)?;
         self.pid = Some(pid);
         Ok((pid, stdio))

@@ -42,6 +42,8 @@ pub struct BuildOptions {
     pub kernel_deb: Option<PathBuf>,
     /// Rebuild even when the cached build matches the inputs.
     pub force: bool,
+    /// Where long steps (downloads, compiling a driver) report progress, one line each.
+    pub progress: Option<fn(&str)>,
 }
 
 impl Default for BuildOptions {
@@ -51,6 +53,7 @@ impl Default for BuildOptions {
             agent: None,
             kernel_deb: None,
             force: false,
+            progress: None,
         }
     }
 }
@@ -79,6 +82,8 @@ pub enum BuildError {
     CompressedModule(String, &'static str),
     #[error("module {0} is over {MAX_MODULE} bytes")]
     ModuleTooLarge(String),
+    #[error("NVIDIA driver `{0}`")]
+    Driver(String, #[source] Box<crate::driver::DriverError>),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BuildError {
@@ -148,11 +153,13 @@ fn cache_hit(dir: &Path, inputs: &Inputs) -> Option<Manifest> {
         && m.deb.sha256 == inputs.kernel.sha256()
         && m.agent == inputs.agent_digest
         && m.requested_modules == requested_modules(inputs.flavour)
-        && m.extra_packages == inputs.flavour.extra_packages;
+        && m.extra_packages == inputs.flavour.extra_packages
+        && driver_key(inputs) == m.driver.as_ref().map(|d| d.key.clone());
     if !same {
         return None;
     }
-    for d in [&m.vmlinux, &m.initramfs] {
+    let disk = m.driver.as_ref().map(|d| &d.disk);
+    for d in [&m.vmlinux, &m.initramfs].into_iter().chain(disk) {
         let path = dir.join(&d.file);
         if deb::sha256_file(&path).ok()? != d.sha256 {
             tracing::warn!(file = %path.display(), "cached guest artifact is damaged; rebuilding");
@@ -160,6 +167,15 @@ fn cache_hit(dir: &Path, inputs: &Inputs) -> Option<Manifest> {
         }
     }
     Some(m)
+}
+
+/// The expected key of the flavour's driver disk, `None` for a GPU-less flavour (or a
+/// table that does not load: the build then reports why).
+fn driver_key(inputs: &Inputs) -> Option<String> {
+    let name = inputs.flavour.driver?;
+    let table = crate::driver::Table::embedded().ok()?;
+    let f = table.find(name).ok()?;
+    Some(crate::driver::disk_key(&table, f, inputs.kernel.sha256()))
 }
 
 /// Builds (or finds cached) the artifacts of `opts.flavour` under `<state>/guest/`.
@@ -192,7 +208,7 @@ pub fn build(state_dir: &Path, opts: &BuildOptions) -> Result<crate::GuestArtifa
             "creating a temp dir in {}",
             guest_dir.display()
         )))?;
-    let manifest = build_into(work.path(), &inputs, &deb)?;
+    let manifest = build_into(work.path(), &inputs, &deb, opts)?;
 
     let out = work.path().join("out");
     replace_dir(&out, &final_dir)?;
@@ -202,7 +218,12 @@ pub fn build(state_dir: &Path, opts: &BuildOptions) -> Result<crate::GuestArtifa
     ))
 }
 
-fn build_into(work: &Path, inputs: &Inputs, deb: &DebFile) -> Result<Manifest, BuildError> {
+fn build_into(
+    work: &Path,
+    inputs: &Inputs,
+    deb: &DebFile,
+    opts: &BuildOptions,
+) -> Result<Manifest, BuildError> {
     let root = work.join("kernel");
     fs::create_dir(&root).map_err(io("creating the unpack dir"))?;
     deb::extract(&deb.path, &root)?;
@@ -242,6 +263,10 @@ fn build_into(work: &Path, inputs: &Inputs, deb: &DebFile) -> Result<Manifest, B
 
     let out = work.join("out");
     fs::create_dir(&out).map_err(io("creating the output dir"))?;
+    let driver = match inputs.flavour.driver {
+        Some(name) => Some(build_driver(work, &out, name, &release, deb, &root, opts)?),
+        None => None,
+    };
     let manifest = Manifest {
         schema: MANIFEST_SCHEMA,
         builder: builder_id(),
@@ -275,11 +300,52 @@ fn build_into(work: &Path, inputs: &Inputs, deb: &DebFile) -> Result<Manifest, B
             .iter()
             .map(|s| s.to_string())
             .collect(),
+        driver,
     };
     write_synced(&out.join(VMLINUX_FILE), &vmlinux)?;
     write_synced(&out.join(INITRAMFS_FILE), &initramfs)?;
     write_synced(&out.join(MANIFEST_FILE), manifest.to_json().as_bytes())?;
     Ok(manifest)
+}
+
+/// Builds the driver disk of `name` for the unpacked kernel at `root` into `out`.
+fn build_driver(
+    work: &Path,
+    out: &Path,
+    name: &str,
+    release: &str,
+    deb: &DebFile,
+    root: &Path,
+    opts: &BuildOptions,
+) -> Result<crate::driver::DriverManifest, BuildError> {
+    let guest_dir = work.parent().ok_or_else(|| {
+        BuildError::Io(
+            "the build dir has no parent".into(),
+            std::io::ErrorKind::NotFound.into(),
+        )
+    })?;
+    let kernel = crate::driver::KernelInfo {
+        release: release.to_owned(),
+        version: deb.version.clone(),
+        root: root.to_owned(),
+        deb_sha256: deb.sha256.clone(),
+    };
+    let quiet = |_: &str| {};
+    let progress: &dyn Fn(&str) = match &opts.progress {
+        Some(p) => p,
+        None => &quiet,
+    };
+    let b = crate::driver::DriverBuild {
+        guest_dir,
+        flavour: name,
+        kernel: &kernel,
+        force: opts.force,
+        progress,
+    };
+    let scratch = work.join("driver");
+    fs::create_dir(&scratch).map_err(io("creating the driver scratch dir"))?;
+    crate::driver::build(&b, &scratch, out)
+        .map_err(|e| BuildError::Driver(name.to_owned(), Box::new(e)))
 }
 
 /// The single `lib/modules/<release>` of an unpacked kernel package.

@@ -178,6 +178,16 @@ pub fn sha256_file(path: &Path) -> Result<String, DebError> {
 /// Returns the verified `.deb` of `info`, downloading it into `cache` unless a copy with the
 /// right checksum is already there. Downloads land in a temp dir and are renamed in.
 pub fn fetch(info: &PackageInfo, cache: &Path) -> Result<DebFile, DebError> {
+    fetch_with(info, cache, &mut Command::new("apt-get"))
+}
+
+/// [`fetch`] with a given `apt-get` command (e.g. one with its own apt configuration
+/// options); `download -q PACKAGE=VERSION` is appended.
+pub fn fetch_with(
+    info: &PackageInfo,
+    cache: &Path,
+    apt_get: &mut Command,
+) -> Result<DebFile, DebError> {
     fs::create_dir_all(cache).map_err(|e| DebError::Cache(cache.to_owned(), e))?;
     let dest = cache.join(&info.file_name);
     if dest.is_file() && sha256_file(&dest)? == info.sha256 {
@@ -189,7 +199,7 @@ pub fn fetch(info: &PackageInfo, cache: &Path) -> Result<DebFile, DebError> {
         .tempdir_in(cache)
         .map_err(|e| DebError::Cache(cache.to_owned(), e))?;
     tracing::info!(package = %info.package, version = %info.version, "downloading with apt-get");
-    run(Command::new("apt-get")
+    run(apt_get
         .args(["download", "-q"])
         .arg(format!("{}={}", info.package, info.version))
         .current_dir(tmp.path()))?;

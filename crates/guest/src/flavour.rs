@@ -16,6 +16,10 @@ pub struct Flavour {
     pub modules: &'static [(When, &'static str)],
     /// Further Debian packages whose files go into the init image (none yet).
     pub extra_packages: &'static [&'static str],
+    /// The NVIDIA driver flavour (a row of `data/nvidia-flavours.toml`) whose driver disk
+    /// this flavour carries; `None` for a GPU-less guest.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub driver: Option<&'static str>,
 }
 
 /// When the agent loads a module: always, or only for the channel or the image
@@ -61,13 +65,47 @@ const BASE_MODULES: &[(When, &str)] = &[
     (When::Net, "virtio_net"),
 ];
 
-pub const FLAVOURS: &[Flavour] = &[Flavour {
-    name: crate::DEFAULT_FLAVOUR,
-    description: "Debian stable kernel with virtio, vsock, ext4, erofs and overlay; no GPU driver",
-    kernel_package: "linux-image-amd64",
-    modules: BASE_MODULES,
-    extra_packages: &[],
-}];
+/// A driver flavour's modules: the base set, with erofs always (the driver disk is erofs).
+/// The driver's own modules (drm, nvidia, nvidia-uvm) are on the driver disk and loaded
+/// only when NVIDIA GPUs are passed (docs/nvidia-flavours.md).
+const DRIVER_MODULES: &[(When, &str)] = &[
+    (When::Always, "virtio_pci"),
+    (When::Always, "virtio_blk"),
+    (When::Always, "overlay"),
+    (When::Channel("serial"), "virtio_console"),
+    (When::Channel("vsock"), "vmw_vsock_virtio_transport"),
+    (When::Always, "crc32c_generic"),
+    (When::Rootfs("ext4"), "ext4"),
+    (When::Always, "erofs"),
+];
+
+pub const FLAVOURS: &[Flavour] = &[
+    Flavour {
+        name: crate::DEFAULT_FLAVOUR,
+        description:
+            "Debian stable kernel with virtio, vsock, ext4, erofs and overlay; no GPU driver",
+        kernel_package: "linux-image-amd64",
+        modules: BASE_MODULES,
+        extra_packages: &[],
+        driver: None,
+    },
+    Flavour {
+        name: "nvidia-550",
+        description: "default + NVIDIA 550.163.01 open modules (trixie), CUDA 12.4; Turing to Hopper incl. H200",
+        kernel_package: "linux-image-amd64",
+        modules: DRIVER_MODULES,
+        extra_packages: &[],
+        driver: Some("nvidia-550"),
+    },
+    Flavour {
+        name: "nvidia-535",
+        description: "default + NVIDIA 535.261.03 open modules (bookworm), CUDA 12.2; Turing to Hopper, not H200",
+        kernel_package: "linux-image-amd64",
+        modules: DRIVER_MODULES,
+        extra_packages: &[],
+        driver: Some("nvidia-535"),
+    },
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum FlavourError {
@@ -109,6 +147,18 @@ mod tests {
             err.contains("nvidia-999") && err.contains("default"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn driver_flavours_are_rows_of_the_driver_table() {
+        let t = crate::driver::Table::embedded().unwrap();
+        for f in FLAVOURS {
+            if let Some(d) = f.driver {
+                assert_eq!(t.find(d).unwrap().name, f.name);
+                assert!(f.modules.contains(&(When::Always, "erofs")));
+            }
+        }
+        assert!(FLAVOURS.iter().filter(|f| f.driver.is_some()).count() >= 2);
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod agent_bin;
 mod build;
 pub mod cpio;
 pub mod deb;
+pub mod driver;
 pub mod flavour;
 pub mod manifest;
 pub mod modules;
@@ -36,6 +37,10 @@ pub struct GuestArtifacts {
     pub kernel: PathBuf,
     /// Uncompressed newc cpio for `-initrd`.
     pub initrd: PathBuf,
+    /// The NVIDIA driver disk (erofs) of a driver flavour, to attach read-only as a
+    /// virtio-blk disk with serial [`driver::DISK_SERIAL`]; `None` for a GPU-less flavour.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub driver_disk: Option<PathBuf>,
     pub manifest: Manifest,
     /// True when `build` found these already built from the same inputs.
     pub cached: bool,
@@ -48,6 +53,7 @@ impl GuestArtifacts {
             dir: dir.to_owned(),
             kernel: dir.join(&manifest.vmlinux.file),
             initrd: dir.join(&manifest.initramfs.file),
+            driver_disk: manifest.driver.as_ref().map(|d| dir.join(&d.disk.file)),
             manifest,
             cached,
         }
@@ -83,7 +89,8 @@ pub fn load(state_dir: &Path, flavour: &str) -> Result<GuestArtifacts, Error> {
         });
     }
     let m = Manifest::read(&manifest_path)?;
-    for d in [&m.vmlinux, &m.initramfs] {
+    let disk = m.driver.as_ref().map(|d| &d.disk);
+    for d in [&m.vmlinux, &m.initramfs].into_iter().chain(disk) {
         let path = dir.join(&d.file);
         let got = std::fs::metadata(&path).map(|md| md.len()).unwrap_or(0);
         if got != d.size {
@@ -100,7 +107,11 @@ pub fn load(state_dir: &Path, flavour: &str) -> Result<GuestArtifacts, Error> {
 
 /// Checks the SHA-256 of the kernel and init image against the manifest.
 pub fn verify(a: &GuestArtifacts) -> Result<(), Error> {
-    for d in [&a.manifest.vmlinux, &a.manifest.initramfs] {
+    let disk = a.manifest.driver.as_ref().map(|d| &d.disk);
+    for d in [&a.manifest.vmlinux, &a.manifest.initramfs]
+        .into_iter()
+        .chain(disk)
+    {
         let path = a.dir.join(&d.file);
         let ok = deb::sha256_file(&path).is_ok_and(|s| s == d.sha256);
         if !ok {

@@ -54,6 +54,9 @@ pub struct Manifest {
     /// Requested modules that are built into this kernel.
     pub builtin_modules: Vec<String>,
     pub extra_packages: Vec<String>,
+    /// The NVIDIA driver disk of a driver flavour; absent for a GPU-less one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver: Option<crate::driver::DriverManifest>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -64,8 +67,8 @@ pub enum ManifestError {
     Parse(std::path::PathBuf, #[source] serde_json::Error),
 }
 
-/// Largest manifest accepted (it is a few KiB).
-const MAX_MANIFEST: u64 = 1 << 20;
+/// Largest manifest accepted (a few KiB; a driver flavour's lists every file of its disk).
+const MAX_MANIFEST: u64 = 4 << 20;
 
 impl Manifest {
     pub fn read(path: &Path) -> Result<Self, ManifestError> {

@@ -62,3 +62,33 @@ pub fn debian_vmlinuz() -> Option<(tempfile::TempDir, PathBuf)> {
         .path();
     Some((dir, found))
 }
+
+/// A module (by file name, e.g. `drm.ko`) of the cached kernel, read into memory; `None`,
+/// with a printed reason, when no kernel is cached.
+pub fn kernel_module(name: &str) -> Option<Vec<u8>> {
+    let deb = debian_kernel_deb()?;
+    let dir = tempfile::tempdir().ok()?;
+    let ok = Command::new("sh")
+        .arg("-c")
+        .arg("dpkg-deb --fsys-tarfile \"$1\" | tar -x -C \"$2\" --wildcards \"*/$3\"")
+        .arg("sh")
+        .arg(&deb)
+        .arg(dir.path())
+        .arg(name)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("skipping: could not unpack {name} from {}", deb.display());
+        return None;
+    }
+    let out = Command::new("find")
+        .arg(dir.path())
+        .args(["-name", name])
+        .output()
+        .ok()?;
+    let path = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()?
+        .to_owned();
+    std::fs::read(path).ok()
+}

@@ -26,6 +26,7 @@ fn spec(args: &[&str], user: &str) -> RunSpec {
         overlay_bytes: Some(16 << 20),
         devices: vec![],
         device_wait_ms: 0,
+        gpu: None,
     }
 }
 

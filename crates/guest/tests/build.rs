@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use gpucell_guest::{build, load, BuildOptions, DEFAULT_FLAVOUR};
+use gpucell_guest::{build, load, BuildOptions, Manifest, DEFAULT_FLAVOUR};
 
 fn kernel_deb() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("GPUCELL_TEST_KERNEL_DEB") {
@@ -61,6 +61,7 @@ fn opts(agent: &Path, deb: &Path) -> BuildOptions {
         agent: Some(agent.to_owned()),
         kernel_deb: Some(deb.to_owned()),
         force: false,
+        progress: None,
     }
 }
 
@@ -83,55 +84,8 @@ fn build_is_cached_reproducible_and_complete() {
     let vmlinux = std::fs::read(&first.kernel).unwrap();
     assert_eq!(&vmlinux[..4], b"\x7fELF");
     gpucell_guest::vmlinux::check_pvh_elf(&vmlinux).unwrap();
-    for needed in [
-        "virtio_blk",
-        "virtio_console",
-        "virtio_pci",
-        "erofs",
-        "ext4",
-        "overlay",
-        "vmw_vsock_virtio_transport",
-    ] {
-        assert!(
-            m.modules.iter().any(|x| x == needed),
-            "{needed} missing from {:?}",
-            m.modules
-        );
-    }
-    // Dependencies come before their users.
-    let pos = |n: &str| m.modules.iter().position(|x| x == n).unwrap();
-    assert!(pos("virtio_ring") < pos("virtio_blk"));
-    assert!(pos("jbd2") < pos("ext4"));
-    assert!(pos("vsock") < pos("vmw_vsock_virtio_transport"));
-    // Each loaded only for the boots that use it.
-    let when = |n: &str| m.module_conditions[n].as_str();
-    assert_eq!(when("virtio_blk"), "always");
-    assert_eq!(when("virtio_ring"), "always");
-    assert_eq!(when("overlay"), "always");
-    assert_eq!(when("virtio_console"), "channel=serial");
-    assert_eq!(when("vsock"), "channel=vsock");
-    assert_eq!(when("ext4"), "rootfs=ext4");
-    assert_eq!(when("jbd2"), "rootfs=ext4");
-    assert_eq!(when("erofs"), "rootfs=erofs");
-    assert_eq!(m.module_conditions.len(), m.modules.len());
-
-    // The init image lists what the manifest says, read back by GNU cpio.
-    let list = Command::new("cpio")
-        .args(["-t", "--quiet", "-F"])
-        .arg(&first.initrd)
-        .output();
-    if let Ok(out) = list {
-        let names = String::from_utf8(out.stdout).unwrap();
-        assert!(names.lines().any(|l| l == "init"));
-        assert!(names.lines().any(|l| l == "dev/console"));
-        assert!(names.lines().any(|l| l == "modules/order"));
-        for module in &m.modules {
-            assert!(
-                names.lines().any(|l| l == format!("modules/{module}.ko")),
-                "{module}"
-            );
-        }
-    }
+    assert_modules(m);
+    assert_initrd_lists(&first.initrd, m);
 
     // Same inputs: nothing is rebuilt, files untouched.
     let mtime = std::fs::metadata(&first.initrd)
@@ -170,8 +124,67 @@ fn build_is_cached_reproducible_and_complete() {
     assert!(!rebuilt.cached);
     assert_eq!(std::fs::read(&rebuilt.initrd).unwrap(), initrd);
 
-    // No temp dirs left behind.
-    let leftovers: Vec<_> = std::fs::read_dir(state.path().join("guest"))
+    assert_no_leftovers(state.path());
+}
+
+/// The modules the boots need are there, dependencies first, each with its condition.
+fn assert_modules(m: &Manifest) {
+    for needed in [
+        "virtio_blk",
+        "virtio_console",
+        "virtio_pci",
+        "erofs",
+        "ext4",
+        "overlay",
+        "vmw_vsock_virtio_transport",
+    ] {
+        assert!(
+            m.modules.iter().any(|x| x == needed),
+            "{needed} missing from {:?}",
+            m.modules
+        );
+    }
+    // Dependencies come before their users.
+    let pos = |n: &str| m.modules.iter().position(|x| x == n).unwrap();
+    assert!(pos("virtio_ring") < pos("virtio_blk"));
+    assert!(pos("jbd2") < pos("ext4"));
+    assert!(pos("vsock") < pos("vmw_vsock_virtio_transport"));
+    // Each loaded only for the boots that use it.
+    let when = |n: &str| m.module_conditions[n].as_str();
+    assert_eq!(when("virtio_blk"), "always");
+    assert_eq!(when("virtio_ring"), "always");
+    assert_eq!(when("overlay"), "always");
+    assert_eq!(when("virtio_console"), "channel=serial");
+    assert_eq!(when("vsock"), "channel=vsock");
+    assert_eq!(when("ext4"), "rootfs=ext4");
+    assert_eq!(when("jbd2"), "rootfs=ext4");
+    assert_eq!(when("erofs"), "rootfs=erofs");
+    assert_eq!(m.module_conditions.len(), m.modules.len());
+}
+
+/// The init image lists what the manifest says, read back by GNU cpio (when installed).
+fn assert_initrd_lists(initrd: &Path, m: &Manifest) {
+    let list = Command::new("cpio")
+        .args(["-t", "--quiet", "-F"])
+        .arg(initrd)
+        .output();
+    if let Ok(out) = list {
+        let names = String::from_utf8(out.stdout).unwrap();
+        assert!(names.lines().any(|l| l == "init"));
+        assert!(names.lines().any(|l| l == "dev/console"));
+        assert!(names.lines().any(|l| l == "modules/order"));
+        for module in &m.modules {
+            assert!(
+                names.lines().any(|l| l == format!("modules/{module}.ko")),
+                "{module}"
+            );
+        }
+    }
+}
+
+/// No temp dirs left behind in `<state>/guest`.
+fn assert_no_leftovers(state: &Path) {
+    let leftovers: Vec<_> = std::fs::read_dir(state.join("guest"))
         .unwrap()
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())

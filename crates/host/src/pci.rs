@@ -210,27 +210,7 @@ impl PciFunction {
         if std::fs::symlink_metadata(&dir).is_err() {
             return Err(PciError::NoSuchFunction { bdf, path: dir });
         }
-        let identity = |name: &str, what: &'static str| -> Result<u64, PciError> {
-            sysfs::read_hex::<u64>(&dir.join(name), what)
-                .map_err(|source| PciError::Identity { bdf, source })
-        };
-        let vendor = identity("vendor", "a 16-bit vendor id")?;
-        let device = identity("device", "a 16-bit device id")?;
-        let class = identity("class", "a 24-bit class code")?;
-        let check = |v: u64, max: u64, name: &str, what: &'static str| {
-            if v > max {
-                Err(PciError::Identity {
-                    bdf,
-                    source: SysfsError::garbled(&dir.join(name), &format!("{v:#x}"), what),
-                })
-            } else {
-                Ok(v)
-            }
-        };
-        let vendor = check(vendor, 0xffff, "vendor", "a 16-bit vendor id")? as u16;
-        let device = check(device, 0xffff, "device", "a 16-bit device id")? as u16;
-        let class = check(class, 0xff_ffff, "class", "a 24-bit class code")? as u32;
-
+        let (vendor, device, class) = read_identity(&dir, bdf)?;
         let mut r = OptionalReader {
             dir: &dir,
             warnings: Vec::new(),
@@ -238,81 +218,19 @@ impl PciFunction {
         let subsystem_vendor = r.hex::<u16>("subsystem_vendor", "a 16-bit vendor id");
         let subsystem_device = r.hex::<u16>("subsystem_device", "a 16-bit device id");
         let revision = r.hex::<u8>("revision", "an 8-bit revision");
-        let driver = match sysfs::link_name(&dir.join("driver")) {
-            Ok(None) => Driver::Unbound,
-            Ok(Some(name)) => Driver::Bound(name),
-            Err(e) => {
-                r.warn(e);
-                Driver::Unknown
-            }
-        };
+        let driver = r.driver();
         let driver_override = r.text("driver_override").filter(|v| v != "(null)");
-        let iommu_group = match sysfs::link_name(&dir.join("iommu_group")) {
-            Ok(None) => None,
-            Ok(Some(name)) => match name.parse::<u32>() {
-                Ok(n) => Some(n),
-                Err(_) => {
-                    r.warn(SysfsError::garbled(
-                        &dir.join("iommu_group"),
-                        &name,
-                        "a link to a numbered group",
-                    ));
-                    None
-                }
-            },
-            Err(e) => {
-                r.warn(e);
-                None
-            }
-        };
-        let numa_node = r.text("numa_node").and_then(|t| match t.parse::<i64>() {
-            Ok(-1) => None,
-            Ok(n) if (0..=i64::from(u16::MAX)).contains(&n) => Some(n as u32),
-            _ => {
-                r.warn(SysfsError::garbled(
-                    &dir.join("numa_node"),
-                    &t,
-                    "a node number or -1",
-                ));
-                None
-            }
-        });
-        let local_cpus = r.text("local_cpulist").and_then(|t| {
-            let list = CpuList::parse(&t);
-            if list.is_none() {
-                r.warn(SysfsError::garbled(
-                    &dir.join("local_cpulist"),
-                    &t,
-                    "a CPU list like 0-15,32-47",
-                ));
-            }
-            list
-        });
-        let speed = r.link_speed("current_link_speed");
-        let width = r.link_width("current_link_width");
-        let max_speed = r.link_speed("max_link_speed");
-        let max_width = r.link_width("max_link_width");
+        let iommu_group = r.iommu_group();
+        let numa_node = r.numa_node();
+        let local_cpus = r.local_cpus();
+        let link = r.link();
         let reset_methods = r.text("reset_method").map(|t| {
             t.split_whitespace()
                 .take(16)
                 .map(sysfs::printable)
                 .collect::<Vec<_>>()
         });
-        let resource_path = dir.join("resource");
-        let bars = match sysfs::read_raw(&resource_path) {
-            Ok(text) => match bar::parse_resource(&resource_path, &text) {
-                Ok(bars) => Some(bars),
-                Err(e) => {
-                    r.warn(e);
-                    None
-                }
-            },
-            Err(e) if e.is_not_found() => None,
-            Err(e) => {
-                r.warn(e);
-                None
-            }
-        };
+        let bars = r.bars();
         Ok(Self {
             bdf,
             vendor,
@@ -326,12 +244,7 @@ impl PciFunction {
             iommu_group,
             numa_node,
             local_cpus,
-            link: Link {
-                speed,
-                width,
-                max_speed,
-                max_width,
-            },
+            link,
             reset_methods,
             bars,
             warnings: r.warnings,
@@ -362,6 +275,32 @@ impl PciFunction {
     pub fn id_string(&self) -> String {
         format!("{:04x}:{:04x}", self.vendor, self.device)
     }
+}
+
+/// The required identity of the function in `dir`: vendor, device and class code, each
+/// checked against its width.
+fn read_identity(dir: &Path, bdf: Bdf) -> Result<(u16, u16, u32), PciError> {
+    let identity = |name: &str, what: &'static str| -> Result<u64, PciError> {
+        sysfs::read_hex::<u64>(&dir.join(name), what)
+            .map_err(|source| PciError::Identity { bdf, source })
+    };
+    let vendor = identity("vendor", "a 16-bit vendor id")?;
+    let device = identity("device", "a 16-bit device id")?;
+    let class = identity("class", "a 24-bit class code")?;
+    let check = |v: u64, max: u64, name: &str, what: &'static str| {
+        if v > max {
+            Err(PciError::Identity {
+                bdf,
+                source: SysfsError::garbled(&dir.join(name), &format!("{v:#x}"), what),
+            })
+        } else {
+            Ok(v)
+        }
+    };
+    let vendor = check(vendor, 0xffff, "vendor", "a 16-bit vendor id")? as u16;
+    let device = check(device, 0xffff, "device", "a 16-bit device id")? as u16;
+    let class = check(class, 0xff_ffff, "class", "a 24-bit class code")? as u32;
+    Ok((vendor, device, class))
 }
 
 struct OptionalReader<'a> {
@@ -414,6 +353,100 @@ impl OptionalReader<'_> {
         let text = self.text(name)?;
         match sysfs::parse_hex(&path, &text, expected) {
             Ok(v) => Some(v),
+            Err(e) => {
+                self.warn(e);
+                None
+            }
+        }
+    }
+
+    /// The `driver` link.
+    fn driver(&mut self) -> Driver {
+        match sysfs::link_name(&self.dir.join("driver")) {
+            Ok(None) => Driver::Unbound,
+            Ok(Some(name)) => Driver::Bound(name),
+            Err(e) => {
+                self.warn(e);
+                Driver::Unknown
+            }
+        }
+    }
+
+    /// The number the `iommu_group` link names.
+    fn iommu_group(&mut self) -> Option<u32> {
+        match sysfs::link_name(&self.dir.join("iommu_group")) {
+            Ok(None) => None,
+            Ok(Some(name)) => match name.parse::<u32>() {
+                Ok(n) => Some(n),
+                Err(_) => {
+                    self.warn(SysfsError::garbled(
+                        &self.dir.join("iommu_group"),
+                        &name,
+                        "a link to a numbered group",
+                    ));
+                    None
+                }
+            },
+            Err(e) => {
+                self.warn(e);
+                None
+            }
+        }
+    }
+
+    /// `numa_node`; -1 (no node) is `None`.
+    fn numa_node(&mut self) -> Option<u32> {
+        let t = self.text("numa_node")?;
+        match t.parse::<i64>() {
+            Ok(-1) => None,
+            Ok(n) if (0..=i64::from(u16::MAX)).contains(&n) => Some(n as u32),
+            _ => {
+                self.warn(SysfsError::garbled(
+                    &self.dir.join("numa_node"),
+                    &t,
+                    "a node number or -1",
+                ));
+                None
+            }
+        }
+    }
+
+    /// `local_cpulist`.
+    fn local_cpus(&mut self) -> Option<CpuList> {
+        let t = self.text("local_cpulist")?;
+        let list = CpuList::parse(&t);
+        if list.is_none() {
+            self.warn(SysfsError::garbled(
+                &self.dir.join("local_cpulist"),
+                &t,
+                "a CPU list like 0-15,32-47",
+            ));
+        }
+        list
+    }
+
+    /// Current and maximum link speed and width.
+    fn link(&mut self) -> Link {
+        Link {
+            speed: self.link_speed("current_link_speed"),
+            width: self.link_width("current_link_width"),
+            max_speed: self.link_speed("max_link_speed"),
+            max_width: self.link_width("max_link_width"),
+        }
+    }
+
+    /// The BARs from `resource`; a missing file is `None` without a warning.
+    fn bars(&mut self) -> Option<Vec<Bar>> {
+        let resource_path = self.dir.join("resource");
+        match sysfs::read_raw(&resource_path) {
+            Ok(text) => match bar::parse_resource(&resource_path, &text) {
+                Ok(bars) => Some(bars),
+                Err(e) => {
+                    self.warn(e);
+                    None
+                }
+            },
+            Err(e) if e.is_not_found() => None,
             Err(e) => {
                 self.warn(e);
                 None

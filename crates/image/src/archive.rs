@@ -175,45 +175,8 @@ impl DockerArchive {
         tag: Option<&str>,
     ) -> Result<DockerArchive, Error> {
         let files = Files::Map(files);
-        let f = files.open(&name, "manifest.json")?;
-        let bytes = read_bounded(&name, "manifest.json", f, MAX_DOCUMENT_BYTES)?;
-        let entries: Vec<DockerManifestEntry> =
-            serde_json::from_slice(&bytes).map_err(|source| SourceError::Json {
-                source_name: name.clone(),
-                path: "manifest.json".into(),
-                source,
-            })?;
-        let present = entries
-            .iter()
-            .flat_map(|e| e.repo_tags.clone().unwrap_or_default())
-            .collect::<Vec<_>>()
-            .join(", ");
-        let chosen = match tag {
-            Some(t) => entries
-                .iter()
-                .find(|e| {
-                    e.repo_tags.as_ref().is_some_and(|tags| {
-                        tags.iter().any(|x| x == t || x.ends_with(&format!("/{t}")))
-                    })
-                })
-                .ok_or_else(|| SourceError::NoSuchTag {
-                    source_name: name.clone(),
-                    tag: t.into(),
-                    present: present.clone(),
-                })?,
-            None => match entries.as_slice() {
-                [one] => one,
-                [] => return Err(SourceError::Empty { source_name: name }.into()),
-                many => {
-                    return Err(SourceError::Ambiguous {
-                        source_name: name,
-                        count: many.len(),
-                        present,
-                    }
-                    .into())
-                }
-            },
-        };
+        let entries = read_docker_manifest(&name, &files)?;
+        let chosen = choose_entry(&name, &entries, tag)?;
         if chosen.layers.len() > crate::manifest::MAX_LAYERS {
             return Err(SourceError::TooLarge {
                 source_name: name,
@@ -223,40 +186,12 @@ impl DockerArchive {
             .into());
         }
         let mut blobs = HashMap::new();
-        let mut describe = |rel: &str| -> Result<serde_json::Value, Error> {
-            let mut f = files.open(&name, rel)?;
-            let io_err = |source| SourceError::Io {
-                source_name: name.clone(),
-                path: rel.into(),
-                source,
-            };
-            let mut head = [0u8; 4];
-            let n = f.read(&mut head).map_err(io_err)?;
-            f.rewind().map_err(io_err)?;
-            let (digest, size) = hash_reader(&mut f, MAX_BLOB_BYTES).map_err(io_err)?;
-            let media_type = match Compression::sniff(&head[..n]) {
-                Compression::None => "application/vnd.oci.image.layer.v1.tar",
-                Compression::Gzip => "application/vnd.oci.image.layer.v1.tar+gzip",
-                Compression::Zstd => "application/vnd.oci.image.layer.v1.tar+zstd",
-            };
-            let path = match &files {
-                Files::Map(m) => m.get(rel).cloned().unwrap_or_default(),
-                Files::Dir(d) => d.join(rel),
-            };
-            let value = serde_json::json!({
-                "mediaType": media_type,
-                "digest": digest.to_string(),
-                "size": size,
-            });
-            blobs.insert(digest, path);
-            Ok(value)
-        };
-        let mut config = describe(&chosen.config)?;
+        let mut config = describe_blob(&name, &files, &chosen.config, &mut blobs)?;
         config["mediaType"] = "application/vnd.oci.image.config.v1+json".into();
         let layers = chosen
             .layers
             .iter()
-            .map(|l| describe(l))
+            .map(|l| describe_blob(&name, &files, l, &mut blobs))
             .collect::<Result<Vec<_>, _>>()?;
         let manifest = serde_json::json!({
             "schemaVersion": 2,
@@ -275,6 +210,97 @@ impl DockerArchive {
             blobs,
         })
     }
+}
+
+/// The entries of the archive's `manifest.json`.
+fn read_docker_manifest(name: &str, files: &Files) -> Result<Vec<DockerManifestEntry>, Error> {
+    let f = files.open(name, "manifest.json")?;
+    let bytes = read_bounded(name, "manifest.json", f, MAX_DOCUMENT_BYTES)?;
+    let entries = serde_json::from_slice(&bytes).map_err(|source| SourceError::Json {
+        source_name: name.into(),
+        path: "manifest.json".into(),
+        source,
+    })?;
+    Ok(entries)
+}
+
+/// The entry tagged `tag`, or the only entry when no tag is asked for.
+fn choose_entry<'a>(
+    name: &str,
+    entries: &'a [DockerManifestEntry],
+    tag: Option<&str>,
+) -> Result<&'a DockerManifestEntry, Error> {
+    let present = entries
+        .iter()
+        .flat_map(|e| e.repo_tags.clone().unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join(", ");
+    match tag {
+        Some(t) => entries
+            .iter()
+            .find(|e| {
+                e.repo_tags.as_ref().is_some_and(|tags| {
+                    tags.iter().any(|x| x == t || x.ends_with(&format!("/{t}")))
+                })
+            })
+            .ok_or_else(|| {
+                SourceError::NoSuchTag {
+                    source_name: name.into(),
+                    tag: t.into(),
+                    present,
+                }
+                .into()
+            }),
+        None => match entries {
+            [one] => Ok(one),
+            [] => Err(SourceError::Empty {
+                source_name: name.into(),
+            }
+            .into()),
+            many => Err(SourceError::Ambiguous {
+                source_name: name.into(),
+                count: many.len(),
+                present,
+            }
+            .into()),
+        },
+    }
+}
+
+/// The OCI descriptor of the archive file `rel` (its media type sniffed from its first
+/// bytes), recording where the blob lies in `blobs`.
+fn describe_blob(
+    name: &str,
+    files: &Files,
+    rel: &str,
+    blobs: &mut HashMap<Digest, PathBuf>,
+) -> Result<serde_json::Value, Error> {
+    let mut f = files.open(name, rel)?;
+    let io_err = |source| SourceError::Io {
+        source_name: name.into(),
+        path: rel.into(),
+        source,
+    };
+    let mut head = [0u8; 4];
+    let n = f.read(&mut head).map_err(io_err)?;
+    f.rewind().map_err(io_err)?;
+    let (digest, size) = hash_reader(&mut f, MAX_BLOB_BYTES).map_err(io_err)?;
+    let media_type = match Compression::sniff(&head[..n]) {
+        Compression::None => "application/vnd.oci.image.layer.v1.tar",
+        Compression::Gzip => "application/vnd.oci.image.layer.v1.tar+gzip",
+        Compression::Zstd => "application/vnd.oci.image.layer.v1.tar+zstd",
+    };
+    let path = match files {
+        Files::Map(m) => m.get(rel).cloned().unwrap_or_default(),
+        Files::Dir(d) => d.join(rel),
+    };
+    let value = serde_json::json!({
+        "mediaType": media_type,
+        "digest": digest.to_string(),
+        "size": size,
+    });
+    blobs.insert(digest, path);
+    Ok(value)
 }
 
 impl Source for DockerArchive {

@@ -112,23 +112,10 @@ impl<R: Read> TarReader<R> {
         let mut pending = Pending::default();
         loop {
             let header_offset = self.offset;
-            let mut block = [0u8; BLOCK];
-            let n = self.read_full(&mut block)?;
-            if n == 0 {
-                // No end-of-archive marker: accepted, as many writers omit it.
+            let Some(block) = self.read_header()? else {
                 self.done = true;
                 return Ok(None);
-            }
-            if n < BLOCK {
-                return Err(TarError::Truncated {
-                    offset: self.offset,
-                    what: "a header",
-                });
-            }
-            if block.iter().all(|&b| b == 0) {
-                self.done = true;
-                return Ok(None);
-            }
+            };
             verify_checksum(&block, header_offset)?;
             let typeflag = block[156];
             let size = match pending.size.take() {
@@ -137,91 +124,72 @@ impl<R: Read> TarReader<R> {
             };
             self.remaining = size;
             self.padding = (BLOCK as u64 - size % BLOCK as u64) % BLOCK as u64;
-            match typeflag {
-                b'x' | b'g' | b'L' | b'K' => {
-                    let what = match typeflag {
-                        b'x' | b'g' => "PAX header",
-                        b'L' => "GNU long name",
-                        _ => "GNU long link",
-                    };
-                    if size > MAX_EXTENSION_BYTES {
-                        return Err(TarError::ExtensionTooLarge {
-                            offset: header_offset,
-                            what,
-                            size,
-                        });
-                    }
-                    let mut data = vec![0u8; size as usize];
-                    if self.read_full(&mut data)? < data.len() {
-                        return Err(TarError::Truncated {
-                            offset: self.offset,
-                            what,
-                        });
-                    }
-                    self.remaining = 0;
-                    self.skip_rest()?;
-                    match typeflag {
-                        b'x' => parse_pax(&data, header_offset, &mut pending)?,
-                        b'g' => {} // global headers carry nothing a layer needs
-                        b'L' => pending.path = Some(trim_nul(&data).to_vec()),
-                        _ => pending.link = Some(trim_nul(&data).to_vec()),
-                    }
-                    continue;
-                }
-                _ => {}
+            if matches!(typeflag, b'x' | b'g' | b'L' | b'K') {
+                self.read_extension(typeflag, size, header_offset, &mut pending)?;
+                continue;
             }
-            let path = match pending.path.take() {
-                Some(p) => p,
-                None => ustar_path(&block),
-            };
-            let kind = match typeflag {
-                b'0' | 0 | b'7' => Kind::File,
-                b'1' => Kind::HardLink,
-                b'2' => Kind::Symlink,
-                b'3' => Kind::CharDevice,
-                b'4' => Kind::BlockDevice,
-                b'5' => Kind::Dir,
-                b'6' => Kind::Fifo,
-                other => {
-                    return Err(TarError::Unsupported {
-                        path: String::from_utf8_lossy(&path).chars().take(300).collect(),
-                        typeflag: other as char,
-                    })
-                }
-            };
-            // Old tars mark directories with a trailing slash on a regular entry.
-            let kind = if kind == Kind::File && typeflag == 0 && path.ends_with(b"/") {
-                Kind::Dir
-            } else {
-                kind
-            };
-            // Only regular files carry data; any size on other entries is skipped.
-            let entry = Entry {
-                link: pending
-                    .link
-                    .take()
-                    .unwrap_or_else(|| trim_nul(&block[157..257]).to_vec()),
-                mode: number(&block[100..108], header_offset, "mode")? as u32 & 0o7777,
-                uid: match pending.uid {
-                    Some(u) => u,
-                    None => number(&block[108..116], header_offset, "uid")?,
-                },
-                gid: match pending.gid {
-                    Some(g) => g,
-                    None => number(&block[116..124], header_offset, "gid")?,
-                },
-                mtime: match pending.mtime {
-                    Some(m) => m,
-                    None => i64::try_from(number(&block[136..148], header_offset, "mtime")?)
-                        .unwrap_or(0),
-                },
-                size: if kind == Kind::File { size } else { 0 },
-                xattrs: std::mem::take(&mut pending.xattrs),
-                path,
-                kind,
-            };
-            return Ok(Some(entry));
+            return entry_from_header(&block, header_offset, size, &mut pending).map(Some);
         }
+    }
+
+    /// The next header block; `None` at a clean end of input or the all-zero
+    /// end-of-archive block.
+    fn read_header(&mut self) -> Result<Option<[u8; BLOCK]>, TarError> {
+        let mut block = [0u8; BLOCK];
+        let n = self.read_full(&mut block)?;
+        if n == 0 {
+            // No end-of-archive marker: accepted, as many writers omit it.
+            return Ok(None);
+        }
+        if n < BLOCK {
+            return Err(TarError::Truncated {
+                offset: self.offset,
+                what: "a header",
+            });
+        }
+        if block.iter().all(|&b| b == 0) {
+            return Ok(None);
+        }
+        Ok(Some(block))
+    }
+
+    /// Reads the data of a PAX header or GNU long name/link of `size` bytes into
+    /// `pending`, for the entry that follows.
+    fn read_extension(
+        &mut self,
+        typeflag: u8,
+        size: u64,
+        header_offset: u64,
+        pending: &mut Pending,
+    ) -> Result<(), TarError> {
+        let what = match typeflag {
+            b'x' | b'g' => "PAX header",
+            b'L' => "GNU long name",
+            _ => "GNU long link",
+        };
+        if size > MAX_EXTENSION_BYTES {
+            return Err(TarError::ExtensionTooLarge {
+                offset: header_offset,
+                what,
+                size,
+            });
+        }
+        let mut data = vec![0u8; size as usize];
+        if self.read_full(&mut data)? < data.len() {
+            return Err(TarError::Truncated {
+                offset: self.offset,
+                what,
+            });
+        }
+        self.remaining = 0;
+        self.skip_rest()?;
+        match typeflag {
+            b'x' => parse_pax(&data, header_offset, pending)?,
+            b'g' => {} // global headers carry nothing a layer needs
+            b'L' => pending.path = Some(trim_nul(&data).to_vec()),
+            _ => pending.link = Some(trim_nul(&data).to_vec()),
+        }
+        Ok(())
     }
 
     /// A reader over the current entry's data.
@@ -311,6 +279,72 @@ impl<R: Read> Read for EntryData<'_, R> {
         }
         self.tar.remaining -= n as u64;
         Ok(n)
+    }
+}
+
+/// The entry a (non-extension) header describes, with what `pending` extensions set
+/// overriding the header's fields.
+fn entry_from_header(
+    block: &[u8; BLOCK],
+    header_offset: u64,
+    size: u64,
+    pending: &mut Pending,
+) -> Result<Entry, TarError> {
+    let typeflag = block[156];
+    let path = match pending.path.take() {
+        Some(p) => p,
+        None => ustar_path(block),
+    };
+    let kind = entry_kind(typeflag, &path)?;
+    // Only regular files carry data; any size on other entries is skipped.
+    Ok(Entry {
+        link: pending
+            .link
+            .take()
+            .unwrap_or_else(|| trim_nul(&block[157..257]).to_vec()),
+        mode: number(&block[100..108], header_offset, "mode")? as u32 & 0o7777,
+        uid: match pending.uid {
+            Some(u) => u,
+            None => number(&block[108..116], header_offset, "uid")?,
+        },
+        gid: match pending.gid {
+            Some(g) => g,
+            None => number(&block[116..124], header_offset, "gid")?,
+        },
+        mtime: match pending.mtime {
+            Some(m) => m,
+            None => i64::try_from(number(&block[136..148], header_offset, "mtime")?).unwrap_or(0),
+        },
+        size: if kind == Kind::File { size } else { 0 },
+        xattrs: std::mem::take(&mut pending.xattrs),
+        path,
+        kind,
+    })
+}
+
+/// The kind of an entry from its type flag; sparse, multi-volume and unknown types are
+/// refused.
+fn entry_kind(typeflag: u8, path: &[u8]) -> Result<Kind, TarError> {
+    let kind = match typeflag {
+        b'0' | 0 | b'7' => Kind::File,
+        b'1' => Kind::HardLink,
+        b'2' => Kind::Symlink,
+        b'3' => Kind::CharDevice,
+        b'4' => Kind::BlockDevice,
+        b'5' => Kind::Dir,
+        b'6' => Kind::Fifo,
+        other => {
+            return Err(TarError::Unsupported {
+                path: String::from_utf8_lossy(path).chars().take(300).collect(),
+                typeflag: other as char,
+            })
+        }
+    };
+    // Old tars mark directories with a trailing slash on a regular entry.
+    if kind == Kind::File && typeflag == 0 && path.ends_with(b"/") {
+        Ok(Kind::Dir)
+    } else {
+        Ok(kind)
     }
 }
 

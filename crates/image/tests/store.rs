@@ -6,7 +6,7 @@
 mod common;
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
@@ -298,19 +298,9 @@ fn run(cmd: &mut Command) {
     );
 }
 
-/// An image made by umoci from a directory tree, converted by skopeo to both archive
-/// formats; all three import to the same layers and give the same guest disk.
-#[test]
-fn images_made_by_umoci_and_skopeo() {
-    let test = "images_made_by_umoci_and_skopeo";
-    if !common::have("umoci", test)
-        || !common::have("skopeo", test)
-        || !common::have("mkfs.erofs", test)
-    {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
+/// An OCI layout at `d/layout`, tag `t`, made by umoci from a tree with a file and a
+/// symlink, with an entrypoint, env and working directory.
+fn umoci_layout(d: &Path) -> PathBuf {
     let layout = d.join("layout");
     run(Command::new("umoci")
         .args(["init", "--layout"])
@@ -343,6 +333,12 @@ fn images_made_by_umoci_and_skopeo() {
             "/etc",
         ])
         .args(["--os", "linux", "--architecture", "amd64"]));
+    layout
+}
+
+/// The layout converted by skopeo to an oci-archive and a docker-archive (tagged
+/// `cell/test:t`), in that order.
+fn skopeo_archives(d: &Path, layout: &Path) -> (PathBuf, PathBuf) {
     let oci_archive = d.join("img-oci.tar");
     let docker_archive = d.join("img-docker.tar");
     run(Command::new("skopeo")
@@ -356,6 +352,24 @@ fn images_made_by_umoci_and_skopeo() {
             "docker-archive:{}:cell/test:t",
             docker_archive.display()
         )));
+    (oci_archive, docker_archive)
+}
+
+/// An image made by umoci from a directory tree, converted by skopeo to both archive
+/// formats; all three import to the same layers and give the same guest disk.
+#[test]
+fn images_made_by_umoci_and_skopeo() {
+    let test = "images_made_by_umoci_and_skopeo";
+    if !common::have("umoci", test)
+        || !common::have("skopeo", test)
+        || !common::have("mkfs.erofs", test)
+    {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let layout = umoci_layout(d);
+    let (oci_archive, docker_archive) = skopeo_archives(d, &layout);
 
     let store = Store::open(&d.join("state")).unwrap();
     let a = store

@@ -24,6 +24,7 @@ pub enum Kind {
     Exited = 0x46,
     Error = 0x47,
     Log = 0x48,
+    Driver = 0x49,
 }
 
 impl Kind {
@@ -44,6 +45,7 @@ impl Kind {
             0x46 => Exited,
             0x47 => Error,
             0x48 => Log,
+            0x49 => Driver,
             _ => return None,
         })
     }
@@ -76,6 +78,6 @@ mod tests {
                 kinds += 1;
             }
         }
-        assert_eq!(kinds, 14);
+        assert_eq!(kinds, 15);
     }
 }

@@ -25,8 +25,8 @@ mod message;
 pub use frame::{FrameError, FrameReader, FrameWriter, RawFrame};
 pub use kind::{Kind, MAX_CONTROL_PAYLOAD, MAX_DATA_PAYLOAD};
 pub use message::{
-    DeviceInfo, DeviceMatch, ExitStatus, FromGuest, FromHost, GuestHello, HostHello, RootfsSpec,
-    RunSpec,
+    DeviceInfo, DeviceMatch, DriverReport, ExitStatus, FromGuest, FromHost, GpuFacts, GpuInjection,
+    GpuReport, GuestHello, HostHello, RootfsSpec, RunSpec,
 };
 
 /// Version of the wire protocol. Bumped on any incompatible change.

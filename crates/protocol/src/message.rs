@@ -68,6 +68,54 @@ pub struct RunSpec {
     /// How long the agent waits for `devices` to appear, in milliseconds.
     #[serde(default)]
     pub device_wait_ms: u64,
+    /// The NVIDIA driver injected into the container; `None`: nothing is injected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<GpuInjection>,
+}
+
+/// What the host decided about the NVIDIA driver in the container (docs/cuda.md): the
+/// agent applies the image's environment contract and a CDI spec of the guest's driver.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuInjection {
+    /// The CDI spec (JSON of `gpucell_nvidia::cdi::Spec`) of the guest's driver; empty:
+    /// the agent generates it from `driver_root`, the guest's `/dev` and its GPUs.
+    #[serde(default)]
+    pub cdi_spec: String,
+    /// Where the driver's files are in the guest; empty means `/`.
+    #[serde(default)]
+    pub driver_root: String,
+    /// Replaces the environment's `NVIDIA_VISIBLE_DEVICES` when set.
+    #[serde(default)]
+    pub visible_devices: Option<String>,
+    /// Replaces the environment's `NVIDIA_DRIVER_CAPABILITIES` when set.
+    #[serde(default)]
+    pub capabilities: Option<String>,
+    /// The run passes GPUs: an unset `NVIDIA_VISIBLE_DEVICES` means `all`.
+    #[serde(default)]
+    pub gpus_requested: bool,
+    /// Inject even without GPUs or NVIDIA variables (tests of a GPU-less guest).
+    #[serde(default)]
+    pub force: bool,
+    /// The GPUs are data-centre ones: the image's CUDA forward compatibility may be used.
+    #[serde(default)]
+    pub compat_allowed: bool,
+    /// The driver's CUDA version (`cuDriverGetVersion`, e.g. `13.0`). Set: the agent
+    /// checks the image's `NVIDIA_REQUIRE_*` before the workload starts.
+    #[serde(default)]
+    pub cuda_version: Option<String>,
+    /// The visible GPUs' facts for `arch` and `brand` conditions, in index order.
+    #[serde(default)]
+    pub gpus: Vec<GpuFacts>,
+}
+
+/// A GPU as `NVIDIA_REQUIRE_*` conditions see it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuFacts {
+    /// Compute capability, e.g. `9.0`.
+    pub arch: String,
+    /// NVML brand, e.g. `Tesla`, `NVIDIA`, `GeForce`; empty when unknown.
+    #[serde(default)]
+    pub brand: String,
 }
 
 /// A PCI function as the guest sees it.
@@ -78,6 +126,37 @@ pub struct DeviceInfo {
     pub vendor: u16,
     pub device: u16,
     pub class: u32,
+}
+
+/// One NVIDIA GPU as the driver in the guest reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuReport {
+    /// Guest PCI address, e.g. `0000:01:00.0`.
+    pub bdf: String,
+    pub name: String,
+    pub uuid: String,
+    /// Total memory in MiB.
+    pub memory_mib: u64,
+    pub driver_version: String,
+    /// CUDA version the driver supports, `major.minor`.
+    pub cuda_version: String,
+}
+
+/// The NVIDIA driver bring-up of a driver flavour, sent after `Devices` and before the
+/// workload starts. A flavour without a driver sends none.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DriverReport {
+    /// The guest flavour's driver, e.g. `nvidia-550`.
+    pub flavour: String,
+    pub driver_version: String,
+    pub cuda_version: String,
+    /// Every GPU that answered; empty when no NVIDIA GPU was passed.
+    pub gpus: Vec<GpuReport>,
+    /// Milliseconds from the start of the bring-up until every GPU answered.
+    pub driver_ready_ms: u64,
+    /// What happened, in words (e.g. that no NVIDIA GPU was passed).
+    #[serde(default)]
+    pub message: String,
 }
 
 /// How the workload ended.
@@ -132,6 +211,7 @@ pub enum FromGuest {
     Log {
         message: String,
     },
+    Driver(DriverReport),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -208,6 +288,7 @@ impl FromGuest {
                     message: message.clone(),
                 }),
             ),
+            FromGuest::Driver(d) => (Kind::Driver, json(d)),
         }
     }
 
@@ -228,6 +309,7 @@ impl FromGuest {
             Kind::Log => FromGuest::Log {
                 message: parse::<MessageBody>(kind, &payload)?.message,
             },
+            Kind::Driver => FromGuest::Driver(parse(kind, &payload)?),
             other => return Err(FrameError::WrongDirection(other)),
         })
     }
@@ -269,6 +351,7 @@ mod tests {
                 device: 0x11e8,
             }],
             device_wait_ms: 5000,
+            gpu: None,
         }
     }
 
@@ -322,6 +405,60 @@ mod tests {
         assert_eq!(got, big);
         match FromGuest::decode(r.read_frame().unwrap()).unwrap() {
             FromGuest::Exited(s) => assert_eq!(s.shell_code(), 137),
+            m => panic!("unexpected {m:?}"),
+        }
+    }
+
+    #[test]
+    fn the_gpu_injection_is_optional_and_round_trips() {
+        // JSON from a host without the field: no injection; and it is not sent when absent.
+        let mut v = serde_json::to_value(spec()).unwrap();
+        assert!(v.get("gpu").is_none());
+        v.as_object_mut().unwrap().remove("gpu");
+        let old: RunSpec = serde_json::from_value(v).unwrap();
+        assert_eq!(old.gpu, None);
+        let mut s = spec();
+        s.gpu = Some(GpuInjection {
+            visible_devices: Some("none".into()),
+            cuda_version: Some("13.0".into()),
+            gpus: vec![GpuFacts {
+                arch: "9.0".into(),
+                brand: "NVIDIA".into(),
+            }],
+            ..Default::default()
+        });
+        let json = serde_json::to_string(&s).unwrap();
+        assert_eq!(serde_json::from_str::<RunSpec>(&json).unwrap(), s);
+        // Every field of the request may be left out.
+        let bare: GpuInjection = serde_json::from_str("{}").unwrap();
+        assert_eq!(bare, GpuInjection::default());
+    }
+
+    #[test]
+    fn driver_report_round_trips() {
+        let d = DriverReport {
+            flavour: "nvidia-550".into(),
+            driver_version: "550.163.01".into(),
+            cuda_version: "12.4".into(),
+            gpus: vec![GpuReport {
+                bdf: "0000:01:00.0".into(),
+                name: "NVIDIA H200".into(),
+                uuid: "GPU-0".into(),
+                memory_mib: 143771,
+                driver_version: "550.163.01".into(),
+                cuda_version: "12.4".into(),
+            }],
+            driver_ready_ms: 4200,
+            message: String::new(),
+        };
+        let mut buf = Vec::new();
+        FromGuest::Driver(d.clone())
+            .send(&mut FrameWriter::new(&mut buf))
+            .unwrap();
+        assert!(buf.contains(&0x49), "the Driver kind byte");
+        let mut r = FrameReader::new(&buf[..]);
+        match FromGuest::decode(r.read_frame().unwrap()).unwrap() {
+            FromGuest::Driver(got) => assert_eq!(got, d),
             m => panic!("unexpected {m:?}"),
         }
     }

@@ -37,9 +37,7 @@ pub fn dry_run(
     let mut planned = Vec::new();
     let mut warnings = Vec::new();
     if !req.devices.is_empty() {
-        let preview = devices::pool(node)
-            .preview(&req.devices)
-            .map_err(RunFailure::Devices)?;
+        let preview = crate::run::preview_devices(node, &req)?;
         setup.devices = preview
             .devices
             .iter()
@@ -88,6 +86,10 @@ pub fn dry_run(
         },
         accel: prepared.selection.clone(),
         spec: spec_report(&spec, &req),
+        driver: prepared
+            .choice
+            .as_ref()
+            .map(crate::driver_select::DriverSection::from_choice),
         cpus: plan.cpus,
         memory_mib: plan.memory_mib,
         channel: plan.channel,

@@ -20,6 +20,8 @@
 
 pub mod config;
 pub mod devices;
+pub mod driver;
+pub mod driver_select;
 pub mod dry_run;
 pub mod network;
 pub mod node;
@@ -74,6 +76,12 @@ pub enum RunFailure {
     Network(#[source] gpucell_net::NetError),
     #[error(transparent)]
     NetworkRequest(gpucell_net::spec::SpecError),
+    #[error("reading gpucell's driver table")]
+    DriverTable(#[source] gpucell_guest::driver::TableError),
+    #[error("choosing the guest driver")]
+    Driver(#[source] driver::ChoiceError),
+    #[error("the devices taken ({taken}) are not the ones the driver was chosen for ({planned}): another run took one in between; run again")]
+    Changed { planned: String, taken: String },
 }
 
 /// An error and each of its causes, `: `-separated, each said once.

@@ -61,6 +61,10 @@ pub struct TimingsReport {
     pub shutdown: u64,
     pub sandbox: u64,
     pub total: u64,
+    /// With a driver flavour and GPUs: the guest's driver bring-up (modules, device
+    /// nodes, persistence, every GPU answering).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub driver_ready: Option<u64>,
 }
 
 /// The device phases' own times.
@@ -102,6 +106,9 @@ pub struct RunReport {
     pub memory_mib: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guest: Option<GuestReport>,
+    /// The guest driver flavour: how it was chosen, and the guest's bring-up report.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub driver: Option<crate::driver_select::DriverSection>,
     /// PCI functions the agent saw.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub devices: Option<Vec<DeviceInfo>>,
@@ -198,6 +205,9 @@ pub struct DryRunReport {
     pub guest: DryRunGuest,
     pub accel: Selection,
     pub spec: SpecReport,
+    /// The driver flavour and why (absent: no driver wanted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub driver: Option<crate::driver_select::DriverSection>,
     pub cpus: u32,
     pub memory_mib: u64,
     pub channel: ChannelKind,

@@ -123,6 +123,10 @@ pub struct RunRequest {
     /// `--network`, `--publish`, `--allow-cidr`, `--egress-rate`.
     #[serde(default, skip_serializing_if = "is_default_network")]
     pub network: gpucell_net::NetworkRequest,
+    /// NVIDIA driver: a branch (`550`) or flavour (`nvidia-550`); default: the image's
+    /// label `io.gpucell.driver`, else chosen from its requirements and the GPUs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver: Option<String>,
 }
 
 fn is_default_network(n: &gpucell_net::NetworkRequest) -> bool {
@@ -183,6 +187,7 @@ impl RunRequest {
             guest: None,
             accel: AccelRequest::Auto,
             network: gpucell_net::NetworkRequest::default(),
+            driver: None,
         }
     }
 
@@ -219,6 +224,9 @@ impl RunRequest {
         if let Some(g) = self.guest.as_deref() {
             gpucell_guest::flavour::find(g)
                 .map_err(|e| RequestError::field("guest", e.to_string()))?;
+        }
+        if self.driver.as_deref().is_some_and(|d| d.trim().is_empty()) {
+            return Err(RequestError::field("driver", "must not be empty"));
         }
         let timeout = positive_ms("timeout_ms", self.timeout_ms)?;
         let boot_timeout = positive_ms("boot_timeout_ms", self.boot_timeout_ms)?;

@@ -12,11 +12,14 @@ use gpucell_sandbox::spec::{self, ImageDefaults, Overrides};
 use gpucell_sandbox::{Accel, ChannelChoice, RunAsPolicy, RunOutcome, Sandbox, VmConfig};
 
 use crate::devices::{self, Held};
+use crate::driver::{Choice, PassedGpu};
+use crate::driver_select::{self, DriverSection};
 use crate::node::Node;
 use crate::observer::{Observer, Phase};
 use crate::report::{GuestReport, ImageReport, RunReport, SpecReport, TimingsReport};
 use crate::request::{RunRequest, ValidRequest};
 use crate::RunFailure;
+use gpucell_host::devices::AssignedDevice;
 
 /// Exit code when gpucell itself failed, as docker uses.
 pub const EXIT_RUN_FAILED: i32 = 125;
@@ -37,6 +40,12 @@ pub(crate) struct Prepared {
     pub selection: Selection,
     pub image_ms: u64,
     pub accel_ms: u64,
+    /// The devices the allocator would take (a preview; nothing taken).
+    pub preview: Vec<AssignedDevice>,
+    /// The NVIDIA GPUs among them.
+    pub gpus: Vec<PassedGpu>,
+    /// The driver flavour chosen for them and the image.
+    pub choice: Option<Choice>,
 }
 
 /// Runs `request` on `node`: the workload's output goes to `io`, progress to `obs`.
@@ -119,8 +128,13 @@ pub(crate) fn prepare(
         fstype: Some(disk.fstype.clone()),
         disk_bytes: Some(disk.size),
     };
+    let (preview, gpus, choice) = choose_driver(node, req, &image)?;
+    report.driver = choice.as_ref().map(DriverSection::from_choice);
     obs.phase(Phase::Guest);
-    let flavour = req.request.guest.as_deref().unwrap_or(&node.default_guest);
+    let flavour = match &choice {
+        Some(c) => c.flavour.as_str(),
+        None => req.request.guest.as_deref().unwrap_or(&node.default_guest),
+    };
     let guest = gpucell_guest::load(&node.state_dir, flavour)?;
     obs.phase(Phase::Accel);
     let t_accel = Instant::now();
@@ -136,7 +150,41 @@ pub(crate) fn prepare(
         selection,
         image_ms,
         accel_ms: ms(t_accel.elapsed()),
+        preview,
+        gpus,
+        choice,
     })
+}
+
+/// The allocator's choice for the request, nothing taken (empty without devices).
+pub(crate) fn preview_devices(
+    node: &Node,
+    req: &ValidRequest,
+) -> Result<gpucell_host::devices::DevicePreview, RunFailure> {
+    if req.devices.is_empty() {
+        return Ok(gpucell_host::devices::DevicePreview {
+            devices: Vec::new(),
+            to_bind: Vec::new(),
+            notes: Vec::new(),
+        });
+    }
+    devices::pool(node)
+        .preview(&req.devices)
+        .map_err(RunFailure::Devices)
+}
+
+/// The devices the run would take (the allocator's own choice and refusals, nothing
+/// taken), the NVIDIA GPUs among them, and the driver flavour they and the image need.
+#[allow(clippy::type_complexity)]
+fn choose_driver(
+    node: &Node,
+    req: &ValidRequest,
+    image: &gpucell_image::Image,
+) -> Result<(Vec<AssignedDevice>, Vec<PassedGpu>, Option<Choice>), RunFailure> {
+    let taken = preview_devices(node, req)?.devices;
+    let gpus = driver_select::passed_gpus(&taken);
+    let choice = driver_select::select(req, image, &gpus)?;
+    Ok((taken, gpus, choice))
 }
 
 fn select_accel(
@@ -234,6 +282,7 @@ pub(crate) fn vm_config(node: &Node, req: &ValidRequest, p: &Prepared) -> VmConf
         seccomp: true,
         limits,
         extra_cmdline: Vec::new(),
+        driver_disk: p.guest.driver_disk.clone(),
     }
 }
 
@@ -250,6 +299,11 @@ fn run_sandbox(
 ) -> Result<Timed, RunFailure> {
     let mut spec = build_spec(req, &p, sandbox_id)?;
     held.apply_to_spec(&mut spec);
+    check_allocation(&p, held)?;
+    spec.gpu = p
+        .choice
+        .as_ref()
+        .map(|c| driver_select::injection(c, &p.gpus));
     report.spec = Some(spec_report(&spec, req));
     let config = vm_config(node, req, &p);
     let mut sandbox = Sandbox::with_id(config, sandbox_id.to_string())
@@ -287,6 +341,26 @@ fn run_sandbox(
     })
 }
 
+/// The allocation took what the preview chose: a GPU that changed hands in between
+/// could need another driver, so the run stops rather than boot a flavour chosen for
+/// other GPUs.
+fn check_allocation(p: &Prepared, held: &Held) -> Result<(), RunFailure> {
+    let want: Vec<String> = p.preview.iter().map(|d| d.bdf.to_string()).collect();
+    let got: Vec<String> = held
+        .setup
+        .devices
+        .iter()
+        .map(|d| d.host_bdf.clone())
+        .collect();
+    if p.choice.is_some() && want != got {
+        return Err(RunFailure::Changed {
+            planned: want.join(","),
+            taken: got.join(","),
+        });
+    }
+    Ok(())
+}
+
 /// A finished sandbox and the times measured before it.
 struct Timed {
     outcome: RunOutcome,
@@ -311,6 +385,10 @@ fn fill_outcome(report: &mut RunReport, timed: &Timed, start: Instant) {
         agent: o.agent.clone(),
     });
     report.devices = Some(o.devices.clone());
+    if let Some(d) = &o.driver {
+        let section = report.driver.take().unwrap_or_default();
+        report.driver = Some(section.with_bring_up(d));
+    }
     if timed.has_devices && !o.passthrough.is_empty() {
         report.passthrough = Some(o.passthrough.clone());
         report.pci_hole64_bytes = Some(o.pci_hole64_bytes);
@@ -333,6 +411,7 @@ fn fill_outcome(report: &mut RunReport, timed: &Timed, start: Instant) {
         shutdown: t.shutdown_ms,
         sandbox: t.total_ms,
         total: ms(start.elapsed()),
+        driver_ready: o.driver.as_ref().map(|d| d.driver_ready_ms),
     });
     report.qemu_args = Some(o.qemu_args.clone());
 }

@@ -136,6 +136,9 @@ pub struct SessionReport {
     pub stderr_bytes: u64,
     pub signals_forwarded: Vec<i32>,
     pub log_bytes_dropped: u64,
+    /// The NVIDIA driver bring-up of a driver flavour, and when it was reported.
+    pub driver: Option<gpucell_protocol::DriverReport>,
+    pub driver_at: Option<Instant>,
 }
 
 type SharedWriter<W> = Arc<Mutex<FrameWriter<W>>>;
@@ -158,6 +161,7 @@ fn kind_name(m: &FromGuest) -> String {
         FromGuest::Exited(_) => "Exited",
         FromGuest::Error { .. } => "Error",
         FromGuest::Log { .. } => "Log",
+        FromGuest::Driver(_) => "Driver",
     }
     .to_string()
 }
@@ -238,6 +242,8 @@ fn relay_inner<W: Write + Send + 'static>(
             stderr_bytes: 0,
             signals_forwarded: Vec::new(),
             log_bytes_dropped: 0,
+            driver: None,
+            driver_at: None,
         },
         start_deadline: run_sent_at + limits.start_timeout,
         run_deadline: limits.run_timeout.map(|t| run_sent_at + t),
@@ -427,6 +433,11 @@ impl<W: Write + Send + 'static> Session<'_, W> {
                 self.devices_seen = true;
                 self.report.devices = d.into_iter().take(256).collect();
                 self.report.devices_at = Some(Instant::now());
+            }
+            Event::Guest(FromGuest::Driver(d)) if self.report.driver.is_none() && !started => {
+                tracing::info!(target: "agent", flavour = %d.flavour, gpus = d.gpus.len(), ms = d.driver_ready_ms, "{}", truncate(&d.message, 512));
+                self.report.driver = Some(d);
+                self.report.driver_at = Some(Instant::now());
             }
             Event::Guest(FromGuest::Started { pid }) if !started => {
                 self.report.started_at = Some(Instant::now());

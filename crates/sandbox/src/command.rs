@@ -34,6 +34,8 @@ use crate::devices::VmDevices;
 pub const BASE_CMDLINE: [&str; 3] = ["console=ttyS0", "panic=-1", "quiet"];
 /// QEMU id of the image's disk drive.
 pub const ROOTFS_DRIVE: &str = "rootfs";
+/// QEMU id of a driver flavour's driver disk (the second virtio-blk disk, `/dev/vdb`).
+pub const DRIVER_DRIVE: &str = "driver";
 /// QEMU id of the serial console's chardev (QEMU's stdout).
 pub const CONSOLE_CHARDEV: &str = "console";
 /// QEMU id of the QMP monitor's chardev.
@@ -122,6 +124,8 @@ pub struct CommandInput {
     pub base_cmdline: Vec<String>,
     /// The image's filesystem, attached read-only as the only virtio-blk disk.
     pub disk: Option<PathBuf>,
+    /// A driver flavour's driver disk (erofs), attached read-only after the image's.
+    pub driver_disk: Option<PathBuf>,
     /// `gpucell.rootfs=<fstype>`: the guest loads only this filesystem's modules.
     pub rootfs_fstype: Option<String>,
     /// The guest's serial console on QEMU's stdout.
@@ -162,6 +166,7 @@ impl CommandInput {
             initrd,
             base_cmdline: BASE_CMDLINE.iter().map(|w| w.to_string()).collect(),
             disk: None,
+            driver_disk: None,
             rootfs_fstype: None,
             console: true,
             qmp_socket: None,
@@ -185,10 +190,13 @@ pub fn qemu_command(input: &CommandInput) -> Result<QemuCommand, ArgsError> {
         memory_mib: input.memory_mib,
     };
     resources.validate()?;
-    let drives = match &input.disk {
+    let mut drives = match &input.disk {
         Some(disk) => vec![Drive::new(ROOTFS_DRIVE, disk, true)?],
         None => Vec::new(),
     };
+    if let Some(d) = &input.driver_disk {
+        drives.push(Drive::new(DRIVER_DRIVE, d, true)?);
+    }
     Ok(QemuCommand {
         binary: input.qemu.clone(),
         name: input.name.clone(),
@@ -270,6 +278,11 @@ fn devices(input: &CommandInput) -> Vec<Device> {
     if input.disk.is_some() {
         out.push(Device::VirtioBlk {
             drive: ROOTFS_DRIVE.into(),
+        });
+    }
+    if input.driver_disk.is_some() {
+        out.push(Device::VirtioBlk {
+            drive: DRIVER_DRIVE.into(),
         });
     }
     match &input.channel {

@@ -85,6 +85,8 @@ pub struct VmConfig {
     pub limits: Limits,
     /// Extra kernel command line words.
     pub extra_cmdline: Vec<String>,
+    /// A driver flavour's driver disk (erofs), attached read-only after the image disk.
+    pub driver_disk: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -226,6 +228,8 @@ pub struct RunOutcome {
     pub pci_hole64_bytes: Option<u64>,
     /// vCPU threads pinned with `--pin-cpus`.
     pub vcpu_pins: Vec<VcpuPin>,
+    /// The NVIDIA driver bring-up of a driver flavour (GPUs, driver_ready_ms).
+    pub driver: Option<gpucell_protocol::DriverReport>,
 }
 
 /// What a run would do, computed without doing any of it: see [`Sandbox::plan`].
@@ -452,6 +456,7 @@ impl Sandbox {
             initrd: cfg.initrd.clone(),
             base_cmdline: BASE_CMDLINE.iter().map(|w| w.to_string()).collect(),
             disk: Some(cfg.disk.clone()),
+            driver_disk: cfg.driver_disk.clone(),
             rootfs_fstype: Some(rootfs_fstype.to_string()),
             console: true,
             qmp_socket: Some(qmp_socket),
@@ -842,5 +847,6 @@ fn outcome(
         passthrough: crate::devices::map_to_guest(&p.setup.devices, &report.devices),
         pci_hole64_bytes: p.plan.input.devices.hole64,
         vcpu_pins: p.vcpu_pins,
+        driver: report.driver.clone(),
     }
 }

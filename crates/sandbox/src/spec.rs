@@ -210,6 +210,7 @@ pub fn build_spec(
         overlay_bytes: None,
         devices: Vec::new(),
         device_wait_ms: 0,
+        gpu: None,
     };
     let size = serde_json::to_vec(&spec)
         .map(|v| v.len())

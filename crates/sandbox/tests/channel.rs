@@ -31,6 +31,7 @@ fn spec() -> RunSpec {
         overlay_bytes: None,
         devices: vec![],
         device_wait_ms: 0,
+        gpu: None,
     }
 }
 

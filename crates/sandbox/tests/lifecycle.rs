@@ -26,6 +26,7 @@ fn config(state: &Path, qemu: &str, kernel: PathBuf) -> VmConfig {
         seccomp: false,
         limits: Limits::default(),
         extra_cmdline: vec![],
+        driver_disk: None,
     }
 }
 
@@ -43,6 +44,7 @@ fn spec() -> RunSpec {
         overlay_bytes: None,
         devices: vec![],
         device_wait_ms: 0,
+        gpu: None,
     }
 }
 

@@ -59,6 +59,7 @@ fn config(state: &Path, host_root: &Path, accel: Accel) -> VmConfig {
         seccomp: true,
         limits: Limits::default(),
         extra_cmdline: vec![],
+        driver_disk: None,
     }
 }
 
@@ -283,6 +284,7 @@ fn spec(args: &[&str], fstype: &str) -> RunSpec {
         overlay_bytes: None,
         devices: vec![],
         device_wait_ms: 0,
+        gpu: None,
     }
 }
 
@@ -477,6 +479,7 @@ fn a_real_run_passes_qemu_the_planned_arguments() {
             ..Limits::default()
         },
         extra_cmdline: vec![],
+        driver_disk: None,
     };
     let sb = Sandbox::new(cfg).unwrap();
     let spec = spec(&["/bin/busybox", "echo", "planned"], "ext4");

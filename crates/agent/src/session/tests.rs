@@ -312,6 +312,7 @@ fn spec(script: &str) -> RunSpec {
         overlay_bytes: None,
         devices: vec![],
         device_wait_ms: 0,
+        gpu: None,
     }
 }
 

@@ -67,134 +67,149 @@ struct Inspected {
 
 pub fn run(global: &Global, command: ImageCommand) -> anyhow::Result<u8> {
     match command {
-        ImageCommand::Ls => {
-            let store = open(global)?;
-            let images = store.list()?;
-            if global.json {
-                print_json(&images)?;
-                return Ok(0);
-            }
-            println!("{:<12}  {:>10}  {:<6}  NAMES", "DIGEST", "SIZE", "DISK");
-            for i in images {
-                let disk = i.disk.as_ref().map_or("-", |d| d.fstype.as_str());
-                let names = if i.names.is_empty() {
-                    "<none>".to_owned()
-                } else {
-                    i.names.join(", ")
-                };
-                println!(
-                    "{:<12}  {:>10}  {:<6}  {names}",
-                    short(&i.digest),
-                    human(i.size),
-                    disk
-                );
-            }
-            Ok(0)
-        }
-        ImageCommand::Inspect { reference } => {
-            let store = open(global)?;
-            let image = store.inspect(&reference)?;
-            let names = store.names_of(&image.digest)?;
-            let digest = gpucell_image::digest::Digest::parse(&image.digest)?;
-            let disk = store.cached_disk(&digest);
-            if global.json {
-                print_json(&Inspected { image, names, disk })?;
-                return Ok(0);
-            }
-            let c = &image.config;
-            println!("Digest:      {}", image.digest);
-            println!("Names:       {}", names.join(", "));
-            println!("Platform:    {}/{}", c.os, c.architecture);
-            if let Some(created) = &image.created {
-                println!("Created:     {created}");
-            }
-            println!(
-                "Size:        {} ({} layers)",
-                human(image.size),
-                image.layers.len()
-            );
-            println!("Entrypoint:  {:?}", c.entrypoint);
-            println!("Cmd:         {:?}", c.cmd);
-            println!("WorkingDir:  {}", c.working_dir);
-            println!("User:        {}", c.user);
-            println!("Env:");
-            for e in &c.env {
-                println!("  {e}");
-            }
-            println!("Labels:");
-            for (k, v) in &c.labels {
-                println!("  {k}={v}");
-            }
-            println!("Layers:");
-            for l in &image.layers {
-                println!("  {} {:>10} {}", l.digest, human(l.size), l.media_type);
-            }
-            if let Some(d) = disk {
-                println!(
-                    "Disk:        {} {} ({})",
-                    d.fstype,
-                    d.path.display(),
-                    human(d.size)
-                );
-            }
-            Ok(0)
-        }
-        ImageCommand::Rm { references } => {
-            let store = open(global)?;
-            let mut reports = Vec::new();
-            for r in &references {
-                let report = store.remove(r).with_context(|| format!("removing {r}"))?;
-                if !global.json {
-                    for n in &report.untagged {
-                        println!("untagged: {n}");
-                    }
-                    for d in &report.deleted {
-                        println!("deleted: {d}");
-                    }
-                }
-                reports.push(report);
-            }
-            if global.json {
-                print_json(&reports)?;
-            }
-            Ok(0)
-        }
-        ImageCommand::Prune => {
-            let store = open(global)?;
-            let report = store.prune()?;
-            if global.json {
-                print_json(&report)?;
-            } else {
-                for i in &report.images {
-                    println!("deleted: {i}");
-                }
-                println!(
-                    "removed {} images, {} blobs, {} disks, {} temporary entries; freed {}",
-                    report.images.len(),
-                    report.blobs,
-                    report.disks,
-                    report.temp_entries,
-                    human(report.freed_bytes)
-                );
-            }
-            Ok(0)
-        }
-        ImageCommand::Disk { reference, fs } => {
-            let store = open_store(global, |options| {
-                if let Some(fs) = fs.as_deref().and_then(FsType::parse) {
-                    options.fs_type = fs;
-                }
-            })?;
-            let image = store.get_or_fetch(&reference)?;
-            let disk = store
-                .guest_disk(&image)
-                .with_context(|| format!("building the guest disk of {reference}"))?;
-            if global.json {
-                print_json(&disk)?;
-            } else {
-                println!("{}", disk.path.display());
-            }
-            Ok(0)
-        }
+        ImageCommand::Ls => ls(global),
+        ImageCommand::Inspect { reference } => inspect(global, &reference),
+        ImageCommand::Rm { references } => rm(global, &references),
+        ImageCommand::Prune => prune(global),
+        ImageCommand::Disk { reference, fs } => disk(global, &reference, fs.as_deref()),
     }
+}
+
+fn ls(global: &Global) -> anyhow::Result<u8> {
+    let store = open(global)?;
+    let images = store.list()?;
+    if global.json {
+        print_json(&images)?;
+        return Ok(0);
+    }
+    println!("{:<12}  {:>10}  {:<6}  NAMES", "DIGEST", "SIZE", "DISK");
+    for i in images {
+        let disk = i.disk.as_ref().map_or("-", |d| d.fstype.as_str());
+        let names = if i.names.is_empty() {
+            "<none>".to_owned()
+        } else {
+            i.names.join(", ")
+        };
+        println!(
+            "{:<12}  {:>10}  {:<6}  {names}",
+            short(&i.digest),
+            human(i.size),
+            disk
+        );
+    }
+    Ok(0)
+}
+
+fn inspect(global: &Global, reference: &str) -> anyhow::Result<u8> {
+    let store = open(global)?;
+    let image = store.inspect(reference)?;
+    let names = store.names_of(&image.digest)?;
+    let digest = gpucell_image::digest::Digest::parse(&image.digest)?;
+    let disk = store.cached_disk(&digest);
+    let inspected = Inspected { image, names, disk };
+    if global.json {
+        print_json(&inspected)?;
+    } else {
+        print_inspected(&inspected);
+    }
+    Ok(0)
+}
+
+fn print_inspected(Inspected { image, names, disk }: &Inspected) {
+    let c = &image.config;
+    println!("Digest:      {}", image.digest);
+    println!("Names:       {}", names.join(", "));
+    println!("Platform:    {}/{}", c.os, c.architecture);
+    if let Some(created) = &image.created {
+        println!("Created:     {created}");
+    }
+    println!(
+        "Size:        {} ({} layers)",
+        human(image.size),
+        image.layers.len()
+    );
+    println!("Entrypoint:  {:?}", c.entrypoint);
+    println!("Cmd:         {:?}", c.cmd);
+    println!("WorkingDir:  {}", c.working_dir);
+    println!("User:        {}", c.user);
+    println!("Env:");
+    for e in &c.env {
+        println!("  {e}");
+    }
+    println!("Labels:");
+    for (k, v) in &c.labels {
+        println!("  {k}={v}");
+    }
+    println!("Layers:");
+    for l in &image.layers {
+        println!("  {} {:>10} {}", l.digest, human(l.size), l.media_type);
+    }
+    if let Some(d) = disk {
+        println!(
+            "Disk:        {} {} ({})",
+            d.fstype,
+            d.path.display(),
+            human(d.size)
+        );
+    }
+}
+
+fn rm(global: &Global, references: &[String]) -> anyhow::Result<u8> {
+    let store = open(global)?;
+    let mut reports = Vec::new();
+    for r in references {
+        let report = store.remove(r).with_context(|| format!("removing {r}"))?;
+        if !global.json {
+            for n in &report.untagged {
+                println!("untagged: {n}");
+            }
+            for d in &report.deleted {
+                println!("deleted: {d}");
+            }
+        }
+        reports.push(report);
+    }
+    if global.json {
+        print_json(&reports)?;
+    }
+    Ok(0)
+}
+
+fn prune(global: &Global) -> anyhow::Result<u8> {
+    let store = open(global)?;
+    let report = store.prune()?;
+    if global.json {
+        print_json(&report)?;
+    } else {
+        for i in &report.images {
+            println!("deleted: {i}");
+        }
+        println!(
+            "removed {} images, {} blobs, {} disks, {} temporary entries; freed {}",
+            report.images.len(),
+            report.blobs,
+            report.disks,
+            report.temp_entries,
+            human(report.freed_bytes)
+        );
+    }
+    Ok(0)
+}
+
+fn disk(global: &Global, reference: &str, fs: Option<&str>) -> anyhow::Result<u8> {
+    let store = open_store(global, |options| {
+        if let Some(fs) = fs.and_then(FsType::parse) {
+            options.fs_type = fs;
+        }
+    })?;
+    let image = store.get_or_fetch(reference)?;
+    let disk = store
+        .guest_disk(&image)
+        .with_context(|| format!("building the guest disk of {reference}"))?;
+    if global.json {
+        print_json(&disk)?;
+    } else {
+        println!("{}", disk.path.display());
+    }
+    Ok(0)
 }

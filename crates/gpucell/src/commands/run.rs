@@ -52,6 +52,11 @@ pub struct RunArgs {
     /// configuration file's `run.guest`, else `default`.
     #[arg(long)]
     pub guest: Option<String>,
+    /// NVIDIA driver for the guest: a branch (550) or flavour (nvidia-550). Default: the
+    /// image's label io.gpucell.driver, else the newest flavour that meets the image's
+    /// NVIDIA_REQUIRE_* and drives every passed GPU.
+    #[arg(long, value_name = "BRANCH|FLAVOUR")]
+    pub driver: Option<String>,
     /// QEMU binary (default: the configuration file's `run.qemu`, else qemu-system-x86_64).
     #[arg(long, env = "GPUCELL_QEMU")]
     pub qemu: Option<PathBuf>,
@@ -144,6 +149,7 @@ fn request(global: &Global, args: &RunArgs) -> anyhow::Result<RunRequest> {
         guest: args.guest.clone(),
         accel,
         network: args.network.to_request()?,
+        driver: args.driver.clone(),
     })
 }
 

@@ -71,6 +71,13 @@ pub fn add_function(root: &Path, func: u8, device: u16, class: u32, bars: &[(u64
 /// A host with an RTX 4090 (`0000:01:00.0`) and its HDMI audio (`0000:01:00.1`), both
 /// on vfio-pci, alone in IOMMU group 1.
 pub fn fake_4090_host(root: &Path) {
+    fake_gpu_host(root, 0x2684);
+}
+
+/// A host with one NVIDIA GPU of PCI device id `device` (`0000:01:00.0`: an H200 is
+/// 0x2335, an RTX 4090 0x2684, an RTX 5090 0x2b85) and an HDMI audio function
+/// (`0000:01:00.1`), both on vfio-pci, alone in IOMMU group 1.
+pub fn fake_gpu_host(root: &Path, device: u16) {
     write(root, "proc/cmdline", "root=/dev/sda1 intel_iommu=on\n");
     write(root, "dev/vfio/vfio", "");
     write(root, "dev/vfio/1", "");
@@ -78,7 +85,7 @@ pub fn fake_4090_host(root: &Path) {
     add_function(
         root,
         0,
-        0x2684,
+        device,
         0x030000,
         &[
             (0xf000_0000, 16 << 20, 0x40200),

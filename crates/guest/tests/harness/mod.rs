@@ -218,10 +218,45 @@ pub fn boot_and_run_on(
     fstype: &str,
     spec: RunSpec,
     stdin: &[u8],
-    mut on_output: Option<OnOutput>,
+    on_output: Option<OnOutput>,
 ) -> Seen {
     let sock = dir.join("agent.sock");
     let console = dir.join("console.log");
+    let mut qemu = qemu_command(env, dir, disk, &console);
+    // Declared before `vm`, so it outlives QEMU on every exit path.
+    let mut _vhost = None;
+    let mut listener = None;
+    match chan {
+        Chan::Serial => attach_serial(&mut qemu, &sock),
+        Chan::Vsock => {
+            let (vhost, l) = attach_vsock(&mut qemu, dir);
+            _vhost = Some(vhost);
+            listener = Some(l);
+        }
+    }
+    let started = Instant::now();
+    let mut vm = Vm {
+        child: qemu.spawn().unwrap(),
+    };
+    let stream = await_guest(&mut vm, listener.as_ref(), &sock, &console, dir);
+    let spec = RunSpec {
+        rootfs: RootfsSpec {
+            device: "/dev/vda".into(),
+            fstype: fstype.into(),
+        },
+        ..spec
+    };
+    // The host end of the channel stays open until QEMU has exited.
+    let mut seen = converse(&stream, &spec, stdin, on_output, started);
+    await_power_off(&mut vm);
+    let _ = std::io::stderr().flush();
+    seen.console = std::fs::read_to_string(&console).unwrap_or_default();
+    seen
+}
+
+/// QEMU with the kernel, initrd, the read-only disk and the `edu` device; the channel
+/// is added by `attach_serial` or `attach_vsock`.
+fn qemu_command(env: &Env, dir: &Path, disk: &Path, console: &Path) -> Command {
     let mut qemu = Command::new("qemu-system-x86_64");
     qemu.args(["-M", "q35", "-accel", "tcg", "-m", "256M", "-smp", "1"])
         .args(["-nodefaults", "-no-reboot", "-display", "none", "-serial"])
@@ -241,76 +276,85 @@ pub fn boot_and_run_on(
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join("qemu.stderr")).unwrap());
-    let mut _vhost = None;
-    let mut listener = None;
-    match chan {
-        Chan::Serial => {
-            qemu.args([
-                "-append",
-                "console=ttyS0 panic=-1 quiet gpucell.channel=serial",
-            ])
-            .arg("-chardev")
-            .arg(format!(
-                "socket,id=ch,path={},server=on,wait=off",
-                sock.display()
-            ))
-            .args(["-device", "virtio-serial-pci"])
-            .args([
-                "-device",
-                "virtserialport,chardev=ch,name=org.gpucell.agent.0",
-            ]);
-        }
-        Chan::Vsock => {
-            let vhost_sock = dir.join("vhost.sock");
-            let uds = dir.join("vm.vsock");
-            // Guest connections to host port P arrive on `<uds>_P`.
-            let l = std::os::unix::net::UnixListener::bind(format!(
-                "{}_{}",
-                uds.display(),
-                gpucell_protocol::VSOCK_PORT
-            ))
-            .unwrap();
-            l.set_nonblocking(true).unwrap();
-            listener = Some(l);
-            let child = Command::new(vhost_device_vsock().unwrap())
-                .arg("--vm")
-                .arg(format!(
-                    "guest-cid=3,socket={},uds-path={}",
-                    vhost_sock.display(),
-                    uds.display()
-                ))
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(dir.join("vhost.stderr")).unwrap())
-                .spawn()
-                .unwrap();
-            _vhost = Some(Vm { child });
-            let until = Instant::now() + Duration::from_secs(10);
-            while !vhost_sock.exists() {
-                assert!(
-                    Instant::now() < until,
-                    "vhost-device-vsock did not create its socket"
-                );
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            qemu.args([
-                "-append",
-                "console=ttyS0 panic=-1 quiet gpucell.channel=vsock",
-            ])
-            .args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on"])
-            .args(["-machine", "memory-backend=mem"])
-            .arg("-chardev")
-            .arg(format!("socket,id=vs,path={}", vhost_sock.display()))
-            .args(["-device", "vhost-user-vsock-pci,chardev=vs"]);
-        }
+    qemu
+}
+
+/// The virtio-serial channel: QEMU serves `sock`, the host connects to it.
+fn attach_serial(qemu: &mut Command, sock: &Path) {
+    qemu.args([
+        "-append",
+        "console=ttyS0 panic=-1 quiet gpucell.channel=serial",
+    ])
+    .arg("-chardev")
+    .arg(format!(
+        "socket,id=ch,path={},server=on,wait=off",
+        sock.display()
+    ))
+    .args(["-device", "virtio-serial-pci"])
+    .args([
+        "-device",
+        "virtserialport,chardev=ch,name=org.gpucell.agent.0",
+    ]);
+}
+
+/// The vsock channel: starts `vhost-device-vsock` and listens where guest connections
+/// arrive. Returns the daemon (killed on drop) and the listener.
+fn attach_vsock(qemu: &mut Command, dir: &Path) -> (Vm, std::os::unix::net::UnixListener) {
+    let vhost_sock = dir.join("vhost.sock");
+    let uds = dir.join("vm.vsock");
+    // Guest connections to host port P arrive on `<uds>_P`.
+    let l = std::os::unix::net::UnixListener::bind(format!(
+        "{}_{}",
+        uds.display(),
+        gpucell_protocol::VSOCK_PORT
+    ))
+    .unwrap();
+    l.set_nonblocking(true).unwrap();
+    let child = Command::new(vhost_device_vsock().unwrap())
+        .arg("--vm")
+        .arg(format!(
+            "guest-cid=3,socket={},uds-path={}",
+            vhost_sock.display(),
+            uds.display()
+        ))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("vhost.stderr")).unwrap())
+        .spawn()
+        .unwrap();
+    let vhost = Vm { child };
+    let until = Instant::now() + Duration::from_secs(10);
+    while !vhost_sock.exists() {
+        assert!(
+            Instant::now() < until,
+            "vhost-device-vsock did not create its socket"
+        );
+        std::thread::sleep(Duration::from_millis(10));
     }
-    let started = Instant::now();
-    let mut vm = Vm {
-        child: qemu.spawn().unwrap(),
-    };
+    qemu.args([
+        "-append",
+        "console=ttyS0 panic=-1 quiet gpucell.channel=vsock",
+    ])
+    .args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on"])
+    .args(["-machine", "memory-backend=mem"])
+    .arg("-chardev")
+    .arg(format!("socket,id=vs,path={}", vhost_sock.display()))
+    .args(["-device", "vhost-user-vsock-pci,chardev=vs"]);
+    (vhost, l)
+}
+
+/// Waits for the guest's connection (on `listener` for vsock, else by connecting to
+/// `sock`), failing if QEMU exits first or `BOOT_TIMEOUT` passes.
+fn await_guest(
+    vm: &mut Vm,
+    listener: Option<&std::os::unix::net::UnixListener>,
+    sock: &Path,
+    console: &Path,
+    dir: &Path,
+) -> UnixStream {
     let deadline = Instant::now() + BOOT_TIMEOUT;
     let stream = loop {
-        let got = match &listener {
-            None => UnixStream::connect(&sock).ok(),
+        let got = match listener {
+            None => UnixStream::connect(sock).ok(),
             Some(l) => l.accept().ok().map(|(s, _)| s),
         };
         if let Some(s) = got {
@@ -320,7 +364,7 @@ pub fn boot_and_run_on(
         if let Some(st) = vm.child.try_wait().unwrap() {
             panic!(
                 "QEMU exited with {st} before the agent connected; console:\n{}\nqemu: {}",
-                std::fs::read_to_string(&console).unwrap_or_default(),
+                std::fs::read_to_string(console).unwrap_or_default(),
                 std::fs::read_to_string(dir.join("qemu.stderr")).unwrap_or_default()
             );
         }
@@ -331,16 +375,21 @@ pub fn boot_and_run_on(
         std::thread::sleep(Duration::from_millis(20));
     };
     stream.set_read_timeout(Some(BOOT_TIMEOUT)).unwrap();
+    stream
+}
+
+/// Talks the protocol until the agent closes the channel: answers the hello with `spec`,
+/// feeds `stdin`, applies `on_output` at the first stdout chunk, records the rest.
+fn converse(
+    stream: &UnixStream,
+    spec: &RunSpec,
+    stdin: &[u8],
+    mut on_output: Option<OnOutput>,
+    started: Instant,
+) -> Seen {
     let mut r = FrameReader::new(stream.try_clone().unwrap());
     let mut w = FrameWriter::new(stream);
     let mut seen = Seen::default();
-    let spec = RunSpec {
-        rootfs: RootfsSpec {
-            device: "/dev/vda".into(),
-            fstype: fstype.into(),
-        },
-        ..spec
-    };
     while let Ok(frame) = r.read_frame() {
         match FromGuest::decode(frame).unwrap() {
             FromGuest::Hello(h) => {
@@ -381,9 +430,14 @@ pub fn boot_and_run_on(
             FromGuest::Exited(s) => seen.exited = Some(s),
             FromGuest::Error { message } => seen.error = Some(message),
             FromGuest::Log { message } => seen.logs.push(message),
+            FromGuest::Driver(d) => seen.logs.push(format!("driver: {d:?}")),
         }
     }
-    // The agent powers the VM off by itself.
+    seen
+}
+
+/// The agent powers the VM off by itself: waits up to 30 s for QEMU to exit cleanly.
+fn await_power_off(vm: &mut Vm) {
     let wait_until = Instant::now() + Duration::from_secs(30);
     loop {
         if let Some(st) = vm.child.try_wait().unwrap() {
@@ -393,9 +447,6 @@ pub fn boot_and_run_on(
         assert!(Instant::now() < wait_until, "the guest did not power off");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let _ = std::io::stderr().flush();
-    seen.console = std::fs::read_to_string(&console).unwrap_or_default();
-    seen
 }
 
 /// `vhost-device-vsock`, from PATH or `$VHOST_DEVICE_VSOCK`.

@@ -294,19 +294,61 @@ pub fn plan(
     let params = kernel_params(vendor);
     let mut warnings = Vec::new();
     let scan = PciScan::read(host).map_err(BootCfgError::Pci)?;
+    let companions = companion_drivers(host, &scan)?;
+    let gpus = selected_gpus(host, &scan, &request.selection)?;
+    if request.mode == BindingMode::Ids && request.selection == Selection::None {
+        return Err(BootCfgError::IdsWithoutGpus);
+    }
+    if request.selection == Selection::All && gpus.is_empty() {
+        warnings.push("no NVIDIA GPU found on this host: no device is bound at boot".into());
+    }
+    let (devices, rule_devices) = plan_devices(host, &scan, gpus, request, &mut warnings)?;
+    let files = plan_files(
+        target,
+        request,
+        &params,
+        &companions,
+        &rule_devices,
+        &mut warnings,
+    )?;
+    let steps = steps(host, &files, &params);
+    warnings.sort();
+    warnings.dedup();
+    Ok(BootPlan {
+        cpu_vendor: vendor,
+        kernel_params: params.iter().map(grub::Param::token).collect(),
+        mode: request.mode,
+        devices,
+        files,
+        steps,
+        warnings,
+    })
+}
 
-    // Companion drivers of every NVIDIA GPU on the host, so the modprobe file does not
-    // depend on which GPUs are selected.
+/// Companion drivers of every NVIDIA GPU on the host, so the modprobe file does not
+/// depend on which GPUs are selected.
+fn companion_drivers(
+    host: &HostRoot,
+    scan: &PciScan,
+) -> Result<BTreeSet<&'static str>, BootCfgError> {
     let mut companions = BTreeSet::new();
     for gpu in scan.nvidia_gpus() {
-        for e in endpoints(host, &scan, gpu)? {
+        for e in endpoints(host, scan, gpu)? {
             companions.extend(companion_driver(e));
         }
     }
+    Ok(companions)
+}
 
-    let gpus: Vec<&PciFunction> = match &request.selection {
-        Selection::None => Vec::new(),
-        Selection::All => scan.nvidia_gpus().collect(),
+/// The functions `selection` names, refusing unknown addresses and bridges.
+fn selected_gpus<'a>(
+    host: &HostRoot,
+    scan: &'a PciScan,
+    selection: &Selection,
+) -> Result<Vec<&'a PciFunction>, BootCfgError> {
+    match selection {
+        Selection::None => Ok(Vec::new()),
+        Selection::All => Ok(scan.nvidia_gpus().collect()),
         Selection::Gpus(list) => {
             let mut out = Vec::new();
             for bdf in list {
@@ -321,23 +363,27 @@ pub fn plan(
                 }
                 out.push(f);
             }
-            out
+            Ok(out)
         }
-    };
-    if request.mode == BindingMode::Ids && request.selection == Selection::None {
-        return Err(BootCfgError::IdsWithoutGpus);
     }
-    if request.selection == Selection::All && gpus.is_empty() {
-        warnings.push("no NVIDIA GPU found on this host: no device is bound at boot".into());
-    }
+}
 
+/// The planned devices and the sorted endpoints to bind, one rule each. A GPU whose
+/// group drives a display is skipped with a warning under `--all`, refused otherwise.
+fn plan_devices(
+    host: &HostRoot,
+    scan: &PciScan,
+    gpus: Vec<&PciFunction>,
+    request: &PlanRequest,
+    warnings: &mut Vec<String>,
+) -> Result<(Vec<PlannedDevice>, Vec<RuleDevice>), BootCfgError> {
     let mut devices = Vec::new();
     let mut rule_devices: Vec<RuleDevice> = Vec::new();
     for gpu in gpus {
-        let eps = endpoints(host, &scan, gpu)?;
+        let eps = endpoints(host, scan, gpu)?;
         let mut display = Vec::new();
         for e in &eps {
-            display.extend(holders::display_holds(host, e.bdf, &mut warnings));
+            display.extend(holders::display_holds(host, e.bdf, warnings));
         }
         if !display.is_empty() {
             let reasons: Vec<String> = display.iter().map(ToString::to_string).collect();
@@ -381,12 +427,23 @@ pub fn plan(
         });
     }
     rule_devices.sort();
+    Ok((devices, rule_devices))
+}
 
+/// The managed files: grub defaults, modules-load, modprobe and (udev mode) the rules.
+fn plan_files(
+    target: &HostRoot,
+    request: &PlanRequest,
+    params: &[grub::Param],
+    companions: &BTreeSet<&'static str>,
+    rule_devices: &[RuleDevice],
+    warnings: &mut Vec<String>,
+) -> Result<Vec<FileChange>, BootCfgError> {
     let mut files = Vec::new();
     let grub_path = target.etc(render::GRUB_PATH);
     match read_current(&grub_path)? {
         Some(text) => {
-            let new = grub::merge(Path::new("/etc/default/grub"), &text, &params)?;
+            let new = grub::merge(Path::new("/etc/default/grub"), &text, params)?;
             files.push(file_change(target, render::GRUB_PATH, new)?);
         }
         None => {
@@ -397,7 +454,7 @@ pub fn plan(
         ))
         }
     }
-    grub_dropin_warnings(target, &mut warnings);
+    grub_dropin_warnings(target, warnings);
     files.push(file_change(
         target,
         render::MODULES_LOAD_PATH,
@@ -410,14 +467,14 @@ pub fn plan(
     files.push(file_change(
         target,
         render::MODPROBE_PATH,
-        render::modprobe(&companions, &ids),
+        render::modprobe(companions, &ids),
     )?);
     match (request.mode, &request.selection) {
         (BindingMode::Udev, Selection::None) => {}
         (BindingMode::Udev, _) => files.push(file_change(
             target,
             render::UDEV_RULES_PATH,
-            render::udev_rules(&rule_devices),
+            render::udev_rules(rule_devices),
         )?),
         (BindingMode::Ids, _) => {
             if target.etc(render::UDEV_RULES_PATH).exists() {
@@ -428,19 +485,7 @@ pub fn plan(
             }
         }
     }
-
-    let steps = steps(host, &files, &params);
-    warnings.sort();
-    warnings.dedup();
-    Ok(BootPlan {
-        cpu_vendor: vendor,
-        kernel_params: params.iter().map(grub::Param::token).collect(),
-        mode: request.mode,
-        devices,
-        files,
-        steps,
-        warnings,
-    })
+    Ok(files)
 }
 
 /// Drop-ins in `/etc/default/grub.d/*.cfg` are sourced after `/etc/default/grub` and

@@ -271,18 +271,7 @@ impl Unpacker {
         let comps = split_path(&e.path).map_err(|r| ctx.unsafe_(r))?;
         let Some((name, parent)) = comps.split_last() else {
             // The root itself ("./").
-            if e.kind == Kind::Dir {
-                self.dir_meta.insert(
-                    Vec::new(),
-                    DirMeta {
-                        mode: e.mode,
-                        mtime: e.mtime,
-                    },
-                );
-                let root = rustix::io::dup(self.root.as_fd()).map_err(ctx.io("dup the root fd"))?;
-                self.chown_at(ctx, root.as_fd(), None, e)?;
-            }
-            return Ok(());
+            return self.apply_root(ctx, e);
         };
         let name = *name;
         if let Some(target) = name.strip_prefix(b".wh.") {
@@ -296,102 +285,154 @@ impl Unpacker {
         let dirfd = parent_fd.as_fd();
         created.insert(joined.clone());
         match e.kind {
-            Kind::Dir => {
-                let existing = stat_nofollow(dirfd, name);
-                match existing {
-                    Some(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {}
-                    Some(_) => {
-                        self.remove_all(ctx, dirfd, name, 0)?;
-                        mkdir(ctx, dirfd, name)?;
-                    }
-                    None => mkdir(ctx, dirfd, name)?,
-                }
-                let fd = rustix::fs::openat(
-                    dirfd,
-                    os(name),
-                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                    Mode::empty(),
-                )
-                .map_err(ctx.io("open the directory just made"))?;
-                self.chown_at(ctx, fd.as_fd(), None, e)?;
-                set_xattrs(ctx, fd.as_fd(), &e.xattrs);
-                self.dir_meta.insert(
-                    joined,
-                    DirMeta {
-                        mode: e.mode,
-                        mtime: e.mtime,
-                    },
-                );
-            }
-            Kind::File => {
-                self.clear(ctx, dirfd, name)?;
-                let fd = rustix::fs::openat(
-                    dirfd,
-                    os(name),
-                    OFlags::WRONLY
-                        | OFlags::CREATE
-                        | OFlags::EXCL
-                        | OFlags::NOFOLLOW
-                        | OFlags::CLOEXEC,
-                    Mode::from_raw_mode(0o600),
-                )
-                .map_err(ctx.io("create the file"))?;
-                let mut file = File::from(fd);
-                let mut data = tar.data();
-                loop {
-                    let n = data
-                        .read(&mut self.buf)
-                        .map_err(ctx.stdio("read the entry data"))?;
-                    if n == 0 {
-                        break;
-                    }
-                    file.write_all(&self.buf[..n])
-                        .map_err(ctx.stdio("write the file"))?;
-                }
-                self.chown_at(ctx, file.as_fd(), None, e)?;
-                rustix::fs::fchmod(&file, Mode::from_raw_mode(e.mode))
-                    .map_err(ctx.io("set the file mode"))?;
-                set_xattrs(ctx, file.as_fd(), &e.xattrs);
-                rustix::fs::futimens(&file, &ts(e.mtime)).map_err(ctx.io("set the mtime"))?;
-            }
-            Kind::Symlink => {
-                if e.link.is_empty() || e.link.contains(&0) {
-                    return Err(ctx.unsafe_("symlink with an empty or NUL-containing target"));
-                }
-                self.clear(ctx, dirfd, name)?;
-                rustix::fs::symlinkat(os(&e.link), dirfd, os(name))
-                    .map_err(ctx.io("create the symlink"))?;
-                self.chown_at(ctx, dirfd, Some(name), e)?;
-                rustix::fs::utimensat(dirfd, os(name), &ts(e.mtime), AtFlags::SYMLINK_NOFOLLOW)
-                    .map_err(ctx.io("set the symlink mtime"))?;
-            }
+            Kind::Dir => self.make_dir(ctx, dirfd, name, joined, e)?,
+            Kind::File => self.write_file(ctx, dirfd, name, e, tar)?,
+            Kind::Symlink => self.make_symlink(ctx, dirfd, name, e)?,
             Kind::HardLink => self.hardlink(ctx, dirfd, name, e, created)?,
-            Kind::Fifo => {
-                self.clear(ctx, dirfd, name)?;
-                rustix::fs::mknodat(
-                    dirfd,
-                    os(name),
-                    FileType::Fifo,
-                    Mode::from_raw_mode(e.mode),
-                    0,
-                )
-                .map_err(ctx.io("create the fifo"))?;
-                self.chown_at(ctx, dirfd, Some(name), e)?;
-                // mknod applied the umask; chown cleared nothing a fifo keeps.
-                rustix::fs::chmodat(
-                    dirfd,
-                    os(name),
-                    Mode::from_raw_mode(e.mode),
-                    AtFlags::empty(),
-                )
-                .map_err(ctx.io("set the fifo mode"))?;
-            }
+            Kind::Fifo => self.make_fifo(ctx, dirfd, name, e)?,
             Kind::CharDevice | Kind::BlockDevice => {
                 created.remove(&joined);
                 self.dropped_devices += 1;
                 warn!(layer = ctx.layer, entry = %ctx.entry, "device node dropped: images may not carry devices");
             }
         }
+        Ok(())
+    }
+
+    /// The root entry ("./"): only a directory entry counts, for its owner and metadata.
+    fn apply_root(&mut self, ctx: &LayerCtx<'_>, e: &Entry) -> Result<(), UnpackError> {
+        if e.kind == Kind::Dir {
+            self.dir_meta.insert(
+                Vec::new(),
+                DirMeta {
+                    mode: e.mode,
+                    mtime: e.mtime,
+                },
+            );
+            let root = rustix::io::dup(self.root.as_fd()).map_err(ctx.io("dup the root fd"))?;
+            self.chown_at(ctx, root.as_fd(), None, e)?;
+        }
+        Ok(())
+    }
+
+    /// Makes (or merges into) a directory; its mode and mtime are set at the end.
+    fn make_dir(
+        &mut self,
+        ctx: &LayerCtx<'_>,
+        dirfd: BorrowedFd<'_>,
+        name: &[u8],
+        joined: Vec<u8>,
+        e: &Entry,
+    ) -> Result<(), UnpackError> {
+        let existing = stat_nofollow(dirfd, name);
+        match existing {
+            Some(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {}
+            Some(_) => {
+                self.remove_all(ctx, dirfd, name, 0)?;
+                mkdir(ctx, dirfd, name)?;
+            }
+            None => mkdir(ctx, dirfd, name)?,
+        }
+        let fd = rustix::fs::openat(
+            dirfd,
+            os(name),
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(ctx.io("open the directory just made"))?;
+        self.chown_at(ctx, fd.as_fd(), None, e)?;
+        set_xattrs(ctx, fd.as_fd(), &e.xattrs);
+        self.dir_meta.insert(
+            joined,
+            DirMeta {
+                mode: e.mode,
+                mtime: e.mtime,
+            },
+        );
+        Ok(())
+    }
+
+    /// Writes a regular file from the entry's data, then its owner, mode, xattrs, mtime.
+    fn write_file<R: Read>(
+        &mut self,
+        ctx: &LayerCtx<'_>,
+        dirfd: BorrowedFd<'_>,
+        name: &[u8],
+        e: &Entry,
+        tar: &mut TarReader<R>,
+    ) -> Result<(), UnpackError> {
+        self.clear(ctx, dirfd, name)?;
+        let fd = rustix::fs::openat(
+            dirfd,
+            os(name),
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )
+        .map_err(ctx.io("create the file"))?;
+        let mut file = File::from(fd);
+        let mut data = tar.data();
+        loop {
+            let n = data
+                .read(&mut self.buf)
+                .map_err(ctx.stdio("read the entry data"))?;
+            if n == 0 {
+                break;
+            }
+            file.write_all(&self.buf[..n])
+                .map_err(ctx.stdio("write the file"))?;
+        }
+        self.chown_at(ctx, file.as_fd(), None, e)?;
+        rustix::fs::fchmod(&file, Mode::from_raw_mode(e.mode))
+            .map_err(ctx.io("set the file mode"))?;
+        set_xattrs(ctx, file.as_fd(), &e.xattrs);
+        rustix::fs::futimens(&file, &ts(e.mtime)).map_err(ctx.io("set the mtime"))?;
+        Ok(())
+    }
+
+    fn make_symlink(
+        &mut self,
+        ctx: &LayerCtx<'_>,
+        dirfd: BorrowedFd<'_>,
+        name: &[u8],
+        e: &Entry,
+    ) -> Result<(), UnpackError> {
+        if e.link.is_empty() || e.link.contains(&0) {
+            return Err(ctx.unsafe_("symlink with an empty or NUL-containing target"));
+        }
+        self.clear(ctx, dirfd, name)?;
+        rustix::fs::symlinkat(os(&e.link), dirfd, os(name))
+            .map_err(ctx.io("create the symlink"))?;
+        self.chown_at(ctx, dirfd, Some(name), e)?;
+        rustix::fs::utimensat(dirfd, os(name), &ts(e.mtime), AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(ctx.io("set the symlink mtime"))?;
+        Ok(())
+    }
+
+    fn make_fifo(
+        &mut self,
+        ctx: &LayerCtx<'_>,
+        dirfd: BorrowedFd<'_>,
+        name: &[u8],
+        e: &Entry,
+    ) -> Result<(), UnpackError> {
+        self.clear(ctx, dirfd, name)?;
+        rustix::fs::mknodat(
+            dirfd,
+            os(name),
+            FileType::Fifo,
+            Mode::from_raw_mode(e.mode),
+            0,
+        )
+        .map_err(ctx.io("create the fifo"))?;
+        self.chown_at(ctx, dirfd, Some(name), e)?;
+        // mknod applied the umask; chown cleared nothing a fifo keeps.
+        rustix::fs::chmodat(
+            dirfd,
+            os(name),
+            Mode::from_raw_mode(e.mode),
+            AtFlags::empty(),
+        )
+        .map_err(ctx.io("set the fifo mode"))?;
         Ok(())
     }
 

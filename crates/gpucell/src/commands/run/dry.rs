@@ -34,6 +34,22 @@ fn text(r: &DryRunReport) -> String {
     );
     line(&mut out, "image", &image);
     line(&mut out, "guest", &r.guest.flavour);
+    if let Some(d) = &r.driver {
+        let why = serde_json::to_value(d)
+            .ok()
+            .and_then(|v| v.get("by").and_then(|b| b.as_str()).map(str::to_string))
+            .unwrap_or_default();
+        line(
+            &mut out,
+            "driver",
+            &format!(
+                "{} (driver {}, CUDA {}; chosen by {why})",
+                d.flavour,
+                d.driver_version,
+                d.max_cuda.as_deref().unwrap_or("?")
+            ),
+        );
+    }
     line(
         &mut out,
         "accel",
