@@ -23,7 +23,6 @@ PACKAGES=(
     binutils            # readelf (nested test host build)
     jq                  # JSON checks inside the nested test host
     nftables            # the sandbox network's firewall and NAT (gpucell drives nft -j -f)
-    iperf3              # network benchmarks (bench/net)
     iproute2            # tests build their own namespaces and veth pairs
     curl                # the network tests' HTTP client in the namespaces they make
     make                # NVIDIA driver flavours: the driver's own Makefile ...
