@@ -22,7 +22,7 @@ PACKAGES=(
     gcc                 # the nested test host's edu-probe helper (static C)
     binutils            # readelf (nested test host build)
     jq                  # JSON checks inside the nested test host
-    nftables            # the sandbox network's firewall and NAT (gpucell drives nft -j -f)
+    nftables            # the sandbox network's firewall and NAT (gpucell applies them with nft -f)
     iproute2            # tests build their own namespaces and veth pairs
     curl                # the network tests' HTTP client in the namespaces they make
     make                # NVIDIA driver flavours: the driver's own Makefile ...
