@@ -57,58 +57,45 @@ pub enum NvidiaError {
     },
 }
 
-/// `gpucell-driver.json` as the agent reads it (written by `gpucell guest build`,
-/// `crates/guest/src/driver/disk.rs`). Unknown fields are ignored.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
-pub struct DriverInfo {
-    pub flavour: String,
-    pub version: String,
-    pub kernel_release: String,
-    pub modules: Vec<String>,
-    pub firmware_dir: String,
-    pub cuda: String,
-    pub lib_dir: String,
-    pub bin_dir: String,
-    pub loader: String,
+pub use gpucell_protocol::driver::DriverInfo;
+
+/// Parses and checks the driver disk's info file: every path stays on the disk.
+pub fn parse_info(text: &str) -> Result<DriverInfo, NvidiaError> {
+    let i: DriverInfo =
+        serde_json::from_str(text).map_err(|e| NvidiaError::BadInfo(e.to_string()))?;
+    let safe = |p: &str| !p.starts_with('/') && !p.split('/').any(|c| c == "..");
+    let bad = i
+        .modules
+        .iter()
+        .chain([&i.firmware_dir, &i.lib_dir, &i.bin_dir, &i.loader])
+        .find(|p| !safe(p))
+        .cloned();
+    if let Some(bad) = bad {
+        return Err(NvidiaError::BadInfo(format!(
+            "path `{bad}` leaves the disk"
+        )));
+    }
+    if i.modules.len() > 16 {
+        return Err(NvidiaError::BadInfo("more than 16 modules".into()));
+    }
+    Ok(i)
 }
 
-impl DriverInfo {
-    pub fn parse(text: &str) -> Result<Self, NvidiaError> {
-        let i: DriverInfo =
-            serde_json::from_str(text).map_err(|e| NvidiaError::BadInfo(e.to_string()))?;
-        let safe = |p: &str| !p.starts_with('/') && !p.split('/').any(|c| c == "..");
-        let bad = i
-            .modules
-            .iter()
-            .chain([&i.firmware_dir, &i.lib_dir, &i.bin_dir, &i.loader])
-            .find(|p| !safe(p))
-            .cloned();
-        if let Some(bad) = bad {
-            return Err(NvidiaError::BadInfo(format!(
-                "path `{bad}` leaves the disk"
-            )));
-        }
-        if i.modules.len() > 16 {
-            return Err(NvidiaError::BadInfo("more than 16 modules".into()));
-        }
-        Ok(i)
-    }
+/// A path on the mounted driver disk.
+fn on_disk(rel: &str) -> String {
+    format!("{DRIVER_MOUNT}/{rel}")
+}
 
-    fn path(&self, rel: &str) -> String {
-        format!("{DRIVER_MOUNT}/{rel}")
-    }
-
-    /// argv running a tool of the disk through the disk's own dynamic loader.
-    pub fn tool_argv(&self, tool: &str, args: &[&str]) -> Vec<String> {
-        let mut v = vec![
-            self.path(&self.loader),
-            "--library-path".into(),
-            self.path(&self.lib_dir),
-            self.path(&format!("{}/{tool}", self.bin_dir)),
-        ];
-        v.extend(args.iter().map(|s| s.to_string()));
-        v
-    }
+/// argv running a tool of the disk through the disk's own dynamic loader.
+pub fn tool_argv(info: &DriverInfo, tool: &str, args: &[&str]) -> Vec<String> {
+    let mut v = vec![
+        on_disk(&info.loader),
+        "--library-path".into(),
+        on_disk(&info.lib_dir),
+        on_disk(&format!("{}/{tool}", info.bin_dir)),
+    ];
+    v.extend(args.iter().map(|s| s.to_string()));
+    v
 }
 
 /// What the bring-up needs from the system.
@@ -233,7 +220,7 @@ pub fn bring_up(
         return Ok(None);
     }
     let info_path = format!("{DRIVER_MOUNT}/{INFO_FILE}");
-    let info = DriverInfo::parse(
+    let info = parse_info(
         &sys.read(&info_path)
             .map_err(|e| NvidiaError::Info(info_path, e))?,
     )?;
@@ -283,7 +270,7 @@ pub fn load_driver(
 ) -> Result<(), NvidiaError> {
     sys.write(
         "/sys/module/firmware_class/parameters/path",
-        &info.path(&info.firmware_dir),
+        &on_disk(&info.firmware_dir),
     )
     .map_err(io_err("setting the firmware path"))?;
     for m in &info.modules {
@@ -292,7 +279,7 @@ pub fn load_driver(
         } else {
             String::new()
         };
-        match sys.load_module(&info.path(m), &params) {
+        match sys.load_module(&on_disk(m), &params) {
             Ok(()) | Err(Errno::EEXIST) => {}
             Err(errno) => {
                 return Err(NvidiaError::Load {
@@ -336,7 +323,7 @@ pub fn make_nodes(sys: &mut dyn System, gpus: &[&DeviceInfo]) -> Result<Vec<Stri
 /// Starts persistenced (it daemonizes); a failure is logged, not fatal: the GPUs work
 /// without it, only slower to initialise per process.
 fn start_persistenced(sys: &mut dyn System, info: &DriverInfo) {
-    let argv = info.tool_argv("nvidia-persistenced", &["--uvm-persistence-mode"]);
+    let argv = tool_argv(info, "nvidia-persistenced", &["--uvm-persistence-mode"]);
     match sys.run(&argv) {
         Ok((true, _)) => {}
         Ok((false, out)) => tracing::warn!("nvidia-persistenced failed: {}", out.trim()),
@@ -351,7 +338,8 @@ fn wait_ready(
     gpus: &[&DeviceInfo],
     timeout: Duration,
 ) -> Result<Vec<GpuReport>, NvidiaError> {
-    let argv = info.tool_argv(
+    let argv = tool_argv(
+        info,
         "nvidia-smi",
         &[
             "--query-gpu=pci.bus_id,name,uuid,memory.total,driver_version",
@@ -389,37 +377,7 @@ fn wait_ready(
 pub const SELF_TEST_MARKER: &str = "gpucell-driver-test: ";
 
 /// One module of the self-test.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct ModuleResult {
-    pub module: String,
-    pub vermagic: String,
-    /// `loaded`, `already loaded`, an errno name (`ENODEV`), or `skipped: why`.
-    pub result: String,
-}
-
-/// A tool run of the self-test.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct ToolResult {
-    pub ok: bool,
-    pub output: String,
-}
-
-/// What `gpucell guest test` gets back (one JSON line on the console).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct SelfTest {
-    pub flavour: String,
-    pub version: String,
-    pub built_for: String,
-    pub kernel: String,
-    pub modules: Vec<ModuleResult>,
-    pub kernel_log: Vec<String>,
-    pub device_nodes: Vec<String>,
-    pub nvidia_smi: ToolResult,
-    pub cuda: ToolResult,
-    /// The bring-up report when NVIDIA GPUs were passed.
-    pub driver: Option<DriverReport>,
-    pub error: Option<String>,
-}
+pub use gpucell_protocol::driver::{ModuleResult, SelfTestReport as SelfTest, ToolResult};
 
 /// `vermagic=` of a module file (its `.modinfo` strings).
 pub fn vermagic(ko: &[u8]) -> String {
@@ -482,7 +440,7 @@ pub fn check(sys: &mut dyn System, found: &[DeviceInfo], kernel: &str) -> SelfTe
             let p = format!("{DRIVER_MOUNT}/{INFO_FILE}");
             sys.read(&p)
                 .map_err(|e| NvidiaError::Info(p, e))
-                .and_then(|t| DriverInfo::parse(&t))
+                .and_then(|t| parse_info(&t))
         }
         Ok(false) => Err(NvidiaError::BadInfo(
             "this guest has no driver disk (not a driver flavour)".into(),
@@ -517,9 +475,9 @@ pub fn check(sys: &mut dyn System, found: &[DeviceInfo], kernel: &str) -> SelfTe
             t.device_nodes.push(p);
         }
     }
-    t.nvidia_smi = tool(sys, &info.tool_argv("nvidia-smi", &[]));
-    let libcuda = info.path(&format!("{}/libcuda.so.1", info.lib_dir));
-    t.cuda = tool(sys, &info.tool_argv("gpucell-cuda-version", &[&libcuda]));
+    t.nvidia_smi = tool(sys, &tool_argv(&info, "nvidia-smi", &[]));
+    let libcuda = on_disk(&format!("{}/libcuda.so.1", info.lib_dir));
+    t.cuda = tool(sys, &tool_argv(&info, "gpucell-cuda-version", &[&libcuda]));
     t
 }
 
@@ -527,11 +485,11 @@ pub fn check(sys: &mut dyn System, found: &[DeviceInfo], kernel: &str) -> SelfTe
 fn force_load(sys: &mut dyn System, info: &DriverInfo, t: &mut SelfTest) {
     let _ = sys.write(
         "/sys/module/firmware_class/parameters/path",
-        &info.path(&info.firmware_dir),
+        &on_disk(&info.firmware_dir),
     );
     let mut nvidia_failed = false;
     for m in &info.modules {
-        let path = info.path(m);
+        let path = on_disk(m);
         let name = m.rsplit('/').next().unwrap_or(m).to_owned();
         let magic = std::fs::read(&path)
             .map(|d| vermagic(&d))
@@ -854,15 +812,15 @@ mod tests {
 
     #[test]
     fn info_paths_must_stay_on_the_disk() {
-        assert!(DriverInfo::parse(INFO).is_ok());
+        assert!(parse_info(INFO).is_ok());
         let bad = INFO.replace("usr/lib/ld-linux", "/usr/lib/ld-linux");
-        assert!(DriverInfo::parse(&bad)
+        assert!(parse_info(&bad)
             .unwrap_err()
             .to_string()
             .contains("leaves the disk"));
         let bad = INFO.replace("lib/firmware", "../../etc");
-        assert!(DriverInfo::parse(&bad).is_err());
-        assert!(DriverInfo::parse("{").is_err());
+        assert!(parse_info(&bad).is_err());
+        assert!(parse_info("{").is_err());
     }
 
     #[test]
@@ -971,7 +929,7 @@ mod tests {
         let mut f = fake();
         f.smi = "No devices were found".into();
         let found = [dev("0000:01:00.0", 0x10de, 0x2335, 0x030200)];
-        let info = DriverInfo::parse(INFO).unwrap();
+        let info = parse_info(INFO).unwrap();
         let err = wait_ready(&mut f, &info, &nvidia_gpus(&found), Duration::ZERO)
             .unwrap_err()
             .to_string();

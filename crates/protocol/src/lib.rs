@@ -18,6 +18,7 @@
 
 // Layers, each built only on the ones below it: `kind` (frame kinds and their limits),
 // `frame` (length-prefixed framing), `message` (typed messages in frames).
+pub mod driver;
 mod frame;
 mod kind;
 mod message;

@@ -25,25 +25,9 @@ pub const INFO_FILE: &str = "gpucell-driver.json";
 pub const DISK_SERIAL: &str = "gpucell-driver";
 pub const DISK_FILE: &str = "driver.erofs";
 
-/// What the agent reads from the disk (`gpucell-driver.json`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DriverInfo {
-    pub flavour: String,
-    /// Upstream driver version, e.g. `550.163.01`.
-    pub version: String,
-    pub module_kind: String,
-    pub kernel_release: String,
-    /// Modules to load, in order, relative to the disk root.
-    pub modules: Vec<String>,
-    /// Firmware search dir for `firmware_class.path`, relative to the disk root.
-    pub firmware_dir: String,
-    /// `cuDriverGetVersion` of the disk's libcuda, `major.minor`.
-    pub cuda: String,
-    pub lib_dir: String,
-    pub bin_dir: String,
-    /// The dynamic loader, relative to the disk root.
-    pub loader: String,
-}
+/// What the agent reads from the disk (`gpucell-driver.json`): one type shared with the
+/// agent, in the protocol crate.
+pub use gpucell_protocol::driver::DriverInfo;
 
 /// One entry of the disk: a file with its digest, or a symlink.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::GuestArtifacts;
 
@@ -31,34 +31,8 @@ pub enum SelfTestError {
     NotVfio(String),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ModuleResult {
-    pub module: String,
-    pub vermagic: String,
-    pub result: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ToolResult {
-    pub ok: bool,
-    pub output: String,
-}
-
-/// The agent's report (see crates/agent/src/nvidia.rs `SelfTest`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GuestReport {
-    pub flavour: String,
-    pub version: String,
-    pub built_for: String,
-    pub kernel: String,
-    pub modules: Vec<ModuleResult>,
-    pub kernel_log: Vec<String>,
-    pub device_nodes: Vec<String>,
-    pub nvidia_smi: ToolResult,
-    pub cuda: ToolResult,
-    pub driver: Option<gpucell_protocol::DriverReport>,
-    pub error: Option<String>,
-}
+/// The agent's report: one type shared with the agent, in the protocol crate.
+pub use gpucell_protocol::driver::{ModuleResult, SelfTestReport as GuestReport, ToolResult};
 
 /// One judged check.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
