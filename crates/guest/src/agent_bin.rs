@@ -24,14 +24,12 @@ pub enum AgentError {
     Dynamic { path: PathBuf, interp: String },
 }
 
-/// Picks the agent: the explicit path, else `$GPUCELL_AGENT`, else `gpucell-agent` next to
-/// the running executable, else `target/<triple>/release/gpucell-agent` under the cwd.
+/// Picks the agent: the explicit path (the CLI's `--agent`, or its `GPUCELL_AGENT`), else
+/// `gpucell-agent` next to the running executable, else
+/// `target/<triple>/release/gpucell-agent` under the cwd.
 pub fn locate(explicit: Option<&Path>) -> Result<PathBuf, AgentError> {
     if let Some(p) = explicit {
         return Ok(p.to_owned());
-    }
-    if let Some(p) = std::env::var_os("GPUCELL_AGENT").filter(|v| !v.is_empty()) {
-        return Ok(PathBuf::from(p));
     }
     let mut candidates = Vec::new();
     if let Some(dir) = std::env::current_exe()

@@ -51,7 +51,7 @@ pub struct BuildArgs {
     pub flavour: String,
     /// Static gpucell-agent binary to use as /init (default: $GPUCELL_AGENT, next to
     /// gpucell, or ./target/x86_64-unknown-linux-gnu/release/gpucell-agent).
-    #[arg(long)]
+    #[arg(long, env = "GPUCELL_AGENT")]
     pub agent: Option<PathBuf>,
     /// Use this kernel .deb instead of downloading the flavour's package with apt.
     #[arg(long)]
