@@ -53,6 +53,14 @@ pub enum GpuSetupError {
     },
     #[error("injecting the NVIDIA driver into the container")]
     Inject(#[source] InjectError),
+    #[error("the driver disk for the injection")]
+    DriverDisk(#[source] crate::nvidia::NvidiaError),
+    #[error("the driver disk's {path}")]
+    DiskInfo {
+        path: String,
+        #[source]
+        source: crate::nvidia::NvidiaError,
+    },
 }
 
 /// Where the driver shows itself on the agent's side: seams for tests and the harness.
@@ -130,6 +138,10 @@ pub fn generate_spec(driver_root: &Path, paths: &Paths) -> Result<Generated, Gpu
         source,
     };
     let mut o = GenerateOptions::new(driver_root);
+    if let Some((lib, bin)) = disk_search_paths(driver_root)? {
+        o.lib_dirs.insert(0, lib);
+        o.bin_dirs.insert(0, bin);
+    }
     o.dev_root = Some(paths.dev.clone());
     o.gpus = gpus(paths).map_err(err)?;
     let mut generated = cdi::generate(&o).map_err(err)?;
@@ -148,6 +160,30 @@ pub fn generate_spec(driver_root: &Path, paths: &Paths) -> Result<Generated, Gpu
         }
     }
     Ok(generated)
+}
+
+/// The library and binary directories (absolute inside `driver_root`) that a driver
+/// disk's `gpucell-driver.json` names; `None` when `driver_root` is not a driver disk.
+pub fn disk_search_paths(driver_root: &Path) -> Result<Option<(String, String)>, GpuSetupError> {
+    let path = driver_root.join(crate::nvidia::INFO_FILE);
+    let text = match fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(GpuSetupError::DiskInfo {
+                path: path.display().to_string(),
+                source: crate::nvidia::NvidiaError::Info(path.display().to_string(), e),
+            })
+        }
+    };
+    let info = crate::nvidia::parse_info(&text).map_err(|source| GpuSetupError::DiskInfo {
+        path: path.display().to_string(),
+        source,
+    })?;
+    Ok(Some((
+        format!("/{}", info.lib_dir),
+        format!("/{}", info.bin_dir),
+    )))
 }
 
 /// The GPUs from `/proc/driver/nvidia/gpus`; where the driver does not list them there
@@ -247,6 +283,28 @@ pub fn cuda_version_of(n: u32) -> String {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_driver_disk_names_its_search_paths() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(disk_search_paths(d.path()).unwrap().is_none());
+        let info = |lib: &str| {
+            format!(
+                r#"{{"flavour":"nvidia-550","version":"550.163.01","kernel_release":"6.1",
+                "modules":[],"firmware_dir":"lib/firmware","cuda":"12.4","lib_dir":"{lib}",
+                "bin_dir":"usr/bin","loader":"usr/lib/ld-linux-x86-64.so.2"}}"#
+            )
+        };
+        let file = d.path().join(crate::nvidia::INFO_FILE);
+        fs::write(&file, info("usr/lib")).unwrap();
+        assert_eq!(
+            disk_search_paths(d.path()).unwrap(),
+            Some(("/usr/lib".into(), "/usr/bin".into()))
+        );
+        fs::write(&file, info("../etc")).unwrap();
+        let e = disk_search_paths(d.path()).unwrap_err();
+        assert!(format!("{e:#?}").contains("leaves the disk"), "{e:#?}");
+    }
 
     fn req() -> GpuInjection {
         GpuInjection::default()

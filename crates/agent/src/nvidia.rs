@@ -19,7 +19,7 @@ use nix::errno::Errno;
 pub const NVIDIA_VENDOR: u16 = 0x10de;
 /// Where the driver disk is mounted.
 pub const DRIVER_MOUNT: &str = "/run/gpucell/driver";
-const INFO_FILE: &str = "gpucell-driver.json";
+pub const INFO_FILE: &str = "gpucell-driver.json";
 /// Major number of `/dev/nvidiactl` and `/dev/nvidiaN` (`register_chrdev(195, ...)`).
 pub const NVIDIA_MAJOR: u32 = 195;
 pub const NVIDIACTL_MINOR: u32 = 255;
@@ -44,6 +44,8 @@ pub enum NvidiaError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the run injects the NVIDIA driver from {DRIVER_MOUNT}, but the guest has no driver disk; run with a driver flavour (`--guest nvidia-550` or `--driver 550`)")]
+    NoDisk,
     #[error("/proc/devices has no `{0}` character device after loading the driver")]
     NoMajor(&'static str),
     #[error("{0}")]
@@ -204,6 +206,25 @@ pub fn bring_up_for_run(
         tracing::info!("{}", r.message);
     }
     Ok(r)
+}
+
+/// Mounts the driver disk (read-only, on [`DRIVER_MOUNT`]) for an injection from
+/// `driver_root` when that is where the disk goes and bring-up left it unmounted (no
+/// NVIDIA GPU passed); never touches the image's disk `rootfs_device`.
+pub fn mount_for_injection(driver_root: &str, rootfs_device: &str) -> Result<(), NvidiaError> {
+    if driver_root.trim_end_matches('/') != DRIVER_MOUNT {
+        return Ok(());
+    }
+    let mut sys = RealSystem {
+        exclude: Some(rootfs_device.to_owned()),
+    };
+    match sys
+        .mount_driver_disk()
+        .map_err(io_err("mounting the driver disk"))?
+    {
+        true => Ok(()),
+        false => Err(NvidiaError::NoDisk),
+    }
 }
 
 /// Brings the driver up for the passed functions. `Ok(None)`: not a driver flavour.

@@ -109,6 +109,8 @@ impl Workload for Pid1 {
         crate::net::install_resolv_conf(&root)?;
         let devices = match &spec.gpu {
             Some(req) => {
+                crate::nvidia::mount_for_injection(&req.driver_root, &spec.rootfs.device)
+                    .map_err(gpu_setup::GpuSetupError::DriverDisk)?;
                 let paths = gpu_setup::Paths::guest();
                 gpu_setup::prepare(&root, &spec.env, req, &paths, &mut RealOps)?.map(|i| i.devices)
             }

@@ -127,6 +127,10 @@ pub struct RunRequest {
     /// label `io.gpucell.driver`, else chosen from its requirements and the GPUs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub driver: Option<String>,
+    /// Inject the chosen driver flavour into the container even without GPUs or NVIDIA
+    /// variables (tests of a GPU-less guest); the CLI's hidden `--force-driver-injection`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force_driver_injection: bool,
 }
 
 fn is_default_network(n: &gpucell_net::NetworkRequest) -> bool {
@@ -188,6 +192,7 @@ impl RunRequest {
             accel: AccelRequest::Auto,
             network: gpucell_net::NetworkRequest::default(),
             driver: None,
+            force_driver_injection: false,
         }
     }
 

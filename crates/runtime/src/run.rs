@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use gpucell_protocol::{RootfsSpec, RunSpec};
+use gpucell_protocol::{GpuInjection, RootfsSpec, RunSpec};
 use gpucell_sandbox::accel::{self, ProbeInput, Selection};
 use gpucell_sandbox::channel::{Limits, SessionIo};
 use gpucell_sandbox::spec::{self, ImageDefaults, Overrides};
@@ -300,10 +300,10 @@ fn run_sandbox(
     let mut spec = build_spec(req, &p, sandbox_id)?;
     held.apply_to_spec(&mut spec);
     check_allocation(&p, held)?;
-    spec.gpu = p
-        .choice
-        .as_ref()
-        .map(|c| driver_select::injection(c, &p.gpus));
+    spec.gpu = p.choice.as_ref().map(|c| GpuInjection {
+        force: req.request.force_driver_injection,
+        ..driver_select::injection(c, &p.gpus)
+    });
     report.spec = Some(spec_report(&spec, req));
     let config = vm_config(node, req, &p);
     let mut sandbox = Sandbox::with_id(config, sandbox_id.to_string())

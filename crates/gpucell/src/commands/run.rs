@@ -57,6 +57,10 @@ pub struct RunArgs {
     /// NVIDIA_REQUIRE_* and drives every passed GPU.
     #[arg(long, value_name = "BRANCH|FLAVOUR")]
     pub driver: Option<String>,
+    /// Inject the chosen driver flavour into the container even without GPUs or NVIDIA
+    /// variables (tests of a GPU-less guest).
+    #[arg(long, hide = true)]
+    pub force_driver_injection: bool,
     /// QEMU binary (default: the configuration file's `run.qemu`, else qemu-system-x86_64).
     #[arg(long, env = "GPUCELL_QEMU")]
     pub qemu: Option<PathBuf>,
@@ -150,6 +154,7 @@ fn request(global: &Global, args: &RunArgs) -> anyhow::Result<RunRequest> {
         accel,
         network: args.network.to_request()?,
         driver: args.driver.clone(),
+        force_driver_injection: args.force_driver_injection,
     })
 }
 
