@@ -7,6 +7,8 @@
 #      default vs FLAVOUR, same image), under GPUCELL_ACCEL (default tcg).
 # Usage: bench/flavours/run.sh [FLAVOUR]   (needs `make agent`, `cargo build -p gpucell`)
 set -euo pipefail
+# Boot cost without a network (the network bench, bench/net, measures that).
+export GPUCELL_NETWORK=${GPUCELL_NETWORK:-none}
 cd "$(dirname "$0")/../.."
 FLAVOUR=${1:-nvidia-550}
 GPUCELL=${GPUCELL:-target/debug/gpucell}

@@ -8,6 +8,8 @@
 # and a built guest (`gpucell guest build`).
 # usage: bench/sandbox/run.sh   (env: GPUCELL, GPUCELL_STATE_DIR, RUNS, ACCEL, OUT)
 set -euo pipefail
+# Boot cost without a network (the network bench, bench/net, measures that).
+export GPUCELL_NETWORK=${GPUCELL_NETWORK:-none}
 cd "$(dirname "$0")/../.."
 GPUCELL=${GPUCELL:-target/release/gpucell}
 STATE=${GPUCELL_STATE_DIR:-/var/lib/gpucell}

@@ -3,7 +3,7 @@
 #                     [--console FILE] [--strict 0|1] [--timing TEXT]
 #
 # Reads the result channel of a nested run (NESTED-BOOT, NESTED-SCENARIO,
-# NESTED-RESULT, NESTED-RETRY and NESTED-DONE lines; anything else is ignored), prints one
+# NESTED-RESULT, NESTED-RETRY, NESTED-STALL and NESTED-DONE lines; anything else is ignored), prints one
 # line per result, a timing line and "N passed, M failed, K skipped".
 # Exits 1 if anything failed, nothing passed, L1 never booted or never
 # finished, QEMU failed or timed out, or (strict) anything was skipped.
@@ -52,6 +52,9 @@ tr -d '\r' <"$results" | awk -v strict="$strict" -v qrc="$qrc" -v timeout="$time
         report("RETRY", "harness/" field($0, "scenario"), field($0, "detail")); retried++
         end_of[n] = field($0, "uptime")
     }
+    # An L2 guest stalled under the emulator before printing anything; lib.sh gc
+    # redid that run once. Shown, not counted.
+    /^NESTED-STALL / { report("STALL", "harness/" field($0, "scenario"), field($0, "detail")); stalls++ }
     /^NESTED-RESULT / {
         name = field($0, "name"); ok = field($0, "ok"); detail = field($0, "detail")
         if (name == "") { report("FAIL", "harness/result", "malformed result line: " $0); failed++ }
@@ -70,7 +73,7 @@ tr -d '\r' <"$results" | awk -v strict="$strict" -v qrc="$qrc" -v timeout="$time
             if (end != "") timing = timing sprintf(", %s %.1fs", order[i], end - start[order[i]])
         }
         printf "timing: %s\n", timing
-        printf "%d passed, %d failed, %d skipped%s\n", passed, failed, skipped, retried ? sprintf(" (L1 restarted %d time%s after an emulator fault)", retried, retried > 1 ? "s" : "") : ""
+        printf "%d passed, %d failed, %d skipped%s%s\n", passed, failed, skipped, retried ? sprintf(" (L1 restarted %d time%s after an emulator fault)", retried, retried > 1 ? "s" : "") : "", stalls ? sprintf(" (%d L2 boot stall%s redone)", stalls, stalls > 1 ? "s" : "") : ""
         exit (failed > 0 || passed == 0 || (strict == 1 && skipped > 0)) ? 1 : 0
     }' || rc=$?
 # When L1 died before its init finished, its last console lines are the evidence

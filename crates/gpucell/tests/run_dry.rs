@@ -247,3 +247,31 @@ fn dry_run_chooses_devices_without_taking_them() {
         }
     );
 }
+
+/// With no `--network` and no `[network] default`, a run gets a private network (the
+/// built-in default, as docker's bridge); the dry run shows it without touching the host.
+#[test]
+fn the_built_in_network_default_is_private() {
+    let Some(env) = common::vm_env() else { return };
+    let empty = env.state.path().join("empty-config.toml");
+    std::fs::write(&empty, "").unwrap();
+    let out = env
+        .run_cmd(&["--dry-run", "--json", &env.image, "--", "true"])
+        .env_remove("GPUCELL_NETWORK")
+        .env("GPUCELL_CONFIG", &empty)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v = plan(&out);
+    assert_eq!(v["network"]["mode"], "private", "{v}");
+    assert!(v["qemu_args"].to_string().contains("netdev"), "{v}");
+    // GPUCELL_NETWORK=none (as the tests set it) turns it off.
+    let out = env
+        .run_cmd(&["--dry-run", "--json", &env.image, "--", "true"])
+        .env("GPUCELL_CONFIG", &empty)
+        .output()
+        .unwrap();
+    let v = plan(&out);
+    assert!(v.get("network").is_none(), "{v}");
+    env.assert_clean();
+}

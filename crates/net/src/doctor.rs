@@ -93,12 +93,20 @@ pub fn checks(env: &NetEnv) -> Vec<Check> {
             "net.ipv4.ip_forward is 1".into(),
             None,
         )
+    } else if env.config.manage_forwarding {
+        check(
+            "net-ip-forward",
+            "IPv4 forwarding",
+            Status::Warn,
+            format!("net.ipv4.ip_forward is {fwd}: gpucell switches it on at the first private network ([network] manage_forwarding)"),
+            Some("sysctl -w net.ipv4.ip_forward=1 and persist it in /etc/sysctl.d to have it on from boot"),
+        )
     } else {
         check(
             "net-ip-forward",
             "IPv4 forwarding",
             missing,
-            format!("net.ipv4.ip_forward is {fwd}: sandbox traffic cannot be routed"),
+            format!("net.ipv4.ip_forward is {fwd} and [network] manage_forwarding is off: sandbox traffic cannot be routed"),
             Some("sysctl -w net.ipv4.ip_forward=1 and persist it in /etc/sysctl.d"),
         )
     });
@@ -158,9 +166,13 @@ mod tests {
         let mut fake = FakeNet::new();
         fake.ip_forward = Some("0".into());
         fake.nft_apply("table inet gpucell_dead {\n").unwrap();
-        let e = env(fake, root.path(), state.path(), NetworkMode::Private);
+        let mut e = env(fake, root.path(), state.path(), NetworkMode::Private);
         let c = checks(&e);
         assert_eq!(status(&c, "net-tun"), Status::Fail);
+        // gpucell switches forwarding on by itself unless told not to.
+        assert_eq!(status(&c, "net-ip-forward"), Status::Warn);
+        e.config.manage_forwarding = false;
+        let c = checks(&e);
         assert_eq!(status(&c, "net-ip-forward"), Status::Fail);
         assert_eq!(status(&c, "net-vhost"), Status::Warn);
         let l = c.iter().find(|x| x.id == "net-leftovers").unwrap();

@@ -71,6 +71,8 @@ pub trait HostNet {
     fn nft_tables(&self) -> Result<String, OpsError>;
     /// Reads a file under /proc/sys (`net/ipv4/ip_forward`).
     fn sysctl(&self, key: &str) -> Option<String>;
+    /// Writes `value` to a file under /proc/sys.
+    fn set_sysctl(&self, key: &str, value: &str) -> Result<(), OpsError>;
     /// Starts a watcher, in a session of its own, that applies the `nft -f` script
     /// `nft_script` and removes `record` once the returned descriptor (its stdin's other
     /// end) is closed: when this process ends, however it ends. `None`: no watcher.
@@ -325,6 +327,11 @@ impl HostNet for SystemNet {
             .map(|s| s.trim().to_string())
     }
 
+    fn set_sysctl(&self, key: &str, value: &str) -> Result<(), OpsError> {
+        let path = self.proc_sys.join(key);
+        std::fs::write(&path, value).map_err(|source| OpsError::Sysctl { path, source })
+    }
+
     fn watch_exit(&self, nft_script: &str, record: &Path) -> Result<Option<OwnedFd>, OpsError> {
         use std::os::unix::process::CommandExt;
         use std::process::{Command, Stdio};
@@ -410,6 +417,8 @@ pub struct FakeNet {
     pub tables: Mutex<Vec<String>>,
     pub addresses: Vec<Ipv4Addr>,
     pub ip_forward: Option<String>,
+    /// What `set_sysctl` wrote to `net/ipv4/ip_forward` (read back by `sysctl`).
+    pub ip_forward_set: Mutex<Option<String>>,
     pub fail_on: Option<&'static str>,
 }
 
@@ -524,8 +533,20 @@ impl HostNet for FakeNet {
     }
 
     fn sysctl(&self, key: &str) -> Option<String> {
-        (key == "net/ipv4/ip_forward")
-            .then(|| self.ip_forward.clone())
-            .flatten()
+        if key != "net/ipv4/ip_forward" {
+            return None;
+        }
+        let set = self.ip_forward_set.lock().ok().and_then(|s| s.clone());
+        set.or_else(|| self.ip_forward.clone())
+    }
+
+    fn set_sysctl(&self, key: &str, value: &str) -> Result<(), OpsError> {
+        self.record("set_sysctl", format!("set_sysctl {key}={value}"))?;
+        if key == "net/ipv4/ip_forward" {
+            if let Ok(mut s) = self.ip_forward_set.lock() {
+                *s = Some(value.to_string());
+            }
+        }
+        Ok(())
     }
 }

@@ -28,8 +28,10 @@ use crate::spec::{NetworkConfig, NetworkRequest, SANDBOX_PREFIX};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
-    #[error("net.ipv4.ip_forward is {0} on this host, so a sandbox's traffic cannot be routed: set it to 1 (sysctl -w net.ipv4.ip_forward=1, persist it in /etc/sysctl.d) or run with --network none")]
+    #[error("net.ipv4.ip_forward is {0} on this host and [network] manage_forwarding is off, so a sandbox's traffic cannot be routed: set it to 1 (sysctl -w net.ipv4.ip_forward=1, persist it in /etc/sysctl.d), let gpucell do it (manage_forwarding = true) or run with --network none")]
     IpForwardOff(String),
+    #[error("net.ipv4.ip_forward is {0} on this host and gpucell could not switch it on; run with --network none or set it yourself")]
+    EnableForwarding(String, #[source] OpsError),
     #[error("the sandbox range {range} is full ({slots} sandboxes): widen [network] range")]
     RangeFull { range: String, slots: u64 },
     #[error("the sandbox range {range} overlaps this host's address {addr}: pick another [network] range")]
@@ -318,6 +320,24 @@ impl Drop for ActiveNet {
     }
 }
 
+/// Routing needs `net.ipv4.ip_forward = 1`. With `[network] manage_forwarding` (the
+/// default) gpucell switches it on, as docker does for its bridge, and says so once.
+fn ensure_forwarding(env: &NetEnv, fwd: &str) -> Result<Option<String>, NetError> {
+    if fwd == "1" {
+        return Ok(None);
+    }
+    if !env.config.manage_forwarding {
+        return Err(NetError::IpForwardOff(fwd.to_string()));
+    }
+    env.ops
+        .set_sysctl("net/ipv4/ip_forward", "1")
+        .map_err(|e| NetError::EnableForwarding(fwd.to_string(), e))?;
+    Ok(Some(format!(
+        "net.ipv4.ip_forward was {fwd}: gpucell set it to 1 so that sandbox traffic is routed \
+         (persist it in /etc/sysctl.d, or set [network] manage_forwarding = false to manage it yourself)"
+    )))
+}
+
 /// Sets up run `id`'s network. On failure nothing is left (what was made is torn down).
 pub fn setup(env: &NetEnv, id: &str, req: &NetworkRequest) -> Result<ActiveNet, NetError> {
     let t0 = std::time::Instant::now();
@@ -325,9 +345,7 @@ pub fn setup(env: &NetEnv, id: &str, req: &NetworkRequest) -> Result<ActiveNet, 
         .ops
         .sysctl("net/ipv4/ip_forward")
         .unwrap_or_else(|| "unreadable".into());
-    if fwd != "1" {
-        return Err(NetError::IpForwardOff(fwd));
-    }
+    let forwarding_note = ensure_forwarding(env, &fwd)?;
     let records = Records::lock(&env.state_dir)?;
     let reconciled = reconcile_locked(env, &records)?;
     let netns = current_netns(&env.proc_dir);
@@ -349,7 +367,8 @@ pub fn setup(env: &NetEnv, id: &str, req: &NetworkRequest) -> Result<ActiveNet, 
         }
     }
     let slot = free_slot(&all, &env.proc_dir, netns);
-    let Planned { plan, warnings } = plan_with_slot(env, id, req, slot)?;
+    let Planned { plan, mut warnings } = plan_with_slot(env, id, req, slot)?;
+    warnings.extend(forwarding_note);
     let ports = crate::ports::reserve(&plan.publish, &env.proc_dir)?;
     records.write(&NetRecord {
         run_id: id.to_string(),

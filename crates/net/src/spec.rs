@@ -228,11 +228,15 @@ impl NetworkRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetworkConfig {
-    /// The mode of a run that asks for none. Built in: `none`, so that a node gives
-    /// sandboxes a network only once its operator has checked that it can
-    /// (`gpucell doctor`) and said so.
+    /// The mode of a run that asks for none. Built in: `private` (as docker's default
+    /// bridge); `none` gives sandboxes no network unless a run asks for one.
     #[serde(default = "default_mode")]
     pub default: NetworkMode,
+    /// Switch `net.ipv4.ip_forward` on when a private network needs it and it is off
+    /// (default true, as docker does). False: refuse such a run and leave the host's
+    /// forwarding to its operator.
+    #[serde(default = "yes")]
+    pub manage_forwarding: bool,
     /// Where sandbox addresses come from: one /30 per sandbox.
     #[serde(default = "default_range")]
     pub range: Cidr,
@@ -249,7 +253,7 @@ pub struct NetworkConfig {
 }
 
 fn default_mode() -> NetworkMode {
-    NetworkMode::None
+    NetworkMode::Private
 }
 
 fn default_range() -> Cidr {
@@ -268,6 +272,7 @@ impl Default for NetworkConfig {
             dns: Vec::new(),
             allow_cidrs: Vec::new(),
             vhost: true,
+            manage_forwarding: true,
         }
     }
 }
@@ -371,7 +376,8 @@ mod tests {
     #[test]
     fn config_defaults_and_checks() {
         let c = NetworkConfig::default();
-        assert_eq!(c.default, NetworkMode::None);
+        assert_eq!(c.default, NetworkMode::Private);
+        assert!(c.manage_forwarding);
         assert_eq!(c.range.to_string(), DEFAULT_RANGE);
         assert!(c.validate().is_ok());
         let c = NetworkConfig {

@@ -79,14 +79,48 @@ fn setup_then_teardown_leaves_nothing() {
 }
 
 #[test]
+fn forwarding_is_switched_on_when_managed() {
+    let (state, root) = dirs();
+    let mut off = FakeNet::new();
+    off.ip_forward = Some("0".into());
+    let off = Arc::new(off);
+    let e = env(off.clone(), state.path(), root.path());
+    let mut net = gpucell_net::setup(&e, ID, &request()).unwrap();
+    assert!(off
+        .calls()
+        .contains(&"set_sysctl net/ipv4/ip_forward=1".to_string()));
+    assert!(
+        net.warnings.iter().any(|w| w.contains("ip_forward was 0")),
+        "{:?}",
+        net.warnings
+    );
+    net.teardown().unwrap();
+    // On, it is left alone.
+    let on = Arc::new(FakeNet::new());
+    let e = env(on.clone(), state.path(), root.path());
+    let mut net = gpucell_net::setup(&e, ID, &request()).unwrap();
+    assert!(!on.calls().iter().any(|c| c.starts_with("set_sysctl")));
+    assert!(!net.warnings.iter().any(|w| w.contains("ip_forward")));
+    net.teardown().unwrap();
+}
+
+#[test]
 fn refusals_leave_nothing() {
     let (state, root) = dirs();
     let mut off = FakeNet::new();
     off.ip_forward = Some("0".into());
-    let e = env(Arc::new(off), state.path(), root.path());
+    let mut e = env(Arc::new(off), state.path(), root.path());
+    e.config.manage_forwarding = false;
     let err = gpucell_net::setup(&e, ID, &request()).err().unwrap();
     assert!(matches!(err, NetError::IpForwardOff(_)), "{err}");
     assert!(err.to_string().contains("ip_forward"));
+
+    let mut off = FakeNet::new();
+    off.ip_forward = Some("0".into());
+    off.fail_on = Some("set_sysctl");
+    let e = env(Arc::new(off), state.path(), root.path());
+    let err = gpucell_net::setup(&e, ID, &request()).err().unwrap();
+    assert!(matches!(err, NetError::EnableForwarding(..)), "{err}");
 
     let mut failing = FakeNet::new();
     failing.fail_on = Some("nft_apply");

@@ -93,6 +93,8 @@ fn a_request_runs_and_reports_through_the_library() {
     let Some((state, image)) = env() else { return };
     let node = Node::new("/", state.path(), None, &Config::default());
     let mut req = RunRequest::new(&image);
+    // No network in the machine's own namespace (private ones are tested in namespaces).
+    req.network.mode = Some(gpucell_net::NetworkMode::None);
     req.command = vec![
         "sh".into(),
         "-c".into(),

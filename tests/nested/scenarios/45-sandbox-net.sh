@@ -45,7 +45,7 @@ script='edu-probe; get() { printf "GET / HTTP/1.0\r\n\r\n" | nc -w 5 "$1" "$2" |
 get 203.0.113.1 80
 if get 169.254.169.254 80 >/dev/null 2>&1 && [ -n "$(get 169.254.169.254 80)" ]; then echo meta-reach; else echo meta-refused; fi
 printf "HTTP/1.0 200 OK\r\n\r\npublished-ok\n" | nc -l -p 80 -w 60 >/dev/null; echo served'
-gc /tmp/net1 --config /tmp/net.toml --json run --memory 256m --boot-timeout 120s \
+gc /tmp/net1 --config /tmp/net.toml --json run --network private --memory 256m --boot-timeout 120s \
     --device "$bdf" -p 8080:80 "$EDU_IMAGE" -- sh -c "$script" &
 run=$!
 got=
@@ -90,7 +90,7 @@ rm -f /tmp/sink.elapsed
 nsenter -t "$inet" -n sh -c 'sleep 120 | busybox nc -l -p 9 | { head -c 1 >/dev/null; s=$(date +%s); cat >/dev/null; echo $(( $(date +%s) - s )) >/tmp/sink.elapsed; }' &
 sink=$!
 sleep 0.3
-gc /tmp/net2 --config /tmp/net.toml --json run --memory 256m --boot-timeout 120s --egress-rate 8m \
+gc /tmp/net2 --config /tmp/net.toml --json run --network private --memory 256m --boot-timeout 120s --egress-rate 8m \
     "$EDU_IMAGE" -- sh -c 'yes 0123456789abcdef | head -c 8388608 | nc -w 30 203.0.113.1 9; echo sent; sleep 6' &
 run=$!
 # What the kernel holds on the tap while the sandbox runs (tc, where L1 has it).

@@ -85,6 +85,11 @@ impl VmEnv {
         if std::env::var_os("GPUCELL_ACCEL").is_none() {
             c.env("GPUCELL_ACCEL", "tcg");
         }
+        // Tests never set up networks in the machine's own namespace: a private
+        // network (the built-in default) is tested in namespaces of its own (run_net.rs).
+        if std::env::var_os("GPUCELL_NETWORK").is_none() {
+            c.env("GPUCELL_NETWORK", "none");
+        }
         c
     }
 

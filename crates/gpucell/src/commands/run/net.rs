@@ -7,8 +7,8 @@ use gpucell_net::{NetworkMode, NetworkRequest, Publish};
 pub struct NetArgs {
     /// `private`: a network of the sandbox's own, egress to public addresses only,
     /// reachable only on published ports; `none`: no network device. Default: the
-    /// configuration file's `[network] default`, else none.
-    #[arg(long, value_name = "private|none")]
+    /// configuration file's `[network] default`, else private.
+    #[arg(long, value_name = "private|none", env = "GPUCELL_NETWORK")]
     pub network: Option<String>,
     /// Open a host port to the workload: HOST_PORT:GUEST_PORT[/tcp|udp]; repeatable.
     #[arg(long = "publish", short = 'p', value_name = "HOST:GUEST[/tcp|udp]")]
