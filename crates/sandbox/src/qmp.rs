@@ -148,6 +148,23 @@ impl Qmp {
         Ok(v["status"].as_str().unwrap_or("unknown").to_string())
     }
 
+    /// Where the guest's vCPUs are, for a guest that does not answer: `query-status` and
+    /// the `RIP=...` line of each vCPU from `info registers -a` (e.g. `running; cpu0
+    /// RIP=ffffffff81c0c1d4 ... HLT=1`). Best effort: what QEMU does not say is left out.
+    pub fn vm_state(&mut self) -> String {
+        let mut out = self
+            .status()
+            .unwrap_or_else(|e| format!("status unknown ({e})"));
+        let regs = self.execute(
+            "human-monitor-command",
+            Some(serde_json::json!({ "command-line": "info registers -a" })),
+        );
+        if let Ok(v) = regs {
+            out.push_str(&rip_lines(v.as_str().unwrap_or_default()));
+        }
+        out
+    }
+
     /// Asks the guest to power off (ACPI power button).
     pub fn powerdown(&mut self) -> Result<(), QmpError> {
         self.execute("system_powerdown", None).map(|_| ())
@@ -183,8 +200,32 @@ impl Qmp {
     }
 }
 
+/// `; cpuN RIP=... HLT=...` for each vCPU in `info registers -a` output (hostile text
+/// from QEMU is cut to a bounded length).
+fn rip_lines(info: &str) -> String {
+    let mut out = String::new();
+    let rips = info.lines().filter(|l| l.starts_with("RIP=")).take(8);
+    for (cpu, line) in rips.enumerate() {
+        let line: String = line.chars().take(120).collect();
+        out.push_str(&format!("; cpu{cpu} {}", line.trim()));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn rip_lines_of_each_vcpu() {
+        let info = "CPU#0\nRAX=0 RBX=0\nRIP=ffffffff81c0c1d4 RFL=00000246 [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT=1\nES =0000\nCPU#1\nRIP=000000000000fff0 RFL=00000002 [-------] CPL=0 II=0 A20=1 SMM=0 HLT=0\n";
+        assert_eq!(
+            rip_lines(info),
+            "; cpu0 RIP=ffffffff81c0c1d4 RFL=00000246 [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT=1; cpu1 RIP=000000000000fff0 RFL=00000002 [-------] CPL=0 II=0 A20=1 SMM=0 HLT=0"
+        );
+        assert_eq!(rip_lines("garbage"), "");
+        assert!(rip_lines(&format!("RIP={}", "x".repeat(10_000))).len() < 200);
+    }
+
     use super::*;
 
     fn fake_qemu(

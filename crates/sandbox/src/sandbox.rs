@@ -113,6 +113,12 @@ pub enum SandboxError {
     },
     #[error("the agent's vsock channel failed")]
     Vsock(#[from] crate::vsock::VsockError),
+    #[error("the agent's vsock channel failed (the VM then: {vm})")]
+    VsockStalled {
+        #[source]
+        source: crate::vsock::VsockError,
+        vm: String,
+    },
     #[error("the VM stopped before its agent connected (QEMU {status}){}", qemu_said(.stderr))]
     VmExited { status: String, stderr: String },
     #[error(transparent)]
@@ -701,7 +707,12 @@ impl Vm {
                     status: status.to_string(),
                     stderr: self.qemu.stderr().tail_lines(5),
                 },
-                _ => e.into(),
+                // Still running: where its vCPUs are tells a guest that never booted
+                // from one whose agent failed.
+                _ => SandboxError::VsockStalled {
+                    source: e,
+                    vm: self.qmp.vm_state(),
+                },
             };
             with_logs(error, &self.qemu)
         })
