@@ -9,6 +9,7 @@ pub mod gpu;
 pub mod guest;
 pub mod host;
 pub mod image;
+pub mod kata;
 pub mod pull;
 pub mod run;
 
