@@ -90,14 +90,17 @@ fn list(config: &PluginConfig) -> anyhow::Result<()> {
             })
         })
         .collect();
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&serde_json::json!({
-            "schema": "gpucell.device-plugin-list/v1",
-            "resources": doc,
-        }))?
-    );
-    Ok(())
+    let text = serde_json::to_string_pretty(&serde_json::json!({
+        "schema": "gpucell.device-plugin-list/v1",
+        "resources": doc,
+    }))?;
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{text}") {
+        // A closed pipe (`| head`) is the reader's choice, not a failure.
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
 }
 
 async fn shutdown_signal() {

@@ -45,6 +45,8 @@ enum Command {
     /// Export a guest flavour for Kata Containers (QEMU configuration and RuntimeClass).
     #[command(subcommand)]
     Kata(commands::kata::KataCommand),
+    /// Run the Kubernetes device plugin (gpucell-device-plugin) with these arguments.
+    DevicePlugin(commands::device_plugin::DevicePluginArgs),
 }
 
 fn main() -> ExitCode {
@@ -59,6 +61,7 @@ fn main() -> ExitCode {
         Command::Guest(c) => commands::guest::run(&cli.global, c),
         Command::Run(a) => commands::run::run(&cli.global, *a),
         Command::Kata(c) => commands::kata::run(&cli.global, c),
+        Command::DevicePlugin(a) => commands::device_plugin::run(&cli.global, a),
     };
     match result {
         Ok(code) => ExitCode::from(code),

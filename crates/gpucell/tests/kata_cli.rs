@@ -1,6 +1,7 @@
 //! `gpucell kata export` as a binary: a flavour that is not built is refused with the
 //! command that builds it; a built one (from `GPUCELL_TEST_STATE_DIR`, which `make test`
-//! fills) is exported for the captured 4 × H200 host.
+//! fills) is exported for the captured 4 × H200 host; `gpucell device-plugin` runs the
+//! plugin binary with the global host root and state dir.
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
@@ -72,4 +73,22 @@ fn built_flavour_is_exported() {
         "{config}"
     );
     assert!(config.contains("cold_plug_vfio = \"root-port\""));
+}
+
+#[test]
+fn device_plugin_verb_runs_the_plugin_binary() {
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_gpucell"));
+    if !exe.with_file_name("gpucell-device-plugin").is_file() {
+        eprintln!("skipping: gpucell-device-plugin is not built beside gpucell (cargo build -p gpucell-device-plugin)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let out = gpucell(tmp.path(), &["device-plugin", "--list"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["resources"][0]["resource"], "gpucell.io/H200");
 }
