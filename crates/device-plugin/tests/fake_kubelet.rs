@@ -156,6 +156,82 @@ fn release_all(state: &Path) {
     .unwrap();
 }
 
+/// Allocate: VFIO nodes plus CDI names and the CDI spec that resolves them; unknown
+/// and unhealthy devices refused, naming them.
+async fn allocate_and_refuse(
+    client: &mut DevicePluginClient<Channel>,
+    watch: &mut Streaming<ListAndWatchResponse>,
+    state: &Path,
+    cdi_dir: &Path,
+    all_healthy: &[(String, String)],
+) {
+    // Allocate: VFIO nodes plus CDI names, and the CDI spec that resolves them.
+    let alloc = client
+        .allocate(AllocateRequest {
+            container_requests: vec![ContainerAllocateRequest {
+                devices_ids: vec!["0000-41-00.0".into()],
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let c = &alloc.container_responses[0];
+    let nodes: Vec<&str> = c.devices.iter().map(|d| d.host_path.as_str()).collect();
+    assert_eq!(nodes, vec!["/dev/vfio/vfio", "/dev/vfio/41"]);
+    assert_eq!(c.cdi_devices[0].name, "gpucell.io/H200=0000-41-00.0");
+    let spec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(cdi_dir.join("gpucell.io-H200.json")).unwrap())
+            .unwrap();
+    assert_eq!(spec["kind"], "gpucell.io/H200");
+    assert_eq!(spec["cdiVersion"], "0.5.0");
+    let dev = spec["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "0000-41-00.0")
+        .unwrap();
+    assert_eq!(
+        dev["containerEdits"]["deviceNodes"][0]["path"],
+        "/dev/vfio/41"
+    );
+    assert_eq!(
+        spec["containerEdits"]["deviceNodes"][0]["path"],
+        "/dev/vfio/vfio"
+    );
+    // No temporary files left beside the specs.
+    let names: Vec<String> = std::fs::read_dir(cdi_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+
+    // Unknown and unhealthy devices are refused, naming them.
+    let err = client
+        .allocate(AllocateRequest {
+            container_requests: vec![ContainerAllocateRequest {
+                devices_ids: vec!["0000-99-00.0".into()],
+            }],
+        })
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("0000-99-00.0"), "{}", err.message());
+    quarantine(state, "0000:41:00.0");
+    let mut expect = all_healthy.to_vec();
+    expect[0].1 = "Unhealthy".into();
+    assert_eq!(next(watch).await, expect);
+    let err = client
+        .allocate(AllocateRequest {
+            container_requests: vec![ContainerAllocateRequest {
+                devices_ids: vec!["0000-41-00.0".into()],
+            }],
+        })
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("unhealthy"), "{}", err.message());
+    release_all(state);
+    assert_eq!(next(watch).await, all_healthy.to_vec());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plugin_against_a_fake_kubelet() {
     let host = host();
@@ -237,71 +313,7 @@ async fn plugin_against_a_fake_kubelet() {
         vec!["0000-81-00.0", "0000-82-00.0"]
     );
 
-    // Allocate: VFIO nodes plus CDI names, and the CDI spec that resolves them.
-    let alloc = client
-        .allocate(AllocateRequest {
-            container_requests: vec![ContainerAllocateRequest {
-                devices_ids: vec!["0000-41-00.0".into()],
-            }],
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let c = &alloc.container_responses[0];
-    let nodes: Vec<&str> = c.devices.iter().map(|d| d.host_path.as_str()).collect();
-    assert_eq!(nodes, vec!["/dev/vfio/vfio", "/dev/vfio/41"]);
-    assert_eq!(c.cdi_devices[0].name, "gpucell.io/H200=0000-41-00.0");
-    let spec: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(cdi_dir.join("gpucell.io-H200.json")).unwrap())
-            .unwrap();
-    assert_eq!(spec["kind"], "gpucell.io/H200");
-    assert_eq!(spec["cdiVersion"], "0.5.0");
-    let dev = spec["devices"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["name"] == "0000-41-00.0")
-        .unwrap();
-    assert_eq!(
-        dev["containerEdits"]["deviceNodes"][0]["path"],
-        "/dev/vfio/41"
-    );
-    assert_eq!(
-        spec["containerEdits"]["deviceNodes"][0]["path"],
-        "/dev/vfio/vfio"
-    );
-    // No temporary files left beside the specs.
-    let names: Vec<String> = std::fs::read_dir(&cdi_dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    assert_eq!(names.len(), 2, "{names:?}");
-
-    // Unknown and unhealthy devices are refused, naming them.
-    let err = client
-        .allocate(AllocateRequest {
-            container_requests: vec![ContainerAllocateRequest {
-                devices_ids: vec!["0000-99-00.0".into()],
-            }],
-        })
-        .await
-        .unwrap_err();
-    assert!(err.message().contains("0000-99-00.0"), "{}", err.message());
-    quarantine(&state, "0000:41:00.0");
-    let mut expect = all_healthy.clone();
-    expect[0].1 = "Unhealthy".into();
-    assert_eq!(next(&mut watch).await, expect);
-    let err = client
-        .allocate(AllocateRequest {
-            container_requests: vec![ContainerAllocateRequest {
-                devices_ids: vec!["0000-41-00.0".into()],
-            }],
-        })
-        .await
-        .unwrap_err();
-    assert!(err.message().contains("unhealthy"), "{}", err.message());
-    release_all(&state);
-    assert_eq!(next(&mut watch).await, all_healthy);
+    allocate_and_refuse(&mut client, &mut watch, &state, &cdi_dir, &all_healthy).await;
 
     // The kubelet restarts: it wipes the directory and creates its socket anew. The
     // plugin serves again and registers both resources again.
