@@ -25,8 +25,11 @@ use tonic::{Request, Response, Status, Streaming};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-/// The kubelet's Registration service: passes every request to the test.
+/// The kubelet's Registration service: like the kubelet, it dials the plugin's endpoint
+/// (in its own directory) and asks for the plugin's options before accepting; then it
+/// passes the request to the test.
 struct FakeKubelet {
+    dir: PathBuf,
     seen: mpsc::UnboundedSender<RegisterRequest>,
 }
 
@@ -36,6 +39,16 @@ impl Registration for FakeKubelet {
         let r = r.into_inner();
         if r.version != "v1beta1" {
             return Err(Status::invalid_argument("unsupported version"));
+        }
+        let endpoint = self.dir.join(&r.endpoint);
+        let opts = connect(endpoint)
+            .await
+            .get_device_plugin_options(Empty {})
+            .await?;
+        if !opts.get_ref().get_preferred_allocation_available {
+            return Err(Status::failed_precondition(
+                "options differ from the registration",
+            ));
         }
         let _ = self.seen.send(r);
         Ok(Response::new(Empty {}))
@@ -52,9 +65,13 @@ fn start_kubelet(
     let (tx, rx) = mpsc::unbounded_channel();
     let (stop, stopped) = oneshot::channel::<()>();
     let listener = UnixListener::bind(socket).unwrap();
+    let socket = socket.to_owned();
     tokio::spawn(async move {
         tonic::transport::Server::builder()
-            .add_service(RegistrationServer::new(FakeKubelet { seen: tx }))
+            .add_service(RegistrationServer::new(FakeKubelet {
+                dir: socket.parent().unwrap().to_owned(),
+                seen: tx,
+            }))
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::UnixListenerStream::new(listener),
                 async {
