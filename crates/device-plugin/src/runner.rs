@@ -249,7 +249,12 @@ pub async fn run(
             _ = tick.tick() => {}
         }
         match discover(&config).await {
-            Ok(found) => update(&mut current, found, &served),
+            Ok(found) => {
+                if update(&mut current, found, &served) {
+                    // A new model: serve and register it too.
+                    registered_with = None;
+                }
+            }
             Err(e) => tracing::warn!("{}", gpucell_common::chain_string(&e)),
         }
         let kubelet = identity(&config.kubelet_socket());
@@ -268,6 +273,9 @@ pub async fn run(
         };
         let mut all_started = true;
         for r in current.values() {
+            if let Err(e) = cdi::write_spec(&config.cdi_dir, r) {
+                tracing::error!("{}", gpucell_common::chain_string(&e));
+            }
             match Served::start(&config, r.clone()) {
                 Ok(s) => served.push(s),
                 Err(e) => {
@@ -316,9 +324,13 @@ async fn discover(config: &PluginConfig) -> Result<Vec<Resource>, PluginError> {
 }
 
 /// Applies a fresh reading: a resource's devices and health are replaced (its ListAndWatch
-/// streams send when something changed); a GPU gone from sysfs stays listed, Unhealthy;
-/// a new model is only logged (restart the plugin to serve it).
-fn update(current: &mut BTreeMap<String, Resource>, found: Vec<Resource>, served: &[Served]) {
+/// streams send when something changed); a GPU gone from sysfs stays listed, Unhealthy.
+/// True when a new model appeared (added to `current`; the caller serves it).
+fn update(
+    current: &mut BTreeMap<String, Resource>,
+    found: Vec<Resource>,
+    served: &[Served],
+) -> bool {
     let mut found: BTreeMap<String, Resource> =
         found.into_iter().map(|r| (r.class.clone(), r)).collect();
     for (class, r) in current.iter_mut() {
@@ -357,7 +369,10 @@ fn update(current: &mut BTreeMap<String, Resource>, found: Vec<Resource>, served
             });
         }
     }
-    for r in found.values() {
-        tracing::warn!(resource = %r.name, "a new GPU model appeared; restart the plugin to serve it");
+    let new = !found.is_empty();
+    for (class, r) in found {
+        tracing::info!(resource = %r.name, "a new GPU model appeared");
+        current.insert(class, r);
     }
+    new
 }

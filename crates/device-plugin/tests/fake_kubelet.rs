@@ -358,7 +358,7 @@ async fn plugin_against_a_fake_kubelet() {
 }
 
 #[tokio::test]
-async fn a_missing_kubelet_is_waited_for_and_no_gpu_is_an_error() {
+async fn no_gpu_is_an_error_naming_the_root() {
     // No GPU at all: refused at once, naming the host root.
     let empty = FakeHost::new().unwrap();
     let tmp = tempfile::tempdir().unwrap();
@@ -368,4 +368,55 @@ async fn a_missing_kubelet_is_waited_for_and_no_gpu_is_an_error() {
     config.cdi_dir = tmp.path().join("cdi");
     let err = runner::run(config, async {}).await.unwrap_err();
     assert!(err.to_string().contains("no NVIDIA GPU"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubelet_waited_for_and_a_model_bound_later_is_served() {
+    let host = FakeHost::bare_metal_intel().unwrap();
+    host.add(
+        &FakeFunction::new("0000:41:00.0", 0x10de, 0x2335, 0x030200)
+            .driver("vfio-pci")
+            .iommu_group(41),
+    )
+    .unwrap();
+    host.dev_node("vfio/41").unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let plugins = tmp.path().join("device-plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    let mut config = PluginConfig::new(tmp.path().join("state"));
+    config.root = host.root();
+    config.plugin_dir = plugins.clone();
+    config.cdi_dir = tmp.path().join("cdi");
+    config.poll = Duration::from_millis(50);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let plugin = tokio::spawn(runner::run(config, async {
+        let _ = stopped.await;
+    }));
+    // No kubelet yet: the plugin waits for its socket, serving nothing.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!plugins.join("gpucell-H200.sock").exists());
+    let (kubelet, mut seen) = start_kubelet(&plugins.join("kubelet.sock"));
+    assert_eq!(registrations(&mut seen, 1).await[0].0, "gpucell.io/H200");
+    // An RTX 4090 appears (bound to vfio-pci later): both resources are registered.
+    host.add(
+        &FakeFunction::rtx4090("0000:c1:00.0")
+            .driver("vfio-pci")
+            .iommu_group(90),
+    )
+    .unwrap();
+    host.dev_node("vfio/90").unwrap();
+    let names: Vec<String> = registrations(&mut seen, 2)
+        .await
+        .into_iter()
+        .map(|r| r.0)
+        .collect();
+    assert_eq!(names, vec!["gpucell.io/H200", "gpucell.io/RTX-4090"]);
+    assert!(tmp.path().join("cdi/gpucell.io-RTX-4090.json").is_file());
+    let _ = stop.send(());
+    tokio::time::timeout(WAIT, plugin)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let _ = kubelet.send(());
 }
