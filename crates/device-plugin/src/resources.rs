@@ -32,7 +32,7 @@ pub enum ResourceError {
     BadOverride { text: String },
     #[error("resource class `{name}` is not 1-63 characters of A-Z a-z 0-9 _ - starting and ending with a letter or digit")]
     BadClass { name: String },
-    #[error("resource domain `{domain}` is not a DNS name such as gpucell.io")]
+    #[error("resource domain `{domain}` is not a DNS name such as gpucell.io outside kubernetes.io and k8s.io")]
     BadDomain { domain: String },
     #[error(
         "NVLink clique `{text}` names `{item}`, which is not a PCI address such as 0000:41:00.0"
@@ -75,7 +75,12 @@ impl Naming {
                     && !l.starts_with('-')
                     && !l.ends_with('-')
             });
-        if !ok {
+        // The kubelet refuses extended resources in the Kubernetes domains.
+        let reserved = d == "kubernetes.io"
+            || d.ends_with(".kubernetes.io")
+            || d == "k8s.io"
+            || d.ends_with(".k8s.io");
+        if !ok || reserved {
             return Err(ResourceError::BadDomain {
                 domain: gpucell_host::sysfs::printable(d),
             });
@@ -359,6 +364,8 @@ mod tests {
             assert!(!e.to_string().is_empty(), "{bad}");
         }
         n.domain = "Gpucell.io".into();
+        assert!(n.validate().is_err());
+        n.domain = "gpu.kubernetes.io".into();
         assert!(n.validate().is_err());
         n.domain = "example.com".into();
         n.validate().unwrap();
