@@ -278,6 +278,8 @@ pub fn discover(
     for w in &records.warnings {
         tracing::warn!("{w}");
     }
+    // A damaged record file stops the allocator (fail closed): no GPU can be handed out.
+    let damaged = records.warnings.first().cloned();
     let mut by_class: BTreeMap<String, Vec<PluginDevice>> = BTreeMap::new();
     for gpu in &inv.gpus {
         let class = naming.class_of(gpu.function.device);
@@ -287,7 +289,10 @@ pub fn discover(
             iommu_group: gpu.iommu_group,
             numa_node: gpu.numa_node,
             clique: naming.clique_of(gpu.bdf),
-            health: health_of(root, gpu, &records),
+            health: match &damaged {
+                Some(w) => Health::Unhealthy(format!("device records unreadable: {w}")),
+                None => health_of(root, gpu, &records),
+            },
         });
     }
     Ok(by_class
@@ -369,6 +374,45 @@ mod tests {
         assert!(n.validate().is_err());
         n.domain = "example.com".into();
         n.validate().unwrap();
+    }
+
+    #[test]
+    fn health_from_sysfs_and_records_failing_closed() {
+        use gpucell_host::testing::{FakeFunction, FakeHost};
+        let host = FakeHost::bare_metal_intel().unwrap();
+        let gpu = |a: &str, g: u32| {
+            FakeFunction::new(a, 0x10de, 0x2335, 0x030200)
+                .driver("vfio-pci")
+                .iommu_group(g)
+        };
+        host.add(&gpu("0000:41:00.0", 41)).unwrap();
+        host.add(&gpu("0000:42:00.0", 42)).unwrap();
+        host.add(
+            &FakeFunction::new("0000:43:00.0", 0x10de, 0x2335, 0x030200)
+                .driver("nvidia")
+                .iommu_group(43),
+        )
+        .unwrap();
+        host.dev_node("vfio/41").unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let found = discover(&host.root(), state.path(), &Naming::default()).unwrap();
+        let health: Vec<_> = found[0].devices.iter().map(|d| d.health.clone()).collect();
+        assert_eq!(health[0], Health::Healthy);
+        assert!(
+            matches!(&health[1], Health::Unhealthy(w) if w.contains("/dev/vfio/42")),
+            "{health:?}"
+        );
+        assert!(
+            matches!(&health[2], Health::Unhealthy(w) if w.contains("needs-bind")),
+            "{health:?}"
+        );
+        std::fs::create_dir_all(state.path().join("devices")).unwrap();
+        std::fs::write(state.path().join("devices/quarantine.json"), "{garbage").unwrap();
+        let found = discover(&host.root(), state.path(), &Naming::default()).unwrap();
+        assert!(found[0]
+            .devices
+            .iter()
+            .all(|d| matches!(&d.health, Health::Unhealthy(w) if w.contains("quarantine.json"))));
     }
 
     #[test]
