@@ -42,6 +42,11 @@ enum Command {
     Guest(commands::guest::GuestCommand),
     /// Run a command from an image inside its own microVM.
     Run(Box<commands::run::RunArgs>),
+    /// Export a guest flavour for Kata Containers (QEMU configuration and RuntimeClass).
+    #[command(subcommand)]
+    Kata(commands::kata::KataCommand),
+    /// Run the Kubernetes device plugin (gpucell-device-plugin) with these arguments.
+    DevicePlugin(commands::device_plugin::DevicePluginArgs),
 }
 
 fn main() -> ExitCode {
@@ -55,6 +60,8 @@ fn main() -> ExitCode {
         Command::Image(c) => commands::image::run(&cli.global, c),
         Command::Guest(c) => commands::guest::run(&cli.global, c),
         Command::Run(a) => commands::run::run(&cli.global, *a),
+        Command::Kata(c) => commands::kata::run(&cli.global, c),
+        Command::DevicePlugin(a) => commands::device_plugin::run(&cli.global, a),
     };
     match result {
         Ok(code) => ExitCode::from(code),

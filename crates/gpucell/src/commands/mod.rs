@@ -3,12 +3,14 @@
 
 use std::path::PathBuf;
 
+pub mod device_plugin;
 pub mod doctor;
 pub mod envconfig;
 pub mod gpu;
 pub mod guest;
 pub mod host;
 pub mod image;
+pub mod kata;
 pub mod pull;
 pub mod run;
 
