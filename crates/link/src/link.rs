@@ -169,8 +169,8 @@ impl Link {
             inventory: shared.ops.inventory().await,
         });
         let mut seq = 0;
-        let heartbeat = self.heartbeat(&mut seq).await;
-        for msg in [register, heartbeat] {
+        let first_beat = heartbeat(&shared, &mut seq).await;
+        for msg in [register, first_beat] {
             if let Err(e) = send(&mut sink, &msg, cfg).await {
                 return SessionEnd::Lost(e);
             }
@@ -199,7 +199,7 @@ impl Link {
                     if let Err(e) = send_frame(&mut sink, Message::Ping(Default::default()), cfg).await {
                         return SessionEnd::Lost(e);
                     }
-                    Some(self.heartbeat(&mut seq).await)
+                    Some(heartbeat(&shared, &mut seq).await)
                 }
                 Some(msg) = self.out_rx.recv() => Some(msg),
                 status = next_status(&mut self.status_rx) => status.map(NodeMessage::Status),
@@ -224,17 +224,6 @@ impl Link {
                 }
             }
         }
-    }
-
-    async fn heartbeat(&self, seq: &mut u64) -> NodeMessage {
-        let msg = NodeMessage::Heartbeat(Heartbeat {
-            node_id: self.shared.cfg.node_id.clone(),
-            seq: *seq,
-            sent_at_ms: now_ms(),
-            sandboxes: self.shared.ops.states().await,
-        });
-        *seq += 1;
-        msg
     }
 
     /// Handles one frame; returns what to send at once, or why the connection is over.
@@ -319,6 +308,17 @@ impl Link {
             .await;
         });
     }
+}
+
+async fn heartbeat(shared: &Shared, seq: &mut u64) -> NodeMessage {
+    let msg = NodeMessage::Heartbeat(Heartbeat {
+        node_id: shared.cfg.node_id.clone(),
+        seq: *seq,
+        sent_at_ms: now_ms(),
+        sandboxes: shared.ops.states().await,
+    });
+    *seq += 1;
+    msg
 }
 
 /// Queues a task's result for the current or next connection.
