@@ -358,6 +358,8 @@ fn check_token(inner: &Inner, req: &Request) -> Result<(), String> {
 
 async fn serve(tcp: TcpStream, inner: Arc<Inner>) {
     let auth_inner = Arc::clone(&inner);
+    // The handshake callback's signature is tungstenite's.
+    #[allow(clippy::result_large_err)]
     let callback = move |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
         match check_token(&auth_inner, req) {
             Ok(()) => Ok(resp),
