@@ -8,15 +8,18 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
 use serde_json::{json, Value};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::StatusCode;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -25,6 +28,8 @@ use tokio_tungstenite::tungstenite::Message;
 
 /// The close code sent to a node marked offline.
 pub const OFFLINE_CLOSE_CODE: u16 = 4001;
+/// The close code sent to a node's older connection when it registers on a new one.
+pub const REPLACED_CLOSE_CODE: u16 = 4002;
 
 /// Errors of the reference control plane.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +42,8 @@ pub enum CpError {
     },
     #[error("node `{0}` has no open connection")]
     NotConnected(String),
+    #[error("TLS certificate or key {path}: {reason}")]
+    Tls { path: PathBuf, reason: String },
     #[error("waited {after:?} for {what}; events so far: {events}")]
     Timeout {
         what: String,
@@ -54,6 +61,8 @@ pub struct ServerConfig {
     pub offline_after: Duration,
     /// Largest message accepted from a node.
     pub max_message_bytes: usize,
+    /// Serve `wss://` with this certificate (see [`tls_config`]); plain `ws://` when `None`.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl ServerConfig {
@@ -62,6 +71,7 @@ impl ServerConfig {
             token: token.into(),
             offline_after: Duration::from_secs(60),
             max_message_bytes: 1 << 20,
+            tls: None,
         }
     }
 }
@@ -201,7 +211,11 @@ impl ControlPlane {
 
     /// The URL nodes connect to.
     pub fn url(&self) -> String {
-        format!("ws://{}/v1/node", self.addr)
+        if self.inner.cfg.tls.is_some() {
+            format!("wss://localhost:{}/v1/node", self.addr.port())
+        } else {
+            format!("ws://{}/v1/node", self.addr)
+        }
     }
 
     /// Everything seen so far.
@@ -310,7 +324,18 @@ async fn accept_loop(listener: TcpListener, inner: Arc<Inner>) {
     loop {
         match listener.accept().await {
             Ok((tcp, _peer)) => {
-                tokio::spawn(serve(tcp, Arc::clone(&inner)));
+                let inner = Arc::clone(&inner);
+                tokio::spawn(async move {
+                    match inner.cfg.tls.clone() {
+                        None => serve(tcp, inner).await,
+                        Some(tls) => match TlsAcceptor::from(tls).accept(tcp).await {
+                            Ok(stream) => serve(stream, inner).await,
+                            Err(e) => inner.record(Event::Refused {
+                                reason: format!("TLS handshake: {e}"),
+                            }),
+                        },
+                    }
+                });
             }
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
@@ -356,7 +381,10 @@ fn check_token(inner: &Inner, req: &Request) -> Result<(), String> {
     }
 }
 
-async fn serve(tcp: TcpStream, inner: Arc<Inner>) {
+async fn serve<S>(tcp: S, inner: Arc<Inner>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
     let auth_inner = Arc::clone(&inner);
     // The handshake callback's signature is tungstenite's.
     #[allow(clippy::result_large_err)]
@@ -408,11 +436,9 @@ async fn serve(tcp: TcpStream, inner: Arc<Inner>) {
     });
 }
 
-type ServerWs = tokio_tungstenite::WebSocketStream<TcpStream>;
-
 /// Serves one connection until it ends; returns why.
-async fn connection(
-    ws: ServerWs,
+async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: tokio_tungstenite::WebSocketStream<S>,
     inner: &Inner,
     conn: u64,
     node_id: &mut Option<String>,
@@ -468,6 +494,17 @@ fn on_text(inner: &Inner, conn: u64, node_id: &mut Option<String>, text: &str) -
         match kind {
             "register" => {
                 if let Some(id) = payload_node {
+                    let older = st
+                        .nodes
+                        .get(&id)
+                        .and_then(|n| n.conn)
+                        .filter(|c| *c != conn);
+                    if let Some(tx) = older.and_then(|c| st.conns.get(&c)) {
+                        let _ = tx.send(Command::Close(
+                            REPLACED_CLOSE_CODE,
+                            "replaced by a newer connection".to_string(),
+                        ));
+                    }
                     st.nodes.insert(
                         id.clone(),
                         NodeState {
@@ -506,4 +543,24 @@ fn on_text(inner: &Inner, conn: u64, node_id: &mut Option<String>, text: &str) -
         message,
     });
     reply
+}
+
+/// A rustls server configuration from PEM files: the certificate chain and its key.
+pub fn tls_config(cert_pem: &Path, key_pem: &Path) -> Result<Arc<rustls::ServerConfig>, CpError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |path: &Path, reason: String| CpError::Tls {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let certs = CertificateDer::pem_file_iter(cert_pem)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| bad(cert_pem, e.to_string()))?;
+    let key = PrivateKeyDer::from_pem_file(key_pem).map_err(|e| bad(key_pem, e.to_string()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .and_then(|b| b.with_no_client_auth().with_single_cert(certs, key))
+        .map_err(|e| bad(cert_pem, e.to_string()))?;
+    Ok(Arc::new(config))
 }

@@ -31,6 +31,12 @@ struct Args {
     /// Seconds without a heartbeat before a node is marked offline.
     #[arg(long, default_value_t = 60)]
     offline_after_secs: u64,
+    /// Serve wss:// with this PEM certificate chain (needs --key).
+    #[arg(long, requires = "key")]
+    cert: Option<std::path::PathBuf>,
+    /// The PEM private key of --cert.
+    #[arg(long, requires = "cert")]
+    key: Option<std::path::PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -54,6 +60,9 @@ fn main() -> ExitCode {
 async fn serve(args: Args) -> anyhow::Result<()> {
     let mut cfg = ServerConfig::new(args.token);
     cfg.offline_after = Duration::from_secs(args.offline_after_secs);
+    if let (Some(cert), Some(key)) = (&args.cert, &args.key) {
+        cfg.tls = Some(gpucell_test_control_plane::tls_config(cert, key)?);
+    }
     let cp = ControlPlane::start(args.listen, cfg).await?;
     eprintln!("listening on {}", cp.url());
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
