@@ -18,13 +18,15 @@ pub enum ConfigError {
 /// The control-plane link's configuration.
 ///
 /// The token is sent as `Authorization: Bearer <node_token>` and never printed: `Debug`
-/// shows it as `<redacted>`.
+/// shows it as `<redacted>` and serializing leaves it out.
 #[derive(Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct LinkConfig {
     /// `wss://host[:port]/path` (TLS with rustls), or `ws://` for tests and trusted networks.
     pub url: String,
-    /// The secret this node authenticates with.
+    /// The secret this node authenticates with. Never serialized: a configuration printed
+    /// back shows every other key.
+    #[serde(skip_serializing)]
     pub node_token: String,
     /// The id the node registers under.
     pub node_id: String,
@@ -225,6 +227,9 @@ mod tests {
         let text = format!("{:?}", good());
         assert!(!text.contains("s3cret"), "{text}");
         assert!(text.contains("<redacted>"));
+        let json = serde_json::to_string(&good()).unwrap();
+        assert!(!json.contains("s3cret"), "{json}");
+        assert!(json.contains("node-1"), "{json}");
     }
 
     #[test]
