@@ -307,7 +307,7 @@ async fn after_the_server_drops_the_node_reconnects_and_registers_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_result_finished_while_disconnected_is_sent_after_reconnecting() {
-    let (cp, node, ops) = registered(Duration::from_millis(800)).await;
+    let (cp, node, ops) = registered(Duration::from_millis(1500)).await;
     cp.deploy(NODE, "dep-4", json!({"image": "x"})).unwrap();
     cp.wait_for("deploy started", WAIT, |_| ops.count("deploy:dep-4") == 1)
         .await
@@ -434,7 +434,7 @@ async fn an_oversized_message_ends_the_connection_and_the_node_reconnects() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_node_is_marked_offline_and_a_live_one_is_not() {
-    let cp = control_plane(Duration::from_millis(400)).await;
+    let cp = control_plane(Duration::from_millis(1000)).await;
     // Heartbeats every 50 ms: online for well over the offline limit.
     let live = FakeOps::new(Duration::ZERO);
     let mut cfg = link_cfg(&cp);
@@ -443,7 +443,7 @@ async fn a_silent_node_is_marked_offline_and_a_live_one_is_not() {
     cp.wait_for("register", WAIT, |e| count(e, "register") == 1)
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     assert!(cp.is_online(NODE));
     assert!(!cp
         .events()
@@ -463,7 +463,6 @@ async fn a_silent_node_is_marked_offline_and_a_live_one_is_not() {
     })
     .await
     .unwrap();
-    assert!(!cp.is_online("node-silent"));
     cp.wait_for("closed with 4001", WAIT, |e| {
         e.iter().any(|e| {
             matches!(e, Event::Disconnected { node_id: Some(n), reason, .. }
@@ -472,13 +471,26 @@ async fn a_silent_node_is_marked_offline_and_a_live_one_is_not() {
     })
     .await
     .unwrap();
-    // The node comes back: it reconnects and registers again.
-    cp.wait_for("re-register", WAIT, |_| {
-        cp.payloads("node-silent", "register").len() == 2
-    })
-    .await
-    .unwrap();
-    assert!(cp.is_online("node-silent"));
+    // The node comes back: it reconnects and registers again (and, silent again, will be
+    // marked offline again: not asserted, it depends on timing).
+    let events = cp
+        .wait_for("re-register", WAIT, |_| {
+            cp.payloads("node-silent", "register").len() == 2
+        })
+        .await
+        .unwrap();
+    let offline_at = events
+        .iter()
+        .position(|e| matches!(e, Event::Offline { node_id } if node_id == "node-silent"))
+        .unwrap();
+    let registers_after = events[offline_at..]
+        .iter()
+        .filter(|e| {
+            matches!(e, Event::Message { node_id: Some(n), message, .. }
+                if n == "node-silent" && message["type"] == "register")
+        })
+        .count();
+    assert_eq!(registers_after, 1, "{events:?}");
     node.shutdown().await.unwrap();
 }
 
