@@ -16,6 +16,6 @@ pub mod protocol;
 pub mod tls;
 
 pub use config::{ConfigError, LinkConfig};
-pub use link::{run, LinkError};
+pub use link::{run, run_with_state, LinkError, LinkState};
 pub use ops::{LinkOpError, NodeOps};
 pub use protocol::{NodeMessage, ServerMessage};

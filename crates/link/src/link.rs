@@ -8,9 +8,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::{SinkExt, StreamExt};
 use gpucell_common::chain_string;
+use serde::Serialize;
 use serde_json::Value;
 use tokio::net::TcpStream;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -74,6 +75,16 @@ pub async fn run(
     ops: Arc<dyn NodeOps>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), LinkError> {
+    run_with_state(cfg, ops, shutdown, watch::channel(LinkState::default()).0).await
+}
+
+/// [`run`], publishing the link's state (for the daemon's node status and metrics).
+pub async fn run_with_state(
+    cfg: LinkConfig,
+    ops: Arc<dyn NodeOps>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    state: watch::Sender<LinkState>,
+) -> Result<(), LinkError> {
     cfg.validate()?;
     let connector = tls::connector(&cfg)?;
     let (out_tx, out_rx) = mpsc::channel(OUTBOX);
@@ -89,9 +100,24 @@ pub async fn run(
         status_rx,
         unsent: VecDeque::new(),
         shutdown: Box::pin(shutdown),
+        state,
     };
     link.run(connector).await;
+    link.set_state(false, None);
     Ok(())
+}
+
+/// Where the link stands.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct LinkState {
+    /// Registered on an open connection.
+    pub connected: bool,
+    /// Connections registered since the link started.
+    pub connections: u64,
+    /// When `connected` last changed (Unix ms; 0 before the first change).
+    pub since_ms: u64,
+    /// Why the last connection attempt failed or the last connection ended.
+    pub last_error: Option<String>,
 }
 
 /// What the link and its spawned deploy/stop tasks share.
@@ -110,6 +136,7 @@ struct Link {
     /// Messages taken from the outbox whose send failed: first on the next connection.
     unsent: VecDeque<NodeMessage>,
     shutdown: Shutdown,
+    state: watch::Sender<LinkState>,
 }
 
 enum SessionEnd {
@@ -136,6 +163,7 @@ impl Link {
                         SessionEnd::Shutdown => return,
                         SessionEnd::Lost(reason) => {
                             warn!(url = %url, reason = %reason, "lost the control plane; workloads keep running");
+                            self.set_state(false, Some(reason));
                         }
                     }
                     if started.elapsed() >= backoff_max {
@@ -144,9 +172,14 @@ impl Link {
                 }
                 Err(e @ ConnectError::Refused { .. }) => {
                     error!(error = %e, "control plane connection refused");
+                    self.set_state(false, Some(e.to_string()));
                     backoff.to_max();
                 }
-                Err(e) => warn!(error = %chain_string(&e), "control plane connection failed"),
+                Err(e) => {
+                    let reason = chain_string(&e);
+                    warn!(error = %reason, "control plane connection failed");
+                    self.set_state(false, Some(reason));
+                }
             }
             let delay = backoff.next_delay();
             debug!(?delay, "reconnecting after a delay");
@@ -155,6 +188,24 @@ impl Link {
                 _ = tokio::time::sleep(delay) => {}
             }
         }
+    }
+
+    /// Publishes a change of state; `error` is kept until the next failure replaces it.
+    fn set_state(&self, connected: bool, error: Option<String>) {
+        self.state.send_if_modified(|st| {
+            let changed = st.connected != connected || error.is_some();
+            if st.connected != connected {
+                st.since_ms = now_ms();
+                if connected {
+                    st.connections += 1;
+                }
+            }
+            st.connected = connected;
+            if error.is_some() {
+                st.last_error = error;
+            }
+            changed
+        });
     }
 
     /// One connection: register, heartbeat, then serve until it ends.
@@ -181,6 +232,7 @@ impl Link {
                 return SessionEnd::Lost(e);
             }
         }
+        self.set_state(true, None);
         let period = cfg.heartbeat();
         let dead_after = (period * DEAD_AFTER_HEARTBEATS).max(DEAD_AFTER_MIN);
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);

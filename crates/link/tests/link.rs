@@ -717,3 +717,67 @@ async fn a_second_connection_of_the_same_node_replaces_the_first() {
     twin.shutdown().await.unwrap();
     node.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_link_state_follows_connections_and_failures() {
+    let cp = control_plane(Duration::from_secs(60)).await;
+    let (state_tx, mut state) = tokio::sync::watch::channel(gpucell_link::LinkState::default());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let ops: Arc<FakeOps> = FakeOps::new(Duration::ZERO);
+    let handle = tokio::spawn(gpucell_link::run_with_state(
+        link_cfg(&cp),
+        ops,
+        async move {
+            let _ = stopped.await;
+        },
+        state_tx,
+    ));
+    let wait = |want: u64| {
+        let mut rx = state.clone();
+        async move {
+            tokio::time::timeout(WAIT, rx.wait_for(|s| s.connected && s.connections == want))
+                .await
+                .expect("state reached in time")
+                .map(|s| s.clone())
+                .unwrap()
+        }
+    };
+    let first = wait(1).await;
+    assert!(
+        first.since_ms > 0 && first.last_error.is_none(),
+        "{first:?}"
+    );
+    cp.drop_connection(NODE).unwrap();
+    let second = wait(2).await;
+    assert!(
+        second.last_error.is_some(),
+        "the drop is kept as the last error: {second:?}"
+    );
+    let _ = stop.send(());
+    handle.await.unwrap().unwrap();
+    assert!(!state.borrow_and_update().connected);
+
+    // A refused token shows in the state, naming what to fix.
+    let (state_tx, mut state) = tokio::sync::watch::channel(gpucell_link::LinkState::default());
+    let mut cfg = link_cfg(&cp);
+    cfg.node_token = "wrong-token".into();
+    let handle = tokio::spawn(gpucell_link::run_with_state(
+        cfg,
+        FakeOps::new(Duration::ZERO),
+        std::future::pending(),
+        state_tx,
+    ));
+    let refused = tokio::time::timeout(WAIT, state.wait_for(|s| s.last_error.is_some()))
+        .await
+        .unwrap()
+        .unwrap()
+        .clone();
+    let error = refused.last_error.unwrap_or_default();
+    assert!(
+        error.contains("401") && error.contains("node_token"),
+        "{error}"
+    );
+    assert!(!error.contains("wrong-token"), "{error}");
+    assert!(!refused.connected);
+    handle.abort();
+}
