@@ -9,6 +9,7 @@
 
 pub mod backoff;
 pub mod config;
+mod connect;
 pub mod deployments;
 mod link;
 pub mod ops;
@@ -17,5 +18,5 @@ pub mod tls;
 
 pub use config::{ConfigError, LinkConfig};
 pub use link::{run, run_with_state, LinkError, LinkState};
-pub use ops::{LinkOpError, NodeOps};
+pub use ops::{json_updates, LinkOpError, NodeOps};
 pub use protocol::{NodeMessage, ServerMessage};

@@ -10,18 +10,16 @@ use futures_util::{SinkExt, StreamExt};
 use gpucell_common::chain_string;
 use serde::Serialize;
 use serde_json::Value;
-use tokio::net::TcpStream;
 use tokio::sync::{broadcast, mpsc, watch};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{self, Message};
-use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::Connector;
 use tracing::{debug, error, info, warn};
 
 use crate::backoff::Backoff;
 use crate::config::{ConfigError, LinkConfig};
+use crate::connect::{connect, ConnectError, Ws};
 use crate::deployments::{self, DeployAction, Deployments, DEFAULT_CAPACITY};
 use crate::ops::{LinkOpError, NodeOps};
 use crate::protocol::{
@@ -29,7 +27,6 @@ use crate::protocol::{
 };
 use crate::tls::{self, TlsError};
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 type Shutdown = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Messages waiting to be sent while the link is down.
@@ -46,21 +43,6 @@ pub enum LinkError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Tls(#[from] TlsError),
-}
-
-/// Why one connection attempt failed.
-#[derive(Debug, thiserror::Error)]
-enum ConnectError {
-    #[error("connecting to {url}")]
-    Ws {
-        url: String,
-        #[source]
-        source: tungstenite::Error,
-    },
-    #[error("the control plane at {url} refused this node (HTTP {status}): check [link] node_token and node_id")]
-    Refused { url: String, status: StatusCode },
-    #[error("connecting to {url} took longer than {after:?} ([link] connect_timeout_ms)")]
-    Timeout { url: String, after: Duration },
 }
 
 /// Runs the link until `shutdown` completes: connects, registers, heartbeats, answers
@@ -417,42 +399,6 @@ async fn next_status(rx: &mut Option<broadcast::Receiver<Value>>) -> Option<Valu
                 return None;
             }
         }
-    }
-}
-
-async fn connect(cfg: &LinkConfig, connector: Option<Connector>) -> Result<Ws, ConnectError> {
-    let url = cfg.url.clone();
-    let ws_err = |source| ConnectError::Ws {
-        url: url.clone(),
-        source,
-    };
-    let mut request = cfg.url.as_str().into_client_request().map_err(ws_err)?;
-    let bearer = HeaderValue::from_str(&format!("Bearer {}", cfg.node_token))
-        .map_err(|e| ws_err(tungstenite::Error::HttpFormat(e.into())))?;
-    request.headers_mut().insert("authorization", bearer);
-    let ws_config = WebSocketConfig::default()
-        .max_message_size(Some(cfg.max_message_bytes))
-        .max_frame_size(Some(cfg.max_message_bytes));
-    let attempt =
-        tokio_tungstenite::connect_async_tls_with_config(request, Some(ws_config), true, connector);
-    match tokio::time::timeout(cfg.connect_timeout(), attempt).await {
-        Err(_) => Err(ConnectError::Timeout {
-            url,
-            after: cfg.connect_timeout(),
-        }),
-        Ok(Ok((ws, _response))) => Ok(ws),
-        Ok(Err(tungstenite::Error::Http(response)))
-            if matches!(
-                response.status(),
-                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
-            ) =>
-        {
-            Err(ConnectError::Refused {
-                url,
-                status: response.status(),
-            })
-        }
-        Ok(Err(e)) => Err(ws_err(e)),
     }
 }
 

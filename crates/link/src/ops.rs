@@ -1,6 +1,7 @@
 //! What the link asks of the node: the daemon implements [`NodeOps`].
 
 use async_trait::async_trait;
+use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::broadcast;
 
@@ -44,5 +45,64 @@ pub trait NodeOps: Send + Sync {
     /// when the link starts; `None` (the default) sends none.
     fn status_updates(&self) -> Option<broadcast::Receiver<Value>> {
         None
+    }
+}
+
+/// Turns a broadcast of the daemon's own event type into the JSON broadcast that
+/// [`NodeOps::status_updates`] returns, by a task that forwards each event as JSON. The
+/// task ends when the source closes or nobody listens any more. Call it inside a tokio
+/// runtime (the link calls `status_updates` from `run`).
+pub fn json_updates<T>(mut source: broadcast::Receiver<T>) -> broadcast::Receiver<Value>
+where
+    T: Serialize + Clone + Send + 'static,
+{
+    let (tx, rx) = broadcast::channel(1024);
+    tokio::spawn(async move {
+        loop {
+            match source.recv().await {
+                Ok(event) => {
+                    let Ok(value) = serde_json::to_value(&event) else {
+                        continue;
+                    };
+                    if tx.send(value).is_err() {
+                        return;
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
+    rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Clone, Debug, Serialize)]
+    struct Event {
+        id: &'static str,
+        state: &'static str,
+    }
+
+    #[tokio::test]
+    async fn json_updates_forwards_as_json_and_ends_with_the_source() {
+        let (tx, rx) = broadcast::channel(4);
+        let mut json = json_updates(rx);
+        tx.send(Event {
+            id: "a",
+            state: "running",
+        })
+        .unwrap();
+        assert_eq!(
+            json.recv().await.unwrap(),
+            serde_json::json!({"id": "a", "state": "running"})
+        );
+        drop(tx);
+        assert!(matches!(
+            json.recv().await,
+            Err(broadcast::error::RecvError::Closed)
+        ));
     }
 }
