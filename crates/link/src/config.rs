@@ -172,7 +172,7 @@ impl LinkConfig {
         crate::protocol::validate_deployment_id(&self.node_id).map_err(|_| {
             field(
                 "node_id",
-                "must be 1 to 128 characters of A-Z, a-z, 0-9 and . _ : -",
+                "must be 1 to 64 characters of A-Z, a-z, 0-9 and . _ -, not starting with . or -",
             )
         })?;
         if self.heartbeat_ms < 10 || self.heartbeat_ms > 600_000 {

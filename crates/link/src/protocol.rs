@@ -11,7 +11,7 @@ use serde_json::Value;
 pub const PROTOCOL_VERSION: u32 = 1;
 
 /// The longest deployment id the link accepts.
-pub const MAX_DEPLOYMENT_ID_LEN: usize = 128;
+pub const MAX_DEPLOYMENT_ID_LEN: usize = 64;
 
 /// A message from the node to the control plane.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -260,7 +260,9 @@ fn deployment_id(payload: &Value, kind: &str) -> Result<String, Rejection> {
     Ok(id.clone())
 }
 
-/// A deployment id is 1 to [`MAX_DEPLOYMENT_ID_LEN`] characters of `A-Za-z0-9._:-`.
+/// A deployment id is 1 to [`MAX_DEPLOYMENT_ID_LEN`] characters of `A-Za-z0-9._-`, not
+/// starting with `.` or `-` (the daemon's rule for sandbox ids, so an id is safe in a
+/// path and a log line).
 pub fn validate_deployment_id(id: &str) -> Result<(), String> {
     if id.is_empty() || id.len() > MAX_DEPLOYMENT_ID_LEN {
         return Err(format!(
@@ -269,11 +271,14 @@ pub fn validate_deployment_id(id: &str) -> Result<(), String> {
     }
     if let Some(bad) = id
         .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')))
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
     {
         return Err(format!(
-            "field `payload.deployment_id` holds {bad:?}: only A-Z, a-z, 0-9 and . _ : - are allowed"
+            "field `payload.deployment_id` holds {bad:?}: only A-Z, a-z, 0-9 and . _ - are allowed"
         ));
+    }
+    if id.starts_with(['.', '-']) {
+        return Err("field `payload.deployment_id` must not start with `.` or `-`".to_string());
     }
     Ok(())
 }
@@ -352,6 +357,16 @@ mod tests {
                 r#"{"type":"deploy","payload":{"deployment_id":"../x","spec":{}}}"#,
                 ErrorCode::Malformed,
                 Some("deploy"),
+            ),
+            (
+                r#"{"type":"stop","payload":{"deployment_id":"-rf"}}"#,
+                ErrorCode::Malformed,
+                Some("stop"),
+            ),
+            (
+                r#"{"type":"stop","payload":{"deployment_id":"a:b"}}"#,
+                ErrorCode::Malformed,
+                Some("stop"),
             ),
             (
                 r#"{"type":"stop","payload":{"deployment_id":""}}"#,

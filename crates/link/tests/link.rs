@@ -747,6 +747,10 @@ async fn the_link_state_follows_connections_and_failures() {
         first.since_ms > 0 && first.last_error.is_none(),
         "{first:?}"
     );
+    // The link counts itself connected once register is sent; wait for the server to read it.
+    cp.wait_for("register", WAIT, |e| count(e, "register") == 1)
+        .await
+        .unwrap();
     cp.drop_connection(NODE).unwrap();
     let second = wait(2).await;
     assert!(
