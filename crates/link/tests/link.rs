@@ -785,3 +785,48 @@ async fn the_link_state_follows_connections_and_failures() {
     assert!(!refused.connected);
     handle.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_never_answers_the_handshake_times_out_and_is_retried() {
+    // Accepts TCP connections and says nothing: each attempt must give up after
+    // connect_timeout_ms and try again.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    let server = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(tcp);
+        }
+    });
+    let (state_tx, mut state) = tokio::sync::watch::channel(gpucell_link::LinkState::default());
+    let mut cfg = LinkConfig::new(format!("ws://{addr}/v1/node"), TOKEN, NODE);
+    cfg.connect_timeout_ms = 200;
+    cfg.backoff_min_ms = 10;
+    cfg.backoff_max_ms = 50;
+    let handle = tokio::spawn(gpucell_link::run_with_state(
+        cfg,
+        FakeOps::new(Duration::ZERO),
+        std::future::pending(),
+        state_tx,
+    ));
+    let failed = tokio::time::timeout(WAIT, state.wait_for(|s| s.last_error.is_some()))
+        .await
+        .unwrap()
+        .unwrap()
+        .clone();
+    let error = failed.last_error.unwrap_or_default();
+    assert!(error.contains("connect_timeout_ms"), "{error}");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while accepted.load(std::sync::atomic::Ordering::SeqCst) < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the link did not retry"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    handle.abort();
+    server.abort();
+}
