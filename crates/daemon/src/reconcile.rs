@@ -9,7 +9,7 @@ use gpucell_host::devices::record::Owner;
 
 use crate::logs::{now_ms, LogFile};
 use crate::metrics::{PhaseLabel, StateLabel};
-use crate::service::{enter, Inner, Service};
+use crate::service::{enter, Inner, Service, DEFAULT_GRACE_MS};
 use crate::store::Record;
 use crate::supervise::{write_atomic, Progress, OWNER, REQUEST, STATE};
 
@@ -162,6 +162,14 @@ impl Service {
                 rec.status.report = p.report.clone();
                 self.observe_phases(p);
             }
+            _ if rec.kill_at_ms.is_some() && rec.status.desired == Desired::Stopped => {
+                // Stopped the hard way: SIGKILL after the grace period.
+                rec.status.exit_code = Some(128 + libc::SIGKILL);
+                rec.status.error = Some(format!(
+                    "stopped: killed after its grace period of {} ms",
+                    rec.request.stop_grace_ms.unwrap_or(DEFAULT_GRACE_MS)
+                ));
+            }
             _ => {
                 if let Some(p) = progress {
                     merge(rec, p);
@@ -174,7 +182,8 @@ impl Service {
                 ));
             }
         }
-        let crashed = !progress.is_some_and(|p| p.done);
+        let killed = rec.kill_at_ms.is_some() && rec.status.desired == Desired::Stopped;
+        let crashed = !killed && !progress.is_some_and(|p| p.done);
         let state = if crashed || progress.is_some_and(|p| p.state == Some(SandboxState::Failed)) {
             SandboxState::Failed
         } else {

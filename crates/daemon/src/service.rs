@@ -57,6 +57,9 @@ impl ServiceError {
     }
 }
 
+/// How long a stop waits after SIGTERM before SIGKILL, unless the request says.
+pub const DEFAULT_GRACE_MS: u64 = 10_000;
+
 /// Where the daemon keeps things and how it starts supervisors.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -250,7 +253,7 @@ impl Service {
             SandboxState::Exited | SandboxState::Failed | SandboxState::Stopping => {}
             _ => {
                 enter(&mut rec.status, SandboxState::Stopping);
-                let grace = rec.request.stop_grace_ms.unwrap_or(10_000);
+                let grace = rec.request.stop_grace_ms.unwrap_or(DEFAULT_GRACE_MS);
                 rec.kill_at_ms = Some(now_ms() + grace);
             }
         }
