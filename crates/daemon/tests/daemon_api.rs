@@ -1,0 +1,175 @@
+//! gpucelld's API without booting anything: a real daemon process and real HTTP over its
+//! unix socket. Bad requests get a 4xx naming the field; two deploys of one device: one
+//! wins, the other is told the holder; the OpenAPI document served is docs/openapi.json.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use hyper::Method;
+
+fn call(env: &common::Env, method: Method, uri: &str, body: &str) -> (u16, serde_json::Value) {
+    env.rt.block_on(async {
+        use http_body_util::BodyExt;
+        let body = (!body.is_empty()).then(|| body.as_bytes().to_vec());
+        let r = env.client().send(method, uri, body).await.unwrap();
+        let status = r.status().as_u16();
+        let bytes = r.into_body().collect().await.unwrap().to_bytes();
+        let v = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&bytes).into()));
+        (status, v)
+    })
+}
+
+#[test]
+fn bad_requests_name_their_field() {
+    let Some(env) = common::env(false) else { return };
+    let image = &env.image;
+    let huge = format!(r#"{{"run":{{"image":"{image}","env":["X={}"]}}}}"#, "x".repeat(300_000));
+    let cases: Vec<(String, u16, &str)> = vec![
+        ("{".into(), 400, "body"),
+        ("[]".into(), 400, "body"),
+        (r#"{"run":{"image":"x"},"extra":1}"#.into(), 400, "extra"),
+        (r#"{"restart":"always"}"#.into(), 400, "run"),
+        (r#"{"run":{"image":"Not An Image!"}}"#.into(), 400, "run.image"),
+        (r#"{"run":{"image":""}}"#.into(), 400, "run.image"),
+        (format!(r#"{{"run":{{"image":"{image}","memory_mib":1099511627776}}}}"#), 400, "run.memory_mib"),
+        (format!(r#"{{"run":{{"image":"{image}","memory_mib":10485760}}}}"#), 400, "run.memory_mib"),
+        (format!(r#"{{"run":{{"image":"{image}","guest":"no-such-flavour"}}}}"#), 400, "run.guest"),
+        (format!(r#"{{"run":{{"image":"{image}","cpus":0}}}}"#), 400, "run.cpus"),
+        (format!(r#"{{"run":{{"image":"{image}","env":["=x"]}}}}"#), 400, "run.env"),
+        (format!(r#"{{"run":{{"image":"{image}","devices":{{"gpus":"zz"}}}}}}"#), 400, "run.devices"),
+        (format!(r#"{{"id":"../etc","run":{{"image":"{image}"}}}}"#), 400, "id"),
+        (format!(r#"{{"run":{{"image":"{image}"}},"restart":"sometimes"}}"#), 400, "body"),
+        (huge, 413, "body"),
+    ];
+    for (body, status, field) in cases {
+        let (got, v) = call(&env, Method::POST, "/v1/sandboxes", &body);
+        let short = &body[..body.len().min(120)];
+        assert_eq!(got, status, "{short}: {v}");
+        assert_eq!(v["field"], field, "{short}: {v}");
+        assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
+    }
+    for (method, uri, status) in [
+        (Method::GET, "/v1/sandboxes/nope", 404),
+        (Method::DELETE, "/v1/sandboxes/nope", 404),
+        (Method::GET, "/v1/sandboxes/nope/logs", 404),
+        (Method::GET, "/v1/sandboxes/nope/logs?tail=-1", 400),
+        (Method::GET, "/v1/nothing-here", 404),
+    ] {
+        let (got, v) = call(&env, method, uri, "");
+        assert_eq!(got, status, "{uri}: {v}");
+        assert!(v["error"].is_string(), "{uri}: {v}");
+    }
+    // Nothing was recorded, and the daemon still answers.
+    let (s, v) = call(&env, Method::GET, "/v1/sandboxes", "");
+    assert_eq!((s, v["sandboxes"].as_array().map(Vec::len)), (200, Some(0)));
+    assert_eq!(call(&env, Method::GET, "/healthz", "").0, 200);
+}
+
+#[test]
+fn two_deploys_of_one_device_one_wins() {
+    let Some(env) = common::env(false) else { return };
+    let body = |id: &str| {
+        format!(
+            r#"{{"id":"{id}","run":{{"image":"{}","accel":"tcg","devices":{{"functions":["0000:00:1f.6"]}}}}}}"#,
+            env.image
+        )
+    };
+    let (a, b) = (body("first"), body("second"));
+    let (ra, rb) = env.rt.block_on(async {
+        let c = env.client();
+        let fa = c.send(Method::POST, "/v1/sandboxes", Some(a.into_bytes()));
+        let fb = c.send(Method::POST, "/v1/sandboxes", Some(b.into_bytes()));
+        tokio::join!(fa, fb)
+    });
+    let mut codes = vec![ra.unwrap().status().as_u16(), rb.unwrap().status().as_u16()];
+    codes.sort();
+    assert_eq!(codes, [201, 409]);
+    // The loser is told the holder; asking again names it too.
+    let (s, v) = call(&env, Method::POST, "/v1/sandboxes", &body("third"));
+    let (_, list) = call(&env, Method::GET, "/v1/sandboxes", "");
+    let winner = list["sandboxes"][0]["id"].as_str().unwrap().to_string();
+    if list["sandboxes"][0]["state"] != "failed" {
+        assert_eq!(s, 409, "{v}");
+        assert_eq!(v["holder"], winner.as_str(), "{v}");
+        assert_eq!(v["field"], "run.devices");
+    }
+    // The winner fails (no such device here): the device is free again.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let (_, st) = call(&env, Method::GET, &format!("/v1/sandboxes/{winner}"), "");
+        if st["state"] == "failed" {
+            assert!(st["error"].as_str().unwrap().contains("0000:00:1f.6"), "{st}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{st}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    env.assert_clean();
+}
+
+#[test]
+fn openapi_node_metrics_and_events() {
+    let Some(env) = common::env(false) else { return };
+    let (s, served) = call(&env, Method::GET, "/v1/openapi.json", "");
+    assert_eq!(s, 200);
+    let file = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/openapi.json")).unwrap();
+    let file: serde_json::Value = serde_json::from_str(&file).unwrap();
+    assert_eq!(served, file, "the served document differs from docs/openapi.json");
+    for path in [
+        "/v1/sandboxes",
+        "/v1/sandboxes/{id}",
+        "/v1/sandboxes/{id}/logs",
+        "/v1/events",
+        "/v1/node",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/v1/openapi.json",
+    ] {
+        assert!(file["paths"][path].is_object(), "docs/openapi.json lacks {path}");
+    }
+    let (s, node) = call(&env, Method::GET, "/v1/node", "");
+    assert_eq!(s, 200);
+    assert_eq!(node["flavours"][0], "default", "{node}");
+    assert!(node["capacity"]["memory_mib"].as_u64().unwrap() > 0, "{node}");
+    assert!(node["gpus"].is_object(), "{node}");
+    let (s, m) = call(&env, Method::GET, "/metrics", "");
+    assert_eq!(s, 200);
+    let m = m.as_str().unwrap().to_string();
+    for want in ["gpucell_sandboxes{state=\"running\"}", "gpucell_gpus{state=\"free\"}", "gpucell_restarts_total", "# EOF"] {
+        assert!(m.contains(want), "{want} missing from /metrics:\n{m}");
+    }
+    // Events: a deploy that fails at once shows up as pending, then its next states.
+    let sock = env.socket.clone();
+    let reader = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            use http_body_util::BodyExt;
+            let r = gpucell_api::Client::new(sock).send(Method::GET, "/v1/events", None).await.unwrap();
+            assert_eq!(r.headers()["content-type"], "text/event-stream");
+            let mut body = r.into_body();
+            let mut text = String::new();
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+            while !text.contains("\"state\":\"failed\"") {
+                let frame = tokio::time::timeout_at(deadline, body.frame()).await.unwrap().unwrap().unwrap();
+                if let Some(d) = frame.data_ref() {
+                    text.push_str(&String::from_utf8_lossy(d));
+                }
+            }
+            text
+        })
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (s, _) = call(
+        &env,
+        Method::POST,
+        "/v1/sandboxes",
+        &format!(r#"{{"id":"ev","run":{{"image":"{}","command":["/no/such"],"accel":"tcg","devices":{{"functions":["0000:00:1f.6"]}}}}}}"#, env.image),
+    );
+    assert_eq!(s, 201);
+    let text = reader.join().unwrap();
+    assert!(text.contains("event: state"), "{text}");
+    assert!(text.contains(r#""id":"ev","state":"pending""#), "{text}");
+}
