@@ -53,6 +53,9 @@ pub struct HealthCheck {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpCheck {
+    /// The host address to connect to (default 127.0.0.1).
+    #[serde(default = "default_host")]
+    pub host: String,
     pub port: u16,
     #[serde(default = "default_path")]
     pub path: String,
@@ -63,6 +66,9 @@ fn default_interval() -> u64 {
 }
 fn default_threshold() -> u32 {
     3
+}
+fn default_host() -> String {
+    "127.0.0.1".into()
 }
 fn default_path() -> String {
     "/health".into()
@@ -176,6 +182,9 @@ pub struct HealthStatus {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SandboxStatus {
     pub id: String,
+    /// The image reference the sandbox runs (`run.image` of its request).
+    #[serde(default)]
+    pub image: String,
     pub state: SandboxState,
     pub desired: Desired,
     pub created_ms: u64,

@@ -7,6 +7,7 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod health;
 pub mod http;
 pub mod inventory;
 pub mod launcher;
@@ -20,3 +21,5 @@ pub mod supervise;
 pub mod validate;
 
 pub use service::{Service, ServiceError, Settings};
+#[cfg(test)]
+mod service_tests;

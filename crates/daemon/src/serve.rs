@@ -78,6 +78,7 @@ async fn run(service: Arc<Service>, o: &ServeOptions) -> Result<(), ServeError> 
             let _ = tokio::task::spawn_blocking(move || s.tick()).await;
         }
     });
+    tokio::spawn(crate::health::run(service.clone(), TICK));
     let app = crate::http::router(service);
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown())

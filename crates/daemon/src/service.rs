@@ -293,6 +293,32 @@ impl Service {
         crate::inventory::inventory(self)
     }
 
+    /// The health check of a sandbox, when its request has one.
+    pub fn health_check(&self, id: &str) -> Option<gpucell_api::HealthCheck> {
+        self.lock().records.get(id).and_then(|r| r.request.health.clone())
+    }
+
+    /// Takes the result of a health check into the sandbox's status (stored when its
+    /// health changes).
+    pub fn record_health(&self, id: &str, threshold: u32, result: Result<(), String>) {
+        let mut inner = self.lock();
+        let Some(rec) = inner.records.get_mut(id) else {
+            return;
+        };
+        if rec.status.state != SandboxState::Running {
+            return;
+        }
+        let next = crate::health::next(rec.status.health.as_ref(), threshold, result);
+        let flipped = rec.status.health.as_ref().map(|h| h.healthy) != Some(next.healthy);
+        rec.status.health = Some(next);
+        if flipped {
+            let rec = rec.clone();
+            if let Err(e) = inner.store.put(&rec) {
+                tracing::error!("{}", gpucell_common::chain_string(&e));
+            }
+        }
+    }
+
     pub fn sandbox_dir(&self, id: &str) -> PathBuf {
         self.settings.sandbox_dir(id)
     }
@@ -314,6 +340,7 @@ fn new_record(id: String, req: DeployRequest) -> Record {
     Record {
         status: SandboxStatus {
             id,
+            image: req.run.image.clone(),
             state: SandboxState::Pending,
             desired: Desired::Running,
             created_ms: now,

@@ -139,6 +139,7 @@ mod tests {
         Record {
             status: SandboxStatus {
                 id: id.into(),
+                image: "oci:/x:y".into(),
                 state: SandboxState::Pending,
                 desired: Desired::Running,
                 created_ms: 1,

@@ -65,6 +65,18 @@ pub fn check(req: &DeployRequest, host: &Host<'_>) -> Result<(), ApiError> {
         ));
     }
     if let Some(h) = &req.health {
+        if h.http.host.parse::<std::net::IpAddr>().is_err() {
+            return Err(ApiError::field(
+                "health.http.host",
+                format!("{:?} is not an IP address", h.http.host),
+            ));
+        }
+        if !h.http.path.starts_with('/') || h.http.path.len() > 1024 || h.http.path.chars().any(char::is_control) {
+            return Err(ApiError::field(
+                "health.http.path",
+                "must start with '/', hold no control characters, and be at most 1024 bytes",
+            ));
+        }
         if h.interval_ms < 100 || h.failure_threshold == 0 {
             return Err(ApiError::field(
                 "health",
@@ -138,6 +150,9 @@ mod tests {
             (r#"{"run":{"image":"Bad Image!!"}}"#, "run.image"),
             (r#"{"id":"a/b","run":{"image":"oci:/x:y"}}"#, "id"),
             (r#"[1,2"#, "body"),
+            (r#"{"run":{"image":"oci:/x:y"},"health":{"http":{"port":80,"host":"example.com"}}}"#, "health.http.host"),
+            (r#"{"run":{"image":"oci:/x:y"},"health":{"http":{"port":80,"path":"x"}}}"#, "health.http.path"),
+            (r#"{"run":{"image":"oci:/x:y"},"health":{"http":{"port":80},"interval_ms":1}}"#, "health"),
         ];
         for (body, field) in cases {
             let err = req(body).unwrap_err();

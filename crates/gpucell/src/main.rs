@@ -42,6 +42,14 @@ enum Command {
     Guest(commands::guest::GuestCommand),
     /// Run a command from an image inside its own microVM.
     Run(Box<commands::run::RunArgs>),
+    /// Deploy a sandbox to the node daemon (gpucelld); it runs in the background.
+    Deploy(Box<commands::daemon::DeployArgs>),
+    /// List the node daemon's sandboxes.
+    Ps(commands::daemon::PsArgs),
+    /// Print a daemon sandbox's output.
+    Logs(commands::daemon::LogsArgs),
+    /// Stop a daemon sandbox (SIGTERM, then SIGKILL after its grace period).
+    Stop(commands::daemon::StopArgs),
 }
 
 fn main() -> ExitCode {
@@ -55,6 +63,10 @@ fn main() -> ExitCode {
         Command::Image(c) => commands::image::run(&cli.global, c),
         Command::Guest(c) => commands::guest::run(&cli.global, c),
         Command::Run(a) => commands::run::run(&cli.global, *a),
+        Command::Deploy(a) => commands::daemon::deploy(&cli.global, *a),
+        Command::Ps(a) => commands::daemon::ps(&cli.global, a),
+        Command::Logs(a) => commands::daemon::logs(&cli.global, a),
+        Command::Stop(a) => commands::daemon::stop(&cli.global, a),
     };
     match result {
         Ok(code) => ExitCode::from(code),

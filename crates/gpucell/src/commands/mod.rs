@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+pub mod daemon;
 pub mod doctor;
 pub mod envconfig;
 pub mod gpu;
