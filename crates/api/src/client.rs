@@ -157,8 +157,12 @@ impl Client {
 
     /// Asks for a stop; the answer is the sandbox as it is then (usually `stopping`).
     pub async fn stop(&self, id: &str) -> Result<SandboxStatus, ClientError> {
-        self.json(Method::DELETE, &format!("/v1/sandboxes/{}", encode(id)), None)
-            .await
+        self.json(
+            Method::DELETE,
+            &format!("/v1/sandboxes/{}", encode(id)),
+            None,
+        )
+        .await
     }
 
     pub async fn node(&self) -> Result<serde_json::Value, ClientError> {
@@ -174,7 +178,11 @@ impl Client {
         follow: bool,
         mut each: impl FnMut(LogLine),
     ) -> Result<(), ClientError> {
-        let mut uri = format!("/v1/sandboxes/{}/logs?follow={}", encode(id), u8::from(follow));
+        let mut uri = format!(
+            "/v1/sandboxes/{}/logs?follow={}",
+            encode(id),
+            u8::from(follow)
+        );
         if let Some(n) = tail {
             uri.push_str(&format!("&tail={n}"));
         }

@@ -307,21 +307,27 @@ mod tests {
     #[test]
     fn deploy_request_defaults_and_unknown_fields() {
         let d: DeployRequest =
-            serde_json::from_str(r#"{"run":{"image":"oci:/x:y"},"restart":"on-failure"}"#)
-                .unwrap();
+            serde_json::from_str(r#"{"run":{"image":"oci:/x:y"},"restart":"on-failure"}"#).unwrap();
         assert_eq!(d.restart, RestartPolicy::OnFailure);
         assert_eq!(d.run.memory_mib, 512);
-        assert!(serde_json::from_str::<DeployRequest>(r#"{"run":{"image":"x"},"bogus":1}"#)
-            .is_err());
-        assert!(serde_json::from_str::<DeployRequest>(r#"{"run":{"image":"x"},"restart":"sometimes"}"#)
-            .is_err());
+        assert!(
+            serde_json::from_str::<DeployRequest>(r#"{"run":{"image":"x"},"bogus":1}"#).is_err()
+        );
+        assert!(serde_json::from_str::<DeployRequest>(
+            r#"{"run":{"image":"x"},"restart":"sometimes"}"#
+        )
+        .is_err());
     }
 
     #[test]
     fn ids() {
         assert!(check_id("web-1.a_b").is_ok());
         for bad in ["", ".x", "-x", "a/b", "a b", &"x".repeat(65)] {
-            assert_eq!(check_id(bad).unwrap_err().field.as_deref(), Some("id"), "{bad}");
+            assert_eq!(
+                check_id(bad).unwrap_err().field.as_deref(),
+                Some("id"),
+                "{bad}"
+            );
         }
     }
 

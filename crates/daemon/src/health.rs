@@ -62,7 +62,11 @@ pub async fn probe(check: &HealthCheck) -> Result<(), String> {
 }
 
 /// The next health after a check.
-pub fn next(prev: Option<&HealthStatus>, threshold: u32, result: Result<(), String>) -> HealthStatus {
+pub fn next(
+    prev: Option<&HealthStatus>,
+    threshold: u32,
+    result: Result<(), String>,
+) -> HealthStatus {
     let failures = match &result {
         Ok(()) => 0,
         Err(_) => prev.map_or(0, |p| p.consecutive_failures).saturating_add(1),
@@ -127,7 +131,10 @@ mod tests {
 
     #[test]
     fn probes_a_real_server() {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let port = listener.local_addr().unwrap().port();

@@ -78,7 +78,11 @@ async fn deploy(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) ->
     };
     match blocking(move || s.deploy_bytes(&body)).await {
         Ok((created, status)) => {
-            let code = if created { StatusCode::CREATED } else { StatusCode::OK };
+            let code = if created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
             (code, Json(status)).into_response()
         }
         Err(r) => r,

@@ -64,8 +64,13 @@ pub fn inventory(service: &Service) -> Value {
 }
 
 fn set_gpu_gauges(service: &Service, list: &GpuList) {
-    let mut counts: BTreeMap<&str, i64> =
-        [("free", 0), ("held", 0), ("quarantined", 0), ("unusable", 0)].into();
+    let mut counts: BTreeMap<&str, i64> = [
+        ("free", 0),
+        ("held", 0),
+        ("quarantined", 0),
+        ("unusable", 0),
+    ]
+    .into();
     for g in &list.gpus {
         let key = match g.passthrough.state {
             "ready" => "free",

@@ -249,7 +249,10 @@ mod tests {
             .iter()
             .map(|l| format!("{}:{}", l.stream, l.line))
             .collect();
-        assert_eq!(got, ["stdout:one", "stderr:e1", "stdout:two", "stdout:three"]);
+        assert_eq!(
+            got,
+            ["stdout:one", "stderr:e1", "stdout:two", "stdout:three"]
+        );
         assert_eq!(tail(dir.path(), Some(1)).unwrap().0[0].line, "three");
         // Rotation keeps the total bounded and the tail whole.
         let mut out = StreamWriter::new(log.clone(), "stdout");

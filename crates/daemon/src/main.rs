@@ -16,7 +16,12 @@ struct Cli {
     #[arg(long, global = true, default_value = "/", env = "GPUCELL_HOST_ROOT")]
     host_root: PathBuf,
     /// Where gpucell keeps images, guests, allocation records and the daemon's state.
-    #[arg(long, global = true, default_value = "/var/lib/gpucell", env = "GPUCELL_STATE_DIR")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "/var/lib/gpucell",
+        env = "GPUCELL_STATE_DIR"
+    )]
     state_dir: PathBuf,
     /// Configuration file (default: /etc/gpucell/config.toml when it exists).
     #[arg(long, global = true, env = "GPUCELL_CONFIG")]

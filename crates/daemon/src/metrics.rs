@@ -38,8 +38,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("gpucell");
         let sandboxes = Family::<StateLabel, Gauge>::default();
         let gpus = Family::<StateLabel, Gauge>::default();
-        let phases: Family<PhaseLabel, Histogram> =
-            Family::new_with_constructor(phase_histogram);
+        let phases: Family<PhaseLabel, Histogram> = Family::new_with_constructor(phase_histogram);
         let pulls = Counter::default();
         let restarts = Counter::default();
         let deploys = Counter::default();
@@ -55,7 +54,11 @@ impl Metrics {
             phases.clone(),
         );
         registry.register("pulls", "Runs that fetched their image", pulls.clone());
-        registry.register("restarts", "Sandboxes started again by their restart policy", restarts.clone());
+        registry.register(
+            "restarts",
+            "Sandboxes started again by their restart policy",
+            restarts.clone(),
+        );
         registry.register("deploys", "Deployments accepted", deploys.clone());
         Metrics {
             registry,

@@ -68,7 +68,11 @@ impl Service {
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
         if let Some(owner) = owner.filter(|o| self.launcher.alive(o)) {
-            tracing::info!(id, pid = owner.pid, "adopting a sandbox started just before the last daemon stopped");
+            tracing::info!(
+                id,
+                pid = owner.pid,
+                "adopting a sandbox started just before the last daemon stopped"
+            );
             rec.supervisor = Some(owner);
             let rec = rec.clone();
             self.persist(inner, rec);
@@ -202,7 +206,13 @@ impl Service {
             let wait = backoff_ms(rec.status.restarts);
             rec.next_start_ms = Some(now_ms() + wait);
             self.metrics.restarts.inc();
-            self.note(&id, &format!("restarting in {} ms (restart {})", wait, rec.status.restarts));
+            self.note(
+                &id,
+                &format!(
+                    "restarting in {} ms (restart {})",
+                    wait, rec.status.restarts
+                ),
+            );
             self.emit(&rec.status);
             enter(&mut rec.status, SandboxState::Pending);
         }
@@ -224,7 +234,10 @@ impl Service {
 
     /// A line of the daemon's own in a sandbox's log.
     fn note(&self, id: &str, message: &str) {
-        if let Ok(mut log) = LogFile::open(&self.settings.sandbox_dir(id), crate::logs::DEFAULT_MAX_BYTES) {
+        if let Ok(mut log) = LogFile::open(
+            &self.settings.sandbox_dir(id),
+            crate::logs::DEFAULT_MAX_BYTES,
+        ) {
             log.write_line("gpucell", message);
         }
     }

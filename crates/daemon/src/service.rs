@@ -99,7 +99,10 @@ pub struct Service {
 impl Service {
     /// Opens (or creates) the store under the state directory. Nothing runs until
     /// [`Service::reconcile`].
-    pub fn open(settings: Settings, launcher: Box<dyn Launcher>) -> Result<Arc<Service>, ServiceError> {
+    pub fn open(
+        settings: Settings,
+        launcher: Box<dyn Launcher>,
+    ) -> Result<Arc<Service>, ServiceError> {
         let dir = settings.daemon_dir().join("sandboxes");
         std::fs::create_dir_all(&dir).map_err(|source| ServiceError::Dir {
             path: dir.clone(),
@@ -145,7 +148,10 @@ impl Service {
     }
 
     /// A deploy from any JSON (the control-plane link passes its payload here).
-    pub fn deploy_value(&self, body: serde_json::Value) -> Result<(bool, SandboxStatus), ServiceError> {
+    pub fn deploy_value(
+        &self,
+        body: serde_json::Value,
+    ) -> Result<(bool, SandboxStatus), ServiceError> {
         let bytes = serde_json::to_vec(&body).unwrap_or_default();
         self.deploy_bytes(&bytes)
     }
@@ -279,7 +285,12 @@ impl Service {
 
     pub fn list(&self) -> SandboxList {
         SandboxList {
-            sandboxes: self.lock().records.values().map(|r| r.status.clone()).collect(),
+            sandboxes: self
+                .lock()
+                .records
+                .values()
+                .map(|r| r.status.clone())
+                .collect(),
         }
     }
 
@@ -295,7 +306,10 @@ impl Service {
 
     /// The health check of a sandbox, when its request has one.
     pub fn health_check(&self, id: &str) -> Option<gpucell_api::HealthCheck> {
-        self.lock().records.get(id).and_then(|r| r.request.health.clone())
+        self.lock()
+            .records
+            .get(id)
+            .and_then(|r| r.request.health.clone())
     }
 
     /// Takes the result of a health check into the sandbox's status (stored when its

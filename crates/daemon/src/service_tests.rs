@@ -29,10 +29,7 @@ impl Launcher for Fake {
         t.next_pid += 1;
         let pid = 1000 + t.next_pid;
         t.alive.insert(pid, true);
-        Ok(Owner {
-            pid,
-            start_time: 7,
-        })
+        Ok(Owner { pid, start_time: 7 })
     }
     fn signal(&self, owner: &Owner, signal: i32) {
         self.0.lock().unwrap().signals.push((owner.pid, signal));
@@ -123,7 +120,10 @@ fn progress_exit_and_restart_with_backoff() {
     t.fake.kill(pid);
     s.tick();
     let st = s.get("a").unwrap();
-    assert_eq!((st.state, st.restarts, st.exit_code), (SandboxState::Pending, 1, Some(3)));
+    assert_eq!(
+        (st.state, st.restarts, st.exit_code),
+        (SandboxState::Pending, 1, Some(3))
+    );
     assert!(st.timestamps.contains_key(&SandboxState::Exited));
     assert_eq!(t.fake.launches(), 1);
     s.lock().records.get_mut("a").unwrap().next_start_ms = Some(0);
@@ -135,7 +135,10 @@ fn progress_exit_and_restart_with_backoff() {
     t.fake.kill(pid);
     s.tick();
     let st = s.get("a").unwrap();
-    assert_eq!((st.state, st.restarts, st.exit_code), (SandboxState::Exited, 1, Some(0)));
+    assert_eq!(
+        (st.state, st.restarts, st.exit_code),
+        (SandboxState::Exited, 1, Some(0))
+    );
 }
 
 #[test]
@@ -185,7 +188,10 @@ fn stop_signals_then_kills_after_the_grace_and_is_never_restarted() {
     s.tick();
     let pid = pid_of(&s, "c");
     let st = s.stop("c", false).unwrap().unwrap();
-    assert_eq!((st.state, st.desired), (SandboxState::Stopping, Desired::Stopped));
+    assert_eq!(
+        (st.state, st.desired),
+        (SandboxState::Stopping, Desired::Stopped)
+    );
     assert_eq!(t.fake.signals(), [(pid, libc::SIGTERM)]);
     // The progress file still says running: the stop stays.
     s.tick();
@@ -194,7 +200,10 @@ fn stop_signals_then_kills_after_the_grace_and_is_never_restarted() {
     t.fake.kill(pid);
     s.tick();
     let st = s.get("c").unwrap();
-    assert_eq!((st.state, st.exit_code, st.restarts), (SandboxState::Exited, Some(137), 0));
+    assert_eq!(
+        (st.state, st.exit_code, st.restarts),
+        (SandboxState::Exited, Some(137), 0)
+    );
     // Removing forgets it; a second deploy with its id is new.
     assert!(s.stop("c", true).unwrap().is_none());
     assert!(s.get("c").is_err());
@@ -230,7 +239,10 @@ fn health_results_change_the_status() {
     let s = t.service();
     s.deploy(request("h", RestartPolicy::Never)).unwrap();
     s.record_health("h", 1, Err("not yet".into()));
-    assert!(s.get("h").unwrap().health.is_none(), "checked before running");
+    assert!(
+        s.get("h").unwrap().health.is_none(),
+        "checked before running"
+    );
     t.progress(&s, "h", SandboxState::Running, None);
     s.tick();
     s.record_health("h", 2, Err("refused".into()));

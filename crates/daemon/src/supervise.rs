@@ -161,7 +161,11 @@ impl Supervision {
     fn close_phase(&mut self) {
         if let Some((phase, at)) = self.current.take() {
             let ms = at.elapsed().as_millis() as u64;
-            *self.progress.phases_ms.entry(phase_name(phase)).or_default() += ms;
+            *self
+                .progress
+                .phases_ms
+                .entry(phase_name(phase))
+                .or_default() += ms;
         }
     }
 }

@@ -42,7 +42,11 @@ pub fn check(req: &DeployRequest, host: &Host<'_>) -> Result<(), ApiError> {
     gpucell_image::Reference::parse(&req.run.image).map_err(|e| {
         ApiError::field(
             "run.image",
-            format!("{:?} is not an image reference: {}", req.run.image, gpucell_common::chain_string(&e)),
+            format!(
+                "{:?} is not an image reference: {}",
+                req.run.image,
+                gpucell_common::chain_string(&e)
+            ),
         )
     })?;
     if let Some(total) = host_memory_mib(host.host_root) {
@@ -57,7 +61,11 @@ pub fn check(req: &DeployRequest, host: &Host<'_>) -> Result<(), ApiError> {
         }
     }
     let flavour = req.run.guest.as_deref().unwrap_or(host.default_guest);
-    let manifest = host.state_dir.join("guest").join(flavour).join("manifest.json");
+    let manifest = host
+        .state_dir
+        .join("guest")
+        .join(flavour)
+        .join("manifest.json");
     if flavour.contains('/') || flavour.starts_with('.') || !manifest.is_file() {
         return Err(ApiError::field(
             "run.guest",
@@ -71,7 +79,10 @@ pub fn check(req: &DeployRequest, host: &Host<'_>) -> Result<(), ApiError> {
                 format!("{:?} is not an IP address", h.http.host),
             ));
         }
-        if !h.http.path.starts_with('/') || h.http.path.len() > 1024 || h.http.path.chars().any(char::is_control) {
+        if !h.http.path.starts_with('/')
+            || h.http.path.len() > 1024
+            || h.http.path.chars().any(char::is_control)
+        {
             return Err(ApiError::field(
                 "health.http.path",
                 "must start with '/', hold no control characters, and be at most 1024 bytes",
@@ -144,15 +155,33 @@ mod tests {
             (r#"{"run":{"image":"oci:/x:y"},"bogus":1}"#, "bogus"),
             (r#"{"image":"x"}"#, "image"),
             (r#"{"run":{"image":"oci:/x:y","cpus":0}}"#, "run.cpus"),
-            (r#"{"run":{"image":"oci:/x:y","memory_mib":8192}}"#, "run.memory_mib"),
-            (r#"{"run":{"image":"oci:/x:y","guest":"nope"}}"#, "run.guest"),
-            (r#"{"run":{"image":"oci:/x:y","guest":"../x"}}"#, "run.guest"),
+            (
+                r#"{"run":{"image":"oci:/x:y","memory_mib":8192}}"#,
+                "run.memory_mib",
+            ),
+            (
+                r#"{"run":{"image":"oci:/x:y","guest":"nope"}}"#,
+                "run.guest",
+            ),
+            (
+                r#"{"run":{"image":"oci:/x:y","guest":"../x"}}"#,
+                "run.guest",
+            ),
             (r#"{"run":{"image":"Bad Image!!"}}"#, "run.image"),
             (r#"{"id":"a/b","run":{"image":"oci:/x:y"}}"#, "id"),
             (r#"[1,2"#, "body"),
-            (r#"{"run":{"image":"oci:/x:y"},"health":{"http":{"port":80,"host":"example.com"}}}"#, "health.http.host"),
-            (r#"{"run":{"image":"oci:/x:y"},"health":{"http":{"port":80,"path":"x"}}}"#, "health.http.path"),
-            (r#"{"run":{"image":"oci:/x:y"},"health":{"http":{"port":80},"interval_ms":1}}"#, "health"),
+            (
+                r#"{"run":{"image":"oci:/x:y"},"health":{"http":{"port":80,"host":"example.com"}}}"#,
+                "health.http.host",
+            ),
+            (
+                r#"{"run":{"image":"oci:/x:y"},"health":{"http":{"port":80,"path":"x"}}}"#,
+                "health.http.path",
+            ),
+            (
+                r#"{"run":{"image":"oci:/x:y"},"health":{"http":{"port":80},"interval_ms":1}}"#,
+                "health",
+            ),
         ];
         for (body, field) in cases {
             let err = req(body).unwrap_err();

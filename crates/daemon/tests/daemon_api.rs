@@ -23,24 +23,65 @@ fn call(env: &common::Env, method: Method, uri: &str, body: &str) -> (u16, serde
 
 #[test]
 fn bad_requests_name_their_field() {
-    let Some(env) = common::env(false) else { return };
+    let Some(env) = common::env(false) else {
+        return;
+    };
     let image = &env.image;
-    let huge = format!(r#"{{"run":{{"image":"{image}","env":["X={}"]}}}}"#, "x".repeat(300_000));
+    let huge = format!(
+        r#"{{"run":{{"image":"{image}","env":["X={}"]}}}}"#,
+        "x".repeat(300_000)
+    );
     let cases: Vec<(String, u16, &str)> = vec![
         ("{".into(), 400, "body"),
         ("[]".into(), 400, "body"),
         (r#"{"run":{"image":"x"},"extra":1}"#.into(), 400, "extra"),
         (r#"{"restart":"always"}"#.into(), 400, "run"),
-        (r#"{"run":{"image":"Not An Image!"}}"#.into(), 400, "run.image"),
+        (
+            r#"{"run":{"image":"Not An Image!"}}"#.into(),
+            400,
+            "run.image",
+        ),
         (r#"{"run":{"image":""}}"#.into(), 400, "run.image"),
-        (format!(r#"{{"run":{{"image":"{image}","memory_mib":1099511627776}}}}"#), 400, "run.memory_mib"),
-        (format!(r#"{{"run":{{"image":"{image}","memory_mib":10485760}}}}"#), 400, "run.memory_mib"),
-        (format!(r#"{{"run":{{"image":"{image}","guest":"no-such-flavour"}}}}"#), 400, "run.guest"),
-        (format!(r#"{{"run":{{"image":"{image}","cpus":0}}}}"#), 400, "run.cpus"),
-        (format!(r#"{{"run":{{"image":"{image}","env":["=x"]}}}}"#), 400, "run.env"),
-        (format!(r#"{{"run":{{"image":"{image}","devices":{{"gpus":"zz"}}}}}}"#), 400, "run.devices"),
-        (format!(r#"{{"id":"../etc","run":{{"image":"{image}"}}}}"#), 400, "id"),
-        (format!(r#"{{"run":{{"image":"{image}"}},"restart":"sometimes"}}"#), 400, "body"),
+        (
+            format!(r#"{{"run":{{"image":"{image}","memory_mib":1099511627776}}}}"#),
+            400,
+            "run.memory_mib",
+        ),
+        (
+            format!(r#"{{"run":{{"image":"{image}","memory_mib":10485760}}}}"#),
+            400,
+            "run.memory_mib",
+        ),
+        (
+            format!(r#"{{"run":{{"image":"{image}","guest":"no-such-flavour"}}}}"#),
+            400,
+            "run.guest",
+        ),
+        (
+            format!(r#"{{"run":{{"image":"{image}","cpus":0}}}}"#),
+            400,
+            "run.cpus",
+        ),
+        (
+            format!(r#"{{"run":{{"image":"{image}","env":["=x"]}}}}"#),
+            400,
+            "run.env",
+        ),
+        (
+            format!(r#"{{"run":{{"image":"{image}","devices":{{"gpus":"zz"}}}}}}"#),
+            400,
+            "run.devices",
+        ),
+        (
+            format!(r#"{{"id":"../etc","run":{{"image":"{image}"}}}}"#),
+            400,
+            "id",
+        ),
+        (
+            format!(r#"{{"run":{{"image":"{image}"}},"restart":"sometimes"}}"#),
+            400,
+            "body",
+        ),
         (huge, 413, "body"),
     ];
     for (body, status, field) in cases {
@@ -69,7 +110,9 @@ fn bad_requests_name_their_field() {
 
 #[test]
 fn two_deploys_of_one_device_one_wins() {
-    let Some(env) = common::env(false) else { return };
+    let Some(env) = common::env(false) else {
+        return;
+    };
     let body = |id: &str| {
         format!(
             r#"{{"id":"{id}","run":{{"image":"{}","accel":"tcg","devices":{{"functions":["0000:00:1f.6"]}}}}}}"#,
@@ -100,7 +143,10 @@ fn two_deploys_of_one_device_one_wins() {
     loop {
         let (_, st) = call(&env, Method::GET, &format!("/v1/sandboxes/{winner}"), "");
         if st["state"] == "failed" {
-            assert!(st["error"].as_str().unwrap().contains("0000:00:1f.6"), "{st}");
+            assert!(
+                st["error"].as_str().unwrap().contains("0000:00:1f.6"),
+                "{st}"
+            );
             break;
         }
         assert!(std::time::Instant::now() < deadline, "{st}");
@@ -111,12 +157,21 @@ fn two_deploys_of_one_device_one_wins() {
 
 #[test]
 fn openapi_node_metrics_and_events() {
-    let Some(env) = common::env(false) else { return };
+    let Some(env) = common::env(false) else {
+        return;
+    };
     let (s, served) = call(&env, Method::GET, "/v1/openapi.json", "");
     assert_eq!(s, 200);
-    let file = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/openapi.json")).unwrap();
+    let file = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../docs/openapi.json"
+    ))
+    .unwrap();
     let file: serde_json::Value = serde_json::from_str(&file).unwrap();
-    assert_eq!(served, file, "the served document differs from docs/openapi.json");
+    assert_eq!(
+        served, file,
+        "the served document differs from docs/openapi.json"
+    );
     for path in [
         "/v1/sandboxes",
         "/v1/sandboxes/{id}",
@@ -128,32 +183,53 @@ fn openapi_node_metrics_and_events() {
         "/metrics",
         "/v1/openapi.json",
     ] {
-        assert!(file["paths"][path].is_object(), "docs/openapi.json lacks {path}");
+        assert!(
+            file["paths"][path].is_object(),
+            "docs/openapi.json lacks {path}"
+        );
     }
     let (s, node) = call(&env, Method::GET, "/v1/node", "");
     assert_eq!(s, 200);
     assert_eq!(node["flavours"][0], "default", "{node}");
-    assert!(node["capacity"]["memory_mib"].as_u64().unwrap() > 0, "{node}");
+    assert!(
+        node["capacity"]["memory_mib"].as_u64().unwrap() > 0,
+        "{node}"
+    );
     assert!(node["gpus"].is_object(), "{node}");
     let (s, m) = call(&env, Method::GET, "/metrics", "");
     assert_eq!(s, 200);
     let m = m.as_str().unwrap().to_string();
-    for want in ["gpucell_sandboxes{state=\"running\"}", "gpucell_gpus{state=\"free\"}", "gpucell_restarts_total", "# EOF"] {
+    for want in [
+        "gpucell_sandboxes{state=\"running\"}",
+        "gpucell_gpus{state=\"free\"}",
+        "gpucell_restarts_total",
+        "# EOF",
+    ] {
         assert!(m.contains(want), "{want} missing from /metrics:\n{m}");
     }
     // Events: a deploy that fails at once shows up as pending, then its next states.
     let sock = env.socket.clone();
     let reader = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async {
             use http_body_util::BodyExt;
-            let r = gpucell_api::Client::new(sock).send(Method::GET, "/v1/events", None).await.unwrap();
+            let r = gpucell_api::Client::new(sock)
+                .send(Method::GET, "/v1/events", None)
+                .await
+                .unwrap();
             assert_eq!(r.headers()["content-type"], "text/event-stream");
             let mut body = r.into_body();
             let mut text = String::new();
             let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
             while !text.contains("\"state\":\"failed\"") {
-                let frame = tokio::time::timeout_at(deadline, body.frame()).await.unwrap().unwrap().unwrap();
+                let frame = tokio::time::timeout_at(deadline, body.frame())
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .unwrap();
                 if let Some(d) = frame.data_ref() {
                     text.push_str(&String::from_utf8_lossy(d));
                 }
@@ -166,7 +242,10 @@ fn openapi_node_metrics_and_events() {
         &env,
         Method::POST,
         "/v1/sandboxes",
-        &format!(r#"{{"id":"ev","run":{{"image":"{}","command":["/no/such"],"accel":"tcg","devices":{{"functions":["0000:00:1f.6"]}}}}}}"#, env.image),
+        &format!(
+            r#"{{"id":"ev","run":{{"image":"{}","command":["/no/such"],"accel":"tcg","devices":{{"functions":["0000:00:1f.6"]}}}}}}"#,
+            env.image
+        ),
     );
     assert_eq!(s, 201);
     let text = reader.join().unwrap();

@@ -30,8 +30,16 @@ fn deploy_running_logs_stop() {
     assert!(st.timestamps.contains_key(&SandboxState::Booting), "{st:?}");
     assert!(st.phases_ms.contains_key("image"), "{st:?}");
     let logs = env.logs("web-1");
-    assert!(logs.iter().any(|l| l.stream == "stdout" && l.line == "hello"), "{logs:?}");
-    assert!(logs.iter().any(|l| l.stream == "stderr" && l.line == "oops"), "{logs:?}");
+    assert!(
+        logs.iter()
+            .any(|l| l.stream == "stdout" && l.line == "hello"),
+        "{logs:?}"
+    );
+    assert!(
+        logs.iter()
+            .any(|l| l.stream == "stderr" && l.line == "oops"),
+        "{logs:?}"
+    );
     assert!(logs.iter().all(|l| l.t_ms >= st.created_ms), "{logs:?}");
     // tail=1 gives the last line only.
     let mut tail = Vec::new();
@@ -45,7 +53,10 @@ fn deploy_running_logs_stop() {
     // A follower started now ends by itself once the sandbox has stopped.
     let socket = env.socket.clone();
     let follower = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         let mut n = 0;
         rt.block_on(gpucell_api::Client::new(socket).logs("web-1", Some(0), true, |_| n += 1))
             .unwrap();
@@ -53,7 +64,10 @@ fn deploy_running_logs_stop() {
     });
     let stopping = env.rt.block_on(env.client().stop("web-1")).unwrap();
     assert!(
-        matches!(stopping.state, SandboxState::Stopping | SandboxState::Exited),
+        matches!(
+            stopping.state,
+            SandboxState::Stopping | SandboxState::Exited
+        ),
         "{stopping:?}"
     );
     let st = env.wait_for("web-1", 60, "stopped", |s, _| s.state.is_terminal());
@@ -68,7 +82,10 @@ fn deploy_running_logs_stop() {
     env.assert_clean();
     // Removing it forgets it.
     env.rt
-        .block_on(env.client().send(hyper::Method::DELETE, "/v1/sandboxes/web-1?remove=1", None))
+        .block_on(
+            env.client()
+                .send(hyper::Method::DELETE, "/v1/sandboxes/web-1?remove=1", None),
+        )
         .unwrap();
     let err = env.rt.block_on(env.client().get("web-1")).unwrap_err();
     assert_eq!(err.api().map(|(s, _)| s), Some(404));
@@ -77,7 +94,11 @@ fn deploy_running_logs_stop() {
 #[test]
 fn a_workload_that_ignores_sigterm_is_killed_after_its_grace() {
     let Some(env) = common::env(true) else { return };
-    let mut req = env.request(&["sh", "-c", "trap '' TERM; echo up; while true; do sleep 0.5; done"]);
+    let mut req = env.request(&[
+        "sh",
+        "-c",
+        "trap '' TERM; echo up; while true; do sleep 0.5; done",
+    ]);
     req.id = Some("stubborn".into());
     req.stop_grace_ms = Some(2000);
     env.deploy(&req);
@@ -88,8 +109,15 @@ fn a_workload_that_ignores_sigterm_is_killed_after_its_grace() {
     env.rt.block_on(env.client().stop("stubborn")).unwrap();
     let st = env.wait_for("stubborn", 60, "stopped", |s, _| s.state.is_terminal());
     assert!(asked.elapsed() >= std::time::Duration::from_secs(2));
-    assert_eq!((st.state, st.exit_code), (SandboxState::Exited, Some(137)), "{st:?}");
-    assert!(st.error.as_deref().unwrap_or("").contains("grace"), "{st:?}");
+    assert_eq!(
+        (st.state, st.exit_code),
+        (SandboxState::Exited, Some(137)),
+        "{st:?}"
+    );
+    assert!(
+        st.error.as_deref().unwrap_or("").contains("grace"),
+        "{st:?}"
+    );
     env.assert_clean();
 }
 
@@ -104,13 +132,24 @@ fn restart_on_failure_after_a_non_zero_exit() {
     assert_eq!(st.exit_code, Some(3), "{st:?}");
     let runs = env.stdout_of("flaky").matches("attempt").count();
     assert!(runs >= 2, "{runs}");
-    let notes: Vec<_> = env.logs("flaky").into_iter().filter(|l| l.stream == "gpucell").collect();
-    assert!(notes.iter().any(|l| l.line.contains("restarting in")), "{notes:?}");
+    let notes: Vec<_> = env
+        .logs("flaky")
+        .into_iter()
+        .filter(|l| l.stream == "gpucell")
+        .collect();
+    assert!(
+        notes.iter().any(|l| l.line.contains("restarting in")),
+        "{notes:?}"
+    );
     env.rt.block_on(env.client().stop("flaky")).unwrap();
     let st = env.wait_for("flaky", 60, "stopped", |s, _| s.state.is_terminal());
     let restarts = st.restarts;
     std::thread::sleep(std::time::Duration::from_secs(3));
-    assert_eq!(env.get("flaky").restarts, restarts, "restarted after a stop");
+    assert_eq!(
+        env.get("flaky").restarts,
+        restarts,
+        "restarted after a stop"
+    );
     env.assert_clean();
 
     // `never`: one run, exited with its code.
@@ -118,13 +157,18 @@ fn restart_on_failure_after_a_non_zero_exit() {
     req.id = Some("once".into());
     env.deploy(&req);
     let st = env.wait_for("once", 180, "exited", |s, _| s.state.is_terminal());
-    assert_eq!((st.state, st.exit_code, st.restarts), (SandboxState::Exited, Some(5), 0));
+    assert_eq!(
+        (st.state, st.exit_code, st.restarts),
+        (SandboxState::Exited, Some(5), 0)
+    );
     env.assert_clean();
 }
 
 #[test]
 fn kill_9_of_the_daemon_during_a_run_then_adoption() {
-    let Some(mut env) = common::env(true) else { return };
+    let Some(mut env) = common::env(true) else {
+        return;
+    };
     let mut req = env.request(&["sh", "-c", TICKER]);
     req.id = Some("survivor".into());
     env.deploy(&req);
@@ -141,7 +185,11 @@ fn kill_9_of_the_daemon_during_a_run_then_adoption() {
     let st = env.get("survivor");
     assert_eq!(st.state, SandboxState::Running, "{st:?}");
     assert_eq!(st.restarts, 0);
-    assert_eq!(env.processes("qemu-system"), qemu_before, "the VM was replaced, not adopted");
+    assert_eq!(
+        env.processes("qemu-system"),
+        qemu_before,
+        "the VM was replaced, not adopted"
+    );
     let before = env.stdout_of("survivor").matches("tick").count();
     env.wait_for("survivor", 30, "more output", |_, e| {
         e.stdout_of("survivor").matches("tick").count() > before + 1
@@ -154,12 +202,17 @@ fn kill_9_of_the_daemon_during_a_run_then_adoption() {
 
 #[test]
 fn kill_9_of_the_daemon_during_a_boot() {
-    let Some(mut env) = common::env(true) else { return };
+    let Some(mut env) = common::env(true) else {
+        return;
+    };
     let mut req = env.request(&["sh", "-c", TICKER]);
     req.id = Some("booting".into());
     env.deploy(&req);
     env.wait_for("booting", 120, "pulling or booting", |s, _| {
-        matches!(s.state, SandboxState::Pulling | SandboxState::Booting | SandboxState::Running)
+        matches!(
+            s.state,
+            SandboxState::Pulling | SandboxState::Booting | SandboxState::Running
+        )
     });
     env.kill_daemon();
     env.start_daemon();
@@ -185,7 +238,11 @@ fn qemu_killed_under_a_running_sandbox_is_restarted() {
     });
     let qemu = env.processes("qemu-system");
     assert_eq!(qemu.len(), 1);
-    std::process::Command::new("kill").arg("-9").arg(qemu[0].to_string()).status().unwrap();
+    std::process::Command::new("kill")
+        .arg("-9")
+        .arg(qemu[0].to_string())
+        .status()
+        .unwrap();
     let st = env.wait_for("victim", 60, "the death noticed", |s, _| s.restarts >= 1);
     assert!(st.exit_code != Some(0), "{st:?}");
     env.wait_for("victim", 180, "running again", |s, e| {

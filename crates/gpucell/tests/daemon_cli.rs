@@ -16,7 +16,10 @@ struct Kill(u32);
 
 impl Drop for Kill {
     fn drop(&mut self) {
-        let _ = Command::new("kill").arg("-9").arg(self.0.to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-9")
+            .arg(self.0.to_string())
+            .status();
     }
 }
 
@@ -25,7 +28,10 @@ fn deploy_ps_logs_stop() {
     let Some(env) = vm_env() else { return };
     let gpucelld = std::path::Path::new(env!("CARGO_BIN_EXE_gpucell")).with_file_name("gpucelld");
     if !gpucelld.is_file() {
-        eprintln!("skipping: {} is not built (cargo build -p gpucell-daemon)", gpucelld.display());
+        eprintln!(
+            "skipping: {} is not built (cargo build -p gpucell-daemon)",
+            gpucelld.display()
+        );
         return;
     }
     let socket = env.state.path().join("d.sock");
@@ -58,7 +64,17 @@ fn deploy_ps_logs_stop() {
     }
     std::thread::sleep(Duration::from_millis(200));
     let out = cli(&[
-        "deploy", "--id", "cli-1", "--accel", "tcg", "-l", "team=a", &env.image, "--", "sh", "-c",
+        "deploy",
+        "--id",
+        "cli-1",
+        "--accel",
+        "tcg",
+        "-l",
+        "team=a",
+        &env.image,
+        "--",
+        "sh",
+        "-c",
         "trap 'echo bye; exit 0' TERM; echo hi; echo warn >&2; while true; do sleep 0.3; done",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -78,22 +94,37 @@ fn deploy_ps_logs_stop() {
     }
     let out = cli(&["logs", "-t", "-n", "1", "cli-1"]);
     let line = stdout(&out) + &stderr(&out);
-    assert!(line.contains("Z std") && line.trim_end().ends_with(" warn"), "{line}");
+    assert!(
+        line.contains("Z std") && line.trim_end().ends_with(" warn"),
+        "{line}"
+    );
     let out = cli(&["--json", "stop", "-w", "cli-1"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!((v["state"].as_str(), v["exit_code"].as_i64()), (Some("exited"), Some(0)), "{v}");
+    assert_eq!(
+        (v["state"].as_str(), v["exit_code"].as_i64()),
+        (Some("exited"), Some(0)),
+        "{v}"
+    );
     assert_eq!(stdout(&cli(&["logs", "-n", "1", "cli-1"])), "bye\n");
     let out = cli(&["stop", "--rm", "cli-1"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let out = cli(&["logs", "cli-1"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("no sandbox \"cli-1\""), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no sandbox \"cli-1\""),
+        "{}",
+        stderr(&out)
+    );
     let _ = daemon.kill();
     let _ = daemon.wait();
     env.assert_clean();
     // Without a daemon the error says what to check.
     let out = cli(&["ps"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("is gpucelld running"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("is gpucelld running"),
+        "{}",
+        stderr(&out)
+    );
 }

@@ -36,7 +36,10 @@ pub fn env(need_qemu: bool) -> Option<Env> {
         eprintln!("skipping: qemu-system-x86_64 is not installed");
         return None;
     }
-    let state = tempfile::Builder::new().prefix("gd").tempdir_in("/tmp").ok()?;
+    let state = tempfile::Builder::new()
+        .prefix("gd")
+        .tempdir_in("/tmp")
+        .ok()?;
     let layout = state.path().join("oci");
     let out = Command::new(repo_root().join("scripts/make-demo-image.sh"))
         .arg(&layout)
@@ -102,7 +105,11 @@ impl Env {
             if ready {
                 return;
             }
-            assert!(Instant::now() < deadline, "gpucelld not ready: {}", self.daemon_log());
+            assert!(
+                Instant::now() < deadline,
+                "gpucelld not ready: {}",
+                self.daemon_log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }

@@ -142,7 +142,11 @@ fn row(s: &SandboxStatus) -> String {
         s.exit_code.map_or("-".into(), |c| c.to_string()),
         s.restarts,
         age(since),
-        if s.devices.is_empty() { "-".into() } else { s.devices.join(",") },
+        if s.devices.is_empty() {
+            "-".into()
+        } else {
+            s.devices.join(",")
+        },
         image,
     )
 }
@@ -206,7 +210,12 @@ pub fn stop(global: &Global, args: StopArgs) -> anyhow::Result<u8> {
     if args.rm {
         let uri = format!("/v1/sandboxes/{}?remove=1", args.id);
         let r = rt.block_on(client.send(hyper::Method::DELETE, &uri, None))?;
-        anyhow::ensure!(r.status().is_success(), "removing {}: the daemon answered {}", args.id, r.status());
+        anyhow::ensure!(
+            r.status().is_success(),
+            "removing {}: the daemon answered {}",
+            args.id,
+            r.status()
+        );
     }
     if global.json {
         print_json(&status)?;
