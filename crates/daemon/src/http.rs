@@ -225,6 +225,36 @@ async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
+/// Refuses a request without `Authorization: Bearer <token>` (the TCP listener's guard).
+pub async fn bearer(
+    State(token): State<Arc<String>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if constant_time_eq(given.as_bytes(), token.as_bytes()) {
+        next.run(request).await
+    } else {
+        error(
+            401,
+            ApiError::field(
+                "authorization",
+                "a valid `Authorization: Bearer <token>` header is required",
+            ),
+        )
+    }
+}
+
+/// Compares without stopping at the first difference.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 async fn readyz(State(s): State<Shared>) -> Response {
     if s.is_ready() {
         "ready\n".into_response()

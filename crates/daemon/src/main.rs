@@ -59,6 +59,26 @@ struct ServeArgs {
     /// Group that may use the socket (mode 0660); default: the daemon's own group.
     #[arg(long)]
     socket_group: Option<String>,
+    /// Also listen on this TCP address (e.g. 0.0.0.0:7070); needs --token-file.
+    #[arg(long, value_name = "ADDR:PORT")]
+    tcp: Option<String>,
+    /// File holding the bearer token TCP clients must send (`Authorization: Bearer ...`).
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+}
+
+/// The token of `--token-file`: its first line, at least 16 bytes.
+fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
+    use anyhow::Context;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the token file {}", path.display()))?;
+    let token = text.lines().next().unwrap_or("").trim().to_string();
+    anyhow::ensure!(
+        token.len() >= 16,
+        "the token file {} must hold a token of at least 16 characters on its first line",
+        path.display()
+    );
+    Ok(token)
 }
 
 fn init_logging(verbose: u8) {
@@ -125,6 +145,8 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
             let options = ServeOptions {
                 socket: args.socket.clone(),
                 socket_group: args.socket_group.clone(),
+                tcp: args.tcp.clone(),
+                token: args.token_file.as_deref().map(read_token).transpose()?,
                 state_dir: cli.state_dir.clone(),
                 host_root: cli.host_root.clone(),
                 default_guest: node.default_guest.clone(),

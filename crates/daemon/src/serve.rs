@@ -27,12 +27,24 @@ pub enum ServeError {
     InUse(PathBuf),
     #[error("socket group {0:?} does not exist; create it or name another (--socket-group)")]
     NoGroup(String),
+    #[error("--tcp needs a bearer token (--token-file): the API runs workloads and must not be open to the network")]
+    NoToken,
+    #[error("cannot listen on TCP {addr}")]
+    Tcp {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot start the async runtime")]
     Runtime(#[source] std::io::Error),
 }
 
 pub struct ServeOptions {
     pub socket: PathBuf,
+    /// A TCP address to listen on too; requires `token`.
+    pub tcp: Option<String>,
+    /// The bearer token every TCP request must carry.
+    pub token: Option<String>,
     pub socket_group: Option<String>,
     pub state_dir: PathBuf,
     pub host_root: PathBuf,
@@ -42,6 +54,9 @@ pub struct ServeOptions {
 }
 
 pub fn serve(o: ServeOptions) -> Result<(), ServeError> {
+    if o.tcp.is_some() && o.token.is_none() {
+        return Err(ServeError::NoToken);
+    }
     let proc_dir = PathBuf::from("/proc");
     let launcher = Supervisors {
         exe: o.exe.clone(),
@@ -79,6 +94,21 @@ async fn run(service: Arc<Service>, o: &ServeOptions) -> Result<(), ServeError> 
         }
     });
     tokio::spawn(crate::health::run(service.clone(), TICK));
+    if let Some(addr) = &o.tcp {
+        let token = o.token.clone().ok_or(ServeError::NoToken)?;
+        let tcp = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServeError::Tcp {
+                addr: addr.clone(),
+                source,
+            })?;
+        tracing::info!(%addr, "listening on TCP (bearer token required)");
+        let app = crate::http::router(service.clone()).layer(axum::middleware::from_fn_with_state(
+            std::sync::Arc::new(token),
+            crate::http::bearer,
+        ));
+        tokio::spawn(async move { axum::serve(tcp, app).await });
+    }
     let app = crate::http::router(service);
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown())

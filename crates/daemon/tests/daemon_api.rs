@@ -252,3 +252,70 @@ fn openapi_node_metrics_and_events() {
     assert!(text.contains("event: state"), "{text}");
     assert!(text.contains(r#""id":"ev","state":"pending""#), "{text}");
 }
+
+#[test]
+fn tcp_needs_the_bearer_token() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let token_dir = tempfile::tempdir().unwrap();
+    let token_file = token_dir.path().join("token");
+    std::fs::write(&token_file, "s3cret-token-0123456789\n").unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    let Some(env) = common::env_with(
+        false,
+        &["--tcp", &addr, "--token-file", token_file.to_str().unwrap()],
+    ) else {
+        return;
+    };
+    let get = |auth: Option<&str>| {
+        env.rt.block_on(async {
+            use http_body_util::{BodyExt, Empty};
+            let stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            let (mut tx, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                    .await
+                    .unwrap();
+            tokio::spawn(conn);
+            let mut req = hyper::Request::get("/v1/sandboxes").header("host", "x");
+            if let Some(a) = auth {
+                req = req.header("authorization", a);
+            }
+            let r = tx
+                .send_request(req.body(Empty::<bytes::Bytes>::new()).unwrap())
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let body = r.into_body().collect().await.unwrap().to_bytes();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        })
+    };
+    let (s, body) = get(None);
+    assert_eq!(s, 401, "{body}");
+    assert!(body.contains("authorization"), "{body}");
+    assert_eq!(get(Some("Bearer wrong")).0, 401);
+    assert_eq!(get(Some("Bearer s3cret-token-0123456789x")).0, 401);
+    let (s, body) = get(Some("Bearer s3cret-token-0123456789"));
+    assert_eq!(s, 200, "{body}");
+    assert!(body.contains("sandboxes"));
+}
+
+#[test]
+fn tcp_without_a_token_is_refused() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gpucelld"))
+        .args([
+            "--state-dir",
+            "/nonexistent/gpucell-test",
+            "serve",
+            "--socket",
+        ])
+        .arg(std::env::temp_dir().join("gpucelld-notoken.sock"))
+        .args(["--tcp", "127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--tcp needs a bearer token"), "{err}");
+}

@@ -19,10 +19,17 @@ pub struct Env {
     pub socket: PathBuf,
     pub daemon: Option<Child>,
     pub rt: tokio::runtime::Runtime,
+    /// Flags after `serve --socket S`.
+    pub serve_args: Vec<String>,
 }
 
 /// `None` (with the reason printed) without guest artifacts, QEMU or the image tools.
 pub fn env(need_qemu: bool) -> Option<Env> {
+    env_with(need_qemu, &[])
+}
+
+/// [`env`] with more `serve` flags.
+pub fn env_with(need_qemu: bool, serve_args: &[&str]) -> Option<Env> {
     let Some(shared) = std::env::var_os("GPUCELL_TEST_STATE_DIR").map(PathBuf::from) else {
         eprintln!("skipping: GPUCELL_TEST_STATE_DIR is not set (make test sets it after `gpucell guest build`)");
         return None;
@@ -65,6 +72,7 @@ pub fn env(need_qemu: bool) -> Option<Env> {
         socket,
         daemon: None,
         rt,
+        serve_args: serve_args.iter().map(|s| s.to_string()).collect(),
     };
     env.start_daemon();
     Some(env)
@@ -87,6 +95,7 @@ impl Env {
             .arg("serve")
             .arg("--socket")
             .arg(&self.socket)
+            .args(&self.serve_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
