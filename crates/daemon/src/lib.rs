@@ -18,6 +18,7 @@ pub mod serve;
 pub mod service;
 pub mod store;
 pub mod supervise;
+pub mod tls;
 pub mod validate;
 
 pub use service::{Service, ServiceError, Settings};

@@ -65,6 +65,12 @@ struct ServeArgs {
     /// File holding the bearer token TCP clients must send (`Authorization: Bearer ...`).
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
+    /// Serve TCP with TLS: the certificate chain (PEM); needs --tls-key.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The TLS private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 /// The token of `--token-file`: its first line, at least 16 bytes.
@@ -147,6 +153,7 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
                 socket_group: args.socket_group.clone(),
                 tcp: args.tcp.clone(),
                 token: args.token_file.as_deref().map(read_token).transpose()?,
+                tls: args.tls_cert.clone().zip(args.tls_key.clone()),
                 state_dir: cli.state_dir.clone(),
                 host_root: cli.host_root.clone(),
                 default_guest: node.default_guest.clone(),

@@ -35,6 +35,8 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     #[error("cannot start the async runtime")]
     Runtime(#[source] std::io::Error),
 }
@@ -45,6 +47,8 @@ pub struct ServeOptions {
     pub tcp: Option<String>,
     /// The bearer token every TCP request must carry.
     pub token: Option<String>,
+    /// TLS certificate chain and key (PEM) for the TCP listener.
+    pub tls: Option<(PathBuf, PathBuf)>,
     pub socket_group: Option<String>,
     pub state_dir: PathBuf,
     pub host_root: PathBuf,
@@ -102,12 +106,21 @@ async fn run(service: Arc<Service>, o: &ServeOptions) -> Result<(), ServeError> 
                 addr: addr.clone(),
                 source,
             })?;
-        tracing::info!(%addr, "listening on TCP (bearer token required)");
         let app = crate::http::router(service.clone()).layer(axum::middleware::from_fn_with_state(
             std::sync::Arc::new(token),
             crate::http::bearer,
         ));
-        tokio::spawn(async move { axum::serve(tcp, app).await });
+        match &o.tls {
+            Some((cert, key)) => {
+                let acceptor = crate::tls::acceptor(cert, key)?;
+                tracing::info!(%addr, "listening on TCP with TLS (bearer token required)");
+                tokio::spawn(crate::tls::serve(tcp, acceptor, app));
+            }
+            None => {
+                tracing::info!(%addr, "listening on TCP (bearer token required)");
+                tokio::spawn(async move { axum::serve(tcp, app).await });
+            }
+        }
     }
     let app = crate::http::router(service);
     let result = axum::serve(listener, app)

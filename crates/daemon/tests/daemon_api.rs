@@ -319,3 +319,124 @@ fn tcp_without_a_token_is_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--tcp needs a bearer token"), "{err}");
 }
+
+#[test]
+fn tls_with_the_bearer_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let (ca, ca_key) = (dir.path().join("ca.pem"), dir.path().join("ca.key"));
+    let openssl = |args: &[&std::path::Path], subject: &str, extra: &[&str]| {
+        std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+            ])
+            .args(["-nodes", "-days", "1", "-subj", subject])
+            .args(extra)
+            .arg("-keyout")
+            .arg(args[0])
+            .arg("-out")
+            .arg(args[1])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    };
+    let made = openssl(&[&ca_key, &ca], "/CN=gpucell test CA", &[])
+        && openssl(
+            &[&key, &cert],
+            "/CN=localhost",
+            &[
+                "-addext",
+                "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                "-addext",
+                "basicConstraints=critical,CA:FALSE",
+                "-CA",
+                ca.to_str().unwrap(),
+                "-CAkey",
+                ca_key.to_str().unwrap(),
+            ],
+        );
+    if !made {
+        eprintln!("skipping: openssl cannot make a test certificate");
+        return;
+    }
+    std::fs::write(dir.path().join("token"), "tls-token-0123456789abcdef\n").unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let token = dir.path().join("token");
+    let Some(env) = common::env_with(
+        false,
+        &[
+            "--tcp",
+            &addr,
+            "--token-file",
+            token.to_str().unwrap(),
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    ) else {
+        return;
+    };
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls_pki_types::CertificateDer::from_pem_file(&ca).unwrap())
+        .unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let get = |auth: &str| {
+        env.rt.block_on(async {
+            use http_body_util::{BodyExt, Empty};
+            let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+            let tls = connector.connect(name, tcp).await.unwrap();
+            let (mut tx, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                    .await
+                    .unwrap();
+            tokio::spawn(conn);
+            let req = hyper::Request::get("/v1/node")
+                .header("host", "localhost")
+                .header("authorization", auth)
+                .body(Empty::<bytes::Bytes>::new())
+                .unwrap();
+            let r = tx.send_request(req).await.unwrap();
+            let status = r.status().as_u16();
+            let body = r.into_body().collect().await.unwrap().to_bytes();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        })
+    };
+    assert_eq!(get("Bearer nope").0, 401);
+    let (s, body) = get("Bearer tls-token-0123456789abcdef");
+    assert_eq!(s, 200, "{body}");
+    assert!(body.contains("gpucell.node/v1"), "{body}");
+    // Plain HTTP on the TLS port gets no answer.
+    let plain = env.rt.block_on(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        tcp.write_all(b"GET /v1/node HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), tcp.read_to_end(&mut buf))
+            .await;
+        buf
+    });
+    assert!(!String::from_utf8_lossy(&plain).contains("gpucell.node"));
+}
