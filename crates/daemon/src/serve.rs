@@ -12,6 +12,8 @@ use crate::service::{Service, ServiceError, Settings};
 
 /// How often sandboxes are looked at.
 pub const TICK: Duration = Duration::from_millis(250);
+/// How long open streams may take to end after SIGTERM.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -123,9 +125,20 @@ async fn run(service: Arc<Service>, o: &ServeOptions) -> Result<(), ServeError> 
         }
     }
     let app = crate::http::router(service);
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown())
-        .await;
+    let (stopping, mut stopped) = tokio::sync::watch::channel(false);
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown().await;
+        let _ = stopping.send(true);
+    });
+    // Streams (events, followed logs) never end by themselves: after the signal they get
+    // SHUTDOWN_GRACE to finish, then the daemon exits anyway.
+    let result = tokio::select! {
+        r = std::future::IntoFuture::into_future(server) => r,
+        _ = async {
+            let _ = stopped.wait_for(|s| *s).await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => Ok(()),
+    };
     let _ = std::fs::remove_file(&o.socket);
     result.map_err(|source| ServeError::Listen {
         path: o.socket.clone(),

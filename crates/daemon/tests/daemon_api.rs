@@ -440,3 +440,44 @@ fn tls_with_the_bearer_token() {
     });
     assert!(!String::from_utf8_lossy(&plain).contains("gpucell.node"));
 }
+
+#[test]
+fn sigterm_stops_the_daemon_even_with_an_open_event_stream() {
+    let Some(mut env) = common::env(false) else {
+        return;
+    };
+    let sock = env.socket.clone();
+    let reader = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            use http_body_util::BodyExt;
+            let r = gpucell_api::Client::new(sock)
+                .send(Method::GET, "/v1/events", None)
+                .await
+                .unwrap();
+            let mut body = r.into_body();
+            // Ends (or errs) when the daemon goes.
+            while let Some(Ok(_)) = body.frame().await {}
+        })
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut daemon = env.daemon.take().unwrap();
+    let started = std::time::Instant::now();
+    std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(daemon.id().to_string())
+        .status()
+        .unwrap();
+    let status = daemon.wait().unwrap();
+    assert!(status.success(), "{status:?}: {}", env.daemon_log());
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(!env.socket.exists(), "the socket was left behind");
+    reader.join().unwrap();
+}
