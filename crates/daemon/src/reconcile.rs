@@ -262,6 +262,19 @@ impl Service {
             return;
         };
         let dir = self.settings.sandbox_dir(id);
+        if self.supervisor_running(&dir) {
+            // A supervisor started by a daemon that died before recording it: adopt it
+            // once it has written who it is (within a tick or two), never start a second.
+            let owner: Option<Owner> = std::fs::read(dir.join(OWNER))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            if let Some(owner) = owner.filter(|o| self.launcher.alive(o)) {
+                tracing::info!(id, pid = owner.pid, "adopting a supervisor nobody recorded");
+                rec.supervisor = Some(owner);
+                self.persist(inner, rec);
+            }
+            return;
+        }
         rec.next_start_ms = None;
         match self.prepare(&dir, &rec).and_then(|()| {
             self.launcher
@@ -276,6 +289,15 @@ impl Service {
             }
         }
         self.persist(inner, rec);
+    }
+
+    /// True when a supervisor holds the directory's lock.
+    fn supervisor_running(&self, dir: &Path) -> bool {
+        dir.is_dir()
+            && matches!(
+                crate::supervise::lock(dir),
+                Err(crate::supervise::SuperviseError::Busy(_))
+            )
     }
 
     /// The sandbox directory with the request, and without the last run's progress.

@@ -253,3 +253,32 @@ fn health_results_change_the_status() {
     s.record_health("h", 2, Ok(()));
     assert!(s.get("h").unwrap().health.unwrap().healthy);
 }
+
+#[test]
+fn a_locked_directory_is_adopted_never_started_twice() {
+    let t = Setup::new();
+    let s = t.service();
+    // A supervisor a dead daemon started but never recorded holds the lock.
+    let dir = s.sandbox_dir("orphan");
+    std::fs::create_dir_all(&dir).unwrap();
+    let held = crate::supervise::lock(&dir).unwrap();
+    s.deploy(request("orphan", RestartPolicy::Never)).unwrap();
+    s.tick();
+    assert_eq!(t.fake.launches(), 0, "a second supervisor was started");
+    assert!(s.lock().records["orphan"].supervisor.is_none());
+    // Once it has said who it is, it is adopted.
+    t.fake.0.lock().unwrap().alive.insert(4242, true);
+    let owner = Owner {
+        pid: 4242,
+        start_time: 7,
+    };
+    std::fs::write(
+        dir.join(crate::supervise::OWNER),
+        serde_json::to_vec(&owner).unwrap(),
+    )
+    .unwrap();
+    s.tick();
+    assert_eq!(pid_of(&s, "orphan"), 4242);
+    assert_eq!(t.fake.launches(), 0);
+    drop(held);
+}

@@ -23,6 +23,9 @@ use crate::logs::{now_ms, LogFile, StreamWriter};
 pub const REQUEST: &str = "request.json";
 pub const STATE: &str = "state.json";
 pub const OWNER: &str = "supervisor.json";
+/// Held (flock) by the supervisor for its whole life: while it is held, a run of this
+/// sandbox is going on, whatever the daemon's records say.
+pub const LOCK: &str = "supervisor.lock";
 /// Where the supervisor's own messages go.
 pub const SUPERVISOR_LOG: &str = "supervisor.log";
 
@@ -46,6 +49,8 @@ pub enum SuperviseError {
     Owner(#[source] gpucell_host::devices::record::RecordError),
     #[error(transparent)]
     Log(#[from] crate::logs::LogError),
+    #[error("another supervisor runs the sandbox in {0:?}")]
+    Busy(PathBuf),
     #[error("cannot install the SIGTERM/SIGINT handlers")]
     Signals(#[source] std::io::Error),
 }
@@ -213,7 +218,25 @@ fn install_signals(stop: Arc<Stop>) -> Result<(), SuperviseError> {
 }
 
 /// Runs the sandbox described in `dir`; returns the workload's exit code.
+/// Takes the sandbox directory's lock, or says that a supervisor holds it.
+pub fn lock(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, SuperviseError> {
+    let path = dir.join(LOCK);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| SuperviseError::Write {
+            path: path.clone(),
+            source,
+        })?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|_| SuperviseError::Busy(dir.to_path_buf()))
+}
+
 pub fn supervise(node: &Node, dir: &Path, log_max_bytes: u64) -> Result<i32, SuperviseError> {
+    // Held until the process exits.
+    let _lock = lock(dir)?;
     let owner = Owner::current(Path::new("/proc")).map_err(SuperviseError::Owner)?;
     write_atomic(dir, OWNER, &serde_json::to_vec(&owner).unwrap_or_default())?;
     let path = dir.join(REQUEST);
