@@ -244,7 +244,9 @@ fn qemu_killed_under_a_running_sandbox_is_restarted() {
         .status()
         .unwrap();
     let st = env.wait_for("victim", 60, "the death noticed", |s, _| s.restarts >= 1);
-    assert!(st.exit_code != Some(0), "{st:?}");
+    assert_eq!(st.exit_code, Some(125), "{st:?}");
+    let error = st.error.clone().unwrap_or_default();
+    assert!(error.contains("QEMU exited (signal 9)"), "{st:?}");
     env.wait_for("victim", 180, "running again", |s, e| {
         s.state == SandboxState::Running && e.stdout_of("victim").matches("hello").count() >= 2
     });
