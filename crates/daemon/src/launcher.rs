@@ -1,6 +1,6 @@
-//! The seam between the daemon and its supervisor processes: start one for a sandbox
-//! directory, signal it, reap it. [`Supervisors`] starts `gpucelld supervise` for real;
-//! tests pass their own.
+//! The seam between the daemon and the host: start a supervisor for a sandbox
+//! directory, signal it, reap it, and give back the devices of one that died.
+//! [`Supervisors`] does it for real; tests pass their own.
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -31,6 +31,9 @@ pub trait Launcher: Send + Sync {
     fn signal(&self, owner: &Owner, signal: i32);
     /// True while that exact process (pid and start time) runs.
     fn alive(&self, owner: &Owner) -> bool;
+    /// Resets, checks and returns (or quarantines) the devices the allocator records for
+    /// a supervisor that is gone; one line per device says what happened.
+    fn reclaim_devices(&self, owner: &Owner) -> Vec<String>;
 }
 
 /// `gpucelld [global flags] supervise --dir DIR`, started with `setsid`.
@@ -40,6 +43,8 @@ pub struct Supervisors {
     /// Flags before `supervise` (`--state-dir`, `--host-root`, `--config`...).
     pub global_args: Vec<String>,
     pub proc_dir: PathBuf,
+    pub host_root: PathBuf,
+    pub state_dir: PathBuf,
 }
 
 impl Launcher for Supervisors {
@@ -99,6 +104,49 @@ impl Launcher for Supervisors {
         // Our own child: collect its exit, so that it does not stay a zombie.
         reap(owner.pid);
         owner.is_alive(&self.proc_dir)
+    }
+
+    fn reclaim_devices(&self, owner: &Owner) -> Vec<String> {
+        use gpucell_host::devices::{DevicePool, DevicesError, ReleaseOutcome};
+        let held: Vec<_> = gpucell_host::devices::allocations(&self.state_dir)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|a| a.owner == *owner)
+            .collect();
+        let pool = DevicePool::new(
+            gpucell_host::HostRoot::new(&self.host_root),
+            &self.state_dir,
+        );
+        let mut notes = Vec::new();
+        for a in held {
+            // Its QEMU dies with the supervisor (PDEATHSIG), a moment later: wait for
+            // /dev/vfio/<group> to close.
+            let mut tries = 0;
+            let outcome = loop {
+                match pool.release_device(a.bdf, false, &mut gpucell_host::bind::KernelWriter) {
+                    Err(DevicesError::GroupOpen { .. }) if tries < 25 => {
+                        tries += 1;
+                        std::thread::sleep(std::time::Duration::from_millis(200));
+                    }
+                    other => break other,
+                }
+            };
+            notes.push(match outcome {
+                Ok(ReleaseOutcome::Reclaimed { bdf, .. }) => {
+                    format!("{bdf}: reset, checked and returned")
+                }
+                Ok(ReleaseOutcome::Quarantined { bdf, reason }) => {
+                    format!("{bdf}: quarantined: {reason}")
+                }
+                Ok(other) => format!("{}: {other:?}", a.bdf),
+                Err(e) => format!(
+                    "{}: not released: {}",
+                    a.bdf,
+                    gpucell_common::chain_string(&e)
+                ),
+            });
+        }
+        notes
     }
 }
 

@@ -194,9 +194,16 @@ impl Service {
             SandboxState::Exited
         };
         let failed = state == SandboxState::Failed || rec.status.exit_code != Some(0);
-        // QEMU died with its supervisor (PDEATHSIG); its run directory goes now. Devices
-        // of a dead owner are released by the allocator's rules at their next use.
+        // QEMU died with its supervisor (PDEATHSIG); its run directory goes now, and the
+        // devices the run did not give back are reset and returned (or quarantined) by
+        // the allocator's rules.
         gpucell_sandbox::rundir::sweep_stale(&self.settings.run_root());
+        if let Some(owner) = rec.supervisor.filter(|_| crashed || killed) {
+            for note in self.launcher.reclaim_devices(&owner) {
+                tracing::info!(id = %id, "{note}");
+                self.note(&id, &note);
+            }
+        }
         rec.status.devices.clear();
         rec.supervisor = None;
         rec.kill_at_ms = None;

@@ -68,6 +68,8 @@ pub fn serve(o: ServeOptions) -> Result<(), ServeError> {
         exe: o.exe.clone(),
         global_args: o.global_args.clone(),
         proc_dir: proc_dir.clone(),
+        host_root: o.host_root.clone(),
+        state_dir: o.state_dir.clone(),
     };
     let settings = Settings {
         state_dir: o.state_dir.clone(),

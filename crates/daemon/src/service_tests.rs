@@ -17,6 +17,7 @@ use crate::supervise::Progress;
 struct Table {
     alive: HashMap<u32, bool>,
     signals: Vec<(u32, i32)>,
+    reclaimed: Vec<u32>,
     next_pid: u32,
 }
 
@@ -36,6 +37,10 @@ impl Launcher for Fake {
     }
     fn alive(&self, owner: &Owner) -> bool {
         self.0.lock().unwrap().alive.get(&owner.pid) == Some(&true)
+    }
+    fn reclaim_devices(&self, owner: &Owner) -> Vec<String> {
+        self.0.lock().unwrap().reclaimed.push(owner.pid);
+        Vec::new()
     }
 }
 
@@ -152,6 +157,11 @@ fn a_supervisor_that_dies_mid_run_fails_the_sandbox() {
     s.tick();
     let st = s.get("b").unwrap();
     assert_eq!(st.state, SandboxState::Failed);
+    assert_eq!(
+        t.fake.0.lock().unwrap().reclaimed.len(),
+        1,
+        "its devices were not reclaimed"
+    );
     assert!(st.error.unwrap().contains("supervisor"));
     assert!(st.timestamps.contains_key(&SandboxState::Booting));
 }
