@@ -182,9 +182,9 @@ build_base() {
 # the guest artifacts need (the same build as `make agent`).
 build_binaries() {
     [ -z "${NESTED_GPUCELL_BIN_DIR:-}" ] && [ "${NESTED_SKIP_CARGO:-0}" != 1 ] || return 0
-    log "cargo build --release -p gpucell"
-    (cd "$REPO_ROOT" && CARGO_TARGET_DIR=$CARGO_TARGET_DIR cargo build --release -q -p gpucell) ||
-        die "cargo build --release -p gpucell failed; fix the build or set NESTED_GPUCELL_BIN_DIR to a directory with built binaries"
+    log "cargo build --release -p gpucell -p gpucell-daemon"
+    (cd "$REPO_ROOT" && CARGO_TARGET_DIR=$CARGO_TARGET_DIR cargo build --release -q -p gpucell -p gpucell-daemon) ||
+        die "cargo build --release -p gpucell -p gpucell-daemon failed; fix the build or set NESTED_GPUCELL_BIN_DIR to a directory with built binaries"
     [ "$NESTED_BUILD_GUEST" = 1 ] && [ -z "${NESTED_AGENT:-}" ] || return 0
     log "cargo build --release -p gpucell-agent (static)"
     (cd "$REPO_ROOT" && CARGO_TARGET_DIR=$CARGO_TARGET_DIR RUSTFLAGS="-C target-feature=+crt-static" \
@@ -251,7 +251,7 @@ build_probe() {
 build_gpucell() {
     local bindir=$GPUCELL_BIN_DIR key stage b guest_files=()
     for b in $NESTED_BINS; do
-        [ -x "$bindir/$b" ] || die "$bindir/$b is missing; build it with cargo build --release -p gpucell"
+        [ -x "$bindir/$b" ] || die "$bindir/$b is missing; build it with cargo build --release -p gpucell -p gpucell-daemon"
     done
     if [ -n "$NESTED_GUEST_DIR" ] && [ -d "$NESTED_GUEST_DIR" ]; then
         mapfile -t guest_files < <(find "$NESTED_GUEST_DIR" -type f | LC_ALL=C sort)

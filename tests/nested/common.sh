@@ -14,8 +14,8 @@ QEMU_MODULE_DIR=/usr/lib/x86_64-linux-gnu/qemu
 # supports (TCG's -cpu max has SVM; NESTED_ACCEL=kvm on an Intel host has VMX).
 # tun, vhost_net, veth, nftables and the tc policer for the sandbox-network scenario.
 NESTED_MODULES=${NESTED_MODULES:-"vfio vfio_iommu_type1 vfio-pci kvm_amd kvm_intel vhost_vsock tun vhost_net veth nf_tables nft_chain_nat nft_masq nft_nat nft_reject_inet nft_fib_inet nft_ct sch_ingress cls_u32 act_police"}
-# Binaries of the gpucell package copied into L1 (if built).
-NESTED_BINS=${NESTED_BINS:-"gpucell"}
+# Binaries copied into L1: the CLI and the node daemon.
+NESTED_BINS=${NESTED_BINS:-"gpucell gpucelld"}
 # Extra host tools copied into L1 with their libraries: jq for JSON in the
 # scenarios, mkfs.erofs for gpucell's image store (the guest's root disk).
 NESTED_TOOLS=${NESTED_TOOLS:-"/usr/bin/jq /usr/bin/mkfs.erofs /usr/sbin/nft /usr/sbin/ip /usr/sbin/tc"}

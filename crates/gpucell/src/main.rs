@@ -47,6 +47,14 @@ enum Command {
     Kata(commands::kata::KataCommand),
     /// Run the Kubernetes device plugin (gpucell-device-plugin) with these arguments.
     DevicePlugin(commands::device_plugin::DevicePluginArgs),
+    /// Deploy a sandbox to the node daemon (gpucelld); it runs in the background.
+    Deploy(Box<commands::daemon::DeployArgs>),
+    /// List the node daemon's sandboxes.
+    Ps(commands::daemon::PsArgs),
+    /// Print a daemon sandbox's output.
+    Logs(commands::daemon::LogsArgs),
+    /// Stop a daemon sandbox (SIGTERM, then SIGKILL after its grace period).
+    Stop(commands::daemon::StopArgs),
 }
 
 fn main() -> ExitCode {
@@ -62,6 +70,10 @@ fn main() -> ExitCode {
         Command::Run(a) => commands::run::run(&cli.global, *a),
         Command::Kata(c) => commands::kata::run(&cli.global, c),
         Command::DevicePlugin(a) => commands::device_plugin::run(&cli.global, a),
+        Command::Deploy(a) => commands::daemon::deploy(&cli.global, *a),
+        Command::Ps(a) => commands::daemon::ps(&cli.global, a),
+        Command::Logs(a) => commands::daemon::logs(&cli.global, a),
+        Command::Stop(a) => commands::daemon::stop(&cli.global, a),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 pub mod device_plugin;
+pub mod daemon;
 pub mod doctor;
 pub mod envconfig;
 pub mod gpu;

@@ -125,7 +125,7 @@ fn resolve_env(entries: &[String]) -> Vec<String> {
 }
 
 /// The flags as a run request.
-fn request(global: &Global, args: &RunArgs) -> anyhow::Result<RunRequest> {
+pub(crate) fn request(global: &Global, args: &RunArgs) -> anyhow::Result<RunRequest> {
     let accel = match args.accel.as_deref() {
         Some(a) => a.parse::<AccelRequest>()?,
         None => global.config()?.run.accel.unwrap_or_default(),
