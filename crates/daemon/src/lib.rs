@@ -2,7 +2,7 @@
 //! one supervisor process per sandbox, an SQLite store written before acting, and the
 //! reconciliation that adopts what a previous daemon left running.
 //!
-//! Other front ends (a control-plane link) call [`service::Service`]: `deploy_value`,
+//! The control-plane link (`link`, gpucell-link) and other front ends call [`service::Service`]: `deploy_value`,
 //! `stop`, `inventory`, `states`.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
@@ -11,6 +11,7 @@ pub mod health;
 pub mod http;
 pub mod inventory;
 pub mod launcher;
+pub mod link;
 pub mod logs;
 pub mod metrics;
 pub mod reconcile;

@@ -71,6 +71,22 @@ struct ServeArgs {
     /// The TLS private key (PEM).
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Connect out to a control plane: a TOML file with the link's settings (url,
+    /// node_token, node_id, ...; docs/control-plane.md). It holds the node token: mode 0600.
+    #[arg(long, value_name = "FILE")]
+    link_config: Option<PathBuf>,
+}
+
+/// The control-plane link's settings from `--link-config`.
+fn read_link_config(path: &std::path::Path) -> anyhow::Result<gpucell_link::LinkConfig> {
+    use anyhow::Context;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the link configuration {}", path.display()))?;
+    let cfg: gpucell_link::LinkConfig = toml::from_str(&text)
+        .with_context(|| format!("the link configuration {} is not valid", path.display()))?;
+    cfg.validate()
+        .with_context(|| format!("the link configuration {}", path.display()))?;
+    Ok(cfg)
 }
 
 /// The token of `--token-file`: its first line, at least 16 bytes.
@@ -159,6 +175,11 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
                 default_guest: node.default_guest.clone(),
                 exe: std::env::current_exe()?,
                 global_args: global_args(cli),
+                link: args
+                    .link_config
+                    .as_deref()
+                    .map(read_link_config)
+                    .transpose()?,
             };
             serve::serve(options)?;
             Ok(0)

@@ -57,6 +57,8 @@ pub struct ServeOptions {
     pub default_guest: String,
     pub exe: PathBuf,
     pub global_args: Vec<String>,
+    /// The control-plane link (docs/control-plane.md), when configured.
+    pub link: Option<gpucell_link::LinkConfig>,
 }
 
 pub fn serve(o: ServeOptions) -> Result<(), ServeError> {
@@ -102,6 +104,22 @@ async fn run(service: Arc<Service>, o: &ServeOptions) -> Result<(), ServeError> 
         }
     });
     tokio::spawn(crate::health::run(service.clone(), TICK));
+    let (stopping, stopped) = tokio::sync::watch::channel(false);
+    if let Some(cfg) = o.link.clone() {
+        let ops = Arc::new(crate::link::LinkOps(service.clone()));
+        let mut link_stop = stopped.clone();
+        tokio::spawn(async move {
+            let until = async move {
+                let _ = link_stop.wait_for(|s| *s).await;
+            };
+            if let Err(e) = gpucell_link::run(cfg, ops, until).await {
+                tracing::error!(
+                    "the control-plane link did not start: {}",
+                    gpucell_common::chain_string(&e)
+                );
+            }
+        });
+    }
     if let Some(addr) = &o.tcp {
         let token = o.token.clone().ok_or(ServeError::NoToken)?;
         let tcp = tokio::net::TcpListener::bind(addr)
@@ -127,7 +145,7 @@ async fn run(service: Arc<Service>, o: &ServeOptions) -> Result<(), ServeError> 
         }
     }
     let app = crate::http::router(service);
-    let (stopping, mut stopped) = tokio::sync::watch::channel(false);
+    let mut stopped = stopped;
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         shutdown().await;
         let _ = stopping.send(true);

@@ -54,6 +54,9 @@ fn deploy_ps_logs_stop() {
             .arg("--socket")
             .arg(&socket)
             .args(&args[verb + 1..])
+            // No network in the machine's own namespace (private ones are tested in
+            // namespaces of their own, run_net.rs).
+            .env("GPUCELL_NETWORK", "none")
             .output()
             .unwrap()
     };

@@ -139,6 +139,9 @@ impl Env {
         let mut run = gpucell_runtime::RunRequest::new(self.image.clone());
         run.command = command.iter().map(|s| s.to_string()).collect();
         run.accel = gpucell_runtime::AccelRequest::Tcg;
+        // No network in the machine's own namespace (private networks are tested in
+        // namespaces of their own).
+        run.network.mode = Some(gpucell_net::NetworkMode::None);
         DeployRequest::new(run)
     }
 

@@ -3,8 +3,8 @@
 
 use std::path::PathBuf;
 
-pub mod device_plugin;
 pub mod daemon;
+pub mod device_plugin;
 pub mod doctor;
 pub mod envconfig;
 pub mod gpu;
