@@ -130,9 +130,12 @@ mod tests {
             ..Default::default()
         };
         let mut io = paths.open().unwrap();
-        let reader = std::thread::spawn({
-            let out = out.clone();
-            move || std::fs::read_to_string(out).unwrap()
+        // The shim's end is open: the reader's open does not block.
+        let mut reader_end = std::fs::File::open(&out).unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut s = String::new();
+            reader_end.read_to_string(&mut s).unwrap();
+            s
         });
         io.stdout.write_all(b"hello\n").unwrap();
         io.stderr.write_all(b"oops\n").unwrap();
