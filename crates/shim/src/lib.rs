@@ -8,6 +8,7 @@
 
 pub mod bundle;
 pub mod devices;
+pub mod events;
 pub mod launcher;
 pub mod service;
 pub mod stdio;

@@ -16,14 +16,13 @@ use containerd_shim::asynchronous::{spawn, ExitSignal, Shim};
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{api, Config, Error, Flags, StartOpts};
 use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
-use containerd_shim_protos::ttrpc::context::Context;
 use gpucell_host::HostRoot;
 use gpucell_runtime::{AccelRequest, Node};
-use tokio::sync::mpsc;
 
 use crate::bundle::TaskSpec;
+use crate::events::{self, EventRx, EventTx};
 use crate::launcher::NodeLauncher;
-use crate::task::{Event, Settings, TaskService, EXIT_KILLED};
+use crate::task::{Settings, TaskService, EXIT_KILLED};
 
 /// The runtime name containerd knows the shim by.
 pub const RUNTIME_ID: &str = "io.containerd.gpucell.v1";
@@ -87,16 +86,24 @@ fn process_env(name: &str) -> Option<String> {
 pub struct GpucellShim {
     exit: Arc<ExitSignal>,
     namespace: String,
+    events: EventTx,
+    events_rx: std::sync::Mutex<Option<EventRx>>,
 }
+
+/// How long an exiting shim waits for its last events to reach containerd.
+const EVENT_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[async_trait]
 impl Shim for GpucellShim {
     type T = TaskService;
 
     async fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
+        let (events, rx) = events::channel();
         GpucellShim {
             exit: Arc::new(ExitSignal::default()),
             namespace: args.namespace.clone(),
+            events,
+            events_rx: std::sync::Mutex::new(Some(rx)),
         }
     }
 
@@ -142,11 +149,23 @@ impl Shim for GpucellShim {
 
     async fn wait(&mut self) {
         self.exit.wait().await;
+        // The last task's exit and delete must reach containerd before the shim goes.
+        self.events.drain(EVENT_DRAIN).await;
     }
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(forward(publisher, self.namespace.clone(), rx));
+        // The crate's publisher retries in the background, where an exiting shim loses
+        // what it still holds: events::forward delivers in order and is waited for.
+        let address = publisher.address.clone();
+        drop(publisher);
+        let rx = match self.events_rx.lock() {
+            Ok(mut g) => g.take(),
+            Err(p) => p.into_inner().take(),
+        };
+        if let Some(rx) = rx {
+            tokio::spawn(events::forward(address, self.namespace.clone(), rx));
+        }
+        let tx = self.events.clone();
         let settings = match settings_from(&process_env) {
             Ok((node, accel)) => Settings {
                 host_root: HostRoot::new(node.host_root.clone()),
@@ -168,22 +187,6 @@ impl Shim for GpucellShim {
             }
         };
         TaskService::new(settings, tx, Arc::clone(&self.exit))
-    }
-}
-
-/// Sends the task service's events to containerd, in order.
-async fn forward(
-    publisher: RemotePublisher,
-    namespace: String,
-    mut rx: mpsc::UnboundedReceiver<Event>,
-) {
-    while let Some(e) = rx.recv().await {
-        if let Err(err) = publisher
-            .publish(Context::default(), e.topic, &namespace, e.message)
-            .await
-        {
-            tracing::warn!(topic = e.topic, error = %err, "publishing an event to containerd");
-        }
     }
 }
 

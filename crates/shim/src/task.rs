@@ -24,20 +24,12 @@ use containerd_shim_protos::types::task::{ProcessInfo, Status};
 use containerd_shim_protos::{api::Mount, topics};
 use gpucell_host::HostRoot;
 use gpucell_runtime::AccelRequest;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use crate::bundle::TaskSpec;
+use crate::events::EventTx;
 use crate::launcher::{Control, Launch, Launcher, TaskObserver};
 use crate::stdio::StdioPaths;
-
-/// An event for containerd: its topic and message.
-pub struct Event {
-    pub topic: &'static str,
-    pub message: Box<dyn MessageDyn>,
-}
-
-/// Where the task service sends its events (the shim forwards them to containerd).
-pub type EventTx = mpsc::UnboundedSender<Event>;
 
 /// Exit code of a task killed before it started, or lost with its shim (128 + SIGKILL).
 pub const EXIT_KILLED: u32 = 137;
@@ -149,9 +141,7 @@ impl TaskService {
     }
 
     fn send(&self, topic: &'static str, message: Box<dyn MessageDyn>) {
-        if self.inner.events.send(Event { topic, message }).is_err() {
-            tracing::warn!(topic, "the event forwarder is gone; event dropped");
-        }
+        self.inner.events.send(topic, message);
     }
 
     fn get(&self, id: &str) -> TtrpcResult<Arc<Container>> {
