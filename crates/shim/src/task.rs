@@ -190,14 +190,15 @@ impl TaskService {
         })
     }
 
-    /// Records the task's exit and tells containerd.
+    /// Records the task's exit and tells containerd. The exit event is queued before
+    /// `wait` or `delete` can see the exit, so that `/tasks/exit` precedes
+    /// `/tasks/delete`.
     fn exited(&self, c: &Container, code: u32) {
-        *lock(&c.phase) = Phase::Stopped;
+        let mut phase = lock(&c.phase);
         let exit = Exit {
             code,
             at: SystemTime::now(),
         };
-        c.exit_tx.send_replace(Some(exit));
         self.send(
             topics::TASK_EXIT_EVENT_TOPIC,
             Box::new(TaskExit {
@@ -209,6 +210,8 @@ impl TaskService {
                 ..Default::default()
             }),
         );
+        *phase = Phase::Stopped;
+        c.exit_tx.send_replace(Some(exit));
     }
 
     /// Runs the task on a thread of its own until it ends.
@@ -340,7 +343,10 @@ impl Task for TaskService {
             if *phase != Phase::Created {
                 return Err(status(
                     Code::FAILED_PRECONDITION,
-                    format!("task {:?} was already started", req.id),
+                    format!(
+                        "task {:?} cannot start: it was started or killed already",
+                        req.id
+                    ),
                 ));
             }
             let launch = lock(&c.launch).take().ok_or_else(|| {
