@@ -12,6 +12,8 @@ use oci_spec::runtime::Spec;
 
 /// The annotation containerd's CRI plugin sets to the pod sandbox's id.
 pub const SANDBOX_ID_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";
+/// The annotation with which containerd's CRI plugin tells a pod's containers apart.
+pub const CONTAINER_TYPE_ANNOTATION: &str = "io.kubernetes.cri.container-type";
 /// The annotation that names the guest flavour of a task (default: the node's).
 pub const GUEST_ANNOTATION: &str = "io.gpucell.guest";
 /// The annotation that names the NVIDIA driver branch or flavour of a task.
@@ -131,6 +133,13 @@ impl TaskSpec {
             .map(String::as_str)
             .filter(|s| !s.is_empty())
             .unwrap_or(task_id)
+    }
+
+    /// True for a CRI pod's sandbox (pause) container.
+    pub fn is_pod_sandbox(&self) -> bool {
+        self.annotations
+            .get(CONTAINER_TYPE_ANNOTATION)
+            .is_some_and(|t| t == "sandbox")
     }
 
     /// The run request of this task. `name` names the run in its report (the image field

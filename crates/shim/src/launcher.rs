@@ -15,6 +15,9 @@ pub struct Launch {
     pub request: RunRequest,
     /// The task's root filesystem, prepared by containerd.
     pub rootfs: PathBuf,
+    /// A CRI pod's sandbox (pause) container: no VM is started for it; it holds until
+    /// signalled (see [`hold`]).
+    pub sandbox: bool,
 }
 
 /// Runs a task to its end. Called on a thread of its own: it may block for as long as
@@ -117,6 +120,21 @@ impl Control {
             events.signal(sig);
         }
         s.events = Some(events);
+    }
+}
+
+/// A pod's sandbox (pause) container: runs nothing and ends on the first signal, with 0
+/// for SIGTERM or SIGINT (as `pause` does) and 128+N for any other signal N.
+pub fn hold(control: &Control) -> i32 {
+    let (tx, rx) = gpucell_sandbox::event_channel();
+    control.attach(tx);
+    loop {
+        if let Some(sig) = rx.next_signal(std::time::Duration::from_secs(3600)) {
+            return match sig {
+                libc::SIGTERM | libc::SIGINT => 0,
+                s => 128 + s,
+            };
+        }
     }
 }
 

@@ -182,7 +182,11 @@ impl TaskService {
                 stderr: req.stderr.clone(),
                 terminal: req.terminal,
             },
-            launch: Mutex::new(Some(Launch { request, rootfs })),
+            launch: Mutex::new(Some(Launch {
+                request,
+                rootfs,
+                sandbox: spec.is_pod_sandbox(),
+            })),
             phase: Mutex::new(Phase::Created),
             exit_tx,
             control: Arc::new(Control::default()),
@@ -227,6 +231,11 @@ impl TaskService {
     }
 
     fn run_task(&self, c: &Container, launch: Launch) -> u32 {
+        if launch.sandbox {
+            // No output will come: closing the streams at once tells the client so.
+            drop(c.stdio.open());
+            return crate::launcher::hold(&c.control) as u32;
+        }
         let io = match c.stdio.open() {
             Ok(io) => io,
             Err(e) => {

@@ -83,12 +83,22 @@ fn harness() -> Harness {
 impl Harness {
     /// A bundle whose process is `args`, with a stdout file.
     fn bundle(&self, id: &str, args: &[&str]) -> api::CreateTaskRequest {
+        self.bundle_with(id, args, serde_json::json!({}))
+    }
+
+    fn bundle_with(
+        &self,
+        id: &str,
+        args: &[&str],
+        annotations: serde_json::Value,
+    ) -> api::CreateTaskRequest {
         let b = self.dir.path().join(id);
         std::fs::create_dir_all(b.join("rootfs")).unwrap();
         let spec = serde_json::json!({
             "ociVersion": "1.1.0",
             "process": {"args": args, "cwd": "/", "user": {"uid": 0, "gid": 0}},
-            "root": {"path": "rootfs"}
+            "root": {"path": "rootfs"},
+            "annotations": annotations
         });
         std::fs::write(b.join("config.json"), spec.to_string()).unwrap();
         api::CreateTaskRequest {
@@ -294,4 +304,27 @@ async fn shutdown_waits_for_the_last_task() {
     tokio::time::timeout(Duration::from_secs(1), h.exit.wait())
         .await
         .unwrap();
+}
+
+#[tokio::test]
+async fn a_pod_sandbox_container_runs_no_vm_and_ends_on_sigterm() {
+    let h = harness();
+    let annotations = serde_json::json!({
+        "io.kubernetes.cri.container-type": "sandbox",
+        "io.kubernetes.cri.sandbox-id": "pod1"
+    });
+    let req = h.bundle_with("pod1", &["/pause"], annotations);
+    let bundle = req.bundle.clone();
+    h.service.create(&ctx(), req).await.unwrap();
+    h.service.start(&ctx(), start("pod1")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        h.state("pod1").await.status.enum_value(),
+        Ok(Status::RUNNING)
+    );
+    h.service.kill(&ctx(), kill("pod1", 15)).await.unwrap();
+    assert_eq!(h.wait("pod1").await, 0);
+    // The fake launcher never ran: nothing was printed.
+    let out = std::fs::read_to_string(Path::new(&bundle).join("stdout")).unwrap_or_default();
+    assert_eq!(out, "");
 }
