@@ -277,6 +277,8 @@ fn rootfs_dir(mounts: &[Mount], root: &Path) -> Result<(PathBuf, Option<PathBuf>
                     root,
                 )
                 .map_err(|e| {
+                    // What was mounted before this one comes off again.
+                    unmount(root);
                     format!(
                         "mounting the task's rootfs ({} {}) on {}: {e}",
                         m.type_,
@@ -586,5 +588,43 @@ impl Task for TaskService {
             self.inner.exit.signal();
         }
         Ok(api::Empty::default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mount(type_: &str, source: &str) -> Mount {
+        Mount {
+            type_: type_.into(),
+            source: source.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_single_bind_mount_is_used_where_it_is() {
+        let root = Path::new("/bundle/rootfs");
+        let (dir, mounted) = rootfs_dir(&[mount("bind", "/snapshots/7/fs")], root).unwrap();
+        assert_eq!(dir, PathBuf::from("/snapshots/7/fs"));
+        assert_eq!(mounted, None);
+        let (dir, mounted) = rootfs_dir(&[], root).unwrap();
+        assert_eq!(dir, root);
+        assert_eq!(mounted, None);
+    }
+
+    #[test]
+    fn a_failed_mount_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let mounts = [
+            mount("no-such-fs", "/nowhere/a"),
+            mount("no-such-fs", "/nowhere/b"),
+        ];
+        let err = rootfs_dir(&mounts, dir.path()).unwrap_err();
+        assert!(
+            err.contains("no-such-fs") && err.contains("/nowhere/a"),
+            "{err}"
+        );
     }
 }
