@@ -12,6 +12,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -346,6 +347,37 @@ fn run_prints_output_and_returns_the_exit_code(env: &Env) {
     assert_eq!(text(&out.stdout), "hello-from-gpucell\n");
     assert!(
         text(&out.stderr).contains("to-stderr"),
+        "{}",
+        text(&out.stderr)
+    );
+    // stdin reaches the workload through containerd's FIFO.
+    let mut child = env
+        .ctr_cmd(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "native",
+            "--runtime",
+            RUNTIME,
+            IMAGE,
+            "t1s",
+        ])
+        .args(["sh", "-c", "read x; echo got:$x"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"piped-input\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        text(&out.stdout),
+        "got:piped-input\n",
         "{}",
         text(&out.stderr)
     );
