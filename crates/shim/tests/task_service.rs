@@ -328,3 +328,89 @@ async fn a_pod_sandbox_container_runs_no_vm_and_ends_on_sigterm() {
     let out = std::fs::read_to_string(Path::new(&bundle).join("stdout")).unwrap_or_default();
     assert_eq!(out, "");
 }
+
+/// Keeps what it was asked to run, and exits 0.
+#[derive(Default)]
+struct Recorder(std::sync::Mutex<Vec<Launch>>);
+
+impl Launcher for Recorder {
+    fn run(&self, launch: Launch, _io: SessionIo, _obs: &mut dyn Observer) -> RunReport {
+        self.0.lock().unwrap().push(launch);
+        RunReport::default()
+    }
+}
+
+#[tokio::test]
+async fn vfio_devices_of_the_spec_reach_the_run_request_as_pci_functions() {
+    use gpucell_host::testing::{FakeFunction, FakeHost};
+    let host = FakeHost::new().unwrap();
+    host.add(
+        &FakeFunction::h100("0000:41:00.0")
+            .driver("vfio-pci")
+            .iommu_group(12),
+    )
+    .unwrap();
+    host.add(
+        &FakeFunction::new("0000:00:05.0", 0x1234, 0x11e8, 0x00ff00)
+            .driver("vfio-pci")
+            .iommu_group(7),
+    )
+    .unwrap();
+    let recorder = Arc::new(Recorder::default());
+    let (tx, _rx) = events::channel();
+    let settings = Settings {
+        launcher: Arc::clone(&recorder) as Arc<dyn Launcher>,
+        host_root: host.root(),
+        accel: AccelRequest::Tcg,
+        error: None,
+    };
+    let service = TaskService::new(settings, tx, Arc::new(ExitSignal::default()));
+    let dir = tempfile::tempdir().unwrap();
+    let b = dir.path().join("g1");
+    std::fs::create_dir_all(b.join("rootfs")).unwrap();
+    let spec = serde_json::json!({
+        "ociVersion": "1.1.0",
+        "process": {"args": ["nvidia-smi"], "cwd": "/", "user": {"uid": 0, "gid": 0},
+                    "env": ["NVIDIA_VISIBLE_DEVICES=all"]},
+        "root": {"path": "rootfs"},
+        "linux": {"devices": [
+            {"path": "/dev/vfio/vfio", "type": "c", "major": 10, "minor": 196},
+            {"path": "/dev/vfio/12", "type": "c", "major": 243, "minor": 0},
+            {"path": "/dev/vfio/7", "type": "c", "major": 243, "minor": 1}
+        ]}
+    });
+    std::fs::write(b.join("config.json"), spec.to_string()).unwrap();
+    let req = api::CreateTaskRequest {
+        id: "g1".into(),
+        bundle: b.display().to_string(),
+        ..Default::default()
+    };
+    service.create(&ctx(), req).await.unwrap();
+    service.start(&ctx(), start("g1")).await.unwrap();
+    let wait = api::WaitRequest {
+        id: "g1".into(),
+        ..Default::default()
+    };
+    service.wait(&ctx(), wait).await.unwrap();
+    let launches = recorder.0.lock().unwrap();
+    let r = &launches[0].request;
+    assert_eq!(r.devices.gpus.as_deref(), Some("0000:41:00.0"));
+    assert_eq!(r.devices.functions, ["0000:00:05.0"]);
+    assert_eq!(r.entrypoint.as_deref(), Some("nvidia-smi"));
+    assert_eq!(launches[0].rootfs, b.join("rootfs"));
+    // A group this host does not have fails the create, naming the entry.
+    let bad = serde_json::json!({
+        "ociVersion": "1.1.0",
+        "process": {"args": ["true"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+        "root": {"path": "rootfs"},
+        "linux": {"devices": [{"path": "/dev/vfio/99", "type": "c", "major": 243, "minor": 9}]}
+    });
+    std::fs::write(b.join("config.json"), bad.to_string()).unwrap();
+    let req = api::CreateTaskRequest {
+        id: "g2".into(),
+        bundle: b.display().to_string(),
+        ..Default::default()
+    };
+    let err = service.create(&ctx(), req).await.unwrap_err();
+    assert!(format!("{err:?}").contains("/dev/vfio/99"), "{err:?}");
+}
