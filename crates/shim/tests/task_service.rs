@@ -392,12 +392,12 @@ async fn vfio_devices_of_the_spec_reach_the_run_request_as_pci_functions() {
         ..Default::default()
     };
     service.wait(&ctx(), wait).await.unwrap();
-    let launches = recorder.0.lock().unwrap();
-    let r = &launches[0].request;
+    let launch = recorder.0.lock().unwrap()[0].clone();
+    let r = &launch.request;
     assert_eq!(r.devices.gpus.as_deref(), Some("0000:41:00.0"));
     assert_eq!(r.devices.functions, ["0000:00:05.0"]);
     assert_eq!(r.entrypoint.as_deref(), Some("nvidia-smi"));
-    assert_eq!(launches[0].rootfs, b.join("rootfs"));
+    assert_eq!(launch.rootfs, b.join("rootfs"));
     // A group this host does not have fails the create, naming the entry.
     let bad = serde_json::json!({
         "ociVersion": "1.1.0",
