@@ -9,7 +9,7 @@ GPUCELL     := target/release/gpucell
 STATE_DIR   ?= /var/lib/gpucell
 TEST_STATE  := $(CURDIR)/target/test-state
 
-.PHONY: all deps agent build guest demo test test-unit test-vm test-nested test-flavours test-gpu test-gpu-prepare test-gpu-fake bench fmt clippy clean
+.PHONY: all deps agent build guest demo test test-unit test-vm test-nested test-flavours test-gpu test-gpu-prepare test-gpu-fake test-shim bench bench-shim fmt clippy clean
 
 all: build
 
@@ -43,6 +43,15 @@ test: deps agent
 	  test $${PIPESTATUS[0]} -eq 0
 	NESTED_GPUCELL_BIN_DIR=$(CURDIR)/target/debug NESTED_DRIVER_GUEST_DIR=$(TEST_STATE)/guest/nvidia-550 \
 	  $(MAKE) test-nested
+
+# The containerd shim alone: its unit tests and, under Debian's containerd (fetched once
+# into target/containerd by scripts/fetch-containerd.sh), ctr run/kill/delete and a
+# containerd restart, about 40 s under TCG (docs/shim.md). `make test` runs the same tests
+# as part of the workspace's.
+test-shim: deps agent
+	$(CARGO) build -p gpucell
+	target/debug/gpucell --state-dir $(TEST_STATE) guest build --agent $(AGENT)
+	GPUCELL_TEST_STATE_DIR=$(TEST_STATE) $(CARGO) test -p gpucell-shim
 
 test-unit:
 	$(CARGO) test --workspace
@@ -78,6 +87,12 @@ test-flavours: agent
 
 bench: build
 	bench/image/run.sh
+
+# ctr run --rm busybox true: through the shim, gpucell run, runc (bench/results/shim.md).
+bench-shim: agent
+	$(CARGO) build -p gpucell -p gpucell-shim
+	target/debug/gpucell --state-dir $(TEST_STATE) guest build --agent $(AGENT)
+	GPUCELL_STATE_DIR=$(TEST_STATE) bench/shim/run.sh
 	bench/sandbox/run.sh
 	bench/net/run.sh
 

@@ -26,7 +26,7 @@ pub fn dry_run(
     obs.phase(Phase::Validate);
     let req = request.validate()?;
     let mut scratch = RunReport::new(&req.request.image);
-    let prepared = prepare(node, &req, &mut scratch, obs)?;
+    let prepared = prepare(node, &req, &crate::RootfsSource::Image, &mut scratch, obs)?;
 
     obs.phase(Phase::Devices);
     let mut setup = devices::setup_for(

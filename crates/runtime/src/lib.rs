@@ -28,6 +28,7 @@ pub mod node;
 pub mod observer;
 pub mod report;
 pub mod request;
+pub mod rootfs;
 pub mod run;
 
 pub use config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
@@ -36,7 +37,8 @@ pub use node::Node;
 pub use observer::{Observer, Phase, Quiet};
 pub use report::{DryRunReport, RunReport, RUN_REPORT_SCHEMA};
 pub use request::{AccelRequest, DeviceSpec, RequestError, RunRequest};
-pub use run::{run, EXIT_RUN_FAILED, EXIT_TIMEOUT};
+pub use rootfs::{RootfsError, RootfsSource};
+pub use run::{run, run_with_rootfs, EXIT_RUN_FAILED, EXIT_TIMEOUT};
 
 /// Why a run (or a dry run) failed. The message of each variant names what failed; the
 /// cause follows as its source.
@@ -60,6 +62,8 @@ pub enum RunFailure {
         #[source]
         source: Box<gpucell_image::Error>,
     },
+    #[error(transparent)]
+    Rootfs(#[from] rootfs::RootfsError),
     #[error(transparent)]
     Guest(#[from] gpucell_guest::Error),
     #[error(transparent)]

@@ -18,6 +18,7 @@ use crate::node::Node;
 use crate::observer::{Observer, Phase};
 use crate::report::{GuestReport, ImageReport, RunReport, SpecReport, TimingsReport};
 use crate::request::{RunRequest, ValidRequest};
+use crate::rootfs::{self, DirectoryDisk, RootfsSource};
 use crate::RunFailure;
 use gpucell_host::devices::AssignedDevice;
 
@@ -46,15 +47,29 @@ pub(crate) struct Prepared {
     pub gpus: Vec<PassedGpu>,
     /// The driver flavour chosen for them and the image.
     pub choice: Option<Choice>,
+    /// The disk made from a directory source, removed when the run ends.
+    pub _directory: Option<DirectoryDisk>,
 }
 
 /// Runs `request` on `node`: the workload's output goes to `io`, progress to `obs`.
 /// Always returns a report; a failed run has `error` set and `exit_code` 125 (124 on
 /// timeout, 128+N when interrupted by signal N).
 pub fn run(node: &Node, request: RunRequest, io: SessionIo, obs: &mut dyn Observer) -> RunReport {
+    run_with_rootfs(node, request, &RootfsSource::Image, io, obs)
+}
+
+/// [`run()`] with the root filesystem taken from `source`: the image store for
+/// [`RootfsSource::Image`], or a prepared directory (the containerd shim's bundle rootfs).
+pub fn run_with_rootfs(
+    node: &Node,
+    request: RunRequest,
+    source: &RootfsSource,
+    io: SessionIo,
+    obs: &mut dyn Observer,
+) -> RunReport {
     let start = Instant::now();
     let mut report = RunReport::new(&request.image);
-    if let Err(failure) = run_steps(node, request, io, obs, &mut report, start) {
+    if let Err(failure) = run_steps(node, request, source, io, obs, &mut report, start) {
         record_failure(&mut report, &failure);
     }
     if let Some(t) = report.timings_ms.as_mut() {
@@ -67,6 +82,7 @@ pub fn run(node: &Node, request: RunRequest, io: SessionIo, obs: &mut dyn Observ
 fn run_steps(
     node: &Node,
     request: RunRequest,
+    source: &RootfsSource,
     io: SessionIo,
     obs: &mut dyn Observer,
     report: &mut RunReport,
@@ -76,7 +92,7 @@ fn run_steps(
     report.run_id = Some(id.clone());
     obs.phase(Phase::Validate);
     let req = request.validate()?;
-    let prepared = prepare(node, &req, report, obs)?;
+    let prepared = prepare(node, &req, source, report, obs)?;
     obs.phase(Phase::Devices);
     let setup = devices::setup_for(
         req.request.devices.hugepages,
@@ -100,30 +116,32 @@ fn run_steps(
 pub(crate) fn prepare(
     node: &Node,
     req: &ValidRequest,
+    source: &RootfsSource,
     report: &mut RunReport,
     obs: &mut dyn Observer,
 ) -> Result<Prepared, RunFailure> {
     obs.phase(Phase::Image);
     let t_image = Instant::now();
-    let store = gpucell_image::Store::open_with(&node.state_dir, node.store.clone())
-        .map_err(|e| RunFailure::StoreOpen(Box::new(e)))?;
-    let reference = &req.request.image;
-    let image = store
-        .get_or_fetch(reference)
-        .map_err(|source| RunFailure::Image {
-            reference: reference.clone(),
-            source: Box::new(source),
-        })?;
-    let disk = store
-        .guest_disk(&image)
-        .map_err(|source| RunFailure::Disk {
-            reference: image.reference.clone(),
-            source: Box::new(source),
-        })?;
+    let (image, disk, directory) = match source {
+        RootfsSource::Image => {
+            let (image, disk) = store_image(node, &req.request.image)?;
+            (image, disk, None)
+        }
+        RootfsSource::Directory(tree) => {
+            let d = rootfs::directory_disk(
+                &node.state_dir,
+                tree,
+                node.store.fs_type,
+                &req.request.image,
+                &req.request.env,
+            )?;
+            (d.image.clone(), d.disk.clone(), Some(d))
+        }
+    };
     let image_ms = ms(t_image.elapsed());
     report.image = ImageReport {
         reference: image.reference.clone(),
-        digest: Some(image.digest.clone()),
+        digest: directory.is_none().then(|| image.digest.clone()),
         disk: Some(disk.path.clone()),
         fstype: Some(disk.fstype.clone()),
         disk_bytes: Some(disk.size),
@@ -153,7 +171,30 @@ pub(crate) fn prepare(
         preview,
         gpus,
         choice,
+        _directory: directory,
     })
+}
+
+/// The image `reference` from the store (fetched when missing) and its guest disk.
+fn store_image(
+    node: &Node,
+    reference: &str,
+) -> Result<(gpucell_image::Image, gpucell_image::GuestDisk), RunFailure> {
+    let store = gpucell_image::Store::open_with(&node.state_dir, node.store.clone())
+        .map_err(|e| RunFailure::StoreOpen(Box::new(e)))?;
+    let image = store
+        .get_or_fetch(reference)
+        .map_err(|source| RunFailure::Image {
+            reference: reference.to_string(),
+            source: Box::new(source),
+        })?;
+    let disk = store
+        .guest_disk(&image)
+        .map_err(|source| RunFailure::Disk {
+            reference: image.reference.clone(),
+            source: Box::new(source),
+        })?;
+    Ok((image, disk))
 }
 
 /// The allocator's choice for the request, nothing taken (empty without devices).

@@ -106,6 +106,22 @@ pub struct EventReceiver {
     tx: SyncSender<Event>,
 }
 
+impl EventReceiver {
+    /// The next signal queued for the workload, waiting at most `timeout`; other events
+    /// are skipped. For front ends that test their signal plumbing without a sandbox.
+    pub fn next_signal(&self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            match self.rx.recv_timeout(left) {
+                Ok(Event::Signal(s)) => return Some(s),
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+    }
+}
+
 pub fn event_channel() -> (EventSender, EventReceiver) {
     let (tx, rx) = sync_channel(QUEUE_DEPTH);
     (EventSender(tx.clone()), EventReceiver { rx, tx })

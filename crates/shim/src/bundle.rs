@@ -1,0 +1,242 @@
+//! A task's bundle, as containerd prepares it: `config.json` (the OCI runtime spec) and
+//! the rootfs. The spec becomes a [`RunRequest`]: the process (args, env, cwd, user),
+//! the hostname, the VM's size from `linux.resources`, and the VFIO devices of
+//! `linux.devices`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use gpucell_runtime::request::DEFAULT_MEMORY_MIB;
+use gpucell_runtime::{AccelRequest, RunRequest};
+use oci_spec::runtime::Spec;
+
+/// The annotation containerd's CRI plugin sets to the pod sandbox's id.
+pub const SANDBOX_ID_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";
+/// The annotation with which containerd's CRI plugin tells a pod's containers apart.
+pub const CONTAINER_TYPE_ANNOTATION: &str = "io.kubernetes.cri.container-type";
+/// The annotation that names the guest flavour of a task (default: the node's).
+pub const GUEST_ANNOTATION: &str = "io.gpucell.guest";
+/// The annotation that names the NVIDIA driver branch or flavour of a task.
+pub const DRIVER_ANNOTATION: &str = "io.gpucell.driver";
+/// The smallest VM a task gets, whatever its memory limit says: the guest kernel and
+/// agent need room of their own.
+pub const MIN_MEMORY_MIB: u64 = DEFAULT_MEMORY_MIB;
+
+/// Errors reading a bundle.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    #[error("reading the OCI spec {}: is this a containerd bundle?", path.display())]
+    Spec {
+        path: PathBuf,
+        #[source]
+        source: oci_spec::OciSpecError,
+    },
+    #[error("the OCI spec {} has no process: containerd always sets one, so the bundle is damaged", path.display())]
+    NoProcess { path: PathBuf },
+    #[error("the OCI spec {} has an empty process.args: give the container a command", path.display())]
+    NoArgs { path: PathBuf },
+}
+
+/// What a task's OCI spec asks for, in the terms of a gpucell run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskSpec {
+    pub args: Vec<String>,
+    pub env: Vec<String>,
+    pub cwd: String,
+    /// `uid:gid`.
+    pub user: String,
+    pub hostname: Option<String>,
+    /// From `linux.resources.memory.limit`, at least [`MIN_MEMORY_MIB`].
+    pub memory_mib: u64,
+    /// From `linux.resources.cpu` quota / period, rounded up; 1 without a quota.
+    pub cpus: u32,
+    /// The paths of `linux.devices` (the VFIO ones among them become passed devices).
+    pub devices: Vec<PathBuf>,
+    /// The rootfs directory named by `root.path`, made absolute against the bundle.
+    pub root: PathBuf,
+    pub terminal: bool,
+    pub annotations: HashMap<String, String>,
+}
+
+impl TaskSpec {
+    /// Reads `<bundle>/config.json`.
+    pub fn load(bundle: &Path) -> Result<TaskSpec, BundleError> {
+        let path = bundle.join("config.json");
+        let spec = Spec::load(&path).map_err(|source| BundleError::Spec {
+            path: path.clone(),
+            source,
+        })?;
+        Self::from_spec(&spec, bundle, &path)
+    }
+
+    /// The task spec of `spec`, whose rootfs is relative to `bundle`; `path` names the
+    /// spec in errors.
+    pub fn from_spec(spec: &Spec, bundle: &Path, path: &Path) -> Result<TaskSpec, BundleError> {
+        let process = spec
+            .process()
+            .as_ref()
+            .ok_or_else(|| BundleError::NoProcess {
+                path: path.to_path_buf(),
+            })?;
+        let args = process.args().clone().unwrap_or_default();
+        if args.first().is_none_or(|a| a.is_empty()) {
+            return Err(BundleError::NoArgs {
+                path: path.to_path_buf(),
+            });
+        }
+        let user = process.user();
+        let linux = spec.linux().as_ref();
+        let resources = linux.and_then(|l| l.resources().as_ref());
+        let memory_mib = resources
+            .and_then(|r| r.memory().as_ref())
+            .and_then(|m| m.limit())
+            .filter(|l| *l > 0)
+            .map(|l| (l as u64).div_ceil(1 << 20).max(MIN_MEMORY_MIB))
+            .unwrap_or(DEFAULT_MEMORY_MIB);
+        let cpus = resources
+            .and_then(|r| r.cpu().as_ref())
+            .and_then(|c| match (c.quota(), c.period()) {
+                (Some(q), Some(p)) if q > 0 && p > 0 => Some((q as u64).div_ceil(p)),
+                _ => None,
+            })
+            .map(|n| n.clamp(1, u64::from(gpucell_runtime::request::MAX_CPUS)) as u32)
+            .unwrap_or(1);
+        let devices = linux
+            .and_then(|l| l.devices().as_ref())
+            .map(|d| d.iter().map(|d| d.path().clone()).collect())
+            .unwrap_or_default();
+        let root = spec
+            .root()
+            .as_ref()
+            .map(|r| r.path().clone())
+            .unwrap_or_else(|| PathBuf::from("rootfs"));
+        Ok(TaskSpec {
+            args,
+            env: process.env().clone().unwrap_or_default(),
+            cwd: process.cwd().to_string_lossy().into_owned(),
+            user: format!("{}:{}", user.uid(), user.gid()),
+            hostname: spec.hostname().clone().filter(|h| !h.is_empty()),
+            memory_mib,
+            cpus,
+            devices,
+            root: bundle.join(root),
+            terminal: process.terminal().unwrap_or(false),
+            annotations: spec.annotations().clone().unwrap_or_default(),
+        })
+    }
+
+    /// The pod this task belongs to: the CRI sandbox id, else the task's own id (a plain
+    /// `ctr run` is a pod of one).
+    pub fn pod_id<'a>(&'a self, task_id: &'a str) -> &'a str {
+        self.annotations
+            .get(SANDBOX_ID_ANNOTATION)
+            .map(String::as_str)
+            .filter(|s| !s.is_empty())
+            .unwrap_or(task_id)
+    }
+
+    /// True for a CRI pod's sandbox (pause) container.
+    pub fn is_pod_sandbox(&self) -> bool {
+        self.annotations
+            .get(CONTAINER_TYPE_ANNOTATION)
+            .is_some_and(|t| t == "sandbox")
+    }
+
+    /// The run request of this task. `name` names the run in its report (the image field
+    /// of a request from a directory); the devices are filled in by the caller.
+    pub fn request(&self, name: &str, accel: AccelRequest) -> RunRequest {
+        let mut r = RunRequest::new(name);
+        // The OCI process is complete: no image config fills anything in.
+        r.entrypoint = Some(self.args[0].clone());
+        r.command = self.args[1..].to_vec();
+        r.env = self.env.clone();
+        r.workdir = Some(self.cwd.clone());
+        r.user = Some(self.user.clone());
+        r.hostname = self.hostname.clone();
+        r.cpus = self.cpus;
+        r.memory_mib = self.memory_mib;
+        r.accel = accel;
+        r.guest = self.annotations.get(GUEST_ANNOTATION).cloned();
+        r.driver = self.annotations.get(DRIVER_ANNOTATION).cloned();
+        // A pod's network belongs to the CRI and its CNI plugins, which the shim does not
+        // wire into the VM yet (docs/shim.md): no network device rather than gpucell's own
+        // private network beside the pod's.
+        r.network.mode = Some(gpucell_net::NetworkMode::None);
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(json: &str) -> Result<TaskSpec, BundleError> {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.json"), json).unwrap();
+        TaskSpec::load(dir.path()).map(|mut t| {
+            // The tempdir goes away: keep only the relative part to compare.
+            t.root = t.root.strip_prefix(dir.path()).unwrap().to_path_buf();
+            t
+        })
+    }
+
+    const FULL: &str = r#"{
+      "ociVersion": "1.1.0",
+      "process": {"args": ["/bin/sh", "-c", "echo hi"], "env": ["PATH=/bin", "A=b"],
+                  "cwd": "/work", "user": {"uid": 1000, "gid": 100}, "terminal": false},
+      "root": {"path": "rootfs", "readonly": true},
+      "hostname": "pod-a",
+      "annotations": {"io.kubernetes.cri.sandbox-id": "sb1", "io.gpucell.guest": "default"},
+      "linux": {
+        "resources": {"memory": {"limit": 2147483648}, "cpu": {"quota": 150000, "period": 100000}},
+        "devices": [{"path": "/dev/vfio/12", "type": "c", "major": 243, "minor": 0}]
+      }
+    }"#;
+
+    #[test]
+    fn the_oci_process_becomes_the_request() {
+        let t = spec(FULL).unwrap();
+        assert_eq!(t.args, ["/bin/sh", "-c", "echo hi"]);
+        assert_eq!(t.user, "1000:100");
+        assert_eq!(t.memory_mib, 2048);
+        assert_eq!(t.cpus, 2);
+        assert_eq!(t.devices, [PathBuf::from("/dev/vfio/12")]);
+        assert_eq!(t.root, PathBuf::from("rootfs"));
+        assert_eq!(t.pod_id("c1"), "sb1");
+        let r = t.request("containerd:default/c1", AccelRequest::Tcg);
+        assert_eq!(r.entrypoint.as_deref(), Some("/bin/sh"));
+        assert_eq!(r.command, ["-c", "echo hi"]);
+        assert_eq!(r.env, ["PATH=/bin", "A=b"]);
+        assert_eq!(r.workdir.as_deref(), Some("/work"));
+        assert_eq!(r.hostname.as_deref(), Some("pod-a"));
+        assert_eq!(r.guest.as_deref(), Some("default"));
+        assert_eq!(r.memory_mib, 2048);
+        r.validate().unwrap();
+    }
+
+    #[test]
+    fn defaults_without_resources_and_a_pod_of_one() {
+        let t = spec(
+            r#"{"ociVersion":"1.1.0","process":{"args":["true"],"cwd":"/","user":{"uid":0,"gid":0}},
+                "root":{"path":"rootfs"},"linux":{"resources":{"memory":{"limit":1048576}}}}"#,
+        )
+        .unwrap();
+        assert_eq!(t.memory_mib, MIN_MEMORY_MIB);
+        assert_eq!(t.cpus, 1);
+        assert_eq!(t.pod_id("c1"), "c1");
+        assert!(t.devices.is_empty());
+    }
+
+    #[test]
+    fn bad_specs_are_named() {
+        let err = spec(r#"{"ociVersion":"1.1.0","root":{"path":"rootfs"}}"#).unwrap_err();
+        assert!(err.to_string().contains("no process"), "{err}");
+        let err = spec(
+            r#"{"ociVersion":"1.1.0","process":{"args":[],"cwd":"/","user":{"uid":0,"gid":0}}}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("process.args"), "{err}");
+        let err = spec("{not json").unwrap_err();
+        assert!(err.to_string().contains("config.json"), "{err}");
+    }
+}

@@ -1,0 +1,474 @@
+//! The shim under a real containerd (Debian's, fetched by scripts/fetch-containerd.sh
+//! into target/containerd, or the directory named by GPUCELL_TEST_CONTAINERD), with its
+//! own config, root and state directories, the native snapshotter and a busybox image
+//! imported offline. Each task boots a real microVM (TCG unless GPUCELL_ACCEL says
+//! otherwise). Skips with a printed reason when not root, without guest artifacts
+//! (GPUCELL_TEST_STATE_DIR), QEMU, umoci/busybox-static, or containerd.
+//!
+//! One test, in steps, so that the VMs boot one after another on a small machine:
+//! `ctr run` prints the output and returns the exit code; kill and delete work; exec is
+//! refused; containerd killed and restarted while a task runs: the task survives and its
+//! exit is still reported.
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const IMAGE: &str = "docker.io/library/gpucell-demo:latest";
+const RUNTIME: &str = "io.containerd.gpucell.v1";
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn skip(why: &str) -> Option<Env> {
+    eprintln!("skipping: {why}");
+    None
+}
+
+/// A containerd of the test's own, and where its files are.
+struct Env {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    path: String,
+    containerd: Option<Child>,
+}
+
+/// containerd's directory: GPUCELL_TEST_CONTAINERD, else target/containerd/usr/bin
+/// (fetched once from Debian).
+fn containerd_bin() -> Result<PathBuf, String> {
+    if let Some(d) = std::env::var_os("GPUCELL_TEST_CONTAINERD") {
+        return Ok(PathBuf::from(d));
+    }
+    let dest = repo_root().join("target/containerd");
+    let out = Command::new(repo_root().join("scripts/fetch-containerd.sh"))
+        .arg(&dest)
+        .output()
+        .map_err(|e| format!("running scripts/fetch-containerd.sh: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "scripts/fetch-containerd.sh could not fetch containerd: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(dest.join("usr/bin"))
+}
+
+fn setup() -> Option<Env> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return skip("containerd needs root");
+    }
+    let Some(shared) = std::env::var_os("GPUCELL_TEST_STATE_DIR").map(PathBuf::from) else {
+        return skip("GPUCELL_TEST_STATE_DIR is not set (make test-shim sets it after `gpucell guest build`)");
+    };
+    let guest = shared.join("guest");
+    if !guest.join("default/manifest.json").is_file() {
+        return skip(&format!("no guest artifacts in {}", guest.display()));
+    }
+    if !Path::new("/usr/bin/qemu-system-x86_64").exists() {
+        return skip("qemu-system-x86_64 is not installed");
+    }
+    let bin = match containerd_bin() {
+        Ok(b) => b,
+        Err(e) => return skip(&e),
+    };
+    // Short path: the sockets under it must stay below 108 bytes.
+    let dir = tempfile::Builder::new()
+        .prefix("gs")
+        .tempdir_in("/tmp")
+        .ok()?;
+    std::fs::create_dir_all(dir.path().join("state")).ok()?;
+    std::os::unix::fs::symlink(&guest, dir.path().join("state/guest")).ok()?;
+    let shim = PathBuf::from(env!("CARGO_BIN_EXE_containerd-shim-gpucell-v1"));
+    let path = format!(
+        "{}:{}:{}",
+        shim.parent()?.display(),
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut env = Env {
+        dir,
+        bin,
+        path,
+        containerd: None,
+    };
+    env.write_config();
+    env.start();
+    if !env.import_image() {
+        return None;
+    }
+    Some(env)
+}
+
+impl Env {
+    fn p(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn sock(&self) -> String {
+        self.p("c.sock").display().to_string()
+    }
+
+    fn write_config(&self) {
+        let d = self.dir.path().display();
+        let config = format!(
+            "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/st\"\n\
+             disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+             [grpc]\n  address = \"{d}/c.sock\"\n[ttrpc]\n  address = \"{d}/c.sock.ttrpc\"\n"
+        );
+        std::fs::write(self.p("config.toml"), config).unwrap();
+    }
+
+    /// Starts containerd and waits for its socket.
+    fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.p("containerd.log"))
+            .unwrap();
+        let mut cmd = Command::new(self.bin.join("containerd"));
+        cmd.arg("--config")
+            .arg(self.p("config.toml"))
+            .env("PATH", &self.path)
+            .env("GPUCELL_STATE_DIR", self.p("state"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        if std::env::var_os("GPUCELL_ACCEL").is_none() {
+            cmd.env("GPUCELL_ACCEL", "tcg");
+        }
+        self.containerd = Some(cmd.spawn().unwrap());
+        let t = Instant::now();
+        while !self.p("c.sock").exists() {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "containerd did not start: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // The socket appears before the services answer.
+        while !self.ctr(&["version"]).status.success() {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "containerd does not answer: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// containerd killed as a crash would (SIGKILL), then started again.
+    fn restart(&mut self) {
+        if let Some(mut c) = self.containerd.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+        std::fs::remove_file(self.p("c.sock")).ok();
+        self.start();
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.p("containerd.log")).unwrap_or_default()
+    }
+
+    fn ctr_cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(self.bin.join("ctr"));
+        c.arg("-a").arg(self.sock()).args(args).stdin(Stdio::null());
+        c
+    }
+
+    fn ctr(&self, args: &[&str]) -> Output {
+        self.ctr_cmd(args).output().unwrap()
+    }
+
+    /// The demo image (umoci, busybox), named for containerd, imported offline.
+    fn import_image(&self) -> bool {
+        let layout = self.p("oci");
+        let out = Command::new(repo_root().join("scripts/make-demo-image.sh"))
+            .arg(&layout)
+            .arg("demo")
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            eprintln!(
+                "skipping: scripts/make-demo-image.sh failed (needs umoci and busybox-static): {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return false;
+        }
+        let index = layout.join("index.json");
+        let mut j: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&index).unwrap()).unwrap();
+        for m in j["manifests"].as_array_mut().unwrap() {
+            m["annotations"]["io.containerd.image.name"] = IMAGE.into();
+        }
+        std::fs::write(&index, serde_json::to_vec(&j).unwrap()).unwrap();
+        let tar = self.p("image.tar");
+        let ok = Command::new("tar")
+            .arg("-C")
+            .arg(&layout)
+            .arg("-cf")
+            .arg(&tar)
+            .arg(".")
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let out = self.ctr(&[
+            "images",
+            "import",
+            "--snapshotter",
+            "native",
+            tar.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "import: {}", text(&out.stderr));
+        true
+    }
+
+    /// `ctr run` of the demo image with the gpucell runtime.
+    fn run(&self, extra: &[&str], id: &str, command: &[&str]) -> Output {
+        let mut args = vec!["run", "--snapshotter", "native", "--runtime", RUNTIME];
+        args.extend_from_slice(extra);
+        args.push(IMAGE);
+        args.push(id);
+        args.extend_from_slice(command);
+        self.ctr(&args)
+    }
+
+    fn task_status(&self, id: &str) -> Option<String> {
+        let out = self.ctr(&["tasks", "ls"]);
+        text(&out.stdout)
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(id))
+            .and_then(|l| l.split_whitespace().nth(2).map(str::to_string))
+    }
+
+    fn wait_for(&self, what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+        let t = Instant::now();
+        while !f() {
+            assert!(
+                t.elapsed() < limit,
+                "timed out waiting for {what}; containerd log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    fn wait_for_file(&self, path: &Path, needle: &str) {
+        self.wait_for(
+            &format!("{needle:?} in {}", path.display()),
+            Duration::from_secs(180),
+            || std::fs::read_to_string(path).is_ok_and(|s| s.contains(needle)),
+        );
+    }
+
+    /// Shim processes serving this containerd.
+    fn shims(&self) -> Vec<u32> {
+        processes_mentioning(&self.sock(), "containerd-shim-gpucell")
+    }
+
+    /// No VM, shim, disk or run directory is left.
+    fn assert_clean(&self) {
+        let state = self.p("state").display().to_string();
+        self.wait_for("the shims to exit", Duration::from_secs(20), || {
+            self.shims().is_empty()
+        });
+        assert!(
+            processes_mentioning(&state, "qemu-system").is_empty(),
+            "QEMU left behind"
+        );
+        for d in ["state/tmp", "state/run"] {
+            let left: Vec<_> = std::fs::read_dir(self.p(d))
+                .map(|r| r.flatten().map(|e| e.path()).collect())
+                .unwrap_or_default();
+            assert!(left.is_empty(), "left behind in {d}: {left:?}");
+        }
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.containerd.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Shims a failed step left: they were started for this test only.
+        for pid in self.shims() {
+            // SAFETY: plain kill(2) of a process this test's containerd started.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Pids of processes whose command line contains both `needle` and `name`.
+fn processes_mentioning(needle: &str, name: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd);
+        if cmd.contains(name) && cmd.contains(needle) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+fn run_prints_output_and_returns_the_exit_code(env: &Env) {
+    let out = env.run(
+        &["--rm"],
+        "t1",
+        &[
+            "sh",
+            "-c",
+            "echo hello-from-gpucell; echo to-stderr >&2; exit 3",
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "stderr: {}\n{}",
+        text(&out.stderr),
+        env.log()
+    );
+    assert_eq!(text(&out.stdout), "hello-from-gpucell\n");
+    assert!(
+        text(&out.stderr).contains("to-stderr"),
+        "{}",
+        text(&out.stderr)
+    );
+    // stdin reaches the workload through containerd's FIFO.
+    let mut child = env
+        .ctr_cmd(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "native",
+            "--runtime",
+            RUNTIME,
+            IMAGE,
+            "t1s",
+        ])
+        .args(["sh", "-c", "read x; echo got:$x"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"piped-input\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        text(&out.stdout),
+        "got:piped-input\n",
+        "{}",
+        text(&out.stderr)
+    );
+    // A command the image does not have: the task fails, and says why.
+    let out = env.run(&["--rm"], "t1b", &["/no/such/binary"]);
+    assert_ne!(out.status.code(), Some(0));
+}
+
+fn kill_exec_and_delete(env: &Env) {
+    let log = env.p("t2.log");
+    let uri = format!("file://{}", log.display());
+    let out = env.run(
+        &["-d", "--log-uri", &uri],
+        "t2",
+        &["sh", "-c", "echo started; sleep 600"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    env.wait_for_file(&log, "started");
+    assert_eq!(env.task_status("t2").as_deref(), Some("RUNNING"));
+    let exec = env.ctr(&["tasks", "exec", "--exec-id", "e1", "t2", "true"]);
+    assert!(!exec.status.success());
+    assert!(
+        text(&exec.stderr).contains("one process per VM"),
+        "{}",
+        text(&exec.stderr)
+    );
+    let out = env.ctr(&["tasks", "kill", "-s", "SIGKILL", "t2"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    env.wait_for("t2 to stop", Duration::from_secs(60), || {
+        env.task_status("t2").as_deref() == Some("STOPPED")
+    });
+    let out = env.ctr(&["tasks", "delete", "t2"]);
+    assert!(
+        text(&out.stderr).contains("exit code 137"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(env.ctr(&["containers", "rm", "t2"]).status.success());
+    assert_eq!(env.task_status("t2"), None);
+}
+
+fn task_survives_a_containerd_restart(env: &mut Env) {
+    let log = env.p("t3.log");
+    let uri = format!("file://{}", log.display());
+    let out = env.run(
+        &["-d", "--log-uri", &uri],
+        "t3",
+        &["sh", "-c", "echo started; sleep 10; echo done; exit 5"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    env.wait_for_file(&log, "started");
+    let shims = env.shims();
+    assert_eq!(shims.len(), 1, "one shim for t3");
+    env.restart();
+    assert_eq!(env.shims(), shims, "the shim survived the restart");
+    let events_log = env.p("events.log");
+    let mut events = env
+        .ctr_cmd(&["events"])
+        .stdout(std::fs::File::create(&events_log).unwrap())
+        .spawn()
+        .unwrap();
+    assert_eq!(env.task_status("t3").as_deref(), Some("RUNNING"));
+    env.wait_for_file(&log, "done");
+    env.wait_for("t3 to stop", Duration::from_secs(60), || {
+        env.task_status("t3").as_deref() == Some("STOPPED")
+    });
+    let out = env.ctr(&["tasks", "delete", "t3"]);
+    assert!(
+        text(&out.stderr).contains("exit code 5"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(env.ctr(&["containers", "rm", "t3"]).status.success());
+    // The shim's first publish after the restart finds the old connection closed; it
+    // reconnects and sends the event again.
+    env.wait_for_file(&events_log, "/tasks/exit");
+    events.kill().unwrap();
+    events.wait().unwrap();
+    let seen = std::fs::read_to_string(&events_log).unwrap();
+    let exit = seen
+        .lines()
+        .find(|l| l.contains("/tasks/exit") && l.contains("t3"))
+        .unwrap_or_else(|| panic!("no /tasks/exit for t3 after the restart:\n{seen}"));
+    assert!(exit.contains("\"exit_status\":5"), "{exit}");
+}
+
+#[test]
+fn ctr_run_kill_exec_delete_and_containerd_restart() {
+    let Some(mut env) = setup() else { return };
+    run_prints_output_and_returns_the_exit_code(&env);
+    kill_exec_and_delete(&env);
+    task_survives_a_containerd_restart(&mut env);
+    env.assert_clean();
+}
