@@ -9,7 +9,10 @@ GPUCELL     := target/release/gpucell
 STATE_DIR   ?= /var/lib/gpucell
 TEST_STATE  := $(CURDIR)/target/test-state
 
-.PHONY: all deps agent build guest demo test test-unit test-vm test-nested test-flavours test-gpu test-gpu-prepare test-gpu-fake bench fmt clippy clean
+# Fuzzing (docs/security.md): each target in fuzz/ for FUZZ_SECONDS (default 60).
+FUZZ_SECONDS ?= 60
+
+.PHONY: fuzz all deps agent build guest demo test test-unit test-vm test-nested test-flavours test-gpu test-gpu-prepare test-gpu-fake bench fmt clippy clean
 
 all: build
 
@@ -43,6 +46,9 @@ test: deps agent
 	  test $${PIPESTATUS[0]} -eq 0
 	NESTED_GPUCELL_BIN_DIR=$(CURDIR)/target/debug NESTED_DRIVER_GUEST_DIR=$(TEST_STATE)/guest/nvidia-550 \
 	  $(MAKE) test-nested
+
+fuzz:
+	FUZZ_SECONDS=$(FUZZ_SECONDS) scripts/fuzz.sh $(FUZZ_TARGETS)
 
 test-unit:
 	$(CARGO) test --workspace

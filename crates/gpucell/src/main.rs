@@ -42,6 +42,8 @@ enum Command {
     Guest(commands::guest::GuestCommand),
     /// Run a command from an image inside its own microVM.
     Run(Box<commands::run::RunArgs>),
+    /// Check the state directory's files; `--repair` removes or rebuilds what is safe.
+    Fsck(commands::fsck::FsckArgs),
 }
 
 fn main() -> ExitCode {
@@ -55,6 +57,7 @@ fn main() -> ExitCode {
         Command::Image(c) => commands::image::run(&cli.global, c),
         Command::Guest(c) => commands::guest::run(&cli.global, c),
         Command::Run(a) => commands::run::run(&cli.global, *a),
+        Command::Fsck(a) => commands::fsck::run(&cli.global, a),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 pub mod doctor;
 pub mod envconfig;
+pub mod fsck;
 pub mod gpu;
 pub mod guest;
 pub mod host;
