@@ -16,7 +16,7 @@ pub enum FsckError {
     #[error("state directory {} does not exist or is not a directory; name it with --state-dir", .0.display())]
     NoStateDir(PathBuf),
     #[error("checking the image store under {}", .0.display())]
-    Images(PathBuf, #[source] gpucell_image::Error),
+    Images(PathBuf, #[source] Box<gpucell_image::Error>),
     #[error("checking the network records under {}", .0.display())]
     Net(PathBuf, #[source] gpucell_net::record::RecordError),
 }
@@ -40,11 +40,11 @@ pub fn fsck(state_dir: &Path, repair: bool) -> Result<FsckReport, FsckError> {
     let mut findings = Vec::new();
     if state_dir.join("images").is_dir() {
         let store = gpucell_image::Store::open(state_dir)
-            .map_err(|e| FsckError::Images(state_dir.join("images"), e))?;
+            .map_err(|e| FsckError::Images(state_dir.join("images"), Box::new(e)))?;
         findings.extend(
             store
                 .fsck(repair)
-                .map_err(|e| FsckError::Images(state_dir.join("images"), e))?,
+                .map_err(|e| FsckError::Images(state_dir.join("images"), Box::new(e)))?,
         );
     }
     findings.extend(gpucell_host::devices::fsck::fsck(state_dir));
