@@ -1,8 +1,9 @@
 //! A misbehaving guest keeps the host bounded: a fake agent on the other end of a
-//! socketpair floods output and logs, sends garbage, drips a frame byte by byte, or
-//! says nothing while holding the channel open. Each ends with a clear error (or a
-//! clean exit), the host's resident memory stays flat (measured from /proc/self/status),
-//! and no thread is left behind once the channel is closed.
+//! socketpair floods output and logs, sends garbage, drips a frame byte by byte, says
+//! nothing while holding the channel open, or stops reading what the host sends. Each
+//! ends with a clear error (or a clean exit), the host's resident memory stays flat
+//! (measured from /proc/self/status), and no thread is left behind once the channel is
+//! closed.
 //!
 //! One test in its own binary, so that no other test's memory or threads are counted.
 
@@ -129,7 +130,21 @@ fn session(
     limits: &Limits,
     guest: impl FnOnce(UnixStream) + Send + 'static,
 ) -> Outcome {
+    session_with(delay, limits, None, guest)
+}
+
+/// As [`session`], with the workload's stdin fed from `stdin` and host writes bounded by
+/// the send timeout the sandbox puts on every agent connection.
+fn session_with(
+    delay: Duration,
+    limits: &Limits,
+    stdin: Option<Box<dyn std::io::Read + Send>>,
+    guest: impl FnOnce(UnixStream) + Send + 'static,
+) -> Outcome {
     let (host, g) = UnixStream::pair().unwrap();
+    if stdin.is_some() {
+        gpucell_sandbox::vsock::set_send_timeout(&host, Duration::from_millis(500)).unwrap();
+    }
     let h = std::thread::spawn(move || guest(g));
     let (_tx, rx) = event_channel();
     let bytes = Arc::new(AtomicU64::new(0));
@@ -139,7 +154,7 @@ fn session(
             delay,
         }),
         stderr: Box::new(std::io::sink()),
-        stdin: None,
+        stdin,
     };
     let start = Instant::now();
     let result = relay(
@@ -314,6 +329,37 @@ fn a_misbehaving_guest_keeps_host_memory_flat_and_leaves_nothing_behind() {
         o.result.err()
     );
     assert!(o.elapsed < Duration::from_secs(2), "{:?}", o.elapsed);
+
+    // 6. A guest that stops reading while the host forwards endless stdin: host writes
+    //    time out, so the run timeout still ends the session and the stdin thread ends.
+    //    (Without the send timeout this session hangs for ever.)
+    let o = session_with(
+        Duration::ZERO,
+        &short,
+        Some(Box::new(std::io::repeat(b'i'))),
+        |g| {
+            let mut w = FrameWriter::new(g.try_clone().unwrap());
+            let mut r = FrameReader::new(g.try_clone().unwrap());
+            hello().send(&mut w).unwrap();
+            for _ in 0..2 {
+                FromHost::decode(r.read_frame().unwrap()).unwrap();
+            }
+            FromGuest::Started { pid: 1 }.send(&mut w).unwrap();
+            // Never reads again; lives until the host closes the channel.
+            let alive = FromGuest::Log {
+                message: "alive".into(),
+            };
+            while alive.send(&mut w).is_ok() {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        },
+    );
+    assert!(
+        matches!(o.result, Err(SessionError::Timeout(_))),
+        "{:?}",
+        o.result.err()
+    );
+    assert!(o.elapsed < Duration::from_secs(4), "{:?}", o.elapsed);
 
     let peak = sampler.finish();
     let threads1 = threads_back_to(threads0);
