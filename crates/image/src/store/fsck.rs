@@ -12,6 +12,7 @@ use gpucell_common::fsck::{remove_path, Finding};
 
 use super::{io_err, Record, Store};
 use crate::digest::{Digest, HashingReader};
+use crate::fsimage::FsType;
 use crate::Error;
 
 /// The superblock magic of each guest disk type: (offset, bytes).
@@ -103,14 +104,22 @@ impl Store {
                 },
                 Err(e) => e,
             };
-            let disk = self.disk_path(&digest);
+            // Its disk of either filesystem type, whichever this store was set to.
+            let disks = [FsType::Erofs, FsType::Ext4].map(|t| {
+                self.root
+                    .join("disks")
+                    .join(format!("{}.{}", digest.hex(), t.as_str()))
+            });
             out.push(Finding::repairable(
                 &path,
                 "image record",
                 problem,
                 "remove the record and its disk (pull or import the image again)",
                 repair,
-                || remove_path(&path).and_then(|()| remove_path(&disk)),
+                || {
+                    remove_path(&path)?;
+                    disks.iter().try_for_each(|d| remove_path(d))
+                },
             ));
         }
         Ok(whole)
