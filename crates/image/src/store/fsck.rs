@@ -10,7 +10,7 @@ use std::path::Path;
 
 use gpucell_common::fsck::{remove_path, Finding};
 
-use super::{io_err, Record, Store};
+use super::{io_err, Record, Store, StoreError};
 use crate::digest::{Digest, HashingReader};
 use crate::fsimage::FsType;
 use crate::Error;
@@ -169,7 +169,9 @@ impl Store {
                     .collect();
                 (problem, keep)
             }
-            Err(e) => {
+            // Only a file that does not parse is rebuilt; one that cannot be read (a
+            // permission, an I/O error) is an error of fsck itself.
+            Err(Error::Store(e @ StoreError::Corrupt { .. })) => {
                 let keep = images
                     .iter()
                     .filter(|(_, name)| !name.is_empty())
@@ -180,6 +182,7 @@ impl Store {
                     keep,
                 )
             }
+            Err(e) => return Err(e),
         };
         let json = serde_json::to_vec_pretty(&rebuilt).unwrap_or_default();
         out.push(Finding::repairable(
