@@ -9,7 +9,10 @@ GPUCELL     := target/release/gpucell
 STATE_DIR   ?= /var/lib/gpucell
 TEST_STATE  := $(CURDIR)/target/test-state
 
-.PHONY: all deps agent build guest demo test test-unit test-vm test-nested test-flavours test-gpu test-gpu-prepare test-gpu-fake test-shim bench bench-shim fmt clippy clean
+# Fuzzing (docs/security.md): each target in fuzz/ for FUZZ_SECONDS (default 60).
+FUZZ_SECONDS ?= 60
+
+.PHONY: fuzz all deps agent build guest demo test test-unit test-vm test-nested test-flavours test-gpu test-gpu-prepare test-gpu-fake test-shim bench bench-shim fmt clippy clean
 
 all: build
 
@@ -52,6 +55,8 @@ test-shim: deps agent
 	$(CARGO) build -p gpucell
 	target/debug/gpucell --state-dir $(TEST_STATE) guest build --agent $(AGENT)
 	GPUCELL_TEST_STATE_DIR=$(TEST_STATE) $(CARGO) test -p gpucell-shim
+fuzz:
+	FUZZ_SECONDS=$(FUZZ_SECONDS) scripts/fuzz.sh $(FUZZ_TARGETS)
 
 test-unit:
 	$(CARGO) test --workspace

@@ -55,6 +55,8 @@ enum Command {
     Logs(commands::daemon::LogsArgs),
     /// Stop a daemon sandbox (SIGTERM, then SIGKILL after its grace period).
     Stop(commands::daemon::StopArgs),
+    /// Check the state directory's files; `--repair` removes or rebuilds what is safe.
+    Fsck(commands::fsck::FsckArgs),
 }
 
 fn main() -> ExitCode {
@@ -74,6 +76,7 @@ fn main() -> ExitCode {
         Command::Ps(a) => commands::daemon::ps(&cli.global, a),
         Command::Logs(a) => commands::daemon::logs(&cli.global, a),
         Command::Stop(a) => commands::daemon::stop(&cli.global, a),
+        Command::Fsck(a) => commands::fsck::run(&cli.global, a),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -13,6 +13,7 @@ pub mod cpio;
 pub mod deb;
 pub mod driver;
 pub mod flavour;
+pub mod fsck;
 pub mod manifest;
 pub mod modules;
 pub mod vmlinux;

@@ -33,6 +33,11 @@ pub enum ReferenceError {
     Digest { reference: String },
     #[error("image reference {reference:?}: the tag contains characters a tag cannot have")]
     BadTag { reference: String },
+    #[error("image reference {reference:?}: repository {repository:?} must be lower-case letters, digits and . _ - / separators")]
+    BadRepository {
+        reference: String,
+        repository: String,
+    },
 }
 
 /// A registry reference after normalization (`busybox` → `docker.io/library/busybox:latest`).
@@ -149,6 +154,19 @@ impl Reference {
                 reference: s.into(),
                 source,
             })?;
+        // The parser lets an upper-case repository through when the registry is implied
+        // (`Foo/bar`), but not in the canonical form it normalizes to
+        // (`docker.io/Foo/bar:latest`): refuse it here, as registries do.
+        let repository = parsed.repository();
+        if !repository
+            .bytes()
+            .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'-' | b'/'))
+        {
+            return Err(ReferenceError::BadRepository {
+                reference: s.into(),
+                repository: repository.into(),
+            });
+        }
         let digest = match parsed.digest() {
             Some(d) => Some(Digest::parse(d).map_err(|_| ReferenceError::Digest {
                 reference: s.into(),
@@ -212,6 +230,29 @@ mod tests {
             Reference::Registry(r) => r,
             other => panic!("{s} parsed as {other:?}"),
         }
+    }
+
+    /// Found by the `image_reference` fuzz target: `Loorikeo/nc0s.c` parsed, its canonical
+    /// form `docker.io/Loorikeo/nc0s.c:latest` did not.
+    #[test]
+    fn upper_case_repositories_are_refused_in_every_form() {
+        for s in [
+            "Loorikeo/nc0s.c",
+            "docker.io/Loorikeo/nc0s.c",
+            "Busybox",
+            "ghcr.io/Org/img:v1",
+        ] {
+            let err = Reference::parse(s).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    ReferenceError::BadRepository { .. } | ReferenceError::Registry { .. }
+                ),
+                "{s}: {err}"
+            );
+        }
+        let r = Reference::parse("loorikeo/nc0s.c").unwrap();
+        assert_eq!(Reference::parse(&r.canonical()).unwrap(), r);
     }
 
     #[test]

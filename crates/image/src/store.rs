@@ -623,4 +623,5 @@ impl Store {
 }
 
 mod disk;
+mod fsck;
 mod gc;

@@ -5,6 +5,7 @@
 
 pub mod cidr;
 pub mod doctor;
+pub mod fsck;
 pub mod nft;
 pub mod ops;
 pub mod policy;

@@ -15,6 +15,7 @@
 //!   [`DryRunReport`].
 //! - [`run()`]: a run; [`dry_run()`]: everything up to the point of no return.
 //! - [`config`]: `/etc/gpucell/config.toml`; [`node`]: what a run knows of its node.
+//! - [`fsck`]: the state directory checked and repaired (`gpucell fsck`).
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
@@ -23,6 +24,7 @@ pub mod devices;
 pub mod driver;
 pub mod driver_select;
 pub mod dry_run;
+pub mod fsck;
 pub mod network;
 pub mod node;
 pub mod observer;

@@ -701,7 +701,7 @@ impl Vm {
         let qemu = &mut self.qemu;
         let accepted =
             listener.accept_from(cid, deadline, &mut || matches!(qemu.try_wait(), Ok(None)));
-        accepted.map(Stream::Vsock).map_err(|e| {
+        let conn = accepted.map_err(|e| {
             let error = match self.qemu.wait_timeout(Duration::from_millis(200)) {
                 Ok(Some(status)) => SandboxError::VmExited {
                     status: status.to_string(),
@@ -715,7 +715,11 @@ impl Vm {
                 },
             };
             with_logs(error, &self.qemu)
-        })
+        })?;
+        if let Err(e) = crate::vsock::set_send_timeout(&conn, AGENT_WRITE_TIMEOUT) {
+            tracing::warn!(error = %e, "cannot bound writes to the agent's vsock connection");
+        }
+        Ok(Stream::Vsock(conn))
     }
 
     /// Why the VM is no longer running, if it is not: QEMU exited, or (asked over QMP

@@ -124,6 +124,18 @@ impl VsockListener {
     }
 }
 
+/// Bounds every write on `conn` (`SO_SNDTIMEO`): a guest that stops reading its end of
+/// the channel makes a host write fail after `timeout` instead of blocking it for ever
+/// (the stdin relay, a forwarded signal, the final shutdown request).
+pub fn set_send_timeout(conn: &impl AsFd, timeout: Duration) -> nix::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt::SendTimeout};
+    let tv = nix::sys::time::TimeVal::new(
+        libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
+        libc::suseconds_t::from(timeout.subsec_micros()),
+    );
+    setsockopt(conn, SendTimeout, &tv)
+}
+
 /// A guest CID for a new VM: random in the range the kernel allows (3 and up).
 pub fn random_cid() -> u32 {
     let mut b = [0u8; 4];
@@ -136,6 +148,26 @@ pub fn random_cid() -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_send_timeout_bounds_writes_to_a_peer_that_never_reads() {
+        use std::io::Write;
+        let (mut ours, _theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        set_send_timeout(&ours, Duration::from_millis(200)).unwrap();
+        let start = Instant::now();
+        let chunk = vec![0u8; 64 * 1024];
+        let err = loop {
+            if let Err(e) = ours.write_all(&chunk) {
+                break e;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "writes never blocked"
+            );
+        };
+        assert_eq!(err.kind(), std::io::ErrorKind::WouldBlock, "{err}");
+        assert!(start.elapsed() < Duration::from_secs(2));
+    }
 
     #[test]
     fn a_taken_port_is_an_error_and_accept_gives_up_on_time() {

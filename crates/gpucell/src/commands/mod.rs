@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod device_plugin;
 pub mod doctor;
 pub mod envconfig;
+pub mod fsck;
 pub mod gpu;
 pub mod guest;
 pub mod host;

@@ -145,7 +145,10 @@ impl DriverFlavour {
 pub fn parse_cuda(s: &str) -> Option<i32> {
     let (maj, min) = s.split_once('.')?;
     let (maj, min): (i32, i32) = (maj.parse().ok()?, min.parse().ok()?);
-    (0..100).contains(&min).then_some(maj * 1000 + min * 10)
+    if maj < 0 || !(0..100).contains(&min) {
+        return None;
+    }
+    maj.checked_mul(1000)?.checked_add(min * 10)
 }
 
 /// 12040 → `12.4`.
@@ -409,6 +412,12 @@ mod tests {
         assert_eq!(parse_cuda("11.8"), Some(11080));
         assert_eq!(parse_cuda("12"), None);
         assert_eq!(parse_cuda("12.x"), None);
+        // Found by the `driver_table` fuzz target: the major version overflowed
+        // (a panic in debug builds, a wrong number in release builds).
+        assert_eq!(parse_cuda("-2555555.55"), None);
+        assert_eq!(parse_cuda("2147484.0"), None);
+        assert_eq!(parse_cuda("-1.0"), None);
+        assert_eq!(parse_cuda("2147483.64"), Some(2_147_483_640));
         assert_eq!(format_cuda(12040), "12.4");
         assert_eq!(format_cuda(12020), "12.2");
     }

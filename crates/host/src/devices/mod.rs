@@ -44,6 +44,7 @@
 //! records), `allocations.json`, `quarantine.json`, `policy.toml` (optional).
 
 mod alloc;
+pub mod fsck;
 pub mod record;
 mod release;
 pub mod request;
