@@ -90,9 +90,11 @@ hyperfine --style basic --warmup 1 --runs "$RUNS" --export-json "$work/h.json" "
 # 2. gpucell run with each kernel's guest, interleaved.
 for _ in $(seq 1 "$RUNS"); do
     for k in $RUN_KERNELS; do
+        # --json prints the run report on stderr (stdout is the workload's).
         GPUCELL_STATE_DIR=$BASE/$k GPUCELL_ACCEL=$ACCEL "$GPUCELL" --json run "$IMAGE" -- true \
-            2>"$work/run.err" | python3 -c 'import json,sys; print(sys.argv[1], json.dumps(json.load(sys.stdin)["timings_ms"]))' "$k" >>"$work/runs.txt" \
-            || { cat "$work/run.err" >&2; exit 1; }
+            2>"$work/run.err" >/dev/null || { cat "$work/run.err" >&2; exit 1; }
+        python3 -c 'import json,sys; t=open(sys.argv[2]).read(); d=json.JSONDecoder().raw_decode(t[t.index("{"):])[0]; print(sys.argv[1], json.dumps(d["timings_ms"]))' \
+            "$k" "$work/run.err" >>"$work/runs.txt"
     done
 done
 
