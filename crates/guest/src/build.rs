@@ -42,8 +42,9 @@ pub struct BuildOptions {
     /// A local kernel `.deb` instead of the flavour's package from apt.
     pub kernel_deb: Option<PathBuf>,
     /// Debian's packaged kernel, or the microVM kernel built from `linux-source-6.1`
-    /// (ignored when `kernel_deb` is given).
-    pub kernel: KernelChoice,
+    /// (ignored when `kernel_deb` is given). `None`: [`KernelChoice::default`] for a
+    /// GPU-less flavour, Debian's kernel for a driver flavour (its modules need headers).
+    pub kernel: Option<KernelChoice>,
     /// Rebuild even when the cached build matches the inputs.
     pub force: bool,
     /// Where long steps (downloads, compiling a driver) report progress, one line each.
@@ -56,7 +57,7 @@ impl Default for BuildOptions {
             flavour: crate::DEFAULT_FLAVOUR.to_owned(),
             agent: None,
             kernel_deb: None,
-            kernel: KernelChoice::default(),
+            kernel: None,
             force: false,
             progress: None,
         }
@@ -138,7 +139,11 @@ fn resolve_inputs(guest_dir: &Path, opts: &BuildOptions) -> Result<Inputs, Build
     let agent_path = agent_bin::locate(opts.agent.as_deref())?;
     let agent = agent_bin::load(&agent_path)?;
     let agent_digest = digest("gpucell-agent", &agent);
-    let kernel = match (&opts.kernel_deb, opts.kernel) {
+    let choice = opts.kernel.unwrap_or(match flavour.driver {
+        Some(_) => KernelChoice::Debian,
+        None => KernelChoice::default(),
+    });
+    let kernel = match (&opts.kernel_deb, choice) {
         (Some(p), _) => KernelSource::Local(deb::local(p)?),
         (None, KernelChoice::Microvm) => {
             if flavour.driver.is_some() {

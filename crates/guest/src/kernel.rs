@@ -31,7 +31,8 @@ const PKG_OUT: &str = "deb-out";
 /// Lines of the build log an error shows.
 const LOG_TAIL: usize = 30;
 
-/// Which kernel a guest boots.
+/// Which kernel a guest boots. The default (`#[default]`) is what `gpucell guest build`
+/// uses without `--kernel` for a GPU-less flavour; driver flavours stay on Debian's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum KernelChoice {
@@ -301,7 +302,7 @@ fn build(
         return Err(KernelError::MissingOptions(missing.join(", ")));
     }
     progress(&format!(
-        "compiling the microVM kernel (make -j{}; about 15-25 min on 2 cores)",
+        "compiling the microVM kernel (make -j{}; about 10 CPU-minutes)",
         tools.jobs
     ));
     let jobs = format!("-j{}", tools.jobs);

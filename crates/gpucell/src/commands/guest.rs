@@ -58,8 +58,9 @@ pub struct BuildArgs {
     pub kernel_deb: Option<PathBuf>,
     /// Guest kernel: `debian` (Debian's packaged kernel) or `microvm` (built once from
     /// Debian's linux-source-6.1 with gpucell's config, then cached in the state dir).
-    #[arg(long, default_value = "debian", value_parser = parse_kernel)]
-    pub kernel: gpucell_guest::KernelChoice,
+    /// Default: debian.
+    #[arg(long, value_parser = parse_kernel)]
+    pub kernel: Option<gpucell_guest::KernelChoice>,
     /// Rebuild even when the cached build matches the inputs.
     #[arg(long)]
     pub force: bool,
