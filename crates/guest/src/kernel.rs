@@ -279,13 +279,19 @@ fn build(
     }
     let src = find_source_dir(work)?;
 
+    // The source tree's own date (tar keeps mtimes): the same for every build of it.
+    let stamp = fs::metadata(src.join("Makefile"))
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs());
     let obj = work.join(OBJ_DIR);
     let fragment = work.join("microvm-kernel.config");
     fs::write(&fragment, CONFIG_FRAGMENT).map_err(io("writing the config fragment"))?;
     let make = |args: &[&str]| {
         let mut c = Command::new(&tools.make);
         c.arg("-C").arg(&src).arg(format!("O={}", obj.display()));
-        c.args(args);
+        c.args(args).envs(reproducible_env(stamp));
         c
     };
     let allconfig = format!("KCONFIG_ALLCONFIG={}", fragment.display());
@@ -388,6 +394,18 @@ fn package(
         .arg(out.join(&name));
     step(&mut b, "dpkg-deb -b", log)?;
     Ok(name)
+}
+
+/// What the kernel embeds about its build (`uname -v`, /proc/version), fixed so that two
+/// builds of the same source and config do not differ by host, user or time. `stamp`:
+/// seconds since the epoch (`date -d @N` must parse it: the build's cpio uses it).
+pub fn reproducible_env(stamp: u64) -> [(&'static str, String); 4] {
+    [
+        ("KBUILD_BUILD_TIMESTAMP", format!("@{stamp}")),
+        ("KBUILD_BUILD_USER", "gpucell".to_owned()),
+        ("KBUILD_BUILD_HOST", "gpucell".to_owned()),
+        ("KBUILD_BUILD_VERSION", "1".to_owned()),
+    ]
 }
 
 /// The control file of the kernel package.
