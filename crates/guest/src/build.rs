@@ -11,6 +11,7 @@ use sha2::{Digest, Sha256};
 use crate::cpio::{Archive, CpioError};
 use crate::deb::{self, DebError, DebFile};
 use crate::flavour::{self, Flavour, FlavourError};
+use crate::kernel::{self, KernelChoice, KernelError};
 use crate::manifest::{
     FileDigest, Manifest, INITRAMFS_FILE, MANIFEST_FILE, MANIFEST_SCHEMA, VMLINUX_FILE,
 };
@@ -40,6 +41,10 @@ pub struct BuildOptions {
     pub agent: Option<PathBuf>,
     /// A local kernel `.deb` instead of the flavour's package from apt.
     pub kernel_deb: Option<PathBuf>,
+    /// Debian's packaged kernel, or the microVM kernel built from `linux-source-6.1`
+    /// (ignored when `kernel_deb` is given). `None`: [`KernelChoice::default`] for a
+    /// GPU-less flavour, Debian's kernel for a driver flavour (its modules need headers).
+    pub kernel: Option<KernelChoice>,
     /// Rebuild even when the cached build matches the inputs.
     pub force: bool,
     /// Where long steps (downloads, compiling a driver) report progress, one line each.
@@ -52,6 +57,7 @@ impl Default for BuildOptions {
             flavour: crate::DEFAULT_FLAVOUR.to_owned(),
             agent: None,
             kernel_deb: None,
+            kernel: None,
             force: false,
             progress: None,
         }
@@ -82,6 +88,10 @@ pub enum BuildError {
     CompressedModule(String, &'static str),
     #[error("module {0} is over {MAX_MODULE} bytes")]
     ModuleTooLarge(String),
+    #[error("the microVM kernel")]
+    Kernel(#[from] KernelError),
+    #[error("flavour `{0}` builds an NVIDIA driver, which needs the kernel's headers package; the microVM kernel has none yet: build it with `--kernel debian`")]
+    DriverNeedsDebianKernel(String),
     #[error("NVIDIA driver `{0}`")]
     Driver(String, #[source] Box<crate::driver::DriverError>),
 }
@@ -121,7 +131,7 @@ impl KernelSource {
     }
 }
 
-fn resolve_inputs(opts: &BuildOptions) -> Result<Inputs, BuildError> {
+fn resolve_inputs(guest_dir: &Path, opts: &BuildOptions) -> Result<Inputs, BuildError> {
     let flavour = flavour::find(&opts.flavour)?;
     if !flavour.extra_packages.is_empty() {
         return Err(FlavourError::ExtraPackages(flavour.name.to_owned()).into());
@@ -129,9 +139,24 @@ fn resolve_inputs(opts: &BuildOptions) -> Result<Inputs, BuildError> {
     let agent_path = agent_bin::locate(opts.agent.as_deref())?;
     let agent = agent_bin::load(&agent_path)?;
     let agent_digest = digest("gpucell-agent", &agent);
-    let kernel = match &opts.kernel_deb {
-        Some(p) => KernelSource::Local(deb::local(p)?),
-        None => {
+    let choice = opts.kernel.unwrap_or(match flavour.driver {
+        Some(_) => KernelChoice::Debian,
+        None => KernelChoice::default(),
+    });
+    let kernel = match (&opts.kernel_deb, choice) {
+        (Some(p), _) => KernelSource::Local(deb::local(p)?),
+        (None, KernelChoice::Microvm) => {
+            if flavour.driver.is_some() {
+                return Err(BuildError::DriverNeedsDebianKernel(flavour.name.to_owned()));
+            }
+            let quiet = |_: &str| {};
+            let progress: &dyn Fn(&str) = match &opts.progress {
+                Some(p) => p,
+                None => &quiet,
+            };
+            KernelSource::Local(kernel::microvm_deb(guest_dir, opts.force, progress)?)
+        }
+        (None, KernelChoice::Debian) => {
             let pkg = deb::resolve_kernel_package(flavour.kernel_package)?;
             KernelSource::Apt(deb::package_info(&pkg)?)
         }
@@ -182,7 +207,7 @@ fn driver_key(inputs: &Inputs) -> Option<String> {
 pub fn build(state_dir: &Path, opts: &BuildOptions) -> Result<crate::GuestArtifacts, BuildError> {
     let guest_dir = state_dir.join("guest");
     fs::create_dir_all(&guest_dir).map_err(io(format!("creating {}", guest_dir.display())))?;
-    let inputs = resolve_inputs(opts)?;
+    let inputs = resolve_inputs(&guest_dir, opts)?;
     let final_dir = guest_dir.join(inputs.flavour.name);
 
     // One build at a time per state dir.

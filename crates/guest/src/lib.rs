@@ -14,6 +14,7 @@ pub mod deb;
 pub mod driver;
 pub mod flavour;
 pub mod fsck;
+pub mod kernel;
 pub mod manifest;
 pub mod modules;
 pub mod vmlinux;
@@ -23,6 +24,7 @@ mod testutil;
 
 pub use build::{builder_id, init_image, BuildError, BuildOptions, MODULES_DIR, MODULES_ORDER};
 pub use flavour::{Flavour, FLAVOURS};
+pub use kernel::KernelChoice;
 pub use manifest::{FileDigest, Manifest, ManifestError};
 
 /// The flavour used when none is named.

@@ -60,6 +60,7 @@ fn opts(agent: &Path, deb: &Path) -> BuildOptions {
         flavour: DEFAULT_FLAVOUR.into(),
         agent: Some(agent.to_owned()),
         kernel_deb: Some(deb.to_owned()),
+        kernel: Default::default(),
         force: false,
         progress: None,
     }

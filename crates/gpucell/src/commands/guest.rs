@@ -56,9 +56,19 @@ pub struct BuildArgs {
     /// Use this kernel .deb instead of downloading the flavour's package with apt.
     #[arg(long)]
     pub kernel_deb: Option<PathBuf>,
+    /// Guest kernel: `debian` (Debian's packaged kernel) or `microvm` (built once from
+    /// Debian's linux-source-6.1 with gpucell's config, then cached in the state dir).
+    /// Default: debian.
+    #[arg(long, value_parser = parse_kernel)]
+    pub kernel: Option<gpucell_guest::KernelChoice>,
     /// Rebuild even when the cached build matches the inputs.
     #[arg(long)]
     pub force: bool,
+}
+
+fn parse_kernel(s: &str) -> Result<gpucell_guest::KernelChoice, String> {
+    s.parse()
+        .map_err(|e: gpucell_guest::kernel::KernelError| e.to_string())
 }
 
 #[derive(clap::Args, Debug)]
@@ -81,6 +91,7 @@ fn build(global: &Global, a: BuildArgs) -> anyhow::Result<u8> {
         flavour: a.flavour,
         agent: a.agent,
         kernel_deb: a.kernel_deb,
+        kernel: a.kernel,
         force: a.force,
         progress: Some(progress_line),
     };
