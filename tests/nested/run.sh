@@ -11,7 +11,8 @@
 # Environment: NESTED_TIMEOUT (each L1, s, default 900), NESTED_SCENARIO_TIMEOUT
 # (per scenario, s, default 400), NESTED_EDU_COUNT (default 3), NESTED_MEM,
 # NESTED_SMP, NESTED_STRICT, NESTED_ACCEL (tcg), NESTED_QUIET=1 (console only to the
-# log file), NESTED_RETRY (default 1: after an emulator fault in L1, rerun the
+# log file), NESTED_SILENCE (s of no console output and no result after which L1 counts
+# as frozen, default 300), NESTED_RETRY (default 1: after an emulator fault in L1, rerun the
 # interrupted scenario and the rest once in a fresh L1; 0: never);
 # build settings in tests/nested/common.sh.
 set -euo pipefail
@@ -24,10 +25,13 @@ for s in "$@"; do [ "${s%.sh}" != timing ] || timing=1; done
 if [ "$timing" = 1 ]; then
     NESTED_TIMEOUT=${NESTED_TIMEOUT:-3000}
     NESTED_SCENARIO_TIMEOUT=${NESTED_SCENARIO_TIMEOUT:-2700}
+    NESTED_SILENCE=${NESTED_SILENCE:-1500}
     NESTED_MEM=${NESTED_MEM:-9G}
 fi
 NESTED_TIMEOUT=${NESTED_TIMEOUT:-900}
 NESTED_SCENARIO_TIMEOUT=${NESTED_SCENARIO_TIMEOUT:-400}
+# Seconds of total silence (console and results) after which L1 counts as frozen.
+NESTED_SILENCE=${NESTED_SILENCE:-300}
 NESTED_EDU_COUNT=${NESTED_EDU_COUNT:-3}
 # A driver flavour in L1 (NESTED_DRIVER_GUEST_DIR) adds ~210 MB to its initramfs; with
 # 3G the L1 stalled in the driver scenario's sandbox (no console output, killed at the
@@ -124,7 +128,8 @@ boot_l1() {
     deadline=$(awk -v a="$t_qemu" -v t="$NESTED_TIMEOUT" 'BEGIN { printf "%d", a + t }')
     boot_s=
     qrc=
-    local size=0 stalls=0 n
+    local size=0 stalls=0 n csize=0 quiet_since
+    quiet_since=$(date +%s)
     while kill -0 "$qpid" 2>/dev/null; do
         if [ -z "$boot_s" ] && grep -q NESTED-BOOT "$att_results"; then boot_s=$(elapsed "$t_qemu"); fi
         if [ "$(date +%s)" -ge "$deadline" ]; then
@@ -148,6 +153,19 @@ boot_l1() {
             qrc=stalled
             break
         fi
+        # Every CPU of L1 stuck at once prints no warning at all: the console and the
+        # results stay silent. No step of a scenario is silent that long (each gpucell
+        # call prints before and after, and is killed after at most 180 s).
+        n=$(stat -c %s "$console")
+        if [ "$n" != "$csize" ] || [ "$size" != "${last_size:-}" ]; then
+            csize=$n
+            last_size=$size
+            quiet_since=$(date +%s)
+        fi
+        if [ -n "$boot_s" ] && [ $(($(date +%s) - quiet_since)) -ge "$NESTED_SILENCE" ]; then
+            qrc=frozen
+            break
+        fi
         sleep 0.2
     done
     if [ -n "$qrc" ]; then
@@ -168,6 +186,8 @@ l1_fault() {
     grep -q '^NESTED-BOOT ' "$att_results" || return 0
     if [ "$qrc" = stalled ]; then
         echo "an L1 CPU stalled (RCU stall or soft lockup warnings, no result for 60 s)"
+    elif [ "$qrc" = frozen ]; then
+        echo "L1 froze (no console output and no result for ${NESTED_SILENCE} s)"
     elif [ "$qrc" = 0 ]; then
         local why
         why=$(grep -a -m1 -o 'Kernel panic - not syncing: [^[:cntrl:]]*\|double fault\|general protection fault' "$console" | head -1)
@@ -211,7 +231,7 @@ while :; do
 done
 ln -sfn "$(basename "$console")" "$run_dir/console.log"
 l1_s=$(elapsed "$t_l1")
-[ "$qrc" != stalled ] || qrc=timeout
+[ "$qrc" != stalled ] && [ "$qrc" != frozen ] || qrc=timeout
 
 # Results, one per line, then the summary.
 "$NESTED_SRC/summarize.sh" --results "$results" --qemu-status "$qrc" --timeout "$NESTED_TIMEOUT" \
