@@ -12,7 +12,7 @@
 # (per scenario, s, default 400), NESTED_EDU_COUNT (default 3), NESTED_MEM,
 # NESTED_SMP, NESTED_STRICT, NESTED_ACCEL (tcg), NESTED_QUIET=1 (console only to the
 # log file), NESTED_SILENCE (s of no console output and no result after which L1 counts
-# as frozen, default 300), NESTED_RETRY (default 1: after an emulator fault in L1, rerun the
+# as frozen, default 300), NESTED_RETRY (default 2: after an emulator fault in L1, rerun the
 # interrupted scenario and the rest once in a fresh L1; 0: never);
 # build settings in tests/nested/common.sh.
 set -euo pipefail
@@ -196,8 +196,8 @@ l1_fault() {
 }
 
 # Scenarios: all of them, or the named ones. After an emulator fault, the rest
-# (from the one that was running) get one more L1 unless NESTED_RETRY=0.
-NESTED_RETRY=${NESTED_RETRY:-1}
+# (from the one that was running) get another L1, at most NESTED_RETRY times.
+NESTED_RETRY=${NESTED_RETRY:-2}
 t_l1=$(now)
 attempt=1
 arg=$scenario_arg
