@@ -1,4 +1,6 @@
 use super::*;
+use std::collections::BTreeMap;
+use std::fs;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::process::Command;
 
