@@ -26,6 +26,10 @@ const MAX_STDIN_BUFFER: usize = 1 << 20;
 /// namespace dies with it, so nothing else holds them), or until they stay silent this
 /// long: a guard, not the normal path.
 const DRAIN: Duration = Duration::from_secs(5);
+/// After `Exited`, how long the agent keeps the channel open for the host's `Shutdown`
+/// before powering off anyway. Powering off at once can drop the last frames still in
+/// flight on vsock (the host then reads a reset instead of the exit).
+const LINGER: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -133,10 +137,39 @@ impl Session {
             self.send(&FromGuest::Log { message })?;
         }
         match self.run(&spec, workload) {
-            Ok(()) | Err(SessionError::Shutdown) => Ok(()),
+            Ok(()) => {
+                self.await_shutdown(LINGER);
+                Ok(())
+            }
+            Err(SessionError::Shutdown) => Ok(()),
             Err(e) => {
                 self.report(&chain(&e));
                 Err(e)
+            }
+        }
+    }
+
+    /// Holds the channel after `Exited` until the host says `Shutdown`, closes it, breaks
+    /// the protocol or stays silent for `limit`; whatever else it sends is dropped.
+    pub fn await_shutdown(&mut self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                tracing::debug!("no Shutdown from the host; powering off anyway");
+                return;
+            }
+            let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+            let chan = self.reader.get_ref().as_fd();
+            let mut fds = [PollFd::new(chan, PollFlags::POLLIN)];
+            match poll(&mut fds, PollTimeout::from(ms)) {
+                Ok(0) | Err(Errno::EINTR) => continue,
+                Ok(_) => {}
+                Err(_) => return,
+            }
+            match self.recv() {
+                Ok(FromHost::Shutdown) | Err(_) => return,
+                Ok(_) => {}
             }
         }
     }

@@ -362,6 +362,7 @@ fn a_run_from_hello_to_exit_code() {
         );
         let pid = host.started();
         let out = host.until_exit();
+        host.send(FromHost::Shutdown);
         host.closed();
         (pid, out)
     });
@@ -436,6 +437,29 @@ fn shutdown_kills_the_workload_and_ends_the_session_quietly() {
     });
     ended.result.unwrap();
     assert_eq!(ended.workload.final_status().signal, Some(libc::SIGKILL));
+}
+
+#[test]
+fn after_the_exit_the_agent_holds_the_channel_until_the_host_says_shutdown() {
+    let (held, ended) = session(ChildWorkload::new(), &[], |host| {
+        host.start(spec("exit 0"));
+        host.until_exit();
+        // Still open well after the exit: a read times out instead of seeing EOF.
+        host.r
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_millis(700)))
+            .unwrap();
+        let held = matches!(host.try_recv(), Err(FrameError::Io(ref e))
+            if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut));
+        host.r.get_ref().set_read_timeout(Some(STEP)).unwrap();
+        let asked = Instant::now();
+        host.send(FromHost::Shutdown);
+        host.closed();
+        (held, asked.elapsed())
+    });
+    ended.result.unwrap();
+    assert!(held.0, "the agent closed the channel before the host's Shutdown");
+    assert!(held.1 < Duration::from_secs(2), "Shutdown took {:?}", held.1);
 }
 
 #[test]

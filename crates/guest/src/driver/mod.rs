@@ -27,8 +27,9 @@ use crate::manifest::FileDigest;
 pub use disk::{DiskEntry, DriverInfo, DISK_FILE, DISK_SERIAL, INFO_FILE};
 pub use table::{DriverFlavour, ModuleKind, Package, Patch, Role, Table, TableError};
 
-/// Version of the module build recipe; part of the module cache key.
-const MODULES_RECIPE: u32 = 1;
+/// Version of the module build recipe; part of the module cache key. 2: built without
+/// debug information (`KCFLAGS=-g0`).
+const MODULES_RECIPE: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
