@@ -37,6 +37,9 @@ demo: guest
 test: deps agent
 	mkdir -p target
 	$(CARGO) build -p gpucell
+	# The default guest boots the microVM kernel: compiled from Debian's linux-source-6.1
+	# once (about 20 min on 2 cores), then cached in $(TEST_STATE)/guest/cache/kernels
+	# with its build tree, which the driver flavour's modules are compiled against.
 	target/debug/gpucell --state-dir $(TEST_STATE) guest build --agent $(AGENT)
 	# The nvidia-550 driver flavour: compiled from scratch once (about 6 min on 2 cores),
 	# then cached in $(TEST_STATE)/guest/cache by its inputs; its TCG test is in
@@ -44,8 +47,8 @@ test: deps agent
 	target/debug/gpucell --state-dir $(TEST_STATE) guest build --flavour nvidia-550 --agent $(AGENT)
 	GPUCELL_TEST_STATE_DIR=$(TEST_STATE) $(CARGO) test --workspace --no-fail-fast 2>&1 | tee target/test.log; \
 	  test $${PIPESTATUS[0]} -eq 0
-	NESTED_GPUCELL_BIN_DIR=$(CURDIR)/target/debug NESTED_DRIVER_GUEST_DIR=$(TEST_STATE)/guest/nvidia-550 \
-	  $(MAKE) test-nested
+	NESTED_GPUCELL_BIN_DIR=$(CURDIR)/target/debug NESTED_GUEST_DIR=$(TEST_STATE)/guest/default \
+	  NESTED_DRIVER_GUEST_DIR=$(TEST_STATE)/guest/nvidia-550 $(MAKE) test-nested
 
 # The containerd shim alone: its unit tests and, under Debian's containerd (fetched once
 # into target/containerd by scripts/fetch-containerd.sh), ctr run/kill/delete and a

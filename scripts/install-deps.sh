@@ -27,6 +27,11 @@ PACKAGES=(
     curl                # the network tests' HTTP client in the namespaces they make
     make                # NVIDIA driver flavours: the driver's own Makefile ...
     gcc-12              # ... with the compiler of the guest kernel's headers
+    flex                # the microVM guest kernel, compiled from linux-source-6.1:
+    bison               #   Kconfig's parser,
+    bc                  #   the timeconst header,
+    libelf-dev          #   objtool and the ORC unwinder,
+    libssl-dev          #   the module signing and certificate tools (scripts/)
 )
 
 missing=()

@@ -42,8 +42,7 @@ pub struct BuildOptions {
     /// A local kernel `.deb` instead of the flavour's package from apt.
     pub kernel_deb: Option<PathBuf>,
     /// Debian's packaged kernel, or the microVM kernel built from `linux-source-6.1`
-    /// (ignored when `kernel_deb` is given). `None`: [`KernelChoice::default`] for a
-    /// GPU-less flavour, Debian's kernel for a driver flavour (its modules need headers).
+    /// (ignored when `kernel_deb` is given). `None`: [`KernelChoice::default`].
     pub kernel: Option<KernelChoice>,
     /// Rebuild even when the cached build matches the inputs.
     pub force: bool,
@@ -90,8 +89,6 @@ pub enum BuildError {
     ModuleTooLarge(String),
     #[error("the microVM kernel")]
     Kernel(#[from] KernelError),
-    #[error("flavour `{0}` builds an NVIDIA driver, which needs the kernel's headers package; the microVM kernel has none yet: build it with `--kernel debian`")]
-    DriverNeedsDebianKernel(String),
     #[error("NVIDIA driver `{0}`")]
     Driver(String, #[source] Box<crate::driver::DriverError>),
 }
@@ -139,16 +136,10 @@ fn resolve_inputs(guest_dir: &Path, opts: &BuildOptions) -> Result<Inputs, Build
     let agent_path = agent_bin::locate(opts.agent.as_deref())?;
     let agent = agent_bin::load(&agent_path)?;
     let agent_digest = digest("gpucell-agent", &agent);
-    let choice = opts.kernel.unwrap_or(match flavour.driver {
-        Some(_) => KernelChoice::Debian,
-        None => KernelChoice::default(),
-    });
+    let choice = opts.kernel.unwrap_or_default();
     let kernel = match (&opts.kernel_deb, choice) {
         (Some(p), _) => KernelSource::Local(deb::local(p)?),
         (None, KernelChoice::Microvm) => {
-            if flavour.driver.is_some() {
-                return Err(BuildError::DriverNeedsDebianKernel(flavour.name.to_owned()));
-            }
             let quiet = |_: &str| {};
             let progress: &dyn Fn(&str) = match &opts.progress {
                 Some(p) => p,
@@ -354,6 +345,11 @@ fn build_driver(
         version: deb.version.clone(),
         root: root.to_owned(),
         deb_sha256: deb.sha256.clone(),
+        // The microVM kernel's cache keeps its build tree next to the package.
+        build_tree: kernel::cache_identity(&deb.path).and_then(|id| {
+            let path = kernel::build_tree(deb.path.parent()?)?;
+            Some(crate::driver::BuildTree { path, id })
+        }),
     };
     let quiet = |_: &str| {};
     let progress: &dyn Fn(&str) = match &opts.progress {

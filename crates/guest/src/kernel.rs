@@ -7,6 +7,12 @@
 //! built once and cached under `<state>/guest/cache/kernels/<source version>-<config
 //! digest>/`; a cached build costs a `dpkg-deb -f` and one SHA-256.
 //!
+//! Next to the package, the cache keeps the kernel's prepared build tree (`build/`):
+//! what an external module build needs of the source and object trees (Makefiles,
+//! `scripts/`, `include/`, the arch headers, `.config`, `Module.symvers`, objtool),
+//! merged into one tree as Debian's `linux-headers` packages lay it out. The NVIDIA
+//! driver flavours compile their modules against it.
+//!
 //! Every process (dpkg-deb, tar, make) is started through [`Tools`], so tests run the
 //! pipeline with fake tools.
 
@@ -28,18 +34,21 @@ pub const SOURCE_PACKAGE: &str = "linux-source-6.1";
 /// In the work dir: the kernel's object dir (`make O=`) and the finished package's dir.
 const OBJ_DIR: &str = "out";
 const PKG_OUT: &str = "deb-out";
+/// In a cache dir: the prepared build tree for external modules.
+pub const BUILD_TREE: &str = "build";
 /// Lines of the build log an error shows.
 const LOG_TAIL: usize = 30;
 
 /// Which kernel a guest boots. The default (`#[default]`) is what `gpucell guest build`
-/// uses without `--kernel` for a GPU-less flavour; driver flavours stay on Debian's.
+/// uses without `--kernel`, for every flavour (driver flavours compile their modules
+/// against its build tree).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum KernelChoice {
     /// Debian's packaged kernel of the flavour (`linux-image-amd64`).
-    #[default]
     Debian,
     /// The microVM kernel built from `linux-source-6.1` with gpucell's config.
+    #[default]
     Microvm,
 }
 
@@ -208,7 +217,8 @@ pub fn build_cached(
         fs::remove_dir_all(&dest).map_err(io(format!("removing {}", dest.display())))?;
     }
     fs::rename(&staged, &dest).map_err(io(format!("moving the build to {}", dest.display())))?;
-    // The source and objects (~1.5 GB) go; a symlinked work dir loses only its link.
+    // The source and objects (~1.5 GB) go (the pruned build tree stays in `dest`); a
+    // symlinked work dir loses only its link.
     if fs::symlink_metadata(&work_link).is_ok_and(|m| m.file_type().is_symlink()) {
         fs::remove_file(&work_link).map_err(io(format!("removing {}", work_link.display())))?;
     } else {
@@ -217,8 +227,9 @@ pub fn build_cached(
     local(&dest.join(deb_name), tools)
 }
 
-/// The one `.deb` of a finished cache dir, if it reads back.
+/// The one `.deb` of a finished cache dir with its build tree, if it reads back.
 fn cached(dir: &Path, tools: &Tools) -> Option<DebFile> {
+    build_tree(dir)?;
     let mut debs = fs::read_dir(dir)
         .ok()?
         .filter_map(|e| e.ok())
@@ -322,7 +333,130 @@ fn build(
         .map_err(|_| KernelError::NoOutput(release_path.clone()))?
         .trim()
         .to_owned();
-    package(work, &src, &obj, &release, version, tools, &log)
+    let name = package(work, &src, &obj, &release, version, tools, &log)?;
+    progress("keeping the kernel's build tree for external modules");
+    let tree = work.join(PKG_OUT).join(BUILD_TREE);
+    prepare_build_tree(&src, &obj, &tree)?;
+    Ok(name)
+}
+
+/// The prepared build tree of a finished cache dir, if it has one.
+pub fn build_tree(cache_dir: &Path) -> Option<PathBuf> {
+    let tree = cache_dir.join(BUILD_TREE);
+    (tree.join("Makefile").is_file() && tree.join(".config").is_file()).then_some(tree)
+}
+
+/// The cache dir name of a kernel package in the cache: its identity (source version
+/// and config digest), or `None` for a package elsewhere.
+pub fn cache_identity(deb: &Path) -> Option<String> {
+    let dir = deb.parent()?;
+    build_tree(dir)?;
+    Some(dir.file_name()?.to_string_lossy().into_owned())
+}
+
+/// Copies what an external module build needs of `src` and `obj` into one tree `dest`
+/// (the file set of the kernel's own `scripts/package/builddeb` headers package, less
+/// the objects and command files of the host programs under `scripts/`).
+pub fn prepare_build_tree(src: &Path, obj: &Path, dest: &Path) -> Result<(), KernelError> {
+    let _ = fs::remove_dir_all(dest);
+    fs::create_dir_all(dest).map_err(io(format!("creating {}", dest.display())))?;
+    let arch = Path::new("arch/x86");
+    for dir in [Path::new(""), arch] {
+        for e in read_dir_sorted(&src.join(dir))? {
+            let n = e.to_string_lossy();
+            if n.starts_with("Makefile") {
+                copy_entry(&src.join(dir).join(&e), &dest.join(dir).join(&e))?;
+            }
+        }
+    }
+    copy_tree(src, dest, Path::new("include"), &keep_all)?;
+    copy_tree(src, dest, Path::new("scripts"), &keep_all)?;
+    copy_tree(src, dest, arch, &|p: &Path| {
+        let s = p.to_string_lossy();
+        let in_dir = p.components().any(|c| {
+            let c = c.as_os_str();
+            c == "include" || c == "scripts"
+        });
+        in_dir || s.ends_with("/Kbuild.platforms") || s.ends_with("/Platform")
+    })?;
+    let objtool = Path::new("tools/objtool/objtool");
+    if obj.join(objtool).is_file() {
+        copy_entry(&obj.join(objtool), &dest.join(objtool))?;
+    }
+    let built = |p: &Path| {
+        let n = p
+            .file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default();
+        !(n.ends_with(".o") || (n.starts_with('.') && n.ends_with(".cmd")))
+    };
+    for dir in ["arch/x86/include", "include", "scripts"] {
+        copy_tree(obj, dest, Path::new(dir), &built)?;
+    }
+    for file in ["Module.symvers", ".config"] {
+        let from = obj.join(file);
+        if !from.is_file() {
+            return Err(KernelError::NoOutput(from));
+        }
+        copy_entry(&from, &dest.join(file))?;
+    }
+    Ok(())
+}
+
+fn keep_all(_: &Path) -> bool {
+    true
+}
+
+fn read_dir_sorted(dir: &Path) -> Result<Vec<std::ffi::OsString>, KernelError> {
+    let mut names: Vec<_> = fs::read_dir(dir)
+        .map_err(io(format!("reading {}", dir.display())))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name())
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// Copies the files and links under `from/rel` that `keep` accepts (by their path
+/// relative to `from`) to `to/rel`; a missing `from/rel` copies nothing.
+fn copy_tree(
+    from: &Path,
+    to: &Path,
+    rel: &Path,
+    keep: &dyn Fn(&Path) -> bool,
+) -> Result<(), KernelError> {
+    let dir = from.join(rel);
+    if !dir.is_dir() {
+        return Ok(());
+    }
+    for name in read_dir_sorted(&dir)? {
+        let r = rel.join(&name);
+        let meta = fs::symlink_metadata(from.join(&r))
+            .map_err(io(format!("reading {}", from.join(&r).display())))?;
+        if meta.is_dir() {
+            copy_tree(from, to, &r, keep)?;
+        } else if keep(&r) {
+            copy_entry(&from.join(&r), &to.join(&r))?;
+        }
+    }
+    Ok(())
+}
+
+/// Copies one file (mode kept) or symlink (as a link), creating its parent dirs.
+fn copy_entry(from: &Path, to: &Path) -> Result<(), KernelError> {
+    if let Some(parent) = to.parent() {
+        fs::create_dir_all(parent).map_err(io(format!("creating {}", parent.display())))?;
+    }
+    let what = || format!("copying {}", from.display());
+    let meta = fs::symlink_metadata(from).map_err(io(what()))?;
+    if meta.file_type().is_symlink() {
+        let target = fs::read_link(from).map_err(io(what()))?;
+        let _ = fs::remove_file(to);
+        std::os::unix::fs::symlink(target, to).map_err(io(what()))?;
+    } else {
+        fs::copy(from, to).map_err(io(what()))?;
+    }
+    Ok(())
 }
 
 /// Unpacks the source package's tarball into `work/linux-source-*`.
@@ -497,7 +631,7 @@ mod tests {
             "debian".parse::<KernelChoice>().unwrap(),
             KernelChoice::Debian
         );
-        assert_eq!(KernelChoice::default(), KernelChoice::Debian);
+        assert_eq!(KernelChoice::default(), KernelChoice::Microvm);
         let e = "tiny".parse::<KernelChoice>().unwrap_err().to_string();
         assert!(e.contains("tiny") && e.contains("microvm"), "{e}");
     }

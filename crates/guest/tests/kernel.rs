@@ -19,7 +19,11 @@ esac
 "#;
 
 const TAR: &str = r#"#!/bin/sh
-mkdir -p "$4/linux-source-6.1"
+s="$4/linux-source-6.1"
+mkdir -p "$s/include/linux" "$s/scripts" "$s/arch/x86/include/asm" "$s/arch/x86/kernel" "$s/fs"
+echo all: > "$s/Makefile"; echo x86: > "$s/arch/x86/Makefile"
+echo '#define X 1' > "$s/include/linux/x.h"; echo '#define A 1' > "$s/arch/x86/include/asm/a.h"
+echo k: > "$s/scripts/Kbuild.include"; echo 'int f;' > "$s/fs/f.c"; echo 'int k;' > "$s/arch/x86/kernel/k.c"
 "#;
 
 /// `make -C SRC O=OBJ ARGS...`; its behaviour is steered by files next to it:
@@ -40,8 +44,10 @@ case " $* " in
      else cp "$all" "$obj/.config"; fi ;;
   *" bzImage "*) echo compile >> "$here/calls"
      if [ -f "$here/fail" ]; then echo "fs/boom.c:1: error: boom" >&2; exit 2; fi
-     mkdir -p "$obj/arch/x86/boot" "$obj/include/config"
+     mkdir -p "$obj/arch/x86/boot" "$obj/include/config" "$obj/include/generated" "$obj/scripts/mod" "$obj/fs"
      echo kernel > "$obj/arch/x86/boot/bzImage"
+     : > "$obj/Module.symvers"; : > "$obj/fs/f.o"; echo '#define U 1' > "$obj/include/generated/autoconf.h"
+     echo modpost > "$obj/scripts/mod/modpost"; : > "$obj/scripts/mod/modpost.o"; : > "$obj/scripts/mod/.modpost.cmd"
      echo 6.1.192-gpucell > "$obj/include/config/kernel.release" ;;
   *" modules_install "*) mkdir -p "$mod/lib/modules/6.1.192-gpucell/kernel"
      : > "$mod/lib/modules/6.1.192-gpucell/modules.builtin"
@@ -86,6 +92,44 @@ fn leftovers(kernels: &Path) -> Vec<String> {
         .collect()
 }
 
+/// The build tree a cached kernel keeps: Makefiles, headers, scripts and config of the
+/// source and object trees, without C sources, objects or command files.
+const KEPT: &[&str] = &[
+    ".config",
+    "Makefile",
+    "Module.symvers",
+    "arch/x86/Makefile",
+    "arch/x86/include/asm/a.h",
+    "include/config/kernel.release",
+    "include/generated/autoconf.h",
+    "include/linux/x.h",
+    "scripts/Kbuild.include",
+    "scripts/mod/modpost",
+];
+
+fn tree_files(cache_dir: &Path) -> Vec<String> {
+    let root = cache_dir.join(gpucell_guest::kernel::BUILD_TREE);
+    let mut out = Vec::new();
+    let mut stack = vec![root.clone()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(
+                    p.strip_prefix(&root)
+                        .unwrap()
+                        .to_string_lossy()
+                        .into_owned(),
+                );
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
 #[test]
 fn builds_once_then_serves_the_cache() {
     let t = tempfile::tempdir().unwrap();
@@ -114,6 +158,12 @@ fn builds_once_then_serves_the_cache() {
     );
     assert_eq!(compiles(t.path()), 1);
     assert!(leftovers(&kernels).is_empty(), "{:?}", leftovers(&kernels));
+    let dir = first.path.parent().unwrap();
+    assert_eq!(
+        gpucell_guest::kernel::cache_identity(&first.path).as_deref(),
+        Some(dir.file_name().unwrap().to_str().unwrap())
+    );
+    assert_eq!(tree_files(dir), KEPT);
 
     // Cached: the source is not fetched and nothing is compiled.
     let again = build_cached(
@@ -127,6 +177,20 @@ fn builds_once_then_serves_the_cache() {
     .unwrap();
     assert_eq!(again.sha256, first.sha256);
     assert_eq!(compiles(t.path()), 1);
+
+    // A cached package without its build tree (which NVIDIA's modules need) is rebuilt.
+    fs::remove_dir_all(dir.join(gpucell_guest::kernel::BUILD_TREE)).unwrap();
+    build_cached(
+        &kernels,
+        "6.1.192-3",
+        || Ok(src.clone()),
+        &tools,
+        false,
+        &quiet,
+    )
+    .unwrap();
+    assert_eq!(compiles(t.path()), 2);
+    assert_eq!(tree_files(dir), KEPT);
 
     // Another source version is another kernel; force rebuilds.
     build_cached(
@@ -147,7 +211,7 @@ fn builds_once_then_serves_the_cache() {
         &quiet,
     )
     .unwrap();
-    assert_eq!(compiles(t.path()), 3);
+    assert_eq!(compiles(t.path()), 4);
 }
 
 #[test]

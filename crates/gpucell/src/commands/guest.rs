@@ -58,7 +58,7 @@ pub struct BuildArgs {
     pub kernel_deb: Option<PathBuf>,
     /// Guest kernel: `debian` (Debian's packaged kernel) or `microvm` (built once from
     /// Debian's linux-source-6.1 with gpucell's config, then cached in the state dir).
-    /// Default: debian.
+    /// Default: microvm.
     #[arg(long, value_parser = parse_kernel)]
     pub kernel: Option<gpucell_guest::KernelChoice>,
     /// Rebuild even when the cached build matches the inputs.

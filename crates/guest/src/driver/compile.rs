@@ -234,6 +234,30 @@ pub fn vermagic(ko: &[u8]) -> Option<String> {
         .map(|v| String::from_utf8_lossy(v).trim().to_owned())
 }
 
+/// The modules a kernel module depends on (`depends=` of its `.modinfo`), by name.
+pub fn depends(ko: &[u8]) -> Vec<String> {
+    use object::{Object, ObjectSection};
+    let Some(data) = object::File::parse(ko).ok().and_then(|f| {
+        f.section_by_name(".modinfo")?
+            .data()
+            .ok()
+            .map(<[u8]>::to_vec)
+    }) else {
+        return Vec::new();
+    };
+    data.split(|b| *b == 0)
+        .find_map(|kv| kv.strip_prefix(b"depends="))
+        .map(|v| {
+            String::from_utf8_lossy(v)
+                .split(',')
+                .map(str::trim)
+                .filter(|d| !d.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Strips debug information (`strip --strip-debug`), as Debian does for its modules.
 pub fn strip(from: &Path, to: &Path) -> Result<(), DriverError> {
     let out = Command::new("strip")

@@ -115,6 +115,25 @@ pub fn find_file(root: &Path, name: &str) -> Option<PathBuf> {
     find_file_where(root, name, &|_| true)
 }
 
+/// The first file (sorted walk) under `root` whose name ends with `suffix`.
+pub fn find_file_ext(root: &Path, suffix: &str) -> Option<PathBuf> {
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&dir) else { continue };
+        let mut entries: Vec<_> = rd.filter_map(|e| e.ok()).collect();
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let Ok(ft) = e.file_type() else { continue };
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else if ft.is_file() && e.file_name().to_string_lossy().ends_with(suffix) {
+                return Some(e.path());
+            }
+        }
+    }
+    None
+}
+
 fn is_elf(p: &Path) -> bool {
     use std::io::Read;
     let mut magic = [0u8; 4];

@@ -2,9 +2,10 @@
 //! GSP firmware and userspace, on a read-only driver disk next to the guest kernel.
 //!
 //! A build: gpucell's own apt lists ([`apt`]) → the table's packages (checked against
-//! the table's SHA-256) and the guest kernel's exact header packages (checked against
+//! the table's SHA-256) and the guest kernel's build tree: the microVM kernel's own,
+//! kept in the kernel cache, or a Debian kernel's exact header packages (checked against
 //! the archive's) → the modules, compiled or taken from the module cache keyed by
-//! (driver version, kernel ABI, module kind, patch set) ([`compile`]) → the userspace,
+//! (driver version, kernel identity, module kind, patch set) ([`compile`]) → the userspace,
 //! flattened, and the CUDA version measured on the flavour's own libcuda ([`cuda`]) →
 //! the erofs driver disk and a manifest of every file on it ([`disk`]).
 
@@ -88,6 +89,17 @@ pub struct KernelInfo {
     pub root: PathBuf,
     /// SHA-256 of the kernel `.deb`.
     pub deb_sha256: String,
+    /// The kernel's prepared build tree (the microVM kernel's, from the kernel cache);
+    /// `None`: a Debian kernel, whose header packages are downloaded.
+    pub build_tree: Option<BuildTree>,
+}
+
+/// A prepared kernel build tree ([`crate::kernel::prepare_build_tree`]) and the
+/// identity of the kernel it belongs to (source version and config digest).
+#[derive(Debug, Clone)]
+pub struct BuildTree {
+    pub path: PathBuf,
+    pub id: String,
 }
 
 /// Sizes of the parts of a driver flavour, in bytes (uncompressed, except `disk`).
@@ -150,14 +162,16 @@ pub fn disk_key(table: &Table, f: &DriverFlavour, kernel_deb_sha256: &str) -> St
     hex::encode(Sha256::digest(v.to_string().as_bytes()))
 }
 
-/// Key of a module build: (driver version and source, kernel ABI, module kind, patches).
+/// Key of a module build: (driver version and source, kernel ABI, module kind, patches),
+/// and for a kernel with its own build tree, that kernel's identity (`tree`).
 pub fn modules_key(
     table: &Table,
     f: &DriverFlavour,
     release: &str,
     kernel_version: &str,
+    tree: Option<&str>,
 ) -> String {
-    let v = serde_json::json!({
+    let mut v = serde_json::json!({
         "recipe": MODULES_RECIPE,
         "driver": f.debian_version,
         "source": f.module_source().map(|p| &p.sha256),
@@ -165,6 +179,9 @@ pub fn modules_key(
         "kernel": [release, kernel_version],
         "patches": compile::flavour_patches(table, f),
     });
+    if let Some(id) = tree {
+        v["kernel_tree"] = id.into();
+    }
     hex::encode(Sha256::digest(v.to_string().as_bytes()))
 }
 
@@ -204,16 +221,18 @@ fn fetch_all(b: &DriverBuild, table: &Table, f: &DriverFlavour) -> Result<Fetche
     let suites: Vec<&str> = table.flavours.iter().map(|f| f.suite.as_str()).collect();
     apt.prepare(&apt::suites_for(&suites), false, b.progress)?;
     let cache = b.guest_dir.join("cache/debs");
-    let rel = &b.kernel.release;
-    let abi = compile::kernel_abi(rel)?;
-    let header_names = [
-        format!("linux-headers-{rel}"),
-        format!("linux-headers-{abi}-common"),
-        compile::kbuild_package(rel),
-    ];
     let mut header_infos = Vec::new();
-    for name in &header_names {
-        header_infos.push(apt.show(name, &b.kernel.version)?);
+    if b.kernel.build_tree.is_none() {
+        let rel = &b.kernel.release;
+        let abi = compile::kernel_abi(rel)?;
+        let header_names = [
+            format!("linux-headers-{rel}"),
+            format!("linux-headers-{abi}-common"),
+            compile::kbuild_package(rel),
+        ];
+        for name in &header_names {
+            header_infos.push(apt.show(name, &b.kernel.version)?);
+        }
     }
     let wanted: Vec<PackageInfo> = f
         .packages
@@ -273,7 +292,7 @@ fn modules(
     fetched: &Fetched,
     want_vermagic: &str,
 ) -> Result<(PathBuf, ModulesInfo), DriverError> {
-    let key = modules_key(table, f, &b.kernel.release, &b.kernel.version);
+    let key = kernel_modules_key(table, f, b.kernel);
     let base = b.guest_dir.join("cache/nvidia-modules");
     let dir = base.join(format!("{}-{}", f.name, &key[..16]));
     let cached = fs::read_to_string(dir.join(MODULES_INFO))
@@ -295,12 +314,21 @@ fn modules(
         .tempdir_in(&base)
         .map_err(|e| DriverError::io(&base, e))?;
     let w = work.path();
-    let hdr_root = w.join("headers");
-    for d in &fetched.headers {
-        deb::extract(&d.path, &hdr_root)?;
-    }
-    let headers = compile::Headers::locate(&hdr_root, &b.kernel.release)?;
-    headers.fix_makefile(&hdr_root)?;
+    let headers = match &b.kernel.build_tree {
+        Some(tree) => compile::Headers {
+            sys_src: tree.path.clone(),
+            sys_out: tree.path.clone(),
+        },
+        None => {
+            let hdr_root = w.join("headers");
+            for d in &fetched.headers {
+                deb::extract(&d.path, &hdr_root)?;
+            }
+            let headers = compile::Headers::locate(&hdr_root, &b.kernel.release)?;
+            headers.fix_makefile(&hdr_root)?;
+            headers
+        }
+    };
     let src_root = w.join("source-deb");
     deb::extract(&fetched.source.path, &src_root)?;
     let tarball = src_root.join(f.module_kind.tarball());
@@ -366,6 +394,12 @@ fn modules(
     Ok((dir, info))
 }
 
+/// [`modules_key`] of a guest kernel.
+fn kernel_modules_key(table: &Table, f: &DriverFlavour, k: &KernelInfo) -> String {
+    let tree = k.build_tree.as_ref().map(|t| t.id.as_str());
+    modules_key(table, f, &k.release, &k.version, tree)
+}
+
 fn run_tool(cmd: &mut std::process::Command, name: &str) -> Result<(), DriverError> {
     let out = cmd
         .output()
@@ -386,11 +420,11 @@ pub fn build(b: &DriverBuild, work: &Path, out_dir: &Path) -> Result<DriverManif
     let table = Table::embedded()?;
     let f = table.find(b.flavour)?.clone();
     let fetched = fetch_all(b, &table, &f)?;
-    let (drm_data, want_vermagic) = guest_drm(b)?;
+    let (deps, want_vermagic) = guest_deps(b)?;
     let (built, info) = modules(b, &table, &f, &fetched, &want_vermagic)?;
 
     let tree = work.join("driver-tree");
-    let load_order = install_modules(b, &built, &drm_data, &tree)?;
+    let load_order = install_modules(b, &built, &deps, &tree)?;
     install_userspace(&fetched, &f, work, &tree)?;
     let cuda = install_cuda_helper(b, &f, work, &tree)?;
     let dinfo = DriverInfo {
@@ -448,30 +482,86 @@ pub fn build(b: &DriverBuild, work: &Path, out_dir: &Path) -> Result<DriverManif
     })
 }
 
-/// The guest kernel's `drm.ko` (the driver's one in-tree dependency) and its vermagic,
-/// which the built modules must match.
-fn guest_drm(b: &DriverBuild) -> Result<(Vec<u8>, String), DriverError> {
+/// A module of the guest kernel that the driver's modules need: file name and contents.
+type KernelModule = (String, Vec<u8>);
+
+/// The guest kernel's modules the driver needs, in load order: `drm.ko` (the driver's
+/// one in-tree dependency) after what it depends on (its `depends=`, as modules.dep
+/// would list it), or none where DRM is built in; and the kernel's vermagic, which the
+/// built modules must match.
+fn guest_deps(b: &DriverBuild) -> Result<(Vec<KernelModule>, String), DriverError> {
     let mod_dir = b.kernel.root.join("lib/modules").join(&b.kernel.release);
-    let drm = disk::find_file(&mod_dir, "drm.ko")
-        .ok_or_else(|| DriverError::Missing(format!("drm.ko in {}", mod_dir.display())))?;
-    let drm_data = fs::read(&drm).map_err(|e| DriverError::io(&drm, e))?;
-    let want_vermagic = compile::vermagic(&drm_data)
-        .ok_or_else(|| DriverError::Missing(format!("vermagic of {}", drm.display())))?;
-    Ok((drm_data, want_vermagic))
+    let mut order = Vec::new();
+    if disk::find_file(&mod_dir, "drm.ko").is_some() {
+        add_with_deps(&mod_dir, "drm", &mut order, 0)?;
+    } else {
+        let builtin = fs::read_to_string(mod_dir.join("modules.builtin")).unwrap_or_default();
+        if !builtin.lines().any(|l| l.ends_with("/drm.ko")) {
+            return Err(DriverError::Missing(format!(
+                "drm.ko in {} (neither a module nor built in)",
+                mod_dir.display()
+            )));
+        }
+    }
+    let probe = match order.last() {
+        Some((name, data)) => Some((mod_dir.join(name), data.clone())),
+        None => {
+            disk::find_file_ext(&mod_dir, ".ko").and_then(|p| fs::read(&p).ok().map(|d| (p, d)))
+        }
+    };
+    let (path, data) = probe.ok_or_else(|| {
+        DriverError::Missing(format!(
+            "a module in {} (for its vermagic)",
+            mod_dir.display()
+        ))
+    })?;
+    let want_vermagic = compile::vermagic(&data)
+        .ok_or_else(|| DriverError::Missing(format!("vermagic of {}", path.display())))?;
+    Ok((order, want_vermagic))
 }
 
-/// Puts `drm.ko` and the built modules under `tree/lib/modules/<release>`; returns
-/// their paths in load order.
+/// Appends module `name` to `order` after its dependencies (depth-first, each once).
+fn add_with_deps(
+    mod_dir: &Path,
+    name: &str,
+    order: &mut Vec<KernelModule>,
+    depth: usize,
+) -> Result<(), DriverError> {
+    let file = format!("{name}.ko");
+    if order.iter().any(|(n, _)| *n == file) {
+        return Ok(());
+    }
+    if depth > 16 {
+        return Err(DriverError::Missing(format!(
+            "{file}: dependency chain too deep"
+        )));
+    }
+    let path = disk::find_file(mod_dir, &file)
+        .or_else(|| disk::find_file(mod_dir, &file.replace('_', "-")))
+        .ok_or_else(|| DriverError::Missing(format!("{file} in {}", mod_dir.display())))?;
+    let data = fs::read(&path).map_err(|e| DriverError::io(&path, e))?;
+    for dep in compile::depends(&data) {
+        add_with_deps(mod_dir, &dep, order, depth + 1)?;
+    }
+    order.push((file, data));
+    Ok(())
+}
+
+/// Puts the kernel's modules and the built ones under `tree/lib/modules/<release>`;
+/// returns their paths in load order.
 fn install_modules(
     b: &DriverBuild,
     built: &Path,
-    drm_data: &[u8],
+    deps: &[KernelModule],
     tree: &Path,
 ) -> Result<Vec<String>, DriverError> {
     let kmods = tree.join("lib/modules").join(&b.kernel.release);
     fs::create_dir_all(&kmods).map_err(|e| DriverError::io(&kmods, e))?;
-    fs::write(kmods.join("drm.ko"), drm_data).map_err(|e| DriverError::io(&kmods, e))?;
-    let mut load_order = vec![format!("lib/modules/{}/drm.ko", b.kernel.release)];
+    let mut load_order = Vec::new();
+    for (name, data) in deps {
+        fs::write(kmods.join(name), data).map_err(|e| DriverError::io(&kmods, e))?;
+        load_order.push(format!("lib/modules/{}/{name}", b.kernel.release));
+    }
     for m in compile::BUILT_MODULES {
         fs::copy(built.join(format!("{m}.ko")), kmods.join(format!("{m}.ko")))
             .map_err(|e| DriverError::io(built, e))?;
@@ -556,43 +646,55 @@ mod tests {
     fn module_key_follows_driver_kernel_kind_and_patches_only() {
         let t = Table::embedded().unwrap();
         let f = t.find("nvidia-550").unwrap().clone();
-        let k = modules_key(&t, &f, "6.1.0-57-amd64", "6.1.192-3");
-        assert_eq!(k, modules_key(&t, &f, "6.1.0-57-amd64", "6.1.192-3"));
+        let k = modules_key(&t, &f, "6.1.0-57-amd64", "6.1.192-3", None);
+        assert_eq!(k, modules_key(&t, &f, "6.1.0-57-amd64", "6.1.192-3", None));
         assert_ne!(
             k,
-            modules_key(&t, &f, "6.1.0-58-amd64", "6.1.200-1"),
+            modules_key(&t, &f, "6.1.0-58-amd64", "6.1.200-1", None),
             "kernel ABI"
         );
         assert_ne!(
             k,
-            modules_key(&t, &f, "6.1.0-57-amd64", "6.1.192-4"),
+            modules_key(&t, &f, "6.1.0-57-amd64", "6.1.192-4", None),
             "kernel build"
         );
         let mut g = f.clone();
         g.module_kind = ModuleKind::Proprietary;
         assert_ne!(
             k,
-            modules_key(&t, &g, "6.1.0-57-amd64", "6.1.192-3"),
+            modules_key(&t, &g, "6.1.0-57-amd64", "6.1.192-3", None),
             "kind"
         );
         let mut g = f.clone();
         g.debian_version = "550.163.01-3".into();
         assert_ne!(
             k,
-            modules_key(&t, &g, "6.1.0-57-amd64", "6.1.192-3"),
+            modules_key(&t, &g, "6.1.0-57-amd64", "6.1.192-3", None),
             "version"
         );
         let mut t2 = t.clone();
         t2.patches[0].replace.push(' ');
         assert_ne!(
             k,
-            modules_key(&t2, &f, "6.1.0-57-amd64", "6.1.192-3"),
+            modules_key(&t2, &f, "6.1.0-57-amd64", "6.1.192-3", None),
             "patch"
+        );
+        // A kernel with its own build tree: its identity (config digest) is in the key.
+        let tree = |id| modules_key(&t, &f, "6.1.192-gpucell", "6.1.192-3", Some(id));
+        assert_eq!(tree("6.1.192-3-aaaa"), tree("6.1.192-3-aaaa"));
+        assert_ne!(
+            tree("6.1.192-3-aaaa"),
+            tree("6.1.192-3-bbbb"),
+            "kernel config"
+        );
+        assert_ne!(
+            tree("6.1.192-3-aaaa"),
+            modules_key(&t, &f, "6.1.192-gpucell", "6.1.192-3", None)
         );
         // The userspace does not touch the module key, only the disk key.
         let mut g = f.clone();
         g.max_cuda = "12.5".into();
-        assert_eq!(k, modules_key(&t, &g, "6.1.0-57-amd64", "6.1.192-3"));
+        assert_eq!(k, modules_key(&t, &g, "6.1.0-57-amd64", "6.1.192-3", None));
         assert_ne!(disk_key(&t, &f, "aa"), disk_key(&t, &g, "aa"));
         assert_ne!(
             disk_key(&t, &f, "aa"),

@@ -222,7 +222,7 @@ fn vermagic_check(r: &GuestReport, a: &GuestArtifacts, with_gpus: bool) -> Check
     let bad_magic: Vec<String> = r
         .modules
         .iter()
-        .filter(|m| m.module != "drm.ko" && m.vermagic != want_magic)
+        .filter(|m| is_driver_module(&m.module) && m.vermagic != want_magic)
         .map(|m| format!("{}: `{}`", m.module, m.vermagic))
         .collect();
     check(
@@ -258,7 +258,14 @@ fn kernel_log_check(r: &GuestReport) -> Check {
     )
 }
 
-/// Without GPUs: drm loads, nvidia stops at ENODEV, nvidia-smi runs and says it failed.
+/// The driver's own modules (`nvidia*.ko`), as opposed to the guest kernel's that they
+/// need (`drm.ko` and its dependencies, where drm is not built in).
+fn is_driver_module(name: &str) -> bool {
+    name.starts_with("nvidia")
+}
+
+/// Without GPUs: the kernel's modules (drm, if not built in) load, nvidia stops at
+/// ENODEV, nvidia-smi runs and says it failed.
 fn no_gpu_checks(r: &GuestReport) -> Vec<Check> {
     let res = |name: &str| {
         r.modules
@@ -273,7 +280,7 @@ fn no_gpu_checks(r: &GuestReport) -> Vec<Check> {
         .iter()
         .any(|l| l.contains("No NVIDIA GPU found"));
     vec![
-        check("drm loads", res("drm.ko").contains("loaded"), res("drm.ko")),
+        kernel_modules_check(r),
         check(
             "nvidia stops at ENODEV",
             nv == "ENODEV" && no_gpu,
@@ -285,6 +292,25 @@ fn no_gpu_checks(r: &GuestReport) -> Vec<Check> {
             first_line(&r.nvidia_smi.output),
         ),
     ]
+}
+
+/// The guest kernel's modules on the driver disk all load (none: drm is built in).
+fn kernel_modules_check(r: &GuestReport) -> Check {
+    let kernel: Vec<String> = r
+        .modules
+        .iter()
+        .filter(|m| !is_driver_module(&m.module))
+        .map(|m| format!("{}: {}", m.module, m.result))
+        .collect();
+    check(
+        "kernel modules load",
+        kernel.iter().all(|k| k.ends_with("loaded")),
+        if kernel.is_empty() {
+            "none (drm is built in)".into()
+        } else {
+            kernel.join(", ")
+        },
+    )
 }
 
 /// With GPUs: the driver sees them and nvidia-smi succeeds.
