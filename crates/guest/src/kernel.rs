@@ -340,9 +340,10 @@ fn build(
     Ok(name)
 }
 
-/// The prepared build tree of a finished cache dir, if it has one.
+/// The prepared build tree of a finished cache dir, if it has one; absolute (module
+/// builds run make from the module's own source dir).
 pub fn build_tree(cache_dir: &Path) -> Option<PathBuf> {
-    let tree = cache_dir.join(BUILD_TREE);
+    let tree = fs::canonicalize(cache_dir.join(BUILD_TREE)).ok()?;
     (tree.join("Makefile").is_file() && tree.join(".config").is_file()).then_some(tree)
 }
 
