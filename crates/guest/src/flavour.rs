@@ -83,7 +83,7 @@ pub const FLAVOURS: &[Flavour] = &[
     Flavour {
         name: crate::DEFAULT_FLAVOUR,
         description:
-            "Debian stable kernel with virtio, vsock, ext4, erofs and overlay; no GPU driver",
+            "microVM kernel (or Debian's with --kernel debian) with virtio, vsock, ext4, erofs and overlay; no GPU driver",
         kernel_package: "linux-image-amd64",
         modules: BASE_MODULES,
         extra_packages: &[],
