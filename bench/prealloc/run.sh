@@ -111,8 +111,10 @@ for gib in sizes:
                 continue
             if hp[0] < need:
                 skipped.append(f"{gib} GiB, {page} pages: {hp[0]} free of {hp[1]} reserved, "
-                               f"{need} needed (reserve with /proc/sys/vm/nr_hugepages or "
-                               f"hugepagesz={page} hugepages=N on the kernel command line)")
+                               f"{need} needed (reserve with /sys/kernel/mm/hugepages/"
+                               f"hugepages-{PAGE_KIB[page]}kB/nr_hugepages, or for 1G pages "
+                               f"reliably hugepagesz={page} hugepages=N on the kernel command line: "
+                               f"a running host's memory is often too fragmented for them)")
                 continue
         variants = [("prealloc=off (QEMU start, subtracted)", backend(gib, page, False, 0), 0)]
         if page == "4K":
