@@ -118,6 +118,12 @@ for name in cmds:
     pr = statistics.median(a / b for a, b in zip(samples[name], samples["floor"]))
     L.append(f"| {name} | {m[0]:.3f} | {m[1]:.3f} | {m[2]:.3f} | {m[3]:.3f} | {m[0] / fl[0]:.3f}x | {pr:.3f}x |")
 L.append("")
+for name in cmds:
+    if name.startswith("floor") and name != "floor":
+        g = statistics.median(samples["gpucell"]) / statistics.median(samples[name])
+        pr = statistics.median(a / b for a, b in zip(samples["gpucell"], samples[name]))
+        L.append(f"- gpucell vs `{name}`: {g:.3f}x (medians), {pr:.3f}x (per-round ratio median)")
+L.append("")
 keys = [k for k in phases[0] if all(isinstance(p.get(k), int) for p in phases)]
 L.append(f"## gpucell's phases (`--json`, the same {len(phases)} runs, ms)\n")
 L.append("| phase | median | min | max |")
