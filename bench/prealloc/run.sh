@@ -7,8 +7,9 @@
 # the time from spawn to that answer is the allocation (plus QEMU's start, which the
 # `prealloc=off` row measures and which is subtracted); then `quit` over QMP. Rows:
 #   - `-m N -mem-prealloc` (the machine's default RAM backend, one thread: serial);
-#   - `memory-backend-memfd,prealloc=on,prealloc-threads=T` for each T in THREADS, with
-#     4 KiB pages, and with 2 MiB / 1 GiB hugetlb pages where the host has enough of them
+#   - the backends gpucell uses, `prealloc=on,prealloc-threads=T` for each T in THREADS:
+#     `memory-backend-ram` (4 KiB pages) and `memory-backend-memfd,hugetlb=on` with
+#     2 MiB / 1 GiB pages where the host has enough of them
 #     reserved and free (/sys/kernel/mm/hugepages/*/free_hugepages), else skipped with
 #     the reason.
 # usage: bench/prealloc/run.sh   (env: QEMU, SIZES_GIB, THREADS, RUNS, PAGES, OUT)
@@ -73,7 +74,9 @@ def sample(args):
 
 
 def backend(gib, page, prealloc, nthreads):
-    o = f"memory-backend-memfd,id=m0,size={gib}G,prealloc={'on' if prealloc else 'off'}"
+    # gpucell's backends: anonymous RAM for 4 KiB pages, a hugetlb memfd for hugepages.
+    kind = "ram" if page == "4K" else "memfd"
+    o = f"memory-backend-{kind},id=m0,size={gib}G,prealloc={'on' if prealloc else 'off'}"
     if prealloc:
         o += f",prealloc-threads={nthreads}"
     if page != "4K":
@@ -120,7 +123,7 @@ for gib in sizes:
         if page == "4K":
             variants.append(("-m -mem-prealloc (serial)", ["-m", f"{gib}G", "-mem-prealloc"], 1))
         for t in threads:
-            variants.append((f"memfd prealloc-threads={t}", backend(gib, page, True, t), t))
+            variants.append((f"prealloc-threads={t}", backend(gib, page, True, t), t))
         # Rounds interleave the variants, so a change in the machine's load hits all alike.
         samples = {name: [] for name, _, _ in variants}
         for _ in range(runs):
@@ -128,7 +131,7 @@ for gib in sizes:
                 samples[name].append(sample(args))
             print(f"{gib} GiB {page}: round done", file=sys.stderr)
         base = statistics.median(s[0] for s in samples[variants[0][0]])
-        one = samples.get("memfd prealloc-threads=1")
+        one = samples.get("prealloc-threads=1")
         serial = max(statistics.median(s[0] for s in one) - base, 0.0) if one else None
         for name, _, t in variants:
             g = [s[0] for s in samples[name]]
