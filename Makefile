@@ -12,7 +12,7 @@ TEST_STATE  := $(CURDIR)/target/test-state
 # Fuzzing (docs/security.md): each target in fuzz/ for FUZZ_SECONDS (default 60).
 FUZZ_SECONDS ?= 60
 
-.PHONY: fuzz all deps agent build guest demo test test-unit test-vm test-nested test-flavours test-gpu test-gpu-prepare test-gpu-fake test-shim bench bench-shim fmt clippy clean
+.PHONY: fuzz all deps agent build guest demo test test-unit test-vm test-nested test-flavours test-gpu test-gpu-prepare test-gpu-fake test-shim test-many bench bench-shim fmt clippy clean
 
 all: build
 
@@ -95,6 +95,13 @@ test-flavours: agent
 
 bench: build
 	bench/image/run.sh
+
+# MANY (default 20) sandboxes of 256 MiB at once must start, run and stop cleanly; also
+# QEMU's memory beyond guest RAM per sandbox (bench/results/memory.md).
+test-many: agent
+	$(CARGO) build -p gpucell
+	target/debug/gpucell --state-dir $(TEST_STATE) guest build --agent $(AGENT)
+	GPUCELL=target/debug/gpucell GPUCELL_STATE_DIR=$(TEST_STATE) bench/memory/run.sh
 
 # ctr run --rm busybox true: through the shim, gpucell run, runc (bench/results/shim.md).
 bench-shim: agent

@@ -59,7 +59,12 @@ enum Command {
     Fsck(commands::fsck::FsckArgs),
 }
 
+/// The process's first instant, for the run report's `spawn` phase.
+pub(crate) static PROCESS_START: std::sync::OnceLock<std::time::Instant> =
+    std::sync::OnceLock::new();
+
 fn main() -> ExitCode {
+    PROCESS_START.get_or_init(std::time::Instant::now);
     let cli = Cli::parse();
     commands::init_logging(&cli.global);
     let result = match cli.command {

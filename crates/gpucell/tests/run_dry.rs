@@ -108,6 +108,35 @@ fn dry_run_prints_the_plan_and_starts_nothing() {
     for needle in ["image", "tcg", "echo hi", "qemu", "devices     none"] {
         assert!(text.contains(needle), "{needle}: {text}");
     }
+
+    // The node's memory settings: the built-in defaults, then `[run]` keys.
+    let threads = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(8);
+    let memory = |o: &Output| plan(o)["memory"].clone();
+    let out = dry(&env, &["--json", &env.image, "--", "true"]);
+    assert_eq!(
+        memory(&out),
+        serde_json::json!({"preallocated": false, "prealloc_threads": threads, "hugepage_size": "auto"})
+    );
+    let config = env.state.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "[run]\nprealloc_threads = 3\nhugepage_size = \"1G\"\n",
+    )
+    .unwrap();
+    let c = config.to_str().unwrap();
+    let out = dry(&env, &["--config", c, "--json", &env.image, "--", "true"]);
+    assert_eq!(
+        memory(&out),
+        serde_json::json!({"preallocated": false, "prealloc_threads": 3, "hugepage_size": "1G"})
+    );
+    let out = dry(&env, &["--config", c, &env.image, "--", "true"]);
+    assert!(
+        stdout(&out).contains("3 threads, pages 1G"),
+        "{}",
+        stdout(&out)
+    );
 }
 
 /// The refusals of a dry run are a real run's, word for word, and neither leaves
@@ -160,6 +189,10 @@ fn dry_run_chooses_devices_without_taking_them() {
     let Some(env) = common::vm_env() else { return };
     let host = tempfile::tempdir().unwrap();
     fake_4090_host(host.path());
+    // Reserved 2 MiB pages, enough for the guest: `hugepage_size = "auto"` takes them.
+    let pool = host.path().join("sys/kernel/mm/hugepages/hugepages-2048kB");
+    std::fs::create_dir_all(&pool).unwrap();
+    std::fs::write(pool.join("free_hugepages"), "65536\n").unwrap();
     let host_root = host.path().to_str().unwrap();
     let before_host = snapshot(host.path());
     let out = dry(
@@ -203,6 +236,48 @@ fn dry_run_chooses_devices_without_taking_them() {
             "companions are not passed: {joined}"
         );
         assert!(p["pci_hole64_bytes"].as_u64().unwrap() >= 160 << 30, "{p}");
+        // Preallocated from the reserved 2 MiB pages, by all host CPUs up to 8.
+        let threads = std::thread::available_parallelism()
+            .map_or(1, usize::from)
+            .min(8);
+        assert!(
+            joined.contains(&format!(
+                "memory-backend-memfd,id=ram,size={}M,hugetlb=on,hugetlbsize=2M,prealloc=on,prealloc-threads={threads}",
+                p["memory_mib"]
+            )),
+            "{joined}"
+        );
+        // `[run]` keys choose 4 KiB pages and 3 threads.
+        let config = env.state.path().join("config.toml");
+        std::fs::write(
+            &config,
+            "[run]\nprealloc_threads = 3\nhugepage_size = \"4K\"\n",
+        )
+        .unwrap();
+        let out = dry(
+            &env,
+            &[
+                "--config",
+                config.to_str().unwrap(),
+                "--host-root",
+                host_root,
+                "--json",
+                "--gpus",
+                "all",
+                &env.image,
+                "--",
+                "true",
+            ],
+        );
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        let p = plan(&out);
+        assert!(
+            p["qemu_args"].to_string().contains(&format!(
+                "memory-backend-ram,id=ram,size={}M,prealloc=on,prealloc-threads=3\"",
+                p["memory_mib"]
+            )),
+            "{p}"
+        );
     }
     assert_eq!(
         snapshot(host.path()),

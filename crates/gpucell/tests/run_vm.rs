@@ -71,6 +71,7 @@ fn json_summary_stdin_and_image_defaults() {
         Some(true)
     );
     for phase in [
+        "spawn",
         "image",
         "vm_start",
         "kernel_boot",

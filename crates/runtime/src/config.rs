@@ -13,6 +13,9 @@ use crate::request::AccelRequest;
 /// Where the configuration is read from when no `--config` is given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/gpucell/config.toml";
 
+/// Most `[run] prealloc_threads` accepted.
+pub const MAX_PREALLOC_THREADS: u32 = 256;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read the configuration file {path:?}")]
@@ -43,6 +46,10 @@ pub struct RunDefaults {
     pub guest: Option<String>,
     /// How long the KVM probe boot may take before KVM is judged unusable.
     pub kvm_probe_timeout_ms: Option<u64>,
+    /// Threads that preallocate guest memory (default: the host's CPUs, at most 8).
+    pub prealloc_threads: Option<u32>,
+    /// Page size of preallocated guest memory: `auto`, `4K`, `2M` or `1G`.
+    pub hugepage_size: Option<gpucell_sandbox::memory::HugepageSize>,
 }
 
 /// The whole file.
@@ -121,6 +128,14 @@ impl Config {
         self.network
             .validate()
             .map_err(|(key, problem)| bad(key, problem))?;
+        if let Some(t) = self.run.prealloc_threads {
+            if !(1..=MAX_PREALLOC_THREADS).contains(&t) {
+                return Err(bad(
+                    "run.prealloc_threads",
+                    format!("must be between 1 and {MAX_PREALLOC_THREADS}, not {t}"),
+                ));
+            }
+        }
         if let Some(q) = &self.run.qemu {
             if q.as_os_str().is_empty() {
                 return Err(bad("run.qemu", "must not be empty".into()));
@@ -165,7 +180,15 @@ mod tests {
         .unwrap();
         assert_eq!(c.image.fs_type, gpucell_image::FsType::Ext4);
         assert_eq!(c.image.limits.max_entries, 7);
+        let c = Config::parse("[run]\nprealloc_threads = 16\nhugepage_size = \"1G\"\n", p).unwrap();
+        assert_eq!(c.run.prealloc_threads, Some(16));
+        assert_eq!(
+            c.run.hugepage_size,
+            Some(gpucell_sandbox::memory::HugepageSize::Huge1G)
+        );
         for (text, needle) in [
+            ("[run]\nprealloc_threads = 0\n", "run.prealloc_threads"),
+            ("[run]\nhugepage_size = \"3M\"\n", "auto, 4K, 2M or 1G"),
             ("[run]\naccel = \"fast\"\n", "fast"),
             ("[run]\nguest = \"nvidia-999\"\n", "run.guest"),
             (

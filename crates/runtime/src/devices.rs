@@ -10,6 +10,7 @@ use gpucell_host::devices::{Allocation, DevicePool, DeviceRequest, DevicesError}
 use gpucell_host::HostRoot;
 use gpucell_protocol::{DeviceMatch, RunSpec};
 use gpucell_sandbox::devices::{DeviceSetup, PassedMapping, PassthroughDevice};
+use gpucell_sandbox::memory::MemoryOptions;
 
 use crate::node::Node;
 use crate::observer::Observer;
@@ -25,10 +26,16 @@ pub struct Held {
 }
 
 /// The wiring a run asks for, before any device is chosen.
-pub fn setup_for(hugepages: bool, pin_cpus: bool, wait: Duration) -> DeviceSetup {
+pub fn setup_for(
+    hugepages: bool,
+    pin_cpus: bool,
+    wait: Duration,
+    memory: MemoryOptions,
+) -> DeviceSetup {
     DeviceSetup {
         devices: Vec::new(),
         hugepages,
+        memory,
         pin_cpus,
         wait,
     }

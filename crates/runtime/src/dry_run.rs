@@ -8,7 +8,7 @@ use gpucell_sandbox::Sandbox;
 use crate::devices::{self, apply_to_spec};
 use crate::node::Node;
 use crate::observer::{Observer, Phase};
-use crate::report::{DryRunDevice, DryRunGuest, DryRunReport, RunReport};
+use crate::report::{DryRunDevice, DryRunGuest, DryRunMemory, DryRunReport, RunReport};
 use crate::request::RunRequest;
 use crate::run::{build_spec, prepare, spec_report, vm_config};
 use crate::RunFailure;
@@ -33,6 +33,7 @@ pub fn dry_run(
         req.request.devices.hugepages,
         req.request.devices.pin_cpus,
         req.device_wait,
+        node.memory,
     );
     let mut planned = Vec::new();
     let mut warnings = Vec::new();
@@ -63,6 +64,7 @@ pub fn dry_run(
     apply_to_spec(&setup, &mut spec);
     let config = vm_config(node, &req, &prepared);
     let network = crate::network::preview(node, &req, &id)?;
+    let preallocated = setup.preallocate();
     let mut sandbox = Sandbox::with_id(config, id)
         .map_err(RunFailure::SandboxSetup)?
         .with_devices(setup);
@@ -92,6 +94,16 @@ pub fn dry_run(
             .map(crate::driver_select::DriverSection::from_choice),
         cpus: plan.cpus,
         memory_mib: plan.memory_mib,
+        memory: DryRunMemory {
+            preallocated,
+            prealloc_threads: node.memory.prealloc_threads,
+            hugepage_size: node.memory.hugepage_size,
+            backend: plan
+                .qemu_args
+                .iter()
+                .find(|a| a.starts_with("memory-backend-"))
+                .cloned(),
+        },
         channel: plan.channel,
         devices: planned,
         pci_hole64_bytes: plan.pci_hole64_bytes,

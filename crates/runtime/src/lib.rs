@@ -40,7 +40,7 @@ pub use observer::{Observer, Phase, Quiet};
 pub use report::{DryRunReport, RunReport, RUN_REPORT_SCHEMA};
 pub use request::{AccelRequest, DeviceSpec, RequestError, RunRequest};
 pub use rootfs::{RootfsError, RootfsSource};
-pub use run::{run, run_with_rootfs, EXIT_RUN_FAILED, EXIT_TIMEOUT};
+pub use run::{run, run_since, run_with_rootfs, EXIT_RUN_FAILED, EXIT_TIMEOUT};
 
 /// Why a run (or a dry run) failed. The message of each variant names what failed; the
 /// cause follows as its source.

@@ -26,6 +26,9 @@ pub struct Node {
     pub store: gpucell_image::StoreOptions,
     /// Sandbox networks (`[network]` of the configuration file).
     pub network: gpucell_net::NetworkConfig,
+    /// Preallocation threads and page size of preallocated guest memory (`[run]
+    /// prealloc_threads`, default all host CPUs up to 8; `[run] hugepage_size`).
+    pub memory: gpucell_sandbox::memory::MemoryOptions,
 }
 
 impl Node {
@@ -53,6 +56,14 @@ impl Node {
             process_root: PathBuf::from("/"),
             store: config.image.clone(),
             network: config.network.clone(),
+            memory: gpucell_sandbox::memory::MemoryOptions {
+                prealloc_threads: Some(config.run.prealloc_threads.unwrap_or_else(|| {
+                    gpucell_sandbox::memory::default_prealloc_threads(
+                        std::thread::available_parallelism().map_or(1, usize::from),
+                    )
+                })),
+                hugepage_size: config.run.hugepage_size.unwrap_or_default(),
+            },
         }
     }
 }

@@ -50,6 +50,10 @@ pub struct GuestReport {
 /// Time spent in each phase, in milliseconds.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct TimingsReport {
+    /// The front end's start (the `gpucell` process's `main`, the daemon's receipt of
+    /// the request) to QEMU's spawn: gpucell's own time before the VM exists.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spawn: Option<u64>,
     pub image: u64,
     pub accel_select: u64,
     pub vm_start: u64,
@@ -146,6 +150,9 @@ pub struct RunReport {
     /// when it printed nothing).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub console_tail: Option<String>,
+    /// When QEMU was spawned (for the `spawn` phase).
+    #[serde(skip)]
+    pub spawned_at: Option<std::time::Instant>,
 }
 
 impl RunReport {
@@ -173,6 +180,19 @@ impl RunReport {
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
     }
+}
+
+/// Guest memory in a dry run: preallocated (with a passed device or `--hugepages`) or
+/// not, and the node's preallocation settings (`[run] prealloc_threads`,
+/// `hugepage_size`); the backend itself is in `qemu_args`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DryRunMemory {
+    pub preallocated: bool,
+    pub prealloc_threads: Option<u32>,
+    pub hugepage_size: gpucell_sandbox::memory::HugepageSize,
+    /// The `-object memory-backend-...` argument, when preallocated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
 }
 
 /// The accelerator and guest a dry run would use.
@@ -210,6 +230,8 @@ pub struct DryRunReport {
     pub driver: Option<crate::driver_select::DriverSection>,
     pub cpus: u32,
     pub memory_mib: u64,
+    /// How guest memory would be backed.
+    pub memory: DryRunMemory,
     pub channel: ChannelKind,
     /// The devices that would be taken.
     pub devices: Vec<DryRunDevice>,

@@ -58,6 +58,19 @@ pub fn run(node: &Node, request: RunRequest, io: SessionIo, obs: &mut dyn Observ
     run_with_rootfs(node, request, &RootfsSource::Image, io, obs)
 }
 
+/// [`run()`] for a front end that started at `started` (the `gpucell` process's first
+/// instant): the report's `spawn` phase counts from there, and `total` still from the
+/// run's own start.
+pub fn run_since(
+    node: &Node,
+    request: RunRequest,
+    io: SessionIo,
+    obs: &mut dyn Observer,
+    started: Instant,
+) -> RunReport {
+    run_from(node, request, &RootfsSource::Image, io, obs, started)
+}
+
 /// [`run()`] with the root filesystem taken from `source`: the image store for
 /// [`RootfsSource::Image`], or a prepared directory (the containerd shim's bundle rootfs).
 pub fn run_with_rootfs(
@@ -67,6 +80,17 @@ pub fn run_with_rootfs(
     io: SessionIo,
     obs: &mut dyn Observer,
 ) -> RunReport {
+    run_from(node, request, source, io, obs, Instant::now())
+}
+
+fn run_from(
+    node: &Node,
+    request: RunRequest,
+    source: &RootfsSource,
+    io: SessionIo,
+    obs: &mut dyn Observer,
+    front_start: Instant,
+) -> RunReport {
     let start = Instant::now();
     let mut report = RunReport::new(&request.image);
     if let Err(failure) = run_steps(node, request, source, io, obs, &mut report, start) {
@@ -74,6 +98,9 @@ pub fn run_with_rootfs(
     }
     if let Some(t) = report.timings_ms.as_mut() {
         t.total = ms(start.elapsed());
+        if let Some(at) = report.spawned_at {
+            t.spawn = Some(ms(at.saturating_duration_since(front_start)));
+        }
     }
     obs.phase(Phase::Done);
     report
@@ -98,6 +125,7 @@ fn run_steps(
         req.request.devices.hugepages,
         req.request.devices.pin_cpus,
         req.device_wait,
+        node.memory,
     );
     let held = Held::acquire(node, &req.devices, setup, &id).map_err(RunFailure::Devices)?;
     if !held.setup.devices.is_empty() {
@@ -440,7 +468,9 @@ fn fill_outcome(report: &mut RunReport, timed: &Timed, start: Instant) {
     report.stdout_bytes = Some(o.stdout_bytes);
     report.stderr_bytes = Some(o.stderr_bytes);
     report.signals_forwarded = Some(o.signals_forwarded.clone());
+    report.spawned_at = o.spawned_at;
     report.timings_ms = Some(TimingsReport {
+        spawn: None,
         image: timed.image_ms,
         accel_select: timed.accel_ms,
         vm_start: t.vm_start_ms,

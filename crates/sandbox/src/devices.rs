@@ -123,6 +123,8 @@ pub struct DeviceSetup {
     pub devices: Vec<PassthroughDevice>,
     /// Back guest memory with hugepages (hugetlbfs).
     pub hugepages: bool,
+    /// Preallocation threads and page size of preallocated memory.
+    pub memory: crate::memory::MemoryOptions,
     /// Pin the vCPU threads to the devices' local CPUs.
     pub pin_cpus: bool,
     /// How long the agent waits for the functions to appear in the guest.
@@ -183,15 +185,18 @@ pub fn plan(
     host_root: &std::path::Path,
 ) -> Result<VmDevices, DevicesError> {
     let mut devices = wiring(&setup.devices)?;
+    let threads = setup.memory.prealloc_threads.unwrap_or(cpus);
     if setup.hugepages {
         devices.push(Device::Memory(crate::memory::hugepages_backend(
-            host_root, memory_mib, cpus,
+            host_root, memory_mib, threads,
         )?));
     } else if setup.preallocate() {
-        devices.push(Device::Memory(crate::memory::MemoryBackend::Ram {
-            size_mib: memory_mib,
-            threads: cpus,
-        }));
+        devices.push(Device::Memory(crate::memory::preallocated_backend(
+            host_root,
+            memory_mib,
+            threads,
+            setup.memory.hugepage_size,
+        )?));
     }
     let hole64 = hole64_size(&setup.devices);
     let phys_bits = hole64

@@ -1,5 +1,6 @@
 //! Guest memory: choosing the backend (preallocated RAM, since VFIO pins all guest
-//! memory at start anyway, or hugepages from a mounted hugetlbfs; rendered as
+//! memory at start anyway, from reserved hugepages when there are enough, or hugepages
+//! from a mounted hugetlbfs; rendered as
 //! [`MemoryBackend`] by [`crate::args`], which this module depends on and never the
 //! other way round), and waiting for a QEMU that preallocates before it answers QMP.
 
@@ -37,6 +38,164 @@ pub enum MemoryError {
         page_kib: u64,
         path: PathBuf,
     },
+    #[error("hugepage_size = \"{size}\": {memory_mib} MiB of guest memory needs {needed} pages but {free} are free ({path:?}); reserve them (vm.nr_hugepages, or hugepagesz={size} hugepages=N on the host's kernel command line), use a multiple of the page size, or set hugepage_size = \"auto\"")]
+    NotReserved {
+        size: HugepageSize,
+        memory_mib: u64,
+        needed: u64,
+        free: u64,
+        path: PathBuf,
+    },
+}
+
+/// The page size of preallocated guest memory (`[run] hugepage_size`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum HugepageSize {
+    /// The largest reserved hugepage size whose free pages cover the memory (1 GiB, then
+    /// 2 MiB), else 4 KiB pages.
+    #[default]
+    Auto,
+    /// 4 KiB pages (anonymous memory).
+    Small,
+    /// 2 MiB hugetlb pages, which must be reserved and free.
+    Huge2M,
+    /// 1 GiB hugetlb pages, which must be reserved and free.
+    Huge1G,
+}
+
+impl HugepageSize {
+    /// The hugetlb page size in KiB (`None` for `Auto` and 4 KiB pages).
+    pub fn hugetlb_kib(self) -> Option<u64> {
+        match self {
+            HugepageSize::Huge2M => Some(2048),
+            HugepageSize::Huge1G => Some(1024 * 1024),
+            HugepageSize::Auto | HugepageSize::Small => None,
+        }
+    }
+}
+
+impl std::str::FromStr for HugepageSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_uppercase().as_str() {
+            "AUTO" => Ok(HugepageSize::Auto),
+            "4K" => Ok(HugepageSize::Small),
+            "2M" => Ok(HugepageSize::Huge2M),
+            "1G" => Ok(HugepageSize::Huge1G),
+            _ => Err(format!(
+                "unknown hugepage size {s:?}: use auto, 4K, 2M or 1G"
+            )),
+        }
+    }
+}
+
+impl TryFrom<String> for HugepageSize {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<HugepageSize> for String {
+    fn from(h: HugepageSize) -> String {
+        h.to_string()
+    }
+}
+
+impl std::fmt::Display for HugepageSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HugepageSize::Auto => "auto",
+            HugepageSize::Small => "4K",
+            HugepageSize::Huge2M => "2M",
+            HugepageSize::Huge1G => "1G",
+        })
+    }
+}
+
+/// How preallocated guest memory is laid out: the node's `[run] prealloc_threads` and
+/// `hugepage_size`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MemoryOptions {
+    /// Threads that touch the pages (`None`: one per vCPU, as QEMU's `-mem-prealloc`).
+    pub prealloc_threads: Option<u32>,
+    pub hugepage_size: HugepageSize,
+}
+
+/// Most preallocation threads by default: zeroing pages is bound by memory bandwidth,
+/// which a few threads fill (bench/prealloc measures it).
+pub const MAX_DEFAULT_PREALLOC_THREADS: usize = 8;
+
+/// The default number of preallocation threads on a host of `host_cpus` CPUs: all of
+/// them up to [`MAX_DEFAULT_PREALLOC_THREADS`]. Preallocation runs before any vCPU does,
+/// so the host's CPUs count, not the guest's.
+pub fn default_prealloc_threads(host_cpus: usize) -> u32 {
+    u32::try_from(host_cpus.clamp(1, MAX_DEFAULT_PREALLOC_THREADS)).unwrap_or(1)
+}
+
+/// Free hugetlb pages of `page_kib` under `host_root` (0 when the pool does not exist),
+/// and the file they were read from.
+fn free_hugepages(host_root: &Path, page_kib: u64) -> (u64, PathBuf) {
+    let path = host_root.join(format!(
+        "sys/kernel/mm/hugepages/hugepages-{page_kib}kB/free_hugepages"
+    ));
+    let free = read_bounded(&path)
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    (free, path)
+}
+
+/// The preallocated backend for `memory_mib` of guest memory with `threads` threads:
+/// reserved hugetlb pages of the size asked (an error when too few are free or the
+/// memory is not a multiple of it), or under `Auto` of the largest size that fits, else
+/// 4 KiB pages.
+pub fn preallocated_backend(
+    host_root: &Path,
+    memory_mib: u64,
+    threads: u32,
+    size: HugepageSize,
+) -> Result<MemoryBackend, MemoryError> {
+    let memory_kib = memory_mib.saturating_mul(1024);
+    let fits = |page_kib: u64| {
+        let (free, path) = free_hugepages(host_root, page_kib);
+        let ok = memory_kib.is_multiple_of(page_kib) && free >= memory_kib / page_kib;
+        (ok, free, path)
+    };
+    let huge = |page_kib| MemoryBackend::HugeMemfd {
+        size_mib: memory_mib,
+        page_kib,
+        threads,
+    };
+    match size {
+        HugepageSize::Small => Ok(MemoryBackend::Ram {
+            size_mib: memory_mib,
+            threads,
+        }),
+        HugepageSize::Auto => Ok([1024 * 1024, 2048]
+            .into_iter()
+            .find(|&kib| fits(kib).0)
+            .map(huge)
+            .unwrap_or(MemoryBackend::Ram {
+                size_mib: memory_mib,
+                threads,
+            })),
+        HugepageSize::Huge2M | HugepageSize::Huge1G => {
+            let page_kib = size.hugetlb_kib().unwrap_or(2048);
+            let (ok, free, path) = fits(page_kib);
+            if !ok {
+                return Err(MemoryError::NotReserved {
+                    size,
+                    memory_mib,
+                    needed: memory_kib.div_ceil(page_kib),
+                    free,
+                    path,
+                });
+            }
+            Ok(huge(page_kib))
+        }
+    }
 }
 
 /// Time allowed per GiB of preallocated guest memory before QEMU answers QMP: pages
@@ -197,13 +356,7 @@ pub fn hugepages_backend(
         });
     }
     let needed = memory_kib / page_kib;
-    let free_path = host_root.join(format!(
-        "sys/kernel/mm/hugepages/hugepages-{page_kib}kB/free_hugepages"
-    ));
-    let free = read_bounded(&free_path)
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok())
-        .unwrap_or(0);
+    let (free, free_path) = free_hugepages(host_root, page_kib);
     if free < needed {
         return Err(MemoryError::NotEnough {
             needed,
@@ -290,5 +443,96 @@ mod tests {
                 threads: 2,
             }
         );
+    }
+
+    fn pools(free_2m: u64, free_1g: u64) -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        for (kib, free) in [(2048u64, free_2m), (1024 * 1024, free_1g)] {
+            let p = d
+                .path()
+                .join(format!("sys/kernel/mm/hugepages/hugepages-{kib}kB"));
+            std::fs::create_dir_all(&p).unwrap();
+            std::fs::write(p.join("free_hugepages"), format!("{free}\n")).unwrap();
+        }
+        d
+    }
+
+    #[test]
+    fn auto_picks_the_largest_reserved_page_that_fits() {
+        let huge = |size_mib, page_kib| MemoryBackend::HugeMemfd {
+            size_mib,
+            page_kib,
+            threads: 8,
+        };
+        let ram = |size_mib| MemoryBackend::Ram {
+            size_mib,
+            threads: 8,
+        };
+        let auto =
+            |root: &Path, mib| preallocated_backend(root, mib, 8, HugepageSize::Auto).unwrap();
+        // 4 GiB: four 1 GiB pages free win over 2 MiB ones.
+        let both = pools(4096, 4);
+        assert_eq!(auto(both.path(), 4096), huge(4096, 1024 * 1024));
+        // 5 GiB: not enough 1 GiB pages, enough 2 MiB ones.
+        assert_eq!(auto(both.path(), 5120), huge(5120, 2048));
+        let small_1g = pools(4096, 2);
+        assert_eq!(auto(small_1g.path(), 4096), huge(4096, 2048));
+        // 1.5 GiB is no multiple of 1 GiB.
+        assert_eq!(auto(both.path(), 1536), huge(1536, 2048));
+        // Nothing reserved (or no pool at all): 4 KiB pages.
+        assert_eq!(auto(pools(0, 0).path(), 4096), ram(4096));
+        assert_eq!(auto(Path::new("/nonexistent"), 4096), ram(4096));
+    }
+
+    #[test]
+    fn an_explicit_size_must_be_reserved() {
+        let root = pools(1024, 0);
+        assert_eq!(
+            preallocated_backend(root.path(), 2048, 3, HugepageSize::Huge2M).unwrap(),
+            MemoryBackend::HugeMemfd {
+                size_mib: 2048,
+                page_kib: 2048,
+                threads: 3
+            }
+        );
+        let e = preallocated_backend(root.path(), 4096, 3, HugepageSize::Huge2M).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                MemoryError::NotReserved {
+                    needed: 2048,
+                    free: 1024,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = preallocated_backend(root.path(), 1024, 3, HugepageSize::Huge1G).unwrap_err();
+        assert!(e.to_string().contains("hugepage_size = \"1G\""), "{e}");
+        assert!(e.to_string().contains("hugepagesz=1G"), "{e}");
+        assert_eq!(
+            preallocated_backend(root.path(), 2048, 3, HugepageSize::Small).unwrap(),
+            MemoryBackend::Ram {
+                size_mib: 2048,
+                threads: 3
+            }
+        );
+    }
+
+    #[test]
+    fn sizes_parse_and_threads_default_to_host_cpus_up_to_8() {
+        for (s, h) in [
+            ("auto", HugepageSize::Auto),
+            ("4K", HugepageSize::Small),
+            ("2m", HugepageSize::Huge2M),
+            ("1G", HugepageSize::Huge1G),
+        ] {
+            assert_eq!(s.parse::<HugepageSize>().unwrap(), h);
+            assert_eq!(h.to_string().parse::<HugepageSize>().unwrap(), h);
+        }
+        assert!("3M".parse::<HugepageSize>().is_err());
+        assert_eq!(default_prealloc_threads(0), 1);
+        assert_eq!(default_prealloc_threads(2), 2);
+        assert_eq!(default_prealloc_threads(128), 8);
     }
 }

@@ -112,13 +112,20 @@ impl RunDir {
     }
 
     /// Records `<gpucell pid> [<qemu pid>]` so a later run can clean up after a crash.
+    /// The file is replaced atomically (written aside, then renamed): a concurrent run's
+    /// [`sweep_stale`] must never read it empty, or it would take a live run for dead.
     pub fn record_owner(&self, qemu_pid: Option<u32>) -> Result<(), RunDirError> {
         let path = self.path.join(OWNER_FILE);
+        let tmp = self.path.join(format!("{OWNER_FILE}.new"));
         let mut text = std::process::id().to_string();
         if let Some(q) = qemu_pid {
             text.push_str(&format!(" {q}"));
         }
-        fs::write(&path, text).map_err(|source| RunDirError::Write { path, source })
+        fs::write(&tmp, text).map_err(|source| RunDirError::Write {
+            path: tmp.clone(),
+            source,
+        })?;
+        fs::rename(&tmp, &path).map_err(|source| RunDirError::Write { path, source })
     }
 }
 
@@ -150,8 +157,9 @@ pub fn sweep_stale(run_root: &Path) {
         let mut pids = owner
             .split_whitespace()
             .map(|p| p.parse::<i32>().unwrap_or(0));
+        // No owner pid (a file being written by an older gpucell): not known to be dead.
         let gpucell = pids.next().unwrap_or(0);
-        if alive(gpucell) {
+        if gpucell <= 0 || alive(gpucell) {
             continue;
         }
         if let Some(qemu) = pids.next().filter(|p| alive(*p)) {
@@ -191,9 +199,26 @@ mod tests {
         let live = state.path().join("run/alive");
         fs::create_dir_all(&live).unwrap();
         fs::write(live.join(OWNER_FILE), std::process::id().to_string()).unwrap();
-        let _d = RunDir::create(state.path(), "fresh").unwrap();
+        // An owner file caught empty (being written) is no proof of a dead run.
+        let writing = state.path().join("run/writing");
+        fs::create_dir_all(&writing).unwrap();
+        fs::write(writing.join(OWNER_FILE), "").unwrap();
+        let d = RunDir::create(state.path(), "fresh").unwrap();
         assert!(!stale.exists());
         assert!(live.exists());
+        assert!(writing.exists());
+        // Rewriting the owner leaves no temporary file and a whole record.
+        d.record_owner(Some(7)).unwrap();
+        let names: Vec<_> = fs::read_dir(d.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(names, [std::ffi::OsString::from(OWNER_FILE)]);
+        assert_eq!(
+            fs::read_to_string(d.path().join(OWNER_FILE)).unwrap(),
+            format!("{} 7", std::process::id())
+        );
     }
 
     #[test]

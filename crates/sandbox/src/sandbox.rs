@@ -236,6 +236,9 @@ pub struct RunOutcome {
     pub vcpu_pins: Vec<VcpuPin>,
     /// The NVIDIA driver bring-up of a driver flavour (GPUs, driver_ready_ms).
     pub driver: Option<gpucell_protocol::DriverReport>,
+    /// When QEMU was spawned (for the caller's own phase times).
+    #[serde(skip)]
+    pub spawned_at: Option<Instant>,
 }
 
 /// What a run would do, computed without doing any of it: see [`Sandbox::plan`].
@@ -863,5 +866,6 @@ fn outcome(
         pci_hole64_bytes: p.plan.input.devices.hole64,
         vcpu_pins: p.vcpu_pins,
         driver: report.driver.clone(),
+        spawned_at: Some(p.spawned_at),
     }
 }

@@ -63,6 +63,7 @@ fn setup(passed: Vec<PassthroughDevice>, hugepages: bool) -> DeviceSetup {
     DeviceSetup {
         devices: passed,
         hugepages,
+        memory: Default::default(),
         pin_cpus: false,
         wait: std::time::Duration::from_secs(10),
     }
@@ -240,8 +241,9 @@ fn memory_backends() {
     let err = devices::plan(&setup(vec![], true), Accel::Kvm, 4, 4096, few.path()).unwrap_err();
     assert!(err.to_string().contains("2048 pages"), "{err}");
 
-    // A generic device under TCG: preallocated RAM, its root port, no hole.
-    let ram = command(Accel::Tcg, 1024, &setup(vec![edu()], false), root.path());
+    // A generic device under TCG: preallocated RAM, its root port, no hole (too few
+    // reserved hugepages for 1 GiB, so 4 KiB pages).
+    let ram = command(Accel::Tcg, 1024, &setup(vec![edu()], false), few.path());
     check("prealloc", &ram);
     let args = ram.args();
     assert!(args.contains(
@@ -250,6 +252,16 @@ fn memory_backends() {
     assert!(args.contains(&"vfio-pci,host=0000:00:05.0,bus=rp0".to_string()));
     assert!(!args.iter().any(|a| a.contains("pci-hole64")));
     assert!(args.contains(&"max".to_string()));
+    // Enough reserved 2 MiB pages: `hugepage_size = "auto"` takes them, through a memfd,
+    // with the node's preallocation threads.
+    let mut huge_setup = setup(vec![edu()], false);
+    huge_setup.memory.prealloc_threads = Some(8);
+    let memfd = command(Accel::Tcg, 1024, &huge_setup, root.path());
+    check("prealloc-hugetlb", &memfd);
+    assert!(memfd.args().contains(
+        &"memory-backend-memfd,id=ram,size=1024M,hugetlb=on,hugetlbsize=2M,prealloc=on,prealloc-threads=8"
+            .to_string()
+    ));
     // Nothing passed, nothing asked: the VM is unchanged.
     let plain = devices::plan(&setup(vec![], false), Accel::Kvm, 1, 512, root.path()).unwrap();
     assert!(plain.devices.is_empty() && plain.cmdline.is_empty() && plain.hole64.is_none());

@@ -103,6 +103,7 @@ fn setup(devices: Vec<PassthroughDevice>, pin_cpus: bool) -> DeviceSetup {
     DeviceSetup {
         devices,
         hugepages: false,
+        memory: Default::default(),
         pin_cpus,
         wait: Duration::from_secs(10),
     }

@@ -206,7 +206,8 @@ pub fn run(global: &Global, args: RunArgs) -> anyhow::Result<u8> {
         return dry::run(global, &node, req);
     }
     let mut terminal = Terminal::default();
-    let report = gpucell_runtime::run(&node, req, session_io(), &mut terminal);
+    let started = *crate::PROCESS_START.get_or_init(std::time::Instant::now);
+    let report = gpucell_runtime::run_since(&node, req, session_io(), &mut terminal, started);
     if let Some(e) = terminal.install_error {
         eprintln!("warning: signals are not forwarded to the workload: {e}");
     }

@@ -61,6 +61,21 @@ fn text(r: &DryRunReport) -> String {
         &format!("{:?}", r.channel).to_lowercase(),
     );
     line(&mut out, "command", &r.spec.args.join(" "));
+    let m = &r.memory;
+    let threads = m
+        .prealloc_threads
+        .map_or("one per vCPU".to_string(), |t| t.to_string());
+    line(
+        &mut out,
+        "memory",
+        &match &m.backend {
+            Some(b) => format!("{} MiB, preallocated: {b}", r.memory_mib),
+            None => format!(
+                "{} MiB (preallocated only with a device: {threads} threads, pages {})",
+                r.memory_mib, m.hugepage_size
+            ),
+        },
+    );
     if r.devices.is_empty() {
         line(&mut out, "devices", "none");
     }
