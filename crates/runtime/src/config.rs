@@ -59,6 +59,9 @@ pub struct Config {
     /// exceptions (docs/network.md).
     #[serde(default)]
     pub network: gpucell_net::NetworkConfig,
+    /// The QEMU jail: on by default when gpucell runs as root (docs/security.md).
+    #[serde(default)]
+    pub jail: gpucell_sandbox::jail::JailConfig,
     /// Where the file was read from (`None`: defaults, no file).
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -121,6 +124,9 @@ impl Config {
         self.network
             .validate()
             .map_err(|(key, problem)| bad(key, problem))?;
+        self.jail
+            .validate()
+            .map_err(|(key, problem)| bad(key, problem))?;
         if let Some(q) = &self.run.qemu {
             if q.as_os_str().is_empty() {
                 return Err(bad("run.qemu", "must not be empty".into()));
@@ -165,6 +171,10 @@ mod tests {
         .unwrap();
         assert_eq!(c.image.fs_type, gpucell_image::FsType::Ext4);
         assert_eq!(c.image.limits.max_entries, 7);
+        assert!(c.jail.enabled, "the jail is on by default");
+        let c = Config::parse("[jail]\nenabled = false\nuids = [4000000, 4000099]\n", p).unwrap();
+        assert!(!c.jail.enabled);
+        assert_eq!(c.jail.uids, [4_000_000, 4_000_099]);
         for (text, needle) in [
             ("[run]\naccel = \"fast\"\n", "fast"),
             ("[run]\nguest = \"nvidia-999\"\n", "run.guest"),
@@ -183,6 +193,10 @@ mod tests {
                 "network.allow_cidrs",
             ),
             ("[image]\nlimits = { max_bytes = 0 }\n", "image"),
+            ("[jail]\nuids = [0, 10]\n", "jail.uids"),
+            ("[jail]\nuids = [20, 10]\n", "jail.uids"),
+            ("[jail]\nregistry = \"jail-uids\"\n", "jail.registry"),
+            ("[jail]\nenable = false\n", "enable"),
             (
                 "[image.registry]\nauth = { kind = \"basic\", username = \"u\" }\n",
                 "password",

@@ -65,7 +65,8 @@ pub fn dry_run(
     let network = crate::network::preview(node, &req, &id)?;
     let mut sandbox = Sandbox::with_id(config, id)
         .map_err(RunFailure::SandboxSetup)?
-        .with_devices(setup);
+        .with_devices(setup)
+        .with_jail(node.jail.clone());
     if let Some((n, w)) = &network {
         sandbox = sandbox.with_network(crate::network::layout(&n.plan), None);
         warnings.extend(w.iter().cloned());

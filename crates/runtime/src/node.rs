@@ -26,6 +26,8 @@ pub struct Node {
     pub store: gpucell_image::StoreOptions,
     /// Sandbox networks (`[network]` of the configuration file).
     pub network: gpucell_net::NetworkConfig,
+    /// The QEMU jail (`[jail]` of the configuration file).
+    pub jail: gpucell_sandbox::jail::JailConfig,
 }
 
 impl Node {
@@ -53,6 +55,7 @@ impl Node {
             process_root: PathBuf::from("/"),
             store: config.image.clone(),
             network: config.network.clone(),
+            jail: config.jail.clone(),
         }
     }
 }

@@ -349,7 +349,8 @@ fn run_sandbox(
     let config = vm_config(node, req, &p);
     let mut sandbox = Sandbox::with_id(config, sandbox_id.to_string())
         .map_err(RunFailure::SandboxSetup)?
-        .with_devices(held.setup.clone());
+        .with_devices(held.setup.clone())
+        .with_jail(node.jail.clone());
     // The network lives until QEMU is gone; dropping `net` removes its host side.
     let mut net = crate::network::set_up(node, req, sandbox_id)?;
     if let Some(n) = &net {
