@@ -86,7 +86,7 @@ fn two_concurrent_jailed_runs_get_their_own_uids_seccomp_and_no_capabilities() {
         let uid = status_field(pid, "Uid").unwrap();
         let first: u32 = uid.split(' ').next().unwrap().parse().unwrap();
         assert!((3_000_000..=3_065_535).contains(&first), "uid {uid}");
-        assert_eq!(uid, [first.to_string(); 4].join(" "));
+        assert_eq!(uid, vec![first.to_string(); 4].join(" "));
         for cap in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
             assert_eq!(
                 status_field(pid, cap).as_deref(),
@@ -144,7 +144,7 @@ fn two_concurrent_jailed_runs_get_their_own_uids_seccomp_and_no_capabilities() {
         std::thread::sleep(Duration::from_millis(200));
     }
     eprintln!(
-        "peak QEMU RSS (256 MiB guest, TCG): {} MiB",
+        "peak QEMU RSS (512 MiB guest, TCG): {} MiB",
         peak_rss / 1024
     );
     for child in [a, b] {
