@@ -665,7 +665,9 @@ impl Sandbox {
         for w in &plan.warnings {
             tracing::warn!("{w}");
         }
-        let dir = RunDir::create(&self.config.state_dir, &self.id).map_err(RunError::bare)?;
+        let jailed = self.active_jail().is_some();
+        let dir = RunDir::create_with_quota(&self.config.state_dir, &self.id, jailed)
+            .map_err(RunError::bare)?;
         let listener = self.open_channel(&mut plan).map_err(RunError::bare)?;
         let cmd = qemu_command(&plan.input).map_err(RunError::bare)?;
         let qmp_path = dir.socket(QMP_SOCKET).map_err(RunError::bare)?;

@@ -170,6 +170,27 @@ impl Cgroup {
         Ok(())
     }
 
+    /// Removes the cgroups of sandboxes `names` (crashed runs: their QEMU is gone),
+    /// wherever they are; a cgroup still in use stays (the kernel refuses).
+    pub fn remove_stale(fs: &dyn CgroupFs, root: &Path, names: &[String]) {
+        for name in names {
+            let v2 = root.join(PARENT).join(name);
+            let v1 = V1_CONTROLLERS
+                .iter()
+                .map(|c| root.join(c).join(PARENT).join(name));
+            for dir in std::iter::once(v2).chain(v1).filter(|d| fs.exists(d)) {
+                match fs.rmdir(&dir) {
+                    Ok(()) => {
+                        tracing::info!(dir = %dir.display(), "removed the cgroup of a crashed run")
+                    }
+                    Err(e) => {
+                        tracing::warn!(dir = %dir.display(), error = %e, "cannot remove the cgroup of a crashed run")
+                    }
+                }
+            }
+        }
+    }
+
     /// The `cgroup.procs` files the jailed child joins.
     pub fn procs_files(&self) -> &[PathBuf] {
         &self.procs
@@ -280,6 +301,14 @@ mod tests {
         drop(cg);
         assert!(!fs.exists(Path::new("/cg/memory/gpucell/abc")));
         assert!(!fs.exists(Path::new("/cg/pids/gpucell/abc")));
+        // A crashed run's cgroup (its guard never dropped) goes with remove_stale.
+        let cg = Cgroup::create(Box::new(fs.clone()), Path::new("/cg"), "old", LIMITS).unwrap();
+        std::mem::forget(cg);
+        assert!(fs.exists(Path::new("/cg/cpu/gpucell/old")));
+        Cgroup::remove_stale(&fs, Path::new("/cg"), &["old".to_string()]);
+        for c in V1_CONTROLLERS {
+            assert!(!fs.exists(&Path::new("/cg").join(c).join("gpucell/old")));
+        }
     }
 
     #[test]

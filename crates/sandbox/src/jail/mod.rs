@@ -288,9 +288,13 @@ pub fn prepare(
         .map_err(io_err(run_dir))?;
     let limits = CgroupLimits {
         memory_bytes: (cmd.resources.memory_mib + cfg.memory_overhead_mib) << 20,
-        cpus: cmd.resources.cpus,
+        // One CPU more than vCPUs for QEMU's main loop and I/O threads: throttled to
+        // exactly its vCPUs, a TCG guest's timer ticks come late enough that the
+        // kernel's IO-APIC timer check fails at boot.
+        cpus: cmd.resources.cpus + 1,
         pids: PIDS_BASE + u64::from(cmd.resources.cpus),
     };
+    Cgroup::remove_stale(&*cgroups, &cfg.cgroup_root, claim.reclaimed());
     let cgroup = Cgroup::create(cgroups, &cfg.cgroup_root, id, limits)?;
     let spec = JailSpec {
         view: view.clone(),

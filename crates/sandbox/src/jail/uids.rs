@@ -46,11 +46,19 @@ pub struct UidClaim {
     registry: PathBuf,
     uid: u32,
     owner: u32,
+    /// Sandboxes whose claims were taken back because their owner is gone (their
+    /// other leftovers, such as cgroups, can go too).
+    reclaimed: Vec<String>,
 }
 
 impl UidClaim {
     pub fn uid(&self) -> u32 {
         self.uid
+    }
+
+    /// The sandbox ids of the dead owners' claims this claim dropped.
+    pub fn reclaimed(&self) -> &[String] {
+        &self.reclaimed
     }
 }
 
@@ -90,8 +98,15 @@ pub fn claim(
         return Err(UidError::BadRange { first, last });
     }
     let owner = std::process::id();
+    let mut reclaimed = Vec::new();
     let uid = with_registry(registry, |claims| {
-        claims.retain(|c| alive(c.owner));
+        claims.retain(|c| {
+            let keep = alive(c.owner);
+            if !keep {
+                reclaimed.push(c.sandbox.clone());
+            }
+            keep
+        });
         let taken: std::collections::BTreeSet<u32> = claims.iter().map(|c| c.uid).collect();
         let uid = (first..=last)
             .find(|u| !taken.contains(u))
@@ -107,6 +122,7 @@ pub fn claim(
         registry: registry.to_path_buf(),
         uid,
         owner,
+        reclaimed,
     })
 }
 
@@ -222,6 +238,7 @@ mod tests {
         let dead = |pid| pid != 999_999;
         let e = claim(&reg, 5000, 5000, "e", &dead).unwrap();
         assert_eq!(e.uid(), 5000);
+        assert_eq!(e.reclaimed(), ["gone"]);
         drop((b, c, d));
         drop(e);
         assert!(claims(&reg).unwrap().is_empty());
