@@ -97,7 +97,7 @@ fn two_concurrent_jailed_runs_get_their_own_uids_seccomp_and_no_capabilities() {
         assert_eq!(status_field(pid, "NoNewPrivs").as_deref(), Some("1"));
         // pid 1 of its own pid namespace.
         assert_eq!(
-            status_field(pid, "NSpid").unwrap().split(' ').last(),
+            status_field(pid, "NSpid").unwrap().split(' ').next_back(),
             Some("1")
         );
         for ns in ["mnt", "pid", "ipc", "uts", "net"] {
@@ -117,6 +117,17 @@ fn two_concurrent_jailed_runs_get_their_own_uids_seccomp_and_no_capabilities() {
             "{root:?}"
         );
         let id = run_id(pid);
+        // The run directory is a small tmpfs of its own (its quota).
+        let run_dir = env.state.path().join("run").join(&id);
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+        let quota = mounts
+            .lines()
+            .find(|l| l.split(' ').nth(1) == Some(&*run_dir.to_string_lossy()))
+            .unwrap_or_else(|| panic!("{} is not a mount point", run_dir.display()));
+        assert!(
+            quota.starts_with("tmpfs ") && quota.contains("size=1024k"),
+            "{quota}"
+        );
         let claimed = std::fs::read_to_string(REGISTRY).unwrap();
         assert!(
             claimed.contains(&format!("{first} ")) && claimed.contains(&id),
@@ -153,6 +164,8 @@ fn two_concurrent_jailed_runs_get_their_own_uids_seccomp_and_no_capabilities() {
         assert_eq!(stdout(&out), "done\n");
     }
     env.assert_clean();
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(!mounts.contains(&needle), "mounts left: {mounts}");
     for id in &ids {
         for dir in cgroup_dirs(id) {
             assert!(!dir.exists(), "{} left behind", dir.display());
