@@ -133,6 +133,9 @@ fn enter(j: &Prepared) -> std::io::Result<()> {
         if pid > 0 {
             wait_and_mirror(pid);
         }
+        // At once: should the middle process die, so does this one (set again after
+        // the uid change, which clears it).
+        check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0))?;
         build_root(j)?;
         drop_privileges(j)
     }

@@ -65,6 +65,9 @@ pub struct JailConfig {
     pub cgroup_root: PathBuf,
     /// Memory QEMU may use beyond the guest's RAM, MiB (measured: BENCHMARKS.md).
     pub memory_overhead_mib: u64,
+    /// Refuse to run when `cgroup_root` holds no cgroup hierarchy; `false` (the
+    /// default) runs without limits and warns.
+    pub require_cgroups: bool,
 }
 
 impl Default for JailConfig {
@@ -75,6 +78,7 @@ impl Default for JailConfig {
             registry: PathBuf::from("/run/gpucell/jail-uids"),
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
             memory_overhead_mib: 512,
+            require_cgroups: false,
         }
     }
 }
@@ -212,17 +216,21 @@ pub fn qemu_view(
         devices.push("/dev/kvm".into());
     }
     let mut sysfs = false;
+    let mut vfio: Vec<PathBuf> = Vec::new();
     for d in &cmd.devices {
         match d {
             Device::VhostVsock { .. } => devices.push("/dev/vhost-vsock".into()),
             Device::TapNetdev { vhost: true, .. } => devices.push("/dev/vhost-net".into()),
             Device::VfioPci { host, .. } => {
+                // A function with no IOMMU group (no VFIO here, a fake host) gets no
+                // node: QEMU then refuses it itself, naming it.
                 let link = Path::new("/sys/bus/pci/devices")
                     .join(host)
                     .join("iommu_group");
-                let group = std::fs::read_link(&link).map_err(io_err(&link))?;
-                let n = group.file_name().map(PathBuf::from).unwrap_or_default();
-                devices.push(Path::new("/dev/vfio").join(n));
+                let group = std::fs::read_link(&link).ok();
+                if let Some(n) = group.as_deref().and_then(Path::file_name) {
+                    vfio.push(Path::new("/dev/vfio").join(n));
+                }
                 sysfs = true;
             }
             Device::Memory(MemoryBackend::HugePages { mem_path, .. }) => {
@@ -233,9 +241,10 @@ pub fn qemu_view(
     }
     if sysfs {
         // QEMU reads the passed function's sysfs (its IOMMU group link, resources).
-        devices.push("/dev/vfio/vfio".into());
+        vfio.push("/dev/vfio/vfio".into());
         v.add("/sys", EntryKind::Dir, false);
     }
+    devices.extend(vfio.into_iter().filter(|n| n.exists()));
     devices.sort();
     devices.dedup();
     for d in devices {
@@ -295,7 +304,18 @@ pub fn prepare(
         pids: PIDS_BASE + u64::from(cmd.resources.cpus),
     };
     Cgroup::remove_stale(&*cgroups, &cfg.cgroup_root, claim.reclaimed());
-    let cgroup = Cgroup::create(cgroups, &cfg.cgroup_root, id, limits)?;
+    let cgroup = match Cgroup::create(cgroups, &cfg.cgroup_root, id, limits) {
+        Ok(c) => Some(c),
+        // A mount namespace without cgroups (`ip netns exec` remounts /sys).
+        Err(cgroup::CgroupError::NoHierarchy(root)) if !cfg.require_cgroups => {
+            tracing::warn!(
+                "no cgroup hierarchy under {}: QEMU runs without memory, cpu and pids limits ([jail] require_cgroups)",
+                root.display()
+            );
+            None
+        }
+        Err(e) => return Err(e.into()),
+    };
     let spec = JailSpec {
         view: view.clone(),
         uid,
@@ -303,7 +323,10 @@ pub fn prepare(
         new_net: true,
         hostname: "gpucell".into(),
         staging,
-        cgroup_procs: cgroup.procs_files().to_vec(),
+        cgroup_procs: cgroup
+            .as_ref()
+            .map(|c| c.procs_files().to_vec())
+            .unwrap_or_default(),
     };
     Ok(QemuJail {
         prepared: Prepared::new(&spec)?,
@@ -312,10 +335,7 @@ pub fn prepare(
             gid: uid,
             seccomp: cmd.seccomp.is_some(),
         },
-        resources: JailResources {
-            cgroup: Some(cgroup),
-            uid: claim,
-        },
+        resources: JailResources { cgroup, uid: claim },
         view,
     })
 }
