@@ -1,5 +1,6 @@
 //! The shared libraries a binary loads, so the jail can show exactly those: asked of
-//! `ldd` (the only process this touches), behind [`Libraries`] so tests pass a fake.
+//! `ldd`, or of the dynamic loader's `--list` where there is no `ldd` (the only
+//! processes this starts), behind [`Libraries`] so tests pass a fake.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -18,6 +19,9 @@ pub enum LibsError {
     Missing { binary: PathBuf, line: String },
 }
 
+/// The x86-64 dynamic loader, asked with `--list` where there is no `ldd`.
+const LOADER: &str = "/lib64/ld-linux-x86-64.so.2";
+
 /// Finds the libraries a binary or module loads.
 pub trait Libraries {
     fn of(&self, binary: &Path) -> Result<Vec<PathBuf>, LibsError>;
@@ -29,13 +33,18 @@ pub struct Ldd;
 
 impl Libraries for Ldd {
     fn of(&self, binary: &Path) -> Result<Vec<PathBuf>, LibsError> {
-        let out = Command::new("ldd")
-            .arg(binary)
-            .output()
-            .map_err(|source| LibsError::Run {
-                binary: binary.to_path_buf(),
-                source,
-            })?;
+        // ldd is the loader's `--list`; a host without ldd (a minimal initramfs, such
+        // as the nested test host's) still has the loader.
+        let out = match Command::new("ldd").arg(binary).output() {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Command::new(LOADER).arg("--list").arg(binary).output()
+            }
+            other => other,
+        }
+        .map_err(|source| LibsError::Run {
+            binary: binary.to_path_buf(),
+            source,
+        })?;
         if !out.status.success() {
             return Err(LibsError::Failed {
                 binary: binary.to_path_buf(),
