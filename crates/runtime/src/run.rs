@@ -361,6 +361,9 @@ fn run_sandbox(
         let tap = n.tap_for_qemu().map_err(RunFailure::Network)?;
         sandbox = sandbox.with_network(crate::network::layout(&n.plan), tap);
     }
+    if let Some(w) = gpucell_sandbox::jail::unjailed_warning(&node.jail) {
+        obs.warning(&w);
+    }
     obs.phase(Phase::Sandbox);
     obs.sandbox_starting(sandbox.events());
     let outcome = sandbox.run(&spec, io);

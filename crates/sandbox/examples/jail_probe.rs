@@ -107,4 +107,9 @@ fn main() {
     for p in paths {
         println!("path {p}");
     }
+    // Stay until the test closes stdin, so that it can look at the jail from outside.
+    if std::env::var_os("JAIL_PROBE_HOLD").is_some() {
+        let mut line = String::new();
+        let _ = std::io::stdin().read_line(&mut line);
+    }
 }

@@ -276,9 +276,6 @@ pub struct Plan {
     pub input: CommandInput,
 }
 
-const UNJAILED_WARNING: &str =
-    "gpucell is not running as root: QEMU runs unjailed, as this user ([jail] in the configuration)";
-
 const NO_SECCOMP_WARNING: &str = "this QEMU has no seccomp support (-sandbox); running without it";
 
 /// How QEMU's capabilities are found: cached and written back for a run, read only for
@@ -478,9 +475,7 @@ impl Sandbox {
         let mut warnings: Vec<String> = vm_devices.warning.iter().cloned().collect();
         let (run_as, seccomp) = self.privileges(detect, &mut warnings)?;
         let jailed = self.active_jail().is_some();
-        if self.jail.as_ref().is_some_and(|j| j.enabled) && !jailed {
-            warnings.push(UNJAILED_WARNING.to_string());
-        }
+        warnings.extend(self.jail.as_ref().and_then(crate::jail::unjailed_warning));
         let input = CommandInput {
             qemu: cfg.qemu.clone(),
             name: format!("gpucell-{}", self.id),

@@ -82,11 +82,27 @@ impl Probe {
 fn run(spec: &JailSpec, args: &[&Path]) -> Probe {
     let mut cmd = Command::new(probe());
     cmd.args(args)
-        .stdin(Stdio::null())
+        .env("JAIL_PROBE_HOLD", "1")
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     install(&mut cmd, Prepared::new(spec).unwrap());
-    let out = cmd.output().unwrap();
+    let mut child = cmd.spawn().unwrap();
+    // The process spawned is the jail's waiting child, named as such.
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", child.id())).unwrap();
+    let shown = String::from_utf8_lossy(&cmdline);
+    assert_eq!(shown.trim_end_matches('\0'), "gpucell-jail", "{shown:?}");
+    let comm = std::fs::read_to_string(format!("/proc/{}/comm", child.id())).unwrap();
+    assert_eq!(comm.trim(), "gpucell-jail");
+    drop(child.stdin.take());
+    let mut stdout = Vec::new();
+    std::io::Read::read_to_end(&mut child.stdout.take().unwrap(), &mut stdout).unwrap();
+    let status = child.wait().unwrap();
+    let out = std::process::Output {
+        status,
+        stdout,
+        stderr: Vec::new(),
+    };
     Probe {
         lines: String::from_utf8(out.stdout)
             .unwrap()

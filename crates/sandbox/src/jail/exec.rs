@@ -66,6 +66,8 @@ pub struct Prepared {
     gid: libc::gid_t,
     flags: libc::c_int,
     cgroup_procs: Vec<CString>,
+    /// This process's command line area, which the middle process overwrites.
+    args: Option<(usize, usize)>,
 }
 
 fn cs(s: &str) -> Result<CString, JailError> {
@@ -97,6 +99,7 @@ impl Prepared {
                 .iter()
                 .map(|p| cpath(p))
                 .collect::<Result<_, _>>()?,
+            args: own_args_area(),
         })
     }
 }
@@ -131,7 +134,7 @@ fn enter(j: &Prepared) -> std::io::Result<()> {
         let pid = libc::fork();
         check(pid)?;
         if pid > 0 {
-            wait_and_mirror(pid);
+            wait_and_mirror(pid, j.args);
         }
         // At once: should the middle process die, so does this one (set again after
         // the uid change, which clears it).
@@ -155,11 +158,47 @@ fn join_cgroup(procs: &CString) -> std::io::Result<()> {
     Ok(())
 }
 
+/// What the middle process shows as its command line and name.
+const TITLE: &[u8] = b"gpucell-jail";
+
+/// Where this process's command line lies in its memory (`arg_start`, `arg_end` of
+/// `/proc/self/stat`): a forked child has it at the same place.
+fn own_args_area() -> Option<(usize, usize)> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name, which may hold spaces: field 3 is the first.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    let start = fields.get(48 - 3)?.parse().ok()?;
+    let end = fields.get(49 - 3)?.parse().ok()?;
+    (end > start).then_some((start, end))
+}
+
+/// Names the middle process `gpucell-jail` (`comm`, and its command line written over
+/// the one it inherited), so that it is not taken for the gpucell, shim or daemon it
+/// was forked from: it never execs.
+fn rename_self(args: Option<(usize, usize)>) {
+    // SAFETY: prctl on a static string; the command line area is this process's own
+    // memory (a copy after the fork), which nothing reads again.
+    unsafe {
+        let mut name = [0u8; 16];
+        name[..TITLE.len()].copy_from_slice(TITLE);
+        libc::prctl(libc::PR_SET_NAME, name.as_ptr(), 0, 0, 0);
+        if let Some((start, end)) = args {
+            let area = start as *mut u8;
+            std::ptr::write_bytes(area, 0, end - start);
+            let n = TITLE.len().min(end - start - 1);
+            std::ptr::copy_nonoverlapping(TITLE.as_ptr(), area, n);
+        }
+    }
+}
+
 /// The middle process: keeps nothing open but stdio, waits for the jailed program and
 /// ends the same way. Never returns.
-fn wait_and_mirror(pid: libc::pid_t) -> ! {
+fn wait_and_mirror(pid: libc::pid_t, args: Option<(usize, usize)>) -> ! {
     // SAFETY: system calls between fork and exec on prepared data; see `install`.
     unsafe {
+        // Before closing the spawn's error pipe: once `spawn` returns, the name is set.
+        rename_self(args);
         if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) != 0 {
             for fd in 3..4096 {
                 libc::close(fd);

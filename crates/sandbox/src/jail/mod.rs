@@ -105,6 +105,14 @@ impl JailConfig {
     }
 }
 
+/// What a run says when the jail is enabled but gpucell is not root (so QEMU runs
+/// unjailed, as the caller); `None` when the jail applies or is turned off.
+pub fn unjailed_warning(cfg: &JailConfig) -> Option<String> {
+    (cfg.enabled && !nix::unistd::Uid::effective().is_root()).then(|| {
+        "gpucell is not running as root: QEMU runs unjailed, as this user ([jail] in the configuration)".to_string()
+    })
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum JailSetupError {
     #[error(transparent)]
