@@ -101,6 +101,10 @@ impl Cgroup {
             }
         };
         let quota = u64::from(limits.cpus.max(1)) * CPU_PERIOD_US;
+        // The group's weight is that of as many busy tasks as CPUs it may use (as
+        // QEMU's threads would have outside a group), not that of a single task.
+        let shares = 1024 * u64::from(limits.cpus.max(1));
+        let weight = (100 * u64::from(limits.cpus.max(1))).min(10_000);
         if cg.fs.exists(&root.join("cgroup.controllers")) {
             let parent = root.join(PARENT);
             cg.fs.mkdir(&parent).map_err(io("mkdir", &parent))?;
@@ -117,6 +121,7 @@ impl Cgroup {
                 ("memory.max", limits.memory_bytes.to_string()),
                 ("memory.swap.max", "0".to_string()),
                 ("cpu.max", format!("{quota} {CPU_PERIOD_US}")),
+                ("cpu.weight", weight.to_string()),
                 ("pids.max", limits.pids.to_string()),
             ];
             cg.apply(&dir, &settings, root)?;
@@ -137,6 +142,7 @@ impl Cgroup {
                 "cpu" => vec![
                     ("cpu.cfs_period_us", CPU_PERIOD_US.to_string()),
                     ("cpu.cfs_quota_us", quota.to_string()),
+                    ("cpu.shares", shares.to_string()),
                 ],
                 _ => vec![("pids.max", limits.pids.to_string())],
             };
@@ -297,6 +303,10 @@ mod tests {
             Some("100000")
         );
         assert_eq!(get("/cg/pids/gpucell/abc/pids.max").as_deref(), Some("130"));
+        assert_eq!(
+            get("/cg/cpu/gpucell/abc/cpu.shares").as_deref(),
+            Some("2048")
+        );
         assert_eq!(cg.procs_files().len(), 3);
         drop(cg);
         assert!(!fs.exists(Path::new("/cg/memory/gpucell/abc")));
@@ -335,6 +345,7 @@ mod tests {
             get("/cg/gpucell/abc/cpu.max").as_deref(),
             Some("200000 100000")
         );
+        assert_eq!(get("/cg/gpucell/abc/cpu.weight").as_deref(), Some("200"));
         assert_eq!(get("/cg/gpucell/abc/pids.max").as_deref(), Some("130"));
         assert_eq!(
             cg.procs_files(),
