@@ -174,3 +174,63 @@ fn two_concurrent_jailed_runs_get_their_own_uids_seccomp_and_no_capabilities() {
         assert!(!claimed.contains(id.as_str()), "uid claim left: {claimed}");
     }
 }
+
+#[test]
+fn a_killed_gpucells_jail_is_cleaned_up_by_the_next_run() {
+    let euid = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|t| {
+            t.lines().find_map(|l| {
+                l.strip_prefix("Uid:")
+                    .map(|v| v.split_whitespace().nth(1).map(str::to_string))
+            })
+        })
+        .flatten();
+    if euid.as_deref() != Some("0") {
+        eprintln!("skipping: the jail needs root");
+        return;
+    }
+    let Some(env) = vm_env() else { return };
+    let mut child = env
+        .run_cmd(&[&env.image, "--", "sleep", "60"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let needle = env.state.path().to_string_lossy().to_string();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let pid = loop {
+        let pids = qemu_processes_mentioning(&needle);
+        if let Some(p) = pids
+            .first()
+            .filter(|p| status_field(**p, "Seccomp").as_deref() == Some("2"))
+        {
+            break *p;
+        }
+        assert!(Instant::now() < deadline, "no jailed QEMU");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let id = run_id(pid);
+    common::kill("KILL", child.id());
+    let _ = child.wait();
+    // QEMU follows (parent-death signal of the jail's waiting child, then its own).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !qemu_processes_mentioning(&needle).is_empty() {
+        assert!(Instant::now() < deadline, "QEMU outlived its gpucell");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let claimed = std::fs::read_to_string(REGISTRY).unwrap_or_default();
+    assert!(claimed.contains(&id), "the killed run's claim: {claimed}");
+    // The next run sweeps the run directory (and its quota mount), takes the dead
+    // owner's uid claim back and removes its cgroup.
+    let out = env.run(&[&env.image, "--", "true"]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(!mounts.contains(&needle), "mounts left: {mounts}");
+    let claimed = std::fs::read_to_string(REGISTRY).unwrap_or_default();
+    assert!(!claimed.contains(&id), "uid claim left: {claimed}");
+    for dir in cgroup_dirs(&id) {
+        assert!(!dir.exists(), "{} left behind", dir.display());
+    }
+}
