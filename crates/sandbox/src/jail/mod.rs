@@ -412,6 +412,36 @@ mod tests {
     }
 
     #[test]
+    fn a_passed_function_brings_sysfs_and_only_the_vfio_nodes_that_exist() {
+        let input = CommandInput::bare(
+            "/opt/q/qemu".into(),
+            "gpucell-x".into(),
+            Accel::Tcg,
+            "/s/vmlinux".into(),
+            "/s/initrd".into(),
+        );
+        let mut cmd = qemu_command(&input).unwrap();
+        // No such function: no IOMMU group, so no group node (QEMU refuses it itself).
+        cmd.devices.push(Device::VfioPci {
+            host: "0000:ff:1f.7".into(),
+            bus: "rp0".into(),
+        });
+        let view = qemu_view(&cmd, Path::new("/s/run/x"), &FakeLibs).unwrap();
+        let sys = view.entries().iter().find(|e| e.jail == Path::new("/sys"));
+        assert!(sys.is_some_and(|e| !e.writable && e.kind == EntryKind::Dir));
+        let vfio: Vec<_> = view
+            .entries()
+            .iter()
+            .filter(|e| e.jail.starts_with("/dev/vfio"))
+            .map(|e| e.jail.clone())
+            .collect();
+        assert!(
+            vfio.iter().all(|p| p == Path::new("/dev/vfio/vfio")),
+            "{vfio:?}"
+        );
+    }
+
+    #[test]
     fn config_values_are_checked() {
         let ok = JailConfig::default();
         ok.validate().unwrap();
