@@ -66,6 +66,9 @@ pub struct Config {
     /// exceptions (docs/network.md).
     #[serde(default)]
     pub network: gpucell_net::NetworkConfig,
+    /// The QEMU jail: on by default when gpucell runs as root (docs/security.md).
+    #[serde(default)]
+    pub jail: gpucell_sandbox::jail::JailConfig,
     /// Where the file was read from (`None`: defaults, no file).
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -136,6 +139,9 @@ impl Config {
                 ));
             }
         }
+        self.jail
+            .validate()
+            .map_err(|(key, problem)| bad(key, problem))?;
         if let Some(q) = &self.run.qemu {
             if q.as_os_str().is_empty() {
                 return Err(bad("run.qemu", "must not be empty".into()));
@@ -186,6 +192,10 @@ mod tests {
             c.run.hugepage_size,
             Some(gpucell_sandbox::memory::HugepageSize::Huge1G)
         );
+        assert!(c.jail.enabled, "the jail is on by default");
+        let c = Config::parse("[jail]\nenabled = false\nuids = [4000000, 4000099]\n", p).unwrap();
+        assert!(!c.jail.enabled);
+        assert_eq!(c.jail.uids, [4_000_000, 4_000_099]);
         for (text, needle) in [
             ("[run]\nprealloc_threads = 0\n", "run.prealloc_threads"),
             ("[run]\nhugepage_size = \"3M\"\n", "auto, 4K, 2M or 1G"),
@@ -206,6 +216,10 @@ mod tests {
                 "network.allow_cidrs",
             ),
             ("[image]\nlimits = { max_bytes = 0 }\n", "image"),
+            ("[jail]\nuids = [0, 10]\n", "jail.uids"),
+            ("[jail]\nuids = [20, 10]\n", "jail.uids"),
+            ("[jail]\nregistry = \"jail-uids\"\n", "jail.registry"),
+            ("[jail]\nenable = false\n", "enable"),
             (
                 "[image.registry]\nauth = { kind = \"basic\", username = \"u\" }\n",
                 "password",

@@ -67,7 +67,8 @@ pub fn dry_run(
     let preallocated = setup.preallocate();
     let mut sandbox = Sandbox::with_id(config, id)
         .map_err(RunFailure::SandboxSetup)?
-        .with_devices(setup);
+        .with_devices(setup)
+        .with_jail(node.jail.clone());
     if let Some((n, w)) = &network {
         sandbox = sandbox.with_network(crate::network::layout(&n.plan), None);
         warnings.extend(w.iter().cloned());

@@ -29,6 +29,8 @@ pub struct Node {
     /// Preallocation threads and page size of preallocated guest memory (`[run]
     /// prealloc_threads`, default all host CPUs up to 8; `[run] hugepage_size`).
     pub memory: gpucell_sandbox::memory::MemoryOptions,
+    /// The QEMU jail (`[jail]` of the configuration file).
+    pub jail: gpucell_sandbox::jail::JailConfig,
 }
 
 impl Node {
@@ -64,6 +66,7 @@ impl Node {
                 })),
                 hugepage_size: config.run.hugepage_size.unwrap_or_default(),
             },
+            jail: config.jail.clone(),
         }
     }
 }

@@ -377,7 +377,8 @@ fn run_sandbox(
     let config = vm_config(node, req, &p);
     let mut sandbox = Sandbox::with_id(config, sandbox_id.to_string())
         .map_err(RunFailure::SandboxSetup)?
-        .with_devices(held.setup.clone());
+        .with_devices(held.setup.clone())
+        .with_jail(node.jail.clone());
     // The network lives until QEMU is gone; dropping `net` removes its host side.
     let mut net = crate::network::set_up(node, req, sandbox_id)?;
     if let Some(n) = &net {
@@ -387,6 +388,9 @@ fn run_sandbox(
         report.network = Some(crate::network::report(n));
         let tap = n.tap_for_qemu().map_err(RunFailure::Network)?;
         sandbox = sandbox.with_network(crate::network::layout(&n.plan), tap);
+    }
+    if let Some(w) = gpucell_sandbox::jail::unjailed_warning(&node.jail) {
+        obs.warning(&w);
     }
     obs.phase(Phase::Sandbox);
     obs.sandbox_starting(sandbox.events());

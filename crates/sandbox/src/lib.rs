@@ -11,6 +11,8 @@
 //! - [`accel`]: KVM/TCG selection by probe boot, cached.
 //! - [`spec`]: docker's rules from image config and flags to the agent's run request.
 //! - [`devices`]: PCI passthrough wiring, 64-bit hole sizing, vCPU pinning.
+//! - [`jail`]: the jailed QEMU (namespaces, own root, own uid, no capabilities,
+//!   cgroup limits, seccomp checked).
 //! - [`memory`]: preallocated and hugepage guest memory.
 //! - [`sandbox`]: the whole lifecycle of one VM.
 
@@ -24,6 +26,7 @@ pub mod channel;
 pub mod command;
 pub mod console;
 pub mod devices;
+pub mod jail;
 pub mod memory;
 pub mod process;
 pub mod qmp;

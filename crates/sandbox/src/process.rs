@@ -28,6 +28,8 @@ pub enum ProcessError {
     },
     #[error("cannot start the watchdog that kills QEMU if gpucell dies")]
     Watchdog(#[source] std::io::Error),
+    #[error(transparent)]
+    Jail(#[from] crate::jail::status::StatusError),
     #[error("waiting for QEMU (pid {pid}) failed")]
     Wait {
         pid: u32,
@@ -68,7 +70,13 @@ pub fn memlock_limit(cmd: &QemuCommand) -> Option<libc::rlim_t> {
 pub struct QemuProcess {
     child: Child,
     watchdog: Option<Watchdog>,
+    /// The child gpucell spawned: QEMU itself, or in a jail the process that waits
+    /// for it (and leads the process group).
+    leader: u32,
+    /// QEMU's own pid (in the jail, pid 1 of its pid namespace).
     pid: u32,
+    /// What the jail holds (cgroup, uid), released after QEMU is reaped.
+    jail: Option<(crate::jail::JailResources, crate::jail::status::Expected)>,
     exited: Option<ExitStatus>,
     console: Capture,
     stderr: Capture,
@@ -90,6 +98,16 @@ impl QemuProcess {
         cmd: &QemuCommand,
         console_marker: Option<&[u8]>,
         fds: &[(std::os::fd::BorrowedFd<'_>, i32)],
+    ) -> Result<QemuProcess, ProcessError> {
+        Self::spawn_jailed(cmd, console_marker, fds, None)
+    }
+
+    /// [`QemuProcess::spawn_with_fds`], in `jail` when given (see [`crate::jail`]).
+    pub fn spawn_jailed(
+        cmd: &QemuCommand,
+        console_marker: Option<&[u8]>,
+        fds: &[(std::os::fd::BorrowedFd<'_>, i32)],
+        jail: Option<crate::jail::QemuJail>,
     ) -> Result<QemuProcess, ProcessError> {
         let pass: Vec<(i32, i32)> = fds
             .iter()
@@ -140,11 +158,20 @@ impl QemuProcess {
                 Ok(())
             });
         }
+        let jail = jail.map(|j| {
+            crate::jail::exec::install(&mut command, j.prepared);
+            (j.resources, j.expected)
+        });
         let mut child = command.spawn().map_err(|source| ProcessError::Spawn {
             binary: cmd.binary.clone(),
             source,
         })?;
         let pid = child.id();
+        let vm_pid = if jail.is_some() {
+            jailed_child(pid).unwrap_or(pid)
+        } else {
+            pid
+        };
         // A uid change (-runas) clears the parent-death signal: a watchdog covers it.
         let watchdog = if cmd.run_as.is_some() {
             match Watchdog::spawn(pid) {
@@ -169,7 +196,9 @@ impl QemuProcess {
         Ok(QemuProcess {
             child,
             watchdog,
-            pid,
+            leader: pid,
+            pid: vm_pid,
+            jail,
             exited: None,
             console,
             stderr,
@@ -177,8 +206,26 @@ impl QemuProcess {
         })
     }
 
+    /// QEMU's pid (its threads are under `/proc/<pid>/task`).
     pub fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// The uid and cgroup of a jailed QEMU.
+    pub fn jail(&self) -> Option<&crate::jail::JailResources> {
+        self.jail.as_ref().map(|(r, _)| r)
+    }
+
+    /// Checks that a jailed QEMU is confined as promised (seccomp in force, no
+    /// capabilities, no new privileges, its own uid), from `/proc/<pid>/status`. QEMU
+    /// installs its seccomp filter while parsing its options: call this once its
+    /// monitor answers. Nothing to check without a jail.
+    pub fn check_jail(&self) -> Result<(), ProcessError> {
+        let Some((_, expected)) = &self.jail else {
+            return Ok(());
+        };
+        let path = std::path::PathBuf::from(format!("/proc/{}/status", self.pid));
+        Ok(crate::jail::status::check_file(&path, *expected)?)
     }
 
     pub fn started(&self) -> Instant {
@@ -199,7 +246,7 @@ impl QemuProcess {
     pub fn try_wait(&mut self) -> Result<Option<ExitStatus>, ProcessError> {
         if self.exited.is_none() {
             self.exited = self.child.try_wait().map_err(|source| ProcessError::Wait {
-                pid: self.pid,
+                pid: self.leader,
                 source,
             })?;
         }
@@ -228,11 +275,11 @@ impl QemuProcess {
             w.disarm();
         }
         if self.exited.is_none() {
-            let _ = kill(Pid::from_raw(-(self.pid as i32)), Signal::SIGKILL);
+            let _ = kill(Pid::from_raw(-(self.leader as i32)), Signal::SIGKILL);
             let _ = self.child.kill();
             match self.child.wait() {
                 Ok(s) => self.exited = Some(s),
-                Err(e) => tracing::warn!(pid = self.pid, error = %e, "could not reap QEMU"),
+                Err(e) => tracing::warn!(pid = self.leader, error = %e, "could not reap QEMU"),
             }
         }
         self.exited
@@ -243,6 +290,14 @@ impl Drop for QemuProcess {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The one child of `pid` (a jailed QEMU, forked by the process gpucell spawned
+/// before that exec'd it, so it exists once `spawn` returns).
+fn jailed_child(pid: u32) -> Option<u32> {
+    let path = format!("/proc/{pid}/task/{pid}/children");
+    let text = std::fs::read_to_string(path).ok()?;
+    text.split_whitespace().next()?.parse().ok()
 }
 
 /// Kills QEMU's process group when gpucell dies without cleaning up (SIGKILL, crash).

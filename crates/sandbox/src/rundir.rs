@@ -34,6 +34,12 @@ pub enum RunDirError {
     },
     #[error("socket path {0:?} is longer than the {MAX_SOCKET_PATH} bytes unix sockets allow; use a shorter --state-dir")]
     SocketPathTooLong(PathBuf),
+    #[error("cannot mount the quota tmpfs on the run directory {path:?}")]
+    Quota {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot read random bytes for a run id from /dev/urandom")]
     Random(#[source] std::io::Error),
 }
@@ -62,16 +68,36 @@ pub fn socket_path(dir: &Path, name: &str) -> Result<PathBuf, RunDirError> {
     Ok(p)
 }
 
+/// Size of the tmpfs a jailed run's directory is (it holds two sockets, the owner
+/// file and the jail's empty staging directory).
+pub const QUOTA_BYTES: u64 = 1 << 20;
+/// Inodes of that tmpfs.
+const QUOTA_INODES: u32 = 64;
+
 /// Owns `<state>/run/<id>/`; removes it (and all it holds) when dropped.
 #[derive(Debug)]
 pub struct RunDir {
     path: PathBuf,
     id: String,
+    /// Whether a quota tmpfs is mounted on it.
+    mounted: bool,
 }
 
 impl RunDir {
     /// Creates the directory (mode 0700) and records this process as its owner.
     pub fn create(state_dir: &Path, id: &str) -> Result<RunDir, RunDirError> {
+        Self::create_with_quota(state_dir, id, false)
+    }
+
+    /// [`RunDir::create`]; with `quota` (root only: a jailed run, whose QEMU may write
+    /// there) the directory is a tmpfs of [`QUOTA_BYTES`] and 64 inodes, so that what
+    /// QEMU writes cannot fill the state dir's filesystem. It is unmounted on drop, or
+    /// by the sweep after a crash.
+    pub fn create_with_quota(
+        state_dir: &Path,
+        id: &str,
+        quota: bool,
+    ) -> Result<RunDir, RunDirError> {
         let parent = state_dir.join("run");
         fs::DirBuilder::new()
             .recursive(true)
@@ -90,10 +116,29 @@ impl RunDir {
                 path: path.clone(),
                 source,
             })?;
-        let dir = RunDir {
+        let mut dir = RunDir {
             path,
             id: id.to_string(),
+            mounted: false,
         };
+        if quota {
+            let opts = format!("size={QUOTA_BYTES},nr_inodes={QUOTA_INODES},mode=0700");
+            let flags = nix::mount::MsFlags::MS_NOSUID
+                | nix::mount::MsFlags::MS_NODEV
+                | nix::mount::MsFlags::MS_NOEXEC;
+            nix::mount::mount(
+                Some("tmpfs"),
+                &dir.path,
+                Some("tmpfs"),
+                flags,
+                Some(opts.as_str()),
+            )
+            .map_err(|e| RunDirError::Quota {
+                path: dir.path.clone(),
+                source: e.into(),
+            })?;
+            dir.mounted = true;
+        }
         dir.record_owner(None)?;
         Ok(dir)
     }
@@ -129,8 +174,21 @@ impl RunDir {
     }
 }
 
+/// Detaches a quota tmpfs from `dir`, if one is mounted there.
+fn unmount(dir: &Path) {
+    match nix::mount::umount2(dir, nix::mount::MntFlags::MNT_DETACH) {
+        Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
+        Err(e) => {
+            tracing::warn!(path = %dir.display(), error = %e, "could not unmount the run directory")
+        }
+    }
+}
+
 impl Drop for RunDir {
     fn drop(&mut self) {
+        if self.mounted {
+            unmount(&self.path);
+        }
         if let Err(e) = fs::remove_dir_all(&self.path) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::warn!(path = %self.path.display(), error = %e, "could not remove the run directory");
@@ -172,6 +230,9 @@ pub fn sweep_stale(run_root: &Path) {
             }
         }
         tracing::info!(dir = %dir.display(), "removing the run directory of a crashed run");
+        if nix::unistd::Uid::effective().is_root() {
+            unmount(&dir);
+        }
         let _ = fs::remove_dir_all(&dir);
     }
 }
@@ -219,6 +280,36 @@ mod tests {
             fs::read_to_string(d.path().join(OWNER_FILE)).unwrap(),
             format!("{} 7", std::process::id())
         );
+    }
+
+    #[test]
+    fn a_quota_run_dir_is_a_small_tmpfs_unmounted_on_drop_and_by_the_sweep() {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("skipping: mounting the quota tmpfs needs root");
+            return;
+        }
+        let state = tempfile::tempdir().unwrap();
+        let mounted = |p: &Path| {
+            let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
+            mounts
+                .lines()
+                .any(|l| l.split(' ').nth(1) == Some(&*p.to_string_lossy()))
+        };
+        let dir = RunDir::create_with_quota(state.path(), "q1", true).unwrap();
+        let p = dir.path().to_path_buf();
+        assert!(mounted(&p));
+        let big = vec![0u8; 2 << 20];
+        let err = fs::write(p.join("fill"), &big).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+        drop(dir);
+        assert!(!p.exists() && !mounted(&p));
+        // A crashed run's: the sweep unmounts and removes it.
+        let dir = RunDir::create_with_quota(state.path(), "q2", true).unwrap();
+        let p = dir.path().to_path_buf();
+        fs::write(p.join(OWNER_FILE), "2147483000 2147483001").unwrap();
+        std::mem::forget(dir);
+        let _fresh = RunDir::create(state.path(), "fresh").unwrap();
+        assert!(!p.exists() && !mounted(&p));
     }
 
     #[test]

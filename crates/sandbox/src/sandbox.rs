@@ -127,6 +127,8 @@ pub enum SandboxError {
     BadRunId(String),
     #[error(transparent)]
     Devices(#[from] crate::devices::DevicesError),
+    #[error("cannot jail QEMU")]
+    Jail(#[from] crate::jail::JailSetupError),
 }
 
 fn qemu_said(stderr: &str) -> String {
@@ -268,6 +270,8 @@ pub struct Plan {
     pub vcpu_pin_targets: Vec<u32>,
     /// Whether QEMU runs under its seccomp filter.
     pub seccomp: bool,
+    /// Whether QEMU runs jailed ([`crate::jail`]).
+    pub jailed: bool,
     /// What the run would warn about (a large PCI hole, no seccomp in this QEMU).
     pub warnings: Vec<String>,
     /// What [`crate::command::qemu_command`] rendered `qemu_args` from.
@@ -333,6 +337,8 @@ pub struct Sandbox {
     memlock: Option<MemlockLimits>,
     /// The network device and the tap queue QEMU inherits (none in a plan).
     net: Option<(NetLayout, Option<std::os::fd::OwnedFd>)>,
+    /// The jail's settings, when QEMU is to be jailed.
+    jail: Option<crate::jail::JailConfig>,
     tx: EventSender,
     rx: EventReceiver,
 }
@@ -383,6 +389,7 @@ impl Sandbox {
             caps: None,
             memlock: None,
             net: None,
+            jail: None,
             tx,
             rx,
         })
@@ -414,6 +421,21 @@ impl Sandbox {
     pub fn with_network(mut self, layout: NetLayout, tap: Option<std::os::fd::OwnedFd>) -> Self {
         self.net = Some((layout, tap));
         self
+    }
+
+    /// Jails QEMU with these settings when they enable it and gpucell runs as root;
+    /// otherwise the plan warns and QEMU runs unjailed. A jailed QEMU gets no run-as
+    /// flag: the jail starts it as the sandbox's own uid.
+    pub fn with_jail(mut self, jail: crate::jail::JailConfig) -> Self {
+        self.jail = Some(jail);
+        self
+    }
+
+    /// The jail settings in force for this run, if QEMU is jailed.
+    fn active_jail(&self) -> Option<&crate::jail::JailConfig> {
+        self.jail
+            .as_ref()
+            .filter(|j| j.enabled && nix::unistd::Uid::effective().is_root())
     }
 
     /// The run id (16 hex digits): names the run directory and the QEMU process.
@@ -455,6 +477,8 @@ impl Sandbox {
         )?;
         let mut warnings: Vec<String> = vm_devices.warning.iter().cloned().collect();
         let (run_as, seccomp) = self.privileges(detect, &mut warnings)?;
+        let jailed = self.active_jail().is_some();
+        warnings.extend(self.jail.as_ref().and_then(crate::jail::unjailed_warning));
         let input = CommandInput {
             qemu: cfg.qemu.clone(),
             name: format!("gpucell-{}", self.id),
@@ -505,6 +529,7 @@ impl Sandbox {
                 .filter_map(|n| targets.get(n % targets.len().max(1)).copied())
                 .collect(),
             seccomp,
+            jailed,
             warnings,
             input,
         })
@@ -529,7 +554,10 @@ impl Sandbox {
         warnings: &mut Vec<String>,
     ) -> Result<(Option<RunAs>, bool), SandboxError> {
         let cfg = &self.config;
-        let user = run_as_user(&cfg.run_as, &cfg.host_root);
+        let user = match self.active_jail() {
+            Some(_) => None,
+            None => run_as_user(&cfg.run_as, &cfg.host_root),
+        };
         if user.is_none() && !cfg.seccomp {
             return Ok((None, false));
         }
@@ -571,10 +599,24 @@ impl Sandbox {
     /// Spawns QEMU, records it as the run directory's owner and waits for its monitor.
     fn start_vm(&self, cmd: &QemuCommand, dir: &RunDir, qmp_path: &Path) -> Result<Vm, RunError> {
         let cfg = &self.config;
+        let jail = match self.active_jail() {
+            Some(j) => Some(
+                crate::jail::prepare(
+                    j,
+                    cmd,
+                    dir.path(),
+                    &self.id,
+                    &crate::jail::libs::Ldd,
+                    Box::new(crate::jail::cgroup::RealCgroupFs),
+                )
+                .map_err(RunError::bare)?,
+            ),
+            None => None,
+        };
         let spawned_at = Instant::now();
         let tap = self.net.as_ref().and_then(|(_, tap)| tap.as_ref());
         let fds: Vec<_> = tap.map(|t| (t.as_fd(), TAP_FD)).into_iter().collect();
-        let mut qemu = QemuProcess::spawn_with_fds(cmd, None, &fds).map_err(RunError::bare)?;
+        let mut qemu = QemuProcess::spawn_jailed(cmd, None, &fds, jail).map_err(RunError::bare)?;
         if let Err(e) = dir.record_owner(Some(qemu.pid())) {
             return Err(with_logs(e.into(), &qemu));
         }
@@ -585,12 +627,18 @@ impl Sandbox {
                 .max(cfg.limits.hello_timeout);
         let mut alive = || matches!(qemu.try_wait(), Ok(None));
         match crate::memory::connect_qmp(qmp_path, startup, QMP_TIMEOUT, &mut alive) {
-            Ok(qmp) => Ok(Vm {
-                qemu,
-                qmp,
-                spawned_at,
-                ready_at: Instant::now(),
-            }),
+            Ok(qmp) => {
+                // QEMU installs its seccomp filter before it opens its monitor.
+                if let Err(e) = qemu.check_jail() {
+                    return Err(with_logs(e.into(), &qemu));
+                }
+                Ok(Vm {
+                    qemu,
+                    qmp,
+                    spawned_at,
+                    ready_at: Instant::now(),
+                })
+            }
             Err(source) => {
                 if let Ok(Some(_)) = qemu.wait_timeout(Duration::from_millis(200)) {
                     // QEMU exited: its last words are on their way through the pipe.
@@ -615,7 +663,9 @@ impl Sandbox {
         for w in &plan.warnings {
             tracing::warn!("{w}");
         }
-        let dir = RunDir::create(&self.config.state_dir, &self.id).map_err(RunError::bare)?;
+        let jailed = self.active_jail().is_some();
+        let dir = RunDir::create_with_quota(&self.config.state_dir, &self.id, jailed)
+            .map_err(RunError::bare)?;
         let listener = self.open_channel(&mut plan).map_err(RunError::bare)?;
         let cmd = qemu_command(&plan.input).map_err(RunError::bare)?;
         let qmp_path = dir.socket(QMP_SOCKET).map_err(RunError::bare)?;
