@@ -82,6 +82,8 @@ pub enum RunFailure {
     Network(#[source] gpucell_net::NetError),
     #[error(transparent)]
     NetworkRequest(gpucell_net::spec::SpecError),
+    #[error("attaching the VM to the pod's network")]
+    PodNetwork(#[source] gpucell_net::pod::PodError),
     #[error("reading gpucell's driver table")]
     DriverTable(#[source] gpucell_guest::driver::TableError),
     #[error("choosing the guest driver")]

@@ -360,6 +360,13 @@ fn run_sandbox(
         let tap = n.tap_for_qemu().map_err(RunFailure::Network)?;
         sandbox = sandbox.with_network(crate::network::layout(&n.plan), tap);
     }
+    // A pod's namespace (the mode is then `none`): the tap and its redirect live until
+    // QEMU is gone.
+    let pod = crate::network::attach_pod(req)?;
+    if let Some(p) = &pod {
+        let tap = p.tap_for_qemu().map_err(RunFailure::PodNetwork)?;
+        sandbox = sandbox.with_network(crate::network::pod_layout(p), tap);
+    }
     obs.phase(Phase::Sandbox);
     obs.sandbox_starting(sandbox.events());
     let outcome = sandbox.run(&spec, io);
@@ -372,6 +379,7 @@ fn run_sandbox(
         }
     }
     drop(net);
+    drop(pod);
     let outcome = outcome.map_err(|e| RunFailure::Sandbox(Box::new(e)))?;
     Ok(Timed {
         outcome,
