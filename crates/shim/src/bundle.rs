@@ -154,6 +154,31 @@ impl TaskSpec {
             .is_some_and(|t| t == "sandbox")
     }
 
+    /// A CRI pod's network namespace reaches its application containers through its
+    /// sandbox container: the sandbox's spec names the CNI namespace, while an
+    /// application container's names `/proc/<sandbox pid>/ns/net`, the shim's own (the
+    /// sandbox "process" is the shim), which [`TaskSpec::request`] leaves out. `known`
+    /// maps pod ids to their namespaces: a sandbox container records its own, an
+    /// application container without one of its own takes its pod's.
+    pub fn join_pod_netns(
+        &self,
+        task_id: &str,
+        request: &mut RunRequest,
+        known: &mut HashMap<String, PathBuf>,
+    ) {
+        let pod = self.pod_id(task_id).to_string();
+        if self.is_pod_sandbox() {
+            if let Some(ns) = &request.network.pod_netns {
+                known.insert(pod, ns.clone());
+            }
+        } else if request.network.pod_netns.is_none() {
+            if let Some(ns) = known.get(&pod) {
+                request.network.pod_netns = Some(ns.clone());
+                request.network.mode = None;
+            }
+        }
+    }
+
     /// The run request of this task. `name` names the run in its report (the image field
     /// of a request from a directory); the devices are filled in by the caller.
     pub fn request(&self, name: &str, accel: AccelRequest) -> RunRequest {
@@ -260,6 +285,40 @@ mod tests {
         // No namespace entry at all: no network device.
         let r = spec(FULL).unwrap().request("c", AccelRequest::Tcg);
         assert_eq!(r.network.mode, Some(gpucell_net::NetworkMode::None));
+    }
+
+    #[test]
+    fn a_cri_container_joins_the_network_namespace_of_its_pods_sandbox() {
+        let dir = tempfile::tempdir().unwrap();
+        let cni = dir.path().join("cni-1");
+        std::fs::write(&cni, "").unwrap();
+        let own = format!("/proc/{}/ns/net", std::process::id());
+        let task = |kind: &str, ns: &str| {
+            spec(&format!(
+                r#"{{"ociVersion":"1.1.0","process":{{"args":["true"],"cwd":"/","user":{{"uid":0,"gid":0}}}},
+                    "root":{{"path":"rootfs"}},
+                    "annotations":{{"io.kubernetes.cri.sandbox-id":"sb1","io.kubernetes.cri.container-type":"{kind}"}},
+                    "linux":{{"namespaces":[{{"type":"network","path":"{ns}"}}]}}}}"#
+            ))
+            .unwrap()
+        };
+        let mut known = HashMap::new();
+        let sandbox = task("sandbox", cni.to_str().unwrap());
+        let mut r = sandbox.request("sb1", AccelRequest::Tcg);
+        sandbox.join_pod_netns("sb1", &mut r, &mut known);
+        assert_eq!(known.get("sb1"), Some(&cni));
+        let app = task("container", &own);
+        let mut r = app.request("c1", AccelRequest::Tcg);
+        assert_eq!(r.network.pod_netns, None);
+        app.join_pod_netns("c1", &mut r, &mut known);
+        assert_eq!(r.network.pod_netns.as_deref(), Some(cni.as_path()));
+        assert_eq!(r.network.mode, None);
+        r.validate().unwrap();
+        // Another pod's container gets nothing from sb1.
+        let mut other = HashMap::new();
+        let mut r = app.request("c1", AccelRequest::Tcg);
+        app.join_pod_netns("c1", &mut r, &mut other);
+        assert_eq!(r.network.pod_netns, None);
     }
 
     #[test]

@@ -92,6 +92,9 @@ struct Inner {
     events: EventTx,
     exit: Arc<ExitSignal>,
     pid: u32,
+    /// Each pod's network namespace, from its sandbox container (see
+    /// `TaskSpec::join_pod_netns`).
+    pod_netns: Mutex<HashMap<String, PathBuf>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -133,6 +136,7 @@ impl TaskService {
             inner: Arc::new(Inner {
                 settings,
                 containers: Mutex::new(HashMap::new()),
+                pod_netns: Mutex::new(HashMap::new()),
                 events,
                 exit,
                 pid: std::process::id(),
@@ -167,6 +171,7 @@ impl TaskService {
         let mut request = spec.request(&format!("containerd:{}", req.id), s.accel);
         request.devices.gpus = passed.gpus_field();
         request.devices.functions = passed.functions_field();
+        spec.join_pod_netns(&req.id, &mut request, &mut lock(&self.inner.pod_netns));
         request
             .clone()
             .validate()
