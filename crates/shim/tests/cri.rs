@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use gpucell_cri_client::v1::ContainerState;
+use gpucell_cri_client::v1::{ContainerState, NamespaceMode};
 use gpucell_cri_client::{container_config, log_lines, pod_config, CriClient};
 
 const IMAGE: &str = "docker.io/library/gpucell-demo:latest";
@@ -123,6 +123,56 @@ impl Env {
              \x20 pod_annotations = [\"io.gpucell.*\"]\n"
         );
         std::fs::write(self.p("config.toml"), config).unwrap();
+        self.write_cni();
+    }
+
+    /// A CNI plugin of the test's own (`gctest`, a shell script) for pods with a network
+    /// of their own: ADD makes a veth pair in the peer namespace ([`PodNetns`]), moves
+    /// one end into the pod's namespace as its interface with `CNI_POD_ADDR`/24 and a
+    /// default route via the peer's `CNI_PEER_ADDR`; DEL deletes the pair.
+    fn write_cni(&self) {
+        let peer = peer_netns_name();
+        let made = self.p("cni/netns.list").display().to_string();
+        let script = format!(
+            r#"#!/bin/sh
+PATH=/usr/sbin:/usr/bin:/sbin:/bin
+case "$CNI_COMMAND" in
+VERSION) echo '{{"cniVersion":"0.4.0","supportedVersions":["0.3.0","0.3.1","0.4.0"]}}' ;;
+ADD)
+  echo "$CNI_NETNS" >> {made}
+  ip -n {peer} link del vb2 2>/dev/null
+  ip -n {peer} link add cnitmp0 type veth peer name vb2 >&2 || exit 1
+  ip -n {peer} addr add {CNI_PEER_ADDR}/24 dev vb2 >&2 && ip -n {peer} link set vb2 up >&2 || exit 1
+  ip -n {peer} link set cnitmp0 netns "$CNI_NETNS" >&2 || exit 1
+  nsenter --net="$CNI_NETNS" sh -c "ip link set cnitmp0 name $CNI_IFNAME && ip addr add {CNI_POD_ADDR}/24 dev $CNI_IFNAME && ip link set $CNI_IFNAME up && ip link set lo up && ip route add default via {CNI_PEER_ADDR}" >&2 || exit 1
+  mac=$(nsenter --net="$CNI_NETNS" ip -br link show "$CNI_IFNAME" | awk '{{print $3}}')
+  printf '{{"cniVersion":"0.4.0","interfaces":[{{"name":"%s","mac":"%s","sandbox":"%s"}}],"ips":[{{"version":"4","address":"{CNI_POD_ADDR}/24","gateway":"{CNI_PEER_ADDR}","interface":0}}]}}' "$CNI_IFNAME" "$mac" "$CNI_NETNS"
+  ;;
+DEL) ip -n {peer} link del vb2 2>/dev/null; exit 0 ;;
+*) exit 0 ;;
+esac
+"#
+        );
+        let bin = self.p("cni/bin/gctest");
+        std::fs::write(&bin, script).unwrap();
+        std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        // containerd's CRI sets up the pod's loopback through a plugin too.
+        let lo = self.p("cni/bin/loopback");
+        std::fs::write(
+            &lo,
+            "#!/bin/sh\nPATH=/usr/sbin:/usr/bin:/sbin:/bin\n\
+             [ \"$CNI_COMMAND\" = ADD ] || exit 0\n\
+             nsenter --net=\"$CNI_NETNS\" ip link set lo up >&2 || exit 1\n\
+             printf '{\"cniVersion\":\"0.4.0\",\"interfaces\":[{\"name\":\"lo\",\"sandbox\":\"%s\"}]}' \"$CNI_NETNS\"\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&lo, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        std::fs::write(
+            self.p("cni/conf/10-gctest.conflist"),
+            r#"{"cniVersion":"0.4.0","name":"gctest","plugins":[{"type":"gctest"}]}"#,
+        )
+        .unwrap();
     }
 
     /// Starts containerd and waits until its CRI service answers.
@@ -292,6 +342,14 @@ impl Drop for Env {
             // SAFETY: plain kill(2) of a process this test's containerd started.
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }
+        // Pod namespaces a killed containerd could not remove (the CNI plugin lists
+        // those it configured).
+        let made = std::fs::read_to_string(self.p("cni/netns.list")).unwrap_or_default();
+        for ns in made.lines().filter(|l| Path::new(l).exists()) {
+            if let Some(name) = Path::new(ns).file_name().and_then(|n| n.to_str()) {
+                let _ = ip(&["netns", "del", name]);
+            }
+        }
         // The CRI plugin mounts the sandbox's /dev/shm under its state directory.
         let st = self.p("st");
         for m in mounts_under(&st) {
@@ -374,6 +432,14 @@ struct PodNetns {
 
 const POD_ADDR: &str = "10.213.7.2";
 const PEER_ADDR: &str = "10.213.7.1";
+/// The addresses the test's CNI plugin gives a CRI pod and its peer.
+const CNI_POD_ADDR: &str = "10.213.8.2";
+const CNI_PEER_ADDR: &str = "10.213.8.1";
+
+/// The peer namespace's name (known to the CNI plugin before it exists).
+fn peer_netns_name() -> String {
+    format!("gcpeer{}", std::process::id())
+}
 
 fn ip(args: &[&str]) -> Result<(), String> {
     let out = Command::new("ip")
@@ -396,7 +462,7 @@ impl PodNetns {
         let tag = std::process::id();
         let mut n = PodNetns {
             pod: format!("gcpod{tag}"),
-            peer: format!("gcpeer{tag}"),
+            peer: peer_netns_name(),
             httpd: None,
         };
         let (pod, peer) = (n.pod.clone(), n.peer.clone());
@@ -452,8 +518,9 @@ impl PodNetns {
         })?;
         n.httpd = Some(
             Command::new("ip")
-                .args(["netns", "exec", &peer, "busybox", "httpd", "-f", "-p"])
-                .arg(format!("{PEER_ADDR}:8080"))
+                .args([
+                    "netns", "exec", &peer, "busybox", "httpd", "-f", "-p", "8080",
+                ])
                 .arg("-h")
                 .arg(web_root)
                 .stdin(Stdio::null())
@@ -550,6 +617,52 @@ fn pod_network_reaches_its_peer(env: &Env) {
         !qdiscs.contains("ingress"),
         "the redirect is left: {qdiscs}"
     );
+    cri_pod_with_a_cni_network(env);
+}
+
+/// A CRI pod with a network of its own (the test's CNI plugin): the application
+/// container's spec names the sandbox's pid (the shim's), yet its VM gets the pod's
+/// CNI interface and reaches the peer.
+fn cri_pod_with_a_cni_network(env: &Env) {
+    let cri = env.cri();
+    let logs = env.p("logs/p2");
+    let mut pod = pod_config("p2", &logs);
+    if let Some(ns) = pod
+        .linux
+        .as_mut()
+        .and_then(|l| l.security_context.as_mut())
+        .and_then(|s| s.namespace_options.as_mut())
+    {
+        ns.network = NamespaceMode::Pod as i32;
+    }
+    let pod_id = cri
+        .run_pod_sandbox(pod.clone(), HANDLER)
+        .unwrap_or_else(|e| panic!("{e}\n{}", env.log()));
+    let script = format!(
+        "ip addr show eth0; for i in 1 2 3 4 5; do \
+         printf 'GET /hello.txt HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {CNI_PEER_ADDR} 8080 | grep hello && exit 0; \
+         sleep 1; done; exit 9"
+    );
+    let config = container_config("c2", IMAGE, &["sh", "-c", &script], "c2.log");
+    let id = cri.create_container(&pod_id, config, pod.clone()).unwrap();
+    cri.start_container(&id).unwrap();
+    let status = env.wait_exited(&cri, &id, Duration::from_secs(240));
+    let log = std::fs::read_to_string(logs.join("c2.log")).unwrap_or_default();
+    assert_eq!(status.exit_code, 0, "{status:?}\nlog: {log}");
+    let lines = log_lines(&log);
+    assert!(
+        lines.iter().any(|l| l.contains("hello-from-the-peer")),
+        "{log}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains(&format!("{CNI_POD_ADDR}/24"))),
+        "the guest's eth0: {log}"
+    );
+    cri.remove_container(&id).unwrap();
+    cri.stop_pod_sandbox(&pod_id).unwrap();
+    cri.remove_pod_sandbox(&pod_id).unwrap();
 }
 
 #[test]
