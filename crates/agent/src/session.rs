@@ -65,6 +65,11 @@ fn name_of(m: &FromHost) -> &'static str {
         FromHost::StdinEof => "StdinEof",
         FromHost::Signal(_) => "Signal",
         FromHost::Shutdown => "Shutdown",
+        FromHost::ProcStart(_) => "ProcStart",
+        FromHost::ProcStdin { .. } => "ProcStdin",
+        FromHost::ProcStdinEof { .. } => "ProcStdinEof",
+        FromHost::ProcSignal { .. } => "ProcSignal",
+        FromHost::ContainerAdd(_) => "ContainerAdd",
     }
 }
 

@@ -178,6 +178,11 @@ fn kind_name(m: &FromGuest) -> String {
         FromGuest::Error { .. } => "Error",
         FromGuest::Log { .. } => "Log",
         FromGuest::Driver(_) => "Driver",
+        FromGuest::ProcStarted { .. } => "ProcStarted",
+        FromGuest::ProcStdout { .. } => "ProcStdout",
+        FromGuest::ProcStderr { .. } => "ProcStderr",
+        FromGuest::ProcExited { .. } => "ProcExited",
+        FromGuest::ProcError { .. } => "ProcError",
     }
     .to_string()
 }
