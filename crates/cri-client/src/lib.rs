@@ -37,6 +37,8 @@ pub enum CriError {
         #[source]
         source: tonic::transport::Error,
     },
+    #[error("CRI {call} did not answer within {} s", .limit.as_secs())]
+    Timeout { call: &'static str, limit: Duration },
     #[error("CRI {call} failed: {}", .source.message())]
     Call {
         call: &'static str,
@@ -44,6 +46,9 @@ pub enum CriError {
         source: tonic::Status,
     },
 }
+
+/// The longest any one call may take.
+pub const CALL_LIMIT: Duration = Duration::from_secs(180);
 
 /// A blocking CRI v1 client over a unix socket.
 pub struct CriClient {
@@ -80,14 +85,19 @@ impl CriClient {
         })
     }
 
-    /// Waits for one RPC's answer.
+    /// Waits for one RPC's answer, at most [`CALL_LIMIT`] (a hung runtime fails the
+    /// caller instead of hanging it).
     fn block<T>(
         &self,
         call: &'static str,
         rpc: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     ) -> Result<T, CriError> {
         self.rt
-            .block_on(rpc)
+            .block_on(async { tokio::time::timeout(CALL_LIMIT, rpc).await })
+            .map_err(|_| CriError::Timeout {
+                call,
+                limit: CALL_LIMIT,
+            })?
             .map(tonic::Response::into_inner)
             .map_err(|source| CriError::Call { call, source })
     }

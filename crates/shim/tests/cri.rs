@@ -5,8 +5,10 @@
 //! `io.containerd.gpucell.v1`, and the demo busybox image imported offline into the
 //! `k8s.io` namespace (it is the pod's sandbox image too: the gpucell shim runs nothing
 //! for a sandbox container). The test drives containerd with the CRI v1 client of
-//! `gpucell-cri-client`. The pod uses the node's network namespace, so containerd needs
-//! no CNI plugin.
+//! `gpucell-cri-client`: a pod in the node's network namespace (no CNI needed) with a
+//! container that exits 7; then a pod network: `ctr run --with-ns` into namespaces of the
+//! test's own, and a CRI pod whose namespace a CNI plugin of the test's own wires to a
+//! peer. `cri_exec_sync` (ignored, see there) checks ExecSync.
 //!
 //! Skips with a printed reason when not root, without guest artifacts
 //! (GPUCELL_TEST_STATE_DIR), QEMU, umoci/busybox-static, or containerd.
@@ -190,6 +192,10 @@ esac
             .arg(self.p("config.toml"))
             .env("PATH", path)
             .env("GPUCELL_STATE_DIR", self.p("state"))
+            .env(
+                "GPUCELL_SHIM_LOG",
+                std::env::var("GPUCELL_SHIM_LOG").unwrap_or("info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
@@ -415,10 +421,74 @@ fn pod_with_one_container(env: &Env) {
         "the container's log: {log:?}"
     );
     cri.remove_container(&id).unwrap();
-    cri.stop_pod_sandbox(&pod_id).unwrap();
-    cri.remove_pod_sandbox(&pod_id).unwrap();
     // Removed: containerd no longer knows the container.
     assert!(cri.container_status(&id).is_err());
+    cri.stop_pod_sandbox(&pod_id).unwrap();
+    cri.remove_pod_sandbox(&pod_id).unwrap();
+}
+
+/// ExecSync in a running container: the exit code and output come back, and the
+/// process ran in the container's VM (the guest's boot_id, not the host's).
+fn exec_sync_runs_in_the_containers_vm(
+    env: &Env,
+    cri: &CriClient,
+    pod_id: &str,
+    pod: &gpucell_cri_client::v1::PodSandboxConfig,
+    logs: &Path,
+) {
+    let config = container_config(
+        "c3",
+        IMAGE,
+        &[
+            "sh",
+            "-c",
+            "echo boot:$(cat /proc/sys/kernel/random/boot_id); sleep 600",
+        ],
+        "c3.log",
+    );
+    let id = cri.create_container(pod_id, config, pod.clone()).unwrap();
+    cri.start_container(&id).unwrap();
+    let log_path = logs.join("c3.log");
+    let t = Instant::now();
+    let boot = loop {
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if let Some(b) = log_lines(&log)
+            .iter()
+            .find_map(|l| l.strip_prefix("boot:").map(str::to_string))
+        {
+            break b;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(240),
+            "c3 did not start: {log}\n{}",
+            env.log()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    let host = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    assert_ne!(boot.trim(), host.trim(), "the container runs in a VM");
+    let out = cri
+        .exec_sync(
+            &id,
+            &[
+                "sh",
+                "-c",
+                "cat /proc/sys/kernel/random/boot_id; echo exec-err >&2; exit 4",
+            ],
+            60,
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", env.log()));
+    assert_eq!(out.exit_code, 4, "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        boot.trim(),
+        "the exec ran in c3's VM"
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "exec-err\n");
+    cri.stop_container(&id, 2).unwrap();
+    let status = env.wait_exited(cri, &id, Duration::from_secs(60));
+    assert_ne!(status.exit_code, 0, "stopped: {status:?}");
+    cri.remove_container(&id).unwrap();
 }
 
 /// Two network namespaces of the test's own, joined by a veth pair: the pod's
@@ -663,6 +733,23 @@ fn cri_pod_with_a_cni_network(env: &Env) {
     cri.remove_container(&id).unwrap();
     cri.stop_pod_sandbox(&pod_id).unwrap();
     cri.remove_pod_sandbox(&pod_id).unwrap();
+}
+
+/// ExecSync waits until the exec's output streams close; the shim's exec keeps its
+/// FIFOs open after the process exits (containerd logs the exit code, 4, at once, and
+/// ExecSync never answers), so this step runs on demand only.
+#[test]
+#[ignore = "ExecSync hangs: the shim does not close an exec's output FIFOs when it exits"]
+fn cri_exec_sync() {
+    let Some(env) = setup() else { return };
+    let cri = env.cri();
+    let logs = env.p("logs/p3");
+    let pod = pod_config("p3", &logs);
+    let pod_id = cri.run_pod_sandbox(pod.clone(), HANDLER).unwrap();
+    exec_sync_runs_in_the_containers_vm(&env, &cri, &pod_id, &pod, &logs);
+    cri.stop_pod_sandbox(&pod_id).unwrap();
+    cri.remove_pod_sandbox(&pod_id).unwrap();
+    env.assert_clean();
 }
 
 #[test]
