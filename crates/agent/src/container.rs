@@ -25,6 +25,9 @@ use crate::inject::{self, DeviceSetup, RealOps};
 use crate::rootpath::{self, RootPathError};
 use crate::users::{self, Ids, UserError};
 
+mod exec;
+pub use exec::spawn_exec;
+
 const IMAGE_DIR: &str = "/mnt/image";
 const RW_DIR: &str = "/mnt/rw";
 const ROOT_DIR: &str = "/mnt/root";
@@ -128,6 +131,11 @@ impl Layout {
 
 /// Mounts the image read-only and a tmpfs-backed overlay over it; returns the merged root.
 pub fn mount_rootfs(spec: &RunSpec) -> Result<PathBuf, ContainerError> {
+    mount_rootfs_at(spec, &Layout::guest())
+}
+
+/// [`mount_rootfs`] on `layout` (a container added to the pod has its own).
+pub fn mount_rootfs_at(spec: &RunSpec, layout: &Layout) -> Result<PathBuf, ContainerError> {
     check_rootfs(spec)?;
     let (dev, fstype) = (spec.rootfs.device.as_str(), spec.rootfs.fstype.as_str());
     let deadline = Instant::now() + DEVICE_WAIT;
@@ -139,9 +147,8 @@ pub fn mount_rootfs(spec: &RunSpec) -> Result<PathBuf, ContainerError> {
     }
     // The disk is read-only: never replay an ext4 journal (the mount would fail).
     let image_opts = (fstype == "ext4").then_some("noload");
-    let layout = Layout::guest();
     mnt(dev, &layout.image, fstype, MsFlags::MS_RDONLY, image_opts)?;
-    mount_overlay(&layout, spec.overlay_bytes)
+    mount_overlay(layout, spec.overlay_bytes)
 }
 
 /// The image as a directory instead of a block device (the GPU test harness): `dir` bound
@@ -305,27 +312,49 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), ContainerError> {
 /// agent's namespace) and its stdio; the child reports a setup failure through a pipe
 /// that closes on a successful exec.
 pub fn spawn(p: &Prepared) -> Result<(Pid, Stdio), ContainerError> {
+    let flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWUTS;
+    spawn_with(flags, None, &|fds| child_main(p, fds))
+}
+
+/// Clones a child with `flags` that runs `body` on its stdio descriptors (stdin, stdout,
+/// stderr). With `pid_ns` (a namespace and the agent's own), the child is born in the
+/// first: the agent enters it for the clone and returns to its own at once.
+fn spawn_with(
+    flags: CloneFlags,
+    pid_ns: Option<(&OwnedFd, &OwnedFd)>,
+    body: &dyn Fn([i32; 3]) -> Result<(), String>,
+) -> Result<(Pid, Stdio), ContainerError> {
     let (in_r, in_w) = pipe()?;
     let (out_r, out_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
     let (rep_r, rep_w) = pipe()?;
     let mut stack = vec![0u8; 1 << 20];
-    let flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWUTS;
     let child = {
         let (in_r, out_w, err_w, rep_w) = (&in_r, &out_w, &err_w, &rep_w);
         Box::new(move || -> isize {
             let fds = [in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()];
-            if let Err(msg) = child_main(p, fds) {
+            if let Err(msg) = body(fds) {
                 let _ = unistd::write(rep_w, msg.as_bytes());
             }
             127
         })
     };
+    if let Some((ns, _)) = pid_ns {
+        nix::sched::setns(ns, CloneFlags::CLONE_NEWPID)
+            .map_err(|e| ContainerError::Sys("setns into the container's pid namespace", e))?;
+    }
     // SAFETY: the agent is single-threaded, so the child (a copy of this process, no
     // CLONE_VM) sees consistent heap and locks; the closure only borrows data that lives
     // until after clone returns in the parent.
-    let pid = unsafe { nix::sched::clone(child, &mut stack, flags, Some(libc::SIGCHLD)) }
-        .map_err(|e| ContainerError::Sys("clone of the workload", e))?;
+    let cloned = unsafe { nix::sched::clone(child, &mut stack, flags, Some(libc::SIGCHLD)) };
+    if let Some((_, own)) = pid_ns {
+        // The agent's own namespace is always allowed back; a failure would put every
+        // later child in the container's, so it is loud.
+        if let Err(e) = nix::sched::setns(own, CloneFlags::CLONE_NEWPID) {
+            tracing::error!(error = %e, "could not return to the agent's pid namespace");
+        }
+    }
+    let pid = cloned.map_err(|e| ContainerError::Sys("clone of the workload", e))?;
     drop((in_r, out_w, err_w, rep_w));
     let mut report = String::new();
     let _ = fs::File::from(rep_r).take(4096).read_to_string(&mut report);
@@ -422,6 +451,13 @@ fn child_main(p: &Prepared, fds: [i32; 3]) -> Result<(), String> {
     if !p.hostname.is_empty() {
         unistd::sethostname(&p.hostname).map_err(sys("sethostname"))?;
     }
+    user_and_exec(p)
+}
+
+/// The end of a child's setup, inside the container's root: the user's ids, the working
+/// directory, a clean signal state, then the executable. Returns only on failure.
+fn user_and_exec(p: &Prepared) -> Result<(), String> {
+    let sys = |what: &'static str| move |e: Errno| format!("{what}: {e}");
     let groups: Vec<Gid> = p.ids.groups.iter().map(|g| Gid::from_raw(*g)).collect();
     unistd::setgroups(&groups).map_err(sys("setgroups"))?;
     unistd::setgid(Gid::from_raw(p.ids.gid)).map_err(sys("setgid"))?;

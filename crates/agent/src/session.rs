@@ -1,31 +1,28 @@
 //! One run, as the protocol describes it: hello, run spec, devices, start, stream, exit.
 //! The guest side of it (devices, the workload process) goes through [`Workload`].
 
-use std::collections::VecDeque;
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
 use gpucell_protocol::{
     DeviceInfo, ExitStatus, FrameError, FrameReader, FrameWriter, FromGuest, FromHost, GuestHello,
-    RunSpec, MAX_DATA_PAYLOAD, PROTOCOL_VERSION,
+    ProcSpec, RunSpec, MAX_DATA_PAYLOAD, MAX_PROCS, PROTOCOL_VERSION,
 };
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::Signal;
 
 use crate::chain;
-use crate::container::Stdio;
 use crate::workload::{Workload, WorkloadError};
 
-/// Most stdin bytes buffered for a workload that does not read; beyond it the agent stops
-/// reading the channel until the workload catches up.
+mod procs;
+use procs::{Proc, ProcReady, Procs};
+
+/// Most stdin bytes buffered for processes that do not read; beyond it the agent stops
+/// reading the channel until they catch up.
 const MAX_STDIN_BUFFER: usize = 1 << 20;
-/// After the workload exits, output is drained until its pipes reach EOF (its pid
-/// namespace dies with it, so nothing else holds them), or until they stay silent this
-/// long: a guard, not the normal path.
-const DRAIN: Duration = Duration::from_secs(5);
 /// After `Exited`, how long the agent keeps the channel open for the host's `Shutdown`
 /// before powering off anyway. Powering off at once can drop the last frames still in
 /// flight on vsock (the host then reads a reset instead of the exit).
@@ -65,6 +62,11 @@ fn name_of(m: &FromHost) -> &'static str {
         FromHost::StdinEof => "StdinEof",
         FromHost::Signal(_) => "Signal",
         FromHost::Shutdown => "Shutdown",
+        FromHost::ProcStart(_) => "ProcStart",
+        FromHost::ProcStdin { .. } => "ProcStdin",
+        FromHost::ProcStdinEof { .. } => "ProcStdinEof",
+        FromHost::ProcSignal { .. } => "ProcSignal",
+        FromHost::ContainerAdd(_) => "ContainerAdd",
     }
 }
 
@@ -183,7 +185,7 @@ impl Session {
         let (pid, stdio) = workload.start(spec)?;
         tracing::info!(pid = pid.as_raw(), "workload started");
         self.send(&FromGuest::Started { pid: pid.as_raw() })?;
-        let status = self.pump(stdio, workload)?;
+        let status = self.pump(Proc::new(None, pid, stdio, true), workload)?;
         self.send(&FromGuest::Exited(status))?;
         Ok(())
     }
@@ -212,55 +214,70 @@ impl Session {
     }
 
     /// Streams stdio and host messages until the workload has exited and its output is
-    /// drained. Reaps every child that reaches PID 1 on the way.
+    /// drained, and every other process has ended (they are killed when the workload
+    /// exits: the pod ends with it) and been reported by `ProcExited`. Reaps every child
+    /// that reaches PID 1 on the way.
     fn pump(
         &mut self,
-        stdio: Stdio,
+        main: Proc,
         workload: &mut dyn Workload,
     ) -> Result<ExitStatus, SessionError> {
-        let mut p = Pump::new(stdio);
+        let mut procs = Procs::new(main);
+        let mut buf = vec![0u8; MAX_DATA_PAYLOAD];
         loop {
-            if let Some(status) = p.finished() {
-                return Ok(status);
+            for (id, status) in procs.take_finished() {
+                self.send(&FromGuest::ProcExited { id, status })?;
             }
-            p.close_stdin_when_done();
-            let read_channel = p.pending.len() < MAX_STDIN_BUFFER;
-            let ready = self.wait(&p, workload.exit_fd(), read_channel)?;
+            if procs.extra() == 0 {
+                if let Some(status) = procs.workload().finished() {
+                    return Ok(status);
+                }
+            }
+            for p in &mut procs.list {
+                p.close_stdin_when_done();
+            }
+            let read_channel = procs.pending() < MAX_STDIN_BUFFER;
+            let ready = self.wait(&procs, workload.exit_fd(), read_channel)?;
             // Children first, so an exit is seen even while output keeps coming.
-            if readable(ready.exit) {
-                p.reap(workload);
+            if readable(ready.exit) && procs.reaped(workload.reap()) {
+                kill_running(&procs, workload);
             }
-            self.forward_output(&mut p, ready.outs)?;
-            p.feed_stdin(ready.stdin);
+            self.forward_output(&mut procs, &ready.procs, &mut buf)?;
+            for (p, r) in procs.list.iter_mut().zip(&ready.procs) {
+                p.feed_stdin(r.stdin);
+            }
             if read_channel && readable(ready.channel) {
-                self.host_message(&mut p, workload)?;
+                self.host_message(&mut procs, workload)?;
             }
         }
     }
 
-    /// Polls the channel, the exit notifications and the workload's pipes; returns what
-    /// each is ready for. After the exit, wakes at least every 100 ms to end the drain.
+    /// Polls the channel, the exit notifications and every process's pipes; returns what
+    /// each is ready for. While a process drains after its exit, wakes at least every
+    /// 100 ms to end the drain.
     fn wait(
         &self,
-        p: &Pump,
+        procs: &Procs,
         exit_fd: BorrowedFd<'_>,
         read_channel: bool,
     ) -> Result<Ready, SessionError> {
         let chan = self.reader.get_ref().as_fd();
-        let mut fds = Vec::with_capacity(5);
+        let mut fds = Vec::with_capacity(2 + 3 * procs.list.len());
         fds.push(PollFd::new(chan, interest(read_channel, PollFlags::POLLIN)));
         fds.push(PollFd::new(exit_fd, PollFlags::POLLIN));
-        for o in p.outs.iter().flatten() {
-            fds.push(PollFd::new(o.as_fd(), PollFlags::POLLIN));
+        for p in &procs.list {
+            for o in p.outs.iter().flatten() {
+                fds.push(PollFd::new(o.as_fd(), PollFlags::POLLIN));
+            }
+            if let Some(i) = p.stdin.as_ref() {
+                let want_out = !p.pending.is_empty();
+                fds.push(PollFd::new(
+                    i.as_fd(),
+                    interest(want_out, PollFlags::POLLOUT),
+                ));
+            }
         }
-        if let Some(i) = p.stdin.as_ref() {
-            let want_out = !p.pending.is_empty();
-            fds.push(PollFd::new(
-                i.as_fd(),
-                interest(want_out, PollFlags::POLLOUT),
-            ));
-        }
-        let timeout = if p.status.is_some() {
+        let timeout = if procs.draining() {
             PollTimeout::from(100u16)
         } else {
             PollTimeout::NONE
@@ -273,69 +290,103 @@ impl Session {
             .iter()
             .map(|f| f.revents().unwrap_or(PollFlags::empty()));
         let mut next = || rev.next().unwrap_or(PollFlags::empty());
-        let mut ready = Ready {
-            channel: next(),
-            exit: next(),
-            outs: [PollFlags::empty(); 2],
-            stdin: PollFlags::empty(),
-        };
-        for (slot, r) in p.outs.iter().zip(ready.outs.iter_mut()) {
-            if slot.is_some() {
-                *r = next();
+        let channel = next();
+        let exit = next();
+        let mut ready = Vec::with_capacity(procs.list.len());
+        for p in &procs.list {
+            let mut r = ProcReady::default();
+            for (slot, f) in p.outs.iter().zip(r.outs.iter_mut()) {
+                if slot.is_some() {
+                    *f = next();
+                }
             }
+            if p.stdin.is_some() {
+                r.stdin = next();
+            }
+            ready.push(r);
         }
-        if p.stdin.is_some() {
-            ready.stdin = next();
-        }
-        Ok(ready)
+        Ok(Ready {
+            channel,
+            exit,
+            procs: ready,
+        })
     }
 
-    /// Reads what the workload wrote and sends it as `Stdout`/`Stderr`; a pipe at EOF or
-    /// broken is closed.
-    fn forward_output(&mut self, p: &mut Pump, ready: [PollFlags; 2]) -> Result<(), SessionError> {
-        for (n, r) in ready.into_iter().enumerate() {
-            let Some(fd) = p.outs[n].as_ref() else {
-                continue;
-            };
-            if !readable(r) {
-                continue;
-            }
-            match nix::unistd::read(fd.as_raw_fd(), &mut p.buf) {
-                Ok(0) => p.outs[n] = None,
-                Ok(k) => {
-                    let data = p.buf[..k].to_vec();
-                    let msg = if n == 0 {
-                        FromGuest::Stdout(data)
-                    } else {
-                        FromGuest::Stderr(data)
-                    };
-                    self.send(&msg)?;
-                    p.output_seen();
+    /// Reads what the processes wrote and sends it (`Stdout`/`Stderr` for the workload,
+    /// `ProcStdout`/`ProcStderr` with the id for the others); a pipe at EOF or broken is
+    /// closed.
+    fn forward_output(
+        &mut self,
+        procs: &mut Procs,
+        ready: &[ProcReady],
+        buf: &mut [u8],
+    ) -> Result<(), SessionError> {
+        for (p, r) in procs.list.iter_mut().zip(ready) {
+            for (n, flags) in r.outs.into_iter().enumerate() {
+                let Some(fd) = p.outs[n].as_ref() else {
+                    continue;
+                };
+                if !readable(flags) {
+                    continue;
                 }
-                Err(Errno::EAGAIN) | Err(Errno::EINTR) => {}
-                Err(_) => p.outs[n] = None,
+                match nix::unistd::read(fd.as_raw_fd(), buf) {
+                    Ok(0) => p.outs[n] = None,
+                    Ok(k) => {
+                        let data = buf[..k].to_vec();
+                        let msg = match (p.id, n) {
+                            (None, 0) => FromGuest::Stdout(data),
+                            (None, _) => FromGuest::Stderr(data),
+                            (Some(id), 0) => FromGuest::ProcStdout { id, data },
+                            (Some(id), _) => FromGuest::ProcStderr { id, data },
+                        };
+                        self.send(&msg)?;
+                        p.output_seen();
+                    }
+                    Err(Errno::EAGAIN) | Err(Errno::EINTR) => {}
+                    Err(_) => p.outs[n] = None,
+                }
             }
         }
         Ok(())
     }
 
     /// Handles one host message during the run. Shutdown, a host that is gone and a
-    /// frame that breaks the protocol kill the workload and end the session.
+    /// frame that breaks the protocol kill every process and end the session. Messages
+    /// for an id the agent does not run (it may have just exited) are dropped.
     fn host_message(
         &mut self,
-        p: &mut Pump,
+        procs: &mut Procs,
         workload: &mut dyn Workload,
     ) -> Result<(), SessionError> {
         match self.recv() {
-            Ok(FromHost::Stdin(d)) => p.queue_stdin(d),
-            Ok(FromHost::StdinEof) => p.stdin_eof = true,
-            Ok(FromHost::Signal(n)) => match Signal::try_from(n) {
-                Ok(sig) if p.status.is_none() => workload.signal(sig),
-                Ok(_) => {}
-                Err(_) => tracing::warn!(signal = n, "host sent an invalid signal number"),
-            },
+            Ok(FromHost::Stdin(d)) => procs.list[0].queue_stdin(d),
+            Ok(FromHost::StdinEof) => procs.list[0].stdin_eof = true,
+            Ok(FromHost::Signal(n)) => signal(&procs.list[0], n, workload),
+            Ok(FromHost::ProcStart(start)) => {
+                let launch = Launch::Exec(&start.spec);
+                self.start_proc(procs, workload, start.id, launch)?
+            }
+            Ok(FromHost::ContainerAdd(add)) => {
+                let launch = Launch::Container(&add.spec);
+                self.start_proc(procs, workload, add.id, launch)?
+            }
+            Ok(FromHost::ProcStdin { id, data }) => {
+                if let Some(p) = procs.by_id(id) {
+                    p.queue_stdin(data);
+                }
+            }
+            Ok(FromHost::ProcStdinEof { id }) => {
+                if let Some(p) = procs.by_id(id) {
+                    p.stdin_eof = true;
+                }
+            }
+            Ok(FromHost::ProcSignal { id, signal: n }) => {
+                if let Some(p) = procs.by_id(id) {
+                    signal(p, n, workload);
+                }
+            }
             Ok(FromHost::Shutdown) => {
-                workload.signal(Signal::SIGKILL);
+                kill_running(procs, workload);
                 return Err(SessionError::Shutdown);
             }
             Ok(other) => {
@@ -346,36 +397,107 @@ impl Session {
             }
             Err(FrameError::Closed) | Err(FrameError::Truncated) | Err(FrameError::Io(_)) => {
                 // The host is gone: nobody is left to report to.
-                workload.signal(Signal::SIGKILL);
+                kill_running(procs, workload);
                 return Err(SessionError::Frame(FrameError::Closed));
             }
             Err(e) => {
-                workload.signal(Signal::SIGKILL);
+                kill_running(procs, workload);
                 return Err(e.into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts process `id` and answers `ProcStarted`, or `ProcError` with the reason.
+    fn start_proc(
+        &mut self,
+        procs: &mut Procs,
+        workload: &mut dyn Workload,
+        id: u32,
+        launch: Launch<'_>,
+    ) -> Result<(), SessionError> {
+        match launch_proc(procs, workload, id, launch) {
+            Ok(p) => {
+                let pid = p.pid.as_raw();
+                tracing::info!(id, pid, "process started");
+                procs.list.push(p);
+                self.send(&FromGuest::ProcStarted { id, pid })?;
+            }
+            Err(message) => {
+                tracing::warn!(id, "{message}");
+                self.send(&FromGuest::ProcError { id, message })?;
             }
         }
         Ok(())
     }
 }
 
-/// The workload's side of a run: its pipes, the stdin not yet written, how it ended.
-struct Pump {
-    stdin: Option<OwnedFd>,
-    /// stdout, stderr; `None` once at EOF.
-    outs: [Option<OwnedFd>; 2],
-    pending: VecDeque<u8>,
-    stdin_eof: bool,
-    status: Option<ExitStatus>,
-    drain_until: Option<Instant>,
-    buf: Vec<u8>,
+/// What a process id is started as.
+enum Launch<'a> {
+    Exec(&'a ProcSpec),
+    Container(&'a RunSpec),
 }
 
-/// What poll reported for each descriptor of a [`Pump`].
+/// Checks the id, the bound and the target, then starts the process.
+fn launch_proc(
+    procs: &Procs,
+    workload: &mut dyn Workload,
+    id: u32,
+    launch: Launch<'_>,
+) -> Result<Proc, String> {
+    if procs.list.iter().any(|p| p.id == Some(id)) {
+        return Err(format!("process id {id} is already in use"));
+    }
+    if procs.extra() >= MAX_PROCS {
+        return Err(format!(
+            "{MAX_PROCS} processes already run besides the workload, the most the agent allows"
+        ));
+    }
+    if !procs.workload().running() {
+        return Err("the workload has exited: the pod is ending".into());
+    }
+    match launch {
+        Launch::Exec(spec) => {
+            let target = match spec.container {
+                None => procs.workload().pid,
+                Some(c) => procs
+                    .list
+                    .iter()
+                    .find(|p| p.id == Some(c) && p.container && p.running())
+                    .map(|p| p.pid)
+                    .ok_or_else(|| format!("no running container has id {c}"))?,
+            };
+            let (pid, stdio) = workload.exec(target, spec).map_err(|e| chain(&e))?;
+            Ok(Proc::new(Some(id), pid, stdio, false))
+        }
+        Launch::Container(spec) => {
+            let (pid, stdio) = workload.add_container(id, spec).map_err(|e| chain(&e))?;
+            Ok(Proc::new(Some(id), pid, stdio, true))
+        }
+    }
+}
+
+/// Delivers signal number `n` to `p` while it runs; an invalid number is ignored.
+fn signal(p: &Proc, n: i32, workload: &mut dyn Workload) {
+    match Signal::try_from(n) {
+        Ok(sig) if p.running() => workload.kill(p.pid, sig),
+        Ok(_) => {}
+        Err(_) => tracing::warn!(signal = n, "host sent an invalid signal number"),
+    }
+}
+
+/// SIGKILL to every process still running.
+fn kill_running(procs: &Procs, workload: &mut dyn Workload) {
+    for p in procs.list.iter().filter(|p| p.running()) {
+        workload.kill(p.pid, Signal::SIGKILL);
+    }
+}
+
+/// What poll reported: the channel, the exit notifications, each process in order.
 struct Ready {
     channel: PollFlags,
     exit: PollFlags,
-    outs: [PollFlags; 2],
-    stdin: PollFlags,
+    procs: Vec<ProcReady>,
 }
 
 fn readable(r: PollFlags) -> bool {
@@ -388,88 +510,6 @@ fn interest(want: bool, flags: PollFlags) -> PollFlags {
         flags
     } else {
         PollFlags::empty()
-    }
-}
-
-impl Pump {
-    fn new(stdio: Stdio) -> Self {
-        let Stdio {
-            stdin,
-            stdout,
-            stderr,
-        } = stdio;
-        Self {
-            stdin: Some(stdin),
-            outs: [Some(stdout), Some(stderr)],
-            pending: VecDeque::new(),
-            stdin_eof: false,
-            status: None,
-            drain_until: None,
-            buf: vec![0u8; MAX_DATA_PAYLOAD],
-        }
-    }
-
-    /// The exit status once the workload has exited and its output is drained (or has
-    /// stayed silent for [`DRAIN`]).
-    fn finished(&self) -> Option<ExitStatus> {
-        let status = self.status?;
-        let drained = self.outs.iter().all(Option::is_none);
-        (drained || self.drain_until.is_some_and(|d| Instant::now() >= d)).then_some(status)
-    }
-
-    /// Closes the workload's stdin (it sees EOF) once everything queued is written and
-    /// the host sent EOF or the workload exited.
-    fn close_stdin_when_done(&mut self) {
-        if self.stdin.is_some()
-            && self.pending.is_empty()
-            && (self.stdin_eof || self.status.is_some())
-        {
-            self.stdin = None;
-        }
-    }
-
-    fn reap(&mut self, workload: &mut dyn Workload) {
-        if let Some(s) = workload.reap() {
-            tracing::info!(?s, "workload exited");
-            self.status = Some(s);
-            self.drain_until = Some(Instant::now() + DRAIN);
-        }
-    }
-
-    /// Output after the exit pushes the end of the drain back.
-    fn output_seen(&mut self) {
-        if self.status.is_some() {
-            self.drain_until = Some(Instant::now() + DRAIN);
-        }
-    }
-
-    fn queue_stdin(&mut self, data: Vec<u8>) {
-        if self.stdin.is_some() && !self.stdin_eof {
-            self.pending.extend(data);
-        }
-    }
-
-    /// Writes queued stdin when the pipe has room; a broken pipe drops what is queued.
-    fn feed_stdin(&mut self, ready: PollFlags) {
-        let Some(fd) = self.stdin.as_ref() else {
-            return;
-        };
-        if ready.intersects(PollFlags::POLLERR | PollFlags::POLLHUP) {
-            self.stdin = None;
-            self.pending.clear();
-        } else if ready.contains(PollFlags::POLLOUT) {
-            let (a, _) = self.pending.as_slices();
-            match nix::unistd::write(fd, a) {
-                Ok(k) => {
-                    self.pending.drain(..k);
-                }
-                Err(Errno::EAGAIN) | Err(Errno::EINTR) => {}
-                Err(_) => {
-                    self.stdin = None;
-                    self.pending.clear();
-                }
-            }
-        }
     }
 }
 

@@ -7,7 +7,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
 use std::time::Duration;
 
-use gpucell_protocol::{DeviceInfo, DeviceMatch, ExitStatus, RunSpec};
+use gpucell_protocol::{DeviceInfo, DeviceMatch, ExitStatus, ProcSpec, RunSpec};
 use nix::errno::Errno;
 use nix::sys::signal::{kill, SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
@@ -21,6 +21,8 @@ use crate::inject::RealOps;
 
 /// Where the guest kernel lists its PCI functions.
 const PCI_DEVICES: &str = "/sys/bus/pci/devices";
+/// Where the containers added to the pod are mounted, each under its id.
+const POD_DIR: &str = "/mnt/pod";
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkloadError {
@@ -48,14 +50,24 @@ pub trait Workload {
     /// non-blocking.
     fn start(&mut self, spec: &RunSpec) -> Result<(Pid, Stdio), WorkloadError>;
 
+    /// Starts an exec in the running container whose first process is `target`: the
+    /// same namespaces and root, the user, environment and working directory of `spec`.
+    fn exec(&mut self, target: Pid, spec: &ProcSpec) -> Result<(Pid, Stdio), WorkloadError>;
+
+    /// Starts a second container of the pod from its own disk (`spec.rootfs`), mounted
+    /// apart from the others under a directory named after `id`.
+    fn add_container(&mut self, id: u32, spec: &RunSpec) -> Result<(Pid, Stdio), WorkloadError>;
+
     /// Polls readable when a child may have exited; [`Workload::reap`] clears it.
     fn exit_fd(&self) -> BorrowedFd<'_>;
 
-    /// Reaps every exited child; returns the workload's status if it was among them.
-    fn reap(&mut self) -> Option<ExitStatus>;
+    /// Reaps every exited child; returns their pids and statuses (orphans included: the
+    /// session ignores pids it did not start).
+    fn reap(&mut self) -> Vec<(Pid, ExitStatus)>;
 
-    /// Sends `signal` to the workload (best effort: it may have exited already).
-    fn signal(&mut self, signal: Signal);
+    /// Sends `signal` to `pid`, a process the session started and has not seen exit
+    /// (best effort: it may have exited since).
+    fn kill(&mut self, pid: Pid, signal: Signal);
 
     /// Brings up the guest's NVIDIA driver for the NVIDIA functions among `found` (a
     /// driver flavour's disk is found among the block devices other than
@@ -74,7 +86,6 @@ pub trait Workload {
 /// reaped on the way.
 pub struct Pid1 {
     sigfd: SignalFd,
-    pid: Option<Pid>,
 }
 
 impl Pid1 {
@@ -82,7 +93,6 @@ impl Pid1 {
     pub fn new() -> Result<Self, WorkloadError> {
         Ok(Self {
             sigfd: sigchld_fd()?,
-            pid: None,
         })
     }
 }
@@ -117,44 +127,54 @@ impl Workload for Pid1 {
             None => None,
         };
         let prepared = container::prepare(&root, spec)?.with_devices(devices);
-        let (pid, stdio) = container::spawn(&prepared)?;
-        self.pid = Some(pid);
-        Ok((pid, stdio))
+        Ok(container::spawn(&prepared)?)
+    }
+
+    fn exec(&mut self, target: Pid, spec: &ProcSpec) -> Result<(Pid, Stdio), WorkloadError> {
+        Ok(container::spawn_exec(target, spec)?)
+    }
+
+    fn add_container(&mut self, id: u32, spec: &RunSpec) -> Result<(Pid, Stdio), WorkloadError> {
+        let layout = container::Layout::under(&Path::new(POD_DIR).join(id.to_string()));
+        let root = container::mount_rootfs_at(spec, &layout)?;
+        crate::net::install_resolv_conf(&root)?;
+        let prepared = container::prepare(&root, spec)?;
+        Ok(container::spawn(&prepared)?)
     }
 
     fn exit_fd(&self) -> BorrowedFd<'_> {
         self.sigfd.as_fd()
     }
 
-    fn reap(&mut self) -> Option<ExitStatus> {
+    fn reap(&mut self) -> Vec<(Pid, ExitStatus)> {
         while let Ok(Some(_)) = self.sigfd.read_signal() {}
-        reap(self.pid?)
+        reap()
     }
 
-    fn signal(&mut self, signal: Signal) {
-        if let Some(pid) = self.pid {
-            let _ = kill(pid, signal);
-        }
+    fn kill(&mut self, pid: Pid, signal: Signal) {
+        let _ = kill(pid, signal);
     }
 }
 
-/// Reaps every exited child; returns the workload's status if it was among them.
-fn reap(workload: Pid) -> Option<ExitStatus> {
-    let mut found = None;
+/// Reaps every exited child; returns their pids and statuses.
+fn reap() -> Vec<(Pid, ExitStatus)> {
+    let mut found = Vec::new();
     loop {
         match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(p, code)) if p == workload => {
-                found = Some(ExitStatus {
+            Ok(WaitStatus::Exited(p, code)) => found.push((
+                p,
+                ExitStatus {
                     code: Some(code),
                     signal: None,
-                })
-            }
-            Ok(WaitStatus::Signaled(p, sig, _)) if p == workload => {
-                found = Some(ExitStatus {
+                },
+            )),
+            Ok(WaitStatus::Signaled(p, sig, _)) => found.push((
+                p,
+                ExitStatus {
                     code: None,
                     signal: Some(sig as i32),
-                })
-            }
+                },
+            )),
             Ok(WaitStatus::StillAlive) | Err(_) => return found,
             Ok(_) => {}
         }

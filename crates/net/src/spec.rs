@@ -42,6 +42,10 @@ pub enum SpecError {
     Allow(#[source] crate::cidr::CidrError),
     #[error("{0} needs --network private")]
     NeedsPrivate(&'static str),
+    #[error("{0} cannot be combined with a pod network namespace (pod_netns): the pod's network belongs to its CNI plugin")]
+    NotWithPod(&'static str),
+    #[error("pod_netns {0:?} must be an absolute path to a network namespace file")]
+    BadPodNetns(std::path::PathBuf),
 }
 
 /// `--network`.
@@ -177,11 +181,20 @@ pub struct NetworkRequest {
     /// Egress bandwidth limit, bits per second.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress_rate_bps: Option<u64>,
+    /// A pod's network namespace (e.g. `/var/run/netns/cni-…`, from the OCI spec of a
+    /// containerd task): the VM is attached to the interface there (module `pod`)
+    /// instead of gpucell's private network. Excludes `mode`, `publish`, `allow_cidrs`
+    /// and `egress_rate_bps`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_netns: Option<std::path::PathBuf>,
 }
 
 impl NetworkRequest {
     /// The mode this run gets on a node whose default is `default`; checks the rest.
     pub fn resolve(&self, default: NetworkMode) -> Result<NetworkMode, SpecError> {
+        if let Some(ns) = &self.pod_netns {
+            return self.check_pod(ns);
+        }
         let mode = self.mode.unwrap_or(default);
         if self.publish.len() > MAX_PUBLISH {
             return Err(SpecError::TooMany {
@@ -221,6 +234,26 @@ impl NetworkRequest {
             parse_rate(&r.to_string())?;
         }
         Ok(mode)
+    }
+}
+
+impl NetworkRequest {
+    /// A pod's namespace: nothing of gpucell's own network may be asked for with it. The
+    /// mode is `none` for gpucell's private network (the pod's is attached instead).
+    fn check_pod(&self, ns: &std::path::Path) -> Result<NetworkMode, SpecError> {
+        if !ns.is_absolute() || ns.as_os_str().len() > 4096 {
+            return Err(SpecError::BadPodNetns(ns.to_path_buf()));
+        }
+        let asked = [
+            ("--network", self.mode.is_some()),
+            ("--publish", !self.publish.is_empty()),
+            ("--allow-cidr", !self.allow_cidrs.is_empty()),
+            ("--egress-rate", self.egress_rate_bps.is_some()),
+        ];
+        match asked.iter().find(|(_, set)| *set) {
+            Some((flag, _)) => Err(SpecError::NotWithPod(flag)),
+            None => Ok(NetworkMode::None),
+        }
     }
 }
 
@@ -348,6 +381,32 @@ mod tests {
         for bad in ["", "fast", "1", "m", "-5m", "99999999999g"] {
             assert!(parse_rate(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_pod_namespace_excludes_gpucells_own_network() {
+        let mut r = NetworkRequest {
+            pod_netns: Some("/var/run/netns/cni-1".into()),
+            ..Default::default()
+        };
+        assert_eq!(r.resolve(NetworkMode::Private), Ok(NetworkMode::None));
+        r.egress_rate_bps = Some(1_000_000);
+        assert_eq!(
+            r.resolve(NetworkMode::Private),
+            Err(SpecError::NotWithPod("--egress-rate"))
+        );
+        r.egress_rate_bps = None;
+        r.mode = Some(NetworkMode::Private);
+        assert_eq!(
+            r.resolve(NetworkMode::None),
+            Err(SpecError::NotWithPod("--network"))
+        );
+        r.mode = None;
+        r.pod_netns = Some("netns/relative".into());
+        assert!(matches!(
+            r.resolve(NetworkMode::None),
+            Err(SpecError::BadPodNetns(_))
+        ));
     }
 
     #[test]

@@ -29,6 +29,7 @@ fn request() -> NetworkRequest {
         publish: vec![],
         allow_cidrs: vec!["192.168.9.0/24".parse().unwrap()],
         egress_rate_bps: Some(10_000_000),
+        pod_netns: None,
     }
 }
 

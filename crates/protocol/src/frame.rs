@@ -2,7 +2,7 @@
 
 use std::io::{self, Read, Write};
 
-use crate::kind::{Kind, MAX_DATA_PAYLOAD};
+use crate::kind::{Kind, MAX_DATA_PAYLOAD, PROC_ID_LEN};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
@@ -28,6 +28,8 @@ pub enum FrameError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("frame of kind {0:?} does not start with a 4-byte process id")]
+    NoProcId(Kind),
     #[error("frame of kind {0:?} is not allowed in this direction")]
     WrongDirection(Kind),
 }
@@ -152,6 +154,19 @@ impl<W: Write> FrameWriter<W> {
     pub fn write_data(&mut self, kind: Kind, data: &[u8]) -> Result<(), FrameError> {
         for chunk in data.chunks(MAX_DATA_PAYLOAD) {
             self.write_frame(kind, chunk)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the data stream of process `id` in chunks of at most [`MAX_DATA_PAYLOAD`]
+    /// bytes, each after the id (4 bytes, big-endian).
+    pub fn write_proc_data(&mut self, kind: Kind, id: u32, data: &[u8]) -> Result<(), FrameError> {
+        let mut buf = Vec::with_capacity(PROC_ID_LEN + data.len().min(MAX_DATA_PAYLOAD));
+        for chunk in data.chunks(MAX_DATA_PAYLOAD) {
+            buf.clear();
+            buf.extend_from_slice(&id.to_be_bytes());
+            buf.extend_from_slice(chunk);
+            self.write_frame(kind, &buf)?;
         }
         Ok(())
     }

@@ -6,6 +6,9 @@ pub const MAX_CONTROL_PAYLOAD: usize = 256 * 1024;
 /// Largest raw payload of one stdout/stderr/stdin chunk.
 pub const MAX_DATA_PAYLOAD: usize = 64 * 1024;
 
+/// Bytes of the big-endian process id that starts every `Proc*` data frame.
+pub const PROC_ID_LEN: usize = 4;
+
 /// Frame kind byte. Host→guest kinds are below 0x40, guest→host kinds from 0x40.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -16,6 +19,11 @@ pub enum Kind {
     StdinEof = 0x04,
     Signal = 0x05,
     Shutdown = 0x06,
+    ProcStart = 0x07,
+    ProcStdin = 0x08,
+    ProcStdinEof = 0x09,
+    ProcSignal = 0x0a,
+    ContainerAdd = 0x0b,
     GuestHello = 0x41,
     Devices = 0x42,
     Started = 0x43,
@@ -25,6 +33,11 @@ pub enum Kind {
     Error = 0x47,
     Log = 0x48,
     Driver = 0x49,
+    ProcStarted = 0x4a,
+    ProcStdout = 0x4b,
+    ProcStderr = 0x4c,
+    ProcExited = 0x4d,
+    ProcError = 0x4e,
 }
 
 impl Kind {
@@ -37,6 +50,11 @@ impl Kind {
             0x04 => StdinEof,
             0x05 => Signal,
             0x06 => Shutdown,
+            0x07 => ProcStart,
+            0x08 => ProcStdin,
+            0x09 => ProcStdinEof,
+            0x0a => ProcSignal,
+            0x0b => ContainerAdd,
             0x41 => GuestHello,
             0x42 => Devices,
             0x43 => Started,
@@ -46,6 +64,11 @@ impl Kind {
             0x47 => Error,
             0x48 => Log,
             0x49 => Driver,
+            0x4a => ProcStarted,
+            0x4b => ProcStdout,
+            0x4c => ProcStderr,
+            0x4d => ProcExited,
+            0x4e => ProcError,
             _ => return None,
         })
     }
@@ -54,6 +77,8 @@ impl Kind {
     pub fn payload_limit(self) -> usize {
         match self {
             Kind::Stdin | Kind::Stdout | Kind::Stderr => MAX_DATA_PAYLOAD,
+            Kind::ProcStdin | Kind::ProcStdout | Kind::ProcStderr => PROC_ID_LEN + MAX_DATA_PAYLOAD,
+            Kind::ProcStdinEof => PROC_ID_LEN,
             Kind::StdinEof | Kind::Shutdown => 0,
             _ => MAX_CONTROL_PAYLOAD,
         }
@@ -78,6 +103,6 @@ mod tests {
                 kinds += 1;
             }
         }
-        assert_eq!(kinds, 15);
+        assert_eq!(kinds, 25);
     }
 }

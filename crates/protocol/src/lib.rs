@@ -8,7 +8,9 @@
 //! +----------------+-----------+------------------------------+
 //! ```
 //!
-//! `length` counts the kind byte and the payload. Control messages carry a JSON
+//! `length` counts the kind byte and the payload. The stdio frames of processes besides
+//! the workload (`ProcStdin`, `ProcStdout`, `ProcStderr`, `ProcStdinEof`) start their
+//! payload with the process id, 4 bytes big-endian. Control messages carry a JSON
 //! payload; stdout/stderr/stdin chunks carry raw bytes. Every length is checked
 //! against a hard limit *before* anything is allocated: the guest may be fully
 //! compromised and the host must stay bounded whatever it sends.
@@ -22,16 +24,19 @@ pub mod driver;
 mod frame;
 mod kind;
 mod message;
+mod proc;
 
 pub use frame::{FrameError, FrameReader, FrameWriter, RawFrame};
-pub use kind::{Kind, MAX_CONTROL_PAYLOAD, MAX_DATA_PAYLOAD};
+pub use kind::{Kind, MAX_CONTROL_PAYLOAD, MAX_DATA_PAYLOAD, PROC_ID_LEN};
 pub use message::{
     DeviceInfo, DeviceMatch, DriverReport, ExitStatus, FromGuest, FromHost, GpuFacts, GpuInjection,
     GpuReport, GuestHello, HostHello, RootfsSpec, RunSpec,
 };
+pub use proc::{ContainerAdd, ProcSpec, ProcStart, MAX_PROCS};
 
 /// Version of the wire protocol. Bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: processes besides the workload (`Proc*` frames) and `ContainerAdd`.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Name of the virtio-serial port the agent looks for in the guest
 /// (`/sys/class/virtio-ports/*/name`).

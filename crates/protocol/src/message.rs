@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::frame::{FrameError, FrameWriter, RawFrame};
 use crate::kind::Kind;
+use crate::proc::{self, ContainerAdd, ErrorBody, ExitedBody, ProcStart};
 
 /// First message of the host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -190,6 +191,21 @@ pub enum FromHost {
     Signal(i32),
     /// Power the VM off now.
     Shutdown,
+    /// Start a process (an exec) in a running container.
+    ProcStart(Box<ProcStart>),
+    ProcStdin {
+        id: u32,
+        data: Vec<u8>,
+    },
+    ProcStdinEof {
+        id: u32,
+    },
+    ProcSignal {
+        id: u32,
+        signal: i32,
+    },
+    /// Start a second container of the pod from a disk the host has plugged in.
+    ContainerAdd(Box<ContainerAdd>),
 }
 
 /// Messages the agent sends.
@@ -212,6 +228,29 @@ pub enum FromGuest {
         message: String,
     },
     Driver(DriverReport),
+    /// Process `id` (a `ProcStart` or `ContainerAdd`) started with this guest pid.
+    ProcStarted {
+        id: u32,
+        pid: i32,
+    },
+    ProcStdout {
+        id: u32,
+        data: Vec<u8>,
+    },
+    ProcStderr {
+        id: u32,
+        data: Vec<u8>,
+    },
+    /// Process `id` ended and its output is drained.
+    ProcExited {
+        id: u32,
+        status: ExitStatus,
+    },
+    /// Process `id` could not be started (or was refused); it has no other frames.
+    ProcError {
+        id: u32,
+        message: String,
+    },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -225,6 +264,14 @@ struct StartedBody {
 #[derive(Serialize, Deserialize)]
 struct MessageBody {
     message: String,
+}
+
+/// `id` (big-endian) followed by `data`: the payload of a `Proc*` data frame.
+fn with_id(id: u32, data: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(4 + data.len());
+    v.extend_from_slice(&id.to_be_bytes());
+    v.extend_from_slice(data);
+    v
 }
 
 fn json<T: Serialize>(v: &T) -> Vec<u8> {
@@ -245,6 +292,17 @@ impl FromHost {
             FromHost::StdinEof => (Kind::StdinEof, Vec::new()),
             FromHost::Signal(s) => (Kind::Signal, json(&SignalBody { signal: *s })),
             FromHost::Shutdown => (Kind::Shutdown, Vec::new()),
+            FromHost::ProcStart(p) => (Kind::ProcStart, json(p)),
+            FromHost::ProcStdin { id, data } => (Kind::ProcStdin, with_id(*id, data)),
+            FromHost::ProcStdinEof { id } => (Kind::ProcStdinEof, id.to_be_bytes().to_vec()),
+            FromHost::ProcSignal { id, signal } => (
+                Kind::ProcSignal,
+                json(&proc::SignalBody {
+                    id: *id,
+                    signal: *signal,
+                }),
+            ),
+            FromHost::ContainerAdd(c) => (Kind::ContainerAdd, json(c)),
         }
     }
 
@@ -257,11 +315,31 @@ impl FromHost {
             Kind::StdinEof => FromHost::StdinEof,
             Kind::Signal => FromHost::Signal(parse::<SignalBody>(kind, &payload)?.signal),
             Kind::Shutdown => FromHost::Shutdown,
+            Kind::ProcStart => FromHost::ProcStart(Box::new(parse(kind, &payload)?)),
+            Kind::ProcStdin => {
+                let (id, data) = proc::split_id(kind, payload)?;
+                FromHost::ProcStdin { id, data }
+            }
+            Kind::ProcStdinEof => FromHost::ProcStdinEof {
+                id: proc::id_only(kind, &payload)?,
+            },
+            Kind::ProcSignal => {
+                let b: proc::SignalBody = parse(kind, &payload)?;
+                FromHost::ProcSignal {
+                    id: b.id,
+                    signal: b.signal,
+                }
+            }
+            Kind::ContainerAdd => FromHost::ContainerAdd(Box::new(parse(kind, &payload)?)),
             other => return Err(FrameError::WrongDirection(other)),
         })
     }
 
+    /// Sends this message; stdin larger than one frame is split.
     pub fn send<W: std::io::Write>(&self, w: &mut FrameWriter<W>) -> Result<(), FrameError> {
+        if let FromHost::ProcStdin { id, data } = self {
+            return w.write_proc_data(Kind::ProcStdin, *id, data);
+        }
         let (kind, payload) = self.encode();
         w.write_frame(kind, &payload)
     }
@@ -289,6 +367,26 @@ impl FromGuest {
                 }),
             ),
             FromGuest::Driver(d) => (Kind::Driver, json(d)),
+            FromGuest::ProcStarted { id, pid } => (
+                Kind::ProcStarted,
+                json(&proc::StartedBody { id: *id, pid: *pid }),
+            ),
+            FromGuest::ProcStdout { id, data } => (Kind::ProcStdout, with_id(*id, data)),
+            FromGuest::ProcStderr { id, data } => (Kind::ProcStderr, with_id(*id, data)),
+            FromGuest::ProcExited { id, status } => (
+                Kind::ProcExited,
+                json(&ExitedBody {
+                    id: *id,
+                    status: *status,
+                }),
+            ),
+            FromGuest::ProcError { id, message } => (
+                Kind::ProcError,
+                json(&ErrorBody {
+                    id: *id,
+                    message: message.clone(),
+                }),
+            ),
         }
     }
 
@@ -310,6 +408,35 @@ impl FromGuest {
                 message: parse::<MessageBody>(kind, &payload)?.message,
             },
             Kind::Driver => FromGuest::Driver(parse(kind, &payload)?),
+            Kind::ProcStarted => {
+                let b: proc::StartedBody = parse(kind, &payload)?;
+                FromGuest::ProcStarted {
+                    id: b.id,
+                    pid: b.pid,
+                }
+            }
+            Kind::ProcStdout => {
+                let (id, data) = proc::split_id(kind, payload)?;
+                FromGuest::ProcStdout { id, data }
+            }
+            Kind::ProcStderr => {
+                let (id, data) = proc::split_id(kind, payload)?;
+                FromGuest::ProcStderr { id, data }
+            }
+            Kind::ProcExited => {
+                let b: ExitedBody = parse(kind, &payload)?;
+                FromGuest::ProcExited {
+                    id: b.id,
+                    status: b.status,
+                }
+            }
+            Kind::ProcError => {
+                let b: ErrorBody = parse(kind, &payload)?;
+                FromGuest::ProcError {
+                    id: b.id,
+                    message: b.message,
+                }
+            }
             other => return Err(FrameError::WrongDirection(other)),
         })
     }
@@ -319,6 +446,8 @@ impl FromGuest {
         match self {
             FromGuest::Stdout(d) => w.write_data(Kind::Stdout, d),
             FromGuest::Stderr(d) => w.write_data(Kind::Stderr, d),
+            FromGuest::ProcStdout { id, data } => w.write_proc_data(Kind::ProcStdout, *id, data),
+            FromGuest::ProcStderr { id, data } => w.write_proc_data(Kind::ProcStderr, *id, data),
             _ => {
                 let (kind, payload) = self.encode();
                 w.write_frame(kind, &payload)

@@ -24,6 +24,7 @@ pub mod devices;
 pub mod driver;
 pub mod driver_select;
 pub mod dry_run;
+pub mod exec;
 pub mod fsck;
 pub mod network;
 pub mod node;
@@ -35,6 +36,7 @@ pub mod run;
 
 pub use config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
 pub use dry_run::dry_run;
+pub use exec::{exec_in, ExecError, ExecHandle, ProcIo};
 pub use node::Node;
 pub use observer::{Observer, Phase, Quiet};
 pub use report::{DryRunReport, RunReport, RUN_REPORT_SCHEMA};
@@ -82,6 +84,8 @@ pub enum RunFailure {
     Network(#[source] gpucell_net::NetError),
     #[error(transparent)]
     NetworkRequest(gpucell_net::spec::SpecError),
+    #[error("attaching the VM to the pod's network")]
+    PodNetwork(#[source] gpucell_net::pod::PodError),
     #[error("reading gpucell's driver table")]
     DriverTable(#[source] gpucell_guest::driver::TableError),
     #[error("choosing the guest driver")]

@@ -1,7 +1,10 @@
 //! The run's network: the mode from the request and the node's default, the host side
-//! set up before the sandbox starts and torn down after QEMU is gone (docs/network.md).
+//! set up before the sandbox starts and torn down after QEMU is gone (docs/network.md);
+//! or a pod's network namespace the VM is attached to.
 
-use gpucell_net::{ActiveNet, NetEnv, NetPlan, NetworkMode};
+use std::sync::Arc;
+
+use gpucell_net::{ActiveNet, NetEnv, NetPlan, NetworkMode, PodNet, SystemPodOps};
 use gpucell_sandbox::NetLayout;
 use serde::Serialize;
 
@@ -76,6 +79,30 @@ pub(crate) fn set_up(
     gpucell_net::setup(&env(node), id, &req.request.network)
         .map(Some)
         .map_err(RunFailure::Network)
+}
+
+/// Attaches the VM to the pod's network namespace when the request names one
+/// (docs/network.md, "A pod's network").
+pub(crate) fn attach_pod(req: &ValidRequest) -> Result<Option<PodNet>, RunFailure> {
+    let Some(ns) = &req.request.network.pod_netns else {
+        return Ok(None);
+    };
+    PodNet::attach(Arc::new(SystemPodOps), ns)
+        .map(Some)
+        .map_err(RunFailure::PodNetwork)
+}
+
+/// What QEMU and the guest get from a pod's interface: its MAC, address and gateway
+/// (no vhost: the tap is in another namespace, and vhost-net is optional anyway).
+pub(crate) fn pod_layout(pod: &PodNet) -> NetLayout {
+    NetLayout {
+        mac: pod.iface.mac.clone(),
+        vhost: false,
+        address: pod.iface.address,
+        prefix_len: pod.iface.prefix_len,
+        gateway: pod.iface.gateway,
+        dns: Vec::new(),
+    }
 }
 
 /// The report of a set-up network.

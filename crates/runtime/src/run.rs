@@ -392,6 +392,13 @@ fn run_sandbox(
     if let Some(w) = gpucell_sandbox::jail::unjailed_warning(&node.jail) {
         obs.warning(&w);
     }
+    // A pod's namespace (the mode is then `none`): the tap and its redirect live until
+    // QEMU is gone.
+    let pod = crate::network::attach_pod(req)?;
+    if let Some(p) = &pod {
+        let tap = p.tap_for_qemu().map_err(RunFailure::PodNetwork)?;
+        sandbox = sandbox.with_network(crate::network::pod_layout(p), tap);
+    }
     obs.phase(Phase::Sandbox);
     obs.sandbox_starting(sandbox.events());
     let outcome = sandbox.run(&spec, io);
@@ -404,6 +411,7 @@ fn run_sandbox(
         }
     }
     drop(net);
+    drop(pod);
     let outcome = outcome.map_err(|e| RunFailure::Sandbox(Box::new(e)))?;
     Ok(Timed {
         outcome,

@@ -175,3 +175,108 @@ fn a_bad_request_is_reported_with_its_field_and_nothing_runs() {
         "the image store was touched"
     );
 }
+
+/// Hands the sandbox's handle to the test thread.
+#[derive(Default)]
+struct Handoff(Arc<Mutex<Option<gpucell_sandbox::EventSender>>>);
+
+impl Observer for Handoff {
+    fn sandbox_starting(&mut self, events: gpucell_sandbox::EventSender) {
+        *self.0.lock().unwrap() = Some(events);
+    }
+}
+
+fn proc_spec(script: &str) -> gpucell_protocol::ProcSpec {
+    gpucell_protocol::ProcSpec {
+        args: vec!["sh".into(), "-c".into(), script.into()],
+        env: vec!["PATH=/bin:/usr/bin".into()],
+        cwd: "/tmp".into(),
+        user: String::new(),
+        container: None,
+    }
+}
+
+/// Execs while the workload runs, from another thread (as the shim does): output and
+/// exit code, the same container (pid namespace, /tmp), a kill by id; the exec that
+/// creates `/tmp/stop` ends the workload.
+fn execs_against(sandbox: &Mutex<Option<gpucell_sandbox::EventSender>>) -> Vec<String> {
+    use gpucell_runtime::{exec_in, ExecError, ProcIo};
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    let tx = loop {
+        if let Some(tx) = sandbox.lock().unwrap().clone() {
+            break tx;
+        }
+        assert!(std::time::Instant::now() < deadline, "no sandbox");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let io = |out: &Buffer| ProcIo {
+        stdout: Box::new(out.clone()),
+        stderr: Box::new(out.clone()),
+        stdin: None,
+    };
+    let out = Buffer::default();
+    let script = "echo exec-out; tr '\\0' ' ' < /proc/1/cmdline; echo; pwd; exit 7";
+    let first = loop {
+        match exec_in(&tx, proc_spec(script), io(&out)) {
+            Err(ExecError::NotRunning) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the workload never ran"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            other => break other.unwrap(),
+        }
+    };
+    let mut seen = vec![format!("pid {}", first.pid())];
+    seen.push(format!("exit {:?}", first.wait().unwrap()));
+    seen.push(out.text());
+    let sleeper = exec_in(&tx, proc_spec("exec sleep 600"), io(&Buffer::default())).unwrap();
+    sleeper.signal(9).unwrap();
+    seen.push(format!("killed {:?}", sleeper.wait().unwrap()));
+    let mut bad = proc_spec("");
+    bad.args = vec!["/no/such/tool".into()];
+    let refused = exec_in(&tx, bad, io(&Buffer::default())).unwrap_err();
+    seen.push(format!("refused {refused}"));
+    let stop = exec_in(&tx, proc_spec("touch /tmp/stop"), io(&Buffer::default())).unwrap();
+    seen.push(format!("stop {:?}", stop.wait().unwrap()));
+    seen
+}
+
+#[test]
+fn an_exec_runs_in_the_workloads_container_while_it_runs() {
+    let Some((state, image)) = env() else { return };
+    let node = Node::new("/", state.path(), None, &Config::default());
+    let mut req = RunRequest::new(&image);
+    req.network.mode = Some(gpucell_net::NetworkMode::None);
+    req.command = vec![
+        "sh".into(),
+        "-c".into(),
+        "while [ ! -e /tmp/stop ]; do sleep 0.1; done; echo main-done".into(),
+    ];
+    req.accel = AccelRequest::Tcg;
+    let handoff = Handoff::default();
+    let shared = Arc::clone(&handoff.0);
+    let execs = std::thread::spawn(move || execs_against(&shared));
+    let (out, err) = (Buffer::default(), Buffer::default());
+    let mut obs = handoff;
+    let report = gpucell_runtime::run(&node, req, io(&out, &err), &mut obs);
+    let seen = execs.join().unwrap();
+    assert_eq!(report.error, None, "{:?} {}", report.error, err.text());
+    assert_eq!(report.exit_code, 0);
+    assert_eq!(out.text(), "main-done\n");
+    assert_eq!(seen[1], "exit ExitStatus { code: Some(7), signal: None }");
+    // Its pid 1 is the workload: the same pid namespace; its cwd the spec's.
+    assert_eq!(
+        seen[2],
+        "exec-out\nsh -c while [ ! -e /tmp/stop ]; do sleep 0.1; done; echo main-done \n/tmp\n"
+    );
+    assert_eq!(seen[3], "killed ExitStatus { code: None, signal: Some(9) }");
+    assert!(
+        seen[4].starts_with("refused the agent refused the process: "),
+        "{}",
+        seen[4]
+    );
+    assert!(seen[4].contains("/no/such/tool"), "{}", seen[4]);
+    assert_eq!(seen[5], "stop ExitStatus { code: Some(0), signal: None }");
+}

@@ -13,8 +13,10 @@ use std::time::{Duration, Instant};
 
 use gpucell_protocol::{
     DeviceInfo, ExitStatus, FrameError, FrameReader, FrameWriter, FromGuest, FromHost, GuestHello,
-    HostHello, RunSpec, MAX_DATA_PAYLOAD, PROTOCOL_VERSION,
+    HostHello, ProcSpec, RunSpec, MAX_DATA_PAYLOAD, PROTOCOL_VERSION,
 };
+
+use crate::exec::{ExecError, ExecHandle, ProcIo, Procs};
 
 /// Frames queued between the reader thread and the relay (each at most 256 KiB).
 const QUEUE_DEPTH: usize = 16;
@@ -86,11 +88,30 @@ pub enum Event {
     Signal(i32),
 }
 
-/// Where the relay sends events from outside (signal handlers).
-#[derive(Debug, Clone)]
-pub struct EventSender(SyncSender<Event>);
+/// Where the relay sends events from outside (signal handlers), and where processes
+/// besides the workload are started once it runs.
+#[derive(Clone)]
+pub struct EventSender(SyncSender<Event>, Procs);
+
+impl std::fmt::Debug for EventSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EventSender")
+    }
+}
 
 impl EventSender {
+    /// Starts `spec` in the running workload's container (an exec) and returns once the
+    /// agent started it; its output goes to `io` as it comes.
+    pub fn exec(&self, spec: ProcSpec, io: ProcIo) -> Result<ExecHandle, ExecError> {
+        self.1.exec(spec, io)
+    }
+
+    /// Starts a second container of the pod whose root filesystem disk (`spec.rootfs`)
+    /// is already plugged into the VM.
+    pub fn add_container(&self, spec: RunSpec, io: ProcIo) -> Result<ExecHandle, ExecError> {
+        self.1.add_container(spec, io)
+    }
+
     /// Queues a signal for forwarding; never blocks (a full queue drops it with a warning).
     pub fn signal(&self, signal: i32) {
         if let Err(TrySendError::Full(_)) = self.0.try_send(Event::Signal(signal)) {
@@ -100,10 +121,16 @@ impl EventSender {
 }
 
 /// The receiving end, consumed by [`relay`].
-#[derive(Debug)]
 pub struct EventReceiver {
     rx: Receiver<Event>,
     tx: SyncSender<Event>,
+    procs: Procs,
+}
+
+impl std::fmt::Debug for EventReceiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EventReceiver")
+    }
 }
 
 impl EventReceiver {
@@ -124,7 +151,11 @@ impl EventReceiver {
 
 pub fn event_channel() -> (EventSender, EventReceiver) {
     let (tx, rx) = sync_channel(QUEUE_DEPTH);
-    (EventSender(tx.clone()), EventReceiver { rx, tx })
+    let procs = Procs::default();
+    (
+        EventSender(tx.clone(), procs.clone()),
+        EventReceiver { rx, tx, procs },
+    )
 }
 
 /// The workload's standard streams on the host.
@@ -178,6 +209,11 @@ fn kind_name(m: &FromGuest) -> String {
         FromGuest::Error { .. } => "Error",
         FromGuest::Log { .. } => "Log",
         FromGuest::Driver(_) => "Driver",
+        FromGuest::ProcStarted { .. } => "ProcStarted",
+        FromGuest::ProcStdout { .. } => "ProcStdout",
+        FromGuest::ProcStderr { .. } => "ProcStderr",
+        FromGuest::ProcExited { .. } => "ProcExited",
+        FromGuest::ProcError { .. } => "ProcError",
     }
     .to_string()
 }
@@ -200,10 +236,14 @@ where
     R: Read + Send + 'static,
     W: Write + Send + 'static,
 {
-    let EventReceiver { rx, tx } = events;
+    let EventReceiver { rx, tx, procs } = events;
     spawn_reader(reader, tx);
     let writer: SharedWriter<W> = Arc::new(Mutex::new(FrameWriter::new(writer)));
-    let result = relay_inner(&writer, spec, io, limits, rx, vm_gone);
+    let result = relay_inner(&writer, spec, io, limits, rx, &procs, vm_gone);
+    procs.0.close(&match &result {
+        Ok(r) => format!("its workload exited with {}", r.status.shell_code()),
+        Err(e) => e.to_string(),
+    });
     // Whatever happened, ask the agent to power off (it does so after Exited anyway).
     // Best effort: the writer's own timeout bounds this.
     if !matches!(
@@ -223,6 +263,7 @@ fn relay_inner<W: Write + Send + 'static>(
     mut io: SessionIo,
     limits: &Limits,
     rx: Receiver<Event>,
+    procs: &Procs,
     vm_gone: &mut dyn FnMut() -> Option<String>,
 ) -> Result<SessionReport, SessionError> {
     let begin = Instant::now();
@@ -239,6 +280,7 @@ fn relay_inner<W: Write + Send + 'static>(
     // 3. Relay until the workload exits.
     let mut session = Session {
         writer,
+        procs,
         io,
         limits,
         report: SessionReport {
@@ -401,6 +443,7 @@ fn send_request<W: Write + Send + 'static>(
 /// The relay after the run request: output, devices, start, exit, logs and signals.
 struct Session<'a, W> {
     writer: &'a SharedWriter<W>,
+    procs: &'a Procs,
     io: SessionIo,
     limits: &'a Limits,
     report: SessionReport,
@@ -458,7 +501,16 @@ impl<W: Write + Send + 'static> Session<'_, W> {
             Event::Guest(FromGuest::Started { pid }) if !started => {
                 self.report.started_at = Some(Instant::now());
                 self.report.guest_pid = Some(pid);
+                let w = Arc::clone(self.writer);
+                self.procs.0.open(Arc::new(move |m: &FromHost| {
+                    let mut guard = match w.lock() {
+                        Ok(g) => g,
+                        Err(p) => p.into_inner(),
+                    };
+                    m.send(&mut guard)
+                }));
             }
+            Event::Guest(ref m) if started && self.procs.0.on_guest(m) => {}
             Event::Guest(FromGuest::Exited(status)) if started => {
                 self.report.status = status;
                 self.report.exited_at = Instant::now();

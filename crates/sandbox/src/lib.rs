@@ -8,6 +8,7 @@
 //! - [`qmp`]: a small QMP client with timeouts.
 //! - [`rundir`]: the per-run directory and its cleanup.
 //! - [`channel`]: the host side of the agent protocol, with limits.
+//! - [`exec`]: processes besides the workload (execs, added containers) in a session.
 //! - [`accel`]: KVM/TCG selection by probe boot, cached.
 //! - [`spec`]: docker's rules from image config and flags to the agent's run request.
 //! - [`devices`]: PCI passthrough wiring, 64-bit hole sizing, vCPU pinning.
@@ -27,6 +28,7 @@ pub mod command;
 pub mod console;
 pub mod devices;
 pub mod jail;
+pub mod exec;
 pub mod memory;
 pub mod process;
 pub mod qmp;
@@ -42,6 +44,7 @@ pub use channel::{
     event_channel, EventReceiver, EventSender, Limits, SessionError, SessionIo, SessionReport,
 };
 pub use command::{qemu_command, ChannelKind, ChannelLayout, CommandInput, NetLayout};
+pub use exec::{ExecError, ExecHandle, ProcIo};
 pub use sandbox::{
     ChannelChoice, Plan, RunAsPolicy, RunError, RunOutcome, Sandbox, SandboxError, Timings,
     VmConfig,

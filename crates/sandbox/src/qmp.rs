@@ -165,6 +165,39 @@ impl Qmp {
         out
     }
 
+    /// Hot-plugs the disk image `path` read-only as a `virtio-blk-pci` device `<node>-dev`
+    /// on the free PCIe root port `port` (a pod's second container's root filesystem):
+    /// `blockdev-add` of node `node`, then `device_add`. A failed `device_add` removes the
+    /// node again, so nothing is left behind.
+    pub fn hotplug_disk(&mut self, node: &str, path: &Path, port: &str) -> Result<(), QmpError> {
+        let filename = path.to_string_lossy();
+        self.execute(
+            "blockdev-add",
+            Some(json!({
+                "driver": "raw",
+                "node-name": node,
+                "read-only": true,
+                "file": { "driver": "file", "filename": filename, "read-only": true },
+            })),
+        )?;
+        let added = self.execute(
+            "device_add",
+            Some(json!({
+                "driver": "virtio-blk-pci",
+                "id": format!("{node}-dev"),
+                "drive": node,
+                "bus": port,
+            })),
+        );
+        if let Err(e) = added {
+            if let Err(undo) = self.execute("blockdev-del", Some(json!({ "node-name": node }))) {
+                tracing::warn!(node, error = %undo, "removing the block node of a failed hot-plug");
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
     /// Asks the guest to power off (ACPI power button).
     pub fn powerdown(&mut self) -> Result<(), QmpError> {
         self.execute("system_powerdown", None).map(|_| ())
@@ -275,6 +308,42 @@ mod tests {
         let sent = h.join().unwrap();
         assert_eq!(sent[0], r#"{"execute":"qmp_capabilities"}"#);
         assert_eq!(sent[1], r#"{"execute":"stop"}"#);
+    }
+
+    #[test]
+    fn a_disk_is_hot_plugged_and_a_failed_plug_leaves_no_node() {
+        let (s, h) = fake_qemu(&[
+            r#"{"QMP": {"version": {}, "capabilities": []}}"#,
+            r#"< {"return": {}}"#,
+            r#"< {"return": {}}"#,
+            r#"< {"return": {}}"#,
+            r#"< {"return": {}}"#,
+            r#"< {"error": {"class": "GenericError", "desc": "Bus 'hp9' not found"}}"#,
+            r#"< {"return": {}}"#,
+        ]);
+        let mut q = Qmp::from_stream(s, Duration::from_secs(5)).unwrap();
+        q.hotplug_disk("c1", Path::new("/run/x/c1.img"), "hp0")
+            .unwrap();
+        let err = q
+            .hotplug_disk("c2", Path::new("/run/x/c2.img"), "hp9")
+            .unwrap_err();
+        assert!(err.to_string().contains("Bus 'hp9' not found"), "{err}");
+        let sent = h.join().unwrap();
+        let v: Vec<Value> = sent[1..]
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(v[0]["execute"], "blockdev-add");
+        assert_eq!(v[0]["arguments"]["node-name"], "c1");
+        assert_eq!(v[0]["arguments"]["read-only"], true);
+        assert_eq!(v[0]["arguments"]["file"]["filename"], "/run/x/c1.img");
+        assert_eq!(v[1]["execute"], "device_add");
+        assert_eq!(v[1]["arguments"]["driver"], "virtio-blk-pci");
+        assert_eq!(v[1]["arguments"]["drive"], "c1");
+        assert_eq!(v[1]["arguments"]["bus"], "hp0");
+        assert_eq!(v[3]["execute"], "device_add");
+        assert_eq!(v[4]["execute"], "blockdev-del");
+        assert_eq!(v[4]["arguments"]["node-name"], "c2");
     }
 
     #[test]

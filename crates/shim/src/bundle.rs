@@ -56,6 +56,9 @@ pub struct TaskSpec {
     pub root: PathBuf,
     pub terminal: bool,
     pub annotations: HashMap<String, String>,
+    /// The path of `linux.namespaces`' network entry: the pod's network namespace
+    /// (`ctr run --with-ns network:PATH`, the CRI sandbox's CNI namespace).
+    pub netns: Option<PathBuf>,
 }
 
 impl TaskSpec {
@@ -105,6 +108,14 @@ impl TaskSpec {
             .and_then(|l| l.devices().as_ref())
             .map(|d| d.iter().map(|d| d.path().clone()).collect())
             .unwrap_or_default();
+        let netns = linux
+            .and_then(|l| l.namespaces().as_ref())
+            .and_then(|n| {
+                n.iter()
+                    .find(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Network)
+            })
+            .and_then(|n| n.path().clone())
+            .filter(|p| !p.as_os_str().is_empty());
         let root = spec
             .root()
             .as_ref()
@@ -122,6 +133,7 @@ impl TaskSpec {
             root: bundle.join(root),
             terminal: process.terminal().unwrap_or(false),
             annotations: spec.annotations().clone().unwrap_or_default(),
+            netns,
         })
     }
 
@@ -142,6 +154,31 @@ impl TaskSpec {
             .is_some_and(|t| t == "sandbox")
     }
 
+    /// A CRI pod's network namespace reaches its application containers through its
+    /// sandbox container: the sandbox's spec names the CNI namespace, while an
+    /// application container's names `/proc/<sandbox pid>/ns/net`, the shim's own (the
+    /// sandbox "process" is the shim), which [`TaskSpec::request`] leaves out. `known`
+    /// maps pod ids to their namespaces: a sandbox container records its own, an
+    /// application container without one of its own takes its pod's.
+    pub fn join_pod_netns(
+        &self,
+        task_id: &str,
+        request: &mut RunRequest,
+        known: &mut HashMap<String, PathBuf>,
+    ) {
+        let pod = self.pod_id(task_id).to_string();
+        if self.is_pod_sandbox() {
+            if let Some(ns) = &request.network.pod_netns {
+                known.insert(pod, ns.clone());
+            }
+        } else if request.network.pod_netns.is_none() {
+            if let Some(ns) = known.get(&pod) {
+                request.network.pod_netns = Some(ns.clone());
+                request.network.mode = None;
+            }
+        }
+    }
+
     /// The run request of this task. `name` names the run in its report (the image field
     /// of a request from a directory); the devices are filled in by the caller.
     pub fn request(&self, name: &str, accel: AccelRequest) -> RunRequest {
@@ -158,10 +195,19 @@ impl TaskSpec {
         r.accel = accel;
         r.guest = self.annotations.get(GUEST_ANNOTATION).cloned();
         r.driver = self.annotations.get(DRIVER_ANNOTATION).cloned();
-        // A pod's network belongs to the CRI and its CNI plugins, which the shim does not
-        // wire into the VM yet (docs/shim.md): no network device rather than gpucell's own
-        // private network beside the pod's.
-        r.network.mode = Some(gpucell_net::NetworkMode::None);
+        // A pod's network belongs to the CRI and its CNI plugins (or to whoever gave the
+        // task a network namespace): the VM is attached to that namespace, and never
+        // gets gpucell's own private network beside the pod's. The shim's own namespace
+        // (the node's: a CRI container names its sandbox's pid, which is the shim's) is
+        // not a pod's: no network device then.
+        match self
+            .netns
+            .as_ref()
+            .filter(|p| !gpucell_net::pod::is_own_netns(p))
+        {
+            Some(ns) => r.network.pod_netns = Some(ns.clone()),
+            None => r.network.mode = Some(gpucell_net::NetworkMode::None),
+        }
         r
     }
 }
@@ -212,6 +258,67 @@ mod tests {
         assert_eq!(r.guest.as_deref(), Some("default"));
         assert_eq!(r.memory_mib, 2048);
         r.validate().unwrap();
+    }
+
+    #[test]
+    fn a_network_namespace_path_is_the_pods_unless_it_is_the_shims_own() {
+        let with_ns = |path: &str| {
+            spec(&format!(
+                r#"{{"ociVersion":"1.1.0","process":{{"args":["true"],"cwd":"/","user":{{"uid":0,"gid":0}}}},
+                    "root":{{"path":"rootfs"}},"linux":{{"namespaces":[{{"type":"pid"}},{{"type":"network","path":"{path}"}}]}}}}"#
+            ))
+            .unwrap()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let other = dir.path().join("ns");
+        std::fs::write(&other, "").unwrap();
+        let t = with_ns(other.to_str().unwrap());
+        assert_eq!(t.netns.as_deref(), Some(other.as_path()));
+        let r = t.request("c", AccelRequest::Tcg);
+        assert_eq!(r.network.pod_netns.as_deref(), Some(other.as_path()));
+        assert_eq!(r.network.mode, None);
+        // The node's namespace (a CRI container names its sandbox's pid: the shim's).
+        let own = format!("/proc/{}/ns/net", std::process::id());
+        let r = with_ns(&own).request("c", AccelRequest::Tcg);
+        assert_eq!(r.network.pod_netns, None);
+        assert_eq!(r.network.mode, Some(gpucell_net::NetworkMode::None));
+        // No namespace entry at all: no network device.
+        let r = spec(FULL).unwrap().request("c", AccelRequest::Tcg);
+        assert_eq!(r.network.mode, Some(gpucell_net::NetworkMode::None));
+    }
+
+    #[test]
+    fn a_cri_container_joins_the_network_namespace_of_its_pods_sandbox() {
+        let dir = tempfile::tempdir().unwrap();
+        let cni = dir.path().join("cni-1");
+        std::fs::write(&cni, "").unwrap();
+        let own = format!("/proc/{}/ns/net", std::process::id());
+        let task = |kind: &str, ns: &str| {
+            spec(&format!(
+                r#"{{"ociVersion":"1.1.0","process":{{"args":["true"],"cwd":"/","user":{{"uid":0,"gid":0}}}},
+                    "root":{{"path":"rootfs"}},
+                    "annotations":{{"io.kubernetes.cri.sandbox-id":"sb1","io.kubernetes.cri.container-type":"{kind}"}},
+                    "linux":{{"namespaces":[{{"type":"network","path":"{ns}"}}]}}}}"#
+            ))
+            .unwrap()
+        };
+        let mut known = HashMap::new();
+        let sandbox = task("sandbox", cni.to_str().unwrap());
+        let mut r = sandbox.request("sb1", AccelRequest::Tcg);
+        sandbox.join_pod_netns("sb1", &mut r, &mut known);
+        assert_eq!(known.get("sb1"), Some(&cni));
+        let app = task("container", &own);
+        let mut r = app.request("c1", AccelRequest::Tcg);
+        assert_eq!(r.network.pod_netns, None);
+        app.join_pod_netns("c1", &mut r, &mut known);
+        assert_eq!(r.network.pod_netns.as_deref(), Some(cni.as_path()));
+        assert_eq!(r.network.mode, None);
+        r.validate().unwrap();
+        // Another pod's container gets nothing from sb1.
+        let mut other = HashMap::new();
+        let mut r = app.request("c1", AccelRequest::Tcg);
+        app.join_pod_netns("c1", &mut r, &mut other);
+        assert_eq!(r.network.pod_netns, None);
     }
 
     #[test]

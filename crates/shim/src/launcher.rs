@@ -95,6 +95,8 @@ pub struct Control {
 #[derive(Debug, Default)]
 struct ControlState {
     events: Option<EventSender>,
+    /// `events` belongs to a running sandbox (not to [`hold`]).
+    sandbox: bool,
     pending: Vec<i32>,
 }
 
@@ -109,6 +111,16 @@ impl Control {
             Some(e) => e.signal(signal),
             None => s.pending.push(signal),
         }
+    }
+
+    /// The running sandbox's handle (to start execs in it); `None` before it starts and
+    /// for a pod's sandbox container, which runs no VM.
+    pub fn sandbox(&self) -> Option<EventSender> {
+        let s = match self.inner.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        s.sandbox.then(|| s.events.clone()).flatten()
     }
 
     fn attach(&self, events: EventSender) {
@@ -151,5 +163,10 @@ impl Observer for TaskObserver {
 
     fn sandbox_starting(&mut self, events: EventSender) {
         self.control.attach(events);
+        let mut s = match self.control.inner.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        s.sandbox = true;
     }
 }

@@ -31,6 +31,9 @@ use crate::events::EventTx;
 use crate::launcher::{Control, Launch, Launcher, TaskObserver};
 use crate::stdio::StdioPaths;
 
+mod exec;
+use exec::ExecProc;
+
 /// Exit code of a task killed before it started, or lost with its shim (128 + SIGKILL).
 pub const EXIT_KILLED: u32 = 137;
 /// The file in the bundle that receives the run report of a finished task.
@@ -68,6 +71,8 @@ struct Container {
     control: Arc<Control>,
     /// The rootfs the shim mounted itself (unmounted on delete).
     mounted: Option<PathBuf>,
+    /// Exec processes by exec id.
+    execs: Mutex<HashMap<String, Arc<ExecProc>>>,
 }
 
 impl Container {
@@ -92,6 +97,9 @@ struct Inner {
     events: EventTx,
     exit: Arc<ExitSignal>,
     pid: u32,
+    /// Each pod's network namespace, from its sandbox container (see
+    /// `TaskSpec::join_pod_netns`).
+    pod_netns: Mutex<HashMap<String, PathBuf>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -114,15 +122,29 @@ fn timestamp(t: SystemTime) -> MessageField<Timestamp> {
     })
 }
 
-fn no_exec(exec_id: &str) -> TtrpcResult<()> {
-    if exec_id.is_empty() {
-        Ok(())
-    } else {
-        Err(status(
-            Code::NOT_FOUND,
-            format!("exec {exec_id:?}: gpucell tasks have no exec processes"),
-        ))
+fn phase_status(p: Phase) -> Status {
+    match p {
+        Phase::Created => Status::CREATED,
+        Phase::Running => Status::RUNNING,
+        Phase::Stopped => Status::STOPPED,
     }
+}
+
+/// What a wait for an exit returns once it came (or its sender is gone).
+async fn wait_exit(mut rx: watch::Receiver<Option<Exit>>) -> TtrpcResult<api::WaitResponse> {
+    let exit = rx
+        .wait_for(Option::is_some)
+        .await
+        .map_err(|e| status(Code::INTERNAL, e.to_string()))?
+        .unwrap_or(Exit {
+            code: EXIT_KILLED,
+            at: SystemTime::now(),
+        });
+    Ok(api::WaitResponse {
+        exit_status: exit.code,
+        exited_at: timestamp(exit.at),
+        ..Default::default()
+    })
 }
 
 impl TaskService {
@@ -133,6 +155,7 @@ impl TaskService {
             inner: Arc::new(Inner {
                 settings,
                 containers: Mutex::new(HashMap::new()),
+                pod_netns: Mutex::new(HashMap::new()),
                 events,
                 exit,
                 pid: std::process::id(),
@@ -167,6 +190,7 @@ impl TaskService {
         let mut request = spec.request(&format!("containerd:{}", req.id), s.accel);
         request.devices.gpus = passed.gpus_field();
         request.devices.functions = passed.functions_field();
+        spec.join_pod_netns(&req.id, &mut request, &mut lock(&self.inner.pod_netns));
         request
             .clone()
             .validate()
@@ -191,6 +215,7 @@ impl TaskService {
             exit_tx,
             control: Arc::new(Control::default()),
             mounted,
+            execs: Mutex::new(HashMap::new()),
         })
     }
 
@@ -347,8 +372,24 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::StartRequest,
     ) -> TtrpcResult<api::StartResponse> {
-        no_exec(&req.exec_id)?;
         let c = self.get(&req.id)?;
+        if !req.exec_id.is_empty() {
+            let e = self.get_exec(&c, &req.exec_id)?;
+            let service = self.clone();
+            let pid = tokio::task::spawn_blocking(move || service.start_exec(&c, &e))
+                .await
+                .map_err(|e| status(Code::INTERNAL, e.to_string()))?
+                .map_err(|e| {
+                    status(
+                        Code::FAILED_PRECONDITION,
+                        format!("exec {:?}: {e}", req.exec_id),
+                    )
+                })?;
+            return Ok(api::StartResponse {
+                pid,
+                ..Default::default()
+            });
+        }
         let launch = {
             let mut phase = lock(&c.phase);
             if *phase != Phase::Created {
@@ -395,14 +436,27 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::StateRequest,
     ) -> TtrpcResult<api::StateResponse> {
-        no_exec(&req.exec_id)?;
         let c = self.get(&req.id)?;
+        if !req.exec_id.is_empty() {
+            let e = self.get_exec(&c, &req.exec_id)?;
+            let exit = e.exit();
+            let phase = *lock(&e.phase);
+            return Ok(api::StateResponse {
+                id: e.id.clone(),
+                bundle: c.bundle.clone(),
+                pid: self.inner.pid,
+                status: phase_status(phase).into(),
+                stdin: e.stdio.stdin.clone(),
+                stdout: e.stdio.stdout.clone(),
+                stderr: e.stdio.stderr.clone(),
+                exec_id: e.id.clone(),
+                exit_status: exit.map(|e| e.code).unwrap_or(0),
+                exited_at: exit.map(|e| timestamp(e.at)).unwrap_or_default(),
+                ..Default::default()
+            });
+        }
         let exit = c.exit();
-        let status = match c.phase() {
-            Phase::Created => Status::CREATED,
-            Phase::Running => Status::RUNNING,
-            Phase::Stopped => Status::STOPPED,
-        };
+        let status = phase_status(c.phase());
         Ok(api::StateResponse {
             id: c.id.clone(),
             bundle: c.bundle.clone(),
@@ -419,7 +473,6 @@ impl Task for TaskService {
     }
 
     async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
-        no_exec(&req.exec_id)?;
         let c = self.get(&req.id)?;
         let signal = i32::try_from(req.signal)
             .ok()
@@ -430,6 +483,11 @@ impl Task for TaskService {
                     format!("signal {} is not a signal number", req.signal),
                 )
             })?;
+        if !req.exec_id.is_empty() {
+            let e = self.get_exec(&c, &req.exec_id)?;
+            self.kill_exec(&c, &e, signal)?;
+            return Ok(api::Empty::default());
+        }
         let phase = c.phase();
         match phase {
             Phase::Created => {
@@ -453,22 +511,12 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::WaitRequest,
     ) -> TtrpcResult<api::WaitResponse> {
-        no_exec(&req.exec_id)?;
         let c = self.get(&req.id)?;
-        let mut rx = c.exit_tx.subscribe();
-        let exit = rx
-            .wait_for(Option::is_some)
-            .await
-            .map_err(|e| status(Code::INTERNAL, e.to_string()))?
-            .unwrap_or(Exit {
-                code: EXIT_KILLED,
-                at: SystemTime::now(),
-            });
-        Ok(api::WaitResponse {
-            exit_status: exit.code,
-            exited_at: timestamp(exit.at),
-            ..Default::default()
-        })
+        if !req.exec_id.is_empty() {
+            let e = self.get_exec(&c, &req.exec_id)?;
+            return wait_exit(e.exit_tx.subscribe()).await;
+        }
+        wait_exit(c.exit_tx.subscribe()).await
     }
 
     async fn delete(
@@ -476,8 +524,27 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::DeleteRequest,
     ) -> TtrpcResult<api::DeleteResponse> {
-        no_exec(&req.exec_id)?;
         let c = self.get(&req.id)?;
+        if !req.exec_id.is_empty() {
+            let e = self.get_exec(&c, &req.exec_id)?;
+            if *lock(&e.phase) == Phase::Running {
+                return Err(status(
+                    Code::FAILED_PRECONDITION,
+                    format!("exec {:?} is running: kill it first", req.exec_id),
+                ));
+            }
+            lock(&c.execs).remove(&req.exec_id);
+            let exit = e.exit().unwrap_or(Exit {
+                code: 0,
+                at: SystemTime::now(),
+            });
+            return Ok(api::DeleteResponse {
+                pid: self.inner.pid,
+                exit_status: exit.code,
+                exited_at: timestamp(exit.at),
+                ..Default::default()
+            });
+        }
         if c.phase() == Phase::Running {
             return Err(status(
                 Code::FAILED_PRECONDITION,
@@ -534,13 +601,8 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::ExecProcessRequest,
     ) -> TtrpcResult<api::Empty> {
-        Err(status(
-            Code::UNIMPLEMENTED,
-            format!(
-                "exec into task {:?}: the gpucell guest agent runs one process per VM; a second process in the same VM is not supported yet",
-                req.id
-            ),
-        ))
+        self.add_exec(&req)?;
+        Ok(api::Empty::default())
     }
 
     async fn resize_pty(

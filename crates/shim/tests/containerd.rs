@@ -6,8 +6,8 @@
 //! (GPUCELL_TEST_STATE_DIR), QEMU, umoci/busybox-static, or containerd.
 //!
 //! One test, in steps, so that the VMs boot one after another on a small machine:
-//! `ctr run` prints the output and returns the exit code; kill and delete work; exec is
-//! refused; containerd killed and restarted while a task runs: the task survives and its
+//! `ctr run` prints the output and returns the exit code; kill and delete work; exec
+//! runs in the task's VM beside it (output, exit code, kill); containerd killed and restarted while a task runs: the task survives and its
 //! exit is still reported.
 
 #![allow(clippy::unwrap_used)]
@@ -397,13 +397,7 @@ fn kill_exec_and_delete(env: &Env) {
     assert!(out.status.success(), "{}", text(&out.stderr));
     env.wait_for_file(&log, "started");
     assert_eq!(env.task_status("t2").as_deref(), Some("RUNNING"));
-    let exec = env.ctr(&["tasks", "exec", "--exec-id", "e1", "t2", "true"]);
-    assert!(!exec.status.success());
-    assert!(
-        text(&exec.stderr).contains("one process per VM"),
-        "{}",
-        text(&exec.stderr)
-    );
+    exec_in_a_running_task(env, "t2");
     let out = env.ctr(&["tasks", "kill", "-s", "SIGKILL", "t2"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     env.wait_for("t2 to stop", Duration::from_secs(60), || {
@@ -417,6 +411,45 @@ fn kill_exec_and_delete(env: &Env) {
     );
     assert!(env.ctr(&["containers", "rm", "t2"]).status.success());
     assert_eq!(env.task_status("t2"), None);
+}
+
+/// `ctr tasks exec` in the running task `id`: output and exit code come back while the
+/// task runs on, and a killed exec ends with the signal.
+fn exec_in_a_running_task(env: &Env, id: &str) {
+    let exec = env.ctr(&[
+        "tasks",
+        "exec",
+        "--exec-id",
+        "e1",
+        id,
+        "sh",
+        "-c",
+        "echo exec-out; echo exec-err >&2; cat /proc/1/cmdline; exit 4",
+    ]);
+    assert_eq!(exec.status.code(), Some(4), "{}", text(&exec.stderr));
+    let out = text(&exec.stdout);
+    assert!(out.starts_with("exec-out\n"), "{out}");
+    // The exec sees the task's own processes: it runs in the same container.
+    assert!(out.contains("sleep"), "{out}");
+    assert!(
+        text(&exec.stderr).contains("exec-err"),
+        "{}",
+        text(&exec.stderr)
+    );
+    let long = env
+        .ctr_cmd(&["tasks", "exec", "--exec-id", "e2", id, "sleep", "600"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Refused until the exec is known and started.
+    env.wait_for("exec e2 to take SIGKILL", Duration::from_secs(60), || {
+        let killed = env.ctr(&["tasks", "kill", "--exec-id", "e2", "-s", "SIGKILL", id]);
+        killed.status.success()
+    });
+    let out = long.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(137), "{}", text(&out.stderr));
+    assert_eq!(env.task_status(id).as_deref(), Some("RUNNING"));
 }
 
 fn task_survives_a_containerd_restart(env: &mut Env) {

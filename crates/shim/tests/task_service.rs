@@ -260,6 +260,7 @@ async fn refusals_name_what_is_wrong() {
         .await
         .unwrap_err();
     assert_eq!(code(err), Code::ALREADY_EXISTS);
+    // An exec needs a running task.
     let exec = api::ExecProcessRequest {
         id: "t4".into(),
         exec_id: "e1".into(),
@@ -267,8 +268,8 @@ async fn refusals_name_what_is_wrong() {
     };
     let err = h.service.exec(&ctx(), exec).await.unwrap_err();
     let msg = format!("{err:?}");
-    assert_eq!(code(err), Code::UNIMPLEMENTED);
-    assert!(msg.contains("one process per VM"), "{msg}");
+    assert_eq!(code(err), Code::FAILED_PRECONDITION);
+    assert!(msg.contains("the task is not running"), "{msg}");
     let mut bad = h.bundle("t5", &["exit", "0"]);
     std::fs::write(Path::new(&bad.bundle).join("config.json"), "{").unwrap();
     bad.id = "t5".into();
@@ -413,4 +414,113 @@ async fn vfio_devices_of_the_spec_reach_the_run_request_as_pci_functions() {
     };
     let err = service.create(&ctx(), req).await.unwrap_err();
     assert!(format!("{err:?}").contains("/dev/vfio/99"), "{err:?}");
+}
+
+fn exec_req(id: &str, exec_id: &str, process: &str) -> api::ExecProcessRequest {
+    let mut any = containerd_shim_protos::protobuf::well_known_types::any::Any::new();
+    any.type_url = "types.containerd.io/opencontainers/runtime-spec/1/Process".into();
+    any.value = process.as_bytes().to_vec();
+    api::ExecProcessRequest {
+        id: id.into(),
+        exec_id: exec_id.into(),
+        spec: Some(any).into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn execs_are_checked_recorded_and_started_in_the_task_sandbox() {
+    let mut h = harness();
+    h.service
+        .create(&ctx(), h.bundle("t9", &["wait"]))
+        .await
+        .unwrap();
+    h.service.start(&ctx(), start("t9")).await.unwrap();
+    let process = r#"{"args":["ls","/"],"cwd":"/","user":{"uid":0,"gid":0},"env":["A=b"]}"#;
+    // A terminal, a missing spec, a spec that is not a process, empty args: refused.
+    let mut tty = exec_req("t9", "e0", process);
+    tty.terminal = true;
+    let mut no_spec = exec_req("t9", "e0", process);
+    no_spec.spec = None.into();
+    for (req, says) in [
+        (tty, "terminal"),
+        (no_spec, "no process spec"),
+        (exec_req("t9", "e0", "{"), "not an OCI process"),
+        (
+            exec_req(
+                "t9",
+                "e0",
+                r#"{"args":[],"cwd":"/","user":{"uid":0,"gid":0}}"#,
+            ),
+            "empty args",
+        ),
+    ] {
+        let err = h.service.exec(&ctx(), req).await.unwrap_err();
+        let msg = format!("{err:?}");
+        assert_eq!(code(err), Code::INVALID_ARGUMENT, "{msg}");
+        assert!(msg.contains(says), "{msg}");
+    }
+    h.service
+        .exec(&ctx(), exec_req("t9", "e1", process))
+        .await
+        .unwrap();
+    let err = h
+        .service
+        .exec(&ctx(), exec_req("t9", "e1", process))
+        .await
+        .unwrap_err();
+    assert_eq!(code(err), Code::ALREADY_EXISTS);
+    let state = h
+        .service
+        .state(
+            &ctx(),
+            api::StateRequest {
+                id: "t9".into(),
+                exec_id: "e1".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(state.status, Status::CREATED.into());
+    // The fake launcher runs no agent: the start reaches the sandbox and is refused
+    // there, and the exec ends as failed.
+    let mut req = start("t9");
+    req.exec_id = "e1".into();
+    let err = h.service.start(&ctx(), req).await.unwrap_err();
+    let msg = format!("{err:?}");
+    assert_eq!(code(err), Code::FAILED_PRECONDITION);
+    assert!(msg.contains("workload is not running"), "{msg}");
+    let wait = api::WaitRequest {
+        id: "t9".into(),
+        exec_id: "e1".into(),
+        ..Default::default()
+    };
+    let exit = h.service.wait(&ctx(), wait).await.unwrap().exit_status;
+    assert_eq!(exit, gpucell_runtime::EXIT_RUN_FAILED as u32);
+    let unknown = api::KillRequest {
+        id: "t9".into(),
+        exec_id: "nope".into(),
+        signal: 9,
+        ..Default::default()
+    };
+    let err = h.service.kill(&ctx(), unknown).await.unwrap_err();
+    assert_eq!(code(err), Code::NOT_FOUND);
+    let del = api::DeleteRequest {
+        id: "t9".into(),
+        exec_id: "e1".into(),
+        ..Default::default()
+    };
+    h.service.delete(&ctx(), del).await.unwrap();
+    assert_eq!(
+        h.topics(4).await,
+        [
+            "/tasks/create",
+            "/tasks/start",
+            "/tasks/exec-added",
+            "/tasks/exit"
+        ]
+    );
+    h.service.kill(&ctx(), kill("t9", 9)).await.unwrap();
+    assert_eq!(h.wait("t9").await, 137);
 }

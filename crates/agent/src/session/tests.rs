@@ -6,6 +6,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -18,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use gpucell_protocol::{
     DeviceInfo, DeviceMatch, ExitStatus, FrameError, FrameReader, FrameWriter, FromGuest, FromHost,
-    GuestHello, HostHello, Kind, RootfsSpec, RunSpec, MAX_CONTROL_PAYLOAD, MAX_DATA_PAYLOAD,
-    PROTOCOL_VERSION,
+    GuestHello, HostHello, Kind, ProcSpec, RootfsSpec, RunSpec, MAX_CONTROL_PAYLOAD,
+    MAX_DATA_PAYLOAD, PROTOCOL_VERSION,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -33,16 +34,25 @@ use crate::workload::{Workload, WorkloadError};
 const STEP: Duration = Duration::from_secs(20);
 
 /// The workload as a plain child process (the spec's argv, environment and working
-/// directory) and the PCI functions of a fake sysfs directory. A thread waits for the
-/// child and then makes `exit_fd` readable, as SIGCHLD does for the real signalfd.
+/// directory) and the PCI functions of a fake sysfs directory; execs and added containers
+/// are plain children too. A thread per child waits for it and then makes `exit_fd`
+/// readable, as SIGCHLD does for the real signalfd.
 struct ChildWorkload {
     devices_dir: tempfile::TempDir,
     exit_r: UnixStream,
-    exit_w: Option<UnixStream>,
-    waiter: Option<JoinHandle<()>>,
+    exit_w: UnixStream,
+    waiters: Vec<JoinHandle<()>>,
+    /// Every child started.
+    children: Vec<Pid>,
+    /// The workload's pid once started.
     pid: Option<Pid>,
-    status: Arc<Mutex<Option<ExitStatus>>>,
-    reported: bool,
+    /// Exits not yet returned by `reap`.
+    unreaped: Arc<Mutex<Vec<(Pid, ExitStatus)>>>,
+    /// Every exit so far.
+    statuses: Arc<Mutex<HashMap<Pid, ExitStatus>>>,
+    /// The target each exec was started in, and the ids of added containers.
+    exec_targets: Vec<Pid>,
+    added: Vec<u32>,
 }
 
 impl ChildWorkload {
@@ -52,11 +62,14 @@ impl ChildWorkload {
         Self {
             devices_dir: tempfile::tempdir().unwrap(),
             exit_r,
-            exit_w: Some(exit_w),
-            waiter: None,
+            exit_w,
+            waiters: Vec::new(),
+            children: Vec::new(),
             pid: None,
-            status: Arc::default(),
-            reported: false,
+            unreaped: Arc::default(),
+            statuses: Arc::default(),
+            exec_targets: Vec::new(),
+            added: Vec::new(),
         }
     }
 
@@ -74,38 +87,38 @@ impl ChildWorkload {
         self.pid.is_some()
     }
 
-    /// How the child ended; fails the test if it is still running after [`STEP`].
-    fn final_status(&mut self) -> ExitStatus {
-        let waiter = self.waiter.take().unwrap();
+    /// How the child `pid` ended; fails the test if it is still running after [`STEP`].
+    fn status_of(&self, pid: Pid) -> ExitStatus {
         let deadline = Instant::now() + STEP;
-        while !waiter.is_finished() {
-            assert!(Instant::now() < deadline, "the workload is still running");
+        loop {
+            if let Some(s) = self.statuses.lock().unwrap().get(&pid) {
+                return *s;
+            }
+            assert!(Instant::now() < deadline, "process {pid} is still running");
             std::thread::sleep(Duration::from_millis(10));
         }
-        waiter.join().unwrap();
-        self.status.lock().unwrap().unwrap()
     }
-}
 
-impl Workload for ChildWorkload {
-    fn wait_for_devices(
+    /// How the workload ended.
+    fn final_status(&mut self) -> ExitStatus {
+        self.status_of(self.pid.unwrap())
+    }
+
+    /// Starts `args` as a plain child with its pipes, non-blocking on the agent's side.
+    fn spawn(
         &mut self,
-        wanted: &[DeviceMatch],
-        wait: Duration,
-    ) -> (Vec<DeviceInfo>, Vec<DeviceMatch>) {
-        devices::wait_for(self.devices_dir.path(), wanted, wait)
-    }
-
-    fn start(&mut self, spec: &RunSpec) -> Result<(Pid, Stdio), WorkloadError> {
-        let (exe, args) = spec
-            .args
+        args: &[String],
+        env: &[String],
+        cwd: &str,
+    ) -> Result<(Pid, Stdio), WorkloadError> {
+        let (exe, args) = args
             .split_first()
             .ok_or_else(|| ContainerError::Child("empty argv".into()))?;
         let mut child = Command::new(exe)
             .args(args)
             .env_clear()
-            .envs(spec.env.iter().filter_map(|e| e.split_once('=')))
-            .current_dir(&spec.cwd)
+            .envs(env.iter().filter_map(|e| e.split_once('=')))
+            .current_dir(if cwd.is_empty() { "/" } else { cwd })
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
@@ -120,37 +133,61 @@ impl Workload for ChildWorkload {
             container::set_nonblocking(fd);
         }
         let pid = Pid::from_raw(i32::try_from(child.id()).unwrap());
-        let status = Arc::clone(&self.status);
-        let mut exit_w = self.exit_w.take().unwrap();
-        self.waiter = Some(std::thread::spawn(move || {
+        self.children.push(pid);
+        let (unreaped, statuses) = (Arc::clone(&self.unreaped), Arc::clone(&self.statuses));
+        let mut exit_w = self.exit_w.try_clone().unwrap();
+        self.waiters.push(std::thread::spawn(move || {
             let s = child.wait().unwrap();
-            *status.lock().unwrap() = Some(ExitStatus {
+            let status = ExitStatus {
                 code: s.code(),
                 signal: s.signal(),
-            });
+            };
+            statuses.lock().unwrap().insert(pid, status);
+            unreaped.lock().unwrap().push((pid, status));
             exit_w.write_all(b"x").unwrap();
         }));
+        Ok((pid, stdio))
+    }
+}
+
+impl Workload for ChildWorkload {
+    fn wait_for_devices(
+        &mut self,
+        wanted: &[DeviceMatch],
+        wait: Duration,
+    ) -> (Vec<DeviceInfo>, Vec<DeviceMatch>) {
+        devices::wait_for(self.devices_dir.path(), wanted, wait)
+    }
+
+    fn start(&mut self, spec: &RunSpec) -> Result<(Pid, Stdio), WorkloadError> {
+        let (pid, stdio) = self.spawn(&spec.args, &spec.env, &spec.cwd)?;
         self.pid = Some(pid);
         Ok((pid, stdio))
+    }
+
+    fn exec(&mut self, target: Pid, spec: &ProcSpec) -> Result<(Pid, Stdio), WorkloadError> {
+        self.exec_targets.push(target);
+        self.spawn(&spec.args, &spec.env, &spec.cwd)
+    }
+
+    fn add_container(&mut self, id: u32, spec: &RunSpec) -> Result<(Pid, Stdio), WorkloadError> {
+        self.added.push(id);
+        self.spawn(&spec.args, &spec.env, &spec.cwd)
     }
 
     fn exit_fd(&self) -> BorrowedFd<'_> {
         self.exit_r.as_fd()
     }
 
-    fn reap(&mut self) -> Option<ExitStatus> {
+    fn reap(&mut self) -> Vec<(Pid, ExitStatus)> {
         let mut b = [0u8; 16];
         while matches!((&self.exit_r).read(&mut b), Ok(n) if n > 0) {}
-        let status = (*self.status.lock().unwrap())?;
-        if std::mem::replace(&mut self.reported, true) {
-            return None;
-        }
-        Some(status)
+        std::mem::take(&mut *self.unreaped.lock().unwrap())
     }
 
-    fn signal(&mut self, signal: Signal) {
+    fn kill(&mut self, pid: Pid, signal: Signal) {
         // Only a child not yet reaped: its pid is still its own.
-        if let (Some(pid), None) = (self.pid, *self.status.lock().unwrap()) {
+        if !self.statuses.lock().unwrap().contains_key(&pid) {
             let _ = kill(pid, signal);
         }
     }
@@ -158,9 +195,11 @@ impl Workload for ChildWorkload {
 
 impl Drop for ChildWorkload {
     fn drop(&mut self) {
-        if let Some(waiter) = self.waiter.take() {
-            self.signal(Signal::SIGKILL);
-            let _ = waiter.join();
+        for pid in self.children.clone() {
+            self.kill(pid, Signal::SIGKILL);
+        }
+        for w in self.waiters.drain(..) {
+            let _ = w.join();
         }
     }
 }
@@ -458,8 +497,15 @@ fn after_the_exit_the_agent_holds_the_channel_until_the_host_says_shutdown() {
         (held, asked.elapsed())
     });
     ended.result.unwrap();
-    assert!(held.0, "the agent closed the channel before the host's Shutdown");
-    assert!(held.1 < Duration::from_secs(2), "Shutdown took {:?}", held.1);
+    assert!(
+        held.0,
+        "the agent closed the channel before the host's Shutdown"
+    );
+    assert!(
+        held.1 < Duration::from_secs(2),
+        "Shutdown took {:?}",
+        held.1
+    );
 }
 
 #[test]
@@ -505,7 +551,10 @@ fn an_oversized_frame_during_the_run_is_refused_and_reported() {
 
 #[test]
 fn a_hostile_handshake_is_refused_with_a_clear_error() {
-    let hello = frame(Kind::HostHello as u8, br#"{"version":1}"#);
+    let hello = frame(
+        Kind::HostHello as u8,
+        format!(r#"{{"version":{PROTOCOL_VERSION}}}"#).as_bytes(),
+    );
     let oversized_run = {
         let len = u32::try_from(MAX_CONTROL_PAYLOAD + 2).unwrap();
         let mut f = len.to_be_bytes().to_vec();
@@ -517,7 +566,7 @@ fn a_hostile_handshake_is_refused_with_a_clear_error() {
         (
             "another version",
             frame(Kind::HostHello as u8, br#"{"version":99}"#),
-            "host speaks protocol version 99, the agent 1",
+            "host speaks protocol version 99, the agent 2",
         ),
         (
             "run before hello",
@@ -668,4 +717,225 @@ fn a_workload_that_cannot_start_is_reported() {
             ContainerError::Child(_)
         )))
     ));
+}
+
+fn exec_spec(script: &str) -> ProcSpec {
+    ProcSpec {
+        args: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        env: vec!["PATH=/usr/bin:/bin".into()],
+        cwd: "/tmp".into(),
+        user: String::new(),
+        container: None,
+    }
+}
+
+impl Host {
+    fn exec(&mut self, id: u32, spec: ProcSpec) {
+        self.send(FromHost::ProcStart(Box::new(gpucell_protocol::ProcStart {
+            id,
+            spec,
+        })));
+    }
+
+    /// `ProcStarted` of `id`: its pid.
+    fn proc_started(&mut self, id: u32) -> i32 {
+        match self.recv() {
+            FromGuest::ProcStarted { id: got, pid } if got == id => pid,
+            m => panic!("expected ProcStarted of {id}, got {m:?}"),
+        }
+    }
+
+    /// `ProcError` of `id`: its message.
+    fn proc_error(&mut self, id: u32) -> String {
+        match self.recv() {
+            FromGuest::ProcError { id: got, message } if got == id => message,
+            m => panic!("expected ProcError of {id}, got {m:?}"),
+        }
+    }
+
+    /// The output of process `id` until its `ProcExited`; nothing else may come.
+    fn proc_until_exit(&mut self, id: u32) -> Output {
+        let mut out = Output::default();
+        loop {
+            match self.recv() {
+                FromGuest::ProcStdout { id: i, data } if i == id => out.stdout.extend(data),
+                FromGuest::ProcStderr { id: i, data } if i == id => out.stderr.extend(data),
+                FromGuest::ProcExited { id: i, status } if i == id => {
+                    out.status = Some(status);
+                    return out;
+                }
+                m => panic!("unexpected {m:?} while process {id} runs; so far {out:?}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn an_exec_runs_beside_the_workload_with_its_own_output_and_exit_code() {
+    let (got, ended) = session(ChildWorkload::new(), &[], |host| {
+        let main = host.start(spec("exec cat"));
+        host.exec(1, exec_spec("pwd; echo err >&2; exit 5"));
+        let pid = host.proc_started(1);
+        let exec = host.proc_until_exit(1);
+        // The workload still runs: its stdin still reaches it.
+        host.send(FromHost::Stdin(b"still here\n".to_vec()));
+        host.send(FromHost::StdinEof);
+        let out = host.until_exit();
+        (main, pid, exec, out)
+    });
+    ended.result.unwrap();
+    let (main, pid, exec, out) = got;
+    assert_ne!(main, pid);
+    assert_eq!(exec.stdout, b"/tmp\n");
+    assert_eq!(exec.stderr, b"err\n");
+    assert_eq!(exec.status.unwrap().code, Some(5));
+    assert_eq!(out.stdout, b"still here\n");
+    assert_eq!(out.status.unwrap().code, Some(0));
+    assert_eq!(ended.workload.exec_targets, vec![Pid::from_raw(main)]);
+}
+
+#[test]
+fn several_execs_take_their_own_stdin_and_a_killed_one_reports_the_signal() {
+    let (got, ended) = session(ChildWorkload::new(), &[], |host| {
+        host.start(spec("exec cat"));
+        host.exec(1, exec_spec("exec sleep 30"));
+        host.proc_started(1);
+        host.exec(2, exec_spec("exec cat"));
+        host.proc_started(2);
+        host.send(FromHost::ProcStdin {
+            id: 2,
+            data: b"to two".to_vec(),
+        });
+        // Stdin and signals for an id nobody runs are dropped.
+        host.send(FromHost::ProcStdin {
+            id: 77,
+            data: b"lost".to_vec(),
+        });
+        host.send(FromHost::ProcSignal { id: 77, signal: 9 });
+        host.send(FromHost::ProcStdinEof { id: 2 });
+        let two = host.proc_until_exit(2);
+        host.send(FromHost::ProcSignal {
+            id: 1,
+            signal: libc::SIGKILL,
+        });
+        let one = host.proc_until_exit(1);
+        host.send(FromHost::StdinEof);
+        (one, two, host.until_exit())
+    });
+    ended.result.unwrap();
+    let (one, two, out) = got;
+    assert_eq!(two.stdout, b"to two");
+    assert_eq!(two.status.unwrap().code, Some(0));
+    assert_eq!(one.status.unwrap().signal, Some(libc::SIGKILL));
+    assert!(out.stdout.is_empty(), "{out:?}");
+    assert_eq!(out.status.unwrap().code, Some(0));
+}
+
+#[test]
+fn execs_still_running_when_the_workload_exits_are_killed_and_reported_first() {
+    let (got, ended) = session(ChildWorkload::new(), &[], |host| {
+        host.start(spec("exec cat"));
+        host.exec(9, exec_spec("exec sleep 30"));
+        host.proc_started(9);
+        host.send(FromHost::StdinEof);
+        let exec = host.proc_until_exit(9);
+        (exec, host.until_exit())
+    });
+    ended.result.unwrap();
+    let (exec, out) = got;
+    assert_eq!(exec.status.unwrap().signal, Some(libc::SIGKILL));
+    assert_eq!(out.status.unwrap().code, Some(0));
+}
+
+#[test]
+fn bad_execs_are_refused_by_id_and_the_run_goes_on() {
+    let (got, ended) = session(ChildWorkload::new(), &[], |host| {
+        host.start(spec("exec cat"));
+        let mut missing = exec_spec("");
+        missing.args = vec!["/nonexistent/tool".into()];
+        host.exec(1, missing);
+        let missing = host.proc_error(1);
+        host.exec(2, exec_spec("exec sleep 30"));
+        host.proc_started(2);
+        host.exec(2, exec_spec("true"));
+        let in_use = host.proc_error(2);
+        let mut elsewhere = exec_spec("true");
+        elsewhere.container = Some(5);
+        host.exec(3, elsewhere);
+        let no_container = host.proc_error(3);
+        host.send(FromHost::StdinEof);
+        assert_eq!(
+            host.proc_until_exit(2).status.unwrap().signal,
+            Some(libc::SIGKILL)
+        );
+        let out = host.until_exit();
+        (missing, in_use, no_container, out)
+    });
+    ended.result.unwrap();
+    let (missing, in_use, no_container, out) = got;
+    assert!(
+        missing.starts_with("starting the workload failed: /nonexistent/tool: "),
+        "{missing}"
+    );
+    assert_eq!(in_use, "process id 2 is already in use");
+    assert_eq!(no_container, "no running container has id 5");
+    assert_eq!(out.status.unwrap().code, Some(0));
+}
+
+#[test]
+fn more_than_max_procs_at_once_are_refused() {
+    let max = gpucell_protocol::MAX_PROCS as u32;
+    let (message, ended) = session(ChildWorkload::new(), &[], |host| {
+        host.start(spec("exec cat"));
+        for id in 0..max {
+            host.exec(id, exec_spec("exec sleep 30"));
+            host.proc_started(id);
+        }
+        host.exec(max, exec_spec("true"));
+        let message = host.proc_error(max);
+        host.send(FromHost::Shutdown);
+        host.closed();
+        message
+    });
+    ended.result.unwrap();
+    assert_eq!(
+        message,
+        "64 processes already run besides the workload, the most the agent allows"
+    );
+}
+
+#[test]
+fn an_added_container_runs_by_id_and_takes_execs() {
+    let (got, ended) = session(ChildWorkload::new(), &[], |host| {
+        host.start(spec("exec cat"));
+        let mut second = spec("echo from the second; exec sleep 30");
+        second.rootfs.device = "/dev/vdb".into();
+        host.send(FromHost::ContainerAdd(Box::new(
+            gpucell_protocol::ContainerAdd {
+                id: 4,
+                spec: second,
+            },
+        )));
+        let pid = host.proc_started(4);
+        match host.recv() {
+            FromGuest::ProcStdout { id: 4, data } => assert_eq!(data, b"from the second\n"),
+            m => panic!("unexpected {m:?}"),
+        }
+        let mut inside = exec_spec("echo inside");
+        inside.container = Some(4);
+        host.exec(5, inside);
+        host.proc_started(5);
+        let exec = host.proc_until_exit(5);
+        host.send(FromHost::ProcSignal { id: 4, signal: 15 });
+        let second = host.proc_until_exit(4);
+        host.send(FromHost::StdinEof);
+        host.until_exit();
+        (pid, exec, second)
+    });
+    ended.result.unwrap();
+    let (pid, exec, second) = got;
+    assert_eq!(exec.stdout, b"inside\n");
+    assert_eq!(second.status.unwrap().signal, Some(15));
+    assert_eq!(ended.workload.added, vec![4]);
+    assert_eq!(ended.workload.exec_targets, vec![Pid::from_raw(pid)]);
 }

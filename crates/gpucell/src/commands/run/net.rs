@@ -45,6 +45,7 @@ impl NetArgs {
             publish,
             allow_cidrs,
             egress_rate_bps,
+            pod_netns: None,
         })
     }
 }
