@@ -431,6 +431,8 @@ fn converse(
             FromGuest::Error { message } => seen.error = Some(message),
             FromGuest::Log { message } => seen.logs.push(message),
             FromGuest::Driver(d) => seen.logs.push(format!("driver: {d:?}")),
+            // This host starts no process besides the workload.
+            m => panic!("the agent sent {m:?} for a process nobody started"),
         }
     }
     seen
