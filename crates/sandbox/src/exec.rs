@@ -60,6 +60,16 @@ struct Entry {
     state: State,
 }
 
+impl Entry {
+    /// The agent sends a process's output before its end: once it has ended, its writers
+    /// are closed, so that whoever reads them (containerd's FIFOs: CRI's ExecSync waits
+    /// for their EOF) sees the end at once, not when the handle is dropped.
+    fn close_output(&mut self) {
+        self.stdout = Box::new(std::io::sink());
+        self.stderr = Box::new(std::io::sink());
+    }
+}
+
 #[derive(Default)]
 struct Inner {
     sender: Option<Sender>,
@@ -100,6 +110,7 @@ impl ProcTable {
         for e in g.procs.values_mut() {
             if !matches!(e.state, State::Done(_)) {
                 e.state = State::Done(Err(ExecError::SessionEnded(why.to_string())));
+                e.close_output();
             }
         }
         self.changed.notify_all();
@@ -140,6 +151,9 @@ impl ProcTable {
                     (State::Starting, _) | (State::Running(_), State::Done(_))
                 );
                 if fits {
+                    if matches!(s, State::Done(_)) {
+                        e.close_output();
+                    }
                     e.state = s;
                     self.changed.notify_all();
                 }

@@ -8,7 +8,7 @@
 //! `gpucell-cri-client`: a pod in the node's network namespace (no CNI needed) with a
 //! container that exits 7; then a pod network: `ctr run --with-ns` into namespaces of the
 //! test's own, and a CRI pod whose namespace a CNI plugin of the test's own wires to a
-//! peer. `cri_exec_sync` (ignored, see there) checks ExecSync.
+//! peer. `cri_exec_sync` checks ExecSync.
 //!
 //! Skips with a printed reason when not root, without guest artifacts
 //! (GPUCELL_TEST_STATE_DIR), QEMU, umoci/busybox-static, or containerd.
@@ -735,11 +735,9 @@ fn cri_pod_with_a_cni_network(env: &Env) {
     cri.remove_pod_sandbox(&pod_id).unwrap();
 }
 
-/// ExecSync waits until the exec's output streams close; the shim's exec keeps its
-/// FIFOs open after the process exits (containerd logs the exit code, 4, at once, and
-/// ExecSync never answers), so this step runs on demand only.
+/// ExecSync answers once the exec's output streams close: the host closes an exec's
+/// writers (containerd's FIFOs) as soon as the agent reports its end.
 #[test]
-#[ignore = "ExecSync hangs: the shim does not close an exec's output FIFOs when it exits"]
 fn cri_exec_sync() {
     let Some(env) = setup() else { return };
     let cri = env.cri();
