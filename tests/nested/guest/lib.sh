@@ -214,10 +214,12 @@ quarantine_reason() {
     jq -r --arg b "$1" '.devices[] | select(.bdf == $b) | .reason' "$GPUCELL_STATE/devices/quarantine.json"
 }
 
-# PIDs of the processes that hold /dev/vfio/GROUP open (an L2 QEMU).
+# PIDs of the processes that hold /dev/vfio/GROUP open (an L2 QEMU). A jailed QEMU's
+# node lives in its own root: its link reads /dev/vfio/GROUP, or the jail's staging
+# directory followed by it where the jail used chroot (this host's initramfs root).
 vfio_holders() {
     for _p in /proc/[0-9]*; do
-        ls -l "$_p/fd" 2>/dev/null | grep -q " /dev/vfio/$1\$" && basename "$_p"
+        ls -l "$_p/fd" 2>/dev/null | grep -q " /\(.*/\)\{0,1\}dev/vfio/$1\$" && basename "$_p"
     done
 }
 

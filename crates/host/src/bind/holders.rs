@@ -170,6 +170,17 @@ fn interesting(target: &str) -> bool {
         || target.starts_with("/dev/vfio/")
 }
 
+/// The device path a descriptor's link names, as the host knows it. A jailed QEMU holds
+/// nodes made in its own root: seen from the host, the link reads `/dev/vfio/1` after a
+/// pivot_root, or `<the jail's staging dir>/dev/vfio/1` where the jail fell back to chroot
+/// (an initramfs root). Both count as `/dev/vfio/1`: a stray match can only make a
+/// device look busy, never free.
+fn device_path(target: &str) -> Option<&str> {
+    let at = target.rfind("/dev/")?;
+    let path = &target[at..];
+    interesting(path).then_some(path)
+}
+
 impl OpenFiles {
     /// Reads every `<root>/proc/<pid>/fd/*` link that points at a GPU device file.
     pub fn scan(root: &HostRoot) -> Self {
@@ -196,12 +207,9 @@ impl OpenFiles {
                 let Ok(target) = std::fs::read_link(fd.path()) else {
                     continue;
                 };
-                let Some(target) = target.to_str() else {
+                let Some(target) = target.to_str().and_then(device_path) else {
                     continue;
                 };
-                if !interesting(target) {
-                    continue;
-                }
                 let command = command
                     .get_or_insert_with(|| {
                         sysfs::read_text(&pid_dir.join("comm"))
@@ -373,6 +381,20 @@ pub fn holds(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_jailed_processs_device_links_count_as_the_hosts_device() {
+        use super::device_path;
+        assert_eq!(device_path("/dev/vfio/1"), Some("/dev/vfio/1"));
+        assert_eq!(
+            device_path("/run/gpucell/runs/ab12/jail/dev/vfio/1"),
+            Some("/dev/vfio/1")
+        );
+        assert_eq!(device_path("/dev/nvidia0"), Some("/dev/nvidia0"));
+        assert_eq!(device_path("/dev/null"), None);
+        assert_eq!(device_path("/tmp/vfio/1"), None);
+        assert_eq!(device_path("socket:[1234]"), None);
+    }
+
     use super::is_nvme_namespace;
 
     #[test]
