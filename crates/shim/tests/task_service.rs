@@ -29,13 +29,16 @@ impl Launcher for Fake {
     fn run(&self, launch: Launch, mut io: SessionIo, obs: &mut dyn Observer) -> RunReport {
         let mut report = RunReport::default();
         let entry = launch.request.entrypoint.clone().unwrap_or_default();
+        // The sandbox first, then the line: a test that has read the line knows the
+        // task's sandbox is attached.
+        let (tx, rx) = event_channel();
+        obs.sandbox_starting(tx);
         let _ = writeln!(
             io.stdout,
             "ran {entry} {}",
             launch.request.command.join(" ")
         );
-        let (tx, rx) = event_channel();
-        obs.sandbox_starting(tx);
+        let _ = io.stdout.flush();
         report.exit_code = match entry.as_str() {
             "exit" => launch.request.command[0].parse().unwrap(),
             _ => rx
@@ -436,6 +439,17 @@ async fn execs_are_checked_recorded_and_started_in_the_task_sandbox() {
         .await
         .unwrap();
     h.service.start(&ctx(), start("t9")).await.unwrap();
+    // The start returns before the launcher's thread attaches the sandbox; its line
+    // says it has.
+    let out = h.dir.path().join("t9/stdout");
+    let t = std::time::Instant::now();
+    while !std::fs::read_to_string(&out)
+        .unwrap_or_default()
+        .contains("ran wait")
+    {
+        assert!(t.elapsed() < Duration::from_secs(10), "t9 never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let process = r#"{"args":["ls","/"],"cwd":"/","user":{"uid":0,"gid":0},"env":["A=b"]}"#;
     // A terminal, a missing spec, a spec that is not a process, empty args: refused.
     let mut tty = exec_req("t9", "e0", process);
