@@ -473,23 +473,23 @@ async fn a_silent_node_is_marked_offline_and_a_live_one_is_not() {
     .unwrap();
     // The node comes back: it reconnects and registers again (and, silent again, will be
     // marked offline again: not asserted, it depends on timing).
+    // Waits on the events themselves: the server records a payload before the event
+    // that carries it, so a count of payloads can run ahead of the events seen.
+    let offline = |e: &Event| matches!(e, Event::Offline { node_id } if node_id == "node-silent");
+    let register = |e: &Event| {
+        matches!(e, Event::Message { node_id: Some(n), message, .. }
+            if n == "node-silent" && message["type"] == "register")
+    };
     let events = cp
-        .wait_for("re-register", WAIT, |_| {
-            cp.payloads("node-silent", "register").len() == 2
+        .wait_for("re-register", WAIT, |e| {
+            e.iter()
+                .position(offline)
+                .is_some_and(|at| e[at..].iter().any(register))
         })
         .await
         .unwrap();
-    let offline_at = events
-        .iter()
-        .position(|e| matches!(e, Event::Offline { node_id } if node_id == "node-silent"))
-        .unwrap();
-    let registers_after = events[offline_at..]
-        .iter()
-        .filter(|e| {
-            matches!(e, Event::Message { node_id: Some(n), message, .. }
-                if n == "node-silent" && message["type"] == "register")
-        })
-        .count();
+    let offline_at = events.iter().position(offline).unwrap();
+    let registers_after = events[offline_at..].iter().filter(|e| register(e)).count();
     assert_eq!(registers_after, 1, "{events:?}");
     node.shutdown().await.unwrap();
 }
