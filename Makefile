@@ -38,7 +38,7 @@ test: deps agent
 	mkdir -p target
 	$(CARGO) build -p gpucell
 	# The default guest boots the microVM kernel: compiled from Debian's linux-source-6.1
-	# once (about 20 min on 2 cores), then cached in $(TEST_STATE)/guest/cache/kernels
+	# once (386 s on a fresh idle 2-core machine, far longer under load), then cached in $(TEST_STATE)/guest/cache/kernels
 	# with its build tree, which the driver flavour's modules are compiled against.
 	target/debug/gpucell --state-dir $(TEST_STATE) guest build --agent $(AGENT)
 	# The nvidia-550 driver flavour: compiled from scratch once (about 6 min on 2 cores),
