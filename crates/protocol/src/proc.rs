@@ -121,38 +121,34 @@ mod tests {
         }
     }
 
-    fn round_trip_host(msgs: &[FromHost]) -> Vec<FromHost> {
+    /// Sends `msgs` into one buffer and decodes them back with `decode`.
+    fn round_trip<M>(
+        msgs: &[M],
+        send: fn(&M, &mut FrameWriter<&mut Vec<u8>>) -> Result<(), FrameError>,
+        decode: fn(crate::frame::RawFrame) -> Result<M, FrameError>,
+    ) -> Vec<M> {
         let mut buf = Vec::new();
         let mut w = FrameWriter::new(&mut buf);
         for m in msgs {
-            m.send(&mut w).unwrap();
+            send(m, &mut w).unwrap();
         }
         let mut r = FrameReader::new(&buf[..]);
         let mut got = Vec::new();
         loop {
             match r.read_frame() {
-                Ok(f) => got.push(FromHost::decode(f).unwrap()),
+                Ok(f) => got.push(decode(f).unwrap()),
                 Err(FrameError::Closed) => return got,
                 Err(e) => panic!("{e}"),
             }
         }
     }
 
+    fn round_trip_host(msgs: &[FromHost]) -> Vec<FromHost> {
+        round_trip(msgs, FromHost::send::<&mut Vec<u8>>, FromHost::decode)
+    }
+
     fn round_trip_guest(msgs: &[FromGuest]) -> Vec<FromGuest> {
-        let mut buf = Vec::new();
-        let mut w = FrameWriter::new(&mut buf);
-        for m in msgs {
-            m.send(&mut w).unwrap();
-        }
-        let mut r = FrameReader::new(&buf[..]);
-        let mut got = Vec::new();
-        loop {
-            match r.read_frame() {
-                Ok(f) => got.push(FromGuest::decode(f).unwrap()),
-                Err(FrameError::Closed) => return got,
-                Err(e) => panic!("{e}"),
-            }
-        }
+        round_trip(msgs, FromGuest::send::<&mut Vec<u8>>, FromGuest::decode)
     }
 
     #[test]
