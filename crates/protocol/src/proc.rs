@@ -144,11 +144,11 @@ mod tests {
     }
 
     fn round_trip_host(msgs: &[FromHost]) -> Vec<FromHost> {
-        round_trip(msgs, FromHost::send::<&mut Vec<u8>>, FromHost::decode)
+        round_trip(msgs, |m, w| m.send(w), FromHost::decode)
     }
 
     fn round_trip_guest(msgs: &[FromGuest]) -> Vec<FromGuest> {
-        round_trip(msgs, FromGuest::send::<&mut Vec<u8>>, FromGuest::decode)
+        round_trip(msgs, |m, w| m.send(w), FromGuest::decode)
     }
 
     #[test]
