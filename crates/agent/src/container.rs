@@ -43,7 +43,7 @@ const MAX_ENV: usize = 4096;
 pub enum ContainerError {
     #[error("root filesystem type `{0}` is not supported (expected erofs or ext4)")]
     FsType(String),
-    #[error("root filesystem device `{0}` is not a /dev/vd* block device")]
+    #[error("root filesystem device `{0}` is not a /dev/vd* block device or a disk serial (`serial:NAME`)")]
     BadDevice(String),
     #[error("root filesystem device {0} did not appear within {1:?}")]
     NoDevice(String, Duration),
@@ -95,10 +95,54 @@ pub fn check_rootfs(spec: &RunSpec) -> Result<(), ContainerError> {
     let valid_dev = dev.strip_prefix("/dev/vd").is_some_and(|r| {
         !r.is_empty() && r.len() < 8 && r.bytes().all(|b| b.is_ascii_alphanumeric())
     });
-    if !valid_dev {
+    let valid_serial = dev
+        .strip_prefix(gpucell_protocol::DISK_SERIAL_PREFIX)
+        .is_some_and(gpucell_protocol::valid_disk_serial);
+    if !valid_dev && !valid_serial {
         return Err(ContainerError::BadDevice(dev.chars().take(64).collect()));
     }
     Ok(())
+}
+
+/// Where the kernel lists block devices (each virtio disk's `serial` among them).
+const SYS_BLOCK: &str = "/sys/block";
+
+/// The block device of `device` once it exists: a `/dev/vd*` path as it is, or the disk
+/// whose virtio serial is the name after `serial:` (a disk the host hot-plugged, whose
+/// guest name depends on the order the kernel found it in).
+fn wait_for_disk(device: &str, sys_block: &Path) -> Result<String, ContainerError> {
+    let deadline = Instant::now() + DEVICE_WAIT;
+    loop {
+        let found = match device.strip_prefix(gpucell_protocol::DISK_SERIAL_PREFIX) {
+            Some(serial) => disk_with_serial(sys_block, serial),
+            None => Path::new(device).exists().then(|| device.to_owned()),
+        };
+        if let Some(dev) = found.filter(|d| Path::new(d).exists()) {
+            return Ok(dev);
+        }
+        if Instant::now() >= deadline {
+            return Err(ContainerError::NoDevice(device.to_owned(), DEVICE_WAIT));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `/dev/<name>` of the `vd*` disk under `sys_block` whose `serial` is `serial`.
+fn disk_with_serial(sys_block: &Path, serial: &str) -> Option<String> {
+    let entries = fs::read_dir(sys_block).ok()?;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("vd") {
+            continue;
+        }
+        let mut got = String::new();
+        let read = fs::File::open(e.path().join("serial"))
+            .and_then(|f| f.take(64).read_to_string(&mut got));
+        if read.is_ok() && got.trim_end() == serial {
+            return Some(format!("/dev/{name}"));
+        }
+    }
+    None
 }
 
 /// Where the image, the overlay's writable tmpfs and the merged root are mounted.
@@ -137,14 +181,9 @@ pub fn mount_rootfs(spec: &RunSpec) -> Result<PathBuf, ContainerError> {
 /// [`mount_rootfs`] on `layout` (a container added to the pod has its own).
 pub fn mount_rootfs_at(spec: &RunSpec, layout: &Layout) -> Result<PathBuf, ContainerError> {
     check_rootfs(spec)?;
-    let (dev, fstype) = (spec.rootfs.device.as_str(), spec.rootfs.fstype.as_str());
-    let deadline = Instant::now() + DEVICE_WAIT;
-    while !Path::new(dev).exists() {
-        if Instant::now() >= deadline {
-            return Err(ContainerError::NoDevice(dev.to_owned(), DEVICE_WAIT));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let fstype = spec.rootfs.fstype.as_str();
+    let dev = wait_for_disk(&spec.rootfs.device, Path::new(SYS_BLOCK))?;
+    let dev = dev.as_str();
     // The disk is read-only: never replay an ext4 journal (the mount would fail).
     let image_opts = (fstype == "ext4").then_some("noload");
     mnt(dev, &layout.image, fstype, MsFlags::MS_RDONLY, image_opts)?;
@@ -375,6 +414,66 @@ fn spawn_with(
     ))
 }
 
+/// Starts a pod's sandbox process: a child of the agent that runs nothing and holds, as
+/// `pause` does: SIGTERM or SIGINT end it with 0, any other fatal signal as it would end
+/// any process. Its streams stay silent.
+pub fn spawn_holder() -> Result<(Pid, Stdio), ContainerError> {
+    let (in_r, in_w) = pipe()?;
+    let (out_r, out_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    // SAFETY: the agent is single-threaded; the child only calls async-signal-safe
+    // functions (sigprocmask, signal, pause, _exit) before it ends.
+    match unsafe { unistd::fork() } {
+        Ok(unistd::ForkResult::Child) => hold(),
+        Ok(unistd::ForkResult::Parent { child }) => {
+            drop((in_r, out_w, err_w));
+            for fd in [&in_w, &out_r, &err_r] {
+                set_nonblocking(fd);
+            }
+            Ok((
+                child,
+                Stdio {
+                    stdin: in_w,
+                    stdout: out_r,
+                    stderr: err_r,
+                },
+            ))
+        }
+        Err(e) => Err(ContainerError::Sys("fork of the pod's sandbox process", e)),
+    }
+}
+
+/// The holder's body (in the forked child): default dispositions, nothing blocked,
+/// SIGTERM and SIGINT exit 0, then wait for signals forever.
+fn hold() -> ! {
+    extern "C" fn end(_: libc::c_int) {
+        // SAFETY: _exit is async-signal-safe.
+        unsafe { libc::_exit(0) }
+    }
+    // SAFETY: plain libc calls on values of this stack; no allocation, no locks.
+    unsafe {
+        for sig in 1..32 {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+        }
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+        libc::signal(
+            libc::SIGTERM,
+            end as extern "C" fn(libc::c_int) as libc::sighandler_t,
+        );
+        libc::signal(
+            libc::SIGINT,
+            end as extern "C" fn(libc::c_int) as libc::sighandler_t,
+        );
+        loop {
+            libc::pause();
+        }
+    }
+}
+
 /// Sets O_NONBLOCK on `fd`; a failure leaves it as it was.
 pub fn set_nonblocking(fd: &OwnedFd) {
     use nix::fcntl::{fcntl, FcntlArg};
@@ -553,6 +652,7 @@ mod tests {
             devices: vec![],
             device_wait_ms: 0,
             gpu: None,
+            pod_sandbox: false,
         }
     }
 
@@ -569,6 +669,9 @@ mod tests {
             "/dev/vda/../mem",
             "/etc/passwd",
             "vda",
+            "serial:",
+            "serial:../../dev/mem",
+            "serial:a-serial-over-twenty-bytes",
         ] {
             s.rootfs.device = bad.into();
             assert!(
@@ -576,6 +679,54 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn the_pod_holder_ends_with_0_on_sigterm_and_by_any_other_signal() {
+        use nix::sys::wait::{waitpid, WaitStatus};
+        let (pid, _io) = spawn_holder().unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(
+            waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)).unwrap(),
+            WaitStatus::StillAlive
+        );
+        signal::kill(pid, Signal::SIGTERM).unwrap();
+        assert_eq!(waitpid(pid, None).unwrap(), WaitStatus::Exited(pid, 0));
+        let (pid, _io) = spawn_holder().unwrap();
+        signal::kill(pid, Signal::SIGHUP).unwrap();
+        assert_eq!(
+            waitpid(pid, None).unwrap(),
+            WaitStatus::Signaled(pid, Signal::SIGHUP, false)
+        );
+    }
+
+    #[test]
+    fn a_hot_plugged_disk_is_found_by_its_serial() {
+        let mut s = spec(&["sh"], "", &[]);
+        s.rootfs.device = "serial:gpucell-c1".into();
+        check_rootfs(&s).unwrap();
+        let sys = tempfile::tempdir().unwrap();
+        for (name, serial) in [
+            ("vda", "\n"),
+            ("vdb", "gpucell-c0\n"),
+            ("vdc", "gpucell-c1\n"),
+        ] {
+            fs::create_dir_all(sys.path().join(name)).unwrap();
+            fs::write(sys.path().join(name).join("serial"), serial).unwrap();
+        }
+        fs::create_dir_all(sys.path().join("sda")).unwrap();
+        fs::write(sys.path().join("sda/serial"), "gpucell-c2").unwrap();
+        assert_eq!(
+            disk_with_serial(sys.path(), "gpucell-c1").as_deref(),
+            Some("/dev/vdc")
+        );
+        assert_eq!(
+            disk_with_serial(sys.path(), "gpucell-c0").as_deref(),
+            Some("/dev/vdb")
+        );
+        // Only virtio disks are looked at.
+        assert_eq!(disk_with_serial(sys.path(), "gpucell-c2"), None);
+        assert_eq!(disk_with_serial(sys.path(), "gpucell-c9"), None);
     }
 
     #[test]

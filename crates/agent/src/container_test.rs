@@ -506,6 +506,7 @@ fn run_in_container(
         devices: vec![],
         device_wait_ms: 0,
         gpu: None,
+        pod_sandbox: false,
     };
     let prepared = container::prepare(root, &spec)?.with_devices(devices.cloned());
     let t = Instant::now();

@@ -115,6 +115,10 @@ impl Workload for Pid1 {
     }
 
     fn start(&mut self, spec: &RunSpec) -> Result<(Pid, Stdio), WorkloadError> {
+        if spec.pod_sandbox {
+            // The pod's containers come later (`ContainerAdd`), each on its own disk.
+            return Ok(container::spawn_holder()?);
+        }
         let root = container::mount_rootfs(spec)?;
         crate::net::install_resolv_conf(&root)?;
         let devices = match &spec.gpu {

@@ -27,6 +27,7 @@ fn spec(args: &[&str], user: &str) -> RunSpec {
         devices: vec![],
         device_wait_ms: 0,
         gpu: None,
+        pod_sandbox: false,
     }
 }
 

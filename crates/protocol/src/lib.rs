@@ -32,7 +32,10 @@ pub use message::{
     DeviceInfo, DeviceMatch, DriverReport, ExitStatus, FromGuest, FromHost, GpuFacts, GpuInjection,
     GpuReport, GuestHello, HostHello, RootfsSpec, RunSpec,
 };
-pub use proc::{ContainerAdd, ProcSpec, ProcStart, MAX_PROCS};
+pub use proc::{
+    valid_disk_serial, ContainerAdd, ProcSpec, ProcStart, DISK_SERIAL_PREFIX, MAX_DISK_SERIAL,
+    MAX_PROCS,
+};
 
 /// Version of the wire protocol. Bumped on any incompatible change.
 /// 2: processes besides the workload (`Proc*` frames) and `ContainerAdd`.

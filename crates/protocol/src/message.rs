@@ -72,6 +72,11 @@ pub struct RunSpec {
     /// The NVIDIA driver injected into the container; `None`: nothing is injected.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu: Option<GpuInjection>,
+    /// The pod's sandbox process: the agent runs no `args` but holds, as `pause` does
+    /// (SIGTERM or SIGINT end it with 0, another signal N with 128+N), while the pod's
+    /// containers are added beside it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pod_sandbox: bool,
 }
 
 /// What the host decided about the NVIDIA driver in the container (docs/cuda.md): the
@@ -481,6 +486,7 @@ mod tests {
             }],
             device_wait_ms: 5000,
             gpu: None,
+            pod_sandbox: false,
         }
     }
 

@@ -12,6 +12,19 @@ use crate::message::{ExitStatus, RunSpec};
 /// workload; the agent refuses more with `ProcError`.
 pub const MAX_PROCS: usize = 64;
 
+/// `RootfsSpec::device` of an added container: `serial:NAME` names the hot-plugged disk
+/// by its virtio serial, since its guest name (`/dev/vdX`) depends on discovery order.
+pub const DISK_SERIAL_PREFIX: &str = "serial:";
+/// Longest virtio-blk serial (the guest sees at most this many bytes).
+pub const MAX_DISK_SERIAL: usize = 20;
+
+/// A disk serial gpucell gives and accepts: 1 to [`MAX_DISK_SERIAL`] bytes of ASCII
+/// letters, digits and `-`.
+pub fn valid_disk_serial(s: &str) -> bool {
+    (1..=MAX_DISK_SERIAL).contains(&s.len())
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
 /// A process to start in a running container (an exec).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProcSpec {
@@ -118,6 +131,7 @@ mod tests {
             devices: vec![],
             device_wait_ms: 0,
             gpu: None,
+            pod_sandbox: false,
         }
     }
 

@@ -131,7 +131,20 @@ pub struct RunRequest {
     /// variables (tests of a GPU-less guest); the CLI's hidden `--force-driver-injection`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub force_driver_injection: bool,
+    /// Makes the run a pod's VM: its own process is the pod's sandbox (it runs none of
+    /// the image's and holds until signalled, as `pause` does), and up to this many
+    /// containers join it while it runs ([`crate::add_container`]), each on a spare
+    /// PCIe port. 0: an ordinary run.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pod_slots: u8,
 }
+
+fn is_zero(n: &u8) -> bool {
+    *n == 0
+}
+
+/// Most containers a pod's VM can take besides its first.
+pub const MAX_POD_SLOTS: u8 = gpucell_sandbox::hotplug::MAX_PORTS;
 
 fn is_default_network(n: &gpucell_net::NetworkRequest) -> bool {
     *n == gpucell_net::NetworkRequest::default()
@@ -193,6 +206,7 @@ impl RunRequest {
             network: gpucell_net::NetworkRequest::default(),
             driver: None,
             force_driver_injection: false,
+            pod_slots: 0,
         }
     }
 
@@ -213,6 +227,12 @@ impl RunRequest {
             return Err(RequestError::field(
                 "memory_mib",
                 format!("{} MiB is outside 1..={MAX_MEMORY_MIB}", self.memory_mib),
+            ));
+        }
+        if self.pod_slots > MAX_POD_SLOTS {
+            return Err(RequestError::field(
+                "pod_slots",
+                format!("{} is over the most, {MAX_POD_SLOTS}", self.pod_slots),
             ));
         }
         for e in &self.env {

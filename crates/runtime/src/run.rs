@@ -281,7 +281,22 @@ pub(crate) fn build_spec(
     p: &Prepared,
     sandbox_id: &str,
 ) -> Result<RunSpec, RunFailure> {
-    let c = &p.image.config;
+    let rootfs = RootfsSpec {
+        device: ROOTFS_DEVICE.into(),
+        fstype: p.disk.fstype.clone(),
+    };
+    spec_for(req, &p.image, rootfs, &sandbox_id[..12])
+}
+
+/// The agent's run request for `image` on `rootfs` (docker's rules for what the request
+/// leaves out); `default_hostname` when the request names none.
+pub(crate) fn spec_for(
+    req: &ValidRequest,
+    image: &gpucell_image::Image,
+    rootfs: RootfsSpec,
+    default_hostname: &str,
+) -> Result<RunSpec, RunFailure> {
+    let c = &image.config;
     let defaults = ImageDefaults {
         entrypoint: c.entrypoint.clone(),
         cmd: c.cmd.clone(),
@@ -298,10 +313,6 @@ pub(crate) fn build_spec(
         user: r.user.clone(),
         hostname: r.hostname.clone(),
     };
-    let rootfs = RootfsSpec {
-        device: ROOTFS_DEVICE.into(),
-        fstype: p.disk.fstype.clone(),
-    };
     // Bare `KEY` entries were resolved by the front end: nothing comes from this
     // process's environment.
     let no_env = |_: &str| None;
@@ -310,7 +321,7 @@ pub(crate) fn build_spec(
         &overrides,
         &no_env,
         rootfs,
-        &sandbox_id[..12],
+        default_hostname,
     )?)
 }
 
@@ -367,6 +378,7 @@ fn run_sandbox(
     report: &mut RunReport,
 ) -> Result<Timed, RunFailure> {
     let mut spec = build_spec(req, &p, sandbox_id)?;
+    spec.pod_sandbox = req.request.pod_slots > 0;
     held.apply_to_spec(&mut spec);
     check_allocation(&p, held)?;
     spec.gpu = p.choice.as_ref().map(|c| GpuInjection {
@@ -378,7 +390,8 @@ fn run_sandbox(
     let mut sandbox = Sandbox::with_id(config, sandbox_id.to_string())
         .map_err(RunFailure::SandboxSetup)?
         .with_devices(held.setup.clone())
-        .with_jail(node.jail.clone());
+        .with_jail(node.jail.clone())
+        .with_spare_ports(req.request.pod_slots);
     // The network lives until QEMU is gone; dropping `net` removes its host side.
     let mut net = crate::network::set_up(node, req, sandbox_id)?;
     if let Some(n) = &net {

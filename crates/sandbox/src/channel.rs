@@ -7,6 +7,7 @@
 //! enforced, and agent log messages have a byte budget.
 
 use std::io::{Read, Write};
+use std::os::fd::BorrowedFd;
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,6 +18,7 @@ use gpucell_protocol::{
 };
 
 use crate::exec::{ExecError, ExecHandle, ProcIo, Procs};
+use crate::hotplug::Hotplug;
 
 /// Frames queued between the reader thread and the relay (each at most 256 KiB).
 const QUEUE_DEPTH: usize = 16;
@@ -91,7 +93,7 @@ pub enum Event {
 /// Where the relay sends events from outside (signal handlers), and where processes
 /// besides the workload are started once it runs.
 #[derive(Clone)]
-pub struct EventSender(SyncSender<Event>, Procs);
+pub struct EventSender(SyncSender<Event>, Procs, Hotplug);
 
 impl std::fmt::Debug for EventSender {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -106,10 +108,38 @@ impl EventSender {
         self.1.exec(spec, io)
     }
 
-    /// Starts a second container of the pod whose root filesystem disk (`spec.rootfs`)
+    /// Starts a further container of the pod whose root filesystem disk (`spec.rootfs`)
     /// is already plugged into the VM.
     pub fn add_container(&self, spec: RunSpec, io: ProcIo) -> Result<ExecHandle, ExecError> {
         self.1.add_container(spec, io)
+    }
+
+    /// Plugs `disk` (the container's root filesystem, opened read-only) into the running
+    /// VM on a spare port, then starts the container on it (`spec.rootfs.device` is set
+    /// to the disk's serial). The VM must have been made with spare ports
+    /// ([`crate::Sandbox::with_spare_ports`]).
+    pub fn add_container_on_disk(
+        &self,
+        disk: BorrowedFd<'_>,
+        mut spec: RunSpec,
+        io: ProcIo,
+    ) -> Result<ExecHandle, ExecError> {
+        let serial = self
+            .2
+            .plug(disk)
+            .map_err(|e| ExecError::Plug(crate::hotplug::describe(&e)))?;
+        spec.rootfs.device = format!("{}{serial}", gpucell_protocol::DISK_SERIAL_PREFIX);
+        self.1.add_container(spec, io)
+    }
+
+    /// Waits until the workload runs (execs and added containers may start): `Ok` then;
+    /// the session's end or `NotRunning` after `timeout` otherwise.
+    pub fn wait_running(&self, timeout: Duration) -> Result<(), ExecError> {
+        self.1.wait_open(timeout)
+    }
+
+    pub(crate) fn hotplug(&self) -> &Hotplug {
+        &self.2
     }
 
     /// Queues a signal for forwarding; never blocks (a full queue drops it with a warning).
@@ -153,7 +183,7 @@ pub fn event_channel() -> (EventSender, EventReceiver) {
     let (tx, rx) = sync_channel(QUEUE_DEPTH);
     let procs = Procs::default();
     (
-        EventSender(tx.clone(), procs.clone()),
+        EventSender(tx.clone(), procs.clone(), Hotplug::default()),
         EventReceiver { rx, tx, procs },
     )
 }

@@ -34,6 +34,8 @@ pub enum ExecError {
     Send(String),
     #[error("the sandbox ended before the process did: {0}")]
     SessionEnded(String),
+    #[error("plugging the container's disk into the VM failed: {0}")]
+    Plug(String),
 }
 
 /// A process's streams on the host.
@@ -99,6 +101,29 @@ impl ProcTable {
         let mut g = self.lock();
         if g.closed.is_none() {
             g.sender = Some(sender);
+        }
+        self.changed.notify_all();
+    }
+
+    /// Waits until the workload runs (processes may start), the session ends, or
+    /// `timeout` passes.
+    pub(crate) fn wait_open(&self, timeout: Duration) -> Result<(), ExecError> {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.lock();
+        loop {
+            if let Some(why) = &g.closed {
+                return Err(ExecError::SessionEnded(why.clone()));
+            }
+            if g.sender.is_some() {
+                return Ok(());
+            }
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                return Err(ExecError::NotRunning);
+            };
+            g = match self.changed.wait_timeout(g, left) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
         }
     }
 
@@ -349,6 +374,10 @@ impl Procs {
             |id| FromHost::ProcStart(Box::new(ProcStart { id, spec })),
             io,
         )
+    }
+
+    pub(crate) fn wait_open(&self, timeout: Duration) -> Result<(), ExecError> {
+        self.0.wait_open(timeout)
     }
 
     pub(crate) fn add_container(&self, spec: RunSpec, io: ProcIo) -> Result<ExecHandle, ExecError> {

@@ -28,6 +28,7 @@ pub mod command;
 pub mod console;
 pub mod devices;
 pub mod exec;
+pub mod hotplug;
 pub mod jail;
 pub mod memory;
 pub mod process;

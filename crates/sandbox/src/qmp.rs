@@ -3,6 +3,7 @@
 //! than the guest, but a wedged QEMU must not wedge gpucell.
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -124,6 +125,11 @@ impl Qmp {
         let mut bytes = serde_json::to_vec(&msg).map_err(|e| QmpError::BadJson(e.to_string()))?;
         bytes.push(b'\n');
         self.writer.write_all(&bytes)?;
+        self.read_reply(command)
+    }
+
+    /// Reads until the reply to `command`; events read meanwhile are kept.
+    fn read_reply(&mut self, command: &str) -> Result<Value, QmpError> {
         loop {
             let v = self.read_value(command)?;
             if let Some(ret) = v.get("return") {
@@ -165,40 +171,95 @@ impl Qmp {
         out
     }
 
-    /// Hot-plugs the disk image `path` read-only as a `virtio-blk-pci` device `<node>-dev`
-    /// on the free PCIe root port `port` (a pod's second container's root filesystem):
-    /// `blockdev-add` of node `node`, then `device_add`. A failed `device_add` removes the
-    /// node again, so nothing is left behind.
-    pub fn hotplug_disk(&mut self, node: &str, path: &Path, port: &str) -> Result<(), QmpError> {
-        let filename = path.to_string_lossy();
-        self.execute(
+    /// Runs a command with `fd` passed alongside it (`SCM_RIGHTS`), as `add-fd` and
+    /// `getfd` want: a jailed QEMU cannot open host paths, but it can use a descriptor.
+    pub fn execute_with_fd(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+        fd: BorrowedFd<'_>,
+    ) -> Result<Value, QmpError> {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        let mut msg = json!({ "execute": command });
+        if let Some(args) = arguments {
+            msg["arguments"] = args;
+        }
+        let mut bytes = serde_json::to_vec(&msg).map_err(|e| QmpError::BadJson(e.to_string()))?;
+        bytes.push(b'\n');
+        let fds = [fd.as_raw_fd()];
+        let cmsg = [ControlMessage::ScmRights(&fds)];
+        // The descriptor travels with the first byte; the rest follows as plain writes.
+        let iov = [std::io::IoSlice::new(&bytes[..1])];
+        sendmsg::<()>(
+            self.writer.as_raw_fd(),
+            &iov,
+            &cmsg,
+            MsgFlags::empty(),
+            None,
+        )
+        .map_err(|e| QmpError::Io(e.into()))?;
+        self.writer.write_all(&bytes[1..])?;
+        self.read_reply(command)
+    }
+
+    /// Hot-plugs the disk behind `disk` (opened read-only) as a `virtio-blk-pci` device
+    /// `<node>-dev` with virtio serial `serial`, on the free PCIe root port `port` (a
+    /// pod's further container's root filesystem): `add-fd` of the descriptor,
+    /// `blockdev-add` of node `node` on `/dev/fdset/N`, then `device_add`. A failed step
+    /// undoes the earlier ones, so nothing is left behind.
+    pub fn hotplug_disk(
+        &mut self,
+        node: &str,
+        disk: BorrowedFd<'_>,
+        port: &str,
+        serial: &str,
+    ) -> Result<(), QmpError> {
+        let added = self.execute_with_fd("add-fd", None, disk)?;
+        let Some(fdset) = added.get("fdset-id").and_then(Value::as_i64) else {
+            return Err(QmpError::BadJson(format!("add-fd answered {added}")));
+        };
+        let undo_fdset = |q: &mut Qmp| {
+            if let Err(e) = q.execute("remove-fd", Some(json!({ "fdset-id": fdset }))) {
+                tracing::warn!(fdset, error = %e, "removing the descriptor of a failed hot-plug");
+            }
+        };
+        let block = self.execute(
             "blockdev-add",
             Some(json!({
                 "driver": "raw",
                 "node-name": node,
                 "read-only": true,
-                "file": { "driver": "file", "filename": filename, "read-only": true },
+                "file": {
+                    "driver": "file",
+                    "filename": format!("/dev/fdset/{fdset}"),
+                    "read-only": true,
+                },
             })),
-        )?;
-        let added = self.execute(
+        );
+        if let Err(e) = block {
+            undo_fdset(self);
+            return Err(e);
+        }
+        let device = self.execute(
             "device_add",
             Some(json!({
                 "driver": "virtio-blk-pci",
                 "id": format!("{node}-dev"),
                 "drive": node,
                 "bus": port,
+                "serial": serial,
             })),
         );
-        if let Err(e) = added {
+        if let Err(e) = device {
             if let Err(undo) = self.execute("blockdev-del", Some(json!({ "node-name": node }))) {
                 tracing::warn!(node, error = %undo, "removing the block node of a failed hot-plug");
             }
+            undo_fdset(self);
             return Err(e);
         }
         Ok(())
     }
 
-    /// Asks the guest to power off (ACPI power button).
     pub fn powerdown(&mut self) -> Result<(), QmpError> {
         self.execute("system_powerdown", None).map(|_| ())
     }
@@ -311,39 +372,82 @@ mod tests {
     }
 
     #[test]
-    fn a_disk_is_hot_plugged_and_a_failed_plug_leaves_no_node() {
-        let (s, h) = fake_qemu(&[
-            r#"{"QMP": {"version": {}, "capabilities": []}}"#,
-            r#"< {"return": {}}"#,
-            r#"< {"return": {}}"#,
-            r#"< {"return": {}}"#,
-            r#"< {"return": {}}"#,
-            r#"< {"error": {"class": "GenericError", "desc": "Bus 'hp9' not found"}}"#,
-            r#"< {"return": {}}"#,
-        ]);
-        let mut q = Qmp::from_stream(s, Duration::from_secs(5)).unwrap();
-        q.hotplug_disk("c1", Path::new("/run/x/c1.img"), "hp0")
+    fn a_disk_is_hot_plugged_by_descriptor_and_a_failed_plug_leaves_nothing() {
+        use std::os::fd::AsFd;
+        let (a, b) = UnixStream::pair().unwrap();
+        // A fake QEMU that checks a descriptor came with each `add-fd`.
+        let h = std::thread::spawn(move || {
+            use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+            let mut w = b.try_clone().unwrap();
+            writeln!(w, r#"{{"QMP": {{"version": {{}}, "capabilities": []}}}}"#).unwrap();
+            let mut got = Vec::new();
+            let mut fds = 0;
+            let replies = [
+                r#"{"return": {}}"#,
+                r#"{"return": {"fdset-id": 3, "fd": 9}}"#,
+                r#"{"return": {}}"#,
+                r#"{"return": {}}"#,
+                r#"{"return": {"fdset-id": 4, "fd": 10}}"#,
+                r#"{"return": {}}"#,
+                r#"{"error": {"class": "GenericError", "desc": "Bus 'hp9' not found"}}"#,
+                r#"{"return": {}}"#,
+                r#"{"return": {}}"#,
+            ];
+            let mut pending = Vec::new();
+            for reply in replies {
+                while !pending.contains(&b'\n') {
+                    let mut buf = [0u8; 4096];
+                    let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+                    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+                    let msg =
+                        recvmsg::<()>(b.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::empty())
+                            .unwrap();
+                    for c in msg.cmsgs().unwrap() {
+                        if let ControlMessageOwned::ScmRights(f) = c {
+                            fds += f.len();
+                        }
+                    }
+                    let n = msg.bytes;
+                    pending.extend_from_slice(&buf[..n]);
+                }
+                let at = pending.iter().position(|&c| c == b'\n').unwrap();
+                let line: Vec<u8> = pending.drain(..=at).collect();
+                got.push(String::from_utf8(line).unwrap().trim().to_string());
+                writeln!(w, "{reply}").unwrap();
+            }
+            (got, fds)
+        });
+        let mut q = Qmp::from_stream(a, Duration::from_secs(5)).unwrap();
+        let disk = tempfile::tempfile().unwrap();
+        q.hotplug_disk("c1", disk.as_fd(), "hp0", "gpucell-c1")
             .unwrap();
         let err = q
-            .hotplug_disk("c2", Path::new("/run/x/c2.img"), "hp9")
+            .hotplug_disk("c2", disk.as_fd(), "hp9", "gpucell-c2")
             .unwrap_err();
         assert!(err.to_string().contains("Bus 'hp9' not found"), "{err}");
-        let sent = h.join().unwrap();
+        let (sent, fds) = h.join().unwrap();
+        assert_eq!(fds, 2, "each add-fd carries one descriptor");
         let v: Vec<Value> = sent[1..]
             .iter()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
-        assert_eq!(v[0]["execute"], "blockdev-add");
-        assert_eq!(v[0]["arguments"]["node-name"], "c1");
-        assert_eq!(v[0]["arguments"]["read-only"], true);
-        assert_eq!(v[0]["arguments"]["file"]["filename"], "/run/x/c1.img");
-        assert_eq!(v[1]["execute"], "device_add");
-        assert_eq!(v[1]["arguments"]["driver"], "virtio-blk-pci");
-        assert_eq!(v[1]["arguments"]["drive"], "c1");
-        assert_eq!(v[1]["arguments"]["bus"], "hp0");
-        assert_eq!(v[3]["execute"], "device_add");
-        assert_eq!(v[4]["execute"], "blockdev-del");
-        assert_eq!(v[4]["arguments"]["node-name"], "c2");
+        assert_eq!(v[0]["execute"], "add-fd");
+        assert_eq!(v[1]["execute"], "blockdev-add");
+        assert_eq!(v[1]["arguments"]["node-name"], "c1");
+        assert_eq!(v[1]["arguments"]["read-only"], true);
+        assert_eq!(v[1]["arguments"]["file"]["filename"], "/dev/fdset/3");
+        assert_eq!(v[2]["execute"], "device_add");
+        assert_eq!(v[2]["arguments"]["driver"], "virtio-blk-pci");
+        assert_eq!(v[2]["arguments"]["drive"], "c1");
+        assert_eq!(v[2]["arguments"]["bus"], "hp0");
+        assert_eq!(v[2]["arguments"]["serial"], "gpucell-c1");
+        // The failed plug: its block node and its descriptor set are removed again.
+        assert_eq!(v[3]["execute"], "add-fd");
+        assert_eq!(v[5]["execute"], "device_add");
+        assert_eq!(v[6]["execute"], "blockdev-del");
+        assert_eq!(v[6]["arguments"]["node-name"], "c2");
+        assert_eq!(v[7]["execute"], "remove-fd");
+        assert_eq!(v[7]["arguments"]["fdset-id"], 4);
     }
 
     #[test]

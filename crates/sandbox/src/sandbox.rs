@@ -16,6 +16,7 @@ use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use gpucell_protocol::{DeviceInfo, ExitStatus, RunSpec};
@@ -339,6 +340,8 @@ pub struct Sandbox {
     net: Option<(NetLayout, Option<std::os::fd::OwnedFd>)>,
     /// The jail's settings, when QEMU is to be jailed.
     jail: Option<crate::jail::JailConfig>,
+    /// Spare PCIe root ports for disks plugged in while the VM runs (a pod's VM).
+    spare_ports: u8,
     tx: EventSender,
     rx: EventReceiver,
 }
@@ -390,6 +393,7 @@ impl Sandbox {
             memlock: None,
             net: None,
             jail: None,
+            spare_ports: 0,
             tx,
             rx,
         })
@@ -426,6 +430,13 @@ impl Sandbox {
     /// Jails QEMU with these settings when they enable it and gpucell runs as root;
     /// otherwise the plan warns and QEMU runs unjailed. A jailed QEMU gets no run-as
     /// flag: the jail starts it as the sandbox's own uid.
+    /// Gives the VM `n` spare PCIe root ports, for the disks of containers added while
+    /// it runs ([`EventSender::add_container_on_disk`]).
+    pub fn with_spare_ports(mut self, n: u8) -> Self {
+        self.spare_ports = n.min(crate::hotplug::MAX_PORTS);
+        self
+    }
+
     pub fn with_jail(mut self, jail: crate::jail::JailConfig) -> Self {
         self.jail = Some(jail);
         self
@@ -475,6 +486,10 @@ impl Sandbox {
             cfg.memory_mib,
             &cfg.host_root,
         )?;
+        let mut vm_devices = vm_devices;
+        vm_devices
+            .devices
+            .extend(crate::hotplug::spare_ports(self.spare_ports));
         let mut warnings: Vec<String> = vm_devices.warning.iter().cloned().collect();
         let (run_as, seccomp) = self.privileges(detect, &mut warnings)?;
         let jailed = self.active_jail().is_some();
@@ -634,7 +649,7 @@ impl Sandbox {
                 }
                 Ok(Vm {
                     qemu,
-                    qmp,
+                    qmp: Arc::new(Mutex::new(qmp)),
                     spawned_at,
                     ready_at: Instant::now(),
                 })
@@ -671,11 +686,16 @@ impl Sandbox {
         let qmp_path = dir.socket(QMP_SOCKET).map_err(RunError::bare)?;
         let agent_path = dir.socket(AGENT_SOCKET).map_err(RunError::bare)?;
         let mut vm = self.start_vm(&cmd, &dir, &qmp_path)?;
+        let hotplug = self.tx.hotplug().clone();
+        if self.spare_ports > 0 {
+            hotplug.open(Arc::clone(&vm.qmp), self.spare_ports);
+        }
         let vcpu_pins = vm.pin(plan.input.devices.pin_cpus.as_deref())?;
         let hello_timeout = self.config.limits.hello_timeout;
         let stream = vm.connect_agent(&plan, listener.as_ref(), &agent_path, hello_timeout)?;
         let session =
             vm.relay_session(&stream, &agent_path, spec, io, &self.config.limits, self.rx);
+        hotplug.close();
         let result = match session {
             Ok(report) => {
                 vm.shut_down(true);
@@ -704,13 +724,21 @@ impl Sandbox {
 /// it kills QEMU's process group.
 struct Vm {
     qemu: QemuProcess,
-    qmp: Qmp,
+    /// Shared with the hot-plug of a pod's disks while the session runs.
+    qmp: Arc<Mutex<Qmp>>,
     spawned_at: Instant,
     /// When QMP answered.
     ready_at: Instant,
 }
 
 impl Vm {
+    fn qmp(&self) -> std::sync::MutexGuard<'_, Qmp> {
+        match self.qmp.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
     /// Pins the vCPU threads to `cpus` (with `--pin-cpus`) and QEMU's other threads to
     /// all of them.
     fn pin(&mut self, cpus: Option<&[u32]>) -> Result<Vec<VcpuPin>, RunError> {
@@ -718,7 +746,7 @@ impl Vm {
             return Ok(Vec::new());
         };
         let pid = self.qemu.pid();
-        crate::devices::pin_vcpus(&mut self.qmp, cpus)
+        crate::devices::pin_vcpus(&mut self.qmp(), cpus)
             .and_then(|p| {
                 let tids: Vec<i32> = p.iter().map(|v| v.thread_id).collect();
                 crate::devices::pin_emulator_threads(pid, &tids, cpus).map(|_| p)
@@ -764,7 +792,7 @@ impl Vm {
                 // from one whose agent failed.
                 _ => SandboxError::VsockStalled {
                     source: e,
-                    vm: self.qmp.vm_state(),
+                    vm: self.qmp().vm_state(),
                 },
             };
             with_logs(error, &self.qemu)
@@ -792,7 +820,8 @@ impl Vm {
         }
         if last_status.elapsed() >= Duration::from_secs(1) {
             *last_status = Instant::now();
-            if let Ok(s) = self.qmp.status() {
+            let status = self.qmp().status();
+            if let Ok(s) = status {
                 if matches!(
                     s.as_str(),
                     "internal-error" | "guest-panicked" | "io-error" | "shutdown"
@@ -835,7 +864,7 @@ impl Vm {
     fn shut_down(&mut self, graceful: bool) {
         let exited = graceful && matches!(self.qemu.wait_timeout(POWEROFF_GRACE), Ok(Some(_)));
         if !exited {
-            let _ = self.qmp.quit();
+            let _ = self.qmp().quit();
             if !matches!(self.qemu.wait_timeout(QUIT_GRACE), Ok(Some(_))) {
                 tracing::warn!(pid = self.qemu.pid(), "QEMU did not quit; killing it");
             }

@@ -211,6 +211,7 @@ pub fn build_spec(
         devices: Vec::new(),
         device_wait_ms: 0,
         gpu: None,
+        pod_sandbox: false,
     };
     let size = serde_json::to_vec(&spec)
         .map(|v| v.len())

@@ -45,6 +45,7 @@ fn spec() -> RunSpec {
         devices: vec![],
         device_wait_ms: 0,
         gpu: None,
+        pod_sandbox: false,
     }
 }
 

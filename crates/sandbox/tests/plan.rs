@@ -286,6 +286,7 @@ fn spec(args: &[&str], fstype: &str) -> RunSpec {
         devices: vec![],
         device_wait_ms: 0,
         gpu: None,
+        pod_sandbox: false,
     }
 }
 

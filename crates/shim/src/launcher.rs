@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use gpucell_runtime::{Node, Observer, RootfsSource, RunReport, RunRequest};
+use gpucell_runtime::{ExecHandle, Node, Observer, ProcIo, RootfsSource, RunReport, RunRequest};
 use gpucell_sandbox::{EventSender, SessionIo};
 
 /// What starting a task runs.
@@ -20,12 +20,52 @@ pub struct Launch {
     pub sandbox: bool,
 }
 
+/// A container running in its pod's VM beside others (added to the VM, not its own
+/// process).
+pub trait Member: Send + Sync {
+    /// Its pid in the guest.
+    fn pid(&self) -> i32;
+    /// The agent's id of the container (an exec into it names it).
+    fn container(&self) -> u32;
+    fn signal(&self, signal: i32) -> Result<(), String>;
+    /// Waits for its end; the shell's exit code (128+N for signal N).
+    fn wait(&self) -> Result<i32, String>;
+}
+
+impl Member for ExecHandle {
+    fn pid(&self) -> i32 {
+        ExecHandle::pid(self)
+    }
+    fn container(&self) -> u32 {
+        self.id()
+    }
+    fn signal(&self, signal: i32) -> Result<(), String> {
+        ExecHandle::signal(self, signal).map_err(|e| e.to_string())
+    }
+    fn wait(&self) -> Result<i32, String> {
+        ExecHandle::wait(self)
+            .map(|s| s.shell_code())
+            .map_err(|e| e.to_string())
+    }
+}
+
 /// Runs a task to its end. Called on a thread of its own: it may block for as long as
 /// the task runs.
 pub trait Launcher: Send + Sync + 'static {
     /// Runs `launch` with its streams on `io`; the observer's `sandbox_starting` receives
     /// the handle that signals the workload. The report's `exit_code` is the task's.
     fn run(&self, launch: Launch, io: SessionIo, obs: &mut dyn Observer) -> RunReport;
+
+    /// Starts `launch` as a further container in the running pod VM behind `vm`, with
+    /// its streams on `io`; returns once it runs.
+    fn add_container(
+        &self,
+        _vm: &EventSender,
+        _launch: Launch,
+        _io: ProcIo,
+    ) -> Result<Arc<dyn Member>, String> {
+        Err("this launcher runs no pods".into())
+    }
 }
 
 /// Runs each task in its own gpucell microVM on `node`.
@@ -59,14 +99,25 @@ impl Launcher for NodeLauncher {
         }
         report
     }
+
+    fn add_container(
+        &self,
+        vm: &EventSender,
+        launch: Launch,
+        io: ProcIo,
+    ) -> Result<Arc<dyn Member>, String> {
+        gpucell_runtime::add_container(&self.node, vm, launch.request, &launch.rootfs, io)
+            .map(|h| Arc::new(h) as Arc<dyn Member>)
+            .map_err(|e| gpucell_runtime::error_chain(&e))
+    }
 }
 
 /// A writer shared by the run core and the launcher.
 #[derive(Clone)]
-struct SharedWriter(Arc<Mutex<Box<dyn Write + Send>>>);
+pub(crate) struct SharedWriter(Arc<Mutex<Box<dyn Write + Send>>>);
 
 impl SharedWriter {
-    fn new(w: Box<dyn Write + Send>) -> Self {
+    pub(crate) fn new(w: Box<dyn Write + Send>) -> Self {
         SharedWriter(Arc::new(Mutex::new(w)))
     }
 }
@@ -87,51 +138,86 @@ impl Write for SharedWriter {
 }
 
 /// Signals for a task's workload: queued until its sandbox starts, then forwarded.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Control {
     inner: Mutex<ControlState>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct ControlState {
-    events: Option<EventSender>,
-    /// `events` belongs to a running sandbox (not to [`hold`]).
-    sandbox: bool,
+    target: Target,
     pending: Vec<i32>,
 }
 
+/// Where a task's signals and execs go.
+#[derive(Default)]
+enum Target {
+    /// Not started yet: signals are queued.
+    #[default]
+    Nothing,
+    /// A pod's sandbox container, held by the shim ([`hold`]): no VM of its own.
+    Held(EventSender),
+    /// The task's own VM: its workload.
+    Vm(EventSender),
+    /// A container added to its pod's VM.
+    Member {
+        vm: EventSender,
+        member: Arc<dyn Member>,
+    },
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Control")
+    }
+}
+
 impl Control {
+    fn state(&self) -> std::sync::MutexGuard<'_, ControlState> {
+        match self.inner.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        }
+    }
+
     /// Forwards `signal` to the workload, or queues it until the sandbox starts.
     pub fn signal(&self, signal: i32) {
-        let mut s = match self.inner.lock() {
-            Ok(s) => s,
-            Err(p) => p.into_inner(),
-        };
-        match &s.events {
-            Some(e) => e.signal(signal),
-            None => s.pending.push(signal),
+        let mut s = self.state();
+        match &s.target {
+            Target::Nothing => s.pending.push(signal),
+            Target::Held(e) | Target::Vm(e) => e.signal(signal),
+            Target::Member { member, .. } => {
+                if let Err(e) = member.signal(signal) {
+                    tracing::warn!(signal, error = %e, "signalling a pod's container");
+                }
+            }
         }
     }
 
-    /// The running sandbox's handle (to start execs in it); `None` before it starts and
-    /// for a pod's sandbox container, which runs no VM.
-    pub fn sandbox(&self) -> Option<EventSender> {
-        let s = match self.inner.lock() {
-            Ok(s) => s,
-            Err(p) => p.into_inner(),
-        };
-        s.sandbox.then(|| s.events.clone()).flatten()
+    /// The running VM to start execs in, and the agent's id of the container there
+    /// (`None`: the VM's own workload); `None` before it starts and for a pod's sandbox
+    /// container.
+    pub fn sandbox(&self) -> Option<(EventSender, Option<u32>)> {
+        match &self.state().target {
+            Target::Vm(e) => Some((e.clone(), None)),
+            Target::Member { vm, member } => Some((vm.clone(), Some(member.container()))),
+            Target::Nothing | Target::Held(_) => None,
+        }
     }
 
-    fn attach(&self, events: EventSender) {
-        let mut s = match self.inner.lock() {
-            Ok(s) => s,
-            Err(p) => p.into_inner(),
-        };
-        for sig in s.pending.drain(..) {
-            events.signal(sig);
+    fn attach(&self, target: Target) {
+        let mut s = self.state();
+        s.target = target;
+        let pending: Vec<i32> = s.pending.drain(..).collect();
+        drop(s);
+        for sig in pending {
+            self.signal(sig);
         }
-        s.events = Some(events);
+    }
+
+    /// The task runs as `member` of its pod's VM `vm`.
+    pub fn attach_member(&self, vm: EventSender, member: Arc<dyn Member>) {
+        self.attach(Target::Member { vm, member });
     }
 }
 
@@ -139,7 +225,7 @@ impl Control {
 /// for SIGTERM or SIGINT (as `pause` does) and 128+N for any other signal N.
 pub fn hold(control: &Control) -> i32 {
     let (tx, rx) = gpucell_sandbox::event_channel();
-    control.attach(tx);
+    control.attach(Target::Held(tx));
     loop {
         if let Some(sig) = rx.next_signal(std::time::Duration::from_secs(3600)) {
             return match sig {
@@ -162,11 +248,6 @@ impl Observer for TaskObserver {
     }
 
     fn sandbox_starting(&mut self, events: EventSender) {
-        self.control.attach(events);
-        let mut s = match self.control.inner.lock() {
-            Ok(s) => s,
-            Err(p) => p.into_inner(),
-        };
-        s.sandbox = true;
+        self.control.attach(Target::Vm(events));
     }
 }

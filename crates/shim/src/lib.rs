@@ -10,6 +10,7 @@ pub mod bundle;
 pub mod devices;
 pub mod events;
 pub mod launcher;
+pub mod pod;
 pub mod service;
 pub mod stdio;
 pub mod task;

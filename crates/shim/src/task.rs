@@ -1,13 +1,15 @@
 //! The task service containerd talks to (task API v2 over ttrpc): one shim process
-//! serves the tasks of one pod, each task a gpucell run in its own microVM.
+//! serves the tasks of one pod: a CRI pod's containers in one microVM, a `ctr run` task in its own.
 //!
 //! Lifecycle: `create` reads the bundle (spec, rootfs, devices) and checks the request;
 //! `start` runs it on a thread of its own through the [`Launcher`]; `kill` forwards a
 //! signal to the workload in the guest; the run's end is the task's exit (`wait`,
 //! `/tasks/exit`); `delete` forgets the task and unmounts what the shim mounted.
-//! `exec` is refused: the guest agent runs one process per VM.
+//! `exec` starts a process in the task's VM. The containers of a CRI pod share one VM
+//! (see [`crate::pod`]).
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -28,7 +30,8 @@ use tokio::sync::watch;
 
 use crate::bundle::TaskSpec;
 use crate::events::EventTx;
-use crate::launcher::{Control, Launch, Launcher, TaskObserver};
+use crate::launcher::{Control, Launch, Launcher, SharedWriter, TaskObserver};
+use crate::pod::Pod;
 use crate::stdio::StdioPaths;
 
 mod exec;
@@ -73,6 +76,9 @@ struct Container {
     mounted: Option<PathBuf>,
     /// Exec processes by exec id.
     execs: Mutex<HashMap<String, Arc<ExecProc>>>,
+    /// The CRI pod the task belongs to: its sandbox container, or an application
+    /// container that joins the pod's VM. `None`: the task boots a VM of its own.
+    pod: Option<Arc<Pod>>,
 }
 
 impl Container {
@@ -100,7 +106,12 @@ struct Inner {
     /// Each pod's network namespace, from its sandbox container (see
     /// `TaskSpec::join_pod_netns`).
     pod_netns: Mutex<HashMap<String, PathBuf>>,
+    /// The CRI pods served, by pod id (from their sandbox containers).
+    pods: Mutex<HashMap<String, Arc<Pod>>>,
 }
+
+/// How long a stopped pod sandbox waits for its VM to power off.
+const POD_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     match m.lock() {
@@ -156,6 +167,7 @@ impl TaskService {
                 settings,
                 containers: Mutex::new(HashMap::new()),
                 pod_netns: Mutex::new(HashMap::new()),
+                pods: Mutex::new(HashMap::new()),
                 events,
                 exit,
                 pid: std::process::id(),
@@ -196,6 +208,21 @@ impl TaskService {
             .validate()
             .map_err(|e| gpucell_runtime::error_chain(&e))?;
         let (rootfs, mounted) = rootfs_dir(&req.rootfs, &spec.root)?;
+        let launch = Launch {
+            request,
+            rootfs,
+            sandbox: spec.is_pod_sandbox(),
+        };
+        let pod_id = spec.pod_id(&req.id);
+        let pod = if launch.sandbox {
+            let pod = Pod::new(pod_id, bundle.to_path_buf(), launch.clone());
+            lock(&self.inner.pods).insert(pod_id.to_string(), Arc::clone(&pod));
+            Some(pod)
+        } else if pod_id != req.id {
+            lock(&self.inner.pods).get(pod_id).cloned()
+        } else {
+            None
+        };
         let (exit_tx, _) = watch::channel(None);
         Ok(Container {
             id: req.id.clone(),
@@ -206,16 +233,13 @@ impl TaskService {
                 stderr: req.stderr.clone(),
                 terminal: req.terminal,
             },
-            launch: Mutex::new(Some(Launch {
-                request,
-                rootfs,
-                sandbox: spec.is_pod_sandbox(),
-            })),
+            launch: Mutex::new(Some(launch)),
             phase: Mutex::new(Phase::Created),
             exit_tx,
             control: Arc::new(Control::default()),
             mounted,
             execs: Mutex::new(HashMap::new()),
+            pod,
         })
     }
 
@@ -259,7 +283,14 @@ impl TaskService {
         if launch.sandbox {
             // No output will come: closing the streams at once tells the client so.
             drop(c.stdio.open());
-            return crate::launcher::hold(&c.control) as u32;
+            let code = crate::launcher::hold(&c.control) as u32;
+            if let Some(pod) = &c.pod {
+                pod.stop(POD_STOP_WAIT);
+            }
+            return code;
+        }
+        if let Some(pod) = &c.pod {
+            return self.run_member(c, pod, launch);
         }
         let io = match c.stdio.open() {
             Ok(io) => io,
@@ -283,6 +314,47 @@ impl TaskService {
             Err(e) => tracing::warn!(error = %e, "serializing the run report"),
         }
         report.exit_code.clamp(0, 255) as u32
+    }
+}
+
+impl TaskService {
+    /// Runs a CRI application container in its pod's VM (booted for it when it is the
+    /// pod's first) until it ends. A failure is told on the container's stderr.
+    fn run_member(&self, c: &Container, pod: &Arc<Pod>, launch: Launch) -> u32 {
+        let io = match c.stdio.open() {
+            Ok(io) => io,
+            Err(e) => {
+                tracing::error!(task = %c.id, "{}", gpucell_runtime::error_chain(&e));
+                return gpucell_runtime::EXIT_RUN_FAILED as u32;
+            }
+        };
+        let stderr = SharedWriter::new(io.stderr);
+        let launcher = &self.inner.settings.launcher;
+        let started = pod.vm(launcher, &launch).and_then(|vm| {
+            let io = gpucell_runtime::ProcIo {
+                stdout: io.stdout,
+                stderr: Box::new(stderr.clone()),
+                stdin: io.stdin,
+            };
+            launcher.add_container(&vm, launch, io).map(|m| (vm, m))
+        });
+        let (vm, member) = match started {
+            Ok(s) => s,
+            Err(e) => {
+                let mut w = stderr;
+                let _ = writeln!(w, "gpucell: error: {e}");
+                tracing::error!(task = %c.id, "{e}");
+                return gpucell_runtime::EXIT_RUN_FAILED as u32;
+            }
+        };
+        c.control.attach_member(vm, Arc::clone(&member));
+        match member.wait() {
+            Ok(code) => code.clamp(0, 255) as u32,
+            Err(e) => {
+                tracing::warn!(task = %c.id, "{e}");
+                EXIT_KILLED
+            }
+        }
     }
 }
 
@@ -552,6 +624,8 @@ impl Task for TaskService {
             ));
         }
         lock(&self.inner.containers).remove(&req.id);
+        // A pod is known by its sandbox container's id: when that goes, so does the pod.
+        lock(&self.inner.pods).remove(&req.id);
         if let Some(m) = &c.mounted {
             unmount(m);
         }

@@ -427,6 +427,32 @@ fn pod_with_one_container(env: &Env) {
     cri.remove_pod_sandbox(&pod_id).unwrap();
 }
 
+/// The first `boot:<id>` line of a container's log, waiting up to 240 s for it.
+fn boot_id_in_log(env: &Env, log_path: &Path) -> String {
+    let t = Instant::now();
+    loop {
+        let log = std::fs::read_to_string(log_path).unwrap_or_default();
+        if let Some(b) = log_lines(&log)
+            .iter()
+            .find_map(|l| l.strip_prefix("boot:").map(|b| b.trim().to_string()))
+        {
+            return b;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(240),
+            "{} has no boot line: {log}\n{}",
+            log_path.display(),
+            env.log()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// The QEMU processes of this test's containerd.
+fn qemus(env: &Env) -> Vec<u32> {
+    processes_mentioning(&env.p("state").display().to_string(), "qemu-system")
+}
+
 /// ExecSync in a running container: the exit code and output come back, and the
 /// process ran in the container's VM (the guest's boot_id, not the host's).
 fn exec_sync_runs_in_the_containers_vm(
@@ -448,23 +474,7 @@ fn exec_sync_runs_in_the_containers_vm(
     );
     let id = cri.create_container(pod_id, config, pod.clone()).unwrap();
     cri.start_container(&id).unwrap();
-    let log_path = logs.join("c3.log");
-    let t = Instant::now();
-    let boot = loop {
-        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-        if let Some(b) = log_lines(&log)
-            .iter()
-            .find_map(|l| l.strip_prefix("boot:").map(str::to_string))
-        {
-            break b;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(240),
-            "c3 did not start: {log}\n{}",
-            env.log()
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    };
+    let boot = boot_id_in_log(env, &logs.join("c3.log"));
     let host = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
     assert_ne!(boot.trim(), host.trim(), "the container runs in a VM");
     let out = cri
@@ -733,6 +743,75 @@ fn cri_pod_with_a_cni_network(env: &Env) {
     cri.remove_container(&id).unwrap();
     cri.stop_pod_sandbox(&pod_id).unwrap();
     cri.remove_pod_sandbox(&pod_id).unwrap();
+}
+
+/// Two containers of one pod run in one VM: the same guest boot_id (not the host's),
+/// one QEMU; an exec reaches the second; the first ends while the second runs on; the
+/// pod's stop ends the VM and the second container with it.
+#[test]
+fn cri_containers_of_a_pod_share_its_vm() {
+    let Some(env) = setup() else { return };
+    let cri = env.cri();
+    let logs = env.p("logs/p4");
+    let pod = pod_config("p4", &logs);
+    let pod_id = cri.run_pod_sandbox(pod.clone(), HANDLER).unwrap();
+    assert!(
+        qemus(&env).is_empty(),
+        "a pod's sandbox boots no VM by itself"
+    );
+    let script = |name: &str| {
+        format!(
+            "echo boot:$(cat /proc/sys/kernel/random/boot_id); echo {name}:$(hostname); sleep 600"
+        )
+    };
+    let mut ids = Vec::new();
+    for name in ["c1", "c2"] {
+        let config = container_config(
+            name,
+            IMAGE,
+            &["sh", "-c", &script(name)],
+            &format!("{name}.log"),
+        );
+        let id = cri.create_container(&pod_id, config, pod.clone()).unwrap();
+        cri.start_container(&id)
+            .unwrap_or_else(|e| panic!("{name}: {e}\n{}", env.log()));
+        ids.push(id);
+    }
+    let b1 = boot_id_in_log(&env, &logs.join("c1.log"));
+    let b2 = boot_id_in_log(&env, &logs.join("c2.log"));
+    let host = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    assert_ne!(b1, host.trim(), "the pod runs in a VM");
+    assert_eq!(b1, b2, "both containers run in the pod's one VM");
+    assert_eq!(qemus(&env).len(), 1, "one QEMU for the pod");
+    // The first container ends; the second runs on in the VM and takes an exec.
+    cri.stop_container(&ids[0], 2).unwrap();
+    let status = env.wait_exited(&cri, &ids[0], Duration::from_secs(60));
+    assert_ne!(status.exit_code, 0, "stopped: {status:?}");
+    let out = cri
+        .exec_sync(
+            &ids[1],
+            &["sh", "-c", "cat /proc/sys/kernel/random/boot_id; ls /"],
+            60,
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", env.log()));
+    assert_eq!(out.exit_code, 0, "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout.lines().next(),
+        Some(b1.as_str()),
+        "the exec ran in the pod's VM"
+    );
+    let c2 = cri.container_status(&ids[1]).unwrap();
+    assert_eq!(c2.state, ContainerState::ContainerRunning as i32, "{c2:?}");
+    // Stopping the pod stops its VM, and the container in it.
+    cri.stop_pod_sandbox(&pod_id).unwrap();
+    let status = env.wait_exited(&cri, &ids[1], Duration::from_secs(60));
+    assert_ne!(status.exit_code, 0, "{status:?}");
+    for id in &ids {
+        cri.remove_container(id).unwrap();
+    }
+    cri.remove_pod_sandbox(&pod_id).unwrap();
+    env.assert_clean();
 }
 
 /// ExecSync answers once the exec's output streams close: the host closes an exec's

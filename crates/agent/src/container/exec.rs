@@ -60,6 +60,7 @@ fn as_run_spec(spec: &ProcSpec) -> RunSpec {
         devices: Vec::new(),
         device_wait_ms: 0,
         gpu: None,
+        pod_sandbox: false,
     }
 }
 

@@ -352,6 +352,7 @@ fn spec(script: &str) -> RunSpec {
         devices: vec![],
         device_wait_ms: 0,
         gpu: None,
+        pod_sandbox: false,
     }
 }
 

@@ -155,6 +155,7 @@ pub(crate) fn request(global: &Global, args: &RunArgs) -> anyhow::Result<RunRequ
         network: args.network.to_request()?,
         driver: args.driver.clone(),
         force_driver_injection: args.force_driver_injection,
+        pod_slots: 0,
     })
 }
 

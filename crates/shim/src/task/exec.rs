@@ -180,12 +180,13 @@ impl TaskService {
         e: &ExecProc,
         spec: ProcSpec,
     ) -> Result<Arc<ExecHandle>, String> {
-        let sandbox = c.control.sandbox().ok_or_else(|| {
+        let (sandbox, container) = c.control.sandbox().ok_or_else(|| {
             format!(
                 "task {:?} has no running VM to exec into (a pod's sandbox container runs none)",
                 c.id
             )
         })?;
+        let spec = ProcSpec { container, ..spec };
         let io = e
             .stdio
             .open()
