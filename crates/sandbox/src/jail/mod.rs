@@ -367,10 +367,10 @@ pub fn prepare(
         .map_err(io_err(run_dir))?;
     let limits = CgroupLimits {
         memory_bytes: (cmd.resources.memory_mib + cfg.memory_overhead_mib) << 20,
-        // One CPU more than vCPUs for QEMU's main loop and I/O threads: throttled to
-        // exactly its vCPUs, a TCG guest's timer ticks come late enough that the
-        // kernel's IO-APIC timer check fails at boot.
-        cpus: cmd.resources.cpus + 1,
+        // Exactly the requested vCPUs, QEMU's own threads included (a TCG guest so
+        // throttled once failed the kernel's IO-APIC timer check at boot; the guest's
+        // `no_timer_check` ended that: docs/security.md, *The jail*).
+        cpus: cmd.resources.cpus,
         pids: PIDS_BASE + u64::from(cmd.resources.cpus),
     };
     // A mount namespace without cgroups (`ip netns exec` remounts /sys) gets the
