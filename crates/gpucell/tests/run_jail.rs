@@ -234,3 +234,187 @@ fn a_killed_gpucells_jail_is_cleaned_up_by_the_next_run() {
         assert!(!dir.exists(), "{} left behind", dir.display());
     }
 }
+
+/// A network namespace of the test's own (`ip netns add`), deleted when dropped.
+struct Netns(String);
+
+impl Netns {
+    fn add() -> Option<Netns> {
+        let name = format!("gpucell-jail-{}", std::process::id());
+        let ok = std::process::Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("skipping: `ip netns add {name}` failed");
+            return None;
+        }
+        Some(Netns(name))
+    }
+
+    /// `cmd` run by `ip netns exec` in this namespace (which mounts a new sysfs on
+    /// /sys, hiding /sys/fs/cgroup), with the same arguments and environment.
+    fn exec(&self, cmd: &std::process::Command) -> std::process::Command {
+        let mut c = std::process::Command::new("ip");
+        c.args(["netns", "exec", &self.0]).arg(cmd.get_program());
+        c.args(cmd.get_args());
+        for (k, v) in cmd.get_envs() {
+            if let Some(v) = v {
+                c.env(k, v);
+            }
+        }
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
+/// A limit of QEMU's cgroup as the host sees it: `file` of its group in the v1
+/// hierarchy `controller` (or in the v2 one), found from `/proc/<pid>/cgroup`.
+fn cgroup_value(pid: u32, controller: &str, file: &str) -> String {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let (dir, path) = text
+        .lines()
+        .find_map(|l| {
+            let mut f = l.splitn(3, ':');
+            let (_, ctrls, path) = (f.next()?, f.next()?, f.next()?);
+            ctrls
+                .split(',')
+                .any(|c| c == controller)
+                .then(|| (controller.to_string(), path.to_string()))
+        })
+        .or_else(|| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("0::"))
+                .map(|p| (String::new(), p.to_string()))
+        })
+        .unwrap_or_else(|| panic!("no {controller} cgroup in {text}"));
+    let at = Path::new("/sys/fs/cgroup")
+        .join(dir)
+        .join(path.trim_start_matches('/'))
+        .join(file);
+    std::fs::read_to_string(&at)
+        .unwrap_or_else(|e| panic!("{}: {e}", at.display()))
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn a_run_under_ip_netns_exec_mounts_the_hidden_cgroups_and_reports_its_jail() {
+    if !nix_is_root() {
+        eprintln!("skipping: the jail needs root");
+        return;
+    }
+    let Some(env) = vm_env() else { return };
+    if !Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists()
+        && !Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
+    {
+        eprintln!("skipping: no cgroup hierarchy at /sys/fs/cgroup to read limits back from");
+        return;
+    }
+    let Some(ns) = Netns::add() else { return };
+    let run = env.run_cmd(&["--json", &env.image, "--", "sh", "-c", "sleep 8; echo done"]);
+    let child = ns
+        .exec(&run)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let needle = env.state.path().to_string_lossy().to_string();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let pid = loop {
+        let pids = qemu_processes_mentioning(&needle);
+        if let Some(p) = pids
+            .first()
+            .filter(|p| status_field(**p, "Seccomp").as_deref() == Some("2"))
+        {
+            break *p;
+        }
+        assert!(Instant::now() < deadline, "no jailed QEMU");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let id = run_id(pid);
+    // Limits read back from the host's own hierarchies: the run mounted the same ones.
+    let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
+        && !Path::new("/sys/fs/cgroup/memory").exists();
+    let (memory, pids, quota) = if v2 {
+        let cpu_max = cgroup_value(pid, "cpu", "cpu.max");
+        (
+            cgroup_value(pid, "memory", "memory.max"),
+            cgroup_value(pid, "pids", "pids.max"),
+            cpu_max.split(' ').next().unwrap().to_string(),
+        )
+    } else {
+        (
+            cgroup_value(pid, "memory", "memory.limit_in_bytes"),
+            cgroup_value(pid, "pids", "pids.max"),
+            cgroup_value(pid, "cpu", "cpu.cfs_quota_us"),
+        )
+    };
+    let uid = status_field(pid, "Uid").unwrap();
+    let uid: u64 = uid.split(' ').next().unwrap().parse().unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    assert_eq!(stdout(&out), "done\n");
+    let s = common::summary(&out);
+    let jail = &s["jail"];
+    assert_eq!(jail["enabled"], true, "{jail}");
+    assert_eq!(jail["uid"], uid, "{jail}");
+    assert_eq!(jail["gid"], uid, "{jail}");
+    let cg = &jail["cgroup"];
+    let mount_base = env.state.path().join("cgroup").join(&id);
+    assert_eq!(cg["root"], mount_base.to_string_lossy().as_ref(), "{cg}");
+    assert_eq!(cg["memory_bytes"].to_string(), memory, "{cg}");
+    assert_eq!(cg["pids_max"].to_string(), pids, "{cg}");
+    assert_eq!(cg["cpu_quota_us"].to_string(), quota, "{cg}");
+    assert_eq!(cg["cpu_period_us"], 100_000, "{cg}");
+    assert!(cg["memory_bytes"].as_u64().unwrap() > 512 << 20, "{cg}");
+    assert_eq!(jail["status"]["seccomp"], "2", "{jail}");
+    assert_eq!(jail["status"]["cap_eff"], "0000000000000000", "{jail}");
+    assert_eq!(jail["status"]["no_new_privs"], "1", "{jail}");
+    // Nothing left: the group, the mounts (in the namespace `ip netns exec` made,
+    // gone with it) and their directory.
+    env.assert_clean();
+    assert!(!mount_base.exists(), "{} left behind", mount_base.display());
+    for dir in cgroup_dirs(&id) {
+        assert!(!dir.exists(), "{} left behind", dir.display());
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(!mounts.contains(&needle), "mounts left: {mounts}");
+}
+
+#[test]
+fn an_unjailed_runs_report_says_jail_off() {
+    let Some(env) = vm_env() else { return };
+    let config = env.state.path().join("config.toml");
+    std::fs::write(&config, "[jail]\nenabled = false\n").unwrap();
+    let out = env
+        .run_cmd(&["--json", &env.image, "--", "true"])
+        .env("GPUCELL_CONFIG", &config)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    env.assert_clean();
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    let s = common::summary(&out);
+    assert_eq!(s["jail"], serde_json::json!({ "enabled": false }), "{s}");
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|t| {
+            t.lines().find_map(|l| {
+                l.strip_prefix("Uid:")
+                    .and_then(|v| v.split_whitespace().nth(1).map(|u| u == "0"))
+            })
+        })
+        .unwrap_or(false)
+}

@@ -87,6 +87,24 @@ pub enum ReleaseOutcome {
     Failed { error: String },
 }
 
+/// The jail of a run: `enabled`, and when on its uid and gid, cgroup (root,
+/// directories, memory, cpu quota and period, pids) and what QEMU's status showed.
+#[derive(Debug, Clone, Serialize)]
+pub struct JailReport {
+    pub enabled: bool,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub facts: Option<gpucell_sandbox::jail::JailFacts>,
+}
+
+impl JailReport {
+    pub fn of(facts: Option<&gpucell_sandbox::jail::JailFacts>) -> Self {
+        JailReport {
+            enabled: facts.is_some(),
+            facts: facts.cloned(),
+        }
+    }
+}
+
 /// The whole record of one run, success or failure.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct RunReport {
@@ -143,6 +161,9 @@ pub struct RunReport {
     /// policy and setup time.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub network: Option<crate::network::NetworkReport>,
+    /// After a run: the jail QEMU ran in (`{"enabled": false}` when unjailed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jail: Option<JailReport>,
     /// On failure: the error and each of its causes, `: `-separated.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,

@@ -510,6 +510,7 @@ fn fill_outcome(report: &mut RunReport, timed: &Timed, start: Instant) {
         driver_ready: o.driver.as_ref().map(|d| d.driver_ready_ms),
     });
     report.qemu_args = Some(o.qemu_args.clone());
+    report.jail = Some(crate::report::JailReport::of(o.jail.as_ref()));
 }
 
 /// The error, its exit code and, for a VM that started, the console's last lines.

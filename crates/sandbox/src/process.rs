@@ -221,11 +221,12 @@ impl QemuProcess {
     /// installs its seccomp filter while parsing its options: call this once its
     /// monitor answers. Nothing to check without a jail.
     pub fn check_jail(&self) -> Result<(), ProcessError> {
-        let Some((_, expected)) = &self.jail else {
+        let Some((resources, expected)) = &self.jail else {
             return Ok(());
         };
         let path = std::path::PathBuf::from(format!("/proc/{}/status", self.pid));
-        Ok(crate::jail::status::check_file(&path, *expected)?)
+        resources.record_status(crate::jail::status::check_file(&path, *expected)?);
+        Ok(())
     }
 
     pub fn started(&self) -> Instant {

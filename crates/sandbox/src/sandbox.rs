@@ -239,6 +239,8 @@ pub struct RunOutcome {
     pub vcpu_pins: Vec<VcpuPin>,
     /// The NVIDIA driver bring-up of a driver flavour (GPUs, driver_ready_ms).
     pub driver: Option<gpucell_protocol::DriverReport>,
+    /// The jail QEMU ran in (`None`: unjailed).
+    pub jail: Option<crate::jail::JailFacts>,
     /// When QEMU was spawned (for the caller's own phase times).
     #[serde(skip)]
     pub spawned_at: Option<Instant>,
@@ -708,6 +710,7 @@ impl Sandbox {
                     spawned_at: vm.spawned_at,
                     ready_at: vm.ready_at,
                     gone_at: Instant::now(),
+                    jail: vm.qemu.jail().map(|j| j.facts()),
                 };
                 Ok(outcome(parts, &report, spec))
             }
@@ -904,6 +907,7 @@ struct OutcomeParts<'a> {
     spawned_at: Instant,
     ready_at: Instant,
     gone_at: Instant,
+    jail: Option<crate::jail::JailFacts>,
 }
 
 /// The outcome of a run whose workload exited.
@@ -945,6 +949,7 @@ fn outcome(
         pci_hole64_bytes: p.plan.input.devices.hole64,
         vcpu_pins: p.vcpu_pins,
         driver: report.driver.clone(),
+        jail: p.jail,
         spawned_at: Some(p.spawned_at),
     }
 }

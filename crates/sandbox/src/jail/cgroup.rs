@@ -4,6 +4,12 @@
 //! itself into the `cgroup.procs` files before it forks, so QEMU and every thread it
 //! starts are counted. Every filesystem touch goes through [`CgroupFs`]; [`Cgroup`]
 //! removes its directories when dropped (after QEMU is reaped).
+//!
+//! Where the configured root shows no hierarchy (under `ip netns exec`, which mounts a
+//! new sysfs on `/sys` and so hides `/sys/fs/cgroup`), [`Cgroup::create_or_mount`]
+//! mounts the hierarchies that hold the memory, cpu and pids controllers itself, in a
+//! directory of the run's own, with the controller sets `/proc/cgroups` lists: the
+//! kernel then hands back the host's own hierarchies, so the limits are the host's.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -14,6 +20,13 @@ pub trait CgroupFs: std::fmt::Debug + Send + Sync {
     fn mkdir(&self, path: &Path) -> std::io::Result<()>;
     fn write(&self, path: &Path, value: &str) -> std::io::Result<()>;
     fn rmdir(&self, path: &Path) -> std::io::Result<()>;
+    /// The text of a file (`/proc/cgroups`).
+    fn read(&self, path: &Path) -> std::io::Result<String>;
+    /// Mounts a `cgroup` filesystem with `options` (v1: its controllers), or `cgroup2`,
+    /// on the existing directory `target`.
+    fn mount(&self, fstype: &str, options: &str, target: &Path) -> std::io::Result<()>;
+    /// Detaches the mount on `target`.
+    fn unmount(&self, target: &Path) -> std::io::Result<()>;
 }
 
 /// The real cgroup filesystem.
@@ -37,6 +50,20 @@ impl CgroupFs for RealCgroupFs {
     }
     fn rmdir(&self, path: &Path) -> std::io::Result<()> {
         std::fs::remove_dir(path)
+    }
+    fn read(&self, path: &Path) -> std::io::Result<String> {
+        std::fs::read_to_string(path)
+    }
+    fn mount(&self, fstype: &str, options: &str, target: &Path) -> std::io::Result<()> {
+        let flags = nix::mount::MsFlags::MS_NOSUID
+            | nix::mount::MsFlags::MS_NODEV
+            | nix::mount::MsFlags::MS_NOEXEC;
+        let data = (!options.is_empty()).then_some(options);
+        nix::mount::mount(Some(fstype), target, Some(fstype), flags, data)
+            .map_err(std::io::Error::from)
+    }
+    fn unmount(&self, target: &Path) -> std::io::Result<()> {
+        nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH).map_err(std::io::Error::from)
     }
 }
 
@@ -66,6 +93,95 @@ pub enum CgroupError {
     },
     #[error("no cgroup hierarchy under {0:?} (neither v2 cgroup.controllers nor v1 memory, cpu and pids)")]
     NoHierarchy(PathBuf),
+    #[error("no cgroup hierarchy under {root:?}, and the kernel's cannot be mounted under {base:?}: {what}; set [jail] require_cgroups = false to run QEMU without memory, cpu and pids limits")]
+    Mount {
+        root: PathBuf,
+        base: PathBuf,
+        what: String,
+        #[source]
+        source: Option<std::io::Error>,
+    },
+}
+
+impl CgroupError {
+    /// The hierarchies are missing (as opposed to present but unusable): what
+    /// `[jail] require_cgroups = false` tolerates.
+    pub fn is_missing(&self) -> bool {
+        matches!(
+            self,
+            CgroupError::NoHierarchy(_) | CgroupError::Mount { .. }
+        )
+    }
+}
+
+/// A cgroup filesystem to mount: `fstype`, `options`, and the directory under the
+/// mount base (`memory`, `cpu`, `pids` on v1, the base itself on v2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountSpec {
+    pub fstype: &'static str,
+    pub options: String,
+    pub dir: &'static str,
+}
+
+/// What to mount for the memory, cpu and pids controllers, from the text of
+/// `/proc/cgroups` (`name hierarchy num_cgroups enabled`): on v1 each controller's
+/// hierarchy with every controller it holds (`cpu,cpuacct` where they are co-mounted;
+/// the kernel refuses another set), on v2 (hierarchy 0 for all three) one `cgroup2`.
+pub fn mount_specs(proc_cgroups: &str) -> Result<Vec<MountSpec>, String> {
+    let rows: Vec<(&str, &str, &str)> = proc_cgroups
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() == 4).then(|| (f[0], f[1], f[3]))
+        })
+        .collect();
+    let mut hierarchies = Vec::new();
+    for ctrl in V1_CONTROLLERS {
+        match rows.iter().find(|r| r.0 == ctrl) {
+            Some((_, h, "1")) => hierarchies.push(*h),
+            _ => {
+                return Err(format!(
+                    "the {ctrl} controller is not enabled in this kernel"
+                ))
+            }
+        }
+    }
+    if hierarchies.iter().all(|h| *h == "0") {
+        return Ok(vec![MountSpec {
+            fstype: "cgroup2",
+            options: String::new(),
+            dir: "",
+        }]);
+    }
+    if hierarchies.contains(&"0") {
+        return Err("memory, cpu and pids are split between cgroup v1 and v2".to_string());
+    }
+    Ok(V1_CONTROLLERS
+        .iter()
+        .zip(hierarchies)
+        .map(|(ctrl, h)| MountSpec {
+            fstype: "cgroup",
+            options: rows
+                .iter()
+                .filter(|r| r.1 == h && r.2 == "1")
+                .map(|r| r.0)
+                .collect::<Vec<_>>()
+                .join(","),
+            dir: ctrl,
+        })
+        .collect())
+}
+
+/// The cfs quota and period (µs) of `cpus` CPUs.
+pub fn cpu_quota(cpus: u32) -> (u64, u64) {
+    (u64::from(cpus.max(1)) * CPU_PERIOD_US, CPU_PERIOD_US)
+}
+
+/// Whether `root` holds a v2 hierarchy or the three v1 ones.
+fn has_hierarchy(fs: &dyn CgroupFs, root: &Path) -> bool {
+    fs.exists(&root.join("cgroup.controllers"))
+        || V1_CONTROLLERS.iter().all(|c| fs.exists(&root.join(c)))
 }
 
 /// A sandbox's cgroup, removed when dropped.
@@ -75,6 +191,13 @@ pub struct Cgroup {
     /// Directories created, deepest last.
     dirs: Vec<PathBuf>,
     procs: Vec<PathBuf>,
+    /// Hierarchies this run mounted itself (detached when dropped), and the
+    /// directory holding them (removed last).
+    mounts: Vec<PathBuf>,
+    mount_base: Option<PathBuf>,
+    /// The hierarchy root the group was made under.
+    root: PathBuf,
+    limits: Option<CgroupLimits>,
 }
 
 impl Cgroup {
@@ -86,11 +209,89 @@ impl Cgroup {
         name: &str,
         limits: CgroupLimits,
     ) -> Result<Cgroup, CgroupError> {
+        let cg = Cgroup {
+            fs,
+            dirs: Vec::new(),
+            procs: Vec::new(),
+            mounts: Vec::new(),
+            mount_base: None,
+            root: root.to_path_buf(),
+            limits: Some(limits),
+        };
+        cg.fill(root, name, limits)
+    }
+
+    /// [`Cgroup::create`] under `root`; where `root` shows no hierarchy, under the
+    /// kernel's own hierarchies mounted in `<mount_base>/<name>` (removed when dropped).
+    /// Either way the cgroups of the crashed runs `stale` are removed first.
+    pub fn create_or_mount(
+        fs: Box<dyn CgroupFs>,
+        root: &Path,
+        mount_base: &Path,
+        name: &str,
+        limits: CgroupLimits,
+        stale: &[String],
+    ) -> Result<Cgroup, CgroupError> {
+        Cgroup::remove_stale_mounts(&*fs, mount_base, stale);
+        if has_hierarchy(&*fs, root) {
+            Cgroup::remove_stale(&*fs, root, stale);
+            return Cgroup::create(fs, root, name, limits);
+        }
+        let base = mount_base.join(name);
+        let mount_err = |what: String, source| CgroupError::Mount {
+            root: root.to_path_buf(),
+            base: base.clone(),
+            what,
+            source,
+        };
+        let text = fs
+            .read(Path::new("/proc/cgroups"))
+            .map_err(|e| mount_err("cannot read /proc/cgroups".into(), Some(e)))?;
+        let specs = mount_specs(&text).map_err(|what| mount_err(what, None))?;
+        for dir in [mount_base, &base] {
+            fs.mkdir(dir)
+                .map_err(|e| mount_err(format!("cannot create {}", dir.display()), Some(e)))?;
+        }
         let mut cg = Cgroup {
             fs,
             dirs: Vec::new(),
             procs: Vec::new(),
+            mounts: Vec::new(),
+            mount_base: Some(base.clone()),
+            root: base.clone(),
+            limits: Some(limits),
         };
+        for spec in specs {
+            let target = base.join(spec.dir);
+            if target != base {
+                cg.fs.mkdir(&target).map_err(|e| {
+                    mount_err(format!("cannot create {}", target.display()), Some(e))
+                })?;
+            }
+            cg.fs
+                .mount(spec.fstype, &spec.options, &target)
+                .map_err(|e| {
+                    mount_err(
+                        format!("mount -t {} -o {:?}", spec.fstype, spec.options),
+                        Some(e),
+                    )
+                })?;
+            cg.mounts.push(target);
+        }
+        tracing::info!(root = %root.display(), base = %base.display(), "no cgroup hierarchy in this mount namespace: mounted the kernel's");
+        Cgroup::remove_stale(&*cg.fs, &base, stale);
+        cg.fill(&base, name, limits)
+    }
+
+    /// Makes the group under `root` and sets `limits`; on an error, `self` is dropped
+    /// (and with it what was made).
+    fn fill(
+        mut self,
+        root: &Path,
+        name: &str,
+        limits: CgroupLimits,
+    ) -> Result<Cgroup, CgroupError> {
+        let cg = &mut self;
         let io = |what, path: &Path| {
             let (path, root) = (path.to_path_buf(), root.to_path_buf());
             move |source| CgroupError::Io {
@@ -100,7 +301,7 @@ impl Cgroup {
                 source,
             }
         };
-        let quota = u64::from(limits.cpus.max(1)) * CPU_PERIOD_US;
+        let (quota, _) = cpu_quota(limits.cpus);
         // The group's weight is that of as many busy tasks as CPUs it may use (as
         // QEMU's threads would have outside a group), not that of a single task.
         let shares = 1024 * u64::from(limits.cpus.max(1));
@@ -126,7 +327,7 @@ impl Cgroup {
             ];
             cg.apply(&dir, &settings, root)?;
             cg.procs.push(dir.join("cgroup.procs"));
-            return Ok(cg);
+            return Ok(self);
         }
         if !V1_CONTROLLERS.iter().all(|c| cg.fs.exists(&root.join(c))) {
             return Err(CgroupError::NoHierarchy(root.to_path_buf()));
@@ -149,7 +350,7 @@ impl Cgroup {
             cg.apply(&dir, &settings, root)?;
             cg.procs.push(dir.join("cgroup.procs"));
         }
-        Ok(cg)
+        Ok(self)
     }
 
     fn apply(
@@ -197,6 +398,30 @@ impl Cgroup {
         }
     }
 
+    /// Detaches and removes the hierarchies crashed runs `names` mounted under
+    /// `mount_base` (a mount in a namespace that is gone is only a directory).
+    pub fn remove_stale_mounts(fs: &dyn CgroupFs, mount_base: &Path, names: &[String]) {
+        for base in names
+            .iter()
+            .map(|n| mount_base.join(n))
+            .filter(|b| fs.exists(b))
+        {
+            unmount_all(fs, &base);
+            tracing::info!(dir = %base.display(), "removed the cgroup mounts of a crashed run");
+        }
+    }
+
+    /// The hierarchy root the group is under (`[jail] cgroup_root`, or where this run
+    /// mounted the hierarchies).
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The limits set.
+    pub fn limits(&self) -> Option<CgroupLimits> {
+        self.limits
+    }
+
     /// The `cgroup.procs` files the jailed child joins.
     pub fn procs_files(&self) -> &[PathBuf] {
         &self.procs
@@ -225,6 +450,25 @@ impl Drop for Cgroup {
                 }
             }
         }
+        if let Some(base) = &self.mount_base {
+            unmount_all(&*self.fs, base);
+        }
+    }
+}
+
+/// Detaches the hierarchies mounted in `base` (v1: one per controller directory; v2:
+/// on `base` itself) and removes the directories.
+fn unmount_all(fs: &dyn CgroupFs, base: &Path) {
+    for ctrl in V1_CONTROLLERS {
+        let dir = base.join(ctrl);
+        if fs.exists(&dir) {
+            let _ = fs.unmount(&dir);
+            let _ = fs.rmdir(&dir);
+        }
+    }
+    let _ = fs.unmount(base);
+    if let Err(e) = fs.rmdir(base) {
+        tracing::warn!(dir = %base.display(), error = %e, "cannot remove the cgroup mount directory");
     }
 }
 
@@ -240,6 +484,9 @@ mod tests {
         dirs: Arc<Mutex<Vec<PathBuf>>>,
         files: Arc<Mutex<BTreeMap<PathBuf, String>>>,
         fail_on: Option<&'static str>,
+        /// `(fstype, options, target)` of each mount in place.
+        mounts: Arc<Mutex<Vec<(String, String, PathBuf)>>>,
+        proc_cgroups: String,
     }
 
     impl CgroupFs for FakeFs {
@@ -265,9 +512,140 @@ mod tests {
             Ok(())
         }
         fn rmdir(&self, p: &Path) -> std::io::Result<()> {
+            if self.mounts.lock().unwrap().iter().any(|m| m.2 == p) {
+                return Err(std::io::Error::from_raw_os_error(libc::EBUSY));
+            }
             self.dirs.lock().unwrap().retain(|d| d != p);
             Ok(())
         }
+        fn read(&self, p: &Path) -> std::io::Result<String> {
+            assert_eq!(p, Path::new("/proc/cgroups"));
+            Ok(self.proc_cgroups.clone())
+        }
+        fn mount(&self, fstype: &str, options: &str, target: &Path) -> std::io::Result<()> {
+            if !self.exists(target) {
+                return Err(std::io::Error::from_raw_os_error(libc::ENOENT));
+            }
+            if fstype == "cgroup2" {
+                self.write(&target.join("cgroup.controllers"), "memory cpu pids")?;
+            }
+            let m = (
+                fstype.to_string(),
+                options.to_string(),
+                target.to_path_buf(),
+            );
+            self.mounts.lock().unwrap().push(m);
+            Ok(())
+        }
+        fn unmount(&self, target: &Path) -> std::io::Result<()> {
+            let mut mounts = self.mounts.lock().unwrap();
+            let before = mounts.len();
+            mounts.retain(|m| m.2 != target);
+            if mounts.len() == before {
+                return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+            }
+            Ok(())
+        }
+    }
+
+    /// `/proc/cgroups` of the project's machines: cpu and cpuacct apart.
+    const V1_APART: &str = "#subsys_name\thierarchy\tnum_cgroups\tenabled\ncpuset\t3\t1\t1\ncpu\t1\t2\t1\ncpuacct\t2\t1\t1\nmemory\t4\t85\t1\npids\t8\t2\t1\nnet_cls\t0\t1\t1\n";
+
+    #[test]
+    fn mount_specs_follow_the_kernels_hierarchies() {
+        let spec = |fstype, options: &str, dir| MountSpec {
+            fstype,
+            options: options.to_string(),
+            dir,
+        };
+        assert_eq!(
+            mount_specs(V1_APART).unwrap(),
+            [
+                spec("cgroup", "memory", "memory"),
+                spec("cgroup", "cpu", "cpu"),
+                spec("cgroup", "pids", "pids")
+            ]
+        );
+        // Co-mounted controllers are mounted together (the kernel refuses a subset).
+        let together = V1_APART.replace("cpuacct\t2", "cpuacct\t1");
+        assert_eq!(
+            mount_specs(&together).unwrap()[1],
+            spec("cgroup", "cpu,cpuacct", "cpu")
+        );
+        let v2 = "#h\nmemory\t0\t1\t1\ncpu\t0\t1\t1\npids\t0\t1\t1\n";
+        assert_eq!(mount_specs(v2).unwrap(), [spec("cgroup2", "", "")]);
+        let off = V1_APART.replace("pids\t8\t2\t1", "pids\t8\t2\t0");
+        assert!(mount_specs(&off).unwrap_err().contains("pids"));
+        let split = V1_APART.replace("memory\t4", "memory\t0");
+        assert!(mount_specs(&split).unwrap_err().contains("split"));
+    }
+
+    #[test]
+    fn a_hidden_hierarchy_is_mounted_under_the_base_used_and_unmounted() {
+        let fs = FakeFs {
+            proc_cgroups: V1_APART.to_string(),
+            ..FakeFs::default()
+        };
+        let (root, base) = (Path::new("/sys/fs/cgroup"), Path::new("/state/cgroup"));
+        let cg =
+            Cgroup::create_or_mount(Box::new(fs.clone()), root, base, "abc", LIMITS, &[]).unwrap();
+        assert_eq!(cg.root(), Path::new("/state/cgroup/abc"));
+        let mounts = fs.mounts.lock().unwrap().clone();
+        assert_eq!(mounts.len(), 3);
+        assert_eq!(mounts[1].1, "cpu");
+        assert_eq!(mounts[1].2, Path::new("/state/cgroup/abc/cpu"));
+        let files = fs.files.lock().unwrap().clone();
+        assert_eq!(
+            files.get(Path::new("/state/cgroup/abc/pids/gpucell/abc/pids.max")),
+            Some(&"130".to_string())
+        );
+        assert_eq!(
+            cg.procs_files()[0],
+            Path::new("/state/cgroup/abc/memory/gpucell/abc/cgroup.procs")
+        );
+        drop(cg);
+        assert!(fs.mounts.lock().unwrap().is_empty());
+        assert!(!fs.exists(Path::new("/state/cgroup/abc")));
+        // v2: one cgroup2 on the base itself.
+        let fs = FakeFs {
+            proc_cgroups: "memory\t0\t1\t1\ncpu\t0\t1\t1\npids\t0\t1\t1\n".into(),
+            ..FakeFs::default()
+        };
+        let cg =
+            Cgroup::create_or_mount(Box::new(fs.clone()), root, base, "v2", LIMITS, &[]).unwrap();
+        assert_eq!(
+            fs.mounts.lock().unwrap()[0].2,
+            Path::new("/state/cgroup/v2")
+        );
+        assert_eq!(cg.dirs(), [PathBuf::from("/state/cgroup/v2/gpucell/v2")]);
+        drop(cg);
+        assert!(fs.mounts.lock().unwrap().is_empty());
+        assert!(!fs.exists(Path::new("/state/cgroup/v2")));
+    }
+
+    #[test]
+    fn a_failed_mount_names_the_opt_out_and_leaves_nothing() {
+        let fs = FakeFs {
+            proc_cgroups: V1_APART.replace("memory\t4\t85\t1", "memory\t4\t85\t0"),
+            ..FakeFs::default()
+        };
+        let err = Cgroup::create_or_mount(
+            Box::new(fs.clone()),
+            Path::new("/sys/fs/cgroup"),
+            Path::new("/state/cgroup"),
+            "abc",
+            LIMITS,
+            &[],
+        )
+        .unwrap_err();
+        assert!(err.is_missing());
+        let msg = err.to_string();
+        assert!(
+            msg.contains("require_cgroups = false") && msg.contains("memory"),
+            "{msg}"
+        );
+        assert!(fs.mounts.lock().unwrap().is_empty());
+        assert!(!fs.exists(Path::new("/state/cgroup/abc")));
     }
 
     const LIMITS: CgroupLimits = CgroupLimits {

@@ -20,7 +20,7 @@ pub mod view;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::args::{Accel, Device, MemoryBackend, QemuCommand};
 use cgroup::{Cgroup, CgroupFs, CgroupLimits};
@@ -65,8 +65,9 @@ pub struct JailConfig {
     pub cgroup_root: PathBuf,
     /// Memory QEMU may use beyond the guest's RAM, MiB (measured: BENCHMARKS.md).
     pub memory_overhead_mib: u64,
-    /// Refuse to run when `cgroup_root` holds no cgroup hierarchy; `false` (the
-    /// default) runs without limits and warns.
+    /// Refuse to run (the default) when `cgroup_root` holds no cgroup hierarchy and
+    /// the kernel's cannot be mounted in the run's own place either; `false` runs
+    /// without limits and warns.
     pub require_cgroups: bool,
 }
 
@@ -78,7 +79,7 @@ impl Default for JailConfig {
             registry: PathBuf::from("/run/gpucell/jail-uids"),
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
             memory_overhead_mib: 512,
-            require_cgroups: false,
+            require_cgroups: true,
         }
     }
 }
@@ -139,6 +140,33 @@ pub struct JailResources {
     // Dropped in this order: the cgroup (empty once QEMU is gone), then the uid.
     cgroup: Option<Cgroup>,
     uid: UidClaim,
+    /// What the status check read once QEMU ran.
+    seen: std::sync::OnceLock<status::Seen>,
+}
+
+/// The jail of a run, as its report shows it (`jail` of `gpucell run --json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct JailFacts {
+    pub uid: u32,
+    pub gid: u32,
+    /// `null`: no cgroup (`[jail] require_cgroups = false` where none could be had).
+    pub cgroup: Option<CgroupFacts>,
+    /// What `/proc/<qemu>/status` showed once QEMU's monitor answered.
+    pub status: Option<status::Seen>,
+}
+
+/// The sandbox's cgroup and the limits set on it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CgroupFacts {
+    /// The hierarchy root: `[jail] cgroup_root`, or where the run mounted the kernel's
+    /// hierarchies (a mount namespace that showed none).
+    pub root: PathBuf,
+    /// The group's directories (one per v1 hierarchy, one on v2).
+    pub dirs: Vec<PathBuf>,
+    pub memory_bytes: u64,
+    pub cpu_quota_us: u64,
+    pub cpu_period_us: u64,
+    pub pids_max: u64,
 }
 
 impl JailResources {
@@ -148,6 +176,33 @@ impl JailResources {
 
     pub fn cgroup_dirs(&self) -> &[PathBuf] {
         self.cgroup.as_ref().map(|c| c.dirs()).unwrap_or_default()
+    }
+
+    /// Keeps what the status check read (the first time only).
+    pub fn record_status(&self, seen: status::Seen) {
+        let _ = self.seen.set(seen);
+    }
+
+    /// The facts of this jail for the run report.
+    pub fn facts(&self) -> JailFacts {
+        let cgroup = self.cgroup.as_ref().and_then(|c| {
+            let l = c.limits()?;
+            let (cpu_quota_us, cpu_period_us) = cgroup::cpu_quota(l.cpus);
+            Some(CgroupFacts {
+                root: c.root().to_path_buf(),
+                dirs: c.dirs().to_vec(),
+                memory_bytes: l.memory_bytes,
+                cpu_quota_us,
+                cpu_period_us,
+                pids_max: l.pids,
+            })
+        });
+        JailFacts {
+            uid: self.uid(),
+            gid: self.uid(),
+            cgroup,
+            status: self.seen.get().cloned(),
+        }
     }
 }
 
@@ -261,6 +316,13 @@ pub fn qemu_view(
     Ok(v)
 }
 
+/// Where a run mounts the cgroup hierarchies its mount namespace does not show:
+/// `cgroup/` of the state directory (the run directory is `<state>/run/<id>`).
+fn cgroup_mount_base(run_dir: &Path) -> PathBuf {
+    let state = run_dir.parent().and_then(Path::parent).unwrap_or(run_dir);
+    state.join("cgroup")
+}
+
 /// Checks that every read-only file and directory of `view` can be read by a uid that
 /// is neither its owner nor in its group (which the sandbox's uid never is).
 fn readable_by_others(view: &View, uid: u32) -> Result<(), JailSetupError> {
@@ -305,20 +367,22 @@ pub fn prepare(
         .map_err(io_err(run_dir))?;
     let limits = CgroupLimits {
         memory_bytes: (cmd.resources.memory_mib + cfg.memory_overhead_mib) << 20,
-        // One CPU more than vCPUs for QEMU's main loop and I/O threads: throttled to
-        // exactly its vCPUs, a TCG guest's timer ticks come late enough that the
-        // kernel's IO-APIC timer check fails at boot.
-        cpus: cmd.resources.cpus + 1,
+        // Exactly the requested vCPUs, QEMU's own threads included (a TCG guest so
+        // throttled once failed the kernel's IO-APIC timer check at boot; the guest's
+        // `no_timer_check` ended that: docs/security.md, *The jail*).
+        cpus: cmd.resources.cpus,
         pids: PIDS_BASE + u64::from(cmd.resources.cpus),
     };
-    Cgroup::remove_stale(&*cgroups, &cfg.cgroup_root, claim.reclaimed());
-    let cgroup = match Cgroup::create(cgroups, &cfg.cgroup_root, id, limits) {
+    // A mount namespace without cgroups (`ip netns exec` remounts /sys) gets the
+    // kernel's hierarchies mounted in `<state dir>/cgroup/<id>`.
+    let mount_base = cgroup_mount_base(run_dir);
+    let stale = claim.reclaimed();
+    let made = Cgroup::create_or_mount(cgroups, &cfg.cgroup_root, &mount_base, id, limits, stale);
+    let cgroup = match made {
         Ok(c) => Some(c),
-        // A mount namespace without cgroups (`ip netns exec` remounts /sys).
-        Err(cgroup::CgroupError::NoHierarchy(root)) if !cfg.require_cgroups => {
+        Err(e) if e.is_missing() && !cfg.require_cgroups => {
             tracing::warn!(
-                "no cgroup hierarchy under {}: QEMU runs without memory, cpu and pids limits ([jail] require_cgroups)",
-                root.display()
+                "{e}; QEMU runs without memory, cpu and pids limits ([jail] require_cgroups = false)"
             );
             None
         }
@@ -343,7 +407,11 @@ pub fn prepare(
             gid: uid,
             seccomp: cmd.seccomp.is_some(),
         },
-        resources: JailResources { cgroup, uid: claim },
+        resources: JailResources {
+            cgroup,
+            uid: claim,
+            seen: std::sync::OnceLock::new(),
+        },
         view,
     })
 }

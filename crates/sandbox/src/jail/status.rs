@@ -33,8 +33,17 @@ pub struct Expected {
     pub seccomp: bool,
 }
 
+/// What the check read, for the run report: each field as `/proc/<pid>/status` spells
+/// it (`Seccomp` 2 is filtering; `CapEff` a hex mask; `NoNewPrivs` 1 is set).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Seen {
+    pub seccomp: String,
+    pub cap_eff: String,
+    pub no_new_privs: String,
+}
+
 /// Checks the status text of `path` (a `/proc/<pid>/status`).
-pub fn check_file(path: &Path, expected: Expected) -> Result<(), StatusError> {
+pub fn check_file(path: &Path, expected: Expected) -> Result<Seen, StatusError> {
     let text = std::fs::read_to_string(path).map_err(|source| StatusError::Read {
         path: path.to_path_buf(),
         source,
@@ -43,7 +52,7 @@ pub fn check_file(path: &Path, expected: Expected) -> Result<(), StatusError> {
 }
 
 /// Checks status `text` (read from `path`, named in errors).
-pub fn check(path: &Path, text: &str, e: Expected) -> Result<(), StatusError> {
+pub fn check(path: &Path, text: &str, e: Expected) -> Result<Seen, StatusError> {
     let field = |name: &'static str| -> String {
         text.lines()
             .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(':')))
@@ -73,7 +82,11 @@ pub fn check(path: &Path, text: &str, e: Expected) -> Result<(), StatusError> {
             });
         }
     }
-    Ok(())
+    Ok(Seen {
+        seccomp: field("Seccomp"),
+        cap_eff: field("CapEff"),
+        no_new_privs: field("NoNewPrivs"),
+    })
 }
 
 #[cfg(test)]
@@ -90,7 +103,15 @@ mod tests {
             seccomp: true,
         };
         let p = Path::new("/proc/1/status");
-        check(p, GOOD, e).unwrap();
+        let seen = check(p, GOOD, e).unwrap();
+        assert_eq!(
+            seen,
+            Seen {
+                seccomp: "2".into(),
+                cap_eff: "0000000000000000".into(),
+                no_new_privs: "1".into()
+            }
+        );
         for (from, to, field) in [
             ("Seccomp:\t2", "Seccomp:\t0", "Seccomp"),
             (
