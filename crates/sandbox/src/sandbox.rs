@@ -623,7 +623,7 @@ impl Sandbox {
                     cmd,
                     dir.path(),
                     &self.id,
-                    &crate::jail::libs::Ldd,
+                    &crate::jail::libs::Cached::new(crate::jail::libs::Ldd, &cfg.state_dir),
                     Box::new(crate::jail::cgroup::RealCgroupFs),
                 )
                 .map_err(RunError::bare)?,
