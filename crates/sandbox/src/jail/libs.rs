@@ -198,8 +198,8 @@ mod tests {
                 dir.path(),
             )
         };
-        assert_eq!(cached(&asks).of(&bin).unwrap(), [lib.clone()]);
-        assert_eq!(cached(&asks).of(&bin).unwrap(), [lib.clone()]);
+        assert_eq!(cached(&asks).of(&bin).unwrap(), std::slice::from_ref(&lib));
+        assert_eq!(cached(&asks).of(&bin).unwrap(), std::slice::from_ref(&lib));
         assert_eq!(asks.get(), 1, "the second run reads the cache");
         // A changed binary (another size) is asked again.
         std::fs::write(&bin, b"version 2").unwrap();
