@@ -358,3 +358,46 @@ fn failed_unpack_stops_the_downloads_and_leaves_nothing() {
     assert!(chain.contains("entries"), "{chain}");
     assert_nothing_left(&s, &store, "state");
 }
+
+#[test]
+fn full_disk_during_unpack_leaves_nothing() {
+    if !common::is_root() {
+        eprintln!("skipping full_disk_during_unpack_leaves_nothing: needs root (a tmpfs in a mount namespace of its own)");
+        return;
+    }
+    let s = setup(|_| HashMap::new());
+    // A thread of its own: unshare(CLONE_NEWNS) applies to it and to the threads it
+    // starts (the store's unpack thread), not to the rest of the test binary.
+    let worker = std::thread::spawn(move || {
+        use nix::mount::{mount, MsFlags};
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).unwrap();
+        mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+            None::<&str>,
+        )
+        .unwrap();
+        let unpack = s.unpack_dir("state");
+        fs::create_dir_all(&unpack).unwrap();
+        // Room for layer 0, not for layer 1's 300 kB file.
+        mount(
+            Some("tmpfs"),
+            &unpack,
+            Some("tmpfs"),
+            MsFlags::empty(),
+            Some("size=200k"),
+        )
+        .unwrap();
+        let (store, events) = s.store("state", true);
+        let err = store.get_or_fetch(&s.registry.reference("v1")).unwrap_err();
+        let chain = gpucell_common::error::chain_string(&err);
+        assert!(chain.contains("No space left"), "{chain}");
+        assert_nothing_left(&s, &store, "state");
+        let events = events.lock().unwrap().clone();
+        assert!(events.iter().any(unpacked(0)), "{events:#?}");
+        assert!(!events.iter().any(unpacked(1)), "{events:#?}");
+    });
+    worker.join().unwrap();
+}
