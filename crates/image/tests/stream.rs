@@ -401,3 +401,40 @@ fn full_disk_during_unpack_leaves_nothing() {
     });
     worker.join().unwrap();
 }
+
+#[test]
+fn hashed_download_with_the_wrong_digest_is_refused_and_removed() {
+    use gpucell_image::blobs::BlobError;
+    use gpucell_image::digest::Digest;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let blobs = store.blobs();
+    let write = |bytes: &[u8]| {
+        let mut f = blobs.temp_file().unwrap();
+        std::io::Write::write_all(&mut f, bytes).unwrap();
+        f.into_temp_path()
+    };
+    let claimed = Digest::of(b"what the manifest names");
+    let tmp = write(b"what the registry sent");
+    let path = tmp.to_path_buf();
+    let err = blobs
+        .insert_hashed_file(&claimed, tmp, Digest::of(b"what the registry sent"), 22, 22)
+        .unwrap_err();
+    assert!(matches!(err, BlobError::Mismatch { .. }), "{err}");
+    assert!(!path.exists() && !blobs.contains(&claimed));
+    let tmp = write(b"what the manifest names");
+    let err = blobs
+        .insert_hashed_file(&claimed, tmp, claimed.clone(), 23, 24)
+        .unwrap_err();
+    assert!(matches!(err, BlobError::SizeMismatch { .. }), "{err}");
+    assert!(!blobs.contains(&claimed));
+    let tmp = write(b"what the manifest names");
+    blobs
+        .insert_hashed_file(&claimed, tmp, claimed.clone(), 23, 23)
+        .unwrap();
+    assert_eq!(
+        fs::read(blobs.path(&claimed)).unwrap(),
+        b"what the manifest names"
+    );
+    assert_eq!(fs::read_dir(store.root().join("tmp")).unwrap().count(), 0);
+}
