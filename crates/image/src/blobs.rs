@@ -125,6 +125,44 @@ impl BlobStore {
         Ok(size)
     }
 
+    /// Puts `file`, written in the store's temp directory by a caller that hashed
+    /// exactly the bytes it wrote (`actual`, `size`), under `digest`: checked against
+    /// `digest` and `expected_size`, then synced and renamed (one write of the bytes,
+    /// where [`BlobStore::insert_reader`] copies them). On a mismatch `file` is removed.
+    pub fn insert_hashed_file(
+        &self,
+        digest: &Digest,
+        file: tempfile::TempPath,
+        actual: Digest,
+        size: u64,
+        expected_size: u64,
+    ) -> Result<u64, BlobError> {
+        if &actual != digest {
+            return Err(BlobError::Mismatch {
+                digest: digest.clone(),
+                actual,
+                size,
+            });
+        }
+        if size != expected_size {
+            return Err(BlobError::SizeMismatch {
+                digest: digest.clone(),
+                expected: expected_size,
+                actual: size,
+            });
+        }
+        let dest = self.path(digest);
+        gpucell_common::atomic::rename_synced(&file, &dest).map_err(|source| BlobError::Io {
+            digest: digest.clone(),
+            op: "sync and rename a verified blob to",
+            path: dest.clone(),
+            source,
+        })?;
+        // Renamed: nothing is left at the temporary path to remove.
+        let _ = file.keep();
+        Ok(size)
+    }
+
     /// Stores `bytes` and returns their digest.
     pub fn insert_bytes(&self, bytes: &[u8]) -> Result<Digest, BlobError> {
         let digest = Digest::of(bytes);

@@ -52,6 +52,13 @@ impl Digest {
         }
     }
 
+    /// The digest a finished hash computed.
+    pub(crate) fn from_hasher(hasher: Sha256) -> Digest {
+        Digest {
+            hex: hex::encode(hasher.finalize()),
+        }
+    }
+
     pub fn hex(&self) -> &str {
         &self.hex
     }

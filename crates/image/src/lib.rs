@@ -30,7 +30,8 @@ pub use manifest::{ImageConfig, Layer};
 pub use reference::Reference;
 pub use registry::{RegistryCredentials, RegistryOptions};
 pub use store::{
-    GuestDisk, Image, ImageSummary, PruneReport, RemoveReport, Store, StoreError, StoreOptions,
+    GuestDisk, Image, ImageSummary, PruneReport, PullEvent, RemoveReport, Store, StoreError,
+    StoreOptions,
 };
 pub use unpack::Limits;
 

@@ -7,6 +7,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use serde::Deserialize;
+use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWrite;
 
 use oci_client::client::{ClientConfig, ClientProtocol};
@@ -209,10 +210,7 @@ impl Source for Registry {
             }
             .into());
         }
-        let mut out = Bounded {
-            inner: Vec::new(),
-            left: size,
-        };
+        let mut out = Bounded::new(Vec::new(), size);
         self.runtime
             .block_on(
                 self.client
@@ -227,26 +225,28 @@ impl Source for Registry {
         Ok(out.inner)
     }
 
+    /// Hashes the bytes as they are written to a temporary file in the store, then
+    /// checks and renames that file: each layer is written once.
     fn blob_into(&self, digest: &Digest, size: u64, store: &BlobStore) -> Result<(), Error> {
-        let tmp = store
-            .temp_file()
-            .map_err(|source| RegistryError::Download {
-                reference: self.name(),
+        if size > MAX_BLOB_BYTES {
+            return Err(crate::blobs::BlobError::TooLarge {
                 digest: digest.clone(),
-                path: store.tmp_dir().to_owned(),
+                limit: MAX_BLOB_BYTES,
+            }
+            .into());
+        }
+        let download_err = |path: &std::path::Path| {
+            let (reference, digest, path) = (self.name(), digest.clone(), path.to_owned());
+            move |source| RegistryError::Download {
+                reference,
+                digest,
+                path,
                 source,
-            })?;
-        let path = tmp.path().to_owned();
-        let file = tmp.reopen().map_err(|source| RegistryError::Download {
-            reference: self.name(),
-            digest: digest.clone(),
-            path: path.clone(),
-            source,
-        })?;
-        let mut out = Bounded {
-            inner: tokio::fs::File::from_std(file),
-            left: size,
+            }
         };
+        let tmp = store.temp_file().map_err(download_err(store.tmp_dir()))?;
+        let file = tmp.reopen().map_err(download_err(tmp.path()))?;
+        let mut out = Bounded::new(tokio::fs::File::from_std(file), size);
         self.runtime
             .block_on(
                 self.client
@@ -257,24 +257,35 @@ impl Source for Registry {
                 what: "downloading a layer",
                 source,
             })?;
-        drop(out);
-        let file = tmp.reopen().map_err(|source| RegistryError::Download {
-            reference: self.name(),
-            digest: digest.clone(),
-            path,
-            source,
-        })?;
-        // Verified again, as it is copied into place.
-        store.insert_reader(digest, file, Some(size), MAX_BLOB_BYTES)?;
+        let (written, actual) = out.finish();
+        store.insert_hashed_file(digest, tmp.into_temp_path(), actual, written, size)?;
         Ok(())
     }
 }
 
 /// Refuses to write more than the descriptor's size: a registry cannot fill the disk
-/// or memory past what the manifest announced.
+/// or memory past what the manifest announced. Hashes what it writes.
 struct Bounded<W> {
     inner: W,
     left: u64,
+    written: u64,
+    hasher: Sha256,
+}
+
+impl<W> Bounded<W> {
+    fn new(inner: W, size: u64) -> Bounded<W> {
+        Bounded {
+            inner,
+            left: size,
+            written: 0,
+            hasher: Sha256::new(),
+        }
+    }
+
+    /// The bytes written and their digest.
+    fn finish(self) -> (u64, Digest) {
+        (self.written, Digest::from_hasher(self.hasher))
+    }
 }
 
 impl<W: AsyncWrite + Unpin> AsyncWrite for Bounded<W> {
@@ -292,6 +303,8 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for Bounded<W> {
         match Pin::new(&mut this.inner).poll_write(cx, buf) {
             Poll::Ready(Ok(n)) => {
                 this.left -= n as u64;
+                this.written += n as u64;
+                this.hasher.update(&buf[..n]);
                 Poll::Ready(Ok(n))
             }
             other => other,

@@ -60,6 +60,8 @@ pub enum StoreError {
         "image {reference}: {digest} is an index, not an image manifest, after platform selection"
     )]
     NestedIndex { reference: String, digest: Digest },
+    #[error("the streamed import stopped before its last layer")]
+    PipelineStopped,
     #[error("image store option {key}: {why}")]
     BadOption { key: &'static str, why: String },
 }
@@ -83,6 +85,10 @@ pub struct StoreOptions {
     pub unpack_dir: Option<PathBuf>,
     /// Credentials and transport for registry pulls.
     pub registry: RegistryOptions,
+    /// A registry image fetched for a run ([`Store::get_or_fetch`]) is unpacked while its
+    /// later layers still download, and its guest disk written in the same pass
+    /// (`true`, the default); `false`: download every layer, then unpack, then write.
+    pub stream: bool,
 }
 
 impl Default for StoreOptions {
@@ -92,6 +98,7 @@ impl Default for StoreOptions {
             fs_type: FsType::Erofs,
             unpack_dir: None,
             registry: RegistryOptions::default(),
+            stream: true,
         }
     }
 }
@@ -190,12 +197,41 @@ struct Record {
     imported: u64,
 }
 
+/// What an import does, as it happens: a test or a front end follows the pipeline
+/// through [`Store::on_event`]; each event is also logged (`info`) with the
+/// milliseconds since the store was opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PullEvent {
+    /// Layer `index` (from the bottom) is in the store, its digest and size checked.
+    LayerFetched { index: usize, digest: Digest },
+    /// Layer `index` is applied to the unpack tree.
+    LayerUnpacked { index: usize, digest: Digest },
+    /// The guest filesystem image is written (not yet moved into place).
+    DiskWritten { bytes: u64 },
+}
+
+type EventSink = std::sync::Arc<dyn Fn(&PullEvent) + Send + Sync>;
+
+struct Events(Option<EventSink>);
+
+impl std::fmt::Debug for Events {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Events(set)"
+        } else {
+            "Events(none)"
+        })
+    }
+}
+
 /// The content-addressed image store.
 #[derive(Debug)]
 pub struct Store {
     root: PathBuf,
     blobs: BlobStore,
     options: StoreOptions,
+    opened: Instant,
+    events: Events,
     /// Background deletions of unpack trees, joined on drop.
     cleanups: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
@@ -246,8 +282,32 @@ impl Store {
             root,
             blobs,
             options,
+            opened: Instant::now(),
+            events: Events(None),
             cleanups: std::sync::Mutex::new(Vec::new()),
         })
+    }
+
+    /// Calls `sink` with every [`PullEvent`] of this store's imports (from the threads
+    /// doing the work).
+    pub fn on_event(&mut self, sink: impl Fn(&PullEvent) + Send + Sync + 'static) {
+        self.events = Events(Some(std::sync::Arc::new(sink)));
+    }
+
+    fn emit(&self, event: &PullEvent) {
+        let ms = self.opened.elapsed().as_millis() as u64;
+        match event {
+            PullEvent::LayerFetched { index, digest } => {
+                info!(index, %digest, ms, "layer fetched")
+            }
+            PullEvent::LayerUnpacked { index, digest } => {
+                info!(index, %digest, ms, "layer unpacked")
+            }
+            PullEvent::DiskWritten { bytes } => info!(bytes, ms, "disk written"),
+        }
+        if let Some(sink) = &self.events.0 {
+            sink(event);
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -298,7 +358,7 @@ impl Store {
                 return Ok(image);
             }
         }
-        self.fetch(&Reference::parse(reference)?, reference)
+        self.fetch(&Reference::parse(reference)?, reference, true)
     }
 
     /// Pulls or imports `reference` from its source even when a same-named image is
@@ -307,10 +367,12 @@ impl Store {
     pub fn pull(&self, reference: &str) -> Result<Image, Error> {
         let _lock = self.store_lock_shared()?;
         let parsed = Reference::parse(reference)?;
-        self.fetch(&parsed, reference)
+        self.fetch(&parsed, reference, false)
     }
 
-    fn fetch(&self, parsed: &Reference, given: &str) -> Result<Image, Error> {
+    /// `for_run`: the caller wants the guest disk next, so a registry pull builds it as
+    /// the layers arrive ([`StoreOptions::stream`]).
+    fn fetch(&self, parsed: &Reference, given: &str, for_run: bool) -> Result<Image, Error> {
         let name = parsed.canonical();
         match parsed {
             Reference::OciLayout { dir, tag } => {
@@ -339,7 +401,7 @@ impl Store {
             }
             Reference::Registry(r) => {
                 let src = Registry::new(r.clone(), &self.options.registry)?;
-                self.import(&src, &name)
+                self.import_with(&src, &name, for_run && self.options.stream)
             }
             Reference::Digest(_) => Err(StoreError::NotFound {
                 reference: given.into(),
@@ -358,6 +420,17 @@ impl Store {
 
     /// Imports what `src` names and records it under `name`.
     pub fn import(&self, src: &dyn Source, name: &str) -> Result<Image, Error> {
+        self.import_with(src, name, false)
+    }
+
+    /// [`Store::import`], and with `streamed` the guest disk too, each layer unpacked as
+    /// soon as it is in the store while the next ones are fetched (store/stream.rs).
+    pub fn import_with(
+        &self,
+        src: &dyn Source,
+        name: &str,
+        streamed: bool,
+    ) -> Result<Image, Error> {
         let started = Instant::now();
         let (mut digest, mut bytes) = src.top()?;
         let mut depth = 0;
@@ -399,13 +472,6 @@ impl Store {
             }
             .into());
         }
-        for layer in &layers {
-            if !self.blobs.contains(&layer.digest) {
-                src.blob_into(&layer.digest, layer.size, &self.blobs)?;
-            }
-        }
-        self.blobs.insert_bytes(&config_bytes)?;
-        self.blobs.insert_bytes(&bytes)?;
         let image = Image {
             reference: name.into(),
             digest: digest.to_string(),
@@ -415,6 +481,19 @@ impl Store {
             config_digest: config_digest.to_string(),
             layers,
         };
+        // Held until the disk is in place, so no other process builds the same one.
+        let mut streaming = None;
+        if streamed && self.cached_disk(&digest).is_none() {
+            let lock = self.build_lock(&digest)?;
+            if self.cached_disk(&digest).is_none() {
+                streaming = Some((lock, self.stream_disk(src, &image)?));
+            }
+        }
+        if streaming.is_none() {
+            self.fetch_layers(src, &image.layers)?;
+        }
+        self.blobs.insert_bytes(&config_bytes)?;
+        self.blobs.insert_bytes(&bytes)?;
         let record = Record {
             image: image.clone(),
             imported: SystemTime::now()
@@ -426,9 +505,28 @@ impl Store {
             source,
         })?;
         self.write_atomic(&self.record_path(&digest), &json)?;
+        if let Some((_lock, built)) = streaming {
+            // After the record: a disk in disks/ always has its image.
+            let disk = self.place_disk(&built.disk, &digest)?;
+            debug!(path = %disk.path.display(), "guest disk built while pulling");
+        }
         self.set_ref(name, &digest)?;
         info!(%digest, name, elapsed_ms = started.elapsed().as_millis() as u64, "image imported");
         Ok(image)
+    }
+
+    /// The sequential path: every missing layer into the store, one after the other.
+    fn fetch_layers(&self, src: &dyn Source, layers: &[Layer]) -> Result<(), Error> {
+        for (index, layer) in layers.iter().enumerate() {
+            if !self.blobs.contains(&layer.digest) {
+                src.blob_into(&layer.digest, layer.size, &self.blobs)?;
+            }
+            self.emit(&PullEvent::LayerFetched {
+                index,
+                digest: layer.digest.clone(),
+            });
+        }
+        Ok(())
     }
 
     fn write_atomic(&self, path: &Path, bytes: &[u8]) -> Result<(), Error> {
@@ -625,3 +723,4 @@ impl Store {
 mod disk;
 mod fsck;
 mod gc;
+mod stream;

@@ -9,6 +9,7 @@
 //! | `GPUCELL_REGISTRY_TOKEN` | bearer credentials |
 //! | `GPUCELL_REGISTRY_USER` + `GPUCELL_REGISTRY_PASSWORD` | basic credentials |
 //! | `GPUCELL_REGISTRY_INSECURE` (`1`/`0`) | plain HTTP |
+//! | `GPUCELL_IMAGE_STREAM` (`1`/`0`) | `stream` (unpack while pulling) |
 //!
 //! They apply over the configuration file's `[image]` section (docs/config.md). A bad
 //! value is an error naming the variable.
@@ -115,6 +116,17 @@ pub fn store_options_from(
             })
         }
     };
+    o.stream = match text("GPUCELL_IMAGE_STREAM")?.as_deref() {
+        None | Some("") => o.stream,
+        Some("0") => false,
+        Some("1") => true,
+        Some(v) => {
+            return Err(BadEnv {
+                var: "GPUCELL_IMAGE_STREAM",
+                why: format!("{v:?} is not 1 or 0"),
+            })
+        }
+    };
     Ok(o)
 }
 
@@ -150,8 +162,10 @@ mod tests {
             ("GPUCELL_REGISTRY_USER", "u"),
             ("GPUCELL_REGISTRY_PASSWORD", "p"),
             ("GPUCELL_REGISTRY_INSECURE", "1"),
+            ("GPUCELL_IMAGE_STREAM", "0"),
         ])
         .unwrap();
+        assert!(!o.stream);
         assert_eq!(o.fs_type, FsType::Ext4);
         assert_eq!(o.unpack_dir, Some(PathBuf::from("/srv/unpack")));
         assert_eq!((o.limits.max_bytes, o.limits.max_entries), (4096, 10));
@@ -183,6 +197,7 @@ mod tests {
             ("GPUCELL_MAX_UNPACKED_BYTES", "lots"),
             ("GPUCELL_MAX_IMAGE_ENTRIES", "-1"),
             ("GPUCELL_REGISTRY_INSECURE", "yes"),
+            ("GPUCELL_IMAGE_STREAM", "no"),
         ] {
             let err = from(&[(var, value)]).unwrap_err();
             assert_eq!(err.var, var, "{err}");

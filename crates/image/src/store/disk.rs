@@ -8,10 +8,10 @@ use std::time::Instant;
 
 use tracing::{debug, info, instrument, warn};
 
-use super::{io_err, GuestDisk, Image, Store, StoreError};
+use super::{io_err, GuestDisk, Image, PullEvent, Store, StoreError};
 use crate::digest::Digest;
 use crate::fsimage;
-use crate::manifest::Compression;
+use crate::manifest::{Compression, Layer};
 use crate::unpack::Unpacker;
 use crate::Error;
 use gpucell_common::FileLock;
@@ -28,12 +28,7 @@ impl Store {
             return Ok(disk);
         }
         let _store = self.store_lock_shared()?;
-        let _build = FileLock::exclusive(
-            &self
-                .root
-                .join("locks")
-                .join(format!("{}.lock", digest.hex())),
-        )?;
+        let _build = self.build_lock(&digest)?;
         // Another process may have built it while this one waited.
         if let Some(disk) = self.cached_disk(&digest) {
             return Ok(disk);
@@ -45,27 +40,56 @@ impl Store {
                 reference: image.digest.clone(),
             })?;
         let started = Instant::now();
-        let parent = self.unpack_parent(&image);
+        let tree = self.unpack_tree(&image)?;
+        let out_dir = self.tempdir("disk-")?;
+        let result = self.build_disk(&image, &tree.rootfs, out_dir.path(), started);
+        let placed = result.and_then(|built| self.place_disk(&built, &digest));
+        drop(out_dir);
+        self.remove_later(tree);
+        let disk = placed?;
+        info!(
+            path = %disk.path.display(),
+            size = disk.size,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "guest disk built"
+        );
+        Ok(disk)
+    }
+
+    /// Serializes building the disk of one image (across processes).
+    pub(super) fn build_lock(&self, digest: &Digest) -> Result<FileLock, Error> {
+        let path = self
+            .root
+            .join("locks")
+            .join(format!("{}.lock", digest.hex()));
+        Ok(FileLock::exclusive(&path)?)
+    }
+
+    /// A fresh, empty unpack root for `image` (see [`Store::unpack_parent`]).
+    pub(super) fn unpack_tree(&self, image: &Image) -> Result<UnpackTree, Error> {
+        let parent = self.unpack_parent(image);
         let tmp = tempfile::Builder::new()
             .prefix(&self.unpack_prefix())
             .tempdir_in(&parent)
             .map_err(io_err(&parent, "create the unpack directory"))?;
-        let out_dir = self.tempdir("disk-")?;
         let rootfs = tmp.path().join("rootfs");
         fs::create_dir(&rootfs).map_err(io_err(&rootfs, "create the unpack root"))?;
         fs::set_permissions(&rootfs, fs::Permissions::from_mode(0o755))
             .map_err(io_err(&rootfs, "chmod the unpack root"))?;
-        let result = self.build_disk(&image, &rootfs, out_dir.path(), &digest, started);
-        drop(out_dir);
-        // Deleting a big tree takes seconds on some filesystems: a background thread does
-        // it while the caller boots its VM; dropping the Store waits for it.
+        Ok(UnpackTree { tmp, rootfs })
+    }
+
+    /// Deletes an unpack tree in a background thread: deleting a big tree takes seconds
+    /// on some filesystems, and the caller boots its VM meanwhile; dropping the Store
+    /// waits for it.
+    pub(super) fn remove_later(&self, tree: UnpackTree) {
         let cleanup = std::thread::Builder::new()
             .name("gpucell-unpack-cleanup".into())
             .spawn(move || {
                 if !rustix::process::geteuid().is_root() {
-                    make_removable(&rootfs);
+                    make_removable(&tree.rootfs);
                 }
-                drop(tmp);
+                drop(tree.tmp);
             });
         match cleanup {
             Ok(handle) => self
@@ -77,14 +101,6 @@ impl Store {
                 warn!(error = %e, "could not start the cleanup thread; the next prune removes the tree")
             }
         }
-        let disk = result?;
-        info!(
-            path = %disk.path.display(),
-            size = disk.size,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "guest disk built"
-        );
-        Ok(disk)
     }
 
     fn build_disk(
@@ -92,24 +108,52 @@ impl Store {
         image: &Image,
         rootfs: &Path,
         tmp: &Path,
-        digest: &Digest,
         started: Instant,
-    ) -> Result<GuestDisk, Error> {
+    ) -> Result<BuiltDisk, Error> {
         let mut unpacker = Unpacker::new(rootfs, self.options.limits)?;
-        for layer in &image.layers {
-            let mut blob = self.blobs.open(&layer.digest)?;
-            let path = self.blobs.path(&layer.digest);
-            let mut head = [0u8; 4];
-            let n = blob
-                .read(&mut head)
-                .map_err(io_err(&path, "read a layer"))?;
-            blob.rewind().map_err(io_err(&path, "read a layer"))?;
-            let sniffed = Compression::sniff(&head[..n]);
-            if Compression::from_media_type(&layer.media_type) != Some(sniffed) {
-                debug!(layer = %layer.digest, media_type = %layer.media_type, ?sniffed, "media type and content disagree; using the content");
-            }
-            unpacker.apply_layer(&layer.digest.to_string(), blob, sniffed, &layer.diff_id)?;
+        for (index, layer) in image.layers.iter().enumerate() {
+            self.apply_blob(&mut unpacker, layer)?;
+            self.emit(&PullEvent::LayerUnpacked {
+                index,
+                digest: layer.digest.clone(),
+            });
         }
+        let unpacked = started.elapsed();
+        let built = self.write_disk(unpacker, rootfs, tmp)?;
+        debug!(
+            unpack_ms = unpacked.as_millis() as u64,
+            mkfs_ms = (started.elapsed() - unpacked).as_millis() as u64,
+            "disk timings"
+        );
+        Ok(built)
+    }
+
+    /// Applies the stored (verified) blob of `layer` to the tree, decompressing by what
+    /// its first bytes say.
+    pub(super) fn apply_blob(&self, unpacker: &mut Unpacker, layer: &Layer) -> Result<(), Error> {
+        let mut blob = self.blobs.open(&layer.digest)?;
+        let path = self.blobs.path(&layer.digest);
+        let mut head = [0u8; 4];
+        let n = blob
+            .read(&mut head)
+            .map_err(io_err(&path, "read a layer"))?;
+        blob.rewind().map_err(io_err(&path, "read a layer"))?;
+        let sniffed = Compression::sniff(&head[..n]);
+        if Compression::from_media_type(&layer.media_type) != Some(sniffed) {
+            debug!(layer = %layer.digest, media_type = %layer.media_type, ?sniffed, "media type and content disagree; using the content");
+        }
+        unpacker.apply_layer(&layer.digest.to_string(), blob, sniffed, &layer.diff_id)?;
+        Ok(())
+    }
+
+    /// Finishes the tree and makes the filesystem image from it, in `tmp` (not yet in
+    /// place: [`Store::place_disk`]).
+    pub(super) fn write_disk(
+        &self,
+        unpacker: Unpacker,
+        rootfs: &Path,
+        tmp: &Path,
+    ) -> Result<BuiltDisk, Error> {
         if unpacker.dropped_devices > 0 {
             warn!(
                 count = unpacker.dropped_devices,
@@ -117,27 +161,43 @@ impl Store {
             );
         }
         unpacker.finish()?;
-        let unpacked = started.elapsed();
         let fs_type = self.options.fs_type;
         let out = tmp.join(format!("disk.{}", fs_type.as_str()));
         fsimage::build(rootfs, &out, fs_type)?;
         let size = fs::metadata(&out)
             .map_err(io_err(&out, "stat the built disk"))?
             .len();
+        self.emit(&PullEvent::DiskWritten { bytes: size });
+        Ok(BuiltDisk { path: out, size })
+    }
+
+    /// Moves a built disk to its place in disks/ (synced first).
+    pub(super) fn place_disk(
+        &self,
+        built: &BuiltDisk,
+        digest: &Digest,
+    ) -> Result<GuestDisk, Error> {
         let dest = self.disk_path(digest);
-        gpucell_common::atomic::rename_synced(&out, &dest)
+        gpucell_common::atomic::rename_synced(&built.path, &dest)
             .map_err(io_err(&dest, "sync and move the built disk into place"))?;
-        debug!(
-            unpack_ms = unpacked.as_millis() as u64,
-            mkfs_ms = (started.elapsed() - unpacked).as_millis() as u64,
-            "disk timings"
-        );
         Ok(GuestDisk {
             path: dest,
-            fstype: fs_type.as_str().into(),
-            size,
+            fstype: self.options.fs_type.as_str().into(),
+            size: built.size,
         })
     }
+}
+
+/// An unpack root and the temporary directory holding it.
+pub(super) struct UnpackTree {
+    tmp: tempfile::TempDir,
+    pub(super) rootfs: std::path::PathBuf,
+}
+
+/// A filesystem image written in a temporary directory, not yet in disks/.
+pub(super) struct BuiltDisk {
+    path: std::path::PathBuf,
+    size: u64,
 }
 
 /// Name prefix of unpack trees (in the store's tmp/ or on tmpfs); prune removes stale ones.

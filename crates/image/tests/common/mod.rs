@@ -111,3 +111,4 @@ pub fn debugfs(image: &Path, cmd: &str) -> String {
         .expect("run debugfs");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+pub mod registry;
