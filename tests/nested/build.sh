@@ -247,12 +247,27 @@ build_probe() {
     stamp probe "$key"
 }
 
+# The optional executables of the gpucell part, one path a line: the shim from the
+# gpucell binaries' directory, containerd and ctr from NESTED_CONTAINERD_DIR (both or none).
+optional_executables() {
+    local b
+    for b in $NESTED_OPTIONAL_BINS; do
+        [ -x "$GPUCELL_BIN_DIR/$b" ] && echo "$GPUCELL_BIN_DIR/$b"
+    done
+    if [ -n "$NESTED_CONTAINERD_DIR" ] && [ -x "$NESTED_CONTAINERD_DIR/containerd" ] && [ -x "$NESTED_CONTAINERD_DIR/ctr" ]; then
+        echo "$NESTED_CONTAINERD_DIR/containerd"
+        echo "$NESTED_CONTAINERD_DIR/ctr"
+    fi
+    return 0
+}
+
 # Part 2: the gpucell binaries and the guest artifacts.
 build_gpucell() {
-    local bindir=$GPUCELL_BIN_DIR key stage b guest_files=()
+    local bindir=$GPUCELL_BIN_DIR key stage b guest_files=() extras=()
     for b in $NESTED_BINS; do
         [ -x "$bindir/$b" ] || die "$bindir/$b is missing; build it with cargo build --release -p gpucell -p gpucell-daemon"
     done
+    mapfile -t extras < <(optional_executables)
     if [ -n "$NESTED_GUEST_DIR" ] && [ -d "$NESTED_GUEST_DIR" ]; then
         mapfile -t guest_files < <(find "$NESTED_GUEST_DIR" -type f | LC_ALL=C sort)
     fi
@@ -263,6 +278,9 @@ build_gpucell() {
     key=$(
         # Content, not mtime: cargo relinks binaries whose bytes do not change.
         for b in $NESTED_BINS; do sha256sum <"$bindir/$b" && files_key $(shared_libs "$bindir/$b"); done
+        # Which optional executables go in, and their content.
+        for b in "${extras[@]}"; do echo "$b" && sha256sum <"$b" && files_key $(shared_libs "$b"); done
+        echo "$NESTED_OPTIONAL_BINS $NESTED_CONTAINERD_DIR"
         files_key "${guest_files[@]}"
         echo "$NESTED_BINS $NESTED_GUEST_DIR $NESTED_DRIVER_GUEST_DIR"
         content_key "$NESTED_SRC/build.sh" "$NESTED_SRC/common.sh"
@@ -274,6 +292,10 @@ build_gpucell() {
     rm -rf "$stage"
     mkdir -p "$stage/etc/nested"
     for b in $NESTED_BINS; do stage_executable "$stage" "$bindir/$b" "/usr/local/bin/$b"; done
+    for b in "${extras[@]}"; do
+        stage_executable "$stage" "$b" "/usr/local/bin/$(basename "$b")"
+        log "initramfs: including $b ($(du -h "$b" | cut -f1))"
+    done
     # `gpucell guest build` output, so `gpucell run --device` can boot a sandbox
     # inside L1 (gpucell's default state dir there is /var/lib/gpucell).
     if [ ${#guest_files[@]} -gt 0 ]; then
