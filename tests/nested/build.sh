@@ -178,13 +178,14 @@ build_base() {
     log "initramfs: base part $(du -h "$NESTED_OUT/parts/base.cpio" | cut -f1)"
 }
 
-# The gpucell binaries (cargo build --release -p gpucell) and the static agent
-# the guest artifacts need (the same build as `make agent`).
+# The gpucell binaries (cargo build --release -p gpucell -p gpucell-daemon, and the
+# containerd shim) and the static agent the guest artifacts need (the same build as
+# `make agent`).
 build_binaries() {
     [ -z "${NESTED_GPUCELL_BIN_DIR:-}" ] && [ "${NESTED_SKIP_CARGO:-0}" != 1 ] || return 0
-    log "cargo build --release -p gpucell -p gpucell-daemon"
-    (cd "$REPO_ROOT" && CARGO_TARGET_DIR=$CARGO_TARGET_DIR cargo build --release -q -p gpucell -p gpucell-daemon) ||
-        die "cargo build --release -p gpucell -p gpucell-daemon failed; fix the build or set NESTED_GPUCELL_BIN_DIR to a directory with built binaries"
+    log "cargo build --release -p gpucell -p gpucell-daemon -p gpucell-shim"
+    (cd "$REPO_ROOT" && CARGO_TARGET_DIR=$CARGO_TARGET_DIR cargo build --release -q -p gpucell -p gpucell-daemon -p gpucell-shim) ||
+        die "cargo build --release -p gpucell -p gpucell-daemon -p gpucell-shim failed; fix the build or set NESTED_GPUCELL_BIN_DIR to a directory with built binaries"
     [ "$NESTED_BUILD_GUEST" = 1 ] && [ -z "${NESTED_AGENT:-}" ] || return 0
     log "cargo build --release -p gpucell-agent (static)"
     (cd "$REPO_ROOT" && CARGO_TARGET_DIR=$CARGO_TARGET_DIR RUSTFLAGS="-C target-feature=+crt-static" \
