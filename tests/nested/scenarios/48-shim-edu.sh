@@ -56,6 +56,10 @@ finish() {
     for _p in $(shim_pids) $(qemu_pids); do kill -9 "$_p" 2>/dev/null; done
     [ -n "${cpid:-}" ] && kill -9 "$cpid" 2>/dev/null && wait "$cpid" 2>/dev/null
     show containerd "$CTRD/containerd.log" "${1:-0}"
+    # Nothing the shim mounted under the bundles is removed through its mount.
+    for _m in $(awk -v d="$CTRD/" 'index($2, d) == 1 { print $2 }' /proc/mounts | sort -r); do
+        umount -l "$_m" 2>/dev/null
+    done
     rm -rf "$CTRD" /tmp/shim-img /tmp/shim-img.tar
     edu_reset_all
 }
