@@ -178,13 +178,14 @@ build_base() {
     log "initramfs: base part $(du -h "$NESTED_OUT/parts/base.cpio" | cut -f1)"
 }
 
-# The gpucell binaries (cargo build --release -p gpucell) and the static agent
-# the guest artifacts need (the same build as `make agent`).
+# The gpucell binaries (cargo build --release -p gpucell -p gpucell-daemon, and the
+# containerd shim) and the static agent the guest artifacts need (the same build as
+# `make agent`).
 build_binaries() {
     [ -z "${NESTED_GPUCELL_BIN_DIR:-}" ] && [ "${NESTED_SKIP_CARGO:-0}" != 1 ] || return 0
-    log "cargo build --release -p gpucell -p gpucell-daemon"
-    (cd "$REPO_ROOT" && CARGO_TARGET_DIR=$CARGO_TARGET_DIR cargo build --release -q -p gpucell -p gpucell-daemon) ||
-        die "cargo build --release -p gpucell -p gpucell-daemon failed; fix the build or set NESTED_GPUCELL_BIN_DIR to a directory with built binaries"
+    log "cargo build --release -p gpucell -p gpucell-daemon -p gpucell-shim"
+    (cd "$REPO_ROOT" && CARGO_TARGET_DIR=$CARGO_TARGET_DIR cargo build --release -q -p gpucell -p gpucell-daemon -p gpucell-shim) ||
+        die "cargo build --release -p gpucell -p gpucell-daemon -p gpucell-shim failed; fix the build or set NESTED_GPUCELL_BIN_DIR to a directory with built binaries"
     [ "$NESTED_BUILD_GUEST" = 1 ] && [ -z "${NESTED_AGENT:-}" ] || return 0
     log "cargo build --release -p gpucell-agent (static)"
     (cd "$REPO_ROOT" && CARGO_TARGET_DIR=$CARGO_TARGET_DIR RUSTFLAGS="-C target-feature=+crt-static" \
@@ -247,12 +248,27 @@ build_probe() {
     stamp probe "$key"
 }
 
+# The optional executables of the gpucell part, one path a line: the shim from the
+# gpucell binaries' directory, containerd and ctr from NESTED_CONTAINERD_DIR (both or none).
+optional_executables() {
+    local b
+    for b in $NESTED_OPTIONAL_BINS; do
+        [ -x "$GPUCELL_BIN_DIR/$b" ] && echo "$GPUCELL_BIN_DIR/$b"
+    done
+    if [ -n "$NESTED_CONTAINERD_DIR" ] && [ -x "$NESTED_CONTAINERD_DIR/containerd" ] && [ -x "$NESTED_CONTAINERD_DIR/ctr" ]; then
+        echo "$NESTED_CONTAINERD_DIR/containerd"
+        echo "$NESTED_CONTAINERD_DIR/ctr"
+    fi
+    return 0
+}
+
 # Part 2: the gpucell binaries and the guest artifacts.
 build_gpucell() {
-    local bindir=$GPUCELL_BIN_DIR key stage b guest_files=()
+    local bindir=$GPUCELL_BIN_DIR key stage b guest_files=() extras=()
     for b in $NESTED_BINS; do
         [ -x "$bindir/$b" ] || die "$bindir/$b is missing; build it with cargo build --release -p gpucell -p gpucell-daemon"
     done
+    mapfile -t extras < <(optional_executables)
     if [ -n "$NESTED_GUEST_DIR" ] && [ -d "$NESTED_GUEST_DIR" ]; then
         mapfile -t guest_files < <(find "$NESTED_GUEST_DIR" -type f | LC_ALL=C sort)
     fi
@@ -263,6 +279,9 @@ build_gpucell() {
     key=$(
         # Content, not mtime: cargo relinks binaries whose bytes do not change.
         for b in $NESTED_BINS; do sha256sum <"$bindir/$b" && files_key $(shared_libs "$bindir/$b"); done
+        # Which optional executables go in, and their content.
+        for b in "${extras[@]}"; do echo "$b" && sha256sum <"$b" && files_key $(shared_libs "$b"); done
+        echo "$NESTED_OPTIONAL_BINS $NESTED_CONTAINERD_DIR"
         files_key "${guest_files[@]}"
         echo "$NESTED_BINS $NESTED_GUEST_DIR $NESTED_DRIVER_GUEST_DIR"
         content_key "$NESTED_SRC/build.sh" "$NESTED_SRC/common.sh"
@@ -274,6 +293,10 @@ build_gpucell() {
     rm -rf "$stage"
     mkdir -p "$stage/etc/nested"
     for b in $NESTED_BINS; do stage_executable "$stage" "$bindir/$b" "/usr/local/bin/$b"; done
+    for b in "${extras[@]}"; do
+        stage_executable "$stage" "$b" "/usr/local/bin/$(basename "$b")"
+        log "initramfs: including $b ($(du -h "$b" | cut -f1))"
+    done
     # `gpucell guest build` output, so `gpucell run --device` can boot a sandbox
     # inside L1 (gpucell's default state dir there is /var/lib/gpucell).
     if [ ${#guest_files[@]} -gt 0 ]; then

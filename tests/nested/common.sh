@@ -16,6 +16,12 @@ QEMU_MODULE_DIR=/usr/lib/x86_64-linux-gnu/qemu
 NESTED_MODULES=${NESTED_MODULES:-"vfio vfio_iommu_type1 vfio-pci kvm_amd kvm_intel vhost_vsock tun vhost_net veth nf_tables nft_chain_nat nft_masq nft_nat nft_reject_inet nft_fib_inet nft_ct sch_ingress cls_u32 act_police"}
 # Binaries copied into L1: the CLI and the node daemon.
 NESTED_BINS=${NESTED_BINS:-"gpucell gpucelld"}
+# Binaries copied from the same directory only when they are there: the containerd shim
+# (48-shim-edu skips without it).
+NESTED_OPTIONAL_BINS=${NESTED_OPTIONAL_BINS-"containerd-shim-gpucell-v1"}
+# containerd and ctr (Debian's, as scripts/fetch-containerd.sh unpacks them) copied into L1
+# when both are in this directory; empty: never. They add ~71 MB to the initramfs.
+NESTED_CONTAINERD_DIR=${NESTED_CONTAINERD_DIR-$CARGO_TARGET_DIR/containerd/usr/bin}
 # Extra host tools copied into L1 with their libraries: jq for JSON in the
 # scenarios, mkfs.erofs for gpucell's image store (the guest's root disk).
 NESTED_TOOLS=${NESTED_TOOLS:-"/usr/bin/jq /usr/bin/mkfs.erofs /usr/sbin/nft /usr/sbin/ip /usr/sbin/tc"}
