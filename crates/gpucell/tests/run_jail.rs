@@ -199,18 +199,7 @@ fn a_killed_gpucells_jail_is_cleaned_up_by_the_next_run() {
         .spawn()
         .unwrap();
     let needle = env.state.path().to_string_lossy().to_string();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let pid = loop {
-        let pids = qemu_processes_mentioning(&needle);
-        if let Some(p) = pids
-            .first()
-            .filter(|p| status_field(**p, "Seccomp").as_deref() == Some("2"))
-        {
-            break *p;
-        }
-        assert!(Instant::now() < deadline, "no jailed QEMU");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let pid = first_jailed_qemu(&needle);
     let id = run_id(pid);
     common::kill("KILL", child.id());
     let _ = child.wait();
@@ -328,18 +317,7 @@ fn a_run_under_ip_netns_exec_mounts_the_hidden_cgroups_and_reports_its_jail() {
         .spawn()
         .unwrap();
     let needle = env.state.path().to_string_lossy().to_string();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let pid = loop {
-        let pids = qemu_processes_mentioning(&needle);
-        if let Some(p) = pids
-            .first()
-            .filter(|p| status_field(**p, "Seccomp").as_deref() == Some("2"))
-        {
-            break *p;
-        }
-        assert!(Instant::now() < deadline, "no jailed QEMU");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let pid = first_jailed_qemu(&needle);
     let id = run_id(pid);
     // Limits read back from the host's own hierarchies: the run mounted the same ones.
     let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
@@ -417,4 +395,21 @@ fn nix_is_root() -> bool {
             })
         })
         .unwrap_or(false)
+}
+
+/// The first QEMU of a state dir (`needle`) whose seccomp filter is on, waiting up to
+/// 120 s for it.
+fn first_jailed_qemu(needle: &str) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let pids = qemu_processes_mentioning(needle);
+        if let Some(p) = pids
+            .first()
+            .filter(|p| status_field(**p, "Seccomp").as_deref() == Some("2"))
+        {
+            return *p;
+        }
+        assert!(Instant::now() < deadline, "no jailed QEMU");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

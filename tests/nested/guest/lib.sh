@@ -249,6 +249,17 @@ edu_pool() {
     done
 }
 
+# edu_first_pooled: the usual start of a scenario with one function: every edu
+# function reset, the pool's reset policy on, the first function in the pool; sets
+# $bdf and $grp (its IOMMU group).
+edu_first_pooled() {
+    edu_reset_all
+    edu_policy on
+    bdf=$(pci_by_id | head -1)
+    grp=$(iommu_group "$bdf")
+    edu_pool "$bdf" || fail pool "gpucell gpu bind $bdf: $(gc_summary /tmp/pool-bind)"
+}
+
 # Leaves every edu function unbound (as the scenarios expect to find them),
 # whatever a scenario or gpucell left behind.
 edu_reset_all() {

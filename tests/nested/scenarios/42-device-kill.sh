@@ -9,11 +9,7 @@ have_guest_artifacts && have_run_device || {
     skip kill "needs guest artifacts and gpucell run --device"
     exit 0
 }
-edu_reset_all
-edu_policy on
-bdf=$(pci_by_id | head -1)
-grp=$(iommu_group "$bdf")
-edu_pool "$bdf" || fail pool "gpucell gpu bind $bdf: $(gc_summary /tmp/pool-bind)"
+edu_first_pooled
 GC_TIMEOUT=180
 gc /tmp/k1 --json run --memory 256m --boot-timeout 120s --device "$bdf" "$EDU_IMAGE" -- sh -c 'edu-probe; echo waiting; sleep 300' &
 pk=$!

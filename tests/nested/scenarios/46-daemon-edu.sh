@@ -8,11 +8,7 @@ if ! have_guest_artifacts || ! have_run_device || ! command -v gpucelld >/dev/nu
     skip daemon-edu "needs guest artifacts, gpucell run --device and gpucelld in L1"
     exit 0
 fi
-edu_reset_all
-edu_policy on
-bdf=$(pci_by_id | head -1)
-grp=$(iommu_group "$bdf")
-edu_pool "$bdf" || fail pool "gpucell gpu bind $bdf: $(gc_summary /tmp/pool-bind)"
+edu_first_pooled
 sock=/run/gpucell/gpucell.sock
 start_daemon() {
     gpucelld serve --socket "$sock" >>/tmp/gpucelld.log 2>&1 &

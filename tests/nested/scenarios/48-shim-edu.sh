@@ -18,11 +18,7 @@ if ! have_guest_artifacts; then
     skip shim-edu "needs guest artifacts in L1"
     exit 0
 fi
-edu_reset_all
-edu_policy on
-bdf=$(pci_by_id | head -1)
-grp=$(iommu_group "$bdf")
-edu_pool "$bdf" || fail pool "gpucell gpu bind $bdf: $(gc_summary /tmp/pool-bind)"
+edu_first_pooled
 
 CTRD=/run/nested-ctrd
 SHIM_IMAGE=nested.local/edu-probe:latest
