@@ -190,6 +190,18 @@ pub fn mount_rootfs_at(spec: &RunSpec, layout: &Layout) -> Result<PathBuf, Conta
     mount_overlay(layout, spec.overlay_bytes)
 }
 
+/// Detaches what [`mount_rootfs_at`] mounted (the merged root, the overlay's tmpfs,
+/// the image), best effort: a container that ended leaves nothing mounted.
+pub fn unmount_layout(layout: &Layout) {
+    for dir in [&layout.root, &layout.rw, &layout.image] {
+        if let Err(e) = umount2(dir.as_path(), MntFlags::MNT_DETACH) {
+            if e != Errno::EINVAL && e != Errno::ENOENT {
+                tracing::warn!(dir = %dir.display(), error = %e, "unmounting an ended container");
+            }
+        }
+    }
+}
+
 /// The image as a directory instead of a block device (the GPU test harness): `dir` bound
 /// read-only on `layout.image`, the same overlay over it. Returns the merged root.
 pub fn mount_dir_rootfs(

@@ -225,7 +225,11 @@ impl Session {
         let mut procs = Procs::new(main);
         let mut buf = vec![0u8; MAX_DATA_PAYLOAD];
         loop {
-            for (id, status) in procs.take_finished() {
+            for (id, status, container) in procs.take_finished() {
+                if container {
+                    // Unmounted before the host hears of the end: it may unplug the disk.
+                    workload.remove_container(id);
+                }
                 self.send(&FromGuest::ProcExited { id, status })?;
             }
             if procs.extra() == 0 {

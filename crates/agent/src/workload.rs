@@ -58,6 +58,10 @@ pub trait Workload {
     /// apart from the others under a directory named after `id`.
     fn add_container(&mut self, id: u32, spec: &RunSpec) -> Result<(Pid, Stdio), WorkloadError>;
 
+    /// The added container `id` has ended: its mounts come off (its overlay's memory is
+    /// freed and its disk is no longer in use, so the host may unplug it).
+    fn remove_container(&mut self, id: u32);
+
     /// Polls readable when a child may have exited; [`Workload::reap`] clears it.
     fn exit_fd(&self) -> BorrowedFd<'_>;
 
@@ -144,6 +148,12 @@ impl Workload for Pid1 {
         crate::net::install_resolv_conf(&root)?;
         let prepared = container::prepare(&root, spec)?;
         Ok(container::spawn(&prepared)?)
+    }
+
+    fn remove_container(&mut self, id: u32) {
+        let layout = container::Layout::under(&Path::new(POD_DIR).join(id.to_string()));
+        container::unmount_layout(&layout);
+        let _ = std::fs::remove_dir_all(Path::new(POD_DIR).join(id.to_string()));
     }
 
     fn exit_fd(&self) -> BorrowedFd<'_> {

@@ -40,7 +40,7 @@ pub use dry_run::dry_run;
 pub use exec::{exec_in, ExecError, ExecHandle, ProcIo};
 pub use node::Node;
 pub use observer::{Observer, Phase, Quiet};
-pub use pod::{add_container, AddError};
+pub use pod::{add_container, AddError, AddedContainer};
 pub use report::{DryRunReport, RunReport, RUN_REPORT_SCHEMA};
 pub use request::{AccelRequest, DeviceSpec, RequestError, RunRequest};
 pub use rootfs::{RootfsError, RootfsSource};

@@ -34,17 +34,35 @@ pub enum AddError {
     Start(#[source] ExecError),
 }
 
+/// A container running in a pod's VM beside others.
+#[derive(Debug)]
+pub struct AddedContainer {
+    /// Its process: guest pid, signals, its end.
+    pub handle: ExecHandle,
+    /// The virtio serial of its disk in the VM.
+    pub disk: String,
+    vm: EventSender,
+}
+
+impl AddedContainer {
+    /// Unplugs the container's disk once it has ended (the agent has unmounted it), so
+    /// that its port takes another container; a disk the guest keeps keeps its port.
+    pub fn release(&self) -> Result<(), ExecError> {
+        self.vm.remove_container_disk(&self.disk)
+    }
+}
+
 /// Starts `request` (its process, env, user and workdir; its image names it only) on
 /// the root filesystem `rootfs` in the running VM behind `vm`, with its streams on `io`.
-/// Returns once the agent runs it: its guest pid, signals, its exit. The disk is gone
-/// from the host when this returns (QEMU holds it open until the VM ends).
+/// Returns once the agent runs it. The disk is gone from the host when this returns
+/// (QEMU holds it open until [`AddedContainer::release`] or the VM's end).
 pub fn add_container(
     node: &Node,
     vm: &EventSender,
     request: RunRequest,
     rootfs: &Path,
     io: ProcIo,
-) -> Result<ExecHandle, AddError> {
+) -> Result<AddedContainer, AddError> {
     let devices = &request.devices;
     if devices.gpus.is_some() || !devices.functions.is_empty() {
         let mut named: Vec<String> = devices.gpus.iter().map(|g| format!("gpus {g}")).collect();
@@ -70,8 +88,14 @@ pub fn add_container(
         path: disk.disk.path.clone(),
         source,
     })?;
-    vm.add_container_on_disk(file.as_fd(), spec, io)
-        .map_err(AddError::Start)
+    let (handle, disk) = vm
+        .add_container_on_disk(file.as_fd(), spec, io)
+        .map_err(AddError::Start)?;
+    Ok(AddedContainer {
+        handle,
+        disk,
+        vm: vm.clone(),
+    })
 }
 
 #[cfg(test)]

@@ -116,20 +116,38 @@ impl EventSender {
 
     /// Plugs `disk` (the container's root filesystem, opened read-only) into the running
     /// VM on a spare port, then starts the container on it (`spec.rootfs.device` is set
-    /// to the disk's serial). The VM must have been made with spare ports
-    /// ([`crate::Sandbox::with_spare_ports`]).
+    /// to the disk's serial). Returns the container's process and the disk's serial, for
+    /// [`EventSender::remove_container_disk`] once it has ended. The VM must have been
+    /// made with spare ports ([`crate::Sandbox::with_spare_ports`]).
     pub fn add_container_on_disk(
         &self,
         disk: BorrowedFd<'_>,
         mut spec: RunSpec,
         io: ProcIo,
-    ) -> Result<ExecHandle, ExecError> {
+    ) -> Result<(ExecHandle, String), ExecError> {
         let serial = self
             .2
             .plug(disk)
             .map_err(|e| ExecError::Plug(crate::hotplug::describe(&e)))?;
         spec.rootfs.device = format!("{}{serial}", gpucell_protocol::DISK_SERIAL_PREFIX);
-        self.1.add_container(spec, io)
+        match self.1.add_container(spec, io) {
+            Ok(h) => Ok((h, serial)),
+            Err(e) => {
+                // The agent never mounted it: the disk comes out again.
+                if let Err(u) = self.remove_container_disk(&serial) {
+                    tracing::warn!(error = %u, "unplugging the disk of a container that did not start");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Unplugs the disk `serial` of an added container that has ended, so that its
+    /// port takes another container.
+    pub fn remove_container_disk(&self, serial: &str) -> Result<(), ExecError> {
+        self.2
+            .unplug(serial)
+            .map_err(|e| ExecError::Plug(crate::hotplug::describe(&e)))
     }
 
     /// Waits until the workload runs (execs and added containers may start): `Ok` then;

@@ -34,7 +34,7 @@ pub enum ExecError {
     Send(String),
     #[error("the sandbox ended before the process did: {0}")]
     SessionEnded(String),
-    #[error("plugging the container's disk into the VM failed: {0}")]
+    #[error("the container's disk in the VM: {0}")]
     Plug(String),
 }
 

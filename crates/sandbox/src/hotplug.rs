@@ -3,12 +3,14 @@
 //! A VM made for a pod boots with spare PCIe root ports (`hp0`, `hp1`, ...) beside the
 //! ones of its passed functions. While it runs, [`Hotplug`] hands them out one disk
 //! each: the disk goes to QEMU as a descriptor (a jailed QEMU opens no host path), gets
-//! the virtio serial `gpucell-cN`, and the agent finds it by that serial. A port is not
-//! reused: a pod VM takes as many further containers as it has spare ports.
+//! the virtio serial `gpucell-cN`, and the agent finds it by that serial. When the
+//! container has ended (the agent unmounts it first), the disk is unplugged and its
+//! port is free again; a disk the guest does not let go keeps its port.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::BorrowedFd;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use crate::args::Device;
 use crate::qmp::{Qmp, QmpError};
@@ -33,7 +35,19 @@ pub enum HotplugError {
         #[source]
         source: QmpError,
     },
+    #[error("no disk {0} is plugged into the VM")]
+    Unknown(String),
+    #[error("unplugging disk {serial} from port {port} (the port stays taken)")]
+    Unplug {
+        serial: String,
+        port: String,
+        #[source]
+        source: QmpError,
+    },
 }
+
+/// How long the guest has to let an unplugged disk go.
+const UNPLUG_WAIT: Duration = Duration::from_secs(15);
 
 /// `e` with its causes, one line.
 pub(crate) fn describe(e: &HotplugError) -> String {
@@ -72,6 +86,14 @@ struct Live {
     free: VecDeque<String>,
     ports: usize,
     plugged: u32,
+    /// Plugged disks by serial: their block node, port and descriptor set.
+    disks: HashMap<String, Plugged>,
+}
+
+struct Plugged {
+    node: String,
+    port: String,
+    fdset: i64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -90,6 +112,7 @@ impl Hotplug {
             free: (0..ports).map(port_name).collect(),
             ports: ports as usize,
             plugged: 0,
+            disks: HashMap::new(),
         });
     }
 
@@ -112,14 +135,42 @@ impl Hotplug {
         let node = format!("c{n}");
         let res = lock(&live.qmp).hotplug_disk(&node, disk, &port, &serial);
         match res {
-            Ok(()) => {
+            Ok(fdset) => {
                 live.plugged += 1;
+                live.disks
+                    .insert(serial.clone(), Plugged { node, port, fdset });
                 Ok(serial)
             }
             Err(source) => {
                 live.free.push_front(port.clone());
                 Err(HotplugError::Qmp { port, source })
             }
+        }
+    }
+}
+
+impl Hotplug {
+    /// Unplugs the disk `serial` (its container has ended and the agent unmounted it)
+    /// and frees its port.
+    pub(crate) fn unplug(&self, serial: &str) -> Result<(), HotplugError> {
+        let mut g = lock(&self.0);
+        let live = g.as_mut().ok_or(HotplugError::NotRunning)?;
+        let disk = live
+            .disks
+            .remove(serial)
+            .ok_or_else(|| HotplugError::Unknown(serial.to_string()))?;
+        let deadline = Instant::now() + UNPLUG_WAIT;
+        let res = lock(&live.qmp).unplug_disk(&disk.node, disk.fdset, deadline);
+        match res {
+            Ok(()) => {
+                live.free.push_back(disk.port);
+                Ok(())
+            }
+            Err(source) => Err(HotplugError::Unplug {
+                serial: serial.to_string(),
+                port: disk.port,
+                source,
+            }),
         }
     }
 }

@@ -213,7 +213,7 @@ impl Qmp {
         disk: BorrowedFd<'_>,
         port: &str,
         serial: &str,
-    ) -> Result<(), QmpError> {
+    ) -> Result<i64, QmpError> {
         let added = self.execute_with_fd("add-fd", None, disk)?;
         let Some(fdset) = added.get("fdset-id").and_then(Value::as_i64) else {
             return Err(QmpError::BadJson(format!("add-fd answered {added}")));
@@ -257,7 +257,62 @@ impl Qmp {
             undo_fdset(self);
             return Err(e);
         }
+        Ok(fdset)
+    }
+
+    /// Hot-unplugs what [`Qmp::hotplug_disk`] plugged as `node` with descriptor set
+    /// `fdset`: `device_del`, then the guest's release of it (`DEVICE_DELETED`) by
+    /// `deadline`, then `blockdev-del` and `remove-fd`. A guest that does not let the
+    /// device go keeps it, and the timeout says so.
+    pub fn unplug_disk(
+        &mut self,
+        node: &str,
+        fdset: i64,
+        deadline: Instant,
+    ) -> Result<(), QmpError> {
+        let dev = format!("{node}-dev");
+        self.execute("device_del", Some(json!({ "id": dev })))?;
+        self.wait_device_deleted(&dev, deadline)?;
+        self.execute("blockdev-del", Some(json!({ "node-name": node })))?;
+        self.execute("remove-fd", Some(json!({ "fdset-id": fdset })))?;
         Ok(())
+    }
+
+    /// Waits for `DEVICE_DELETED` of device `dev` (other events are kept); the read
+    /// timeout is restored after.
+    fn wait_device_deleted(&mut self, dev: &str, deadline: Instant) -> Result<(), QmpError> {
+        let is_it = |e: &Value| e["event"] == "DEVICE_DELETED" && e["data"]["device"] == dev;
+        if let Some(i) = self.events.iter().position(is_it) {
+            self.events.remove(i);
+            return Ok(());
+        }
+        let result = loop {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                break Err(QmpError::Timeout(
+                    self.timeout,
+                    format!("the guest to release {dev} (DEVICE_DELETED)"),
+                ));
+            };
+            let set = self
+                .reader
+                .get_ref()
+                .set_read_timeout(Some(left.max(Duration::from_millis(1))));
+            if let Err(e) = set {
+                break Err(QmpError::Io(e));
+            }
+            match self.read_value("DEVICE_DELETED") {
+                Ok(v) if is_it(&v) => break Ok(()),
+                Ok(v) => {
+                    if v.get("event").is_some() && self.events.len() < 256 {
+                        self.events.push(v);
+                    }
+                }
+                Err(QmpError::Timeout(..)) => {}
+                Err(e) => break Err(e),
+            }
+        };
+        let _ = self.reader.get_ref().set_read_timeout(Some(self.timeout));
+        result
     }
 
     pub fn powerdown(&mut self) -> Result<(), QmpError> {
@@ -448,6 +503,44 @@ mod tests {
         assert_eq!(v[6]["arguments"]["node-name"], "c2");
         assert_eq!(v[7]["execute"], "remove-fd");
         assert_eq!(v[7]["arguments"]["fdset-id"], 4);
+    }
+
+    #[test]
+    fn an_unplug_waits_for_the_guest_then_removes_the_node_and_descriptor() {
+        let (s, h) = fake_qemu(&[
+            r#"{"QMP": {"version": {}, "capabilities": []}}"#,
+            r#"< {"return": {}}"#,
+            r#"< {"return": {}}"#,
+            r#"{"event": "DEVICE_DELETED", "data": {"path": "/machine/peripheral/c1-dev/virtio-backend"}}"#,
+            r#"{"event": "DEVICE_DELETED", "data": {"device": "c1-dev", "path": "/machine/peripheral/c1-dev"}}"#,
+            r#"< {"return": {}}"#,
+            r#"< {"return": {}}"#,
+            r#"< {"return": {}}"#,
+        ]);
+        let mut q = Qmp::from_stream(s, Duration::from_secs(5)).unwrap();
+        q.unplug_disk("c1", 3, Instant::now() + Duration::from_secs(5))
+            .unwrap();
+        // A guest that never lets go: the wait ends at the deadline, named.
+        let err = q
+            .unplug_disk("c2", 4, Instant::now() + Duration::from_millis(200))
+            .unwrap_err();
+        assert!(err.to_string().contains("release c2-dev"), "{err}");
+        let sent = h.join().unwrap();
+        let v: Vec<Value> = sent[1..]
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(v[0]["execute"], "device_del");
+        assert_eq!(v[0]["arguments"]["id"], "c1-dev");
+        assert_eq!(v[1]["execute"], "blockdev-del");
+        assert_eq!(v[2]["execute"], "remove-fd");
+        assert_eq!(v[2]["arguments"]["fdset-id"], 3);
+        assert_eq!(v[3]["execute"], "device_del");
+        assert_eq!(
+            v.len(),
+            4,
+            "nothing is removed while the guest holds the device"
+        );
     }
 
     #[test]

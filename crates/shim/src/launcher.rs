@@ -6,7 +6,9 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use gpucell_runtime::{ExecHandle, Node, Observer, ProcIo, RootfsSource, RunReport, RunRequest};
+use gpucell_runtime::{
+    AddedContainer, Node, Observer, ProcIo, RootfsSource, RunReport, RunRequest,
+};
 use gpucell_sandbox::{EventSender, SessionIo};
 
 /// What starting a task runs.
@@ -32,20 +34,26 @@ pub trait Member: Send + Sync {
     fn wait(&self) -> Result<i32, String>;
 }
 
-impl Member for ExecHandle {
+impl Member for AddedContainer {
     fn pid(&self) -> i32 {
-        ExecHandle::pid(self)
+        self.handle.pid()
     }
     fn container(&self) -> u32 {
-        self.id()
+        self.handle.id()
     }
     fn signal(&self, signal: i32) -> Result<(), String> {
-        ExecHandle::signal(self, signal).map_err(|e| e.to_string())
+        self.handle.signal(signal).map_err(|e| e.to_string())
     }
+    /// Waits for the container's end, then unplugs its disk (best effort: a VM that
+    /// is gone, or a disk the guest keeps, only keeps its port).
     fn wait(&self) -> Result<i32, String> {
-        ExecHandle::wait(self)
-            .map(|s| s.shell_code())
-            .map_err(|e| e.to_string())
+        let end = self.handle.wait();
+        if end.is_ok() {
+            if let Err(e) = self.release() {
+                tracing::warn!(disk = %self.disk, error = %e, "unplugging an ended container's disk");
+            }
+        }
+        end.map(|s| s.shell_code()).map_err(|e| e.to_string())
     }
 }
 

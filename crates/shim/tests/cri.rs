@@ -803,6 +803,29 @@ fn cri_containers_of_a_pod_share_its_vm() {
     );
     let c2 = cri.container_status(&ids[1]).unwrap();
     assert_eq!(c2.state, ContainerState::ContainerRunning as i32, "{c2:?}");
+    // More containers than the VM has spare ports, one after another (a restarting
+    // container does this): an ended container's disk is unplugged and its port taken
+    // again.
+    for n in 0..=gpucell_shim::pod::POD_SLOTS {
+        let name = format!("r{n}");
+        let config = container_config(
+            &name,
+            IMAGE,
+            &["sh", "-c", "exit 3"],
+            &format!("{name}.log"),
+        );
+        let id = cri.create_container(&pod_id, config, pod.clone()).unwrap();
+        cri.start_container(&id).unwrap();
+        let status = env.wait_exited(&cri, &id, Duration::from_secs(120));
+        let log = std::fs::read_to_string(logs.join(format!("{name}.log"))).unwrap_or_default();
+        assert_eq!(
+            status.exit_code,
+            3,
+            "{name}: {status:?}\n{log}\n{}",
+            env.log()
+        );
+        cri.remove_container(&id).unwrap();
+    }
     // Stopping the pod stops its VM, and the container in it.
     cri.stop_pod_sandbox(&pod_id).unwrap();
     let status = env.wait_exited(&cri, &ids[1], Duration::from_secs(60));

@@ -189,11 +189,11 @@ impl Procs {
     }
 
     /// Removes and returns the processes besides the workload that have finished.
-    pub fn take_finished(&mut self) -> Vec<(u32, ExitStatus)> {
+    pub fn take_finished(&mut self) -> Vec<(u32, ExitStatus, bool)> {
         let mut done = Vec::new();
         self.list.retain(|p| match (p.id, p.finished()) {
             (Some(id), Some(status)) => {
-                done.push((id, status));
+                done.push((id, status, p.container));
                 false
             }
             _ => true,

@@ -53,6 +53,7 @@ struct ChildWorkload {
     /// The target each exec was started in, and the ids of added containers.
     exec_targets: Vec<Pid>,
     added: Vec<u32>,
+    removed: Vec<u32>,
 }
 
 impl ChildWorkload {
@@ -70,6 +71,7 @@ impl ChildWorkload {
             statuses: Arc::default(),
             exec_targets: Vec::new(),
             added: Vec::new(),
+            removed: Vec::new(),
         }
     }
 
@@ -173,6 +175,10 @@ impl Workload for ChildWorkload {
     fn add_container(&mut self, id: u32, spec: &RunSpec) -> Result<(Pid, Stdio), WorkloadError> {
         self.added.push(id);
         self.spawn(&spec.args, &spec.env, &spec.cwd)
+    }
+
+    fn remove_container(&mut self, id: u32) {
+        self.removed.push(id);
     }
 
     fn exit_fd(&self) -> BorrowedFd<'_> {

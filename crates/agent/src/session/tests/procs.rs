@@ -221,5 +221,10 @@ fn an_added_container_runs_by_id_and_takes_execs() {
     assert_eq!(exec.stdout, b"inside\n");
     assert_eq!(second.status.unwrap().signal, Some(15));
     assert_eq!(ended.workload.added, vec![4]);
+    assert_eq!(
+        ended.workload.removed,
+        vec![4],
+        "the ended container's mounts came off"
+    );
     assert_eq!(ended.workload.exec_targets, vec![Pid::from_raw(pid)]);
 }
