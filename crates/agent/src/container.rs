@@ -433,9 +433,21 @@ pub fn spawn_holder() -> Result<(Pid, Stdio), ContainerError> {
     let (in_r, in_w) = pipe()?;
     let (out_r, out_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
+    // SIGTERM and SIGINT stay pending in the child until its handlers are in place: a
+    // stop that comes at once still ends it with 0.
+    let mut ending = SigSet::empty();
+    ending.add(Signal::SIGTERM);
+    ending.add(Signal::SIGINT);
+    let mut before = SigSet::empty();
+    signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&ending), Some(&mut before))
+        .map_err(|e| ContainerError::Sys("blocking SIGTERM for the pod's sandbox process", e))?;
     // SAFETY: the agent is single-threaded; the child only calls async-signal-safe
     // functions (sigprocmask, signal, pause, _exit) before it ends.
-    match unsafe { unistd::fork() } {
+    let forked = unsafe { unistd::fork() };
+    if !matches!(forked, Ok(unistd::ForkResult::Child)) {
+        let _ = signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&before), None);
+    }
+    match forked {
         Ok(unistd::ForkResult::Child) => hold(),
         Ok(unistd::ForkResult::Parent { child }) => {
             drop((in_r, out_w, err_w));
@@ -469,9 +481,6 @@ fn hold() -> ! {
                 libc::signal(sig, libc::SIG_DFL);
             }
         }
-        let mut none: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut none);
-        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
         libc::signal(
             libc::SIGTERM,
             end as extern "C" fn(libc::c_int) as libc::sighandler_t,
@@ -480,6 +489,10 @@ fn hold() -> ! {
             libc::SIGINT,
             end as extern "C" fn(libc::c_int) as libc::sighandler_t,
         );
+        // Only now: a SIGTERM that came since the fork is delivered to `end`.
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
         loop {
             libc::pause();
         }
@@ -696,13 +709,18 @@ mod tests {
     #[test]
     fn the_pod_holder_ends_with_0_on_sigterm_and_by_any_other_signal() {
         use nix::sys::wait::{waitpid, WaitStatus};
+        // A SIGTERM at once, before the child can have set its handler, still ends it
+        // with 0.
+        let (pid, _io) = spawn_holder().unwrap();
+        signal::kill(pid, Signal::SIGTERM).unwrap();
+        assert_eq!(waitpid(pid, None).unwrap(), WaitStatus::Exited(pid, 0));
         let (pid, _io) = spawn_holder().unwrap();
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(
             waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)).unwrap(),
             WaitStatus::StillAlive
         );
-        signal::kill(pid, Signal::SIGTERM).unwrap();
+        signal::kill(pid, Signal::SIGINT).unwrap();
         assert_eq!(waitpid(pid, None).unwrap(), WaitStatus::Exited(pid, 0));
         let (pid, _io) = spawn_holder().unwrap();
         signal::kill(pid, Signal::SIGHUP).unwrap();
