@@ -33,6 +33,9 @@ const RW_DIR: &str = "/mnt/rw";
 const ROOT_DIR: &str = "/mnt/root";
 /// How long the image's block device may take to appear.
 const DEVICE_WAIT: Duration = Duration::from_secs(5);
+/// How long a hot-plugged disk may take: the guest's ACPI hot-plug handling runs after
+/// QEMU's `device_add` has returned, and took over 5 s on a loaded 2-core TCG host.
+const HOTPLUG_WAIT: Duration = Duration::from_secs(30);
 /// Largest /etc/passwd or /etc/group read from the image.
 const MAX_ID_FILE: u64 = 4 << 20;
 /// Bounds on what a spec may ask for.
@@ -111,7 +114,9 @@ const SYS_BLOCK: &str = "/sys/block";
 /// whose virtio serial is the name after `serial:` (a disk the host hot-plugged, whose
 /// guest name depends on the order the kernel found it in).
 fn wait_for_disk(device: &str, sys_block: &Path) -> Result<String, ContainerError> {
-    let deadline = Instant::now() + DEVICE_WAIT;
+    let serial = device.starts_with(gpucell_protocol::DISK_SERIAL_PREFIX);
+    let wait = if serial { HOTPLUG_WAIT } else { DEVICE_WAIT };
+    let deadline = Instant::now() + wait;
     loop {
         let found = match device.strip_prefix(gpucell_protocol::DISK_SERIAL_PREFIX) {
             Some(serial) => disk_with_serial(sys_block, serial),
@@ -121,7 +126,7 @@ fn wait_for_disk(device: &str, sys_block: &Path) -> Result<String, ContainerErro
             return Ok(dev);
         }
         if Instant::now() >= deadline {
-            return Err(ContainerError::NoDevice(device.to_owned(), DEVICE_WAIT));
+            return Err(ContainerError::NoDevice(device.to_owned(), wait));
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -678,6 +683,7 @@ mod tests {
             device_wait_ms: 0,
             gpu: None,
             pod_sandbox: false,
+            etc_files: Vec::new(),
         }
     }
 

@@ -507,6 +507,7 @@ fn run_in_container(
         device_wait_ms: 0,
         gpu: None,
         pod_sandbox: false,
+        etc_files: Vec::new(),
     };
     let prepared = container::prepare(root, &spec)?.with_devices(devices.cloned());
     let t = Instant::now();

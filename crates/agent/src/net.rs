@@ -40,6 +40,8 @@ pub enum NetError {
         #[source]
         source: Errno,
     },
+    #[error("the run's /etc files: {0}")]
+    EtcFile(String),
     #[error("cannot write {path}")]
     Write {
         path: String,
@@ -294,8 +296,26 @@ pub fn install_resolv_conf(root: &Path) -> Result<(), NetError> {
     let Ok(text) = fs::read(RESOLV_CONF) else {
         return Ok(());
     };
+    write_etc_file(root, "resolv.conf", &text)
+}
+
+/// Writes the run's own `/etc` files (a pod's resolv.conf, hosts, hostname) into the
+/// container at `root`, over the image's and the agent's.
+pub fn install_etc_files(root: &Path, files: &[gpucell_protocol::EtcFile]) -> Result<(), NetError> {
+    for f in files {
+        if let Some(problem) = f.problem() {
+            return Err(NetError::EtcFile(problem));
+        }
+        write_etc_file(root, &f.name, f.content.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// `<root>/etc/<name>` (the container's `/etc` resolved inside `root`) replaced by
+/// `bytes`; a symlink there is replaced, never followed; a directory is left alone.
+fn write_etc_file(root: &Path, name: &str, bytes: &[u8]) -> Result<(), NetError> {
     let etc = crate::rootpath::resolve(root, "/", "/etc").unwrap_or_else(|_| root.join("etc"));
-    let target = etc.join("resolv.conf");
+    let target = etc.join(name);
     let err = |source| NetError::Write {
         path: target.display().to_string(),
         source,
@@ -313,13 +333,59 @@ pub fn install_resolv_conf(root: &Path) -> Result<(), NetError> {
         .custom_flags(libc::O_NOFOLLOW)
         .open(&target)
         .map_err(err)?;
-    std::io::Write::write_all(&mut f, &text).map_err(err)
+    std::io::Write::write_all(&mut f, bytes).map_err(err)
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_runs_etc_files_replace_the_images_and_bad_ones_are_refused() {
+        use gpucell_protocol::EtcFile;
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        fs::create_dir_all(root.join("etc")).unwrap();
+        fs::write(root.join("outside"), "keep").unwrap();
+        // The image's resolv.conf is a link out of the container: replaced, not followed.
+        std::os::unix::fs::symlink("../outside", root.join("etc/resolv.conf")).unwrap();
+        let file = |name: &str, content: &str| EtcFile {
+            name: name.into(),
+            content: content.into(),
+        };
+        let files = [
+            file(
+                "resolv.conf",
+                "search ns1.svc.cluster.local\nnameserver 10.96.0.10\n",
+            ),
+            file("hostname", "pod-a\n"),
+        ];
+        install_etc_files(root, &files).unwrap();
+        assert_eq!(
+            fs::read_to_string(root.join("etc/resolv.conf")).unwrap(),
+            files[0].content
+        );
+        assert_eq!(
+            fs::read_to_string(root.join("etc/hostname")).unwrap(),
+            "pod-a\n"
+        );
+        assert_eq!(fs::read_to_string(root.join("outside")).unwrap(), "keep");
+        for (bad, says) in [
+            (file("passwd", "root::0:0::/:/bin/sh\n"), "cannot be set"),
+            (file("../outside", "x"), "cannot be set"),
+            (
+                file("hosts", &"x".repeat(gpucell_protocol::MAX_ETC_FILE + 1)),
+                "over the most",
+            ),
+            (file("hosts", "a\0b"), "NUL"),
+        ] {
+            let err = install_etc_files(root, &[bad]).unwrap_err().to_string();
+            assert!(err.contains(says), "{err}");
+        }
+        assert_eq!(fs::read_to_string(root.join("outside")).unwrap(), "keep");
+        assert!(!root.join("etc/passwd").exists());
+    }
 
     #[test]
     fn parses_the_host_words() {

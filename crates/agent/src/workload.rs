@@ -125,6 +125,7 @@ impl Workload for Pid1 {
         }
         let root = container::mount_rootfs(spec)?;
         crate::net::install_resolv_conf(&root)?;
+        crate::net::install_etc_files(&root, &spec.etc_files)?;
         let devices = match &spec.gpu {
             Some(req) => {
                 crate::nvidia::mount_for_injection(&req.driver_root, &spec.rootfs.device)
@@ -146,6 +147,7 @@ impl Workload for Pid1 {
         let layout = container::Layout::under(&Path::new(POD_DIR).join(id.to_string()));
         let root = container::mount_rootfs_at(spec, &layout)?;
         crate::net::install_resolv_conf(&root)?;
+        crate::net::install_etc_files(&root, &spec.etc_files)?;
         let prepared = container::prepare(&root, spec)?;
         Ok(container::spawn(&prepared)?)
     }

@@ -28,6 +28,7 @@ fn spec(args: &[&str], user: &str) -> RunSpec {
         device_wait_ms: 0,
         gpu: None,
         pod_sandbox: false,
+        etc_files: Vec::new(),
     }
 }
 

@@ -29,8 +29,9 @@ mod proc;
 pub use frame::{FrameError, FrameReader, FrameWriter, RawFrame};
 pub use kind::{Kind, MAX_CONTROL_PAYLOAD, MAX_DATA_PAYLOAD, PROC_ID_LEN};
 pub use message::{
-    DeviceInfo, DeviceMatch, DriverReport, ExitStatus, FromGuest, FromHost, GpuFacts, GpuInjection,
-    GpuReport, GuestHello, HostHello, RootfsSpec, RunSpec,
+    DeviceInfo, DeviceMatch, DriverReport, EtcFile, ExitStatus, FromGuest, FromHost, GpuFacts,
+    GpuInjection, GpuReport, GuestHello, HostHello, RootfsSpec, RunSpec, ETC_FILE_NAMES,
+    MAX_ETC_FILE,
 };
 pub use proc::{
     valid_disk_serial, ContainerAdd, ProcSpec, ProcStart, DISK_SERIAL_PREFIX, MAX_DISK_SERIAL,

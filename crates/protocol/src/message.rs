@@ -77,6 +77,46 @@ pub struct RunSpec {
     /// containers are added beside it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pod_sandbox: bool,
+    /// Files the container gets in its `/etc` over the image's (a pod's `resolv.conf`,
+    /// `hosts` and `hostname`, which the orchestrator writes for each pod).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub etc_files: Vec<EtcFile>,
+}
+
+/// A file written into the container's `/etc`: `name` is one of [`ETC_FILE_NAMES`],
+/// `content` at most [`MAX_ETC_FILE`] bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EtcFile {
+    pub name: String,
+    pub content: String,
+}
+
+/// The files of `/etc` a run may set.
+pub const ETC_FILE_NAMES: [&str; 3] = ["resolv.conf", "hosts", "hostname"];
+/// Largest `/etc` file a run may set.
+pub const MAX_ETC_FILE: usize = 64 << 10;
+
+impl EtcFile {
+    /// What is wrong with this file, if anything.
+    pub fn problem(&self) -> Option<String> {
+        if !ETC_FILE_NAMES.contains(&self.name.as_str()) {
+            return Some(format!(
+                "/etc/{} cannot be set (only {})",
+                self.name.chars().take(64).collect::<String>(),
+                ETC_FILE_NAMES.join(", ")
+            ));
+        }
+        if self.content.len() > MAX_ETC_FILE {
+            return Some(format!(
+                "/etc/{} is {} bytes, over the most, {MAX_ETC_FILE}",
+                self.name,
+                self.content.len()
+            ));
+        }
+        self.content
+            .contains('\0')
+            .then(|| format!("/etc/{} contains a NUL byte", self.name))
+    }
 }
 
 /// What the host decided about the NVIDIA driver in the container (docs/cuda.md): the
@@ -487,6 +527,7 @@ mod tests {
             device_wait_ms: 5000,
             gpu: None,
             pod_sandbox: false,
+            etc_files: Vec::new(),
         }
     }
 

@@ -132,6 +132,7 @@ mod tests {
             device_wait_ms: 0,
             gpu: None,
             pod_sandbox: false,
+            etc_files: Vec::new(),
         }
     }
 

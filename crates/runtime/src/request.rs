@@ -137,6 +137,10 @@ pub struct RunRequest {
     /// PCIe port. 0: an ordinary run.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub pod_slots: u8,
+    /// Files of the container's `/etc` set by whoever runs it (a pod's `resolv.conf`,
+    /// `hosts` and `hostname`, from its orchestrator), over the image's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub etc_files: Vec<gpucell_protocol::EtcFile>,
 }
 
 fn is_zero(n: &u8) -> bool {
@@ -207,6 +211,7 @@ impl RunRequest {
             driver: None,
             force_driver_injection: false,
             pod_slots: 0,
+            etc_files: Vec::new(),
         }
     }
 
@@ -234,6 +239,11 @@ impl RunRequest {
                 "pod_slots",
                 format!("{} is over the most, {MAX_POD_SLOTS}", self.pod_slots),
             ));
+        }
+        for f in &self.etc_files {
+            if let Some(problem) = f.problem() {
+                return Err(RequestError::field("etc_files", problem));
+            }
         }
         for e in &self.env {
             check_env(e)?;

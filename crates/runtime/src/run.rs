@@ -316,13 +316,9 @@ pub(crate) fn spec_for(
     // Bare `KEY` entries were resolved by the front end: nothing comes from this
     // process's environment.
     let no_env = |_: &str| None;
-    Ok(spec::build_spec(
-        &defaults,
-        &overrides,
-        &no_env,
-        rootfs,
-        default_hostname,
-    )?)
+    let mut spec = spec::build_spec(&defaults, &overrides, &no_env, rootfs, default_hostname)?;
+    spec.etc_files = r.etc_files.clone();
+    Ok(spec)
 }
 
 pub(crate) fn spec_report(spec: &RunSpec, req: &ValidRequest) -> SpecReport {

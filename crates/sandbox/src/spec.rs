@@ -212,6 +212,7 @@ pub fn build_spec(
         device_wait_ms: 0,
         gpu: None,
         pod_sandbox: false,
+        etc_files: Vec::new(),
     };
     let size = serde_json::to_vec(&spec)
         .map(|v| v.len())

@@ -38,6 +38,7 @@ fn spec() -> RunSpec {
         device_wait_ms: 0,
         gpu: None,
         pod_sandbox: false,
+        etc_files: Vec::new(),
     }
 }
 

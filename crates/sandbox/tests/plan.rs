@@ -287,6 +287,7 @@ fn spec(args: &[&str], fstype: &str) -> RunSpec {
         device_wait_ms: 0,
         gpu: None,
         pod_sandbox: false,
+        etc_files: Vec::new(),
     }
 }
 

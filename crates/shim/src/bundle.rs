@@ -35,6 +35,12 @@ pub enum BundleError {
     NoProcess { path: PathBuf },
     #[error("the OCI spec {} has an empty process.args: give the container a command", path.display())]
     NoArgs { path: PathBuf },
+    #[error("the OCI spec's mount of {} from {}: {problem}", destination.display(), from.display())]
+    EtcMount {
+        destination: PathBuf,
+        from: PathBuf,
+        problem: String,
+    },
 }
 
 /// What a task's OCI spec asks for, in the terms of a gpucell run.
@@ -59,6 +65,53 @@ pub struct TaskSpec {
     /// The path of `linux.namespaces`' network entry: the pod's network namespace
     /// (`ctr run --with-ns network:PATH`, the CRI sandbox's CNI namespace).
     pub netns: Option<PathBuf>,
+    /// The files bind-mounted on `/etc/resolv.conf`, `/etc/hosts` and `/etc/hostname`
+    /// (the CRI writes them for each pod): their contents go into the container.
+    pub etc_files: Vec<gpucell_protocol::EtcFile>,
+}
+
+/// The contents of the regular files the spec bind-mounts on the `/etc` files a run may
+/// set (the VM gets no host bind mounts: their contents travel instead). Other mounts
+/// are not this function's business.
+fn etc_files(spec: &Spec) -> Result<Vec<gpucell_protocol::EtcFile>, BundleError> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    for m in spec.mounts().iter().flatten() {
+        let dest = m.destination();
+        let Some(name) = dest
+            .strip_prefix("/etc")
+            .ok()
+            .and_then(|n| n.to_str())
+            .filter(|n| gpucell_protocol::ETC_FILE_NAMES.contains(n))
+        else {
+            continue;
+        };
+        let Some(source) = m.source().as_ref() else {
+            continue;
+        };
+        let problem = |problem: String| BundleError::EtcMount {
+            destination: dest.clone(),
+            from: source.clone(),
+            problem,
+        };
+        let mut content = String::new();
+        std::fs::File::open(source)
+            .and_then(|f| {
+                f.take(gpucell_protocol::MAX_ETC_FILE as u64 + 1)
+                    .read_to_string(&mut content)
+            })
+            .map_err(|e| problem(e.to_string()))?;
+        let file = gpucell_protocol::EtcFile {
+            name: name.to_string(),
+            content,
+        };
+        if let Some(p) = file.problem() {
+            return Err(problem(p));
+        }
+        out.retain(|f: &gpucell_protocol::EtcFile| f.name != file.name);
+        out.push(file);
+    }
+    Ok(out)
 }
 
 impl TaskSpec {
@@ -134,6 +187,7 @@ impl TaskSpec {
             terminal: process.terminal().unwrap_or(false),
             annotations: spec.annotations().clone().unwrap_or_default(),
             netns,
+            etc_files: etc_files(spec)?,
         })
     }
 
@@ -193,6 +247,7 @@ impl TaskSpec {
         r.cpus = self.cpus;
         r.memory_mib = self.memory_mib;
         r.accel = accel;
+        r.etc_files = self.etc_files.clone();
         r.guest = self.annotations.get(GUEST_ANNOTATION).cloned();
         r.driver = self.annotations.get(DRIVER_ANNOTATION).cloned();
         // A pod's network belongs to the CRI and its CNI plugins (or to whoever gave the
@@ -332,6 +387,58 @@ mod tests {
         assert_eq!(t.cpus, 1);
         assert_eq!(t.pod_id("c1"), "c1");
         assert!(t.devices.is_empty());
+    }
+
+    #[test]
+    fn the_pods_etc_files_travel_by_content_and_other_mounts_are_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let resolv = dir.path().join("resolv.conf");
+        std::fs::write(
+            &resolv,
+            "search ns1.svc.cluster.local\nnameserver 10.96.0.10\n",
+        )
+        .unwrap();
+        let big = dir.path().join("hosts");
+        std::fs::write(&big, "x".repeat(gpucell_protocol::MAX_ETC_FILE + 1)).unwrap();
+        let with_mounts = |mounts: &str| {
+            spec(&format!(
+                r#"{{"ociVersion":"1.1.0","process":{{"args":["true"],"cwd":"/","user":{{"uid":0,"gid":0}}}},
+                    "root":{{"path":"rootfs"}},"mounts":[{mounts}]}}"#
+            ))
+        };
+        let bind = |dest: &str, src: &std::path::Path| {
+            format!(
+                r#"{{"destination":"{dest}","type":"bind","source":"{}","options":["rbind","ro"]}}"#,
+                src.display()
+            )
+        };
+        let t = with_mounts(
+            &[
+                bind("/etc/resolv.conf", &resolv),
+                bind("/data", dir.path()),
+                r#"{"destination":"/proc","type":"proc","source":"proc"}"#.to_string(),
+            ]
+            .join(","),
+        )
+        .unwrap();
+        assert_eq!(t.etc_files.len(), 1, "{:?}", t.etc_files);
+        assert_eq!(t.etc_files[0].name, "resolv.conf");
+        assert!(t.etc_files[0]
+            .content
+            .contains("search ns1.svc.cluster.local"));
+        let r = t.request("c1", AccelRequest::Tcg);
+        assert_eq!(r.etc_files, t.etc_files);
+        let err = with_mounts(&bind("/etc/hosts", &big))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("/etc/hosts") && err.contains("over the most"),
+            "{err}"
+        );
+        let err = with_mounts(&bind("/etc/hostname", &dir.path().join("missing")))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing"), "{err}");
     }
 
     #[test]

@@ -427,8 +427,9 @@ fn pod_with_one_container(env: &Env) {
     cri.remove_pod_sandbox(&pod_id).unwrap();
 }
 
-/// The first `boot:<id>` line of a container's log, waiting up to 240 s for it.
-fn boot_id_in_log(env: &Env, log_path: &Path) -> String {
+/// The first `boot:<id>` line of container `id`'s log, waiting up to 240 s for it; a
+/// container that exits first fails the test at once, with its log.
+fn boot_id_in_log(env: &Env, cri: &CriClient, id: &str, log_path: &Path) -> String {
     let t = Instant::now();
     loop {
         let log = std::fs::read_to_string(log_path).unwrap_or_default();
@@ -438,6 +439,13 @@ fn boot_id_in_log(env: &Env, log_path: &Path) -> String {
         {
             return b;
         }
+        let status = cri.container_status(id).unwrap();
+        assert!(
+            status.state != ContainerState::ContainerExited as i32,
+            "{} exited without its boot line: {status:?}\n{log}\n{}",
+            log_path.display(),
+            env.log()
+        );
         assert!(
             t.elapsed() < Duration::from_secs(240),
             "{} has no boot line: {log}\n{}",
@@ -474,7 +482,7 @@ fn exec_sync_runs_in_the_containers_vm(
     );
     let id = cri.create_container(pod_id, config, pod.clone()).unwrap();
     cri.start_container(&id).unwrap();
-    let boot = boot_id_in_log(env, &logs.join("c3.log"));
+    let boot = boot_id_in_log(env, cri, &id, &logs.join("c3.log"));
     let host = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
     assert_ne!(boot.trim(), host.trim(), "the container runs in a VM");
     let out = cri
@@ -753,7 +761,14 @@ fn cri_containers_of_a_pod_share_its_vm() {
     let Some(env) = setup() else { return };
     let cri = env.cri();
     let logs = env.p("logs/p4");
-    let pod = pod_config("p4", &logs);
+    let mut pod = pod_config("p4", &logs);
+    // The pod's DNS, as the kubelet sets it: containerd writes the pod's resolv.conf and
+    // bind-mounts it into each container; its content reaches the containers in the VM.
+    pod.dns_config = Some(gpucell_cri_client::v1::DnsConfig {
+        servers: vec!["10.96.0.10".into()],
+        searches: vec!["ns1.svc.cluster.local".into()],
+        options: vec![],
+    });
     let pod_id = cri.run_pod_sandbox(pod.clone(), HANDLER).unwrap();
     assert!(
         qemus(&env).is_empty(),
@@ -761,7 +776,8 @@ fn cri_containers_of_a_pod_share_its_vm() {
     );
     let script = |name: &str| {
         format!(
-            "echo boot:$(cat /proc/sys/kernel/random/boot_id); echo {name}:$(hostname); sleep 600"
+            "echo boot:$(cat /proc/sys/kernel/random/boot_id); echo {name}:$(hostname); \
+             sed 's/^/{name}-resolv:/' /etc/resolv.conf; sleep 600"
         )
     };
     let mut ids = Vec::new();
@@ -777,11 +793,28 @@ fn cri_containers_of_a_pod_share_its_vm() {
             .unwrap_or_else(|e| panic!("{name}: {e}\n{}", env.log()));
         ids.push(id);
     }
-    let b1 = boot_id_in_log(&env, &logs.join("c1.log"));
-    let b2 = boot_id_in_log(&env, &logs.join("c2.log"));
+    let b1 = boot_id_in_log(&env, &cri, &ids[0], &logs.join("c1.log"));
+    let b2 = boot_id_in_log(&env, &cri, &ids[1], &logs.join("c2.log"));
     let host = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
     assert_ne!(b1, host.trim(), "the pod runs in a VM");
     assert_eq!(b1, b2, "both containers run in the pod's one VM");
+    for name in ["c1", "c2"] {
+        let wanted = ["search ns1.svc.cluster.local", "nameserver 10.96.0.10"]
+            .map(|w| format!("{name}-resolv:{w}"));
+        let t = Instant::now();
+        loop {
+            let log = std::fs::read_to_string(logs.join(format!("{name}.log"))).unwrap_or_default();
+            let lines = log_lines(&log);
+            if wanted.iter().all(|w| lines.contains(w)) {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "{name}'s /etc/resolv.conf is not the pod's: {log}"
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
     assert_eq!(qemus(&env).len(), 1, "one QEMU for the pod");
     // The first container ends; the second runs on in the VM and takes an exec.
     cri.stop_container(&ids[0], 2).unwrap();

@@ -61,6 +61,7 @@ fn as_run_spec(spec: &ProcSpec) -> RunSpec {
         device_wait_ms: 0,
         gpu: None,
         pod_sandbox: false,
+        etc_files: Vec::new(),
     }
 }
 

@@ -359,6 +359,7 @@ fn spec(script: &str) -> RunSpec {
         device_wait_ms: 0,
         gpu: None,
         pod_sandbox: false,
+        etc_files: Vec::new(),
     }
 }
 

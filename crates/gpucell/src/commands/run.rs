@@ -156,6 +156,7 @@ pub(crate) fn request(global: &Global, args: &RunArgs) -> anyhow::Result<RunRequ
         driver: args.driver.clone(),
         force_driver_injection: args.force_driver_injection,
         pod_slots: 0,
+        etc_files: Vec::new(),
     })
 }
 
