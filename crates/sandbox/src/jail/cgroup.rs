@@ -27,6 +27,8 @@ pub trait CgroupFs: std::fmt::Debug + Send + Sync {
     fn mount(&self, fstype: &str, options: &str, target: &Path) -> std::io::Result<()>;
     /// Detaches the mount on `target`.
     fn unmount(&self, target: &Path) -> std::io::Result<()>;
+    /// SIGKILL to process `pid` (what is left in a crashed run's group).
+    fn kill(&self, pid: i32);
 }
 
 /// The real cgroup filesystem.
@@ -50,6 +52,10 @@ impl CgroupFs for RealCgroupFs {
     }
     fn rmdir(&self, path: &Path) -> std::io::Result<()> {
         std::fs::remove_dir(path)
+    }
+    fn kill(&self, pid: i32) {
+        // SAFETY: kill(2) of a process listed in a crashed run's own cgroup.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
     }
     fn read(&self, path: &Path) -> std::io::Result<String> {
         std::fs::read_to_string(path)
@@ -386,7 +392,7 @@ impl Cgroup {
                 .iter()
                 .map(|c| root.join(c).join(PARENT).join(name));
             for dir in std::iter::once(v2).chain(v1).filter(|d| fs.exists(d)) {
-                match fs.rmdir(&dir) {
+                match remove_emptied(fs, &dir) {
                     Ok(()) => {
                         tracing::info!(dir = %dir.display(), "removed the cgroup of a crashed run")
                     }
@@ -456,6 +462,29 @@ impl Drop for Cgroup {
     }
 }
 
+/// Removes a crashed run's group `dir`: what is still in it (its jail's helper, a
+/// QEMU on its way out: the run's owner is dead) gets SIGKILL, and the removal is
+/// retried for up to 2 s while the kernel lets them go.
+fn remove_emptied(fs: &dyn CgroupFs, dir: &Path) -> std::io::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match fs.rmdir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => {
+                let procs = fs.read(&dir.join("cgroup.procs")).unwrap_or_default();
+                for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                    if pid > 1 {
+                        fs.kill(pid);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
 /// Detaches the hierarchies mounted in `base` (v1: one per controller directory; v2:
 /// on `base` itself) and removes the directories.
 fn unmount_all(fs: &dyn CgroupFs, base: &Path) {
@@ -487,6 +516,8 @@ mod tests {
         /// `(fstype, options, target)` of each mount in place.
         mounts: Arc<Mutex<Vec<(String, String, PathBuf)>>>,
         proc_cgroups: String,
+        /// Processes still in a group (its rmdir fails with EBUSY until they are killed).
+        busy: Arc<Mutex<BTreeMap<PathBuf, Vec<i32>>>>,
     }
 
     impl CgroupFs for FakeFs {
@@ -512,15 +543,36 @@ mod tests {
             Ok(())
         }
         fn rmdir(&self, p: &Path) -> std::io::Result<()> {
-            if self.mounts.lock().unwrap().iter().any(|m| m.2 == p) {
+            if self.mounts.lock().unwrap().iter().any(|m| m.2 == p)
+                || self
+                    .busy
+                    .lock()
+                    .unwrap()
+                    .get(p)
+                    .is_some_and(|v| !v.is_empty())
+            {
                 return Err(std::io::Error::from_raw_os_error(libc::EBUSY));
             }
             self.dirs.lock().unwrap().retain(|d| d != p);
             Ok(())
         }
         fn read(&self, p: &Path) -> std::io::Result<String> {
+            if p.file_name() == Some(std::ffi::OsStr::new("cgroup.procs")) {
+                let busy = self.busy.lock().unwrap();
+                let pids = p
+                    .parent()
+                    .and_then(|d| busy.get(d))
+                    .cloned()
+                    .unwrap_or_default();
+                return Ok(pids.iter().map(|p| format!("{p}\n")).collect());
+            }
             assert_eq!(p, Path::new("/proc/cgroups"));
             Ok(self.proc_cgroups.clone())
+        }
+        fn kill(&self, pid: i32) {
+            for pids in self.busy.lock().unwrap().values_mut() {
+                pids.retain(|p| *p != pid);
+            }
         }
         fn mount(&self, fstype: &str, options: &str, target: &Path) -> std::io::Result<()> {
             if !self.exists(target) {
@@ -693,6 +745,11 @@ mod tests {
         let cg = Cgroup::create(Box::new(fs.clone()), Path::new("/cg"), "old", LIMITS).unwrap();
         std::mem::forget(cg);
         assert!(fs.exists(Path::new("/cg/cpu/gpucell/old")));
+        // Its jail's helper is still on its way out of the memory group: it is killed.
+        fs.busy
+            .lock()
+            .unwrap()
+            .insert(PathBuf::from("/cg/memory/gpucell/old"), vec![4242]);
         Cgroup::remove_stale(&fs, Path::new("/cg"), &["old".to_string()]);
         for c in V1_CONTROLLERS {
             assert!(!fs.exists(&Path::new("/cg").join(c).join("gpucell/old")));
