@@ -187,11 +187,28 @@ pub fn mount_rootfs(spec: &RunSpec) -> Result<PathBuf, ContainerError> {
 pub fn mount_rootfs_at(spec: &RunSpec, layout: &Layout) -> Result<PathBuf, ContainerError> {
     check_rootfs(spec)?;
     let fstype = spec.rootfs.fstype.as_str();
+    let started = Instant::now();
     let dev = wait_for_disk(&spec.rootfs.device, Path::new(SYS_BLOCK))?;
     let dev = dev.as_str();
     // The disk is read-only: never replay an ext4 journal (the mount would fail).
     let image_opts = (fstype == "ext4").then_some("noload");
-    mnt(dev, &layout.image, fstype, MsFlags::MS_RDONLY, image_opts)?;
+    // A hot-plugged disk shows in sysfs and /dev a moment before it can be opened: its
+    // mount fails with ENXIO until the kernel has finished adding it.
+    let hotplugged = spec
+        .rootfs
+        .device
+        .starts_with(gpucell_protocol::DISK_SERIAL_PREFIX);
+    loop {
+        match mnt(dev, &layout.image, fstype, MsFlags::MS_RDONLY, image_opts) {
+            Err(ContainerError::Mount {
+                source: Errno::ENXIO,
+                ..
+            }) if hotplugged && started.elapsed() < HOTPLUG_WAIT => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => break other?,
+        }
+    }
     mount_overlay(layout, spec.overlay_bytes)
 }
 

@@ -17,7 +17,7 @@ use nix::unistd::Pid;
 use crate::container::{self, ContainerError, Stdio};
 use crate::devices;
 use crate::gpu_setup;
-use crate::inject::RealOps;
+use crate::inject::{DeviceSetup, RealOps};
 
 /// Where the guest kernel lists its PCI functions.
 const PCI_DEVICES: &str = "/sys/bus/pci/devices";
@@ -119,22 +119,19 @@ impl Workload for Pid1 {
     }
 
     fn start(&mut self, spec: &RunSpec) -> Result<(Pid, Stdio), WorkloadError> {
+        if let Some(req) = &spec.gpu {
+            crate::nvidia::mount_for_injection(&req.driver_root, &spec.rootfs.device)
+                .map_err(gpu_setup::GpuSetupError::DriverDisk)?;
+        }
         if spec.pod_sandbox {
-            // The pod's containers come later (`ContainerAdd`), each on its own disk.
+            // The pod's containers come later (`ContainerAdd`), each on its own disk,
+            // with the driver mounted above.
             return Ok(container::spawn_holder()?);
         }
         let root = container::mount_rootfs(spec)?;
         crate::net::install_resolv_conf(&root)?;
         crate::net::install_etc_files(&root, &spec.etc_files)?;
-        let devices = match &spec.gpu {
-            Some(req) => {
-                crate::nvidia::mount_for_injection(&req.driver_root, &spec.rootfs.device)
-                    .map_err(gpu_setup::GpuSetupError::DriverDisk)?;
-                let paths = gpu_setup::Paths::guest();
-                gpu_setup::prepare(&root, &spec.env, req, &paths, &mut RealOps)?.map(|i| i.devices)
-            }
-            None => None,
-        };
+        let devices = inject_driver(&root, spec)?;
         let prepared = container::prepare(&root, spec)?.with_devices(devices);
         Ok(container::spawn(&prepared)?)
     }
@@ -148,7 +145,8 @@ impl Workload for Pid1 {
         let root = container::mount_rootfs_at(spec, &layout)?;
         crate::net::install_resolv_conf(&root)?;
         crate::net::install_etc_files(&root, &spec.etc_files)?;
-        let prepared = container::prepare(&root, spec)?;
+        let devices = inject_driver(&root, spec)?;
+        let prepared = container::prepare(&root, spec)?.with_devices(devices);
         Ok(container::spawn(&prepared)?)
     }
 
@@ -170,6 +168,17 @@ impl Workload for Pid1 {
     fn kill(&mut self, pid: Pid, signal: Signal) {
         let _ = kill(pid, signal);
     }
+}
+
+/// The NVIDIA driver's files and device nodes for the container at `root`, as the
+/// image's environment contract and the host's injection decide (docs/cuda.md); the
+/// driver disk is already mounted.
+fn inject_driver(root: &Path, spec: &RunSpec) -> Result<Option<DeviceSetup>, WorkloadError> {
+    let Some(req) = &spec.gpu else {
+        return Ok(None);
+    };
+    let paths = gpu_setup::Paths::guest();
+    Ok(gpu_setup::prepare(root, &spec.env, req, &paths, &mut RealOps)?.map(|i| i.devices))
 }
 
 /// Reaps every exited child; returns their pids and statuses.

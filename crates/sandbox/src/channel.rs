@@ -116,7 +116,8 @@ impl EventSender {
 
     /// Plugs `disk` (the container's root filesystem, opened read-only) into the running
     /// VM on a spare port, then starts the container on it (`spec.rootfs.device` is set
-    /// to the disk's serial). Returns the container's process and the disk's serial, for
+    /// to the disk's serial; without its own `gpu`, it gets the VM's driver injection).
+    /// Returns the container's process and the disk's serial, for
     /// [`EventSender::remove_container_disk`] once it has ended. The VM must have been
     /// made with spare ports ([`crate::Sandbox::with_spare_ports`]).
     pub fn add_container_on_disk(
@@ -130,6 +131,10 @@ impl EventSender {
             .plug(disk)
             .map_err(|e| ExecError::Plug(crate::hotplug::describe(&e)))?;
         spec.rootfs.device = format!("{}{serial}", gpucell_protocol::DISK_SERIAL_PREFIX);
+        if spec.gpu.is_none() {
+            // The VM's GPUs and driver are the pod's: each container may use them.
+            spec.gpu = self.2.gpu();
+        }
         match self.1.add_container(spec, io) {
             Ok(h) => Ok((h, serial)),
             Err(e) => {

@@ -83,6 +83,9 @@ pub(crate) struct Hotplug(Arc<Mutex<Option<Live>>>);
 
 struct Live {
     qmp: Arc<Mutex<Qmp>>,
+    /// The NVIDIA driver injection of the VM's run: every added container gets it (the
+    /// agent applies each container's own environment contract).
+    gpu: Option<gpucell_protocol::GpuInjection>,
     free: VecDeque<String>,
     ports: usize,
     plugged: u32,
@@ -104,16 +107,28 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Hotplug {
-    /// The VM is up with `ports` spare ports, its monitor is `qmp`.
-    pub(crate) fn open(&self, qmp: Arc<Mutex<Qmp>>, ports: u8) {
+    /// The VM is up with `ports` spare ports, its monitor is `qmp`; `gpu` is its run's
+    /// driver injection.
+    pub(crate) fn open(
+        &self,
+        qmp: Arc<Mutex<Qmp>>,
+        ports: u8,
+        gpu: Option<gpucell_protocol::GpuInjection>,
+    ) {
         let ports = ports.min(MAX_PORTS);
         *lock(&self.0) = Some(Live {
             qmp,
+            gpu,
             free: (0..ports).map(port_name).collect(),
             ports: ports as usize,
             plugged: 0,
             disks: HashMap::new(),
         });
+    }
+
+    /// The driver injection of the running VM's run, for an added container.
+    pub(crate) fn gpu(&self) -> Option<gpucell_protocol::GpuInjection> {
+        lock(&self.0).as_ref().and_then(|l| l.gpu.clone())
     }
 
     /// The VM is going: later plugs fail with [`HotplugError::NotRunning`].
@@ -196,6 +211,30 @@ mod tests {
             ]
         );
         assert_eq!(spare_ports(200).len(), MAX_PORTS as usize);
+    }
+
+    #[test]
+    fn the_vms_driver_injection_is_there_for_its_added_containers_while_it_runs() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let greet = std::thread::spawn(move || {
+            use std::io::{BufRead, Write};
+            let mut w = b.try_clone().unwrap();
+            writeln!(w, r#"{{"QMP": {{"version": {{}}, "capabilities": []}}}}"#).unwrap();
+            let mut line = String::new();
+            std::io::BufReader::new(b).read_line(&mut line).unwrap();
+            writeln!(w, r#"{{"return": {{}}}}"#).unwrap();
+        });
+        let qmp = Qmp::from_stream(a, Duration::from_secs(5)).unwrap();
+        greet.join().unwrap();
+        let h = Hotplug::default();
+        let gpu = gpucell_protocol::GpuInjection {
+            driver_root: "/run/gpucell/driver".into(),
+            ..Default::default()
+        };
+        h.open(Arc::new(Mutex::new(qmp)), 2, Some(gpu.clone()));
+        assert_eq!(h.gpu(), Some(gpu));
+        h.close();
+        assert_eq!(h.gpu(), None);
     }
 
     #[test]

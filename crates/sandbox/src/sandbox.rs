@@ -690,7 +690,7 @@ impl Sandbox {
         let mut vm = self.start_vm(&cmd, &dir, &qmp_path)?;
         let hotplug = self.tx.hotplug().clone();
         if self.spare_ports > 0 {
-            hotplug.open(Arc::clone(&vm.qmp), self.spare_ports);
+            hotplug.open(Arc::clone(&vm.qmp), self.spare_ports, spec.gpu.clone());
         }
         let vcpu_pins = vm.pin(plan.input.devices.pin_cpus.as_deref())?;
         let hello_timeout = self.config.limits.hello_timeout;
