@@ -26,16 +26,16 @@ use crate::rootpath::{self, RootPathError};
 use crate::users::{self, Ids, UserError};
 
 mod exec;
+mod pod;
 pub use exec::spawn_exec;
+pub use pod::spawn_holder;
+use pod::{wait_for_disk, HOTPLUG_WAIT, SYS_BLOCK};
 
 const IMAGE_DIR: &str = "/mnt/image";
 const RW_DIR: &str = "/mnt/rw";
 const ROOT_DIR: &str = "/mnt/root";
 /// How long the image's block device may take to appear.
 const DEVICE_WAIT: Duration = Duration::from_secs(5);
-/// How long a hot-plugged disk may take: the guest's ACPI hot-plug handling runs after
-/// QEMU's `device_add` has returned, and took over 5 s on a loaded 2-core TCG host.
-const HOTPLUG_WAIT: Duration = Duration::from_secs(30);
 /// Largest /etc/passwd or /etc/group read from the image.
 const MAX_ID_FILE: u64 = 4 << 20;
 /// Bounds on what a spec may ask for.
@@ -105,49 +105,6 @@ pub fn check_rootfs(spec: &RunSpec) -> Result<(), ContainerError> {
         return Err(ContainerError::BadDevice(dev.chars().take(64).collect()));
     }
     Ok(())
-}
-
-/// Where the kernel lists block devices (each virtio disk's `serial` among them).
-const SYS_BLOCK: &str = "/sys/block";
-
-/// The block device of `device` once it exists: a `/dev/vd*` path as it is, or the disk
-/// whose virtio serial is the name after `serial:` (a disk the host hot-plugged, whose
-/// guest name depends on the order the kernel found it in).
-fn wait_for_disk(device: &str, sys_block: &Path) -> Result<String, ContainerError> {
-    let serial = device.starts_with(gpucell_protocol::DISK_SERIAL_PREFIX);
-    let wait = if serial { HOTPLUG_WAIT } else { DEVICE_WAIT };
-    let deadline = Instant::now() + wait;
-    loop {
-        let found = match device.strip_prefix(gpucell_protocol::DISK_SERIAL_PREFIX) {
-            Some(serial) => disk_with_serial(sys_block, serial),
-            None => Path::new(device).exists().then(|| device.to_owned()),
-        };
-        if let Some(dev) = found.filter(|d| Path::new(d).exists()) {
-            return Ok(dev);
-        }
-        if Instant::now() >= deadline {
-            return Err(ContainerError::NoDevice(device.to_owned(), wait));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// `/dev/<name>` of the `vd*` disk under `sys_block` whose `serial` is `serial`.
-fn disk_with_serial(sys_block: &Path, serial: &str) -> Option<String> {
-    let entries = fs::read_dir(sys_block).ok()?;
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if !name.starts_with("vd") {
-            continue;
-        }
-        let mut got = String::new();
-        let read = fs::File::open(e.path().join("serial"))
-            .and_then(|f| f.take(64).read_to_string(&mut got));
-        if read.is_ok() && got.trim_end() == serial {
-            return Some(format!("/dev/{name}"));
-        }
-    }
-    None
 }
 
 /// Where the image, the overlay's writable tmpfs and the merged root are mounted.
@@ -448,79 +405,6 @@ fn spawn_with(
     ))
 }
 
-/// Starts a pod's sandbox process: a child of the agent that runs nothing and holds, as
-/// `pause` does: SIGTERM or SIGINT end it with 0, any other fatal signal as it would end
-/// any process. Its streams stay silent.
-pub fn spawn_holder() -> Result<(Pid, Stdio), ContainerError> {
-    let (in_r, in_w) = pipe()?;
-    let (out_r, out_w) = pipe()?;
-    let (err_r, err_w) = pipe()?;
-    // SIGTERM and SIGINT stay pending in the child until its handlers are in place: a
-    // stop that comes at once still ends it with 0.
-    let mut ending = SigSet::empty();
-    ending.add(Signal::SIGTERM);
-    ending.add(Signal::SIGINT);
-    let mut before = SigSet::empty();
-    signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&ending), Some(&mut before))
-        .map_err(|e| ContainerError::Sys("blocking SIGTERM for the pod's sandbox process", e))?;
-    // SAFETY: the agent is single-threaded; the child only calls async-signal-safe
-    // functions (sigprocmask, signal, pause, _exit) before it ends.
-    let forked = unsafe { unistd::fork() };
-    if !matches!(forked, Ok(unistd::ForkResult::Child)) {
-        let _ = signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&before), None);
-    }
-    match forked {
-        Ok(unistd::ForkResult::Child) => hold(),
-        Ok(unistd::ForkResult::Parent { child }) => {
-            drop((in_r, out_w, err_w));
-            for fd in [&in_w, &out_r, &err_r] {
-                set_nonblocking(fd);
-            }
-            Ok((
-                child,
-                Stdio {
-                    stdin: in_w,
-                    stdout: out_r,
-                    stderr: err_r,
-                },
-            ))
-        }
-        Err(e) => Err(ContainerError::Sys("fork of the pod's sandbox process", e)),
-    }
-}
-
-/// The holder's body (in the forked child): default dispositions, nothing blocked,
-/// SIGTERM and SIGINT exit 0, then wait for signals forever.
-fn hold() -> ! {
-    extern "C" fn end(_: libc::c_int) {
-        // SAFETY: _exit is async-signal-safe.
-        unsafe { libc::_exit(0) }
-    }
-    // SAFETY: plain libc calls on values of this stack; no allocation, no locks.
-    unsafe {
-        for sig in 1..32 {
-            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                libc::signal(sig, libc::SIG_DFL);
-            }
-        }
-        libc::signal(
-            libc::SIGTERM,
-            end as extern "C" fn(libc::c_int) as libc::sighandler_t,
-        );
-        libc::signal(
-            libc::SIGINT,
-            end as extern "C" fn(libc::c_int) as libc::sighandler_t,
-        );
-        // Only now: a SIGTERM that came since the fork is delivered to `end`.
-        let mut none: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut none);
-        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
-        loop {
-            libc::pause();
-        }
-    }
-}
-
 /// Sets O_NONBLOCK on `fd`; a failure leaves it as it was.
 pub fn set_nonblocking(fd: &OwnedFd) {
     use nix::fcntl::{fcntl, FcntlArg};
@@ -727,59 +611,6 @@ mod tests {
                 "{bad}"
             );
         }
-    }
-
-    #[test]
-    fn the_pod_holder_ends_with_0_on_sigterm_and_by_any_other_signal() {
-        use nix::sys::wait::{waitpid, WaitStatus};
-        // A SIGTERM at once, before the child can have set its handler, still ends it
-        // with 0.
-        let (pid, _io) = spawn_holder().unwrap();
-        signal::kill(pid, Signal::SIGTERM).unwrap();
-        assert_eq!(waitpid(pid, None).unwrap(), WaitStatus::Exited(pid, 0));
-        let (pid, _io) = spawn_holder().unwrap();
-        std::thread::sleep(Duration::from_millis(50));
-        assert_eq!(
-            waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)).unwrap(),
-            WaitStatus::StillAlive
-        );
-        signal::kill(pid, Signal::SIGINT).unwrap();
-        assert_eq!(waitpid(pid, None).unwrap(), WaitStatus::Exited(pid, 0));
-        let (pid, _io) = spawn_holder().unwrap();
-        signal::kill(pid, Signal::SIGHUP).unwrap();
-        assert_eq!(
-            waitpid(pid, None).unwrap(),
-            WaitStatus::Signaled(pid, Signal::SIGHUP, false)
-        );
-    }
-
-    #[test]
-    fn a_hot_plugged_disk_is_found_by_its_serial() {
-        let mut s = spec(&["sh"], "", &[]);
-        s.rootfs.device = "serial:gpucell-c1".into();
-        check_rootfs(&s).unwrap();
-        let sys = tempfile::tempdir().unwrap();
-        for (name, serial) in [
-            ("vda", "\n"),
-            ("vdb", "gpucell-c0\n"),
-            ("vdc", "gpucell-c1\n"),
-        ] {
-            fs::create_dir_all(sys.path().join(name)).unwrap();
-            fs::write(sys.path().join(name).join("serial"), serial).unwrap();
-        }
-        fs::create_dir_all(sys.path().join("sda")).unwrap();
-        fs::write(sys.path().join("sda/serial"), "gpucell-c2").unwrap();
-        assert_eq!(
-            disk_with_serial(sys.path(), "gpucell-c1").as_deref(),
-            Some("/dev/vdc")
-        );
-        assert_eq!(
-            disk_with_serial(sys.path(), "gpucell-c0").as_deref(),
-            Some("/dev/vdb")
-        );
-        // Only virtio disks are looked at.
-        assert_eq!(disk_with_serial(sys.path(), "gpucell-c2"), None);
-        assert_eq!(disk_with_serial(sys.path(), "gpucell-c9"), None);
     }
 
     #[test]
