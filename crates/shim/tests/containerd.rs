@@ -17,17 +17,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const IMAGE: &str = "docker.io/library/gpucell-demo:latest";
+mod common;
+use common::{processes_mentioning, repo_root, IMAGE};
 const RUNTIME: &str = "io.containerd.gpucell.v1";
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn skip(why: &str) -> Option<Env> {
-    eprintln!("skipping: {why}");
-    None
-}
 
 /// A containerd of the test's own, and where its files are.
 struct Env {
@@ -37,52 +29,8 @@ struct Env {
     containerd: Option<Child>,
 }
 
-/// containerd's directory: GPUCELL_TEST_CONTAINERD, else target/containerd/usr/bin
-/// (fetched once from Debian).
-fn containerd_bin() -> Result<PathBuf, String> {
-    if let Some(d) = std::env::var_os("GPUCELL_TEST_CONTAINERD") {
-        return Ok(PathBuf::from(d));
-    }
-    let dest = repo_root().join("target/containerd");
-    let out = Command::new(repo_root().join("scripts/fetch-containerd.sh"))
-        .arg(&dest)
-        .output()
-        .map_err(|e| format!("running scripts/fetch-containerd.sh: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "scripts/fetch-containerd.sh could not fetch containerd: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok(dest.join("usr/bin"))
-}
-
 fn setup() -> Option<Env> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return skip("containerd needs root");
-    }
-    let Some(shared) = std::env::var_os("GPUCELL_TEST_STATE_DIR").map(PathBuf::from) else {
-        return skip("GPUCELL_TEST_STATE_DIR is not set (make test-shim sets it after `gpucell guest build`)");
-    };
-    let guest = shared.join("guest");
-    if !guest.join("default/manifest.json").is_file() {
-        return skip(&format!("no guest artifacts in {}", guest.display()));
-    }
-    if !Path::new("/usr/bin/qemu-system-x86_64").exists() {
-        return skip("qemu-system-x86_64 is not installed");
-    }
-    let bin = match containerd_bin() {
-        Ok(b) => b,
-        Err(e) => return skip(&e),
-    };
-    // Short path: the sockets under it must stay below 108 bytes.
-    let dir = tempfile::Builder::new()
-        .prefix("gs")
-        .tempdir_in("/tmp")
-        .ok()?;
-    std::fs::create_dir_all(dir.path().join("state")).ok()?;
-    std::os::unix::fs::symlink(&guest, dir.path().join("state/guest")).ok()?;
+    let common::Prepared { dir, bin } = common::prepare("gs", &[])?;
     let shim = PathBuf::from(env!("CARGO_BIN_EXE_containerd-shim-gpucell-v1"));
     let path = format!(
         "{}:{}:{}",
@@ -307,24 +255,6 @@ impl Drop for Env {
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
-}
-
-/// Pids of processes whose command line contains both `needle` and `name`.
-fn processes_mentioning(needle: &str, name: &str) -> Vec<u32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let cmd = String::from_utf8_lossy(&cmd);
-        if cmd.contains(name) && cmd.contains(needle) {
-            out.push(pid);
-        }
-    }
-    out
 }
 
 fn run_prints_output_and_returns_the_exit_code(env: &Env) {

@@ -22,17 +22,13 @@ use std::time::{Duration, Instant};
 use gpucell_cri_client::v1::{ContainerState, NamespaceMode};
 use gpucell_cri_client::{container_config, log_lines, pod_config, CriClient};
 
-const IMAGE: &str = "docker.io/library/gpucell-demo:latest";
+mod common;
+use common::{processes_mentioning, repo_root, IMAGE};
 const HANDLER: &str = "gpucell";
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn skip(why: &str) -> Option<Env> {
-    eprintln!("skipping: {why}");
-    None
-}
+#[path = "cri/netns.rs"]
+mod netns;
+use netns::*;
 
 /// A containerd of the test's own, with the CRI plugin.
 struct Env {
@@ -41,53 +37,8 @@ struct Env {
     containerd: Option<Child>,
 }
 
-/// containerd's directory: GPUCELL_TEST_CONTAINERD, else target/containerd/usr/bin.
-fn containerd_bin() -> Result<PathBuf, String> {
-    if let Some(d) = std::env::var_os("GPUCELL_TEST_CONTAINERD") {
-        return Ok(PathBuf::from(d));
-    }
-    let dest = repo_root().join("target/containerd");
-    let out = Command::new(repo_root().join("scripts/fetch-containerd.sh"))
-        .arg(&dest)
-        .output()
-        .map_err(|e| format!("running scripts/fetch-containerd.sh: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "scripts/fetch-containerd.sh could not fetch containerd: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok(dest.join("usr/bin"))
-}
-
 fn setup() -> Option<Env> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return skip("containerd needs root");
-    }
-    let Some(shared) = std::env::var_os("GPUCELL_TEST_STATE_DIR").map(PathBuf::from) else {
-        return skip("GPUCELL_TEST_STATE_DIR is not set (make test-shim sets it after `gpucell guest build`)");
-    };
-    let guest = shared.join("guest");
-    if !guest.join("default/manifest.json").is_file() {
-        return skip(&format!("no guest artifacts in {}", guest.display()));
-    }
-    if !Path::new("/usr/bin/qemu-system-x86_64").exists() {
-        return skip("qemu-system-x86_64 is not installed");
-    }
-    let bin = match containerd_bin() {
-        Ok(b) => b,
-        Err(e) => return skip(&e),
-    };
-    // Short path: the sockets under it must stay below 108 bytes.
-    let dir = tempfile::Builder::new()
-        .prefix("gc")
-        .tempdir_in("/tmp")
-        .ok()?;
-    for d in ["state", "cni/bin", "cni/conf", "logs"] {
-        std::fs::create_dir_all(dir.path().join(d)).ok()?;
-    }
-    std::os::unix::fs::symlink(&guest, dir.path().join("state/guest")).ok()?;
+    let common::Prepared { dir, bin } = common::prepare("gc", &["cni/bin", "cni/conf", "logs"])?;
     let mut env = Env {
         dir,
         bin,
@@ -381,24 +332,6 @@ fn mounts_under(dir: &Path) -> Vec<String> {
     out
 }
 
-/// Pids of processes whose command line contains both `needle` and `name`.
-fn processes_mentioning(needle: &str, name: &str) -> Vec<u32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let cmd = String::from_utf8_lossy(&cmd);
-        if cmd.contains(name) && cmd.contains(needle) {
-            out.push(pid);
-        }
-    }
-    out
-}
-
 /// A pod with one container that prints a line to its log and exits 7.
 fn pod_with_one_container(env: &Env) {
     let cri = env.cri();
@@ -507,141 +440,6 @@ fn exec_sync_runs_in_the_containers_vm(
     let status = env.wait_exited(cri, &id, Duration::from_secs(60));
     assert_ne!(status.exit_code, 0, "stopped: {status:?}");
     cri.remove_container(&id).unwrap();
-}
-
-/// Two network namespaces of the test's own, joined by a veth pair: the pod's
-/// (`10.213.7.2/24`, default route via the peer) and the peer's (`10.213.7.1/24`, a
-/// busybox httpd). Dropping it stops httpd and deletes both namespaces (and the veth).
-struct PodNetns {
-    pod: String,
-    peer: String,
-    httpd: Option<Child>,
-}
-
-const POD_ADDR: &str = "10.213.7.2";
-const PEER_ADDR: &str = "10.213.7.1";
-/// The addresses the test's CNI plugin gives a CRI pod and its peer.
-const CNI_POD_ADDR: &str = "10.213.8.2";
-const CNI_PEER_ADDR: &str = "10.213.8.1";
-
-/// The peer namespace's name (known to the CNI plugin before it exists).
-fn peer_netns_name() -> String {
-    format!("gcpeer{}", std::process::id())
-}
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("ip: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(())
-}
-
-impl PodNetns {
-    fn new(web_root: &Path) -> Result<PodNetns, String> {
-        let tag = std::process::id();
-        let mut n = PodNetns {
-            pod: format!("gcpod{tag}"),
-            peer: peer_netns_name(),
-            httpd: None,
-        };
-        let (pod, peer) = (n.pod.clone(), n.peer.clone());
-        ip(&["netns", "add", &pod])?;
-        ip(&["netns", "add", &peer])?;
-        ip(&[
-            "-n", &pod, "link", "add", "eth0", "type", "veth", "peer", "name", "vb", "netns", &peer,
-        ])?;
-        ip(&[
-            "-n",
-            &pod,
-            "addr",
-            "add",
-            &format!("{POD_ADDR}/24"),
-            "dev",
-            "eth0",
-        ])?;
-        ip(&[
-            "-n",
-            &peer,
-            "addr",
-            "add",
-            &format!("{PEER_ADDR}/24"),
-            "dev",
-            "vb",
-        ])?;
-        for (ns, dev) in [(&pod, "eth0"), (&pod, "lo"), (&peer, "vb"), (&peer, "lo")] {
-            ip(&["-n", ns, "link", "set", dev, "up"])?;
-        }
-        ip(&["-n", &pod, "route", "add", "default", "via", PEER_ADDR])?;
-        // This kernel must redirect with tc (u32 + mirred), as the shim will.
-        let tc = |args: &[&str]| {
-            Command::new("ip")
-                .args(["netns", "exec", &pod, "tc"])
-                .args(args)
-                .output()
-                .map_err(|e| format!("tc: {e}"))
-                .and_then(|o| {
-                    o.status
-                        .success()
-                        .then_some(())
-                        .ok_or_else(|| String::from_utf8_lossy(&o.stderr).trim().to_string())
-                })
-        };
-        tc(&["qdisc", "add", "dev", "lo", "ingress"])?;
-        let probe = tc(&[
-            "filter", "add", "dev", "lo", "parent", "ffff:", "protocol", "all", "prio", "1", "u32",
-            "match", "u32", "0", "0", "action", "mirred", "egress", "redirect", "dev", "eth0",
-        ]);
-        tc(&["qdisc", "del", "dev", "lo", "ingress"])?;
-        probe.map_err(|e| {
-            format!("this kernel cannot redirect with tc (cls_u32, act_mirred): {e}")
-        })?;
-        n.httpd = Some(
-            Command::new("ip")
-                .args([
-                    "netns", "exec", &peer, "busybox", "httpd", "-f", "-p", "8080",
-                ])
-                .arg("-h")
-                .arg(web_root)
-                .stdin(Stdio::null())
-                .spawn()
-                .map_err(|e| format!("busybox httpd: {e}"))?,
-        );
-        Ok(n)
-    }
-
-    fn path(&self) -> String {
-        format!("/var/run/netns/{}", self.pod)
-    }
-
-    /// `ip -n POD what show` as text.
-    fn show(&self, what: &[&str]) -> String {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.pod])
-            .args(what)
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-}
-
-impl Drop for PodNetns {
-    fn drop(&mut self) {
-        if let Some(mut h) = self.httpd.take() {
-            let _ = h.kill();
-            let _ = h.wait();
-        }
-        let _ = ip(&["netns", "del", &self.pod]);
-        let _ = ip(&["netns", "del", &self.peer]);
-    }
 }
 
 /// `ctr run --with-ns network:PATH` through the shim: the VM takes over the pod's
