@@ -272,47 +272,12 @@ impl Qmp {
     ) -> Result<(), QmpError> {
         let dev = format!("{node}-dev");
         self.execute("device_del", Some(json!({ "id": dev })))?;
-        self.wait_device_deleted(&dev, deadline)?;
+        let deleted = |e: &Value| e["event"] == "DEVICE_DELETED" && e["data"]["device"] == dev;
+        let what = format!("the guest to release {dev} (DEVICE_DELETED)");
+        self.wait_for(&deleted, &what, deadline)?;
         self.execute("blockdev-del", Some(json!({ "node-name": node })))?;
         self.execute("remove-fd", Some(json!({ "fdset-id": fdset })))?;
         Ok(())
-    }
-
-    /// Waits for `DEVICE_DELETED` of device `dev` (other events are kept); the read
-    /// timeout is restored after.
-    fn wait_device_deleted(&mut self, dev: &str, deadline: Instant) -> Result<(), QmpError> {
-        let is_it = |e: &Value| e["event"] == "DEVICE_DELETED" && e["data"]["device"] == dev;
-        if let Some(i) = self.events.iter().position(is_it) {
-            self.events.remove(i);
-            return Ok(());
-        }
-        let result = loop {
-            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
-                break Err(QmpError::Timeout(
-                    self.timeout,
-                    format!("the guest to release {dev} (DEVICE_DELETED)"),
-                ));
-            };
-            let set = self
-                .reader
-                .get_ref()
-                .set_read_timeout(Some(left.max(Duration::from_millis(1))));
-            if let Err(e) = set {
-                break Err(QmpError::Io(e));
-            }
-            match self.read_value("DEVICE_DELETED") {
-                Ok(v) if is_it(&v) => break Ok(()),
-                Ok(v) => {
-                    if v.get("event").is_some() && self.events.len() < 256 {
-                        self.events.push(v);
-                    }
-                }
-                Err(QmpError::Timeout(..)) => {}
-                Err(e) => break Err(e),
-            }
-        };
-        let _ = self.reader.get_ref().set_read_timeout(Some(self.timeout));
-        result
     }
 
     pub fn powerdown(&mut self) -> Result<(), QmpError> {
@@ -330,22 +295,48 @@ impl Qmp {
 
     /// Waits for an event named `name` until `deadline`.
     pub fn wait_event(&mut self, name: &str, deadline: Instant) -> Result<Value, QmpError> {
-        if let Some(i) = self.events.iter().position(|e| e["event"] == name) {
+        self.wait_for(
+            &|e: &Value| e["event"] == name,
+            &format!("event {name}"),
+            deadline,
+        )
+    }
+
+    /// Waits until `deadline` for the first event `matches` accepts (one already read
+    /// first); other events are kept. The read timeout is restored after.
+    fn wait_for(
+        &mut self,
+        matches: &dyn Fn(&Value) -> bool,
+        what: &str,
+        deadline: Instant,
+    ) -> Result<Value, QmpError> {
+        if let Some(i) = self.events.iter().position(matches) {
             return Ok(self.events.remove(i));
         }
-        loop {
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(QmpError::Timeout(self.timeout, format!("event {name}")));
-            }
-            self.reader
+        let result = loop {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                break Err(QmpError::Timeout(self.timeout, what.to_string()));
+            };
+            let set = self
+                .reader
                 .get_ref()
-                .set_read_timeout(Some((deadline - now).max(Duration::from_millis(1))))?;
-            let v = self.read_value(name)?;
-            if v["event"] == name {
-                return Ok(v);
+                .set_read_timeout(Some(left.max(Duration::from_millis(1))));
+            if let Err(e) = set {
+                break Err(QmpError::Io(e));
             }
-        }
+            match self.read_value(what) {
+                Ok(v) if matches(&v) => break Ok(v),
+                Ok(v) => {
+                    if v.get("event").is_some() && self.events.len() < 256 {
+                        self.events.push(v);
+                    }
+                }
+                Err(QmpError::Timeout(..)) => {}
+                Err(e) => break Err(e),
+            }
+        };
+        let _ = self.reader.get_ref().set_read_timeout(Some(self.timeout));
+        result
     }
 }
 
