@@ -33,6 +33,12 @@ pub enum DeviceError {
     },
     #[error("linux.devices entry {}: no PCI function behind {}: is the VFIO cdev still there?", path.display(), link.display())]
     Cdev { path: PathBuf, link: PathBuf },
+    #[error("PCI function {bdf}, which the kubelet's PodResources gave the pod: reading it")]
+    Learnt {
+        bdf: Bdf,
+        #[source]
+        source: Box<gpucell_host::pci::PciError>,
+    },
     #[error("linux.devices entry {}: IOMMU group {group} holds only bridges: nothing to pass", path.display())]
     OnlyBridges { path: PathBuf, group: u32 },
 }
@@ -97,6 +103,47 @@ pub fn map(root: &HostRoot, paths: &[PathBuf]) -> Result<Passed, DeviceError> {
                 out.functions.push(b);
             }
         }
+    }
+    Ok(out)
+}
+
+/// Adds `bdfs` (functions the kubelet's PodResources named) to `passed`, each once:
+/// NVIDIA GPUs as GPUs, the rest as functions.
+pub fn add_functions(
+    root: &HostRoot,
+    passed: &mut Passed,
+    bdfs: &[Bdf],
+) -> Result<(), DeviceError> {
+    for &bdf in bdfs {
+        let f = PciFunction::read(root, bdf).map_err(|source| DeviceError::Learnt {
+            bdf,
+            source: Box::new(source),
+        })?;
+        let list = if f.is_nvidia_gpu() {
+            &mut passed.gpus
+        } else {
+            &mut passed.functions
+        };
+        if !list.contains(&bdf) {
+            list.push(bdf);
+        }
+    }
+    Ok(())
+}
+
+/// `gpus` (comma-separated) and `functions` of a run request, as addresses.
+pub fn from_fields(gpus: Option<&str>, functions: &[String]) -> Result<Passed, String> {
+    let parse = |s: &str| {
+        s.trim()
+            .parse::<Bdf>()
+            .map_err(|_| format!("{s:?} is not a PCI address"))
+    };
+    let mut out = Passed::default();
+    for g in gpus.into_iter().flat_map(|g| g.split(',')) {
+        out.gpus.push(parse(g)?);
+    }
+    for f in functions {
+        out.functions.push(parse(f)?);
     }
     Ok(out)
 }

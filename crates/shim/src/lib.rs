@@ -11,6 +11,7 @@ pub mod devices;
 pub mod events;
 pub mod launcher;
 pub mod pod;
+pub mod pod_resources;
 pub mod service;
 pub mod stdio;
 pub mod task;

@@ -1,6 +1,7 @@
 //! One VM per CRI pod. The pod's sandbox container is held by the shim and boots
-//! nothing; the pod's VM boots when its first application container starts, with that
-//! container's devices cold-plugged and spare ports for the containers that follow. The
+//! nothing; the pod's VM boots when its first application container starts, with the
+//! pod's devices cold-plugged (that container's, and every container's that the kubelet's
+//! PodResources lists for the pod) and spare ports for the containers that follow. The
 //! VM's own process is the pod's sandbox process (the agent holds, as `pause` does); each
 //! application container joins the VM on a disk of its own root filesystem
 //! ([`Launcher::add_container`]). Stopping the sandbox container stops the VM.
@@ -11,10 +12,13 @@ use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use gpucell_host::HostRoot;
 use gpucell_runtime::{Observer, RunReport};
 use gpucell_sandbox::{EventSender, SessionIo};
 
+use crate::devices::Passed;
 use crate::launcher::{Launch, Launcher};
+use crate::pod_resources::{PodName, PodResources};
 
 /// Containers a pod's VM takes after its first (one spare PCIe port each).
 pub const POD_SLOTS: u8 = 8;
@@ -30,6 +34,10 @@ pub struct Pod {
     id: String,
     /// The sandbox container's bundle (the pod VM's report goes there).
     bundle: PathBuf,
+    /// The pod's name and namespace (CRI annotations), to ask the kubelet by.
+    name: Option<PodName>,
+    /// The functions cold-plugged into the VM.
+    plugged: Mutex<Passed>,
     state: Mutex<State>,
     changed: Condvar,
 }
@@ -57,40 +65,97 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Pod {
-    /// A pod whose sandbox container is `sandbox` (its rootfs, network and defaults).
-    pub fn new(id: &str, bundle: PathBuf, sandbox: Launch) -> Arc<Pod> {
+    /// A pod whose sandbox container is `sandbox` (its rootfs, network and defaults),
+    /// named `name` to the kubelet.
+    pub fn new(id: &str, bundle: PathBuf, sandbox: Launch, name: Option<PodName>) -> Arc<Pod> {
         Arc::new(Pod {
             id: id.to_string(),
             bundle,
+            name,
+            plugged: Mutex::new(Passed::default()),
             state: Mutex::new(State::Waiting(Box::new(sandbox))),
             changed: Condvar::new(),
         })
     }
 
-    /// The pod's running VM, booted for `first` (its devices, cpus, memory, guest and
-    /// driver) when the pod has none yet. Waits until the VM's own process runs.
-    pub fn vm(
+    /// The pod's running VM for `launch`, and `launch` as it joins the VM (its devices
+    /// are the VM's). The VM is booted for `launch` (its devices with the pod's from
+    /// `learn`, cpus, memory, guest and driver) when the pod has none yet; a later
+    /// container's devices must be among those the VM was booted with. Waits until the
+    /// VM's own process runs.
+    pub fn join(
         self: &Arc<Self>,
         launcher: &Arc<dyn Launcher>,
-        first: &Launch,
-    ) -> Result<EventSender, String> {
+        mut launch: Launch,
+        learn: &Learn<'_>,
+    ) -> Result<(EventSender, Launch), String> {
+        let d = &launch.request.devices;
+        let wanted = crate::devices::from_fields(d.gpus.as_deref(), &d.functions)
+            .map_err(|e| format!("pod {}: {e}", self.id))?;
         let mut s = lock(&self.state);
         if let State::Waiting(_) = &*s {
+            let all = self.pod_devices(wanted, learn)?;
             let State::Waiting(sandbox) =
                 std::mem::replace(&mut *s, State::Booting { stop: false })
             else {
                 unreachable!("matched above")
             };
-            if let Err(why) = self.boot(launcher, pod_launch(*sandbox, first)) {
+            let pod_vm = pod_launch(*sandbox, &launch, &all);
+            *lock(&self.plugged) = all;
+            if let Err(why) = self.boot(launcher, pod_vm) {
                 *s = State::Gone(why.clone());
                 return Err(why);
             }
-        } else if has_devices(first) {
-            return Err(format!(
-                "pod {}: its VM is already running; a pod's GPUs and PCI functions are given to its first application container",
-                self.id
-            ));
+        } else {
+            self.check_plugged(&wanted)?;
         }
+        drop(s);
+        let vm = self.running()?;
+        launch.request.devices.gpus = None;
+        launch.request.devices.functions.clear();
+        Ok((vm, launch))
+    }
+
+    /// `first`'s devices and those the kubelet gave the pod's other containers.
+    fn pod_devices(&self, first: Passed, learn: &Learn<'_>) -> Result<Passed, String> {
+        let (Some(name), Some(source)) = (&self.name, learn.resources) else {
+            return Ok(first);
+        };
+        let mut all = first;
+        let learnt = source
+            .functions(name)
+            .map_err(|e| format!("pod {}: {}", self.id, gpucell_runtime::error_chain(&e)))?;
+        crate::devices::add_functions(learn.root, &mut all, &learnt)
+            .map_err(|e| format!("pod {}: {}", self.id, gpucell_runtime::error_chain(&e)))?;
+        if !learnt.is_empty() {
+            tracing::info!(pod = %self.id, kubelet_pod = %name, functions = ?learnt, "devices from the kubelet's PodResources");
+        }
+        Ok(all)
+    }
+
+    /// A later container's devices are among the VM's.
+    fn check_plugged(&self, wanted: &Passed) -> Result<(), String> {
+        let plugged = lock(&self.plugged);
+        let missing: Vec<String> = wanted
+            .gpus
+            .iter()
+            .chain(&wanted.functions)
+            .filter(|b| !plugged.gpus.contains(b) && !plugged.functions.contains(b))
+            .map(|b| b.to_string())
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        Err(format!(
+            "pod {}: its VM is already running without {}: a pod's devices are cold-plugged when its VM boots, so they must be its first application container's or listed for the pod by the kubelet's PodResources API",
+            self.id,
+            missing.join(", ")
+        ))
+    }
+
+    /// Waits until the pod's VM runs its own process.
+    fn running(&self) -> Result<EventSender, String> {
+        let mut s = lock(&self.state);
         let deadline = Instant::now() + BOOT_WAIT;
         let vm = loop {
             match &*s {
@@ -225,18 +290,22 @@ fn silent_io() -> SessionIo {
     }
 }
 
-fn has_devices(l: &Launch) -> bool {
-    let d = &l.request.devices;
-    d.gpus.is_some() || !d.functions.is_empty()
+/// Where a booting pod learns its devices.
+pub struct Learn<'a> {
+    pub root: &'a HostRoot,
+    /// The kubelet's PodResources API; none outside Kubernetes.
+    pub resources: Option<&'a dyn PodResources>,
 }
 
 /// The pod VM's launch: the sandbox container's rootfs, network and process, with the
-/// first application container's devices, guest, driver and the larger of the two's
-/// cpus and memory.
-fn pod_launch(sandbox: Launch, first: &Launch) -> Launch {
+/// pod's devices `all`, the first application container's guest, driver and device
+/// options, and the larger of the two's cpus and memory.
+fn pod_launch(sandbox: Launch, first: &Launch, all: &Passed) -> Launch {
     let mut request = sandbox.request;
     let f = &first.request;
     request.devices = f.devices.clone();
+    request.devices.gpus = all.gpus_field();
+    request.devices.functions = all.functions_field();
     request.cpus = request.cpus.max(f.cpus);
     request.memory_mib = request.memory_mib.max(f.memory_mib);
     request.guest = f.guest.clone().or(request.guest);
@@ -272,16 +341,44 @@ mod tests {
         first.request.memory_mib = 4096;
         first.request.cpus = 4;
         first.request.driver = Some("550".into());
-        let l = pod_launch(sandbox, &first);
+        let all = crate::devices::from_fields(
+            first.request.devices.gpus.as_deref(),
+            &first.request.devices.functions,
+        )
+        .unwrap();
+        let l = pod_launch(sandbox, &first, &all);
         assert_eq!(l.rootfs, PathBuf::from("/rootfs/pause"));
         assert!(!l.sandbox, "the pod VM is a VM, not a held sandbox");
         assert_eq!(l.request.devices.functions, ["0000:41:00.0"]);
         assert_eq!((l.request.cpus, l.request.memory_mib), (4, 4096));
         assert_eq!(l.request.driver.as_deref(), Some("550"));
         assert_eq!(l.request.pod_slots, POD_SLOTS);
+        assert_eq!(l.request.devices.gpus, None);
         assert_eq!(
             l.request.network.pod_netns.as_deref(),
             Some(std::path::Path::new("/run/netns/p1"))
+        );
+    }
+
+    #[test]
+    fn a_later_container_may_name_only_devices_the_vm_booted_with() {
+        let pod = Pod::new("sb1", PathBuf::from("/b"), launch("pause"), None);
+        *lock(&pod.plugged) = crate::devices::from_fields(
+            Some("0000:41:00.0,0000:42:00.0"),
+            &["0000:00:05.0".into()],
+        )
+        .unwrap();
+        let within =
+            crate::devices::from_fields(Some("0000:42:00.0"), &["0000:00:05.0".into()]).unwrap();
+        pod.check_plugged(&within).unwrap();
+        pod.check_plugged(&Passed::default()).unwrap();
+        let outside = crate::devices::from_fields(Some("0000:41:00.0,0000:43:00.0"), &[]).unwrap();
+        let err = pod.check_plugged(&outside).unwrap_err();
+        assert!(
+            err.contains("0000:43:00.0")
+                && !err.contains("0000:41:00.0")
+                && err.contains("PodResources"),
+            "{err}"
         );
     }
 }

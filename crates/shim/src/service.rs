@@ -5,7 +5,10 @@
 //! (default `/var/lib/gpucell`), `GPUCELL_HOST_ROOT` (default `/`), `GPUCELL_CONFIG`
 //! (default `/etc/gpucell/config.toml` under the host root, when it exists),
 //! `GPUCELL_QEMU`, `GPUCELL_ACCEL` and `GPUCELL_KVM_PROBE_TIMEOUT`, as `gpucell run`
-//! reads them.
+//! reads them; and where a pod's devices are learnt: `GPUCELL_POD_RESOURCES` (the
+//! kubelet's PodResources socket, default `/var/lib/kubelet/pod-resources/kubelet.sock`
+//! under the host root; `off` asks no kubelet) and `GPUCELL_POD_RESOURCE_PREFIXES`
+//! (comma-separated resource name prefixes, default `gpucell.io/`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,6 +25,7 @@ use gpucell_runtime::{AccelRequest, Node};
 use crate::bundle::TaskSpec;
 use crate::events::{self, EventRx, EventTx};
 use crate::launcher::NodeLauncher;
+use crate::pod_resources::{self, Kubelet, PodResources};
 use crate::task::{Settings, TaskService, EXIT_KILLED};
 
 /// The runtime name containerd knows the shim by.
@@ -76,6 +80,30 @@ pub fn settings_from(
         None => config.run.accel.unwrap_or_default(),
     };
     Ok((node, accel))
+}
+
+/// The kubelet's PodResources API, from `env` (none when turned off).
+pub fn pod_resources_from(
+    env: &dyn Fn(&str) -> Option<String>,
+    host_root: &HostRoot,
+) -> Option<Kubelet> {
+    let socket = match env("GPUCELL_POD_RESOURCES") {
+        Some(v) if v == "off" => return None,
+        Some(v) => PathBuf::from(v),
+        None => host_root
+            .path()
+            .join(pod_resources::DEFAULT_SOCKET.trim_start_matches('/')),
+    };
+    let prefixes = match env("GPUCELL_POD_RESOURCE_PREFIXES") {
+        Some(v) => v
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(str::to_string)
+            .collect(),
+        None => vec![pod_resources::DEFAULT_PREFIX.to_string()],
+    };
+    Some(Kubelet { socket, prefixes })
 }
 
 fn process_env(name: &str) -> Option<String> {
@@ -167,12 +195,17 @@ impl Shim for GpucellShim {
         }
         let tx = self.events.clone();
         let settings = match settings_from(&process_env) {
-            Ok((node, accel)) => Settings {
-                host_root: HostRoot::new(node.host_root.clone()),
-                launcher: Arc::new(NodeLauncher { node }),
-                accel,
-                error: None,
-            },
+            Ok((node, accel)) => {
+                let host_root = HostRoot::new(node.host_root.clone());
+                Settings {
+                    pod_resources: pod_resources_from(&process_env, &host_root)
+                        .map(|k| Arc::new(k) as Arc<dyn PodResources>),
+                    host_root,
+                    launcher: Arc::new(NodeLauncher { node }),
+                    accel,
+                    error: None,
+                }
+            }
             Err(e) => {
                 let msg = gpucell_runtime::error_chain(&e);
                 tracing::error!("{msg}");
@@ -182,6 +215,7 @@ impl Shim for GpucellShim {
                         node: Node::new("/", DEFAULT_STATE_DIR, None, &Default::default()),
                     }),
                     accel: AccelRequest::Auto,
+                    pod_resources: None,
                     error: Some(msg),
                 }
             }
@@ -214,5 +248,26 @@ mod tests {
         assert!(err.to_string().contains("GPUCELL_ACCEL"), "{err}");
         let missing = |k: &str| (k == "GPUCELL_CONFIG").then(|| "/no/such/config.toml".to_string());
         assert!(settings_from(&missing).is_err());
+    }
+
+    #[test]
+    fn the_kubelets_socket_and_prefixes_come_from_the_environment() {
+        let root = HostRoot::new("/host");
+        let k = pod_resources_from(&|_| None, &root).unwrap();
+        assert_eq!(
+            k.socket,
+            Path::new("/host/var/lib/kubelet/pod-resources/kubelet.sock")
+        );
+        assert_eq!(k.prefixes, ["gpucell.io/"]);
+        let env = |k: &str| match k {
+            "GPUCELL_POD_RESOURCES" => Some("/run/k.sock".to_string()),
+            "GPUCELL_POD_RESOURCE_PREFIXES" => Some("gpucell.io/, example.com/gpu,".to_string()),
+            _ => None,
+        };
+        let k = pod_resources_from(&env, &root).unwrap();
+        assert_eq!(k.socket, Path::new("/run/k.sock"));
+        assert_eq!(k.prefixes, ["gpucell.io/", "example.com/gpu"]);
+        let off = |k: &str| (k == "GPUCELL_POD_RESOURCES").then(|| "off".to_string());
+        assert!(pod_resources_from(&off, &root).is_none());
     }
 }

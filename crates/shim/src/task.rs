@@ -31,7 +31,8 @@ use tokio::sync::watch;
 use crate::bundle::TaskSpec;
 use crate::events::EventTx;
 use crate::launcher::{Control, Launch, Launcher, SharedWriter, TaskObserver};
-use crate::pod::Pod;
+use crate::pod::{Learn, Pod};
+use crate::pod_resources::{PodName, PodResources};
 use crate::stdio::StdioPaths;
 
 mod exec;
@@ -47,6 +48,9 @@ pub struct Settings {
     pub launcher: Arc<dyn Launcher>,
     pub host_root: HostRoot,
     pub accel: AccelRequest,
+    /// Where a pod learns the devices of all its containers when its VM boots (the
+    /// kubelet's PodResources API); none: each container's own.
+    pub pod_resources: Option<Arc<dyn PodResources>>,
     /// Set when the node's settings could not be read: every `create` fails with it.
     pub error: Option<String>,
 }
@@ -215,7 +219,8 @@ impl TaskService {
         };
         let pod_id = spec.pod_id(&req.id);
         let pod = if launch.sandbox {
-            let pod = Pod::new(pod_id, bundle.to_path_buf(), launch.clone());
+            let name = PodName::from_annotations(&spec.annotations);
+            let pod = Pod::new(pod_id, bundle.to_path_buf(), launch.clone(), name);
             lock(&self.inner.pods).insert(pod_id.to_string(), Arc::clone(&pod));
             Some(pod)
         } else if pod_id != req.id {
@@ -330,7 +335,11 @@ impl TaskService {
         };
         let stderr = SharedWriter::new(io.stderr);
         let launcher = &self.inner.settings.launcher;
-        let started = pod.vm(launcher, &launch).and_then(|vm| {
+        let learn = Learn {
+            root: &self.inner.settings.host_root,
+            resources: self.inner.settings.pod_resources.as_deref(),
+        };
+        let started = pod.join(launcher, launch, &learn).and_then(|(vm, launch)| {
             let io = gpucell_runtime::ProcIo {
                 stdout: io.stdout,
                 stderr: Box::new(stderr.clone()),

@@ -73,6 +73,7 @@ fn harness() -> Harness {
         launcher: Arc::new(Fake),
         host_root: HostRoot::new(dir.path()),
         accel: AccelRequest::Tcg,
+        pod_resources: None,
         error: None,
     };
     Harness {
@@ -366,6 +367,7 @@ async fn vfio_devices_of_the_spec_reach_the_run_request_as_pci_functions() {
         launcher: Arc::clone(&recorder) as Arc<dyn Launcher>,
         host_root: host.root(),
         accel: AccelRequest::Tcg,
+        pod_resources: None,
         error: None,
     };
     let service = TaskService::new(settings, tx, Arc::new(ExitSignal::default()));
