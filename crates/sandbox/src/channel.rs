@@ -211,6 +211,16 @@ pub fn event_channel() -> (EventSender, EventReceiver) {
     )
 }
 
+/// A channel whose workload already runs, without a guest: what would go to the agent
+/// is dropped. For tests of front ends that hold a running sandbox's handle.
+#[cfg(feature = "test-support")]
+pub fn running_event_channel() -> (EventSender, EventReceiver) {
+    let (tx, rx) = event_channel();
+    tx.1 .0
+        .open(Arc::new(|_: &gpucell_protocol::FromHost| Ok(())));
+    (tx, rx)
+}
+
 /// The workload's standard streams on the host.
 pub struct SessionIo {
     pub stdout: Box<dyn Write + Send>,

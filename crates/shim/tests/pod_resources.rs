@@ -12,10 +12,10 @@ use containerd_shim::asynchronous::ExitSignal;
 use containerd_shim::{api, TtrpcContext};
 use containerd_shim_protos::shim_async::Task;
 use gpucell_host::testing::{FakeFunction, FakeHost};
-use gpucell_runtime::{AccelRequest, Observer, RunReport};
-use gpucell_sandbox::SessionIo;
+use gpucell_runtime::{AccelRequest, Observer, ProcIo, RunReport};
+use gpucell_sandbox::{EventSender, SessionIo};
 use gpucell_shim::events;
-use gpucell_shim::launcher::{Launch, Launcher};
+use gpucell_shim::launcher::{Launch, Launcher, Member};
 use gpucell_shim::pod_resources::api::pod_resources_lister_server::{
     PodResourcesLister, PodResourcesListerServer,
 };
@@ -284,4 +284,163 @@ async fn a_pods_vm_boots_with_the_devices_of_all_its_containers() {
     );
     assert!(vm.devices.functions.is_empty());
     assert_eq!(launches[0].rootfs, dir.path().join("sb1/rootfs"));
+}
+
+/// A pod VM that "runs" until signalled, and containers that end at once with 0; it
+/// keeps what it was asked to boot and to add.
+#[derive(Default)]
+struct PodVm {
+    booted: Mutex<Vec<Launch>>,
+    added: Mutex<Vec<Launch>>,
+}
+
+struct Ended;
+
+impl Member for Ended {
+    fn pid(&self) -> i32 {
+        7
+    }
+    fn container(&self) -> u32 {
+        1
+    }
+    fn signal(&self, _: i32) -> Result<(), String> {
+        Ok(())
+    }
+    fn wait(&self) -> Result<i32, String> {
+        Ok(0)
+    }
+}
+
+impl Launcher for PodVm {
+    fn run(&self, launch: Launch, _io: SessionIo, obs: &mut dyn Observer) -> RunReport {
+        self.booted.lock().unwrap().push(launch);
+        let (tx, rx) = gpucell_sandbox::channel::running_event_channel();
+        obs.sandbox_starting(tx);
+        let _ = rx.next_signal(Duration::from_secs(30));
+        RunReport::default()
+    }
+    fn add_container(
+        &self,
+        _vm: &EventSender,
+        launch: Launch,
+        _io: ProcIo,
+    ) -> Result<Arc<dyn Member>, String> {
+        self.added.lock().unwrap().push(launch);
+        Ok(Arc::new(Ended))
+    }
+}
+
+fn with_devices(mut req: api::CreateTaskRequest, groups: &[u32]) -> api::CreateTaskRequest {
+    let config = Path::new(&req.bundle).join("config.json");
+    let mut spec: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    let devices: Vec<serde_json::Value> = groups
+        .iter()
+        .map(|g| serde_json::json!({"path": format!("/dev/vfio/{g}"), "type": "c", "major": 243, "minor": g}))
+        .collect();
+    spec["linux"] = serde_json::json!({ "devices": devices });
+    std::fs::write(&config, spec.to_string()).unwrap();
+    req.stderr = Path::new(&req.bundle).join("stderr").display().to_string();
+    req
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn later_containers_join_with_the_pods_devices_and_others_are_refused() {
+    let host = FakeHost::new().unwrap();
+    host.add(&h100("0000:41:00.0", 12)).unwrap();
+    host.add(&h100("0000:42:00.0", 13)).unwrap();
+    host.add(&h100("0000:43:00.0", 14)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("kubelet.sock");
+    serve(
+        &socket,
+        vec![entry(
+            "ml",
+            "train",
+            &[("init", &[]), ("a", &["0000-41-00.0"])],
+        )],
+        None,
+    );
+    let vm = Arc::new(PodVm::default());
+    let (tx, _rx) = events::channel();
+    let settings = Settings {
+        launcher: Arc::clone(&vm) as Arc<dyn Launcher>,
+        host_root: host.root(),
+        accel: AccelRequest::Tcg,
+        pod_resources: Some(Arc::new(kubelet(&socket)) as Arc<dyn PodResources>),
+        error: None,
+    };
+    let service = TaskService::new(settings, tx, Arc::new(ExitSignal::default()));
+    let sandbox = serde_json::json!({
+        "io.kubernetes.cri.container-type": "sandbox",
+        "io.kubernetes.cri.sandbox-id": "sb1",
+        "io.kubernetes.cri.sandbox-name": "train",
+        "io.kubernetes.cri.sandbox-namespace": "ml"
+    });
+    let member = serde_json::json!({
+        "io.kubernetes.cri.container-type": "container",
+        "io.kubernetes.cri.sandbox-id": "sb1"
+    });
+    service
+        .create(&ctx(), bundle(dir.path(), "sb1", sandbox))
+        .await
+        .unwrap();
+    service.start(&ctx(), start("sb1")).await.unwrap();
+    let run = |req: api::CreateTaskRequest| {
+        let service = &service;
+        async move {
+            let id = req.id.clone();
+            service.create(&ctx(), req).await.unwrap();
+            service.start(&ctx(), start(&id)).await.unwrap();
+            let wait = api::WaitRequest {
+                id: id.clone(),
+                ..Default::default()
+            };
+            tokio::time::timeout(Duration::from_secs(30), service.wait(&ctx(), wait))
+                .await
+                .unwrap()
+                .unwrap()
+                .exit_status
+        }
+    };
+    // The init container (no device) boots the VM with the kubelet's GPU for "a".
+    assert_eq!(run(bundle(dir.path(), "init", member.clone())).await, 0);
+    // "a" names that GPU's group: it joins without plugging anything.
+    let a = with_devices(bundle(dir.path(), "a", member.clone()), &[12]);
+    assert_eq!(run(a).await, 0);
+    // "x" names a GPU the pod was not given: refused, naming it.
+    let x = with_devices(bundle(dir.path(), "x", member), &[14]);
+    let stderr = dir.path().join("x/stderr");
+    std::fs::File::create(&stderr).unwrap();
+    assert_ne!(run(x).await, 0);
+    let said = std::fs::read_to_string(&stderr).unwrap();
+    assert!(
+        said.contains("0000:43:00.0") && said.contains("PodResources"),
+        "{said}"
+    );
+    let booted = vm.booted.lock().unwrap().clone();
+    assert_eq!(booted.len(), 1, "one VM for the pod");
+    assert_eq!(
+        booted[0].request.devices.gpus.as_deref(),
+        Some("0000:41:00.0")
+    );
+    let added = vm.added.lock().unwrap().clone();
+    assert_eq!(added.len(), 2, "init and a joined; x did not");
+    for l in &added {
+        assert_eq!(
+            l.request.devices.gpus, None,
+            "devices are the VM's, not plugged again"
+        );
+    }
+    service
+        .kill(
+            &ctx(),
+            api::KillRequest {
+                id: "sb1".into(),
+                signal: 15,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
 }
