@@ -183,8 +183,8 @@ build_base() {
 # `make agent`).
 build_binaries() {
     [ -z "${NESTED_GPUCELL_BIN_DIR:-}" ] && [ "${NESTED_SKIP_CARGO:-0}" != 1 ] || return 0
-    log "cargo build --release -p gpucell -p gpucell-daemon -p gpucell-shim"
-    (cd "$REPO_ROOT" && CARGO_TARGET_DIR=$CARGO_TARGET_DIR cargo build --release -q -p gpucell -p gpucell-daemon -p gpucell-shim) ||
+    log "cargo build --release -p gpucell -p gpucell-daemon -p gpucell-shim -p gpucell-test-cri-pod"
+    (cd "$REPO_ROOT" && CARGO_TARGET_DIR=$CARGO_TARGET_DIR cargo build --release -q -p gpucell -p gpucell-daemon -p gpucell-shim -p gpucell-test-cri-pod) ||
         die "cargo build --release -p gpucell -p gpucell-daemon -p gpucell-shim failed; fix the build or set NESTED_GPUCELL_BIN_DIR to a directory with built binaries"
     [ "$NESTED_BUILD_GUEST" = 1 ] && [ -z "${NESTED_AGENT:-}" ] || return 0
     log "cargo build --release -p gpucell-agent (static)"

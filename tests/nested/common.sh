@@ -17,8 +17,8 @@ NESTED_MODULES=${NESTED_MODULES:-"vfio vfio_iommu_type1 vfio-pci kvm_amd kvm_int
 # Binaries copied into L1: the CLI and the node daemon.
 NESTED_BINS=${NESTED_BINS:-"gpucell gpucelld"}
 # Binaries copied from the same directory only when they are there: the containerd shim
-# (48-shim-edu skips without it).
-NESTED_OPTIONAL_BINS=${NESTED_OPTIONAL_BINS-"containerd-shim-gpucell-v1"}
+# and the CRI pod test tool (48-shim-edu skips without them).
+NESTED_OPTIONAL_BINS=${NESTED_OPTIONAL_BINS-"containerd-shim-gpucell-v1 gpucell-test-cri-pod"}
 # containerd and ctr (Debian's, as scripts/fetch-containerd.sh unpacks them) copied into L1
 # when both are in this directory; empty: never. They add ~71 MB to the initramfs.
 NESTED_CONTAINERD_DIR=${NESTED_CONTAINERD_DIR-$CARGO_TARGET_DIR/containerd/usr/bin}

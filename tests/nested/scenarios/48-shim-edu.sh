@@ -5,6 +5,13 @@
 # ident and exit 0, and leave the function in the pool (no record, not quarantined, on
 # vfio-pci, no holder of the group) with no QEMU or shim left; `ctr run --rm` without
 # --device must not see the function.
+#
+# Then a pod through containerd's CRI plugin, as the kubelet runs one
+# (gpucell-test-cri-pod, a test tool): a fake kubelet serves PodResources on its socket and
+# gives the pod's second container the edu function; the pod's first container (an init
+# container) asks for no device. The pod's VM must boot with the function (learnt from the
+# kubelet), so both containers read the edu ident; the second joins the running VM with its
+# /dev/vfio node; afterwards the function is back in the pool and nothing is left.
 
 missing=
 for b in containerd ctr containerd-shim-gpucell-v1; do
@@ -25,15 +32,27 @@ SHIM_IMAGE=nested.local/edu-probe:latest
 RUNTIME=io.containerd.gpucell.v1
 rm -rf "$CTRD"
 mkdir -p "$CTRD"
+KUBELET_SOCK=/var/lib/kubelet/pod-resources/kubelet.sock
+CRI='plugins."io.containerd.grpc.v1.cri"'
+mkdir -p "$CTRD/cni/bin" "$CTRD/cni/conf"
 cat >"$CTRD/config.toml" <<EOF
 version = 2
 root = "$CTRD/root"
 state = "$CTRD/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [grpc]
   address = "$CTRD/c.sock"
 [ttrpc]
   address = "$CTRD/c.sock.ttrpc"
+[$CRI]
+  sandbox_image = "$SHIM_IMAGE"
+[$CRI.cni]
+  bin_dir = "$CTRD/cni/bin"
+  conf_dir = "$CTRD/cni/conf"
+[$CRI.containerd]
+  snapshotter = "native"
+  default_runtime_name = "gpucell"
+[$CRI.containerd.runtimes.gpucell]
+  runtime_type = "$RUNTIME"
 EOF
 c() { ctr -a "$CTRD/c.sock" "$@"; }
 # Processes of this scenario's containerd world (the shim, its QEMU).
@@ -56,7 +75,7 @@ finish() {
     for _m in $(awk -v d="$CTRD/" 'index($2, d) == 1 { print $2 }' /proc/mounts | sort -r); do
         umount -l "$_m" 2>/dev/null
     done
-    rm -rf "$CTRD" /tmp/shim-img /tmp/shim-img.tar
+    rm -rf "$CTRD" /tmp/shim-img /tmp/shim-img.tar /var/lib/kubelet ${made_etc:-}
     edu_reset_all
 }
 
@@ -126,4 +145,51 @@ if [ "$(cat /tmp/sn.rc)" = 1 ] && grep -q '^EDU-PROBE none' /tmp/sn.out && [ -z 
 else
     fail shim-no-device "exit $(cat /tmp/sn.rc): $(head -c 200 /tmp/sn.out | tr '\n' ' '); allocated [$(alloc_bdfs)], shims [$(shim_pids)], QEMUs [$(qemu_pids)]; $(head -c 200 /tmp/sn.err | tr '\n' ' ')"
 fi
-if [ "$(cat /tmp/sd.rc)$(cat /tmp/sn.rc)" = 01 ]; then finish 0; else finish 60; fi
+
+if ! command -v gpucell-test-cri-pod >/dev/null; then
+    skip shim-pod "gpucell-test-cri-pod not in L1 (build.sh carries it from the gpucell binaries when present)"
+    if [ "$(cat /tmp/sd.rc)$(cat /tmp/sn.rc)" = 01 ]; then finish 0; else finish 60; fi
+    exit 0
+fi
+edu_reset_all
+edu_pool "$bdf" || fail pool "gpucell gpu bind $bdf: $(gc_summary /tmp/pool-bind)"
+if ! c -n k8s.io images import --snapshotter native /tmp/shim-img.tar >/tmp/shim-import.out 2>&1; then
+    fail shim-pod "ctr -n k8s.io images import: $(head -c 300 /tmp/shim-import.out)"
+    finish 40
+    exit 0
+fi
+# A host-network pod gets copies of the node's /etc/hosts and resolv.conf; L1 has none.
+made_etc=
+for f in /etc/hosts /etc/resolv.conf; do
+    [ -e "$f" ] || { : >"$f" && made_etc="$made_etc $f"; }
+done
+echo "L1: \$ gpucell-test-cri-pod (a pod: init without a device, probe with /dev/vfio/$grp from the kubelet)" >/dev/console
+t0=$(date +%s)
+timeout -s KILL 300 gpucell-test-cri-pod --cri-socket "$CTRD/c.sock" --kubelet-socket "$KUBELET_SOCK" \
+    --image "$SHIM_IMAGE" --logs "$CTRD/pod-logs" --device "/dev/vfio/$grp" \
+    --device-id "$(echo "$bdf" | tr : -)" --command edu-probe >/tmp/sp.out 2>/tmp/sp.err
+echo $? >/tmp/sp.rc
+sp_s=$(($(date +%s) - t0))
+show pod /tmp/sp.out
+show stderr /tmp/sp.err
+sed -n 's/^init| //p' /tmp/sp.out >/tmp/sp-init.out
+sed -n 's/^probe| //p' /tmp/sp.out >/tmp/sp-probe.out
+init_line=$(edu_probe_ok /tmp/sp-init.out)
+init_ok=$?
+probe_line=$(edu_probe_ok /tmp/sp-probe.out)
+probe_ok=$?
+wait_for 30 no_leftovers
+if [ "$(cat /tmp/sp.rc)" = 0 ] && grep -qx 'init exit=0' /tmp/sp.out && grep -qx 'probe exit=0' /tmp/sp.out &&
+    [ "$init_ok" = 0 ] && [ "$probe_ok" = 0 ]; then
+    pass shim-pod "CRI pod, $bdf given by the kubelet's PodResources: init (no device) $init_line; probe (/dev/vfio/$grp) $probe_line ($sp_s s)"
+else
+    fail shim-pod "gpucell-test-cri-pod exit $(cat /tmp/sp.rc): init [$init_line], probe [$probe_line]; $(head -c 300 /tmp/sp.err | tr '\n' ' ')"
+fi
+drv=$(pci_driver "$bdf")
+if [ -z "$(alloc_bdfs)" ] && [ -z "$(quarantined_bdfs)" ] && [ "$drv" = vfio-pci ] &&
+    [ -z "$(vfio_holders "$grp")" ] && no_leftovers; then
+    pass shim-pod-returned "$bdf back in the pool after the pod, no shim or QEMU left"
+else
+    fail shim-pod-returned "allocated [$(alloc_bdfs)], quarantined [$(quarantined_bdfs)], driver $drv, holders [$(vfio_holders "$grp")], shims [$(shim_pids)], QEMUs [$(qemu_pids)]"
+fi
+if [ "$(cat /tmp/sd.rc)$(cat /tmp/sn.rc)$(cat /tmp/sp.rc)" = 010 ]; then finish 0; else finish 60; fi
