@@ -216,6 +216,61 @@ fn h100(bdf: &str, group: u32) -> FakeFunction {
         .iommu_group(group)
 }
 
+/// A task service whose pods ask the kubelet at `socket` (pod `ml/train` is `sb1`),
+/// with `sb1`'s sandbox container started.
+async fn pod_service(
+    host: &FakeHost,
+    socket: &Path,
+    launcher: Arc<dyn Launcher>,
+    dir: &Path,
+) -> TaskService {
+    let (tx, _rx) = events::channel();
+    let settings = Settings {
+        launcher,
+        host_root: host.root(),
+        accel: AccelRequest::Tcg,
+        pod_resources: Some(Arc::new(kubelet(socket)) as Arc<dyn PodResources>),
+        error: None,
+    };
+    let service = TaskService::new(settings, tx, Arc::new(ExitSignal::default()));
+    let sandbox = serde_json::json!({
+        "io.kubernetes.cri.container-type": "sandbox",
+        "io.kubernetes.cri.sandbox-id": "sb1",
+        "io.kubernetes.cri.sandbox-name": "train",
+        "io.kubernetes.cri.sandbox-namespace": "ml"
+    });
+    service
+        .create(&ctx(), bundle(dir, "sb1", sandbox))
+        .await
+        .unwrap();
+    service.start(&ctx(), start("sb1")).await.unwrap();
+    service
+}
+
+/// The annotations of an application container of `sb1`.
+fn member() -> serde_json::Value {
+    serde_json::json!({
+        "io.kubernetes.cri.container-type": "container",
+        "io.kubernetes.cri.sandbox-id": "sb1"
+    })
+}
+
+/// Creates and starts `req`, and waits for its end: its exit status.
+async fn run(service: &TaskService, req: api::CreateTaskRequest) -> u32 {
+    let id = req.id.clone();
+    service.create(&ctx(), req).await.unwrap();
+    service.start(&ctx(), start(&id)).await.unwrap();
+    let wait = api::WaitRequest {
+        id,
+        ..Default::default()
+    };
+    tokio::time::timeout(Duration::from_secs(30), service.wait(&ctx(), wait))
+        .await
+        .unwrap()
+        .unwrap()
+        .exit_status
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pods_vm_boots_with_the_devices_of_all_its_containers() {
     let host = FakeHost::new().unwrap();
@@ -238,43 +293,9 @@ async fn a_pods_vm_boots_with_the_devices_of_all_its_containers() {
         None,
     );
     let recorder = Arc::new(Recorder::default());
-    let (tx, _rx) = events::channel();
-    let settings = Settings {
-        launcher: Arc::clone(&recorder) as Arc<dyn Launcher>,
-        host_root: host.root(),
-        accel: AccelRequest::Tcg,
-        pod_resources: Some(Arc::new(kubelet(&socket)) as Arc<dyn PodResources>),
-        error: None,
-    };
-    let service = TaskService::new(settings, tx, Arc::new(ExitSignal::default()));
-    let sandbox = serde_json::json!({
-        "io.kubernetes.cri.container-type": "sandbox",
-        "io.kubernetes.cri.sandbox-id": "sb1",
-        "io.kubernetes.cri.sandbox-name": "train",
-        "io.kubernetes.cri.sandbox-namespace": "ml"
-    });
-    let init = serde_json::json!({
-        "io.kubernetes.cri.container-type": "container",
-        "io.kubernetes.cri.sandbox-id": "sb1"
-    });
-    service
-        .create(&ctx(), bundle(dir.path(), "sb1", sandbox))
-        .await
-        .unwrap();
-    service.start(&ctx(), start("sb1")).await.unwrap();
-    service
-        .create(&ctx(), bundle(dir.path(), "init", init))
-        .await
-        .unwrap();
-    service.start(&ctx(), start("init")).await.unwrap();
-    let wait = api::WaitRequest {
-        id: "init".into(),
-        ..Default::default()
-    };
-    tokio::time::timeout(Duration::from_secs(30), service.wait(&ctx(), wait))
-        .await
-        .unwrap()
-        .unwrap();
+    let service = pod_service(&host, &socket, Arc::clone(&recorder) as _, dir.path()).await;
+    // The recorder's VM ends at once: the init container fails to join it.
+    run(&service, bundle(dir.path(), "init", member())).await;
     let launches = recorder.0.lock().unwrap().clone();
     assert_eq!(launches.len(), 1, "one VM for the pod");
     let vm = &launches[0].request;
@@ -362,57 +383,17 @@ async fn later_containers_join_with_the_pods_devices_and_others_are_refused() {
         None,
     );
     let vm = Arc::new(PodVm::default());
-    let (tx, _rx) = events::channel();
-    let settings = Settings {
-        launcher: Arc::clone(&vm) as Arc<dyn Launcher>,
-        host_root: host.root(),
-        accel: AccelRequest::Tcg,
-        pod_resources: Some(Arc::new(kubelet(&socket)) as Arc<dyn PodResources>),
-        error: None,
-    };
-    let service = TaskService::new(settings, tx, Arc::new(ExitSignal::default()));
-    let sandbox = serde_json::json!({
-        "io.kubernetes.cri.container-type": "sandbox",
-        "io.kubernetes.cri.sandbox-id": "sb1",
-        "io.kubernetes.cri.sandbox-name": "train",
-        "io.kubernetes.cri.sandbox-namespace": "ml"
-    });
-    let member = serde_json::json!({
-        "io.kubernetes.cri.container-type": "container",
-        "io.kubernetes.cri.sandbox-id": "sb1"
-    });
-    service
-        .create(&ctx(), bundle(dir.path(), "sb1", sandbox))
-        .await
-        .unwrap();
-    service.start(&ctx(), start("sb1")).await.unwrap();
-    let run = |req: api::CreateTaskRequest| {
-        let service = &service;
-        async move {
-            let id = req.id.clone();
-            service.create(&ctx(), req).await.unwrap();
-            service.start(&ctx(), start(&id)).await.unwrap();
-            let wait = api::WaitRequest {
-                id: id.clone(),
-                ..Default::default()
-            };
-            tokio::time::timeout(Duration::from_secs(30), service.wait(&ctx(), wait))
-                .await
-                .unwrap()
-                .unwrap()
-                .exit_status
-        }
-    };
+    let service = pod_service(&host, &socket, Arc::clone(&vm) as _, dir.path()).await;
     // The init container (no device) boots the VM with the kubelet's GPU for "a".
-    assert_eq!(run(bundle(dir.path(), "init", member.clone())).await, 0);
+    assert_eq!(run(&service, bundle(dir.path(), "init", member())).await, 0);
     // "a" names that GPU's group: it joins without plugging anything.
-    let a = with_devices(bundle(dir.path(), "a", member.clone()), &[12]);
-    assert_eq!(run(a).await, 0);
+    let a = with_devices(bundle(dir.path(), "a", member()), &[12]);
+    assert_eq!(run(&service, a).await, 0);
     // "x" names a GPU the pod was not given: refused, naming it.
-    let x = with_devices(bundle(dir.path(), "x", member), &[14]);
+    let x = with_devices(bundle(dir.path(), "x", member()), &[14]);
     let stderr = dir.path().join("x/stderr");
     std::fs::File::create(&stderr).unwrap();
-    assert_ne!(run(x).await, 0);
+    assert_ne!(run(&service, x).await, 0);
     let said = std::fs::read_to_string(&stderr).unwrap();
     assert!(
         said.contains("0000:43:00.0") && said.contains("PodResources"),
