@@ -495,3 +495,23 @@ fn resource_text(f: &FakeFunction) -> String {
     }
     lines.join("\n") + "\n"
 }
+
+/// Pids of this machine's processes whose command line contains every one of `needles`
+/// (for tests that check that nothing they started is left). Zombies have an empty
+/// command line and never match.
+pub fn processes_with(needles: &[&str]) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd);
+        if needles.iter().all(|n| cmd.contains(n)) {
+            out.push(pid);
+        }
+    }
+    out
+}

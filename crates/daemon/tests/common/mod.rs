@@ -240,19 +240,5 @@ impl Drop for Env {
 }
 
 pub fn processes_mentioning(needle: &str, what: &str) -> Vec<u32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let cmd = String::from_utf8_lossy(&cmd);
-        // Zombies have an empty command line.
-        if cmd.contains(what) && cmd.contains(needle) {
-            out.push(pid);
-        }
-    }
-    out
+    gpucell_host::testing::processes_with(&[what, needle])
 }

@@ -118,20 +118,7 @@ impl VmEnv {
 
 /// Pids of qemu processes whose command line contains `needle`.
 pub fn qemu_processes_mentioning(needle: &str) -> Vec<u32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let cmd = String::from_utf8_lossy(&cmd);
-        if cmd.contains("qemu-system") && cmd.contains(needle) {
-            out.push(pid);
-        }
-    }
-    out
+    gpucell_host::testing::processes_with(&["qemu-system", needle])
 }
 
 pub fn stdout(o: &Output) -> String {

@@ -78,18 +78,5 @@ pub fn prepare(prefix: &str, subdirs: &[&str]) -> Option<Prepared> {
 
 /// Pids of processes whose command line contains both `needle` and `name`.
 pub fn processes_mentioning(needle: &str, name: &str) -> Vec<u32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let cmd = String::from_utf8_lossy(&cmd);
-        if cmd.contains(name) && cmd.contains(needle) {
-            out.push(pid);
-        }
-    }
-    out
+    gpucell_host::testing::processes_with(&[name, needle])
 }
