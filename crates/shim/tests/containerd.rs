@@ -18,7 +18,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{processes_mentioning, repo_root, IMAGE};
+use common::{demo_image_archive, processes_mentioning, IMAGE};
 const RUNTIME: &str = "io.containerd.gpucell.v1";
 
 /// A containerd of the test's own, and where its files are.
@@ -136,36 +136,9 @@ impl Env {
 
     /// The demo image (umoci, busybox), named for containerd, imported offline.
     fn import_image(&self) -> bool {
-        let layout = self.p("oci");
-        let out = Command::new(repo_root().join("scripts/make-demo-image.sh"))
-            .arg(&layout)
-            .arg("demo")
-            .output()
-            .unwrap();
-        if !out.status.success() {
-            eprintln!(
-                "skipping: scripts/make-demo-image.sh failed (needs umoci and busybox-static): {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+        let Some(tar) = demo_image_archive(self.dir.path(), IMAGE) else {
             return false;
-        }
-        let index = layout.join("index.json");
-        let mut j: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(&index).unwrap()).unwrap();
-        for m in j["manifests"].as_array_mut().unwrap() {
-            m["annotations"]["io.containerd.image.name"] = IMAGE.into();
-        }
-        std::fs::write(&index, serde_json::to_vec(&j).unwrap()).unwrap();
-        let tar = self.p("image.tar");
-        let ok = Command::new("tar")
-            .arg("-C")
-            .arg(&layout)
-            .arg("-cf")
-            .arg(&tar)
-            .arg(".")
-            .status()
-            .unwrap();
-        assert!(ok.success());
+        };
         let out = self.ctr(&[
             "images",
             "import",

@@ -23,7 +23,7 @@ use gpucell_cri_client::v1::{ContainerState, NamespaceMode};
 use gpucell_cri_client::{container_config, log_lines, pod_config, CriClient};
 
 mod common;
-use common::{processes_mentioning, repo_root, IMAGE};
+use common::{demo_image_archive, processes_mentioning, IMAGE};
 const HANDLER: &str = "gpucell";
 
 #[path = "cri/netns.rs"]
@@ -190,36 +190,9 @@ esac
     /// The demo image (umoci, busybox), named for containerd, imported offline into the
     /// namespace of the CRI plugin.
     fn import_image(&self) -> bool {
-        let layout = self.p("oci");
-        let out = Command::new(repo_root().join("scripts/make-demo-image.sh"))
-            .arg(&layout)
-            .arg("demo")
-            .output()
-            .unwrap();
-        if !out.status.success() {
-            eprintln!(
-                "skipping: scripts/make-demo-image.sh failed (needs umoci and busybox-static): {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+        let Some(tar) = demo_image_archive(self.dir.path(), IMAGE) else {
             return false;
-        }
-        let index = layout.join("index.json");
-        let mut j: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(&index).unwrap()).unwrap();
-        for m in j["manifests"].as_array_mut().unwrap() {
-            m["annotations"]["io.containerd.image.name"] = IMAGE.into();
-        }
-        std::fs::write(&index, serde_json::to_vec(&j).unwrap()).unwrap();
-        let tar = self.p("image.tar");
-        let ok = Command::new("tar")
-            .arg("-C")
-            .arg(&layout)
-            .arg("-cf")
-            .arg(&tar)
-            .arg(".")
-            .status()
-            .unwrap();
-        assert!(ok.success());
+        };
         let out = self.ctr(&[
             "images",
             "import",

@@ -80,3 +80,39 @@ pub fn prepare(prefix: &str, subdirs: &[&str]) -> Option<Prepared> {
 pub fn processes_mentioning(needle: &str, name: &str) -> Vec<u32> {
     gpucell_host::testing::processes_with(&[name, needle])
 }
+
+/// The demo image (umoci, busybox) as an OCI archive `<dir>/image.tar` whose manifest is
+/// named `name` for containerd (`ctr images import` takes it offline); `None`, with the
+/// reason printed, when the image cannot be made here.
+pub fn demo_image_archive(dir: &Path, name: &str) -> Option<PathBuf> {
+    let layout = dir.join("oci");
+    let out = Command::new(repo_root().join("scripts/make-demo-image.sh"))
+        .arg(&layout)
+        .arg("demo")
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        eprintln!(
+            "skipping: scripts/make-demo-image.sh failed (needs umoci and busybox-static): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return None;
+    }
+    let index = layout.join("index.json");
+    let mut j: serde_json::Value = serde_json::from_slice(&std::fs::read(&index).unwrap()).unwrap();
+    for m in j["manifests"].as_array_mut().unwrap() {
+        m["annotations"]["io.containerd.image.name"] = name.into();
+    }
+    std::fs::write(&index, serde_json::to_vec(&j).unwrap()).unwrap();
+    let tar = dir.join("image.tar");
+    let ok = Command::new("tar")
+        .arg("-C")
+        .arg(&layout)
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    Some(tar)
+}
