@@ -193,6 +193,8 @@ fn proc_spec(script: &str) -> gpucell_protocol::ProcSpec {
         cwd: "/tmp".into(),
         user: String::new(),
         container: None,
+        terminal: false,
+        window: None,
     }
 }
 

@@ -60,6 +60,8 @@ pub(super) fn proc_spec(req: &api::ExecProcessRequest) -> Result<ProcSpec, Strin
         cwd: p.cwd().to_string_lossy().into_owned(),
         user: format!("{}:{}", p.user().uid(), p.user().gid()),
         container: None,
+        terminal: false,
+        window: None,
     })
 }
 
