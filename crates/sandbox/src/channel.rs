@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use gpucell_protocol::{
     DeviceInfo, ExitStatus, FrameError, FrameReader, FrameWriter, FromGuest, FromHost, GuestHello,
-    HostHello, ProcSpec, RunSpec, MAX_DATA_PAYLOAD, PROTOCOL_VERSION,
+    HostHello, ProcSpec, RunSpec, WindowSize, MAX_DATA_PAYLOAD, PROTOCOL_VERSION,
 };
 
 use crate::exec::{ExecError, ExecHandle, ProcIo, Procs};
@@ -88,6 +88,8 @@ pub enum Event {
     ChannelClosed,
     /// A signal gpucell received, to forward to the workload.
     Signal(i32),
+    /// The workload's terminal has a new size.
+    Resize(WindowSize),
 }
 
 /// Where the relay sends events from outside (signal handlers), and where processes
@@ -163,6 +165,20 @@ impl EventSender {
 
     pub(crate) fn hotplug(&self) -> &Hotplug {
         &self.2
+    }
+
+    /// Sets the size of the workload's terminal (`rows` x `cols`, each 1 to 10000; a
+    /// workload without a terminal ignores it). Queued like a signal: never blocks, and
+    /// a full queue drops it with a warning.
+    pub fn resize(&self, rows: u16, cols: u16) -> Result<(), ExecError> {
+        let size = WindowSize { rows, cols };
+        if let Some(problem) = size.problem() {
+            return Err(ExecError::BadSize(problem));
+        }
+        if let Err(TrySendError::Full(_)) = self.0.try_send(Event::Resize(size)) {
+            tracing::warn!(rows, cols, "event queue full, terminal resize dropped");
+        }
+        Ok(())
     }
 
     /// Queues a signal for forwarding; never blocks (a full queue drops it with a warning).
@@ -459,6 +475,8 @@ fn await_hello(
             Event::ChannelClosed => return Err(waiter.closed()),
             // Nothing runs yet: a signal during boot cancels the run.
             Event::Signal(s) => return Err(SessionError::Interrupted(s)),
+            // Nothing runs yet: the spec's size holds.
+            Event::Resize(_) => {}
         }
     };
     if hello.version != PROTOCOL_VERSION {
@@ -586,6 +604,11 @@ impl<W: Write + Send + 'static> Session<'_, W> {
             Event::ChannelError(e) => return Err(SessionError::Protocol(e)),
             Event::ChannelClosed => return Err(waiter.closed()),
             Event::Signal(s) => self.on_signal(s)?,
+            // Before the workload starts, the spec's size holds.
+            Event::Resize(size) if started => {
+                send(self.writer, &FromHost::Resize { id: None, size })?;
+            }
+            Event::Resize(_) => {}
         }
         Ok(false)
     }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use gpucell_protocol::{
     ContainerAdd, ExitStatus, FrameError, FromGuest, FromHost, ProcSpec, ProcStart, RunSpec,
-    MAX_DATA_PAYLOAD, MAX_PROCS,
+    WindowSize, MAX_DATA_PAYLOAD, MAX_PROCS,
 };
 
 /// How long the agent may take to answer a start with `ProcStarted` or `ProcError`
@@ -36,6 +36,8 @@ pub enum ExecError {
     SessionEnded(String),
     #[error("the container's disk in the VM: {0}")]
     Plug(String),
+    #[error("{0}")]
+    BadSize(String),
 }
 
 /// A process's streams on the host.
@@ -325,6 +327,20 @@ impl ExecHandle {
         (self.sender)(&FromHost::ProcSignal {
             id: self.id,
             signal,
+        })
+        .map_err(|e| ExecError::Send(e.to_string()))
+    }
+
+    /// Sets the size of the process's terminal (`rows` x `cols`, each 1 to 10000; a
+    /// process without a terminal ignores it).
+    pub fn resize(&self, rows: u16, cols: u16) -> Result<(), ExecError> {
+        let size = WindowSize { rows, cols };
+        if let Some(problem) = size.problem() {
+            return Err(ExecError::BadSize(problem));
+        }
+        (self.sender)(&FromHost::Resize {
+            id: Some(self.id),
+            size,
         })
         .map_err(|e| ExecError::Send(e.to_string()))
     }
