@@ -506,6 +506,8 @@ fn send_request<W: Write + Send + 'static>(
     let run_sent_at = Instant::now();
     match stdin {
         Some(stdin) => spawn_stdin(stdin, Arc::clone(writer)),
+        // A terminal without stdin stays open, as one nobody types on.
+        None if spec.terminal => {}
         None => send(writer, &FromHost::StdinEof)?,
     }
     Ok(run_sent_at)

@@ -70,7 +70,7 @@ pub struct RunArgs {
     pub boot_timeout: Option<String>,
     /// Give the workload a terminal (a pty in the guest; stdout and stderr merged). When
     /// gpucell's own stdin is a terminal, it is in raw mode for the run and its size
-    /// follows (SIGWINCH).
+    /// follows (SIGWINCH); without a host terminal the size is 24x80.
     #[arg(long, short = 't')]
     pub tty: bool,
     /// Keep stdin open and forward it even when it is a terminal.
@@ -109,6 +109,11 @@ pub struct DeviceArgs {
     #[arg(long, value_name = "DURATION")]
     pub device_wait: Option<String>,
 }
+
+/// The size of a terminal the host has none to take it from (`-t` with stdout and
+/// stdin redirected): a 0x0 terminal breaks programs that lay out their output.
+const DEFAULT_WINDOW: gpucell_protocol::WindowSize =
+    gpucell_protocol::WindowSize { rows: 24, cols: 80 };
 
 /// A duration flag in milliseconds (the error names the value, as it always did).
 fn millis(v: Option<&str>) -> anyhow::Result<Option<u64>> {
@@ -167,14 +172,12 @@ pub(crate) fn request(global: &Global, args: &RunArgs) -> anyhow::Result<RunRequ
         pod_slots: 0,
         etc_files: Vec::new(),
         terminal: args.tty,
-        window: args
-            .tty
-            .then(|| {
-                let (i, o) = (std::io::stdin(), std::io::stdout());
-                gpucell_sandbox::window_size(o.as_fd())
-                    .or_else(|| gpucell_sandbox::window_size(i.as_fd()))
-            })
-            .flatten(),
+        window: args.tty.then(|| {
+            let (i, o) = (std::io::stdin(), std::io::stdout());
+            gpucell_sandbox::window_size(o.as_fd())
+                .or_else(|| gpucell_sandbox::window_size(i.as_fd()))
+                .unwrap_or(DEFAULT_WINDOW)
+        }),
     })
 }
 
