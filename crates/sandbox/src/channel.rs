@@ -340,11 +340,24 @@ fn relay_inner<W: Write + Send + 'static>(
         rx,
         vm_gone,
         gone: None,
+        size: None,
     };
     // 1. The agent's hello.
     let hello = await_hello(&mut waiter, begin + limits.hello_timeout, limits)?;
     let hello_at = Instant::now();
-    // 2. Our hello and the run request, then stdin.
+    // 2. Our hello and the run request (with the terminal's size as last asked for
+    // during the boot), then stdin.
+    let sized;
+    let spec = match waiter.size.take() {
+        Some(w) if spec.terminal => {
+            sized = RunSpec {
+                window: Some(w),
+                ..spec.clone()
+            };
+            &sized
+        }
+        _ => spec,
+    };
     let run_sent_at = send_request(writer, spec, io.stdin.take())?;
     // 3. Relay until the workload exits.
     let mut session = Session {
@@ -379,6 +392,7 @@ fn relay_inner<W: Write + Send + 'static>(
         stdout_ok: true,
         stderr_ok: true,
         first_signal: None,
+        pending_size: None,
     };
     loop {
         let (when, err) = match session.deadline() {
@@ -397,6 +411,8 @@ fn relay_inner<W: Write + Send + 'static>(
 /// Takes events from the reader thread and signal handlers while watching the VM.
 struct Waiter<'a> {
     rx: Receiver<Event>,
+    /// The terminal's size last asked for before the run request went out.
+    size: Option<WindowSize>,
     vm_gone: &'a mut dyn FnMut() -> Option<String>,
     /// Once the VM is gone: why, and until when frames still in flight are waited for.
     gone: Option<(String, Instant)>,
@@ -475,8 +491,8 @@ fn await_hello(
             Event::ChannelClosed => return Err(waiter.closed()),
             // Nothing runs yet: a signal during boot cancels the run.
             Event::Signal(s) => return Err(SessionError::Interrupted(s)),
-            // Nothing runs yet: the spec's size holds.
-            Event::Resize(_) => {}
+            // Nothing runs yet: the run request takes the size.
+            Event::Resize(size) => waiter.size = Some(size),
         }
     };
     if hello.version != PROTOCOL_VERSION {
@@ -527,6 +543,8 @@ struct Session<'a, W> {
     stdout_ok: bool,
     stderr_ok: bool,
     first_signal: Option<(Instant, i32)>,
+    /// A resize asked for before the workload started, sent once it has.
+    pending_size: Option<WindowSize>,
 }
 
 impl<W: Write + Send + 'static> Session<'_, W> {
@@ -582,6 +600,9 @@ impl<W: Write + Send + 'static> Session<'_, W> {
                     };
                     m.send(&mut guard)
                 }));
+                if let Some(size) = self.pending_size.take() {
+                    send(self.writer, &FromHost::Resize { id: None, size })?;
+                }
             }
             Event::Guest(ref m) if started && self.procs.0.on_guest(m) => {}
             Event::Guest(FromGuest::Exited(status)) if started => {
@@ -606,11 +627,10 @@ impl<W: Write + Send + 'static> Session<'_, W> {
             Event::ChannelError(e) => return Err(SessionError::Protocol(e)),
             Event::ChannelClosed => return Err(waiter.closed()),
             Event::Signal(s) => self.on_signal(s)?,
-            // Before the workload starts, the spec's size holds.
             Event::Resize(size) if started => {
                 send(self.writer, &FromHost::Resize { id: None, size })?;
             }
-            Event::Resize(_) => {}
+            Event::Resize(size) => self.pending_size = Some(size),
         }
         Ok(false)
     }
