@@ -401,6 +401,9 @@ fn spawn_with_terminal(
     drop((theirs, rep_w));
     await_exec(pid, rep_r)?;
     let Some(master) = tty::receive(&ours) else {
+        // It runs without the terminal it was given: it must not run on unseen.
+        let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+        let _ = nix::sys::wait::waitpid(pid, None);
         return Err(ContainerError::Child(
             "the process's terminal did not reach the agent".into(),
         ));
