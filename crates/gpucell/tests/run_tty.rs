@@ -64,6 +64,66 @@ fn without_t_the_workload_has_no_terminal() {
     assert_eq!(stdout(&out), "not a tty\n", "stderr: {}", stderr(&out));
 }
 
+/// `cmd` as one line of `sh`, its environment included.
+fn shell_line(cmd: &std::process::Command) -> String {
+    let quote = |s: &std::ffi::OsStr| format!("'{}'", s.to_string_lossy().replace('\'', r"'\''"));
+    let mut line = String::from("env");
+    for (k, v) in cmd.get_envs() {
+        if let Some(v) = v {
+            line.push_str(&format!(" {}={}", k.to_string_lossy(), quote(v)));
+        }
+    }
+    line.push(' ');
+    line.push_str(&quote(cmd.get_program()));
+    for a in cmd.get_args() {
+        line.push(' ');
+        line.push_str(&quote(a));
+    }
+    line
+}
+
+fn under_script(line: &str) -> std::process::Output {
+    std::process::Command::new("script")
+        .args(["-qec", line, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_host_terminal_resized_during_the_run_resizes_the_workloads() {
+    let Some(env) = vm_env() else { return };
+    if !std::path::Path::new("/usr/bin/script").exists() {
+        eprintln!("skipping: script (util-linux) is not installed");
+        return;
+    }
+    // The workload waits until its size is no longer the first; the host's terminal
+    // changes size (SIGWINCH to gpucell) every half second until the run ends.
+    let wait = "stty size; i=0; until [ \"$(stty size)\" != '31 97' ] || [ $i -ge 300 ]; \
+                do sleep 0.1; i=$((i+1)); done; stty size";
+    let run = env.run_cmd(&["-t", &env.image, "--", "sh", "-c", wait]);
+    let line = format!(
+        "stty rows 31 cols 97; {} & pid=$!; n=0; while kill -0 $pid 2>/dev/null; do \
+         sleep 0.5; stty rows $((40 + n % 2)) cols 120; n=$((n + 1)); done; wait $pid; \
+         echo rc=$?",
+        shell_line(&run)
+    );
+    let out = under_script(&line);
+    env.assert_clean();
+    let s = stdout(&out);
+    assert!(s.contains("rc=0"), "{s:?} {}", stderr(&out));
+    let sizes: Vec<&str> = s
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.ends_with(" 97") || l.ends_with(" 120"))
+        .collect();
+    assert!(sizes.len() >= 2, "{s:?}");
+    assert!(
+        ["40 120", "41 120"].contains(sizes.last().unwrap()),
+        "{sizes:?}"
+    );
+}
+
 #[test]
 fn under_a_host_terminal_its_size_reaches_the_guest_and_raw_mode_is_undone() {
     let Some(env) = vm_env() else { return };
@@ -74,26 +134,11 @@ fn under_a_host_terminal_its_size_reaches_the_guest_and_raw_mode_is_undone() {
     // `script` runs the command on a pty of its own: gpucell's stdin and stdout are a
     // terminal, sized here; after the run, the terminal's settings are printed.
     let run = env.run_cmd(&["-t", &env.image, "--", "stty", "size"]);
-    let mut line = String::new();
-    for (k, v) in run.get_envs() {
-        if let Some(v) = v {
-            line.push_str(&format!(
-                "{}='{}' ",
-                k.to_string_lossy(),
-                v.to_string_lossy()
-            ));
-        }
-    }
-    line.push_str(&format!("'{}'", run.get_program().to_string_lossy()));
-    for a in run.get_args() {
-        line.push_str(&format!(" '{}'", a.to_string_lossy()));
-    }
-    let script = format!("stty rows 31 cols 97; env {line}; echo rc=$?; stty -a");
-    let out = std::process::Command::new("script")
-        .args(["-qec", &script, "/dev/null"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let script = format!(
+        "stty rows 31 cols 97; {}; echo rc=$?; stty -a",
+        shell_line(&run)
+    );
+    let out = under_script(&script);
     env.assert_clean();
     let s = stdout(&out);
     assert!(s.contains("31 97"), "{s:?} stderr: {}", stderr(&out));
