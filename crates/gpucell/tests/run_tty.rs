@@ -18,11 +18,14 @@ fn a_terminal_workload_has_a_pty_echoes_input_and_ends_stdin_with_eof() {
     let mut child = env
         .run_cmd(&[
             "-t",
+            "-u",
+            "1000:1000",
             &env.image,
             "--",
             "sh",
             "-c",
-            "tty; stty size; echo to-stderr >&2; read x; echo got:$x; cat; echo cat-ended",
+            "tty; stty size; stat -c owner:%u $(tty); echo to-stderr >&2; read x; \
+             echo got:$x; cat; echo cat-ended",
         ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -49,6 +52,8 @@ fn a_terminal_workload_has_a_pty_echoes_input_and_ends_stdin_with_eof() {
     assert!(lines[tty][9..].parse::<u32>().is_ok(), "{s:?}");
     // No host terminal: the CLI's default size.
     assert_eq!(lines[tty + 1], "24 80", "{s:?}");
+    // The user's terminal is the user's.
+    assert!(s.contains("owner:1000\r\n"), "{s:?}");
     assert!(s.contains("to-stderr\r\n"), "stderr is merged: {s:?}");
     assert!(s.contains("got:hello\r\n"), "{s:?}");
     // The terminal echoes `abc`, then cat writes it back.
