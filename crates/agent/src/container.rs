@@ -400,29 +400,34 @@ fn spawn_with_terminal(
     let pid = clone_child(flags, pid_ns, &|| body(ChildIo::Terminal(sock)), &rep_w)?;
     drop((theirs, rep_w));
     await_exec(pid, rep_r)?;
-    let Some(master) = tty::receive(&ours) else {
-        // It runs without the terminal it was given: it must not run on unseen.
-        let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
-        let _ = nix::sys::wait::waitpid(pid, None);
-        return Err(ContainerError::Child(
-            "the process's terminal did not reach the agent".into(),
-        ));
-    };
+    match terminal_stdio(tty::receive(&ours)) {
+        Ok(stdio) => Ok((pid, stdio)),
+        Err(e) => {
+            // It runs without the terminal it was given: it must not run on unseen.
+            let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(pid, None);
+            Err(e)
+        }
+    }
+}
+
+/// The agent's ends of a terminal: the master the child sent, three times over.
+fn terminal_stdio(master: Option<OwnedFd>) -> Result<Stdio, ContainerError> {
+    let master = master.ok_or_else(|| {
+        ContainerError::Child("the process's terminal did not reach the agent".into())
+    })?;
     set_nonblocking(&master);
     let dup = |what| {
         master
             .try_clone()
             .map_err(|e| ContainerError::Sys(what, Errno::from_raw(e.raw_os_error().unwrap_or(0))))
     };
-    Ok((
-        pid,
-        Stdio {
-            stdin: dup("dup of the pty for stdin")?,
-            pty: Some(dup("dup of the pty for its size")?),
-            stdout: master,
-            stderr: None,
-        },
-    ))
+    Ok(Stdio {
+        stdin: dup("dup of the pty for stdin")?,
+        pty: Some(dup("dup of the pty for its size")?),
+        stdout: master,
+        stderr: None,
+    })
 }
 
 /// Clones a child with `flags` that runs `body` on its stdio descriptors (stdin, stdout,
