@@ -27,9 +27,11 @@ use crate::users::{self, Ids, UserError};
 
 mod exec;
 mod pod;
+mod tty;
 pub use exec::spawn_exec;
 pub use pod::spawn_holder;
 use pod::{wait_for_disk, HOTPLUG_WAIT, SYS_BLOCK};
+pub use tty::{eof_char, set_size};
 
 const IMAGE_DIR: &str = "/mnt/image";
 const RW_DIR: &str = "/mnt/rw";
@@ -244,6 +246,8 @@ pub struct Prepared {
     ids: Ids,
     /// The driver's device nodes and params, made in the child (`inject::apply_devices`).
     devices: Option<DeviceSetup>,
+    /// The process gets a terminal of this first size (`Some(None)`: the kernel's).
+    terminal: Option<Option<gpucell_protocol::WindowSize>>,
 }
 
 impl Prepared {
@@ -324,14 +328,48 @@ pub fn prepare(root: &Path, spec: &RunSpec) -> Result<Prepared, ContainerError> 
         hostname: spec.hostname.chars().take(64).collect(),
         ids,
         devices: None,
+        terminal: spec
+            .terminal
+            .then(|| spec.window.filter(|w| w.problem().is_none())),
     })
 }
 
-/// The parent's ends of the workload's stdio.
+/// The parent's ends of the workload's stdio. With a terminal, stdin and stdout are
+/// the pty's master (two descriptors of it), there is no stderr, and `pty` is a third,
+/// kept to set the terminal's size.
 pub struct Stdio {
     pub stdin: OwnedFd,
     pub stdout: OwnedFd,
-    pub stderr: OwnedFd,
+    pub stderr: Option<OwnedFd>,
+    pub pty: Option<OwnedFd>,
+}
+
+/// How a cloned child gets its stdio: pipes to `dup2` at once, or a terminal it makes
+/// once it sees the container's root (the socket the master goes back through).
+#[derive(Clone, Copy)]
+enum ChildIo {
+    Pipes([i32; 3]),
+    Terminal(i32),
+}
+
+impl ChildIo {
+    /// The pipes as stdin, stdout, stderr; nothing yet for a terminal.
+    fn pipes(self, what: &str) -> Result<(), String> {
+        if let ChildIo::Pipes(fds) = self {
+            for (i, fd) in fds.iter().enumerate() {
+                unistd::dup2(*fd, i as i32).map_err(|e| format!("dup2 of {what}'s stdio: {e}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The terminal of [`ChildIo::Terminal`], made in the container's root.
+    fn terminal(self, p: &Prepared) -> Result<(), String> {
+        if let ChildIo::Terminal(sock) = self {
+            tty::attach_in_child(sock, p.terminal.flatten(), (p.ids.uid, p.ids.gid))?;
+        }
+        Ok(())
+    }
 }
 
 fn pipe() -> Result<(OwnedFd, OwnedFd), ContainerError> {
@@ -343,7 +381,53 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), ContainerError> {
 /// that closes on a successful exec.
 pub fn spawn(p: &Prepared) -> Result<(Pid, Stdio), ContainerError> {
     let flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWUTS;
-    spawn_with(flags, None, &|fds| child_main(p, fds))
+    if p.terminal.is_some() {
+        return spawn_with_terminal(flags, None, &|io| child_main(p, io));
+    }
+    spawn_with(flags, None, &|io| child_main(p, io))
+}
+
+/// [`spawn_with`] for a child that makes its own terminal (see [`tty`]): the agent's
+/// ends are the pty's master the child sends back before it executes.
+fn spawn_with_terminal(
+    flags: CloneFlags,
+    pid_ns: Option<(&OwnedFd, &OwnedFd)>,
+    body: &dyn Fn(ChildIo) -> Result<(), String>,
+) -> Result<(Pid, Stdio), ContainerError> {
+    let (ours, theirs) = tty::channel()?;
+    let sock = theirs.as_raw_fd();
+    let (rep_r, rep_w) = pipe()?;
+    let pid = clone_child(flags, pid_ns, &|| body(ChildIo::Terminal(sock)), &rep_w)?;
+    drop((theirs, rep_w));
+    await_exec(pid, rep_r)?;
+    match terminal_stdio(tty::receive(&ours)) {
+        Ok(stdio) => Ok((pid, stdio)),
+        Err(e) => {
+            // It runs without the terminal it was given: it must not run on unseen.
+            let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(pid, None);
+            Err(e)
+        }
+    }
+}
+
+/// The agent's ends of a terminal: the master the child sent, three times over.
+fn terminal_stdio(master: Option<OwnedFd>) -> Result<Stdio, ContainerError> {
+    let master = master.ok_or_else(|| {
+        ContainerError::Child("the process's terminal did not reach the agent".into())
+    })?;
+    set_nonblocking(&master);
+    let dup = |what| {
+        master
+            .try_clone()
+            .map_err(|e| ContainerError::Sys(what, Errno::from_raw(e.raw_os_error().unwrap_or(0))))
+    };
+    Ok(Stdio {
+        stdin: dup("dup of the pty for stdin")?,
+        pty: Some(dup("dup of the pty for its size")?),
+        stdout: master,
+        stderr: None,
+    })
 }
 
 /// Clones a child with `flags` that runs `body` on its stdio descriptors (stdin, stdout,
@@ -352,23 +436,44 @@ pub fn spawn(p: &Prepared) -> Result<(Pid, Stdio), ContainerError> {
 fn spawn_with(
     flags: CloneFlags,
     pid_ns: Option<(&OwnedFd, &OwnedFd)>,
-    body: &dyn Fn([i32; 3]) -> Result<(), String>,
+    body: &dyn Fn(ChildIo) -> Result<(), String>,
 ) -> Result<(Pid, Stdio), ContainerError> {
     let (in_r, in_w) = pipe()?;
     let (out_r, out_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
     let (rep_r, rep_w) = pipe()?;
+    let fds = [in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()];
+    let pid = clone_child(flags, pid_ns, &|| body(ChildIo::Pipes(fds)), &rep_w)?;
+    drop((in_r, out_w, err_w, rep_w));
+    await_exec(pid, rep_r)?;
+    for fd in [&in_w, &out_r, &err_r] {
+        set_nonblocking(fd);
+    }
+    Ok((
+        pid,
+        Stdio {
+            stdin: in_w,
+            stdout: out_r,
+            stderr: Some(err_r),
+            pty: None,
+        },
+    ))
+}
+
+/// Clones a child with `flags` that runs `body` and writes its failure on `rep_w`.
+fn clone_child(
+    flags: CloneFlags,
+    pid_ns: Option<(&OwnedFd, &OwnedFd)>,
+    body: &dyn Fn() -> Result<(), String>,
+    rep_w: &OwnedFd,
+) -> Result<Pid, ContainerError> {
     let mut stack = vec![0u8; 1 << 20];
-    let child = {
-        let (in_r, out_w, err_w, rep_w) = (&in_r, &out_w, &err_w, &rep_w);
-        Box::new(move || -> isize {
-            let fds = [in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()];
-            if let Err(msg) = body(fds) {
-                let _ = unistd::write(rep_w, msg.as_bytes());
-            }
-            127
-        })
-    };
+    let child = Box::new(move || -> isize {
+        if let Err(msg) = body() {
+            let _ = unistd::write(rep_w, msg.as_bytes());
+        }
+        127
+    });
     if let Some((ns, _)) = pid_ns {
         nix::sched::setns(ns, CloneFlags::CLONE_NEWPID)
             .map_err(|e| ContainerError::Sys("setns into the container's pid namespace", e))?;
@@ -384,25 +489,19 @@ fn spawn_with(
             tracing::error!(error = %e, "could not return to the agent's pid namespace");
         }
     }
-    let pid = cloned.map_err(|e| ContainerError::Sys("clone of the workload", e))?;
-    drop((in_r, out_w, err_w, rep_w));
+    cloned.map_err(|e| ContainerError::Sys("clone of the workload", e))
+}
+
+/// Reads the child's report pipe (the parent's write end closed) until it closes on
+/// the child's exec; a report is the child's failure, and the child is reaped.
+fn await_exec(pid: Pid, rep_r: OwnedFd) -> Result<(), ContainerError> {
     let mut report = String::new();
     let _ = fs::File::from(rep_r).take(4096).read_to_string(&mut report);
     if !report.is_empty() {
         let _ = nix::sys::wait::waitpid(pid, None);
         return Err(ContainerError::Child(report));
     }
-    for fd in [&in_w, &out_r, &err_r] {
-        set_nonblocking(fd);
-    }
-    Ok((
-        pid,
-        Stdio {
-            stdin: in_w,
-            stdout: out_r,
-            stderr: err_r,
-        },
-    ))
+    Ok(())
 }
 
 /// Sets O_NONBLOCK on `fd`; a failure leaves it as it was.
@@ -417,14 +516,12 @@ pub fn set_nonblocking(fd: &OwnedFd) {
 }
 
 /// Runs in the cloned child; returns only on failure, with a message for the host.
-fn child_main(p: &Prepared, fds: [i32; 3]) -> Result<(), String> {
+fn child_main(p: &Prepared, io: ChildIo) -> Result<(), String> {
     fn sys(what: &str) -> impl Fn(Errno) -> String + '_ {
         move |e| format!("{what}: {e}")
     }
     unistd::setsid().map_err(sys("setsid"))?;
-    for (i, fd) in fds.iter().enumerate() {
-        unistd::dup2(*fd, i as i32).map_err(sys("dup2 of the workload's stdio"))?;
-    }
+    io.pipes("the workload")?;
     mount(
         None::<&str>,
         "/",
@@ -481,6 +578,7 @@ fn child_main(p: &Prepared, fds: [i32; 3]) -> Result<(), String> {
     if !p.hostname.is_empty() {
         unistd::sethostname(&p.hostname).map_err(sys("sethostname"))?;
     }
+    io.terminal(p)?;
     user_and_exec(p)
 }
 
@@ -585,6 +683,8 @@ mod tests {
             gpu: None,
             pod_sandbox: false,
             etc_files: Vec::new(),
+            terminal: false,
+            window: None,
         }
     }
 

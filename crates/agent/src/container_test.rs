@@ -508,6 +508,8 @@ fn run_in_container(
         gpu: None,
         pod_sandbox: false,
         etc_files: Vec::new(),
+        terminal: false,
+        window: None,
     };
     let prepared = container::prepare(root, &spec)?.with_devices(devices.cloned());
     let t = Instant::now();
@@ -517,7 +519,7 @@ fn run_in_container(
     }
     drop(stdio.stdin);
     let deadline = Instant::now() + a.timeout;
-    let captured = pump([stdio.stdout, stdio.stderr], capture, deadline, pid)?;
+    let captured = pump([Some(stdio.stdout), stdio.stderr], capture, deadline, pid)?;
     let code = match waitpid(pid, None) {
         Ok(WaitStatus::Exited(_, c)) => c,
         Ok(WaitStatus::Signaled(_, sig, _)) => 128 + sig as i32,
@@ -533,12 +535,12 @@ fn run_in_container(
 /// Passes the workload's output through (or captures stdout) until both pipes close;
 /// kills it at `deadline`.
 fn pump(
-    outs: [OwnedFd; 2],
+    outs: [Option<OwnedFd>; 2],
     capture: bool,
     deadline: Instant,
     pid: nix::unistd::Pid,
 ) -> Result<Vec<u8>, Failure> {
-    let mut open: [Option<OwnedFd>; 2] = outs.map(Some);
+    let mut open = outs;
     let mut captured = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
     let mut killed = false;

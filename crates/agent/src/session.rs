@@ -67,6 +67,7 @@ fn name_of(m: &FromHost) -> &'static str {
         FromHost::ProcStdinEof { .. } => "ProcStdinEof",
         FromHost::ProcSignal { .. } => "ProcSignal",
         FromHost::ContainerAdd(_) => "ContainerAdd",
+        FromHost::Resize { .. } => "Resize",
     }
 }
 
@@ -364,7 +365,7 @@ impl Session {
     ) -> Result<(), SessionError> {
         match self.recv() {
             Ok(FromHost::Stdin(d)) => procs.list[0].queue_stdin(d),
-            Ok(FromHost::StdinEof) => procs.list[0].stdin_eof = true,
+            Ok(FromHost::StdinEof) => procs.list[0].end_stdin(),
             Ok(FromHost::Signal(n)) => signal(&procs.list[0], n, workload),
             Ok(FromHost::ProcStart(start)) => {
                 let launch = Launch::Exec(&start.spec);
@@ -381,7 +382,13 @@ impl Session {
             }
             Ok(FromHost::ProcStdinEof { id }) => {
                 if let Some(p) = procs.by_id(id) {
-                    p.stdin_eof = true;
+                    p.end_stdin();
+                }
+            }
+            Ok(FromHost::Resize { id: None, size }) => procs.list[0].resize(size),
+            Ok(FromHost::Resize { id: Some(id), size }) => {
+                if let Some(p) = procs.by_id(id) {
+                    p.resize(size);
                 }
             }
             Ok(FromHost::ProcSignal { id, signal: n }) => {

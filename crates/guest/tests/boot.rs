@@ -29,6 +29,8 @@ fn spec(args: &[&str], user: &str) -> RunSpec {
         gpu: None,
         pod_sandbox: false,
         etc_files: Vec::new(),
+        terminal: false,
+        window: None,
     }
 }
 

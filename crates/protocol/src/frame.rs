@@ -28,6 +28,8 @@ pub enum FrameError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("frame of kind {kind:?} is refused: {problem}")]
+    Invalid { kind: Kind, problem: String },
     #[error("frame of kind {0:?} does not start with a 4-byte process id")]
     NoProcId(Kind),
     #[error("frame of kind {0:?} is not allowed in this direction")]

@@ -6,6 +6,9 @@ pub const MAX_CONTROL_PAYLOAD: usize = 256 * 1024;
 /// Largest raw payload of one stdout/stderr/stdin chunk.
 pub const MAX_DATA_PAYLOAD: usize = 64 * 1024;
 
+/// Largest payload of a `Resize` (its JSON is at most about 45 bytes).
+pub const MAX_RESIZE_PAYLOAD: usize = 96;
+
 /// Bytes of the big-endian process id that starts every `Proc*` data frame.
 pub const PROC_ID_LEN: usize = 4;
 
@@ -24,6 +27,7 @@ pub enum Kind {
     ProcStdinEof = 0x09,
     ProcSignal = 0x0a,
     ContainerAdd = 0x0b,
+    Resize = 0x0c,
     GuestHello = 0x41,
     Devices = 0x42,
     Started = 0x43,
@@ -55,6 +59,7 @@ impl Kind {
             0x09 => ProcStdinEof,
             0x0a => ProcSignal,
             0x0b => ContainerAdd,
+            0x0c => Resize,
             0x41 => GuestHello,
             0x42 => Devices,
             0x43 => Started,
@@ -80,6 +85,7 @@ impl Kind {
             Kind::ProcStdin | Kind::ProcStdout | Kind::ProcStderr => PROC_ID_LEN + MAX_DATA_PAYLOAD,
             Kind::ProcStdinEof => PROC_ID_LEN,
             Kind::StdinEof | Kind::Shutdown => 0,
+            Kind::Resize => MAX_RESIZE_PAYLOAD,
             _ => MAX_CONTROL_PAYLOAD,
         }
     }
@@ -103,6 +109,6 @@ mod tests {
                 kinds += 1;
             }
         }
-        assert_eq!(kinds, 25);
+        assert_eq!(kinds, 26);
     }
 }

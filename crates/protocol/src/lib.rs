@@ -27,11 +27,11 @@ mod message;
 mod proc;
 
 pub use frame::{FrameError, FrameReader, FrameWriter, RawFrame};
-pub use kind::{Kind, MAX_CONTROL_PAYLOAD, MAX_DATA_PAYLOAD, PROC_ID_LEN};
+pub use kind::{Kind, MAX_CONTROL_PAYLOAD, MAX_DATA_PAYLOAD, MAX_RESIZE_PAYLOAD, PROC_ID_LEN};
 pub use message::{
     DeviceInfo, DeviceMatch, DriverReport, EtcFile, ExitStatus, FromGuest, FromHost, GpuFacts,
-    GpuInjection, GpuReport, GuestHello, HostHello, RootfsSpec, RunSpec, ETC_FILE_NAMES,
-    MAX_ETC_FILE,
+    GpuInjection, GpuReport, GuestHello, HostHello, RootfsSpec, RunSpec, WindowSize,
+    ETC_FILE_NAMES, MAX_ETC_FILE, MAX_WINDOW_DIMENSION,
 };
 pub use proc::{
     valid_disk_serial, ContainerAdd, ProcSpec, ProcStart, DISK_SERIAL_PREFIX, MAX_DISK_SERIAL,
@@ -40,7 +40,8 @@ pub use proc::{
 
 /// Version of the wire protocol. Bumped on any incompatible change.
 /// 2: processes besides the workload (`Proc*` frames) and `ContainerAdd`.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: terminals (`terminal` and `window` in `RunSpec` and `ProcSpec`, `Resize`).
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Name of the virtio-serial port the agent looks for in the guest
 /// (`/sys/class/virtio-ports/*/name`).

@@ -81,6 +81,37 @@ pub struct RunSpec {
     /// `hosts` and `hostname`, which the orchestrator writes for each pod).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub etc_files: Vec<EtcFile>,
+    /// The process gets a terminal (a pty in the guest): its output, stdout and stderr
+    /// merged, comes as `Stdout`; stdin's end is the terminal's end-of-file character.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub terminal: bool,
+    /// The terminal's first size; `None` leaves the kernel's (0x0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<WindowSize>,
+}
+
+/// Largest number of rows or columns of a terminal.
+pub const MAX_WINDOW_DIMENSION: u16 = 10_000;
+
+/// A terminal's size in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowSize {
+    pub rows: u16,
+    pub cols: u16,
+}
+
+impl WindowSize {
+    /// What is wrong with this size, if anything: each side is 1 to
+    /// [`MAX_WINDOW_DIMENSION`].
+    pub fn problem(&self) -> Option<String> {
+        let ok = |n: u16| (1..=MAX_WINDOW_DIMENSION).contains(&n);
+        (!ok(self.rows) || !ok(self.cols)).then(|| {
+            format!(
+                "terminal size {}x{} (rows x columns): each must be 1 to {MAX_WINDOW_DIMENSION}",
+                self.rows, self.cols
+            )
+        })
+    }
 }
 
 /// A file written into the container's `/etc`: `name` is one of [`ETC_FILE_NAMES`],
@@ -251,6 +282,11 @@ pub enum FromHost {
     },
     /// Start a second container of the pod from a disk the host has plugged in.
     ContainerAdd(Box<ContainerAdd>),
+    /// The terminal of the workload (`id: None`) or of process `id` has a new size.
+    Resize {
+        id: Option<u32>,
+        size: WindowSize,
+    },
 }
 
 /// Messages the agent sends.
@@ -303,6 +339,27 @@ struct SignalBody {
     signal: i32,
 }
 #[derive(Serialize, Deserialize)]
+struct ResizeBody {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    id: Option<u32>,
+    rows: u16,
+    cols: u16,
+}
+
+/// A `Resize` payload; a size out of bounds is refused.
+fn parse_resize(kind: Kind, payload: &[u8]) -> Result<FromHost, FrameError> {
+    let b: ResizeBody = parse(kind, payload)?;
+    let size = WindowSize {
+        rows: b.rows,
+        cols: b.cols,
+    };
+    if let Some(problem) = size.problem() {
+        return Err(FrameError::Invalid { kind, problem });
+    }
+    Ok(FromHost::Resize { id: b.id, size })
+}
+
+#[derive(Serialize, Deserialize)]
 struct StartedBody {
     pid: i32,
 }
@@ -348,6 +405,14 @@ impl FromHost {
                 }),
             ),
             FromHost::ContainerAdd(c) => (Kind::ContainerAdd, json(c)),
+            FromHost::Resize { id, size } => (
+                Kind::Resize,
+                json(&ResizeBody {
+                    id: *id,
+                    rows: size.rows,
+                    cols: size.cols,
+                }),
+            ),
         }
     }
 
@@ -376,6 +441,7 @@ impl FromHost {
                 }
             }
             Kind::ContainerAdd => FromHost::ContainerAdd(Box::new(parse(kind, &payload)?)),
+            Kind::Resize => parse_resize(kind, &payload)?,
             other => return Err(FrameError::WrongDirection(other)),
         })
     }
@@ -528,6 +594,8 @@ mod tests {
             gpu: None,
             pod_sandbox: false,
             etc_files: Vec::new(),
+            terminal: false,
+            window: None,
         }
     }
 
@@ -542,6 +610,17 @@ mod tests {
             FromHost::StdinEof,
             FromHost::Signal(15),
             FromHost::Shutdown,
+            FromHost::Resize {
+                id: None,
+                size: WindowSize { rows: 24, cols: 80 },
+            },
+            FromHost::Resize {
+                id: Some(u32::MAX),
+                size: WindowSize {
+                    rows: MAX_WINDOW_DIMENSION,
+                    cols: 1,
+                },
+            },
         ];
         let mut buf = Vec::new();
         let mut w = FrameWriter::new(&mut buf);
@@ -637,6 +716,93 @@ mod tests {
             FromGuest::Driver(got) => assert_eq!(got, d),
             m => panic!("unexpected {m:?}"),
         }
+    }
+
+    fn decode_resize(payload: &[u8]) -> Result<FromHost, FrameError> {
+        let mut buf = u32::try_from(payload.len() + 1)
+            .unwrap()
+            .to_be_bytes()
+            .to_vec();
+        buf.push(Kind::Resize as u8);
+        buf.extend_from_slice(payload);
+        FromHost::decode(FrameReader::new(&buf[..]).read_frame()?)
+    }
+
+    #[test]
+    fn a_resize_out_of_bounds_truncated_or_oversized_is_refused() {
+        for bad in [
+            &br#"{"rows":0,"cols":80}"#[..],
+            br#"{"rows":24,"cols":0}"#,
+            br#"{"id":1,"rows":10001,"cols":80}"#,
+            br#"{"rows":24,"cols":65535}"#,
+        ] {
+            let err = decode_resize(bad).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    FrameError::Invalid {
+                        kind: Kind::Resize,
+                        ..
+                    }
+                ),
+                "{err}"
+            );
+            assert!(err.to_string().contains("1 to 10000"), "{err}");
+        }
+        for bad in [&br#"{"rows":24,"co"#[..], br#"{"rows":-1,"cols":80}"#, b""] {
+            let err = decode_resize(bad).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    FrameError::BadPayload {
+                        kind: Kind::Resize,
+                        ..
+                    }
+                ),
+                "{err}"
+            );
+        }
+        let big = format!(r#"{{"rows":24,"cols":80,"pad":"{}"}}"#, "x".repeat(100));
+        let err = decode_resize(big.as_bytes()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                FrameError::TooLarge {
+                    kind: Kind::Resize,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        // A header cut short of its payload.
+        let mut r = FrameReader::new(&[0, 0, 0, 20, Kind::Resize as u8, b'{'][..]);
+        assert!(matches!(r.read_frame(), Err(FrameError::Truncated)));
+        assert_eq!(
+            decode_resize(br#"{"rows":1,"cols":10000}"#).unwrap(),
+            FromHost::Resize {
+                id: None,
+                size: WindowSize {
+                    rows: 1,
+                    cols: 10000
+                }
+            }
+        );
+    }
+
+    #[test]
+    fn a_spec_without_terminal_fields_has_no_terminal() {
+        let v = serde_json::to_value(spec()).unwrap();
+        assert!(v.get("terminal").is_none() && v.get("window").is_none());
+        let old: RunSpec = serde_json::from_value(v).unwrap();
+        assert!(!old.terminal && old.window.is_none());
+        let mut s = spec();
+        s.terminal = true;
+        s.window = Some(WindowSize {
+            rows: 50,
+            cols: 132,
+        });
+        let json = serde_json::to_string(&s).unwrap();
+        assert_eq!(serde_json::from_str::<RunSpec>(&json).unwrap(), s);
     }
 
     #[test]

@@ -41,6 +41,12 @@ pub struct ProcSpec {
     /// The id of the added container (`ContainerAdd`) to run in; `None`: the main one.
     #[serde(default)]
     pub container: Option<u32>,
+    /// The process gets a terminal, as [`RunSpec::terminal`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub terminal: bool,
+    /// The terminal's first size, as [`RunSpec::window`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<crate::message::WindowSize>,
 }
 
 /// `ProcStart`: start `spec` as process `id`.
@@ -113,6 +119,8 @@ mod tests {
             cwd: "/tmp".into(),
             user: "1:1".into(),
             container: Some(3),
+            terminal: true,
+            window: Some(crate::message::WindowSize { rows: 24, cols: 80 }),
         }
     }
 
@@ -133,6 +141,8 @@ mod tests {
             gpu: None,
             pod_sandbox: false,
             etc_files: Vec::new(),
+            terminal: false,
+            window: None,
         }
     }
 

@@ -141,6 +141,14 @@ pub struct RunRequest {
     /// `hosts` and `hostname`, from its orchestrator), over the image's.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub etc_files: Vec<gpucell_protocol::EtcFile>,
+    /// The workload gets a terminal (a pty in the guest): its output, stdout and stderr
+    /// merged, comes on stdout; the end of stdin is the terminal's ^D.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub terminal: bool,
+    /// The terminal's first size (`{"rows": R, "cols": C}`, each 1 to 10000); only with
+    /// `terminal`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<gpucell_protocol::WindowSize>,
 }
 
 fn is_zero(n: &u8) -> bool {
@@ -212,6 +220,8 @@ impl RunRequest {
             force_driver_injection: false,
             pod_slots: 0,
             etc_files: Vec::new(),
+            terminal: false,
+            window: None,
         }
     }
 
@@ -243,6 +253,17 @@ impl RunRequest {
         for f in &self.etc_files {
             if let Some(problem) = f.problem() {
                 return Err(RequestError::field("etc_files", problem));
+            }
+        }
+        if let Some(w) = &self.window {
+            if !self.terminal {
+                return Err(RequestError::field(
+                    "window",
+                    "a terminal size needs `terminal`",
+                ));
+            }
+            if let Some(problem) = w.problem() {
+                return Err(RequestError::field("window", problem));
             }
         }
         for e in &self.env {
@@ -348,6 +369,17 @@ mod tests {
             (|r| r.devices.gpus = Some("zero,,x".into()), "devices"),
             (|r| r.devices.pin_cpus = true, "devices.pin_cpus"),
             (
+                |r| r.window = Some(gpucell_protocol::WindowSize { rows: 24, cols: 80 }),
+                "window",
+            ),
+            (
+                |r| {
+                    r.terminal = true;
+                    r.window = Some(gpucell_protocol::WindowSize { rows: 0, cols: 80 });
+                },
+                "window",
+            ),
+            (
                 |r| {
                     r.network.mode = Some(gpucell_net::NetworkMode::None);
                     r.network.publish = vec!["80:80".parse().unwrap()];
@@ -384,6 +416,8 @@ mod tests {
         let mut r = RunRequest::new("oci:/x");
         r.devices.gpus = Some("2".into());
         r.timeout_ms = Some(1500);
+        r.terminal = true;
+        r.window = Some(gpucell_protocol::WindowSize { rows: 24, cols: 80 });
         let back: RunRequest = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
         assert_eq!(back, r);
     }

@@ -318,6 +318,8 @@ pub(crate) fn spec_for(
     let no_env = |_: &str| None;
     let mut spec = spec::build_spec(&defaults, &overrides, &no_env, rootfs, default_hostname)?;
     spec.etc_files = r.etc_files.clone();
+    spec.terminal = r.terminal;
+    spec.window = r.window;
     Ok(spec)
 }
 

@@ -193,6 +193,8 @@ fn proc_spec(script: &str) -> gpucell_protocol::ProcSpec {
         cwd: "/tmp".into(),
         user: String::new(),
         container: None,
+        terminal: false,
+        window: None,
     }
 }
 
@@ -279,4 +281,82 @@ fn an_exec_runs_in_the_workloads_container_while_it_runs() {
     );
     assert!(seen[4].contains("/no/such/tool"), "{}", seen[4]);
     assert_eq!(seen[5], "stop ExitStatus { code: Some(0), signal: None }");
+}
+
+/// A terminal exec beside a workload without one: its tty, its first size, a resize
+/// after it printed that, input echoed and read; then the exec that ends the workload.
+/// Returns the exec's status and output.
+fn terminal_exec_against(
+    sandbox: &Mutex<Option<gpucell_sandbox::EventSender>>,
+) -> (gpucell_protocol::ExitStatus, String) {
+    use gpucell_runtime::{exec_in, ProcIo};
+    use std::time::{Duration, Instant};
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let tx = loop {
+        if let Some(tx) = sandbox.lock().unwrap().clone() {
+            break tx;
+        }
+        assert!(Instant::now() < deadline, "no sandbox");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    tx.wait_running(Duration::from_secs(300)).unwrap();
+    let out = Buffer::default();
+    let (stdin_r, mut stdin_w) = std::os::unix::net::UnixStream::pair().unwrap();
+    let mut spec = proc_spec("tty; stty size; read x; stty size; echo got:$x");
+    spec.terminal = true;
+    spec.window = Some(gpucell_protocol::WindowSize { rows: 10, cols: 20 });
+    let io = ProcIo {
+        stdout: Box::new(out.clone()),
+        stderr: Box::new(out.clone()),
+        stdin: Some(Box::new(stdin_r)),
+    };
+    let exec = exec_in(&tx, spec, io).unwrap();
+    while !out.text().contains("10 20") {
+        assert!(Instant::now() < deadline, "{:?}", out.text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(exec.resize(0, 20).is_err());
+    exec.resize(40, 100).unwrap();
+    stdin_w.write_all(b"hi\n").unwrap();
+    let status = exec.wait().unwrap();
+    let io = ProcIo {
+        stdout: Box::new(Buffer::default()),
+        stderr: Box::new(Buffer::default()),
+        stdin: None,
+    };
+    let stop = exec_in(&tx, proc_spec("touch /tmp/stop"), io).unwrap();
+    stop.wait().unwrap();
+    (status, out.text())
+}
+
+#[test]
+fn an_exec_with_a_terminal_gets_a_pty_sized_and_resized() {
+    let Some((state, image)) = env() else { return };
+    let node = Node::new("/", state.path(), None, &Config::default());
+    let mut req = RunRequest::new(&image);
+    req.network.mode = Some(gpucell_net::NetworkMode::None);
+    req.command = vec![
+        "sh".into(),
+        "-c".into(),
+        "while [ ! -e /tmp/stop ]; do sleep 0.1; done; tty".into(),
+    ];
+    req.accel = AccelRequest::Tcg;
+    let handoff = Handoff::default();
+    let shared = Arc::clone(&handoff.0);
+    let execs = std::thread::spawn(move || terminal_exec_against(&shared));
+    let (out, err) = (Buffer::default(), Buffer::default());
+    let mut obs = handoff;
+    let report = gpucell_runtime::run(&node, req, io(&out, &err), &mut obs);
+    let (status, seen) = execs.join().unwrap();
+    assert_eq!(report.error, None, "{:?} {}", report.error, err.text());
+    // The workload has no terminal; the exec has its own.
+    assert_eq!(out.text(), "not a tty\n");
+    assert_eq!(status.code, Some(0), "{seen:?}");
+    let lines: Vec<&str> = seen.split("\r\n").collect();
+    assert!(lines[0].starts_with("/dev/pts/"), "{seen:?}");
+    assert_eq!(
+        &lines[1..],
+        ["10 20", "hi", "40 100", "got:hi", ""],
+        "{seen:?}"
+    );
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use gpucell_protocol::{
     DeviceInfo, ExitStatus, FrameError, FrameReader, FrameWriter, FromGuest, FromHost, GuestHello,
-    HostHello, ProcSpec, RunSpec, MAX_DATA_PAYLOAD, PROTOCOL_VERSION,
+    HostHello, ProcSpec, RunSpec, WindowSize, MAX_DATA_PAYLOAD, PROTOCOL_VERSION,
 };
 
 use crate::exec::{ExecError, ExecHandle, ProcIo, Procs};
@@ -88,6 +88,8 @@ pub enum Event {
     ChannelClosed,
     /// A signal gpucell received, to forward to the workload.
     Signal(i32),
+    /// The workload's terminal has a new size.
+    Resize(WindowSize),
 }
 
 /// Where the relay sends events from outside (signal handlers), and where processes
@@ -163,6 +165,20 @@ impl EventSender {
 
     pub(crate) fn hotplug(&self) -> &Hotplug {
         &self.2
+    }
+
+    /// Sets the size of the workload's terminal (`rows` x `cols`, each 1 to 10000; a
+    /// workload without a terminal ignores it). Queued like a signal: never blocks, and
+    /// a full queue drops it with a warning.
+    pub fn resize(&self, rows: u16, cols: u16) -> Result<(), ExecError> {
+        let size = WindowSize { rows, cols };
+        if let Some(problem) = size.problem() {
+            return Err(ExecError::BadSize(problem));
+        }
+        if let Err(TrySendError::Full(_)) = self.0.try_send(Event::Resize(size)) {
+            tracing::warn!(rows, cols, "event queue full, terminal resize dropped");
+        }
+        Ok(())
     }
 
     /// Queues a signal for forwarding; never blocks (a full queue drops it with a warning).
@@ -334,11 +350,24 @@ fn relay_inner<W: Write + Send + 'static>(
         rx,
         vm_gone,
         gone: None,
+        size: None,
     };
     // 1. The agent's hello.
     let hello = await_hello(&mut waiter, begin + limits.hello_timeout, limits)?;
     let hello_at = Instant::now();
-    // 2. Our hello and the run request, then stdin.
+    // 2. Our hello and the run request (with the terminal's size as last asked for
+    // during the boot), then stdin.
+    let sized;
+    let spec = match waiter.size.take() {
+        Some(w) if spec.terminal => {
+            sized = RunSpec {
+                window: Some(w),
+                ..spec.clone()
+            };
+            &sized
+        }
+        _ => spec,
+    };
     let run_sent_at = send_request(writer, spec, io.stdin.take())?;
     // 3. Relay until the workload exits.
     let mut session = Session {
@@ -373,6 +402,7 @@ fn relay_inner<W: Write + Send + 'static>(
         stdout_ok: true,
         stderr_ok: true,
         first_signal: None,
+        pending_size: None,
     };
     loop {
         let (when, err) = match session.deadline() {
@@ -391,6 +421,8 @@ fn relay_inner<W: Write + Send + 'static>(
 /// Takes events from the reader thread and signal handlers while watching the VM.
 struct Waiter<'a> {
     rx: Receiver<Event>,
+    /// The terminal's size last asked for before the run request went out.
+    size: Option<WindowSize>,
     vm_gone: &'a mut dyn FnMut() -> Option<String>,
     /// Once the VM is gone: why, and until when frames still in flight are waited for.
     gone: Option<(String, Instant)>,
@@ -469,6 +501,8 @@ fn await_hello(
             Event::ChannelClosed => return Err(waiter.closed()),
             // Nothing runs yet: a signal during boot cancels the run.
             Event::Signal(s) => return Err(SessionError::Interrupted(s)),
+            // Nothing runs yet: the run request takes the size.
+            Event::Resize(size) => waiter.size = Some(size),
         }
     };
     if hello.version != PROTOCOL_VERSION {
@@ -498,6 +532,8 @@ fn send_request<W: Write + Send + 'static>(
     let run_sent_at = Instant::now();
     match stdin {
         Some(stdin) => spawn_stdin(stdin, Arc::clone(writer)),
+        // A terminal without stdin stays open, as one nobody types on.
+        None if spec.terminal => {}
         None => send(writer, &FromHost::StdinEof)?,
     }
     Ok(run_sent_at)
@@ -517,6 +553,8 @@ struct Session<'a, W> {
     stdout_ok: bool,
     stderr_ok: bool,
     first_signal: Option<(Instant, i32)>,
+    /// A resize asked for before the workload started, sent once it has.
+    pending_size: Option<WindowSize>,
 }
 
 impl<W: Write + Send + 'static> Session<'_, W> {
@@ -572,6 +610,9 @@ impl<W: Write + Send + 'static> Session<'_, W> {
                     };
                     m.send(&mut guard)
                 }));
+                if let Some(size) = self.pending_size.take() {
+                    send(self.writer, &FromHost::Resize { id: None, size })?;
+                }
             }
             Event::Guest(ref m) if started && self.procs.0.on_guest(m) => {}
             Event::Guest(FromGuest::Exited(status)) if started => {
@@ -596,6 +637,10 @@ impl<W: Write + Send + 'static> Session<'_, W> {
             Event::ChannelError(e) => return Err(SessionError::Protocol(e)),
             Event::ChannelClosed => return Err(waiter.closed()),
             Event::Signal(s) => self.on_signal(s)?,
+            Event::Resize(size) if started => {
+                send(self.writer, &FromHost::Resize { id: None, size })?;
+            }
+            Event::Resize(size) => self.pending_size = Some(size),
         }
         Ok(false)
     }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use gpucell_protocol::{
     ContainerAdd, ExitStatus, FrameError, FromGuest, FromHost, ProcSpec, ProcStart, RunSpec,
-    MAX_DATA_PAYLOAD, MAX_PROCS,
+    WindowSize, MAX_DATA_PAYLOAD, MAX_PROCS,
 };
 
 /// How long the agent may take to answer a start with `ProcStarted` or `ProcError`
@@ -36,6 +36,8 @@ pub enum ExecError {
     SessionEnded(String),
     #[error("the container's disk in the VM: {0}")]
     Plug(String),
+    #[error("{0}")]
+    BadSize(String),
 }
 
 /// A process's streams on the host.
@@ -189,10 +191,13 @@ impl ProcTable {
     }
 
     /// Registers a process, sends its start and waits for the agent's answer.
+    /// `terminal`: the process has one, and without stdin it stays open (as a terminal
+    /// nobody types on) rather than getting an end-of-file.
     fn start(
         self: &Arc<Self>,
         message: impl FnOnce(u32) -> FromHost,
         io: ProcIo,
+        terminal: bool,
     ) -> Result<ExecHandle, ExecError> {
         let ProcIo {
             stdout,
@@ -232,7 +237,7 @@ impl ProcTable {
             sender,
             pid: 0,
         };
-        handle.await_start(stdin)
+        handle.await_start(stdin, terminal)
     }
 
     /// Waits until process `id` is no longer in `state`; `None` at the deadline.
@@ -284,7 +289,11 @@ impl std::fmt::Debug for ExecHandle {
 
 impl ExecHandle {
     /// Waits for `ProcStarted` (then starts forwarding stdin) or the refusal.
-    fn await_start(mut self, stdin: Option<Box<dyn Read + Send>>) -> Result<Self, ExecError> {
+    fn await_start(
+        mut self,
+        stdin: Option<Box<dyn Read + Send>>,
+        terminal: bool,
+    ) -> Result<Self, ExecError> {
         let until = Some(Instant::now() + START_TIMEOUT);
         let state = self
             .table
@@ -303,6 +312,7 @@ impl ExecHandle {
         }
         match stdin {
             Some(r) => spawn_stdin(self.id, r, Arc::clone(&self.sender)),
+            None if terminal => {}
             None => {
                 let _ = (self.sender)(&FromHost::ProcStdinEof { id: self.id });
             }
@@ -325,6 +335,20 @@ impl ExecHandle {
         (self.sender)(&FromHost::ProcSignal {
             id: self.id,
             signal,
+        })
+        .map_err(|e| ExecError::Send(e.to_string()))
+    }
+
+    /// Sets the size of the process's terminal (`rows` x `cols`, each 1 to 10000; a
+    /// process without a terminal ignores it).
+    pub fn resize(&self, rows: u16, cols: u16) -> Result<(), ExecError> {
+        let size = WindowSize { rows, cols };
+        if let Some(problem) = size.problem() {
+            return Err(ExecError::BadSize(problem));
+        }
+        (self.sender)(&FromHost::Resize {
+            id: Some(self.id),
+            size,
         })
         .map_err(|e| ExecError::Send(e.to_string()))
     }
@@ -370,9 +394,11 @@ pub(crate) struct Procs(pub(crate) Arc<ProcTable>);
 
 impl Procs {
     pub(crate) fn exec(&self, spec: ProcSpec, io: ProcIo) -> Result<ExecHandle, ExecError> {
+        let terminal = spec.terminal;
         self.0.start(
             |id| FromHost::ProcStart(Box::new(ProcStart { id, spec })),
             io,
+            terminal,
         )
     }
 
@@ -381,9 +407,11 @@ impl Procs {
     }
 
     pub(crate) fn add_container(&self, spec: RunSpec, io: ProcIo) -> Result<ExecHandle, ExecError> {
+        let terminal = spec.terminal;
         self.0.start(
             |id| FromHost::ContainerAdd(Box::new(ContainerAdd { id, spec })),
             io,
+            terminal,
         )
     }
 }

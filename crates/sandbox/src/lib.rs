@@ -37,6 +37,7 @@ pub mod rundir;
 pub mod sandbox;
 pub mod signals;
 pub mod spec;
+pub mod terminal;
 pub mod vsock;
 
 pub use accel::{probe, AccelChoice, ProbeInput, ProbeResult, Selection};
@@ -51,3 +52,4 @@ pub use sandbox::{
     VmConfig,
 };
 pub use signals::SignalForwarder;
+pub use terminal::{window_size, RawMode, ResizeForwarder, TerminalError};

@@ -213,6 +213,8 @@ pub fn build_spec(
         gpu: None,
         pod_sandbox: false,
         etc_files: Vec::new(),
+        terminal: false,
+        window: None,
     };
     let size = serde_json::to_vec(&spec)
         .map(|v| v.len())

@@ -34,6 +34,8 @@ fn spec() -> RunSpec {
         gpu: None,
         pod_sandbox: false,
         etc_files: Vec::new(),
+        terminal: false,
+        window: None,
     }
 }
 
@@ -594,4 +596,71 @@ fn an_exit_still_in_flight_when_the_vm_powers_off_is_not_lost() {
     .unwrap();
     assert_eq!(report.status.shell_code(), 5);
     assert_eq!(&*out.0.lock().unwrap(), b"last words");
+}
+
+#[test]
+fn a_terminal_without_stdin_stays_open_and_resizes_reach_the_agent_once_it_runs() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (host, g) = UnixStream::pair().unwrap();
+    g.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let gw = g.try_clone().unwrap();
+    let got = Arc::new(AtomicBool::new(false));
+    let got_guest = Arc::clone(&got);
+    let guest = std::thread::spawn(move || {
+        let mut g = Guest {
+            w: FrameWriter::new(gw),
+            r: FrameReader::new(g),
+        };
+        g.send(hello());
+        assert!(g.handshake().terminal);
+        g.send(FromGuest::Started { pid: 1 });
+        // No StdinEof first: the terminal nobody types on stays open.
+        let first = g.recv();
+        got_guest.store(true, Ordering::SeqCst);
+        g.send(FromGuest::Exited(ExitStatus {
+            code: Some(0),
+            signal: None,
+        }));
+        first
+    });
+    let (tx, rx) = event_channel();
+    assert!(tx.resize(0, 80).is_err());
+    assert!(tx.resize(24, 10_001).is_err());
+    // Until the workload runs a resize is dropped: send until the agent has one.
+    let sizer = std::thread::spawn(move || {
+        while !got.load(Ordering::SeqCst) {
+            tx.resize(50, 132).unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    let io = SessionIo {
+        stdout: Box::new(Sink::default()),
+        stderr: Box::new(Sink::default()),
+        stdin: None,
+    };
+    let spec = RunSpec {
+        terminal: true,
+        ..spec()
+    };
+    let result = relay(
+        host.try_clone().unwrap(),
+        host,
+        &spec,
+        io,
+        &quick(),
+        rx,
+        &mut || None,
+    );
+    assert_eq!(
+        guest.join().unwrap(),
+        FromHost::Resize {
+            id: None,
+            size: gpucell_protocol::WindowSize {
+                rows: 50,
+                cols: 132
+            }
+        }
+    );
+    sizer.join().unwrap();
+    assert_eq!(result.unwrap().status.code, Some(0));
 }

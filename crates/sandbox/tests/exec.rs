@@ -33,6 +33,8 @@ fn spec() -> RunSpec {
         gpu: None,
         pod_sandbox: false,
         etc_files: Vec::new(),
+        terminal: false,
+        window: None,
     }
 }
 
@@ -43,6 +45,8 @@ fn proc_spec(cmd: &str) -> ProcSpec {
         cwd: "/".into(),
         user: String::new(),
         container: None,
+        terminal: false,
+        window: None,
     }
 }
 

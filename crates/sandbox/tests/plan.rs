@@ -288,6 +288,8 @@ fn spec(args: &[&str], fstype: &str) -> RunSpec {
         gpu: None,
         pod_sandbox: false,
         etc_files: Vec::new(),
+        terminal: false,
+        window: None,
     }
 }
 

@@ -32,6 +32,10 @@ pub trait Member: Send + Sync {
     fn signal(&self, signal: i32) -> Result<(), String>;
     /// Waits for its end; the shell's exit code (128+N for signal N).
     fn wait(&self) -> Result<i32, String>;
+    /// Sets the size of its terminal (one without a terminal ignores it).
+    fn resize(&self, _rows: u16, _cols: u16) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 impl Member for AddedContainer {
@@ -43,6 +47,9 @@ impl Member for AddedContainer {
     }
     fn signal(&self, signal: i32) -> Result<(), String> {
         self.handle.signal(signal).map_err(|e| e.to_string())
+    }
+    fn resize(&self, rows: u16, cols: u16) -> Result<(), String> {
+        self.handle.resize(rows, cols).map_err(|e| e.to_string())
     }
     /// Waits for the container's end, then unplugs its disk (best effort: a VM that
     /// is gone, or a disk the guest keeps, only keeps its port).
@@ -155,6 +162,8 @@ pub struct Control {
 struct ControlState {
     target: Target,
     pending: Vec<i32>,
+    /// The terminal's last size asked for before the task ran.
+    pending_size: Option<(u16, u16)>,
 }
 
 /// Where a task's signals and execs go.
@@ -202,6 +211,20 @@ impl Control {
         }
     }
 
+    /// Sets the size of the task's terminal, or keeps it until the task runs.
+    pub fn resize(&self, rows: u16, cols: u16) -> Result<(), String> {
+        let mut s = self.state();
+        match &s.target {
+            Target::Nothing => {
+                s.pending_size = Some((rows, cols));
+                Ok(())
+            }
+            Target::Held(_) => Ok(()),
+            Target::Vm(e) => e.resize(rows, cols).map_err(|e| e.to_string()),
+            Target::Member { member, .. } => member.resize(rows, cols),
+        }
+    }
+
     /// The running VM to start execs in, and the agent's id of the container there
     /// (`None`: the VM's own workload); `None` before it starts and for a pod's sandbox
     /// container.
@@ -217,9 +240,15 @@ impl Control {
         let mut s = self.state();
         s.target = target;
         let pending: Vec<i32> = s.pending.drain(..).collect();
+        let size = s.pending_size.take();
         drop(s);
         for sig in pending {
             self.signal(sig);
+        }
+        if let Some((rows, cols)) = size {
+            if let Err(e) = self.resize(rows, cols) {
+                tracing::warn!(error = %e, "sizing the task's terminal");
+            }
         }
     }
 

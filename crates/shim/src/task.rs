@@ -207,6 +207,7 @@ impl TaskService {
         request.devices.gpus = passed.gpus_field();
         request.devices.functions = passed.functions_field();
         spec.join_pod_netns(&req.id, &mut request, &mut lock(&self.inner.pod_netns));
+        request.terminal = spec.terminal || req.terminal;
         request
             .clone()
             .validate()
@@ -364,6 +365,18 @@ impl TaskService {
                 EXIT_KILLED
             }
         }
+    }
+}
+
+/// A terminal size as containerd sends it (height, width) in the agent's bounds.
+fn window(height: u32, width: u32) -> Result<(u16, u16), String> {
+    let size = gpucell_protocol::WindowSize {
+        rows: u16::try_from(height).unwrap_or(u16::MAX),
+        cols: u16::try_from(width).unwrap_or(u16::MAX),
+    };
+    match size.problem() {
+        Some(p) => Err(p),
+        None => Ok((size.rows, size.cols)),
     }
 }
 
@@ -691,9 +704,26 @@ impl Task for TaskService {
     async fn resize_pty(
         &self,
         _ctx: &TtrpcContext,
-        _req: api::ResizePtyRequest,
+        req: api::ResizePtyRequest,
     ) -> TtrpcResult<api::Empty> {
-        // No terminal reaches the guest: its size has nothing to change.
+        let c = self.get(&req.id)?;
+        let (rows, cols) = window(req.height, req.width).map_err(|e| {
+            status(
+                Code::INVALID_ARGUMENT,
+                format!("resize of {:?}: {e}", req.id),
+            )
+        })?;
+        let done = if req.exec_id.is_empty() {
+            c.control.resize(rows, cols)
+        } else {
+            self.resize_exec(&c, &req.exec_id, rows, cols)?
+        };
+        done.map_err(|e| {
+            status(
+                Code::FAILED_PRECONDITION,
+                format!("resize of {:?}: {e}", req.id),
+            )
+        })?;
         Ok(api::Empty::default())
     }
 

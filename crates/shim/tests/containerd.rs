@@ -9,6 +9,10 @@
 //! `ctr run` prints the output and returns the exit code; kill and delete work; exec
 //! runs in the task's VM beside it (output, exit code, kill); containerd killed and restarted while a task runs: the task survives and its
 //! exit is still reported.
+//!
+//! A second test drives `ctr run -t` and `ctr tasks exec -t` under `script` (a pty for
+//! ctr): the process has a `/dev/pts/N` in the guest, its stderr on the terminal, the
+//! size ctr's `ResizePty` sets, and typed input read through the stdin FIFO.
 
 #![allow(clippy::unwrap_used)]
 
@@ -406,5 +410,98 @@ fn ctr_run_kill_exec_delete_and_containerd_restart() {
     run_prints_output_and_returns_the_exit_code(&env);
     kill_exec_and_delete(&env);
     task_survives_a_containerd_restart(&mut env);
+    env.assert_clean();
+}
+
+/// `cmd` run by `script` on a pty of its own sized `rows` x `cols`: ctr's stdin and
+/// stdout are a terminal, as at a user's shell.
+fn under_script(env: &Env, rows: u16, cols: u16, cmd: &Command, input: &[u8]) -> Output {
+    let quote = |s: &std::ffi::OsStr| format!("'{}'", s.to_string_lossy().replace('\'', r"'\''"));
+    let mut line = format!("stty rows {rows} cols {cols}; {}", quote(cmd.get_program()));
+    for a in cmd.get_args() {
+        line.push(' ');
+        line.push_str(&quote(a));
+    }
+    let mut child = Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .env("PATH", &env.path)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// Prints the tty, then the size once the client's `ResizePty` has set it (the
+/// terminal starts at 0x0, where busybox's `stty size` fails: ctr sizes it after the
+/// start).
+const TTY_SCRIPT: &str = "tty; i=0; \
+    until [ -n \"$(stty size 2>/dev/null | grep -v '^0 0$')\" ] || [ $i -ge 100 ]; \
+    do sleep 0.1; i=$((i+1)); done; stty size; echo err-too >&2";
+
+#[test]
+fn ctr_run_t_and_exec_t_get_a_terminal_sized_by_resize_pty() {
+    if !Path::new("/usr/bin/script").exists() {
+        eprintln!("skipping: script (util-linux) is not installed");
+        return;
+    }
+    let Some(env) = setup() else { return };
+    let run = env.ctr_cmd(&[
+        "run",
+        "-t",
+        "--rm",
+        "--snapshotter",
+        "native",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "tt1",
+        "sh",
+        "-c",
+        &format!("{TTY_SCRIPT}; read x; echo got:$x"),
+    ]);
+    let out = under_script(&env, 21, 73, &run, b"typed\n");
+    let s = text(&out.stdout);
+    assert!(s.contains("/dev/pts/"), "{s:?} {}", env.log());
+    assert!(s.contains("21 73\r"), "{s:?}");
+    assert!(s.contains("err-too\r"), "stderr on the terminal: {s:?}");
+    // Typed input travels through ctr's stdin FIFO to the terminal and is read.
+    assert!(s.contains("got:typed\r"), "{s:?}");
+    // An exec with a terminal in a task without one.
+    let log = env.p("tt2.log");
+    let uri = format!("file://{}", log.display());
+    let out = env.run(
+        &["-d", "--log-uri", &uri],
+        "tt2",
+        &["sh", "-c", "echo started; tty; sleep 600"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    env.wait_for_file(&log, "not a tty");
+    let exec = env.ctr_cmd(&[
+        "tasks",
+        "exec",
+        "-t",
+        "--exec-id",
+        "et",
+        "tt2",
+        "sh",
+        "-c",
+        TTY_SCRIPT,
+    ]);
+    let out = under_script(&env, 33, 101, &exec, b"");
+    let s = text(&out.stdout);
+    assert!(s.contains("/dev/pts/"), "{s:?} {}", env.log());
+    assert!(s.contains("33 101\r"), "{s:?}");
+    assert!(env
+        .ctr(&["tasks", "kill", "-s", "SIGKILL", "tt2"])
+        .status
+        .success());
+    env.wait_for("tt2 to stop", Duration::from_secs(60), || {
+        env.task_status("tt2").as_deref() == Some("STOPPED")
+    });
+    assert!(env.ctr(&["tasks", "delete", "tt2"]).status.success());
+    assert!(env.ctr(&["containers", "rm", "tt2"]).status.success());
     env.assert_clean();
 }

@@ -8,7 +8,8 @@
 //! `gpucell-cri-client`: a pod in the node's network namespace (no CNI needed) with a
 //! container that exits 7; then a pod network: `ctr run --with-ns` into namespaces of the
 //! test's own, and a CRI pod whose namespace a CNI plugin of the test's own wires to a
-//! peer. `cri_exec_sync` checks ExecSync.
+//! peer. `cri_exec_sync` checks ExecSync; `cri_a_tty_container_has_a_terminal` a container
+//! with `tty: true`.
 //!
 //! Skips with a printed reason when not root, without guest artifacts
 //! (GPUCELL_TEST_STATE_DIR), QEMU, umoci/busybox-static, or containerd.
@@ -661,5 +662,43 @@ fn cri_pod_runs_in_a_gpucell_vm() {
     let Some(env) = setup() else { return };
     pod_with_one_container(&env);
     pod_network_reaches_its_peer(&env);
+    env.assert_clean();
+}
+
+/// A container with `tty: true` (as `kubectl run -t` asks): it is added to its pod's VM
+/// with a terminal, whose output (stdout and stderr merged) reaches the container's log.
+#[test]
+fn cri_a_tty_container_has_a_terminal() {
+    let Some(env) = setup() else { return };
+    let cri = env.cri();
+    let logs = env.p("logs/p5");
+    let pod = pod_config("p5", &logs);
+    let pod_id = cri.run_pod_sandbox(pod.clone(), HANDLER).unwrap();
+    let mut config = container_config(
+        "t1",
+        IMAGE,
+        &["sh", "-c", "echo tty:$(tty); echo err-line >&2; exit 5"],
+        "t1.log",
+    );
+    config.tty = true;
+    let id = cri.create_container(&pod_id, config, pod.clone()).unwrap();
+    cri.start_container(&id).unwrap();
+    let status = env.wait_exited(&cri, &id, Duration::from_secs(240));
+    let log = std::fs::read_to_string(logs.join("t1.log")).unwrap_or_default();
+    assert_eq!(status.exit_code, 5, "{status:?}\n{log}\n{}", env.log());
+    let lines = log_lines(&log);
+    assert!(
+        lines.iter().any(|l| l.starts_with("tty:/dev/pts/")),
+        "the container's log: {log:?}"
+    );
+    // A terminal has no stderr: the line comes on stdout.
+    assert!(
+        log.lines()
+            .any(|l| l.contains(" stdout ") && l.contains("err-line")),
+        "{log:?}"
+    );
+    cri.remove_container(&id).unwrap();
+    cri.stop_pod_sandbox(&pod_id).unwrap();
+    cri.remove_pod_sandbox(&pod_id).unwrap();
     env.assert_clean();
 }

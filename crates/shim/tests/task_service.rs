@@ -453,13 +453,10 @@ async fn execs_are_checked_recorded_and_started_in_the_task_sandbox() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let process = r#"{"args":["ls","/"],"cwd":"/","user":{"uid":0,"gid":0},"env":["A=b"]}"#;
-    // A terminal, a missing spec, a spec that is not a process, empty args: refused.
-    let mut tty = exec_req("t9", "e0", process);
-    tty.terminal = true;
+    // A missing spec, a spec that is not a process, empty args: refused.
     let mut no_spec = exec_req("t9", "e0", process);
     no_spec.spec = None.into();
     for (req, says) in [
-        (tty, "terminal"),
         (no_spec, "no process spec"),
         (exec_req("t9", "e0", "{"), "not an OCI process"),
         (
@@ -480,6 +477,36 @@ async fn execs_are_checked_recorded_and_started_in_the_task_sandbox() {
         .exec(&ctx(), exec_req("t9", "e1", process))
         .await
         .unwrap();
+    // A terminal is taken (the agent gives the process a pty).
+    let mut tty = exec_req("t9", "e-tty", process);
+    tty.terminal = true;
+    h.service.exec(&ctx(), tty).await.unwrap();
+    // ResizePty: the task's and an exec's (not started: nothing to size) are taken; a
+    // size out of bounds and an unknown exec are refused.
+    let resize = |exec_id: &str, height: u32, width: u32| api::ResizePtyRequest {
+        id: "t9".into(),
+        exec_id: exec_id.into(),
+        height,
+        width,
+        ..Default::default()
+    };
+    h.service
+        .resize_pty(&ctx(), resize("", 24, 80))
+        .await
+        .unwrap();
+    h.service
+        .resize_pty(&ctx(), resize("e-tty", 50, 132))
+        .await
+        .unwrap();
+    for (req, want) in [
+        (resize("", 0, 80), Code::INVALID_ARGUMENT),
+        (resize("", 24, 70_000), Code::INVALID_ARGUMENT),
+        (resize("nope", 24, 80), Code::NOT_FOUND),
+    ] {
+        let err = h.service.resize_pty(&ctx(), req).await.unwrap_err();
+        let msg = format!("{err:?}");
+        assert_eq!(code(err), want, "{msg}");
+    }
     let err = h
         .service
         .exec(&ctx(), exec_req("t9", "e1", process))
@@ -529,10 +556,11 @@ async fn execs_are_checked_recorded_and_started_in_the_task_sandbox() {
     };
     h.service.delete(&ctx(), del).await.unwrap();
     assert_eq!(
-        h.topics(4).await,
+        h.topics(5).await,
         [
             "/tasks/create",
             "/tasks/start",
+            "/tasks/exec-added",
             "/tasks/exec-added",
             "/tasks/exit"
         ]

@@ -14,7 +14,10 @@ use nix::errno::Errno;
 use nix::sched::CloneFlags;
 use nix::unistd::{self, Pid};
 
-use super::{prepare, spawn_with, user_and_exec, ContainerError, Prepared, Stdio};
+use super::{
+    prepare, spawn_with, spawn_with_terminal, user_and_exec, ChildIo, ContainerError, Prepared,
+    Stdio,
+};
 
 /// The namespaces an exec joins, opened before the clone.
 struct Namespaces {
@@ -62,6 +65,8 @@ fn as_run_spec(spec: &ProcSpec) -> RunSpec {
         gpu: None,
         pod_sandbox: false,
         etc_files: Vec::new(),
+        terminal: spec.terminal,
+        window: spec.window,
     }
 }
 
@@ -71,22 +76,24 @@ pub fn spawn_exec(target: Pid, spec: &ProcSpec) -> Result<(Pid, Stdio), Containe
     let root = PathBuf::from(format!("/proc/{target}/root"));
     let prepared = prepare(&root, &as_run_spec(spec))?;
     let ns = Namespaces::of(target)?;
-    spawn_with(CloneFlags::empty(), Some((&ns.pid, &ns.own_pid)), &|fds| {
-        exec_child(&prepared, &ns, fds)
-    })
+    let pid_ns = Some((&ns.pid, &ns.own_pid));
+    let body = |io| exec_child(&prepared, &ns, io);
+    if prepared.terminal.is_some() {
+        return spawn_with_terminal(CloneFlags::empty(), pid_ns, &body);
+    }
+    spawn_with(CloneFlags::empty(), pid_ns, &body)
 }
 
 /// Runs in the cloned child; returns only on failure, with a message for the host.
-fn exec_child(p: &Prepared, ns: &Namespaces, fds: [i32; 3]) -> Result<(), String> {
+fn exec_child(p: &Prepared, ns: &Namespaces, io: ChildIo) -> Result<(), String> {
     let sys = |what: &'static str| move |e: Errno| format!("{what}: {e}");
     unistd::setsid().map_err(sys("setsid"))?;
-    for (i, fd) in fds.iter().enumerate() {
-        unistd::dup2(*fd, i as i32).map_err(sys("dup2 of the exec's stdio"))?;
-    }
+    io.pipes("the exec")?;
     nix::sched::setns(&ns.uts, CloneFlags::CLONE_NEWUTS)
         .map_err(sys("setns into the container's uts namespace"))?;
     nix::sched::setns(&ns.mnt, CloneFlags::CLONE_NEWNS)
         .map_err(sys("setns into the container's mount namespace"))?;
     unistd::chdir("/").map_err(sys("chdir / in the container"))?;
+    io.terminal(p)?;
     user_and_exec(p)
 }

@@ -91,7 +91,8 @@ pub fn spawn_holder() -> Result<(Pid, Stdio), ContainerError> {
                 Stdio {
                     stdin: in_w,
                     stdout: out_r,
-                    stderr: err_r,
+                    stderr: Some(err_r),
+                    pty: None,
                 },
             ))
         }

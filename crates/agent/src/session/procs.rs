@@ -31,6 +31,8 @@ pub(super) struct Proc {
     pub stdin_eof: bool,
     pub status: Option<ExitStatus>,
     drain_until: Option<Instant>,
+    /// The pty's master when the process has a terminal (its size is set on it).
+    pty: Option<OwnedFd>,
 }
 
 /// What poll reported for each descriptor of a [`Proc`].
@@ -55,17 +57,41 @@ impl Proc {
             stdin,
             stdout,
             stderr,
+            pty,
         } = stdio;
         Self {
             id,
             pid,
             container,
             stdin: Some(stdin),
-            outs: [Some(stdout), Some(stderr)],
+            outs: [Some(stdout), stderr],
             pending: VecDeque::new(),
             stdin_eof: false,
             status: None,
             drain_until: None,
+            pty,
+        }
+    }
+
+    /// The host's stdin ended. A pipe is closed once what is queued is written; a
+    /// terminal is not closed (that would not end the process's input) but sent its
+    /// end-of-file character, as a user typing ^D.
+    pub fn end_stdin(&mut self) {
+        if self.stdin_eof {
+            return;
+        }
+        if let (Some(pty), Some(_)) = (self.pty.as_ref(), self.stdin.as_ref()) {
+            self.pending.push_back(crate::container::eof_char(pty));
+        }
+        self.stdin_eof = true;
+    }
+
+    /// Sets the terminal's size; a process without a terminal ignores it.
+    pub fn resize(&self, size: gpucell_protocol::WindowSize) {
+        if let Some(pty) = self.pty.as_ref() {
+            if let Err(e) = crate::container::set_size(pty, size) {
+                tracing::warn!(id = ?self.id, error = %e, "setting the terminal's size");
+            }
         }
     }
 

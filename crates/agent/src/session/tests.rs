@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use gpucell_protocol::{
     DeviceInfo, DeviceMatch, ExitStatus, FrameError, FrameReader, FrameWriter, FromGuest, FromHost,
-    GuestHello, HostHello, Kind, ProcSpec, RootfsSpec, RunSpec, MAX_CONTROL_PAYLOAD,
+    GuestHello, HostHello, Kind, ProcSpec, RootfsSpec, RunSpec, WindowSize, MAX_CONTROL_PAYLOAD,
     MAX_DATA_PAYLOAD, PROTOCOL_VERSION,
 };
 use nix::sys::signal::{kill, Signal};
@@ -106,32 +106,49 @@ impl ChildWorkload {
         self.status_of(self.pid.unwrap())
     }
 
-    /// Starts `args` as a plain child with its pipes, non-blocking on the agent's side.
+    /// Starts `args` as a plain child with its pipes, non-blocking on the agent's side;
+    /// with `terminal`, a pty of that first size instead (see [`tty::spawn_on_pty`]).
     fn spawn(
         &mut self,
         args: &[String],
         env: &[String],
         cwd: &str,
+        terminal: Option<Option<WindowSize>>,
     ) -> Result<(Pid, Stdio), WorkloadError> {
         let (exe, args) = args
             .split_first()
             .ok_or_else(|| ContainerError::Child("empty argv".into()))?;
-        let mut child = Command::new(exe)
-            .args(args)
+        let mut cmd = Command::new(exe);
+        cmd.args(args)
             .env_clear()
             .envs(env.iter().filter_map(|e| e.split_once('=')))
-            .current_dir(if cwd.is_empty() { "/" } else { cwd })
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .map_err(|e| ContainerError::Child(format!("{exe}: {e}")))?;
-        let stdio = Stdio {
-            stdin: OwnedFd::from(child.stdin.take().unwrap()),
-            stdout: OwnedFd::from(child.stdout.take().unwrap()),
-            stderr: OwnedFd::from(child.stderr.take().unwrap()),
+            .current_dir(if cwd.is_empty() { "/" } else { cwd });
+        let (mut child, stdio) = match terminal {
+            Some(window) => tty::spawn_on_pty(&mut cmd, window),
+            None => {
+                let mut child = cmd
+                    .stdin(std::process::Stdio::piped())
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .map_err(|e| ContainerError::Child(format!("{exe}: {e}")))?;
+                let stdio = Stdio {
+                    stdin: OwnedFd::from(child.stdin.take().unwrap()),
+                    stdout: OwnedFd::from(child.stdout.take().unwrap()),
+                    stderr: Some(OwnedFd::from(child.stderr.take().unwrap())),
+                    pty: None,
+                };
+                (child, stdio)
+            }
         };
-        for fd in [&stdio.stdin, &stdio.stdout, &stdio.stderr] {
+        for fd in [
+            Some(&stdio.stdin),
+            Some(&stdio.stdout),
+            stdio.stderr.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        {
             container::set_nonblocking(fd);
         }
         let pid = Pid::from_raw(i32::try_from(child.id()).unwrap());
@@ -162,19 +179,22 @@ impl Workload for ChildWorkload {
     }
 
     fn start(&mut self, spec: &RunSpec) -> Result<(Pid, Stdio), WorkloadError> {
-        let (pid, stdio) = self.spawn(&spec.args, &spec.env, &spec.cwd)?;
+        let terminal = spec.terminal.then_some(spec.window);
+        let (pid, stdio) = self.spawn(&spec.args, &spec.env, &spec.cwd, terminal)?;
         self.pid = Some(pid);
         Ok((pid, stdio))
     }
 
     fn exec(&mut self, target: Pid, spec: &ProcSpec) -> Result<(Pid, Stdio), WorkloadError> {
         self.exec_targets.push(target);
-        self.spawn(&spec.args, &spec.env, &spec.cwd)
+        let terminal = spec.terminal.then_some(spec.window);
+        self.spawn(&spec.args, &spec.env, &spec.cwd, terminal)
     }
 
     fn add_container(&mut self, id: u32, spec: &RunSpec) -> Result<(Pid, Stdio), WorkloadError> {
         self.added.push(id);
-        self.spawn(&spec.args, &spec.env, &spec.cwd)
+        let terminal = spec.terminal.then_some(spec.window);
+        self.spawn(&spec.args, &spec.env, &spec.cwd, terminal)
     }
 
     fn remove_container(&mut self, id: u32) {
@@ -360,6 +380,8 @@ fn spec(script: &str) -> RunSpec {
         gpu: None,
         pod_sandbox: false,
         etc_files: Vec::new(),
+        terminal: false,
+        window: None,
     }
 }
 
@@ -574,7 +596,7 @@ fn a_hostile_handshake_is_refused_with_a_clear_error() {
         (
             "another version",
             frame(Kind::HostHello as u8, br#"{"version":99}"#),
-            "host speaks protocol version 99, the agent 2",
+            "host speaks protocol version 99, the agent 3",
         ),
         (
             "run before hello",
@@ -728,3 +750,4 @@ fn a_workload_that_cannot_start_is_reported() {
 }
 
 mod procs;
+mod tty;

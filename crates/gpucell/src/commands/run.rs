@@ -7,11 +7,12 @@
 //! stays the workload's own bytes); its schema is in docs/run-report.md.
 
 use std::io::IsTerminal;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 
 use gpucell_runtime::{AccelRequest, DeviceSpec, Observer, RunReport, RunRequest};
 use gpucell_sandbox::spec;
-use gpucell_sandbox::{EventSender, SessionIo, SignalForwarder};
+use gpucell_sandbox::{EventSender, RawMode, ResizeForwarder, SessionIo, SignalForwarder};
 
 use super::Global;
 
@@ -67,6 +68,14 @@ pub struct RunArgs {
     /// How long the guest may take to boot and start its agent (default 30s, 120s under TCG).
     #[arg(long)]
     pub boot_timeout: Option<String>,
+    /// Give the workload a terminal (a pty in the guest; stdout and stderr merged). When
+    /// gpucell's own stdin is a terminal, it is in raw mode for the run and its size
+    /// follows (SIGWINCH); without a host terminal the size is 24x80.
+    #[arg(long, short = 't')]
+    pub tty: bool,
+    /// Keep stdin open and forward it even when it is a terminal.
+    #[arg(long, short = 'i')]
+    pub interactive: bool,
     /// Resolve the image, guest, accelerator, devices and QEMU command line, print them,
     /// and stop: no VM is started and nothing is held.
     #[arg(long)]
@@ -100,6 +109,11 @@ pub struct DeviceArgs {
     #[arg(long, value_name = "DURATION")]
     pub device_wait: Option<String>,
 }
+
+/// The size of a terminal the host has none to take it from (`-t` with stdout and
+/// stdin redirected): a 0x0 terminal breaks programs that lay out their output.
+const DEFAULT_WINDOW: gpucell_protocol::WindowSize =
+    gpucell_protocol::WindowSize { rows: 24, cols: 80 };
 
 /// A duration flag in milliseconds (the error names the value, as it always did).
 fn millis(v: Option<&str>) -> anyhow::Result<Option<u64>> {
@@ -157,15 +171,25 @@ pub(crate) fn request(global: &Global, args: &RunArgs) -> anyhow::Result<RunRequ
         force_driver_injection: args.force_driver_injection,
         pod_slots: 0,
         etc_files: Vec::new(),
+        terminal: args.tty,
+        window: args.tty.then(|| {
+            let (i, o) = (std::io::stdin(), std::io::stdout());
+            gpucell_sandbox::window_size(o.as_fd())
+                .or_else(|| gpucell_sandbox::window_size(i.as_fd()))
+                .unwrap_or(DEFAULT_WINDOW)
+        }),
     })
 }
 
 /// Prints warnings as gpucell always has, and forwards SIGINT/SIGTERM/... to the
-/// workload while the sandbox runs.
+/// workload while the sandbox runs (and SIGWINCH as a resize, with `tty`: the host's
+/// terminal whose size the workload's follows).
 #[derive(Default)]
 struct Terminal {
     signals: Option<SignalForwarder>,
     install_error: Option<String>,
+    tty: Option<OwnedFd>,
+    resizes: Option<ResizeForwarder>,
 }
 
 impl Observer for Terminal {
@@ -174,20 +198,40 @@ impl Observer for Terminal {
     }
 
     fn sandbox_starting(&mut self, events: EventSender) {
-        match SignalForwarder::install(events) {
+        match SignalForwarder::install(events.clone()) {
             Ok(s) => self.signals = Some(s),
             Err(e) => self.install_error = Some(e.to_string()),
+        }
+        if let Some(tty) = self.tty.take() {
+            match ResizeForwarder::install(events, tty) {
+                Ok(r) => self.resizes = Some(r),
+                Err(e) => eprintln!("warning: the terminal's size is not forwarded: {e}"),
+            }
         }
     }
 }
 
-fn session_io() -> SessionIo {
+/// The host's terminal for `-t`: stdin when it is one, else stdout; `None` without one.
+fn host_tty() -> Option<OwnedFd> {
+    let (i, o) = (std::io::stdin(), std::io::stdout());
+    let fd = if i.is_terminal() {
+        i.as_fd()
+    } else if o.is_terminal() {
+        o.as_fd()
+    } else {
+        return None;
+    };
+    fd.try_clone_to_owned().ok()
+}
+
+fn session_io(interactive: bool) -> SessionIo {
     let stdin = std::io::stdin();
     SessionIo {
         stdout: Box::new(std::io::stdout()),
         stderr: Box::new(std::io::stderr()),
-        // Forward stdin unless it is a terminal (no -i/-t yet): pipes and /dev/null work.
-        stdin: if stdin.is_terminal() {
+        // Forward stdin unless it is a terminal and `-i` was not given: pipes and
+        // /dev/null work.
+        stdin: if stdin.is_terminal() && !interactive {
             None
         } else {
             Some(Box::new(stdin))
@@ -207,9 +251,27 @@ pub fn run(global: &Global, args: RunArgs) -> anyhow::Result<u8> {
     if args.dry_run {
         return dry::run(global, &node, req);
     }
-    let mut terminal = Terminal::default();
+    let mut terminal = Terminal {
+        tty: if args.tty { host_tty() } else { None },
+        ..Terminal::default()
+    };
+    // Raw mode for the run, when the workload has a terminal and stdin is one; the
+    // guard restores it on every way out of the run (an error, a panic's unwinding).
+    let raw = match (args.tty, std::io::stdin().is_terminal()) {
+        (true, true) => match RawMode::enter(std::io::stdin().as_fd()) {
+            Ok(g) => Some(g),
+            Err(e) => {
+                eprintln!("warning: the terminal stays as it is: {e}");
+                None
+            }
+        },
+        _ => None,
+    };
     let started = *crate::PROCESS_START.get_or_init(std::time::Instant::now);
-    let report = gpucell_runtime::run_since(&node, req, session_io(), &mut terminal, started);
+    let io = session_io(args.interactive);
+    let report = gpucell_runtime::run_since(&node, req, io, &mut terminal, started);
+    drop(raw);
+    drop(terminal.resizes.take());
     if let Some(e) = terminal.install_error {
         eprintln!("warning: signals are not forwarded to the workload: {e}");
     }

@@ -1,7 +1,8 @@
 //! Exec processes of a task: `ctr task exec` and CRI's `ExecSync`. `exec` records the
 //! process (its OCI process spec and stdio FIFOs); `start` runs it in the task's VM
 //! through the agent ([`gpucell_runtime::exec_in`]); its exit is a `/tasks/exit` event
-//! with the exec's id and answers `wait`. A terminal is refused: no tty reaches the guest.
+//! with the exec's id and answers `wait`. With a terminal, the process gets a pty in the
+//! guest (its output on stdout; containerd sends no stderr) and `ResizePty` sizes it.
 
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -36,9 +37,6 @@ impl ExecProc {
 /// The exec's process spec (OCI `Process` JSON, as containerd sends it) in the agent's
 /// terms; the errors say what is wrong with it.
 pub(super) fn proc_spec(req: &api::ExecProcessRequest) -> Result<ProcSpec, String> {
-    if req.terminal {
-        return Err("a terminal (-t/--tty) is not supported: gpucell passes no tty into the VM; run the exec without one".into());
-    }
     let any = req
         .spec
         .as_ref()
@@ -49,17 +47,22 @@ pub(super) fn proc_spec(req: &api::ExecProcessRequest) -> Result<ProcSpec, Strin
     if args.first().is_none_or(|a| a.is_empty()) {
         return Err("the process spec has an empty args: give the exec a command".into());
     }
-    if p.terminal().unwrap_or(false) {
-        return Err(
-            "the process spec asks for a terminal: gpucell passes no tty into the VM".into(),
-        );
-    }
+    let terminal = req.terminal || p.terminal().unwrap_or(false);
+    let window = p.console_size().as_ref().and_then(|b| {
+        let size = gpucell_protocol::WindowSize {
+            rows: u16::try_from(b.height()).ok()?,
+            cols: u16::try_from(b.width()).ok()?,
+        };
+        size.problem().is_none().then_some(size)
+    });
     Ok(ProcSpec {
         args,
         env: p.env().clone().unwrap_or_default(),
         cwd: p.cwd().to_string_lossy().into_owned(),
         user: format!("{}:{}", p.user().uid(), p.user().gid()),
         container: None,
+        terminal,
+        window: window.filter(|_| terminal),
     })
 }
 
@@ -104,7 +107,7 @@ impl TaskService {
                     stdin: req.stdin.clone(),
                     stdout: req.stdout.clone(),
                     stderr: req.stderr.clone(),
-                    terminal: false,
+                    terminal: req.terminal,
                 },
                 spec: Mutex::new(Some(spec)),
                 phase: Mutex::new(Phase::Created),
@@ -199,6 +202,22 @@ impl TaskService {
         gpucell_runtime::exec_in(&sandbox, spec, io)
             .map(Arc::new)
             .map_err(|err| gpucell_runtime::error_chain(&err))
+    }
+
+    /// Sets the size of exec `exec_id`'s terminal; one not started yet ignores it.
+    pub(super) fn resize_exec(
+        &self,
+        c: &Container,
+        exec_id: &str,
+        rows: u16,
+        cols: u16,
+    ) -> TtrpcResult<Result<(), String>> {
+        let e = self.get_exec(c, exec_id)?;
+        let handle = lock(&e.handle).clone();
+        Ok(match handle {
+            Some(h) => h.resize(rows, cols).map_err(|e| e.to_string()),
+            None => Ok(()),
+        })
     }
 
     /// Records an exec's exit and tells containerd (`/tasks/exit` with the exec's id).

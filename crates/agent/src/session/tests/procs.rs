@@ -10,6 +10,8 @@ fn exec_spec(script: &str) -> ProcSpec {
         cwd: "/tmp".into(),
         user: String::new(),
         container: None,
+        terminal: false,
+        window: None,
     }
 }
 
