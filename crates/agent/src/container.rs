@@ -27,9 +27,11 @@ use crate::users::{self, Ids, UserError};
 
 mod exec;
 mod pod;
+mod volumes;
 pub use exec::spawn_exec;
 pub use pod::spawn_holder;
 use pod::{wait_for_disk, HOTPLUG_WAIT, SYS_BLOCK};
+pub use volumes::{stage as stage_volumes, VolumeMount, EMPTY_DIR_BASE};
 
 const IMAGE_DIR: &str = "/mnt/image";
 const RW_DIR: &str = "/mnt/rw";
@@ -71,6 +73,8 @@ pub enum ContainerError {
     Sys(&'static str, #[source] Errno),
     #[error("starting the workload failed: {0}")]
     Child(String),
+    #[error("{0}")]
+    Volume(String),
 }
 
 fn mnt(
@@ -244,6 +248,8 @@ pub struct Prepared {
     ids: Ids,
     /// The driver's device nodes and params, made in the child (`inject::apply_devices`).
     devices: Option<DeviceSetup>,
+    /// The volumes bound into the root by the child (`volumes::bind`).
+    volumes: Vec<VolumeMount>,
 }
 
 impl Prepared {
@@ -251,6 +257,12 @@ impl Prepared {
     /// `inject`; phase 1 has run on the root already).
     pub fn with_devices(mut self, devices: Option<DeviceSetup>) -> Self {
         self.devices = devices;
+        self
+    }
+
+    /// The volumes the child binds into the root before it enters it.
+    pub fn with_volumes(mut self, volumes: Vec<VolumeMount>) -> Self {
+        self.volumes = volumes;
         self
     }
 }
@@ -324,6 +336,7 @@ pub fn prepare(root: &Path, spec: &RunSpec) -> Result<Prepared, ContainerError> 
         hostname: spec.hostname.chars().take(64).collect(),
         ids,
         devices: None,
+        volumes: Vec::new(),
     })
 }
 
@@ -473,6 +486,10 @@ fn child_main(p: &Prepared, fds: [i32; 3]) -> Result<(), String> {
         inject::apply_devices(devices, root, &mut RealOps)
             .map_err(|e| format!("the NVIDIA driver in the container: {}", crate::chain(&e)))?;
     }
+    // After the container's own /dev and /tmp: a volume below them lands on them.
+    for v in &p.volumes {
+        volumes::bind(root, v)?;
+    }
 
     unistd::chdir(root).map_err(sys("chdir to the container root"))?;
     unistd::pivot_root(".", ".").map_err(sys("pivot_root into the container root"))?;
@@ -585,6 +602,7 @@ mod tests {
             gpu: None,
             pod_sandbox: false,
             etc_files: Vec::new(),
+            volumes: Vec::new(),
         }
     }
 

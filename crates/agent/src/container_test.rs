@@ -508,6 +508,7 @@ fn run_in_container(
         gpu: None,
         pod_sandbox: false,
         etc_files: Vec::new(),
+        volumes: Vec::new(),
     };
     let prepared = container::prepare(root, &spec)?.with_devices(devices.cloned());
     let t = Instant::now();

@@ -29,6 +29,7 @@ fn spec(args: &[&str], user: &str) -> RunSpec {
         gpu: None,
         pod_sandbox: false,
         etc_files: Vec::new(),
+        volumes: Vec::new(),
     }
 }
 

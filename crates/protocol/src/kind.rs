@@ -3,6 +3,10 @@
 
 /// Largest JSON payload of a control message (a run spec with a big environment fits).
 pub const MAX_CONTROL_PAYLOAD: usize = 256 * 1024;
+/// Largest JSON payload of a `Run` or `ContainerAdd`: its volumes' files travel in it
+/// (at most 16 MiB, base64-encoded, plus the entries' JSON). Only the host sends these
+/// kinds; a guest that sends one to the host ends its session.
+pub const MAX_RUN_PAYLOAD: usize = 24 << 20;
 /// Largest raw payload of one stdout/stderr/stdin chunk.
 pub const MAX_DATA_PAYLOAD: usize = 64 * 1024;
 
@@ -80,6 +84,7 @@ impl Kind {
             Kind::ProcStdin | Kind::ProcStdout | Kind::ProcStderr => PROC_ID_LEN + MAX_DATA_PAYLOAD,
             Kind::ProcStdinEof => PROC_ID_LEN,
             Kind::StdinEof | Kind::Shutdown => 0,
+            Kind::Run | Kind::ContainerAdd => MAX_RUN_PAYLOAD,
             _ => MAX_CONTROL_PAYLOAD,
         }
     }

@@ -81,6 +81,9 @@ pub struct RunSpec {
     /// `hosts` and `hostname`, which the orchestrator writes for each pod).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub etc_files: Vec<EtcFile>,
+    /// The container's volumes (checked by [`crate::volumes_problem`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<crate::Volume>,
 }
 
 /// A file written into the container's `/etc`: `name` is one of [`ETC_FILE_NAMES`],
@@ -528,6 +531,7 @@ mod tests {
             gpu: None,
             pod_sandbox: false,
             etc_files: Vec::new(),
+            volumes: Vec::new(),
         }
     }
 

@@ -133,6 +133,7 @@ mod tests {
             gpu: None,
             pod_sandbox: false,
             etc_files: Vec::new(),
+            volumes: Vec::new(),
         }
     }
 

@@ -141,6 +141,10 @@ pub struct RunRequest {
     /// `hosts` and `hostname`, from its orchestrator), over the image's.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub etc_files: Vec<gpucell_protocol::EtcFile>,
+    /// The container's volumes (a pod's ConfigMaps, Secrets, emptyDirs...: docs/shim.md),
+    /// within the limits of `gpucell_protocol::volumes_problem`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<gpucell_protocol::Volume>,
 }
 
 fn is_zero(n: &u8) -> bool {
@@ -212,6 +216,7 @@ impl RunRequest {
             force_driver_injection: false,
             pod_slots: 0,
             etc_files: Vec::new(),
+            volumes: Vec::new(),
         }
     }
 
@@ -244,6 +249,9 @@ impl RunRequest {
             if let Some(problem) = f.problem() {
                 return Err(RequestError::field("etc_files", problem));
             }
+        }
+        if let Some(problem) = gpucell_protocol::volumes_wire_problem(&self.volumes) {
+            return Err(RequestError::field("volumes", problem));
         }
         for e in &self.env {
             check_env(e)?;

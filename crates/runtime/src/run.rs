@@ -318,6 +318,7 @@ pub(crate) fn spec_for(
     let no_env = |_: &str| None;
     let mut spec = spec::build_spec(&defaults, &overrides, &no_env, rootfs, default_hostname)?;
     spec.etc_files = r.etc_files.clone();
+    spec.volumes = r.volumes.clone();
     Ok(spec)
 }
 

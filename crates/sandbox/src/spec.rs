@@ -213,6 +213,7 @@ pub fn build_spec(
         gpu: None,
         pod_sandbox: false,
         etc_files: Vec::new(),
+        volumes: Vec::new(),
     };
     let size = serde_json::to_vec(&spec)
         .map(|v| v.len())

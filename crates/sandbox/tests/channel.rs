@@ -34,6 +34,7 @@ fn spec() -> RunSpec {
         gpu: None,
         pod_sandbox: false,
         etc_files: Vec::new(),
+        volumes: Vec::new(),
     }
 }
 

@@ -33,6 +33,7 @@ fn spec() -> RunSpec {
         gpu: None,
         pod_sandbox: false,
         etc_files: Vec::new(),
+        volumes: Vec::new(),
     }
 }
 

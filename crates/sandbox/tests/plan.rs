@@ -288,6 +288,7 @@ fn spec(args: &[&str], fstype: &str) -> RunSpec {
         gpu: None,
         pod_sandbox: false,
         etc_files: Vec::new(),
+        volumes: Vec::new(),
     }
 }
 

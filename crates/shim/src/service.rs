@@ -110,10 +110,7 @@ impl Shim for GpucellShim {
     /// Starts the pod's server, or answers with the address of the one already serving
     /// the pod (tasks of one CRI sandbox share a shim).
     async fn start_shim(&mut self, opts: StartOpts) -> Result<String, Error> {
-        let grouping = match TaskSpec::load(Path::new(".")) {
-            Ok(spec) => spec.pod_id(&opts.id).to_string(),
-            Err(_) => opts.id.clone(),
-        };
+        let grouping = crate::bundle::pod_of(Path::new("."), &opts.id);
         let address = spawn(opts, &grouping, Vec::new()).await?;
         // containerd reads the address from here after a restart.
         tokio::fs::write("address", &address)

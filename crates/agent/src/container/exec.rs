@@ -62,6 +62,7 @@ fn as_run_spec(spec: &ProcSpec) -> RunSpec {
         gpu: None,
         pod_sandbox: false,
         etc_files: Vec::new(),
+        volumes: Vec::new(),
     }
 }
 

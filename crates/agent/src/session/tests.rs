@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use gpucell_protocol::{
     DeviceInfo, DeviceMatch, ExitStatus, FrameError, FrameReader, FrameWriter, FromGuest, FromHost,
-    GuestHello, HostHello, Kind, ProcSpec, RootfsSpec, RunSpec, MAX_CONTROL_PAYLOAD,
-    MAX_DATA_PAYLOAD, PROTOCOL_VERSION,
+    GuestHello, HostHello, Kind, ProcSpec, RootfsSpec, RunSpec, MAX_DATA_PAYLOAD, MAX_RUN_PAYLOAD,
+    PROTOCOL_VERSION,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -360,6 +360,7 @@ fn spec(script: &str) -> RunSpec {
         gpu: None,
         pod_sandbox: false,
         etc_files: Vec::new(),
+        volumes: Vec::new(),
     }
 }
 
@@ -564,7 +565,7 @@ fn a_hostile_handshake_is_refused_with_a_clear_error() {
         format!(r#"{{"version":{PROTOCOL_VERSION}}}"#).as_bytes(),
     );
     let oversized_run = {
-        let len = u32::try_from(MAX_CONTROL_PAYLOAD + 2).unwrap();
+        let len = u32::try_from(MAX_RUN_PAYLOAD + 2).unwrap();
         let mut f = len.to_be_bytes().to_vec();
         f.push(Kind::Run as u8);
         f
@@ -574,7 +575,7 @@ fn a_hostile_handshake_is_refused_with_a_clear_error() {
         (
             "another version",
             frame(Kind::HostHello as u8, br#"{"version":99}"#),
-            "host speaks protocol version 99, the agent 2",
+            "host speaks protocol version 99, the agent 3",
         ),
         (
             "run before hello",
@@ -609,7 +610,7 @@ fn a_hostile_handshake_is_refused_with_a_clear_error() {
         (
             "an oversized run",
             [hello.clone(), oversized_run].concat(),
-            "channel: frame of kind Run announces 262145 payload bytes, over the limit of 262144",
+            "channel: frame of kind Run announces 25165825 payload bytes, over the limit of 25165824",
         ),
         (
             "a truncated frame",

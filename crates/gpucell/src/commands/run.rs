@@ -157,6 +157,7 @@ pub(crate) fn request(global: &Global, args: &RunArgs) -> anyhow::Result<RunRequ
         force_driver_injection: args.force_driver_injection,
         pod_slots: 0,
         etc_files: Vec::new(),
+        volumes: Vec::new(),
     })
 }
 
