@@ -357,6 +357,15 @@ mod tests {
             (|r| r.devices.pin_cpus = true, "devices.pin_cpus"),
             (
                 |r| {
+                    r.volumes = vec![gpucell_protocol::Volume {
+                        destination: "/a/../etc".into(),
+                        source: gpucell_protocol::VolumeSource::ScratchFile,
+                    }]
+                },
+                "volumes",
+            ),
+            (
+                |r| {
                     r.network.mode = Some(gpucell_net::NetworkMode::None);
                     r.network.publish = vec!["80:80".parse().unwrap()];
                 },
