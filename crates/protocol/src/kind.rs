@@ -114,7 +114,9 @@ mod tests {
     #[test]
     fn only_a_run_or_an_added_container_may_be_large() {
         for b in 0..=u8::MAX {
-            let Some(k) = Kind::from_byte(b) else { continue };
+            let Some(k) = Kind::from_byte(b) else {
+                continue;
+            };
             let big = matches!(k, Kind::Run | Kind::ContainerAdd);
             assert_eq!(k.payload_limit() == MAX_RUN_PAYLOAD, big, "{k:?}");
             assert!(!big || k.is_from_host(), "{k:?}");

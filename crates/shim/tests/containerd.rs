@@ -317,14 +317,20 @@ fn run_prints_output_and_returns_the_exit_code(env: &Env) {
     assert_ne!(out.status.code(), Some(0));
 }
 
-/// `ctr run --mount` of a kubelet-like Secret (its `..data` layout) and emptyDir: the
-/// secret's key is read, read-only; the emptyDir is writable. A plain host directory is
+/// `ctr run --mount` of a kubelet-like Secret (its `..data` layout, 3 MiB: a run frame
+/// over the 256 KiB of other control frames) and emptyDir: the secret's keys are read,
+/// read-only; the emptyDir is writable. A plain host directory is
 /// refused, by name.
 fn ctr_run_mounts(env: &Env) {
     let vols = env.p("kubelet/pods/u1/volumes");
     let tok = vols.join("kubernetes.io~secret/tok");
     std::fs::create_dir_all(tok.join("..2026_12_03_11_00_00.1")).unwrap();
     std::fs::write(tok.join("..2026_12_03_11_00_00.1/token"), "sekrit\n").unwrap();
+    // Three files of the most one file may have: the run frame is over 3 MiB.
+    for i in 0..3 {
+        let blob = tok.join(format!("..2026_12_03_11_00_00.1/blob{i}"));
+        std::fs::write(blob, vec![b'b'; gpucell_protocol::MAX_VOLUME_FILE as usize]).unwrap();
+    }
     std::os::unix::fs::symlink("..2026_12_03_11_00_00.1", tok.join("..data")).unwrap();
     std::os::unix::fs::symlink("..data/token", tok.join("token")).unwrap();
     let scratch = vols.join("kubernetes.io~empty-dir/scratch");
@@ -345,13 +351,14 @@ fn ctr_run_mounts(env: &Env) {
         &[
             "sh",
             "-c",
-            "cat /var/run/secrets/tok/token; echo w > /scratch/f && cat /scratch/f; \
+            "cat /var/run/secrets/tok/token; cat /var/run/secrets/tok/..data/blob* | wc -c; \
+             echo w > /scratch/f && cat /scratch/f; \
              touch /var/run/secrets/tok/x 2>/dev/null && echo writable || echo read-only",
         ],
     );
     assert_eq!(
         (out.status.code(), text(&out.stdout).as_str()),
-        (Some(0), "sekrit\nw\nread-only\n"),
+        (Some(0), "sekrit\n3145728\nw\nread-only\n"),
         "stderr: {}\n{}",
         text(&out.stderr),
         env.log()
