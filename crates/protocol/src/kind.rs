@@ -4,8 +4,9 @@
 /// Largest JSON payload of a control message (a run spec with a big environment fits).
 pub const MAX_CONTROL_PAYLOAD: usize = 256 * 1024;
 /// Largest JSON payload of a `Run` or `ContainerAdd`: its volumes' files travel in it
-/// (at most 16 MiB, base64-encoded, plus the entries' JSON). Only the host sends these
-/// kinds; a guest that sends one to the host ends its session.
+/// (at most 16 MiB, base64-encoded, plus the entries' JSON). Only the agent's reader
+/// takes them that large (`FrameReader::taking_runs`); any other holds them to
+/// [`MAX_CONTROL_PAYLOAD`], so a guest cannot make the host allocate more.
 pub const MAX_RUN_PAYLOAD: usize = 24 << 20;
 /// Largest raw payload of one stdout/stderr/stdin chunk.
 pub const MAX_DATA_PAYLOAD: usize = 64 * 1024;
