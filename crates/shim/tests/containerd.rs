@@ -341,24 +341,27 @@ fn ctr_run_mounts(env: &Env) {
             src.display()
         )
     };
-    let (m1, m2) = (
+    let (m1, m2, m3) = (
         mount(&tok, "/var/run/secrets/tok", "ro"),
         mount(&scratch, "/scratch", "rw"),
+        // One key alone (a subPath): a file mount.
+        mount(&tok.join("token"), "/etc/token", "ro"),
     );
     let out = env.run(
-        &["--rm", "--mount", &m1, "--mount", &m2],
+        &["--rm", "--mount", &m1, "--mount", &m2, "--mount", &m3],
         "t1v",
         &[
             "sh",
             "-c",
             "cat /var/run/secrets/tok/token; cat /var/run/secrets/tok/..data/blob* | wc -c; \
+             cat /etc/token; \
              echo w > /scratch/f && cat /scratch/f; \
              touch /var/run/secrets/tok/x 2>/dev/null && echo writable || echo read-only",
         ],
     );
     assert_eq!(
         (out.status.code(), text(&out.stdout).as_str()),
-        (Some(0), "sekrit\n3145728\nw\nread-only\n"),
+        (Some(0), "sekrit\n3145728\nsekrit\nw\nread-only\n"),
         "stderr: {}\n{}",
         text(&out.stderr),
         env.log()
@@ -428,12 +431,30 @@ fn exec_in_a_running_task(env: &Env, id: &str) {
         "{}",
         text(&exec.stderr)
     );
-    let long = env
-        .ctr_cmd(&["tasks", "exec", "--exec-id", "e2", id, "sleep", "600"])
+    let mut long = env
+        .ctr_cmd(&[
+            "tasks",
+            "exec",
+            "--exec-id",
+            "e2",
+            id,
+            "sh",
+            "-c",
+            "echo e2-started; exec sleep 600",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // A kill between the exec's create and its start would end it unstarted (as runc
+    // does) and fail ctr's start: wait until it runs.
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(long.stdout.as_mut().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    assert_eq!(first, "e2-started\n");
     // Refused until the exec is known and started.
     env.wait_for("exec e2 to take SIGKILL", Duration::from_secs(60), || {
         let killed = env.ctr(&["tasks", "kill", "--exec-id", "e2", "-s", "SIGKILL", id]);

@@ -583,7 +583,8 @@ fn cri_containers_of_a_pod_share_its_vm() {
         } else {
             "for i in $(seq 60); do [ -f /cache/from-c1 ] && break; sleep 1; done; \
              echo c2-cache:$(cat /cache/from-c1); echo c2-cfg:$(cat /etc/cfg/game.conf); \
-             touch /etc/cfg/x 2>/dev/null && echo c2-cfg:writable || echo c2-cfg:read-only"
+             touch /etc/cfg/x 2>/dev/null && echo c2-cfg:writable || echo c2-cfg:read-only; \
+             echo bye > /dev/termination-log && echo c2-term:$(cat /dev/termination-log)"
         };
         format!(
             "{volumes}; echo boot:$(cat /proc/sys/kernel/random/boot_id); echo {name}:$(hostname); \
@@ -619,6 +620,7 @@ fn cri_containers_of_a_pod_share_its_vm() {
                     "c2-cache:shared-by-c1",
                     "c2-cfg:lives=3",
                     "c2-cfg:read-only",
+                    "c2-term:bye",
                 ]
                 .map(String::from),
             );
@@ -693,8 +695,8 @@ fn cri_containers_of_a_pod_share_its_vm() {
     env.assert_clean();
 }
 
-/// A ConfigMap (the kubelet's `..data` layout) and an emptyDir under a kubelet-like
-/// pod directory of the test's own, as the CRI mounts of a container.
+/// A ConfigMap (the kubelet's `..data` layout), an emptyDir and a termination log under
+/// a kubelet-like pod directory of the test's own, as the CRI mounts of a container.
 fn kubelet_volumes(env: &Env) -> Vec<Mount> {
     let vols = env.p("kubelet/pods/uid-p4/volumes");
     let cfg = vols.join("kubernetes.io~configmap/cfg");
@@ -711,9 +713,13 @@ fn kubelet_volumes(env: &Env) -> Vec<Mount> {
         readonly,
         ..Default::default()
     };
+    let log = env.p("kubelet/pods/uid-p4/containers/c/0");
+    std::fs::create_dir_all(log.parent().unwrap()).unwrap();
+    std::fs::write(&log, "").unwrap();
     vec![
         mount("/etc/cfg", &cfg, true),
         mount("/cache", &cache, false),
+        mount("/dev/termination-log", &log, false),
     ]
 }
 

@@ -164,6 +164,22 @@ fn write_file(path: &Path, mode: u32, data: &[u8]) -> std::io::Result<()> {
 /// In the container's child, before it enters `root`: binds `v` at its destination
 /// resolved inside `root`, read-only when it says so.
 pub fn bind(root: &Path, v: &VolumeMount) -> Result<(), String> {
+    let target = mount_point(root, v)?;
+    let m = |flags: MsFlags| {
+        mount(Some(&v.source), &target, None::<&str>, flags, None::<&str>)
+            .map_err(|e| format!("binding the volume at {}: {e}", v.destination))
+    };
+    m(MsFlags::MS_BIND)?;
+    let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    if v.read_only {
+        flags |= MsFlags::MS_RDONLY;
+    }
+    m(flags)
+}
+
+/// The mount point of `v` under `root`, made (a file for a file volume): its
+/// destination resolved as the container would see it, symlinks kept inside `root`.
+fn mount_point(root: &Path, v: &VolumeMount) -> Result<PathBuf, String> {
     let target = rootpath::resolve(root, "/", &v.destination)
         .map_err(|e| format!("the volume at {}: {e}", v.destination))?;
     let made = if v.file {
@@ -187,16 +203,7 @@ pub fn bind(root: &Path, v: &VolumeMount) -> Result<(), String> {
             v.destination
         )
     })?;
-    let m = |flags: MsFlags| {
-        mount(Some(&v.source), &target, None::<&str>, flags, None::<&str>)
-            .map_err(|e| format!("binding the volume at {}: {e}", v.destination))
-    };
-    m(MsFlags::MS_BIND)?;
-    let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-    if v.read_only {
-        flags |= MsFlags::MS_RDONLY;
-    }
-    m(flags)
+    Ok(target)
 }
 
 #[cfg(test)]
@@ -320,5 +327,29 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("not a directory of the volume"), "{err}");
+    }
+
+    #[test]
+    fn an_images_symlinks_keep_mount_points_inside_its_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let outside = dir.path().join("outside");
+        fs::create_dir_all(root.join("etc")).unwrap();
+        fs::create_dir_all(&outside).unwrap();
+        // The image points /etc/cfg and /run at the guest's own directories.
+        symlink(&outside, root.join("etc/cfg")).unwrap();
+        symlink("../../..", root.join("run")).unwrap();
+        let v = |dest: &str, file: bool| VolumeMount {
+            source: PathBuf::from("/unused"),
+            destination: dest.into(),
+            read_only: true,
+            file,
+        };
+        let p = mount_point(&root, &v("/etc/cfg/game", false)).unwrap();
+        assert!(p.starts_with(&root) && p.is_dir(), "{}", p.display());
+        let p = mount_point(&root, &v("/run/secrets/token", true)).unwrap();
+        assert_eq!(p, root.join("secrets/token"));
+        assert!(p.is_file());
+        assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
     }
 }
