@@ -39,10 +39,10 @@ pub use proc::{
     MAX_PROCS,
 };
 pub use volume::{
-    is_plain_relative, valid_empty_dir_name, volumes_problem, volumes_wire_problem, Volume,
-    VolumeEntry, VolumeNode, VolumeSource, MAX_CONTAINER_VOLUME_BYTES, MAX_EMPTY_DIR_NAME,
-    MAX_VOLUMES, MAX_VOLUMES_JSON, MAX_VOLUME_BYTES, MAX_VOLUME_ENTRIES, MAX_VOLUME_FILE,
-    MAX_VOLUME_PATH,
+    destination_problem, is_plain_relative, valid_empty_dir_name, volumes_problem,
+    volumes_wire_problem, Volume, VolumeEntry, VolumeNode, VolumeSource,
+    MAX_CONTAINER_VOLUME_BYTES, MAX_EMPTY_DIR_NAME, MAX_VOLUMES, MAX_VOLUMES_JSON,
+    MAX_VOLUME_BYTES, MAX_VOLUME_ENTRIES, MAX_VOLUME_FILE, MAX_VOLUME_PATH,
 };
 
 /// Version of the wire protocol. Bumped on any incompatible change.

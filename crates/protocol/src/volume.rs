@@ -125,20 +125,19 @@ fn short(s: &str) -> String {
     s.chars().take(128).collect()
 }
 
-impl Volume {
-    /// What is wrong with the destination, if anything: it must be absolute, with plain
-    /// components, and not `/`.
-    fn destination_problem(&self) -> Option<String> {
-        let d = &self.destination;
-        let rel = d.strip_prefix('/').unwrap_or("");
-        (!d.starts_with('/') || !is_plain_relative(rel.trim_end_matches('/'))).then(|| {
-            format!(
-                "the volume destination {:?} must be an absolute path below / without `.` or `..`",
-                short(d)
-            )
-        })
-    }
+/// What is wrong with a volume's destination, if anything: it must be absolute, with
+/// plain components, and not `/`.
+pub fn destination_problem(d: &str) -> Option<String> {
+    let rel = d.strip_prefix('/').unwrap_or("");
+    (!d.starts_with('/') || !is_plain_relative(rel.trim_end_matches('/'))).then(|| {
+        format!(
+            "the volume destination {:?} must be an absolute path below / without `.` or `..`",
+            short(d)
+        )
+    })
+}
 
+impl Volume {
     /// The destination without a trailing `/`.
     pub fn target(&self) -> &str {
         let t = self.destination.trim_end_matches('/');
@@ -230,7 +229,7 @@ pub fn volumes_problem(volumes: &[Volume]) -> Option<String> {
     let mut dests = HashSet::new();
     let mut totals = Totals::default();
     for v in volumes {
-        if let Some(p) = v.destination_problem() {
+        if let Some(p) = destination_problem(&v.destination) {
             return Some(p);
         }
         if !dests.insert(v.target()) {

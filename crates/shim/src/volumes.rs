@@ -32,11 +32,15 @@ const AGENT_OWNED: [&str; 4] = [
 
 /// A bind mount gpucell will not or cannot give the VM.
 #[derive(Debug, thiserror::Error)]
-#[error("the OCI spec's bind mount of {} on {}: {problem}", source_path.display(), destination.display())]
-pub struct MountError {
-    pub destination: PathBuf,
-    pub source_path: PathBuf,
-    pub problem: String,
+pub enum MountError {
+    #[error("the OCI spec's bind mount of {} on {}: {problem}", source_path.display(), destination.display())]
+    Mount {
+        destination: PathBuf,
+        source_path: PathBuf,
+        problem: String,
+    },
+    #[error("the OCI spec's volumes: {0}")]
+    Volumes(String),
 }
 
 /// What a bind mount's source is, by the kubelet's path.
@@ -133,11 +137,14 @@ pub fn from_spec(spec: &Spec) -> Result<Vec<Volume>, MountError> {
             continue;
         }
         let source = m.source().clone().unwrap_or_default();
-        let fail = |problem: String| MountError {
+        let fail = |problem: String| MountError::Mount {
             destination: dest.clone(),
             source_path: source.clone(),
             problem,
         };
+        if let Some(problem) = gpucell_protocol::destination_problem(&dest.to_string_lossy()) {
+            return Err(fail(problem));
+        }
         let volume = if dest_str == TERMINATION_LOG {
             VolumeSource::ScratchFile
         } else {
@@ -157,11 +164,7 @@ pub fn from_spec(spec: &Spec) -> Result<Vec<Volume>, MountError> {
         });
     }
     if let Some(problem) = gpucell_protocol::volumes_problem(&out) {
-        return Err(MountError {
-            destination: PathBuf::new(),
-            source_path: PathBuf::new(),
-            problem,
-        });
+        return Err(MountError::Volumes(problem));
     }
     Ok(out)
 }
@@ -530,6 +533,13 @@ mod tests {
             )
         );
         assert_eq!(kinds[2], (TERMINATION_LOG, &VolumeSource::ScratchFile));
+        let err = from_spec(&spec_with(&bind("data/../x", &cache)))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("data/../x") && err.contains("absolute path"),
+            "{err}"
+        );
         let host = dir.path().join("srv");
         let err = from_spec(&spec_with(&bind("/data", &host)))
             .unwrap_err()
