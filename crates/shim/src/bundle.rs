@@ -131,6 +131,18 @@ pub fn pod_of(bundle: &Path, task_id: &str) -> String {
         .unwrap_or_else(|| task_id.to_owned())
 }
 
+/// The rootfs directory of the bundle's spec (`root.path` against the bundle), from
+/// the spec alone: nothing else is read (a volume's source may be gone by then).
+pub fn root_of(bundle: &Path) -> Option<PathBuf> {
+    let spec = Spec::load(bundle.join("config.json")).ok()?;
+    let root = spec
+        .root()
+        .as_ref()
+        .map(|r| r.path().clone())
+        .unwrap_or_else(|| PathBuf::from("rootfs"));
+    Some(bundle.join(root))
+}
+
 impl TaskSpec {
     /// Reads `<bundle>/config.json`.
     pub fn load(bundle: &Path) -> Result<TaskSpec, BundleError> {
@@ -470,6 +482,7 @@ mod tests {
         assert!(TaskSpec::load(dir.path()).is_err());
         assert_eq!(pod_of(dir.path(), "c1"), "sb9");
         assert_eq!(pod_of(&dir.path().join("none"), "c1"), "c1");
+        assert_eq!(root_of(dir.path()), Some(dir.path().join("rootfs")));
     }
 
     #[test]
