@@ -28,10 +28,12 @@ use crate::users::{self, Ids, UserError};
 mod exec;
 mod pod;
 mod tty;
+mod volumes;
 pub use exec::spawn_exec;
 pub use pod::spawn_holder;
 use pod::{wait_for_disk, HOTPLUG_WAIT, SYS_BLOCK};
 pub use tty::{eof_char, set_size};
+pub use volumes::{stage as stage_volumes, VolumeMount, EMPTY_DIR_BASE};
 
 const IMAGE_DIR: &str = "/mnt/image";
 const RW_DIR: &str = "/mnt/rw";
@@ -73,6 +75,8 @@ pub enum ContainerError {
     Sys(&'static str, #[source] Errno),
     #[error("starting the workload failed: {0}")]
     Child(String),
+    #[error("{0}")]
+    Volume(String),
 }
 
 fn mnt(
@@ -248,6 +252,8 @@ pub struct Prepared {
     devices: Option<DeviceSetup>,
     /// The process gets a terminal of this first size (`Some(None)`: the kernel's).
     terminal: Option<Option<gpucell_protocol::WindowSize>>,
+    /// The volumes bound into the root by the child (`volumes::bind`).
+    volumes: Vec<VolumeMount>,
 }
 
 impl Prepared {
@@ -255,6 +261,12 @@ impl Prepared {
     /// `inject`; phase 1 has run on the root already).
     pub fn with_devices(mut self, devices: Option<DeviceSetup>) -> Self {
         self.devices = devices;
+        self
+    }
+
+    /// The volumes the child binds into the root before it enters it.
+    pub fn with_volumes(mut self, volumes: Vec<VolumeMount>) -> Self {
+        self.volumes = volumes;
         self
     }
 }
@@ -331,6 +343,7 @@ pub fn prepare(root: &Path, spec: &RunSpec) -> Result<Prepared, ContainerError> 
         terminal: spec
             .terminal
             .then(|| spec.window.filter(|w| w.problem().is_none())),
+        volumes: Vec::new(),
     })
 }
 
@@ -570,6 +583,10 @@ fn child_main(p: &Prepared, io: ChildIo) -> Result<(), String> {
         inject::apply_devices(devices, root, &mut RealOps)
             .map_err(|e| format!("the NVIDIA driver in the container: {}", crate::chain(&e)))?;
     }
+    // After the container's own /dev and /tmp: a volume below them lands on them.
+    for v in &p.volumes {
+        volumes::bind(root, v)?;
+    }
 
     unistd::chdir(root).map_err(sys("chdir to the container root"))?;
     unistd::pivot_root(".", ".").map_err(sys("pivot_root into the container root"))?;
@@ -685,6 +702,7 @@ mod tests {
             etc_files: Vec::new(),
             terminal: false,
             window: None,
+            volumes: Vec::new(),
         }
     }
 

@@ -510,6 +510,7 @@ fn run_in_container(
         etc_files: Vec::new(),
         terminal: false,
         window: None,
+        volumes: Vec::new(),
     };
     let prepared = container::prepare(root, &spec)?.with_devices(devices.cloned());
     let t = Instant::now();

@@ -75,7 +75,7 @@ impl Session {
     pub fn new(channel: File) -> std::io::Result<Self> {
         let w = channel.try_clone()?;
         Ok(Self {
-            reader: FrameReader::new(channel),
+            reader: FrameReader::new(channel).taking_runs(),
             writer: FrameWriter::new(w),
         })
     }

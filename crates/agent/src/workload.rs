@@ -23,6 +23,9 @@ use crate::inject::{DeviceSetup, RealOps};
 const PCI_DEVICES: &str = "/sys/bus/pci/devices";
 /// Where the containers added to the pod are mounted, each under its id.
 const POD_DIR: &str = "/mnt/pod";
+/// Where the first container's content volumes are written (an added container's are
+/// under its own directory of [`POD_DIR`]).
+const VOLUMES_DIR: &str = "/mnt/volumes";
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkloadError {
@@ -131,8 +134,11 @@ impl Workload for Pid1 {
         let root = container::mount_rootfs(spec)?;
         crate::net::install_resolv_conf(&root)?;
         crate::net::install_etc_files(&root, &spec.etc_files)?;
+        let volumes = stage_volumes(spec, &Path::new(VOLUMES_DIR).join("main"))?;
         let devices = inject_driver(&root, spec)?;
-        let prepared = container::prepare(&root, spec)?.with_devices(devices);
+        let prepared = container::prepare(&root, spec)?
+            .with_devices(devices)
+            .with_volumes(volumes);
         Ok(container::spawn(&prepared)?)
     }
 
@@ -145,8 +151,12 @@ impl Workload for Pid1 {
         let root = container::mount_rootfs_at(spec, &layout)?;
         crate::net::install_resolv_conf(&root)?;
         crate::net::install_etc_files(&root, &spec.etc_files)?;
+        let own = Path::new(POD_DIR).join(id.to_string()).join("volumes");
+        let volumes = stage_volumes(spec, &own)?;
         let devices = inject_driver(&root, spec)?;
-        let prepared = container::prepare(&root, spec)?.with_devices(devices);
+        let prepared = container::prepare(&root, spec)?
+            .with_devices(devices)
+            .with_volumes(volumes);
         Ok(container::spawn(&prepared)?)
     }
 
@@ -179,6 +189,17 @@ fn inject_driver(root: &Path, spec: &RunSpec) -> Result<Option<DeviceSetup>, Wor
     };
     let paths = gpu_setup::Paths::guest();
     Ok(gpu_setup::prepare(root, &spec.env, req, &paths, &mut RealOps)?.map(|i| i.devices))
+}
+
+/// Writes the content volumes of `spec` under `own` and mounts its emptyDirs (each a
+/// tmpfs as large as the container's writable layer may grow): the binds its child makes.
+fn stage_volumes(spec: &RunSpec, own: &Path) -> Result<Vec<container::VolumeMount>, WorkloadError> {
+    Ok(container::stage_volumes(
+        &spec.volumes,
+        own,
+        Path::new(container::EMPTY_DIR_BASE),
+        spec.overlay_bytes,
+    )?)
 }
 
 /// Reaps every exited child; returns their pids and statuses.

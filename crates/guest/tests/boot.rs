@@ -31,6 +31,7 @@ fn spec(args: &[&str], user: &str) -> RunSpec {
         etc_files: Vec::new(),
         terminal: false,
         window: None,
+        volumes: Vec::new(),
     }
 }
 

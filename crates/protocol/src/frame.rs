@@ -2,7 +2,7 @@
 
 use std::io::{self, Read, Write};
 
-use crate::kind::{Kind, MAX_DATA_PAYLOAD, PROC_ID_LEN};
+use crate::kind::{Kind, MAX_CONTROL_PAYLOAD, MAX_DATA_PAYLOAD, PROC_ID_LEN};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
@@ -46,11 +46,25 @@ pub struct RawFrame {
 /// Reads frames from a byte stream, refusing anything over the limits.
 pub struct FrameReader<R> {
     inner: R,
+    /// `Run` and `ContainerAdd` frames may be as large as their volumes make them
+    /// ([`crate::MAX_RUN_PAYLOAD`]); otherwise they are held to [`MAX_CONTROL_PAYLOAD`],
+    /// so the host, which never reads them, allocates no more for them than for any
+    /// control frame.
+    large_runs: bool,
 }
 
 impl<R: Read> FrameReader<R> {
     pub fn new(inner: R) -> Self {
-        Self { inner }
+        Self {
+            inner,
+            large_runs: false,
+        }
+    }
+
+    /// The agent's reader: it takes `Run` and `ContainerAdd` frames up to their own limit.
+    pub fn taking_runs(mut self) -> Self {
+        self.large_runs = true;
+        self
     }
 
     pub fn get_ref(&self) -> &R {
@@ -78,7 +92,10 @@ impl<R: Read> FrameReader<R> {
         }
         let kind = Kind::from_byte(header[4]).ok_or(FrameError::UnknownKind(header[4]))?;
         let payload_len = len - 1;
-        let limit = kind.payload_limit();
+        let limit = match kind {
+            Kind::Run | Kind::ContainerAdd if !self.large_runs => MAX_CONTROL_PAYLOAD,
+            _ => kind.payload_limit(),
+        };
         if payload_len > limit {
             return Err(FrameError::TooLarge {
                 kind,
@@ -178,7 +195,6 @@ impl<W: Write> FrameWriter<W> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::kind::MAX_CONTROL_PAYLOAD;
 
     #[test]
     fn oversized_length_is_refused_before_allocation() {
@@ -207,5 +223,24 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, FrameError::TooLarge { .. }));
         assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn only_the_agents_reader_takes_a_large_run() {
+        let payload = vec![b' '; MAX_CONTROL_PAYLOAD + 1];
+        let mut buf = Vec::new();
+        FrameWriter::new(&mut buf)
+            .write_frame(Kind::Run, &payload)
+            .unwrap();
+        let err = FrameReader::new(&buf[..]).read_frame().unwrap_err();
+        assert!(
+            matches!(err, FrameError::TooLarge { kind: Kind::Run, limit, .. } if limit == MAX_CONTROL_PAYLOAD),
+            "{err}"
+        );
+        let got = FrameReader::new(&buf[..])
+            .taking_runs()
+            .read_frame()
+            .unwrap();
+        assert_eq!(got.payload.len(), payload.len());
     }
 }

@@ -3,6 +3,11 @@
 
 /// Largest JSON payload of a control message (a run spec with a big environment fits).
 pub const MAX_CONTROL_PAYLOAD: usize = 256 * 1024;
+/// Largest JSON payload of a `Run` or `ContainerAdd`: its volumes' files travel in it
+/// (at most 16 MiB, base64-encoded, plus the entries' JSON). Only the agent's reader
+/// takes them that large (`FrameReader::taking_runs`); any other holds them to
+/// [`MAX_CONTROL_PAYLOAD`], so a guest cannot make the host allocate more.
+pub const MAX_RUN_PAYLOAD: usize = 24 << 20;
 /// Largest raw payload of one stdout/stderr/stdin chunk.
 pub const MAX_DATA_PAYLOAD: usize = 64 * 1024;
 
@@ -86,6 +91,7 @@ impl Kind {
             Kind::ProcStdinEof => PROC_ID_LEN,
             Kind::StdinEof | Kind::Shutdown => 0,
             Kind::Resize => MAX_RESIZE_PAYLOAD,
+            Kind::Run | Kind::ContainerAdd => MAX_RUN_PAYLOAD,
             _ => MAX_CONTROL_PAYLOAD,
         }
     }
@@ -110,5 +116,17 @@ mod tests {
             }
         }
         assert_eq!(kinds, 26);
+    }
+
+    #[test]
+    fn only_a_run_or_an_added_container_may_be_large() {
+        for b in 0..=u8::MAX {
+            let Some(k) = Kind::from_byte(b) else {
+                continue;
+            };
+            let big = matches!(k, Kind::Run | Kind::ContainerAdd);
+            assert_eq!(k.payload_limit() == MAX_RUN_PAYLOAD, big, "{k:?}");
+            assert!(!big || k.is_from_host(), "{k:?}");
+        }
     }
 }

@@ -25,9 +25,12 @@ mod frame;
 mod kind;
 mod message;
 mod proc;
+mod volume;
 
 pub use frame::{FrameError, FrameReader, FrameWriter, RawFrame};
-pub use kind::{Kind, MAX_CONTROL_PAYLOAD, MAX_DATA_PAYLOAD, MAX_RESIZE_PAYLOAD, PROC_ID_LEN};
+pub use kind::{
+    Kind, MAX_CONTROL_PAYLOAD, MAX_DATA_PAYLOAD, MAX_RESIZE_PAYLOAD, MAX_RUN_PAYLOAD, PROC_ID_LEN,
+};
 pub use message::{
     DeviceInfo, DeviceMatch, DriverReport, EtcFile, ExitStatus, FromGuest, FromHost, GpuFacts,
     GpuInjection, GpuReport, GuestHello, HostHello, RootfsSpec, RunSpec, WindowSize,
@@ -37,10 +40,18 @@ pub use proc::{
     valid_disk_serial, ContainerAdd, ProcSpec, ProcStart, DISK_SERIAL_PREFIX, MAX_DISK_SERIAL,
     MAX_PROCS,
 };
+pub use volume::{
+    destination_problem, is_plain_relative, valid_empty_dir_name, volumes_problem,
+    volumes_wire_problem, Volume, VolumeEntry, VolumeNode, VolumeSource,
+    MAX_CONTAINER_VOLUME_BYTES, MAX_EMPTY_DIR_NAME, MAX_VOLUMES, MAX_VOLUMES_JSON,
+    MAX_VOLUME_BYTES, MAX_VOLUME_ENTRIES, MAX_VOLUME_FILE, MAX_VOLUME_PATH,
+};
 
 /// Version of the wire protocol. Bumped on any incompatible change.
 /// 2: processes besides the workload (`Proc*` frames) and `ContainerAdd`.
-/// 3: terminals (`terminal` and `window` in `RunSpec` and `ProcSpec`, `Resize`).
+/// 3: terminals (`terminal` and `window` in `RunSpec` and `ProcSpec`, `Resize`) and a
+/// run's volumes (`RunSpec::volumes`), which make `Run` and `ContainerAdd` frames larger
+/// ([`MAX_RUN_PAYLOAD`]).
 pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Name of the virtio-serial port the agent looks for in the guest

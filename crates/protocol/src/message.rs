@@ -88,6 +88,9 @@ pub struct RunSpec {
     /// The terminal's first size; `None` leaves the kernel's (0x0).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window: Option<WindowSize>,
+    /// The container's volumes (checked by [`crate::volumes_problem`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<crate::Volume>,
 }
 
 /// Largest number of rows or columns of a terminal.
@@ -596,6 +599,7 @@ mod tests {
             etc_files: Vec::new(),
             terminal: false,
             window: None,
+            volumes: Vec::new(),
         }
     }
 

@@ -143,6 +143,7 @@ mod tests {
             etc_files: Vec::new(),
             terminal: false,
             window: None,
+            volumes: Vec::new(),
         }
     }
 

@@ -149,6 +149,10 @@ pub struct RunRequest {
     /// `terminal`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window: Option<gpucell_protocol::WindowSize>,
+    /// The container's volumes (a pod's ConfigMaps, Secrets, emptyDirs...: docs/shim.md),
+    /// within the limits of `gpucell_protocol::volumes_problem`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<gpucell_protocol::Volume>,
 }
 
 fn is_zero(n: &u8) -> bool {
@@ -222,6 +226,7 @@ impl RunRequest {
             etc_files: Vec::new(),
             terminal: false,
             window: None,
+            volumes: Vec::new(),
         }
     }
 
@@ -265,6 +270,9 @@ impl RunRequest {
             if let Some(problem) = w.problem() {
                 return Err(RequestError::field("window", problem));
             }
+        }
+        if let Some(problem) = gpucell_protocol::volumes_wire_problem(&self.volumes) {
+            return Err(RequestError::field("volumes", problem));
         }
         for e in &self.env {
             check_env(e)?;
@@ -378,6 +386,15 @@ mod tests {
                     r.window = Some(gpucell_protocol::WindowSize { rows: 0, cols: 80 });
                 },
                 "window",
+            ),
+            (
+                |r| {
+                    r.volumes = vec![gpucell_protocol::Volume {
+                        destination: "/a/../etc".into(),
+                        source: gpucell_protocol::VolumeSource::ScratchFile,
+                    }]
+                },
+                "volumes",
             ),
             (
                 |r| {

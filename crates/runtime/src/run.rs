@@ -320,6 +320,7 @@ pub(crate) fn spec_for(
     spec.etc_files = r.etc_files.clone();
     spec.terminal = r.terminal;
     spec.window = r.window;
+    spec.volumes = r.volumes.clone();
     Ok(spec)
 }
 

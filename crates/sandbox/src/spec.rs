@@ -215,6 +215,7 @@ pub fn build_spec(
         etc_files: Vec::new(),
         terminal: false,
         window: None,
+        volumes: Vec::new(),
     };
     let size = serde_json::to_vec(&spec)
         .map(|v| v.len())

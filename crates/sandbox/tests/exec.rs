@@ -35,6 +35,7 @@ fn spec() -> RunSpec {
         etc_files: Vec::new(),
         terminal: false,
         window: None,
+        volumes: Vec::new(),
     }
 }
 

@@ -49,6 +49,7 @@ fn spec() -> RunSpec {
         etc_files: Vec::new(),
         terminal: false,
         window: None,
+        volumes: Vec::new(),
     }
 }
 

@@ -290,6 +290,7 @@ fn spec(args: &[&str], fstype: &str) -> RunSpec {
         etc_files: Vec::new(),
         terminal: false,
         window: None,
+        volumes: Vec::new(),
     }
 }
 

@@ -41,6 +41,8 @@ pub enum BundleError {
         from: PathBuf,
         problem: String,
     },
+    #[error(transparent)]
+    Volume(#[from] crate::volumes::MountError),
 }
 
 /// What a task's OCI spec asks for, in the terms of a gpucell run.
@@ -68,6 +70,9 @@ pub struct TaskSpec {
     /// The files bind-mounted on `/etc/resolv.conf`, `/etc/hosts` and `/etc/hostname`
     /// (the CRI writes them for each pod): their contents go into the container.
     pub etc_files: Vec<gpucell_protocol::EtcFile>,
+    /// The other bind mounts, as volumes ([`crate::volumes`]): read-only contents
+    /// snapshotted now, a pod's emptyDirs, the kubelet's termination log.
+    pub volumes: Vec<gpucell_protocol::Volume>,
 }
 
 /// The contents of the regular files the spec bind-mounts on the `/etc` files a run may
@@ -112,6 +117,30 @@ fn etc_files(spec: &Spec) -> Result<Vec<gpucell_protocol::EtcFile>, BundleError>
         out.push(file);
     }
     Ok(out)
+}
+
+/// The pod of the task `task_id` whose bundle is `bundle`, from its spec's annotations
+/// alone (a spec the task's create will refuse still finds its pod's shim, which then
+/// says why); the task's own id when the spec cannot be read.
+pub fn pod_of(bundle: &Path, task_id: &str) -> String {
+    Spec::load(bundle.join("config.json"))
+        .ok()
+        .and_then(|s| s.annotations().clone())
+        .and_then(|a| a.get(SANDBOX_ID_ANNOTATION).cloned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| task_id.to_owned())
+}
+
+/// The rootfs directory of the bundle's spec (`root.path` against the bundle), from
+/// the spec alone: nothing else is read (a volume's source may be gone by then).
+pub fn root_of(bundle: &Path) -> Option<PathBuf> {
+    let spec = Spec::load(bundle.join("config.json")).ok()?;
+    let root = spec
+        .root()
+        .as_ref()
+        .map(|r| r.path().clone())
+        .unwrap_or_else(|| PathBuf::from("rootfs"));
+    Some(bundle.join(root))
 }
 
 impl TaskSpec {
@@ -188,6 +217,7 @@ impl TaskSpec {
             annotations: spec.annotations().clone().unwrap_or_default(),
             netns,
             etc_files: etc_files(spec)?,
+            volumes: crate::volumes::from_spec(spec)?,
         })
     }
 
@@ -248,6 +278,7 @@ impl TaskSpec {
         r.memory_mib = self.memory_mib;
         r.accel = accel;
         r.etc_files = self.etc_files.clone();
+        r.volumes = self.volumes.clone();
         r.guest = self.annotations.get(GUEST_ANNOTATION).cloned();
         r.driver = self.annotations.get(DRIVER_ANNOTATION).cloned();
         // A pod's network belongs to the CRI and its CNI plugins (or to whoever gave the
@@ -390,7 +421,7 @@ mod tests {
     }
 
     #[test]
-    fn the_pods_etc_files_travel_by_content_and_other_mounts_are_left() {
+    fn the_pods_etc_files_travel_by_content_and_mounts_that_are_not_binds_are_left() {
         let dir = tempfile::tempdir().unwrap();
         let resolv = dir.path().join("resolv.conf");
         std::fs::write(
@@ -415,7 +446,7 @@ mod tests {
         let t = with_mounts(
             &[
                 bind("/etc/resolv.conf", &resolv),
-                bind("/data", dir.path()),
+                r#"{"destination":"/run","type":"tmpfs","source":"tmpfs"}"#.to_string(),
                 r#"{"destination":"/proc","type":"proc","source":"proc"}"#.to_string(),
             ]
             .join(","),
@@ -439,6 +470,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("missing"), "{err}");
+    }
+
+    #[test]
+    fn a_refused_spec_still_names_its_pod() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = r#"{"ociVersion":"1.1.0","process":{"args":["true"],"cwd":"/","user":{"uid":0,"gid":0}},
+            "root":{"path":"rootfs"},"annotations":{"io.kubernetes.cri.sandbox-id":"sb9"},
+            "mounts":[{"destination":"/data","type":"bind","source":"/srv","options":["rbind"]}]}"#;
+        std::fs::write(dir.path().join("config.json"), spec).unwrap();
+        assert!(TaskSpec::load(dir.path()).is_err());
+        assert_eq!(pod_of(dir.path(), "c1"), "sb9");
+        assert_eq!(pod_of(&dir.path().join("none"), "c1"), "c1");
+        assert_eq!(root_of(dir.path()), Some(dir.path().join("rootfs")));
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod pod_resources;
 pub mod service;
 pub mod stdio;
 pub mod task;
+pub mod volumes;
 
 pub use service::{GpucellShim, RUNTIME_ID};
 pub use task::TaskService;

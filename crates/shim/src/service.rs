@@ -22,7 +22,6 @@ use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
 use gpucell_host::HostRoot;
 use gpucell_runtime::{AccelRequest, Node};
 
-use crate::bundle::TaskSpec;
 use crate::events::{self, EventRx, EventTx};
 use crate::launcher::NodeLauncher;
 use crate::pod_resources::{self, Kubelet, PodResources};
@@ -138,10 +137,7 @@ impl Shim for GpucellShim {
     /// Starts the pod's server, or answers with the address of the one already serving
     /// the pod (tasks of one CRI sandbox share a shim).
     async fn start_shim(&mut self, opts: StartOpts) -> Result<String, Error> {
-        let grouping = match TaskSpec::load(Path::new(".")) {
-            Ok(spec) => spec.pod_id(&opts.id).to_string(),
-            Err(_) => opts.id.clone(),
-        };
+        let grouping = crate::bundle::pod_of(Path::new("."), &opts.id);
         let address = spawn(opts, &grouping, Vec::new()).await?;
         // containerd reads the address from here after a restart.
         tokio::fs::write("address", &address)
@@ -154,8 +150,9 @@ impl Shim for GpucellShim {
     /// (QEMU gets SIGKILL when the thread that started it exits); what is left is a
     /// rootfs the shim mounted.
     async fn delete_shim(&mut self) -> Result<api::DeleteResponse, Error> {
-        if let Ok(spec) = TaskSpec::load(Path::new(".")) {
-            if let Some(root) = spec.root.to_str() {
+        // The root alone: a spec whose volumes are gone by now still names it.
+        if let Some(root) = crate::bundle::root_of(Path::new(".")) {
+            if let Some(root) = root.to_str() {
                 // Nothing mounted there is not an error worth failing the clean-up for.
                 let _ = containerd_shim::mount::umount_recursive(Some(root), libc::MNT_DETACH);
             }

@@ -6,7 +6,8 @@
 //! (GPUCELL_TEST_STATE_DIR), QEMU, umoci/busybox-static, or containerd.
 //!
 //! One test, in steps, so that the VMs boot one after another on a small machine:
-//! `ctr run` prints the output and returns the exit code; kill and delete work; exec
+//! `ctr run` prints the output and returns the exit code; its `--mount`s of kubelet-like
+//! volumes reach the guest and a host directory is refused; kill and delete work; exec
 //! runs in the task's VM beside it (output, exit code, kill); containerd killed and restarted while a task runs: the task survives and its
 //! exit is still reported.
 //!
@@ -293,6 +294,70 @@ fn run_prints_output_and_returns_the_exit_code(env: &Env) {
     assert_ne!(out.status.code(), Some(0));
 }
 
+/// `ctr run --mount` of a kubelet-like Secret (its `..data` layout, 3 MiB: a run frame
+/// over the 256 KiB of other control frames) and emptyDir: the secret's keys are read,
+/// read-only; the emptyDir is writable. A plain host directory is
+/// refused, by name.
+fn ctr_run_mounts(env: &Env) {
+    let vols = env.p("kubelet/pods/u1/volumes");
+    let tok = vols.join("kubernetes.io~secret/tok");
+    std::fs::create_dir_all(tok.join("..2026_12_03_11_00_00.1")).unwrap();
+    std::fs::write(tok.join("..2026_12_03_11_00_00.1/token"), "sekrit\n").unwrap();
+    // Three files of the most one file may have: the run frame is over 3 MiB.
+    for i in 0..3 {
+        let blob = tok.join(format!("..2026_12_03_11_00_00.1/blob{i}"));
+        std::fs::write(blob, vec![b'b'; gpucell_protocol::MAX_VOLUME_FILE as usize]).unwrap();
+    }
+    std::os::unix::fs::symlink("..2026_12_03_11_00_00.1", tok.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/token", tok.join("token")).unwrap();
+    let scratch = vols.join("kubernetes.io~empty-dir/scratch");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let mount = |src: &std::path::Path, dst: &str, opts: &str| {
+        format!(
+            "type=bind,src={},dst={dst},options=rbind:{opts}",
+            src.display()
+        )
+    };
+    let (m1, m2, m3) = (
+        mount(&tok, "/var/run/secrets/tok", "ro"),
+        mount(&scratch, "/scratch", "rw"),
+        // One key alone (a subPath): a file mount.
+        mount(&tok.join("token"), "/etc/token", "ro"),
+    );
+    let out = env.run(
+        &["--rm", "--mount", &m1, "--mount", &m2, "--mount", &m3],
+        "t1v",
+        &[
+            "sh",
+            "-c",
+            "cat /var/run/secrets/tok/token; cat /var/run/secrets/tok/..data/blob* | wc -c; \
+             cat /etc/token; \
+             echo w > /scratch/f && cat /scratch/f; \
+             touch /var/run/secrets/tok/x 2>/dev/null && echo writable || echo read-only",
+        ],
+    );
+    assert_eq!(
+        (out.status.code(), text(&out.stdout).as_str()),
+        (Some(0), "sekrit\n3145728\nsekrit\nw\nread-only\n"),
+        "stderr: {}\n{}",
+        text(&out.stderr),
+        env.log()
+    );
+    let host = env.p("srv");
+    std::fs::create_dir_all(&host).unwrap();
+    let out = env.run(
+        &["--rm", "--mount", &mount(&host, "/data", "ro")],
+        "t1h",
+        &["true"],
+    );
+    let err = text(&out.stderr);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        err.contains("/data") && err.contains(host.to_str().unwrap()) && err.contains("host paths"),
+        "{err}"
+    );
+}
+
 fn kill_exec_and_delete(env: &Env) {
     let log = env.p("t2.log");
     let uri = format!("file://{}", log.display());
@@ -343,12 +408,30 @@ fn exec_in_a_running_task(env: &Env, id: &str) {
         "{}",
         text(&exec.stderr)
     );
-    let long = env
-        .ctr_cmd(&["tasks", "exec", "--exec-id", "e2", id, "sleep", "600"])
+    let mut long = env
+        .ctr_cmd(&[
+            "tasks",
+            "exec",
+            "--exec-id",
+            "e2",
+            id,
+            "sh",
+            "-c",
+            "echo e2-started; exec sleep 600",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // A kill between the exec's create and its start would end it unstarted (as runc
+    // does) and fail ctr's start: wait until it runs.
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(long.stdout.as_mut().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    assert_eq!(first, "e2-started\n");
     // Refused until the exec is known and started.
     env.wait_for("exec e2 to take SIGKILL", Duration::from_secs(60), || {
         let killed = env.ctr(&["tasks", "kill", "--exec-id", "e2", "-s", "SIGKILL", id]);
@@ -408,6 +491,7 @@ fn task_survives_a_containerd_restart(env: &mut Env) {
 fn ctr_run_kill_exec_delete_and_containerd_restart() {
     let Some(mut env) = setup() else { return };
     run_prints_output_and_returns_the_exit_code(&env);
+    ctr_run_mounts(&env);
     kill_exec_and_delete(&env);
     task_survives_a_containerd_restart(&mut env);
     env.assert_clean();

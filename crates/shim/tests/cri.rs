@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use gpucell_cri_client::v1::{ContainerState, NamespaceMode};
+use gpucell_cri_client::v1::{ContainerState, Mount, NamespaceMode};
 use gpucell_cri_client::{container_config, log_lines, pod_config, CriClient};
 
 mod common;
@@ -527,7 +527,9 @@ fn cri_pod_with_a_cni_network(env: &Env) {
 
 /// Two containers of one pod run in one VM: the same guest boot_id (not the host's),
 /// one QEMU; an exec reaches the second; the first ends while the second runs on; the
-/// pod's stop ends the VM and the second container with it.
+/// pod's stop ends the VM and the second container with it. Their volumes: the second
+/// reads what the first wrote in their emptyDir and finds a ConfigMap read-only; a
+/// hostPath is refused by name.
 #[test]
 fn cri_containers_of_a_pod_share_its_vm() {
     let Some(env) = setup() else { return };
@@ -546,20 +548,32 @@ fn cri_containers_of_a_pod_share_its_vm() {
         qemus(&env).is_empty(),
         "a pod's sandbox boots no VM by itself"
     );
+    // The pod's volumes, as the kubelet lays them out: c1 writes into the emptyDir, c2
+    // reads it and finds the ConfigMap read-only.
+    let mounts = kubelet_volumes(&env);
     let script = |name: &str| {
+        let volumes = if name == "c1" {
+            "echo shared-by-c1 > /cache/from-c1"
+        } else {
+            "for i in $(seq 60); do [ -f /cache/from-c1 ] && break; sleep 1; done; \
+             echo c2-cache:$(cat /cache/from-c1); echo c2-cfg:$(cat /etc/cfg/game.conf); \
+             touch /etc/cfg/x 2>/dev/null && echo c2-cfg:writable || echo c2-cfg:read-only; \
+             echo bye > /dev/termination-log && echo c2-term:$(cat /dev/termination-log)"
+        };
         format!(
-            "echo boot:$(cat /proc/sys/kernel/random/boot_id); echo {name}:$(hostname); \
+            "{volumes}; echo boot:$(cat /proc/sys/kernel/random/boot_id); echo {name}:$(hostname); \
              sed 's/^/{name}-resolv:/' /etc/resolv.conf; sleep 600"
         )
     };
     let mut ids = Vec::new();
     for name in ["c1", "c2"] {
-        let config = container_config(
+        let mut config = container_config(
             name,
             IMAGE,
             &["sh", "-c", &script(name)],
             &format!("{name}.log"),
         );
+        config.mounts = mounts.clone();
         let id = cri.create_container(&pod_id, config, pod.clone()).unwrap();
         cri.start_container(&id)
             .unwrap_or_else(|e| panic!("{name}: {e}\n{}", env.log()));
@@ -571,8 +585,20 @@ fn cri_containers_of_a_pod_share_its_vm() {
     assert_ne!(b1, host.trim(), "the pod runs in a VM");
     assert_eq!(b1, b2, "both containers run in the pod's one VM");
     for name in ["c1", "c2"] {
-        let wanted = ["search ns1.svc.cluster.local", "nameserver 10.96.0.10"]
-            .map(|w| format!("{name}-resolv:{w}"));
+        let mut wanted: Vec<String> = ["search ns1.svc.cluster.local", "nameserver 10.96.0.10"]
+            .map(|w| format!("{name}-resolv:{w}"))
+            .to_vec();
+        if name == "c2" {
+            wanted.extend(
+                [
+                    "c2-cache:shared-by-c1",
+                    "c2-cfg:lives=3",
+                    "c2-cfg:read-only",
+                    "c2-term:bye",
+                ]
+                .map(String::from),
+            );
+        }
         let t = Instant::now();
         loop {
             let log = std::fs::read_to_string(logs.join(format!("{name}.log"))).unwrap_or_default();
@@ -582,11 +608,12 @@ fn cri_containers_of_a_pod_share_its_vm() {
             }
             assert!(
                 t.elapsed() < Duration::from_secs(30),
-                "{name}'s /etc/resolv.conf is not the pod's: {log}"
+                "{name}'s /etc/resolv.conf or volumes are not the pod's: {log}"
             );
             std::thread::sleep(Duration::from_millis(250));
         }
     }
+    host_path_is_refused(&env, &cri, &pod_id, &pod);
     assert_eq!(qemus(&env).len(), 1, "one QEMU for the pod");
     // The first container ends; the second runs on in the VM and takes an exec.
     cri.stop_container(&ids[0], 2).unwrap();
@@ -640,6 +667,59 @@ fn cri_containers_of_a_pod_share_its_vm() {
     }
     cri.remove_pod_sandbox(&pod_id).unwrap();
     env.assert_clean();
+}
+
+/// A ConfigMap (the kubelet's `..data` layout), an emptyDir and a termination log under
+/// a kubelet-like pod directory of the test's own, as the CRI mounts of a container.
+fn kubelet_volumes(env: &Env) -> Vec<Mount> {
+    let vols = env.p("kubelet/pods/uid-p4/volumes");
+    let cfg = vols.join("kubernetes.io~configmap/cfg");
+    let ts = cfg.join("..2026_12_03_11_00_00.1");
+    std::fs::create_dir_all(&ts).unwrap();
+    std::fs::write(ts.join("game.conf"), "lives=3\n").unwrap();
+    std::os::unix::fs::symlink("..2026_12_03_11_00_00.1", cfg.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/game.conf", cfg.join("game.conf")).unwrap();
+    let cache = vols.join("kubernetes.io~empty-dir/cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    let mount = |dest: &str, src: &Path, readonly: bool| Mount {
+        container_path: dest.into(),
+        host_path: src.display().to_string(),
+        readonly,
+        ..Default::default()
+    };
+    let log = env.p("kubelet/pods/uid-p4/containers/c/0");
+    std::fs::create_dir_all(log.parent().unwrap()).unwrap();
+    std::fs::write(&log, "").unwrap();
+    vec![
+        mount("/etc/cfg", &cfg, true),
+        mount("/cache", &cache, false),
+        mount("/dev/termination-log", &log, false),
+    ]
+}
+
+/// A host directory (a hostPath volume) is refused when the container's task is
+/// created, by name; the pod runs on.
+fn host_path_is_refused(
+    env: &Env,
+    cri: &CriClient,
+    pod_id: &str,
+    pod: &gpucell_cri_client::v1::PodSandboxConfig,
+) {
+    let srv = env.p("srv");
+    std::fs::create_dir_all(&srv).unwrap();
+    let mut config = container_config("h", IMAGE, &["true"], "h.log");
+    config.mounts = vec![Mount {
+        container_path: "/data".into(),
+        host_path: srv.display().to_string(),
+        ..Default::default()
+    }];
+    let id = cri.create_container(pod_id, config, pod.clone()).unwrap();
+    let err = cri.start_container(&id).unwrap_err().to_string();
+    assert!(
+        err.contains("/data") && err.contains(srv.to_str().unwrap()) && err.contains("host paths"),
+        "{err}"
+    );
+    cri.remove_container(&id).unwrap();
 }
 
 /// ExecSync answers once the exec's output streams close: the host closes an exec's

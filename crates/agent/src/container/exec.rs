@@ -67,6 +67,7 @@ fn as_run_spec(spec: &ProcSpec) -> RunSpec {
         etc_files: Vec::new(),
         terminal: spec.terminal,
         window: spec.window,
+        volumes: Vec::new(),
     }
 }
 

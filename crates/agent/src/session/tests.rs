@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use gpucell_protocol::{
     DeviceInfo, DeviceMatch, ExitStatus, FrameError, FrameReader, FrameWriter, FromGuest, FromHost,
-    GuestHello, HostHello, Kind, ProcSpec, RootfsSpec, RunSpec, WindowSize, MAX_CONTROL_PAYLOAD,
-    MAX_DATA_PAYLOAD, PROTOCOL_VERSION,
+    GuestHello, HostHello, Kind, ProcSpec, RootfsSpec, RunSpec, WindowSize, MAX_DATA_PAYLOAD,
+    MAX_RUN_PAYLOAD, PROTOCOL_VERSION,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -382,6 +382,7 @@ fn spec(script: &str) -> RunSpec {
         etc_files: Vec::new(),
         terminal: false,
         window: None,
+        volumes: Vec::new(),
     }
 }
 
@@ -586,7 +587,7 @@ fn a_hostile_handshake_is_refused_with_a_clear_error() {
         format!(r#"{{"version":{PROTOCOL_VERSION}}}"#).as_bytes(),
     );
     let oversized_run = {
-        let len = u32::try_from(MAX_CONTROL_PAYLOAD + 2).unwrap();
+        let len = u32::try_from(MAX_RUN_PAYLOAD + 2).unwrap();
         let mut f = len.to_be_bytes().to_vec();
         f.push(Kind::Run as u8);
         f
@@ -631,7 +632,7 @@ fn a_hostile_handshake_is_refused_with_a_clear_error() {
         (
             "an oversized run",
             [hello.clone(), oversized_run].concat(),
-            "channel: frame of kind Run announces 262145 payload bytes, over the limit of 262144",
+            "channel: frame of kind Run announces 25165825 payload bytes, over the limit of 25165824",
         ),
         (
             "a truncated frame",

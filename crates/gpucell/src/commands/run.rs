@@ -178,6 +178,7 @@ pub(crate) fn request(global: &Global, args: &RunArgs) -> anyhow::Result<RunRequ
                 .or_else(|| gpucell_sandbox::window_size(i.as_fd()))
                 .unwrap_or(DEFAULT_WINDOW)
         }),
+        volumes: Vec::new(),
     })
 }
 
