@@ -21,9 +21,9 @@ use containerd_shim_protos::events::task::{TaskCreate, TaskDelete, TaskExit, Tas
 use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim_protos::protobuf::{MessageDyn, MessageField};
 use containerd_shim_protos::shim_async::Task;
+use containerd_shim_protos::topics;
 use containerd_shim_protos::ttrpc::{self, Code};
 use containerd_shim_protos::types::task::{ProcessInfo, Status};
-use containerd_shim_protos::{api::Mount, topics};
 use gpucell_host::HostRoot;
 use gpucell_runtime::AccelRequest;
 use tokio::sync::watch;
@@ -36,7 +36,9 @@ use crate::pod_resources::{PodName, PodResources};
 use crate::stdio::StdioPaths;
 
 mod exec;
+mod rootfs;
 use exec::ExecProc;
+use rootfs::{rootfs_dir, unmount};
 
 /// Exit code of a task killed before it started, or lost with its shim (128 + SIGKILL).
 pub const EXIT_KILLED: u32 = 137;
@@ -377,43 +379,6 @@ fn window(height: u32, width: u32) -> Result<(u16, u16), String> {
     match size.problem() {
         Some(p) => Err(p),
         None => Ok((size.rows, size.cols)),
-    }
-}
-
-/// The directory that holds the task's rootfs: the source of a single bind mount as it
-/// is (containerd's native snapshotter), else `root` with the mounts mounted on it (the
-/// shim then unmounts it on delete), else `root` as containerd left it.
-fn rootfs_dir(mounts: &[Mount], root: &Path) -> Result<(PathBuf, Option<PathBuf>), String> {
-    match mounts {
-        [] => Ok((root.to_path_buf(), None)),
-        [m] if m.type_ == "bind" || m.type_ == "rbind" => Ok((PathBuf::from(&m.source), None)),
-        _ => {
-            for m in mounts {
-                containerd_shim::mount::mount_rootfs(
-                    Some(m.type_.as_str()).filter(|t| !t.is_empty()),
-                    Some(m.source.as_str()).filter(|s| !s.is_empty()),
-                    &m.options,
-                    root,
-                )
-                .map_err(|e| {
-                    // What was mounted before this one comes off again.
-                    unmount(root);
-                    format!(
-                        "mounting the task's rootfs ({} {}) on {}: {e}",
-                        m.type_,
-                        m.source,
-                        root.display()
-                    )
-                })?;
-            }
-            Ok((root.to_path_buf(), Some(root.to_path_buf())))
-        }
-    }
-}
-
-fn unmount(path: &Path) {
-    if let Err(e) = containerd_shim::mount::umount_recursive(path.to_str(), libc::MNT_DETACH) {
-        tracing::warn!(path = %path.display(), error = %e, "unmounting the task's rootfs");
     }
 }
 
@@ -763,43 +728,5 @@ impl Task for TaskService {
             self.inner.exit.signal();
         }
         Ok(api::Empty::default())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn mount(type_: &str, source: &str) -> Mount {
-        Mount {
-            type_: type_.into(),
-            source: source.into(),
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn a_single_bind_mount_is_used_where_it_is() {
-        let root = Path::new("/bundle/rootfs");
-        let (dir, mounted) = rootfs_dir(&[mount("bind", "/snapshots/7/fs")], root).unwrap();
-        assert_eq!(dir, PathBuf::from("/snapshots/7/fs"));
-        assert_eq!(mounted, None);
-        let (dir, mounted) = rootfs_dir(&[], root).unwrap();
-        assert_eq!(dir, root);
-        assert_eq!(mounted, None);
-    }
-
-    #[test]
-    fn a_failed_mount_is_named() {
-        let dir = tempfile::tempdir().unwrap();
-        let mounts = [
-            mount("no-such-fs", "/nowhere/a"),
-            mount("no-such-fs", "/nowhere/b"),
-        ];
-        let err = rootfs_dir(&mounts, dir.path()).unwrap_err();
-        assert!(
-            err.contains("no-such-fs") && err.contains("/nowhere/a"),
-            "{err}"
-        );
     }
 }
