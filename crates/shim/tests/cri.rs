@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use gpucell_cri_client::v1::{ContainerState, Mount, NamespaceMode};
+use gpucell_cri_client::v1::{ContainerState, Mount, NamespaceMode, PodSandboxConfig};
 use gpucell_cri_client::{container_config, log_lines, pod_config, CriClient};
 
 mod common;
@@ -374,7 +374,7 @@ fn exec_sync_runs_in_the_containers_vm(
     env: &Env,
     cri: &CriClient,
     pod_id: &str,
-    pod: &gpucell_cri_client::v1::PodSandboxConfig,
+    pod: &PodSandboxConfig,
     logs: &Path,
 ) {
     let config = container_config(
@@ -599,19 +599,7 @@ fn cri_containers_of_a_pod_share_its_vm() {
                 .map(String::from),
             );
         }
-        let t = Instant::now();
-        loop {
-            let log = std::fs::read_to_string(logs.join(format!("{name}.log"))).unwrap_or_default();
-            let lines = log_lines(&log);
-            if wanted.iter().all(|w| lines.contains(w)) {
-                break;
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "{name}'s /etc/resolv.conf or volumes are not the pod's: {log}"
-            );
-            std::thread::sleep(Duration::from_millis(250));
-        }
+        wait_for_lines(&logs.join(format!("{name}.log")), &wanted);
     }
     host_path_is_refused(&env, &cri, &pod_id, &pod);
     assert_eq!(qemus(&env).len(), 1, "one QEMU for the pod");
@@ -635,29 +623,7 @@ fn cri_containers_of_a_pod_share_its_vm() {
     );
     let c2 = cri.container_status(&ids[1]).unwrap();
     assert_eq!(c2.state, ContainerState::ContainerRunning as i32, "{c2:?}");
-    // More containers than the VM has spare ports, one after another (a restarting
-    // container does this): an ended container's disk is unplugged and its port taken
-    // again.
-    for n in 0..=gpucell_shim::pod::POD_SLOTS {
-        let name = format!("r{n}");
-        let config = container_config(
-            &name,
-            IMAGE,
-            &["sh", "-c", "exit 3"],
-            &format!("{name}.log"),
-        );
-        let id = cri.create_container(&pod_id, config, pod.clone()).unwrap();
-        cri.start_container(&id).unwrap();
-        let status = env.wait_exited(&cri, &id, Duration::from_secs(120));
-        let log = std::fs::read_to_string(logs.join(format!("{name}.log"))).unwrap_or_default();
-        assert_eq!(
-            status.exit_code,
-            3,
-            "{name}: {status:?}\n{log}\n{}",
-            env.log()
-        );
-        cri.remove_container(&id).unwrap();
-    }
+    ports_are_reused(&env, &cri, &pod_id, &pod);
     // Stopping the pod stops its VM, and the container in it.
     cri.stop_pod_sandbox(&pod_id).unwrap();
     let status = env.wait_exited(&cri, &ids[1], Duration::from_secs(60));
@@ -667,6 +633,50 @@ fn cri_containers_of_a_pod_share_its_vm() {
     }
     cri.remove_pod_sandbox(&pod_id).unwrap();
     env.assert_clean();
+}
+
+/// Waits up to 30 s until the container log at `path` has every line of `wanted`.
+fn wait_for_lines(path: &Path, wanted: &[String]) {
+    let t = Instant::now();
+    loop {
+        let log = std::fs::read_to_string(path).unwrap_or_default();
+        let lines = log_lines(&log);
+        if wanted.iter().all(|w| lines.contains(w)) {
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "{}: /etc/resolv.conf or volumes are not the pod's: {log}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// More containers than the pod's VM has spare ports, one after another (a restarting
+/// container does this): an ended container's disk is unplugged and its port taken again.
+fn ports_are_reused(env: &Env, cri: &CriClient, pod_id: &str, pod: &PodSandboxConfig) {
+    let logs = Path::new(&pod.log_directory);
+    for n in 0..=gpucell_shim::pod::POD_SLOTS {
+        let name = format!("r{n}");
+        let config = container_config(
+            &name,
+            IMAGE,
+            &["sh", "-c", "exit 3"],
+            &format!("{name}.log"),
+        );
+        let id = cri.create_container(pod_id, config, pod.clone()).unwrap();
+        cri.start_container(&id).unwrap();
+        let status = env.wait_exited(cri, &id, Duration::from_secs(120));
+        let log = std::fs::read_to_string(logs.join(format!("{name}.log"))).unwrap_or_default();
+        assert_eq!(
+            status.exit_code,
+            3,
+            "{name}: {status:?}\n{log}\n{}",
+            env.log()
+        );
+        cri.remove_container(&id).unwrap();
+    }
 }
 
 /// A ConfigMap (the kubelet's `..data` layout), an emptyDir and a termination log under
@@ -699,12 +709,7 @@ fn kubelet_volumes(env: &Env) -> Vec<Mount> {
 
 /// A host directory (a hostPath volume) is refused when the container's task is
 /// created, by name; the pod runs on.
-fn host_path_is_refused(
-    env: &Env,
-    cri: &CriClient,
-    pod_id: &str,
-    pod: &gpucell_cri_client::v1::PodSandboxConfig,
-) {
+fn host_path_is_refused(env: &Env, cri: &CriClient, pod_id: &str, pod: &PodSandboxConfig) {
     let srv = env.p("srv");
     std::fs::create_dir_all(&srv).unwrap();
     let mut config = container_config("h", IMAGE, &["true"], "h.log");
