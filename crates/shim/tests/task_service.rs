@@ -433,26 +433,77 @@ fn exec_req(id: &str, exec_id: &str, process: &str) -> api::ExecProcessRequest {
     }
 }
 
-#[tokio::test]
-async fn execs_are_checked_recorded_and_started_in_the_task_sandbox() {
-    let mut h = harness();
+/// Creates and starts task `id` running `wait` (until signalled), and waits until the
+/// launcher's thread has attached its sandbox.
+async fn running_task(h: &Harness, id: &str) {
     h.service
-        .create(&ctx(), h.bundle("t9", &["wait"]))
+        .create(&ctx(), h.bundle(id, &["wait"]))
         .await
         .unwrap();
-    h.service.start(&ctx(), start("t9")).await.unwrap();
+    h.service.start(&ctx(), start(id)).await.unwrap();
     // The start returns before the launcher's thread attaches the sandbox; its line
     // says it has.
-    let out = h.dir.path().join("t9/stdout");
+    let out = h.dir.path().join(id).join("stdout");
     let t = std::time::Instant::now();
     while !std::fs::read_to_string(&out)
         .unwrap_or_default()
         .contains("ran wait")
     {
-        assert!(t.elapsed() < Duration::from_secs(10), "t9 never started");
+        assert!(t.elapsed() < Duration::from_secs(10), "{id} never started");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let process = r#"{"args":["ls","/"],"cwd":"/","user":{"uid":0,"gid":0},"env":["A=b"]}"#;
+}
+
+const EXEC_PROCESS: &str =
+    r#"{"args":["ls","/"],"cwd":"/","user":{"uid":0,"gid":0},"env":["A=b"]}"#;
+
+#[tokio::test]
+async fn terminals_are_taken_and_resize_pty_is_checked() {
+    let mut h = harness();
+    running_task(&h, "t10").await;
+    // A terminal is taken (the agent gives the process a pty).
+    let mut tty = exec_req("t10", "e-tty", EXEC_PROCESS);
+    tty.terminal = true;
+    h.service.exec(&ctx(), tty).await.unwrap();
+    // ResizePty: the task's and an exec's (not started: nothing to size) are taken; a
+    // size out of bounds and an unknown exec are refused.
+    let resize = |exec_id: &str, height: u32, width: u32| api::ResizePtyRequest {
+        id: "t10".into(),
+        exec_id: exec_id.into(),
+        height,
+        width,
+        ..Default::default()
+    };
+    h.service
+        .resize_pty(&ctx(), resize("", 24, 80))
+        .await
+        .unwrap();
+    h.service
+        .resize_pty(&ctx(), resize("e-tty", 50, 132))
+        .await
+        .unwrap();
+    for (req, want) in [
+        (resize("", 0, 80), Code::INVALID_ARGUMENT),
+        (resize("", 24, 70_000), Code::INVALID_ARGUMENT),
+        (resize("nope", 24, 80), Code::NOT_FOUND),
+    ] {
+        let err = h.service.resize_pty(&ctx(), req).await.unwrap_err();
+        let msg = format!("{err:?}");
+        assert_eq!(code(err), want, "{msg}");
+    }
+    assert_eq!(
+        h.topics(3).await,
+        ["/tasks/create", "/tasks/start", "/tasks/exec-added"]
+    );
+    h.service.kill(&ctx(), kill("t10", 9)).await.unwrap();
+    assert_eq!(h.wait("t10").await, 137);
+}
+
+#[tokio::test]
+async fn execs_are_checked_recorded_and_started_in_the_task_sandbox() {
+    let mut h = harness();
+    running_task(&h, "t9").await;
+    let process = EXEC_PROCESS;
     // A missing spec, a spec that is not a process, empty args: refused.
     let mut no_spec = exec_req("t9", "e0", process);
     no_spec.spec = None.into();
@@ -477,36 +528,6 @@ async fn execs_are_checked_recorded_and_started_in_the_task_sandbox() {
         .exec(&ctx(), exec_req("t9", "e1", process))
         .await
         .unwrap();
-    // A terminal is taken (the agent gives the process a pty).
-    let mut tty = exec_req("t9", "e-tty", process);
-    tty.terminal = true;
-    h.service.exec(&ctx(), tty).await.unwrap();
-    // ResizePty: the task's and an exec's (not started: nothing to size) are taken; a
-    // size out of bounds and an unknown exec are refused.
-    let resize = |exec_id: &str, height: u32, width: u32| api::ResizePtyRequest {
-        id: "t9".into(),
-        exec_id: exec_id.into(),
-        height,
-        width,
-        ..Default::default()
-    };
-    h.service
-        .resize_pty(&ctx(), resize("", 24, 80))
-        .await
-        .unwrap();
-    h.service
-        .resize_pty(&ctx(), resize("e-tty", 50, 132))
-        .await
-        .unwrap();
-    for (req, want) in [
-        (resize("", 0, 80), Code::INVALID_ARGUMENT),
-        (resize("", 24, 70_000), Code::INVALID_ARGUMENT),
-        (resize("nope", 24, 80), Code::NOT_FOUND),
-    ] {
-        let err = h.service.resize_pty(&ctx(), req).await.unwrap_err();
-        let msg = format!("{err:?}");
-        assert_eq!(code(err), want, "{msg}");
-    }
     let err = h
         .service
         .exec(&ctx(), exec_req("t9", "e1", process))
@@ -556,11 +577,10 @@ async fn execs_are_checked_recorded_and_started_in_the_task_sandbox() {
     };
     h.service.delete(&ctx(), del).await.unwrap();
     assert_eq!(
-        h.topics(5).await,
+        h.topics(4).await,
         [
             "/tasks/create",
             "/tasks/start",
-            "/tasks/exec-added",
             "/tasks/exec-added",
             "/tasks/exit"
         ]
