@@ -7,7 +7,7 @@ use std::io::Read;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{self, SigSet, SigmaskHow, Signal};
+use nix::sys::signal::{self, SigSet, SigmaskHow};
 use nix::unistd::{self, Pid};
 
 use super::{pipe, set_nonblocking, ContainerError, Stdio, DEVICE_WAIT};
@@ -65,14 +65,17 @@ pub fn spawn_holder() -> Result<(Pid, Stdio), ContainerError> {
     let (in_r, in_w) = pipe()?;
     let (out_r, out_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
-    // SIGTERM and SIGINT stay pending in the child until its handlers are in place: a
-    // stop that comes at once still ends it with 0.
-    let mut ending = SigSet::empty();
-    ending.add(Signal::SIGTERM);
-    ending.add(Signal::SIGINT);
+    // Every signal stays pending in the child until its dispositions are in place: a
+    // stop that comes at once still ends it with 0, and a signal the agent ignores (a
+    // SIGHUP under nohup, say) is not lost to the inherited disposition (Linux never
+    // discards a blocked signal as ignored).
     let mut before = SigSet::empty();
-    signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&ending), Some(&mut before))
-        .map_err(|e| ContainerError::Sys("blocking SIGTERM for the pod's sandbox process", e))?;
+    signal::sigprocmask(
+        SigmaskHow::SIG_BLOCK,
+        Some(&SigSet::all()),
+        Some(&mut before),
+    )
+    .map_err(|e| ContainerError::Sys("blocking SIGTERM for the pod's sandbox process", e))?;
     // SAFETY: the agent is single-threaded; the child only calls async-signal-safe
     // functions (sigprocmask, signal, pause, _exit) before it ends.
     let forked = unsafe { unistd::fork() };
@@ -122,7 +125,7 @@ fn hold() -> ! {
             libc::SIGINT,
             end as extern "C" fn(libc::c_int) as libc::sighandler_t,
         );
-        // Only now: a SIGTERM that came since the fork is delivered to `end`.
+        // Only now: a signal that came since the fork is delivered (SIGTERM to `end`).
         let mut none: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut none);
         libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
@@ -139,6 +142,7 @@ mod tests {
 
     #[test]
     fn the_pod_holder_ends_with_0_on_sigterm_and_by_any_other_signal() {
+        use nix::sys::signal::Signal;
         use nix::sys::wait::{waitpid, WaitStatus};
         // A SIGTERM at once, before the child can have set its handler, still ends it
         // with 0.
