@@ -7,7 +7,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use gpucell_runtime::{AccelRequest, Config, Node, Observer, Phase, RunRequest};
+use gpucell_runtime::{AccelRequest, Config, Node, Observer, Phase, RunReport, RunRequest};
 use gpucell_sandbox::SessionIo;
 
 #[derive(Clone, Default)]
@@ -245,28 +245,41 @@ fn execs_against(sandbox: &Mutex<Option<gpucell_sandbox::EventSender>>) -> Vec<S
     seen
 }
 
-#[test]
-fn an_exec_runs_in_the_workloads_container_while_it_runs() {
-    let Some((state, image)) = env() else { return };
+/// Runs a workload that waits for `/tmp/stop` and then runs `then`, with `execs` run
+/// against its sandbox on a thread of its own (it must create `/tmp/stop`): the report,
+/// the workload's stdout and stderr, and what `execs` returned. None: skipped.
+fn run_with_execs<T: Send + 'static>(
+    then: &str,
+    execs: fn(&Mutex<Option<gpucell_sandbox::EventSender>>) -> T,
+) -> Option<(RunReport, String, String, T)> {
+    let (state, image) = env()?;
     let node = Node::new("/", state.path(), None, &Config::default());
     let mut req = RunRequest::new(&image);
     req.network.mode = Some(gpucell_net::NetworkMode::None);
     req.command = vec![
         "sh".into(),
         "-c".into(),
-        "while [ ! -e /tmp/stop ]; do sleep 0.1; done; echo main-done".into(),
+        format!("while [ ! -e /tmp/stop ]; do sleep 0.1; done; {then}"),
     ];
     req.accel = AccelRequest::Tcg;
     let handoff = Handoff::default();
     let shared = Arc::clone(&handoff.0);
-    let execs = std::thread::spawn(move || execs_against(&shared));
+    let thread = std::thread::spawn(move || execs(&shared));
     let (out, err) = (Buffer::default(), Buffer::default());
     let mut obs = handoff;
     let report = gpucell_runtime::run(&node, req, io(&out, &err), &mut obs);
-    let seen = execs.join().unwrap();
-    assert_eq!(report.error, None, "{:?} {}", report.error, err.text());
+    let seen = thread.join().unwrap();
+    Some((report, out.text(), err.text(), seen))
+}
+
+#[test]
+fn an_exec_runs_in_the_workloads_container_while_it_runs() {
+    let Some((report, out, err, seen)) = run_with_execs("echo main-done", execs_against) else {
+        return;
+    };
+    assert_eq!(report.error, None, "{:?} {err}", report.error);
     assert_eq!(report.exit_code, 0);
-    assert_eq!(out.text(), "main-done\n");
+    assert_eq!(out, "main-done\n");
     assert_eq!(seen[1], "exit ExitStatus { code: Some(7), signal: None }");
     // Its pid 1 is the workload: the same pid namespace; its cwd the spec's.
     assert_eq!(
@@ -331,26 +344,13 @@ fn terminal_exec_against(
 
 #[test]
 fn an_exec_with_a_terminal_gets_a_pty_sized_and_resized() {
-    let Some((state, image)) = env() else { return };
-    let node = Node::new("/", state.path(), None, &Config::default());
-    let mut req = RunRequest::new(&image);
-    req.network.mode = Some(gpucell_net::NetworkMode::None);
-    req.command = vec![
-        "sh".into(),
-        "-c".into(),
-        "while [ ! -e /tmp/stop ]; do sleep 0.1; done; tty".into(),
-    ];
-    req.accel = AccelRequest::Tcg;
-    let handoff = Handoff::default();
-    let shared = Arc::clone(&handoff.0);
-    let execs = std::thread::spawn(move || terminal_exec_against(&shared));
-    let (out, err) = (Buffer::default(), Buffer::default());
-    let mut obs = handoff;
-    let report = gpucell_runtime::run(&node, req, io(&out, &err), &mut obs);
-    let (status, seen) = execs.join().unwrap();
-    assert_eq!(report.error, None, "{:?} {}", report.error, err.text());
+    let Some((report, out, err, (status, seen))) = run_with_execs("tty", terminal_exec_against)
+    else {
+        return;
+    };
+    assert_eq!(report.error, None, "{:?} {err}", report.error);
     // The workload has no terminal; the exec has its own.
-    assert_eq!(out.text(), "not a tty\n");
+    assert_eq!(out, "not a tty\n");
     assert_eq!(status.code, Some(0), "{seen:?}");
     let lines: Vec<&str> = seen.split("\r\n").collect();
     assert!(lines[0].starts_with("/dev/pts/"), "{seen:?}");
