@@ -114,7 +114,7 @@ boot_l1() {
         -chardev stdio,id=con,signal=off -serial chardev:con
         -chardev "file,id=results,path=$att_results" -serial chardev:results
         -kernel "$L1_KERNEL" -initrd "$L1_INITRD"
-        -append "console=ttyS0 quiet panic=-1 no_timer_check intel_iommu=on iommu=pt nested.scenarios=$arg nested.edu=$NESTED_EDU_COUNT nested.scenario_timeout=$NESTED_SCENARIO_TIMEOUT nested.attempt=$attempt"
+        -append "console=ttyS0 quiet panic=-1 no_timer_check intel_iommu=on iommu=pt nested.scenarios=$arg nested.edu=$NESTED_EDU_COUNT nested.scenario_timeout=$NESTED_SCENARIO_TIMEOUT nested.attempt=$attempt nested.shim_pod=${NESTED_SHIM_POD:-0}"
     )
     echo "$QEMU ${qemu_args[*]}" >"$run_dir/qemu-cmdline-$attempt"
     log "booting L1 ($(basename "$L1_KERNEL"), $(du -h "$L1_INITRD" | cut -f1) initramfs, $NESTED_EDU_COUNT edu, scenarios $arg); log: $console"
